@@ -1,0 +1,1 @@
+//! A FHIRPath engine on `serde_json` values.
