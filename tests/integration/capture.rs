@@ -1,0 +1,604 @@
+//! The store and its capture guarantee through the Rust API.
+
+use crate::common::{TestDb, outbox_count, version_count};
+use fhir_outbox::capture::{self, DeleteOutcome, StoreError, WriteContext, WriteOutcome};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+fn patient(family: &str) -> Value {
+    json!({ "resourceType": "Patient", "name": [{ "family": family }] })
+}
+
+fn with_id(mut resource: Value, id: &str) -> Value {
+    resource["id"] = json!(id);
+    resource
+}
+
+#[tokio::test]
+async fn each_committed_change_is_captured_once_with_its_versions() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let context = WriteContext {
+        author: Some("Practitioner/1".into()),
+        request_id: Some("req-1".into()),
+        trace_id: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+    };
+
+    let created = capture::create(&db.pool, project, &patient("A"), &context)
+        .await
+        .unwrap();
+    assert_eq!(created.outcome, WriteOutcome::Created);
+    assert_eq!(created.version_id, 1);
+    let id = created.resource["id"].as_str().unwrap().to_owned();
+    let updated = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        &id,
+        &with_id(patient("B"), &id),
+        Some(1),
+        &context,
+    )
+    .await
+    .unwrap();
+    assert_eq!(updated.outcome, WriteOutcome::Updated);
+    assert_eq!(updated.version_id, 2);
+    let deleted = capture::delete(&db.pool, project, "Patient", &id, &context)
+        .await
+        .unwrap();
+    assert_eq!(deleted.outcome, DeleteOutcome::Deleted);
+    assert_eq!(deleted.version_id, 3);
+
+    let changes = capture::changes_since(&db.pool, project, 0, 10)
+        .await
+        .unwrap();
+    let summary: Vec<_> = changes
+        .iter()
+        .map(|c| (c.interaction.as_str(), c.version_id, c.previous_version_id))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("create", 1, None),
+            ("update", 2, Some(1)),
+            ("delete", 3, Some(2))
+        ]
+    );
+    for change in &changes {
+        assert_eq!(change.project_id, project);
+        assert_eq!(change.resource_type, "Patient");
+        assert_eq!(change.resource_id, id);
+        assert_eq!(change.request_id, "req-1");
+        assert_eq!(change.trace_id, context.trace_id.clone().unwrap());
+    }
+    assert!(changes[0].changed_at <= changes[1].changed_at);
+}
+
+#[tokio::test]
+async fn the_store_sets_meta_and_ignores_the_callers() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let claimed = json!({
+        "resourceType": "Patient",
+        "id": "chosen-by-client",
+        "meta": {
+            "versionId": "99", "lastUpdated": "1999-01-01T00:00:00Z",
+            "project": Uuid::new_v4().to_string(), "author": { "reference": "Practitioner/forged" },
+            "tag": [{ "system": "http://example.org", "code": "kept" }]
+        },
+        "gender": "",
+        "name": [{ "family": "A", "given": [] }],
+        "active": null
+    });
+    let context = WriteContext {
+        author: Some("Practitioner/real".into()),
+        ..Default::default()
+    };
+    let created = capture::create(&db.pool, project, &claimed, &context)
+        .await
+        .unwrap();
+    let stored = &created.resource;
+    assert_ne!(stored["id"], "chosen-by-client", "create assigns the id");
+    assert!(Uuid::parse_str(stored["id"].as_str().unwrap()).is_ok());
+    assert_eq!(stored["meta"]["versionId"], "1");
+    assert_eq!(stored["meta"]["project"], project.to_string());
+    assert_eq!(
+        stored["meta"]["author"],
+        json!({ "reference": "Practitioner/real" })
+    );
+    assert_ne!(stored["meta"]["lastUpdated"], "1999-01-01T00:00:00Z");
+    assert_eq!(stored["meta"]["tag"][0]["code"], "kept");
+    // Empty values are dropped like Medplum's stringify does; they would make FHIR JSON invalid.
+    assert_eq!(stored.get("gender"), None);
+    assert_eq!(stored.get("active"), None);
+    assert_eq!(stored["name"], json!([{ "family": "A" }]));
+
+    let id = stored["id"].as_str().unwrap();
+    let read = capture::read(&db.pool, project, "Patient", id)
+        .await
+        .unwrap();
+    assert_eq!(&read, stored);
+}
+
+#[tokio::test]
+async fn an_update_with_the_same_content_writes_and_captures_nothing() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let ctx = WriteContext::default();
+    let created = capture::create(&db.pool, project, &patient("A"), &ctx)
+        .await
+        .unwrap();
+    let id = created.resource["id"].as_str().unwrap().to_owned();
+
+    // The same content, with different server-managed meta and an empty value: still no change.
+    let mut same = created.resource.clone();
+    same["meta"]["versionId"] = json!("7");
+    same["meta"]["lastUpdated"] = json!("2000-01-01T00:00:00Z");
+    same["telecom"] = json!([]);
+    let unchanged = capture::update(&db.pool, project, "Patient", &id, &same, None, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(unchanged.outcome, WriteOutcome::Unchanged);
+    assert_eq!(unchanged.version_id, 1);
+    assert_eq!(unchanged.resource, created.resource);
+    assert_eq!(outbox_count(&db.pool, project).await, 1);
+    assert_eq!(version_count(&db.pool, project).await, 1);
+
+    // A change in client-owned meta (a tag) is a change.
+    let mut tagged = created.resource.clone();
+    tagged["meta"]["tag"] = json!([{ "code": "x" }]);
+    let updated = capture::update(&db.pool, project, "Patient", &id, &tagged, None, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(updated.outcome, WriteOutcome::Updated);
+    assert_eq!(outbox_count(&db.pool, project).await, 2);
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_leaves_no_resource_and_no_outbox_row() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let ctx = WriteContext::default();
+    sqlx::query("CREATE TABLE app_note (note text)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO app_note VALUES ('rolled back')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let created = capture::create(&mut *tx, project, &patient("A"), &ctx)
+        .await
+        .unwrap();
+    let id = created.resource["id"].as_str().unwrap().to_owned();
+    capture::update(
+        &mut *tx,
+        project,
+        "Patient",
+        &id,
+        &with_id(patient("B"), &id),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(outbox_count(&db.pool, project).await, 0);
+    assert_eq!(version_count(&db.pool, project).await, 0);
+    assert!(matches!(
+        capture::read(&db.pool, project, "Patient", &id).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // The same in a committed transaction: the application's row and both changes land together.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO app_note VALUES ('committed')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let created = capture::create(&mut *tx, project, &patient("A"), &ctx)
+        .await
+        .unwrap();
+    let id = created.resource["id"].as_str().unwrap().to_owned();
+    capture::update(
+        &mut *tx,
+        project,
+        "Patient",
+        &id,
+        &with_id(patient("B"), &id),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outbox_count(&db.pool, project).await, 2);
+    let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM app_note")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(notes, ["committed"]);
+}
+
+#[tokio::test]
+async fn audit_events_are_stored_but_never_captured() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let ctx = WriteContext::default();
+    let audit = json!({ "resourceType": "AuditEvent", "type": { "code": "transmit" }, "recorded": "2026-01-01T00:00:00Z" });
+    let created = capture::create(&db.pool, project, &audit, &ctx)
+        .await
+        .unwrap();
+    let id = created.resource["id"].as_str().unwrap().to_owned();
+    let mut changed = created.resource.clone();
+    changed["outcome"] = json!("4");
+    capture::update(&db.pool, project, "AuditEvent", &id, &changed, None, &ctx)
+        .await
+        .unwrap();
+    capture::delete(&db.pool, project, "AuditEvent", &id, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(version_count(&db.pool, project).await, 3);
+    assert_eq!(outbox_count(&db.pool, project).await, 0);
+}
+
+#[tokio::test]
+async fn delete_keeps_history_and_put_creates_or_restores_as_update() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let ctx = WriteContext::default();
+
+    // A PUT to a new id creates the resource; it is captured as an update, like Medplum does.
+    let created = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &with_id(patient("A"), "p1"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.outcome, WriteOutcome::Created);
+    capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &with_id(patient("B"), "p1"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    let deleted = capture::delete(&db.pool, project, "Patient", "p1", &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        (deleted.outcome, deleted.version_id),
+        (DeleteOutcome::Deleted, 3)
+    );
+    let again = capture::delete(&db.pool, project, "Patient", "p1", &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.outcome, again.version_id),
+        (DeleteOutcome::AlreadyDeleted, 3)
+    );
+
+    assert!(matches!(
+        capture::read(&db.pool, project, "Patient", "p1").await,
+        Err(StoreError::Gone(_))
+    ));
+    assert!(matches!(
+        capture::vread(&db.pool, project, "Patient", "p1", 3).await,
+        Err(StoreError::Gone(_))
+    ));
+    let old = capture::vread(&db.pool, project, "Patient", "p1", 2)
+        .await
+        .unwrap();
+    assert_eq!(old["name"][0]["family"], "B");
+    assert_eq!(old["meta"]["versionId"], "2");
+
+    let restored = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &with_id(patient("C"), "p1"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (restored.outcome, restored.version_id),
+        (WriteOutcome::Restored, 4)
+    );
+
+    let history = capture::history(&db.pool, project, "Patient", "p1")
+        .await
+        .unwrap();
+    let versions: Vec<_> = history.iter().map(|h| (h.version_id, h.deleted)).collect();
+    assert_eq!(versions, [(4, false), (3, true), (2, false), (1, false)]);
+    assert!(history[1].resource.is_none());
+
+    let changes = capture::changes_since(&db.pool, project, 0, 10)
+        .await
+        .unwrap();
+    let summary: Vec<_> = changes
+        .iter()
+        .map(|c| (c.interaction.as_str(), c.version_id, c.previous_version_id))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("update", 1, None),
+            ("update", 2, Some(1)),
+            ("delete", 3, Some(2)),
+            ("update", 4, None)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let ctx = WriteContext::default();
+    let existing = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &with_id(patient("A"), "p1"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    assert_eq!(existing.version_id, 1);
+
+    let error = capture::create(&db.pool, project, &json!([1, 2]), &ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::InvalidResource(m) if m.contains("JSON object")),
+        "{error}"
+    );
+    let error = capture::create(&db.pool, project, &json!({ "id": "x" }), &ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::InvalidResource(m) if m.contains("resourceType")),
+        "{error}"
+    );
+    let error = capture::create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "meta": [] }),
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::InvalidResource(m) if m.contains("meta")),
+        "{error}"
+    );
+    let error = capture::create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Pateint" }),
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::UnknownResourceType(m) if m.contains("Pateint")),
+        "{error}"
+    );
+    let error = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &with_id(patient("A"), "p2"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::IdMismatch(m) if m.contains("p2") && m.contains("p1")),
+        "{error}"
+    );
+    let error = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &patient("A"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::IdMismatch(m) if m.contains("no id")),
+        "{error}"
+    );
+    let error = capture::update(
+        &db.pool,
+        project,
+        "Observation",
+        "p1",
+        &with_id(patient("A"), "p1"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::IdMismatch(m) if m.contains("Observation")),
+        "{error}"
+    );
+    let error = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "bad id!",
+        &with_id(patient("A"), "bad id!"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::InvalidId(m) if m.contains("bad id!")),
+        "{error}"
+    );
+    let unknown = Uuid::new_v4();
+    let error = capture::create(&db.pool, unknown, &patient("A"), &ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::UnknownProject(m) if m.contains(&unknown.to_string())),
+        "{error}"
+    );
+    let error = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "p1",
+        &with_id(patient("B"), "p1"),
+        Some(5),
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            StoreError::VersionConflict {
+                current_version: Some(1),
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "new",
+        &with_id(patient("B"), "new"),
+        Some(1),
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            StoreError::VersionConflict {
+                current_version: None,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let bad_trace = WriteContext {
+        trace_id: Some("not-a-trace".into()),
+        ..Default::default()
+    };
+    let error = capture::create(&db.pool, project, &patient("A"), &bad_trace)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::InvalidContext(m) if m.contains("not-a-trace")),
+        "{error}"
+    );
+    let error = capture::delete(&db.pool, project, "Patient", "nobody", &ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::NotFound(m) if m.contains("Patient/nobody")),
+        "{error}"
+    );
+
+    // The size limit is a database setting, the same for every application.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL fhir_outbox.max_resource_bytes = 200")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let big = json!({ "resourceType": "Patient", "text": { "status": "generated", "div": "x".repeat(300) } });
+    let error = capture::create(&mut *tx, project, &big, &ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::TooLarge { limit: 200, size, .. } if *size > 300),
+        "{error}"
+    );
+    drop(tx);
+
+    assert_eq!(outbox_count(&db.pool, project).await, 1);
+    assert_eq!(version_count(&db.pool, project).await, 1);
+}
+
+#[tokio::test]
+async fn projects_are_isolated() {
+    let db = TestDb::new().await;
+    let a = db.project().await;
+    let b = db.project().await;
+    let ctx = WriteContext::default();
+    capture::update(
+        &db.pool,
+        a,
+        "Patient",
+        "same-id",
+        &with_id(patient("A"), "same-id"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    // The same id in another project is another resource.
+    let in_b = capture::update(
+        &db.pool,
+        b,
+        "Patient",
+        "same-id",
+        &with_id(patient("B"), "same-id"),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+    assert_eq!(in_b.outcome, WriteOutcome::Created);
+    let read_a = capture::read(&db.pool, a, "Patient", "same-id")
+        .await
+        .unwrap();
+    assert_eq!(read_a["name"][0]["family"], "A");
+    assert!(matches!(
+        capture::delete(&db.pool, b, "Patient", "only-in-a", &ctx).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        capture::changes_since(&db.pool, a, 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        capture::changes_since(&db.pool, b, 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -1,0 +1,138 @@
+//! The test harness: one throwaway PostgreSQL cluster per test run, a fresh database per test.
+
+use fhir_outbox::pgtemp::{Durability, TempCluster};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use uuid::Uuid;
+
+const TEMPLATE: &str = "fhir_outbox_template";
+
+/// The cluster shared by every test of this binary. It is never dropped (statics are not); its
+/// watchdog removes it when the test process exits.
+static CLUSTER: LazyLock<TempCluster> = LazyLock::new(|| {
+    let cluster = TempCluster::start(Durability::Fast).expect("start a throwaway PostgreSQL");
+    let url = cluster.url("postgres");
+    let template_url = cluster.url(TEMPLATE);
+    // Migrating needs async; this runs inside some test's runtime, so use a thread with its own.
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mut admin = PgConnection::connect(&url).await.unwrap();
+                admin
+                    .execute(format!("CREATE DATABASE {TEMPLATE}").as_str())
+                    .await
+                    .unwrap();
+                let pool = fhir_outbox::db::connect(&template_url, 1).await.unwrap();
+                fhir_outbox::db::migrate(&pool).await.unwrap();
+                pool.close().await;
+            })
+    })
+    .join()
+    .expect("migrate the template database");
+    cluster
+});
+
+static NEXT_DATABASE: AtomicUsize = AtomicUsize::new(0);
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh, migrated database (copied from the migrated template) with a small pool.
+    pub async fn new() -> TestDb {
+        Self::with_pool_size(5).await
+    }
+
+    /// A fresh, migrated database with a pool of `size` connections.
+    pub async fn with_pool_size(size: u32) -> TestDb {
+        let name = create_database(Some(TEMPLATE)).await;
+        let url = CLUSTER.url(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .connect(&url)
+            .await
+            .expect("connect to the test database");
+        TestDb { pool, url }
+    }
+
+    /// A project to write into.
+    pub async fn project(&self) -> Uuid {
+        fhir_outbox::project::create_project(&self.pool, "test")
+            .await
+            .expect("create a project")
+    }
+
+    /// Runs SQL through `psql` (another application sharing the database) and returns its output.
+    pub fn psql(&self, sql: &str) -> Result<String, String> {
+        let psql = CLUSTER.bin_dir().join("psql");
+        let output = std::process::Command::new(&psql)
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url,
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        }
+    }
+}
+
+/// An empty database (no migrations), for migration tests.
+pub async fn empty_database_url() -> String {
+    CLUSTER.url(&create_database(None).await)
+}
+
+async fn create_database(template: Option<&str>) -> String {
+    let name = format!(
+        "test_{}_{}",
+        std::process::id(),
+        NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut admin = PgConnection::connect(&CLUSTER.url("postgres"))
+        .await
+        .expect("connect to the cluster");
+    let template = template.map_or(String::new(), |t| format!(" TEMPLATE {t}"));
+    admin
+        .execute(format!("CREATE DATABASE {name}{template}").as_str())
+        .await
+        .expect("create the test database");
+    admin.close().await.ok();
+    name
+}
+
+/// Number of outbox rows of a project.
+pub async fn outbox_count(pool: &PgPool, project: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox WHERE project_id = $1")
+        .bind(project)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Number of stored versions of a project.
+pub async fn version_count(pool: &PgPool, project: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.resource_version WHERE project_id = $1")
+        .bind(project)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}

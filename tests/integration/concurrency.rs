@@ -1,0 +1,201 @@
+//! Concurrent writers: every committed version is captured exactly once, and If-Match keeps a linear
+//! history.
+
+use crate::common::{TestDb, outbox_count};
+use fhir_outbox::capture::{self, StoreError, WriteContext, WriteOutcome};
+use serde_json::json;
+use std::collections::HashMap;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_if_match_writers_keep_a_linear_history() {
+    let db = TestDb::with_pool_size(10).await;
+    let project = db.project().await;
+    let ctx = WriteContext::default();
+    capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        "shared",
+        &json!({ "resourceType": "Patient", "id": "shared" }),
+        None,
+        &ctx,
+    )
+    .await
+    .unwrap();
+
+    const WRITERS: usize = 10;
+    const WRITES_EACH: usize = 20;
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let pool = db.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut committed, mut conflicts) = (0, 0);
+            while committed < WRITES_EACH {
+                let current = capture::read(&pool, project, "Patient", "shared")
+                    .await
+                    .unwrap();
+                let version: i64 = current["meta"]["versionId"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let next = json!({
+                    "resourceType": "Patient", "id": "shared",
+                    "name": [{ "family": format!("writer {writer} write {committed}") }]
+                });
+                match capture::update(
+                    &pool,
+                    project,
+                    "Patient",
+                    "shared",
+                    &next,
+                    Some(version),
+                    &WriteContext::default(),
+                )
+                .await
+                {
+                    Ok(written) => {
+                        assert_eq!(written.version_id, version + 1);
+                        committed += 1;
+                    }
+                    Err(StoreError::VersionConflict {
+                        current_version, ..
+                    }) => {
+                        assert!(current_version.unwrap() > version);
+                        conflicts += 1;
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+            conflicts
+        }));
+    }
+    let mut conflicts = 0;
+    for task in tasks {
+        conflicts += task.await.unwrap();
+    }
+    println!("{conflicts} If-Match conflicts among {WRITERS} writers");
+
+    let total = (WRITERS * WRITES_EACH) as i64 + 1;
+    let history = capture::history(&db.pool, project, "Patient", "shared")
+        .await
+        .unwrap();
+    let versions: Vec<i64> = history.iter().rev().map(|h| h.version_id).collect();
+    assert_eq!(
+        versions,
+        (1..=total).collect::<Vec<_>>(),
+        "a linear history"
+    );
+    let changes = capture::changes_since(&db.pool, project, 0, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        changes.len() as i64,
+        total,
+        "one outbox row per committed version"
+    );
+    let mut chained: Vec<_> = changes
+        .iter()
+        .map(|c| (c.version_id, c.previous_version_id))
+        .collect();
+    chained.sort();
+    for (index, (version, previous)) in chained.iter().enumerate() {
+        assert_eq!(*version, index as i64 + 1);
+        assert_eq!(*previous, (index > 0).then_some(index as i64));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_writers_times_two_hundred_writes_capture_every_committed_version() {
+    const WRITERS: usize = 50;
+    const WRITES_EACH: usize = 200;
+    const SHARED_IDS: usize = 10;
+    let db = TestDb::with_pool_size(WRITERS as u32).await;
+    let project = db.project().await;
+
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let pool = db.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let ctx = WriteContext::default();
+            let mut changed = 0usize;
+            for write in 0..WRITES_EACH {
+                let family = format!("writer {writer} write {write}");
+                // A mix of creates, contended PUTs on shared ids, and deletes of shared ids.
+                let result = match write % 4 {
+                    0 => capture::create(&pool, project, &json!({ "resourceType": "Patient", "name": [{ "family": family }] }), &ctx)
+                        .await
+                        .map(|w| w.outcome != WriteOutcome::Unchanged),
+                    3 => capture::delete(&pool, project, "Patient", &format!("shared-{}", write % SHARED_IDS), &ctx)
+                        .await
+                        .map(|d| d.outcome == capture::DeleteOutcome::Deleted)
+                        .or_else(|e| match e {
+                            StoreError::NotFound(_) => Ok(false),
+                            other => Err(other),
+                        }),
+                    _ => {
+                        let id = format!("shared-{}", (writer + write) % SHARED_IDS);
+                        capture::update(&pool, project, "Patient", &id, &json!({ "resourceType": "Patient", "id": id, "name": [{ "family": family }] }), None, &ctx)
+                            .await
+                            .map(|w| w.outcome != WriteOutcome::Unchanged)
+                    }
+                };
+                if result.expect("write") {
+                    changed += 1;
+                }
+            }
+            changed
+        }));
+    }
+    let mut changed = 0;
+    for task in tasks {
+        changed += task.await.unwrap();
+    }
+
+    let versions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_outbox.resource_version WHERE project_id = $1",
+    )
+    .bind(project)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let outbox = outbox_count(&db.pool, project).await;
+    println!(
+        "{} writes, {changed} changes, {versions} versions, {outbox} outbox rows",
+        WRITERS * WRITES_EACH
+    );
+    assert_eq!(versions, changed as i64);
+    assert_eq!(
+        outbox, versions,
+        "exactly one outbox row per committed version"
+    );
+
+    // Every version has its own outbox row, and each resource's history has no gap.
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT v.id, v.version_id, count(o.seq)
+         FROM fhir_outbox.resource_version v
+         LEFT JOIN fhir_outbox.outbox o ON o.project_id = v.project_id AND o.resource_type = v.resource_type
+              AND o.resource_id = v.id AND o.version_id = v.version_id
+         WHERE v.project_id = $1 GROUP BY v.id, v.version_id",
+    )
+    .bind(project)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut per_resource: HashMap<String, Vec<i64>> = HashMap::new();
+    for (id, version, captured) in rows {
+        assert_eq!(
+            captured, 1,
+            "{id} version {version} captured {captured} times"
+        );
+        per_resource.entry(id).or_default().push(version);
+    }
+    for (id, mut versions) in per_resource {
+        versions.sort();
+        assert_eq!(
+            versions,
+            (1..=versions.len() as i64).collect::<Vec<_>>(),
+            "{id}"
+        );
+    }
+}

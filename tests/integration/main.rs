@@ -1,0 +1,7 @@
+//! Integration tests on a real PostgreSQL (a throwaway cluster started by the harness in `common`).
+
+mod capture;
+mod common;
+mod concurrency;
+mod migrations;
+mod sql_interface;
