@@ -261,10 +261,11 @@ fn build_test(
     approximation: &mut Option<String>,
 ) -> Result<Test, CriteriaError> {
     let unsupported = |reason: String| Ok(Test::Unsupported(reason));
-    if code.starts_with("_has") {
+    // Medplum keys these on the raw key (`subject:Patient.name` is chained too).
+    if key.starts_with("_has") {
         return unsupported("reverse chaining (`_has`) is not supported".into());
     }
-    if code.contains('.') {
+    if key.contains('.') {
         return unsupported("chained parameters are not supported".into());
     }
     match code {
