@@ -194,6 +194,8 @@ pub struct Filter {
     code: String,
     modifier: Option<String>,
     param: Option<&'static SearchParam>,
+    /// The parameter's expression narrowed to the criteria's resource type.
+    expression: Option<String>,
     test: parse::Test,
 }
 
@@ -216,6 +218,12 @@ impl Filter {
     /// The search parameter definition, when the code is known for the resource type.
     pub fn search_param(&self) -> Option<&'static SearchParam> {
         self.param
+    }
+
+    /// The FHIRPath expression evaluated for this filter (the search parameter's expression, keeping
+    /// only the terms that apply to the criteria's resource type).
+    pub fn expression(&self) -> Option<&str> {
+        self.expression.as_deref()
     }
 
     /// Why this filter never matches, when it is unsupported.

@@ -240,11 +240,16 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
                 reason,
             });
         }
+        let expression = match (&test, param.and_then(|p| p.expression.as_deref())) {
+            (Test::Unsupported(_), _) | (_, None) => None,
+            (_, Some(e)) => Some(search_params::narrow_expression(e, resource_type)),
+        };
         criteria.filters.push(Filter {
             display,
             code,
             modifier,
             param,
+            expression,
             test,
         });
     }

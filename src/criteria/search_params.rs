@@ -224,3 +224,86 @@ mod tests {
         assert!(lookup("Patient", "nope").is_none());
     }
 }
+
+/// Keeps, of a multi-resource expression such as `AllergyIntolerance.code | Condition.code | ...`, the
+/// union terms that can apply to `resource_type` (those starting with that type, `Resource`,
+/// `DomainResource`, or a relative path), like Medplum's per-type expression split. Evaluating 30
+/// terms for other types only costs time. Falls back to the whole expression when nothing is kept.
+pub fn narrow_expression(expression: &str, resource_type: &str) -> String {
+    let mut terms = Vec::new();
+    let (mut depth, mut quote, mut start) = (0i32, None::<char>, 0usize);
+    for (i, c) in expression.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '`') => quote = Some(c),
+            (None, '(' | '[' | '{') => depth += 1,
+            (None, ')' | ']' | '}') => depth -= 1,
+            (None, '|') if depth == 0 => {
+                terms.push(&expression[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&expression[start..]);
+    if terms.len() == 1 {
+        return expression.to_string();
+    }
+    let kept: Vec<&str> = terms
+        .into_iter()
+        .map(str::trim)
+        .filter(|t| {
+            let head = t.trim_start_matches('(');
+            let ident: &str = &head[..head
+                .find(|c: char| !c.is_ascii_alphanumeric())
+                .unwrap_or(head.len())];
+            ident == resource_type
+                || ident == "Resource"
+                || ident == "DomainResource"
+                || ident.starts_with(|c: char| c.is_ascii_lowercase())
+        })
+        .collect();
+    if kept.is_empty() {
+        expression.to_string()
+    } else {
+        kept.join(" | ")
+    }
+}
+
+#[cfg(test)]
+mod narrow_tests {
+    use super::*;
+
+    #[test]
+    fn narrows_multi_resource_expressions() {
+        let e = lookup("Observation", "patient")
+            .unwrap()
+            .expression
+            .as_deref()
+            .unwrap();
+        assert_eq!(
+            narrow_expression(e, "Observation"),
+            "Observation.subject.where(resolve() is Patient)"
+        );
+        let e = lookup("Observation", "value-quantity")
+            .unwrap()
+            .expression
+            .as_deref()
+            .unwrap();
+        assert_eq!(narrow_expression(e, "Observation"), e);
+        assert_eq!(
+            narrow_expression("name | alias", "InsurancePlan"),
+            "name | alias"
+        );
+        assert_eq!(
+            narrow_expression("A.x | B.y.where(z = 'a|b') | (B.w)", "B"),
+            "B.y.where(z = 'a|b') | (B.w)"
+        );
+        assert_eq!(narrow_expression("A.x | C.y", "B"), "A.x | C.y");
+        assert_eq!(
+            narrow_expression("Resource.meta.tag", "Patient"),
+            "Resource.meta.tag"
+        );
+    }
+}
