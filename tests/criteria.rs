@@ -813,7 +813,8 @@ fn number_prefixes() {
         ("eb0.6", true),
         ("eb0.5", false),
         ("ap0.55", true),
-        ("ap0.45", true),
+        ("ap0.46", true),
+        ("ap0.45", false), // 0.45 ± 0.045 stops at 0.495
         ("ap0.6", false),
         ("lt0.1,gt0.4", true),
     ];
@@ -912,4 +913,11 @@ fn quantity_prefixes_and_units() {
         &format!("Condition?onset-age=lt40|{ucum}|a"),
         &cond
     ));
+}
+
+#[test]
+fn criteria_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Criteria>();
+    assert_send_sync::<CriteriaError>();
 }

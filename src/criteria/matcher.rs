@@ -77,14 +77,11 @@ fn for_each_value(
         count: 0,
         shown: Vec::new(),
     };
-    let param = filter
-        .param
-        .ok_or_else(|| internal(filter, "no search parameter"))?;
-    let expression = param
+    let expression = filter
         .expression
         .as_deref()
         .ok_or_else(|| internal(filter, "no expression"))?;
-    super::eval::evaluate(&param.code, expression, resource, |fhir_type, json| {
+    super::eval::evaluate(&filter.code, expression, resource, |fhir_type, json| {
         values.count += 1;
         if explain && values.shown.len() < MAX_QUOTED {
             values.shown.push(quote(json));
