@@ -228,6 +228,24 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
             param,
             &mut approximation,
         )?;
+        let mut test = test;
+        let mut expression = None;
+        if let (false, Some(e)) = (
+            matches!(test, Test::Unsupported(_)),
+            param.and_then(|p| p.expression.as_deref()),
+        ) {
+            let narrowed = search_params::narrow_expression(e, resource_type);
+            match super::eval::compile(&narrowed) {
+                Ok(compiled) => expression = Some(compiled),
+                // An engine gap must not make the criteria silently wrong: report it like any
+                // other unsupported construct.
+                Err(message) => {
+                    test = Test::Unsupported(format!(
+                        "the FHIRPath engine cannot evaluate `{narrowed}`: {message}"
+                    ))
+                }
+            }
+        }
         if let Test::Unsupported(reason) = &test {
             criteria.unsupported.push(Unsupported {
                 parameter: display.clone(),
@@ -240,10 +258,6 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
                 reason,
             });
         }
-        let expression = match (&test, param.and_then(|p| p.expression.as_deref())) {
-            (Test::Unsupported(_), _) | (_, None) => None,
-            (_, Some(e)) => Some(search_params::narrow_expression(e, resource_type)),
-        };
         criteria.filters.push(Filter {
             display,
             code,
