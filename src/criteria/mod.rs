@@ -298,7 +298,8 @@ impl Criteria {
     }
 
     /// Like [`Criteria::matches`], and says which checks failed and why (for the `explain` command).
-    /// Every filter is evaluated, so all reasons are listed.
+    /// Every filter is evaluated, so all reasons are listed; a FHIRPath evaluation error is reported
+    /// as the failure of its filter instead of aborting the explanation.
     pub fn explain(&self, resource: &Value) -> Result<MatchReport, CriteriaError> {
         matcher::evaluate(self, resource, true)
     }
