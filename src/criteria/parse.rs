@@ -183,6 +183,8 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
             MAX_DISPLAY,
         )));
     }
+    // Medplum compares whatever is there; a string that cannot be a FHIR type name (`status=final`
+    // without `Type?`) can never match anything, so it is rejected as not being a criteria at all.
     let valid_type = resource_type.starts_with(|c: char| c.is_ascii_alphabetic())
         && resource_type.chars().all(|c| c.is_ascii_alphanumeric());
     if !valid_type {
@@ -326,6 +328,8 @@ fn build_test(
             let mut dates = Vec::new();
             let mut nums = Vec::new();
             for v in split_on_comma(value, key)? {
+                // Each value has its own prefix (FHIR); Medplum reads one for the whole list and
+                // then fails on the next prefixed value as an invalid date.
                 let (prefix, rest) = split_prefix(&v);
                 if prefix == Prefix::Sw {
                     return unsupported(format!(
@@ -333,6 +337,9 @@ fn build_test(
                         kind.as_str()
                     ));
                 }
+                // Invalid dates are a hard error as in Medplum (400); invalid numbers and
+                // quantities, which Medplum never evaluates, are treated the same way for
+                // consistency rather than silently never matching.
                 let invalid = || CriteriaError::InvalidValue {
                     param: key.to_string(),
                     kind: kind.as_str(),
@@ -452,6 +459,7 @@ fn build_test(
     }
 }
 
+/// Splits at the first `|` (so `a|b|c` is system `a`, code `b|c`; Medplum would drop `|c`).
 fn token_query(v: &str) -> TokenQuery {
     match v.split_once('|') {
         None => TokenQuery::Code(v.to_string()),
