@@ -921,3 +921,98 @@ fn criteria_is_shareable_across_threads() {
     assert_send_sync::<Criteria>();
     assert_send_sync::<CriteriaError>();
 }
+
+#[test]
+fn raw_plus_in_a_timezone_offset() {
+    let p = json!({"resourceType": "Patient", "meta": {"lastUpdated": "2024-05-01T10:00:00.000Z"}});
+    // `+` decodes to a space; read back as the offset (Medplum would reject the criteria).
+    assert!(matches(
+        "Patient?_lastUpdated=2024-05-01T12:00:00.000+02:00",
+        &p
+    ));
+    assert!(matches(
+        "Patient?_lastUpdated=gt2024-05-01T11:00:00+02:00",
+        &p
+    ));
+    assert!(Criteria::parse("Patient?_lastUpdated=2024-05-01 12:00").is_err());
+}
+
+/// Deterministic pseudo-random criteria built from the characters that matter to the parser: parsing
+/// and matching must never panic, whatever the input.
+#[test]
+fn never_panics_on_garbage() {
+    let pieces = [
+        "Patient",
+        "Observation",
+        "?",
+        "&",
+        "=",
+        ",",
+        "\\",
+        "\\,",
+        "|",
+        ":",
+        ":not",
+        ":missing",
+        ":exact",
+        "%",
+        "%2",
+        "%zz",
+        "%C3%A9",
+        "%FF",
+        "+",
+        "name",
+        "birthdate",
+        "value-quantity",
+        "subject",
+        "code",
+        "_id",
+        "_has",
+        ".",
+        "gt",
+        "ap",
+        "sw",
+        "2020",
+        "-01",
+        "T10:00",
+        "Z",
+        "1e5",
+        "-",
+        "0.5",
+        "é",
+        "💥",
+        "",
+        "identifier",
+        "_tag",
+        "active",
+        "true",
+        "Patient/1",
+    ];
+    let resources = [
+        json!({"resourceType": "Patient", "id": "1", "active": true, "birthDate": "2020-01-01",
+            "name": [{"family": "X"}], "identifier": [{"system": "s", "value": "v"}]}),
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "Patient/1"}, "valueQuantity": {"value": 1e5}}),
+        json!({"resourceType": "Patient", "name": "not an array", "birthDate": 42, "active": "yes"}),
+    ];
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..3000 {
+        let len = (next() % 12) as usize;
+        let mut s = String::new();
+        for _ in 0..len {
+            s.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+        }
+        if let Ok(c) = Criteria::parse(&s) {
+            for r in &resources {
+                let _ = c.matches(r);
+                let _ = c.explain(r);
+            }
+        }
+    }
+}

@@ -1,21 +1,38 @@
-//! Glue to the FHIRPath engine: evaluates a search parameter expression on a resource.
+//! Glue to the FHIRPath engine (`crate::fhirpath`): compiles and evaluates search parameter
+//! expressions.
+
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::CriteriaError;
+use crate::fhirpath::{self, Environment, Expression};
+
+/// Compiles (through the engine's cache) a search parameter expression; the error text is reported
+/// as the reason the filter is unsupported.
+pub(super) fn compile(expression: &str) -> Result<Arc<Expression>, String> {
+    fhirpath::compile(expression).map_err(|e| e.to_string())
+}
 
 /// Evaluates `expression` (of search parameter `code`) on `resource` and hands each result, with its
-/// FHIR type when known, to `f`.
+/// FHIR type when the engine knows it, to `f`.
 pub(super) fn evaluate(
     code: &str,
-    expression: &str,
-    _resource: &Value,
-    _f: impl FnMut(Option<&str>, &Value),
+    expression: &Expression,
+    resource: &Value,
+    mut f: impl FnMut(Option<&str>, &Value),
 ) -> Result<(), CriteriaError> {
-    // Placeholder until the FHIRPath engine (branch `fhirpath`) is merged.
-    Err(CriteriaError::Evaluation {
-        param: code.to_string(),
-        expression: expression.to_string(),
-        message: "FHIRPath engine not available".into(),
-    })
+    let env = Environment::new();
+    let items = expression
+        .evaluate(resource, &env)
+        .map_err(|e| CriteriaError::Evaluation {
+            param: code.to_string(),
+            expression: expression.source().to_string(),
+            message: e.to_string(),
+        })?;
+    for item in &items {
+        let json = item.to_json();
+        f(item.fhir_type(), &json);
+    }
+    Ok(())
 }

@@ -43,7 +43,13 @@ pub(super) fn evaluate(
         return Ok(report);
     }
     for filter in &criteria.filters {
-        let outcome = check_filter(filter, resource, explain)?;
+        let outcome = match check_filter(filter, resource, explain) {
+            Ok(outcome) => outcome,
+            // Explaining keeps going so the other filters are still reported; the fast path
+            // propagates the error (the dispatcher skips this subscription, like Medplum).
+            Err(e) if explain => Some(format!("evaluation failed: {e}")),
+            Err(e) => return Err(e),
+        };
         if let Some(reason) = outcome {
             report.matched = false;
             if !explain {

@@ -31,6 +31,16 @@
 //! - `:missing` / `:present`: `:missing=false` and `:present=true` require the element, any other value
 //!   (including `TRUE`) requires its absence.
 //! - Negation (`:not`, `ne`) matches when no value matches, so a resource without the element matches.
+//!
+//! ```
+//! use fhir_outbox::criteria::Criteria;
+//! let criteria = Criteria::parse("Observation?status=final&code=http://loinc.org|8867-4").unwrap();
+//! let obs = serde_json::json!({"resourceType": "Observation", "status": "preliminary",
+//!     "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}});
+//! assert!(!criteria.matches(&obs).unwrap());
+//! let report = criteria.explain(&obs).unwrap();
+//! assert_eq!(report.failures[0].to_string(), "`status=final`: resource has status `preliminary`");
+//! ```
 
 pub mod date;
 mod eval;
@@ -41,10 +51,13 @@ pub mod search_params;
 pub mod values;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 pub use search_params::{ParamType, SearchParam};
+
+use crate::fhirpath::Expression;
 
 /// Longest criteria string accepted (bytes); longer ones are rejected rather than processed.
 pub const MAX_CRITERIA_LEN: usize = 64 * 1024;
@@ -194,8 +207,8 @@ pub struct Filter {
     code: String,
     modifier: Option<String>,
     param: Option<&'static SearchParam>,
-    /// The parameter's expression narrowed to the criteria's resource type.
-    expression: Option<String>,
+    /// The parameter's expression narrowed to the criteria's resource type, compiled.
+    expression: Option<Arc<Expression>>,
     test: parse::Test,
 }
 
@@ -223,7 +236,7 @@ impl Filter {
     /// The FHIRPath expression evaluated for this filter (the search parameter's expression, keeping
     /// only the terms that apply to the criteria's resource type).
     pub fn expression(&self) -> Option<&str> {
-        self.expression.as_deref()
+        self.expression.as_deref().map(Expression::source)
     }
 
     /// Why this filter never matches, when it is unsupported.
@@ -285,7 +298,8 @@ impl Criteria {
     }
 
     /// Like [`Criteria::matches`], and says which checks failed and why (for the `explain` command).
-    /// Every filter is evaluated, so all reasons are listed.
+    /// Every filter is evaluated, so all reasons are listed; a FHIRPath evaluation error is reported
+    /// as the failure of its filter instead of aborting the explanation.
     pub fn explain(&self, resource: &Value) -> Result<MatchReport, CriteriaError> {
         matcher::evaluate(self, resource, true)
     }

@@ -183,6 +183,8 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
             MAX_DISPLAY,
         )));
     }
+    // Medplum compares whatever is there; a string that cannot be a FHIR type name (`status=final`
+    // without `Type?`) can never match anything, so it is rejected as not being a criteria at all.
     let valid_type = resource_type.starts_with(|c: char| c.is_ascii_alphabetic())
         && resource_type.chars().all(|c| c.is_ascii_alphanumeric());
     if !valid_type {
@@ -228,6 +230,24 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
             param,
             &mut approximation,
         )?;
+        let mut test = test;
+        let mut expression = None;
+        if let (false, Some(e)) = (
+            matches!(test, Test::Unsupported(_)),
+            param.and_then(|p| p.expression.as_deref()),
+        ) {
+            let narrowed = search_params::narrow_expression(e, resource_type);
+            match super::eval::compile(&narrowed) {
+                Ok(compiled) => expression = Some(compiled),
+                // An engine gap must not make the criteria silently wrong: report it like any
+                // other unsupported construct.
+                Err(message) => {
+                    test = Test::Unsupported(format!(
+                        "the FHIRPath engine cannot evaluate `{narrowed}`: {message}"
+                    ))
+                }
+            }
+        }
         if let Test::Unsupported(reason) = &test {
             criteria.unsupported.push(Unsupported {
                 parameter: display.clone(),
@@ -240,10 +260,6 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
                 reason,
             });
         }
-        let expression = match (&test, param.and_then(|p| p.expression.as_deref())) {
-            (Test::Unsupported(_), _) | (_, None) => None,
-            (_, Some(e)) => Some(search_params::narrow_expression(e, resource_type)),
-        };
         criteria.filters.push(Filter {
             display,
             code,
@@ -312,6 +328,8 @@ fn build_test(
             let mut dates = Vec::new();
             let mut nums = Vec::new();
             for v in split_on_comma(value, key)? {
+                // Each value has its own prefix (FHIR); Medplum reads one for the whole list and
+                // then fails on the next prefixed value as an invalid date.
                 let (prefix, rest) = split_prefix(&v);
                 if prefix == Prefix::Sw {
                     return unsupported(format!(
@@ -319,6 +337,9 @@ fn build_test(
                         kind.as_str()
                     ));
                 }
+                // Invalid dates are a hard error as in Medplum (400); invalid numbers and
+                // quantities, which Medplum never evaluates, are treated the same way for
+                // consistency rather than silently never matching.
                 let invalid = || CriteriaError::InvalidValue {
                     param: key.to_string(),
                     kind: kind.as_str(),
@@ -332,7 +353,13 @@ fn build_test(
                                     .into(),
                             );
                         }
-                        dates.push((prefix, date::parse_period(rest).ok_or_else(invalid)?));
+                        // A literal `+` in a timezone offset (`T10:00:00+02:00`) arrives as a
+                        // space after form decoding. Medplum rejects it (400); people write it by
+                        // hand, so we read it as the offset it obviously is.
+                        let period = date::parse_period(rest)
+                            .or_else(|| date::parse_period(&rest.replace(' ', "+")))
+                            .ok_or_else(invalid)?;
+                        dates.push((prefix, period));
                     }
                     ParamType::Number => {
                         nums.push(NumQuery::parse_number(prefix, rest).ok_or_else(invalid)?)
@@ -432,6 +459,7 @@ fn build_test(
     }
 }
 
+/// Splits at the first `|` (so `a|b|c` is system `a`, code `b|c`; Medplum would drop `|c`).
 fn token_query(v: &str) -> TokenQuery {
     match v.split_once('|') {
         None => TokenQuery::Code(v.to_string()),

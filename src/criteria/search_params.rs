@@ -307,3 +307,43 @@ mod narrow_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod engine_tests {
+    use super::*;
+
+    /// Every expression, narrowed for each of its base types, must compile with the FHIRPath engine
+    /// (otherwise filters on it are reported unsupported).
+    #[test]
+    fn every_expression_compiles() {
+        let bundle: Bundle = serde_json::from_str(BUNDLE_JSON).unwrap();
+        let mut failures = Vec::new();
+        for e in bundle.entry {
+            let Some(expr) = e.resource.expression.as_deref() else {
+                continue;
+            };
+            for base in &e.resource.base {
+                let narrowed = narrow_expression(expr, base);
+                match crate::fhirpath::compile(&narrowed) {
+                    Err(err) => {
+                        failures.push(format!("{base}.{}: {narrowed}: {err}", e.resource.code))
+                    }
+                    Ok(compiled) => {
+                        // And evaluates without error on a bare resource of that type.
+                        let resource = serde_json::json!({"resourceType": base, "id": "1"});
+                        let env = crate::fhirpath::Environment::new();
+                        if let Err(err) = compiled.evaluate(&resource, &env) {
+                            failures.push(format!("{base}.{}: {narrowed}: {err}", e.resource.code));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}

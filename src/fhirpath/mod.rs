@@ -1,1 +1,175 @@
-//! A FHIRPath engine on `serde_json` values.
+//! A FHIRPath (N1, FHIR R4 flavour) engine on `serde_json` values.
+//!
+//! Subscription matching evaluates expressions for every change × subscription, so the engine
+//! is synchronous and allocation-light: results borrow from the input resource, parsed
+//! expressions are cached ([`compile`]), and every evaluation runs under step, collection-size
+//! and string-size limits (parsing under depth and length limits) so that no expression can
+//! hang the worker or overflow its stack. Exceeding a limit is a typed
+//! [`FhirPathError::LimitExceeded`], never a panic.
+//!
+//! ```
+//! use fhir_outbox::fhirpath::{Environment, Expression};
+//! let patient = serde_json::json!({"resourceType": "Patient", "name": [{"given": ["Peter"]}]});
+//! let expr = Expression::parse("Patient.name.given.first() = 'Peter'").unwrap();
+//! let out = expr.evaluate(&patient, &Environment::new()).unwrap();
+//! assert_eq!(out[0].as_bool(), Some(true));
+//! ```
+
+mod ast;
+mod error;
+mod eval;
+mod functions;
+mod parser;
+pub mod temporal;
+mod value;
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use serde_json::Value;
+
+pub use error::FhirPathError;
+pub use value::{Item, JsonRef, Node, Quantity, TypeRef};
+
+/// A parsed FHIRPath expression (immutable, `Send + Sync`, cheap to share through [`compile`]).
+#[derive(Debug, Clone)]
+pub struct Expression {
+    source: String,
+    ast: ast::Expr,
+}
+
+impl Expression {
+    /// Parse `source`. Syntax errors report the character position; unknown functions and
+    /// wrong argument counts are semantic errors; too deep or too long input is a limit error.
+    pub fn parse(source: &str) -> Result<Expression, FhirPathError> {
+        let ast = parser::parse(source)?;
+        Ok(Expression {
+            source: source.to_string(),
+            ast,
+        })
+    }
+
+    /// The expression text as given.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluate against `resource` (also `%resource` and `%context`).
+    pub fn evaluate<'a>(
+        &self,
+        resource: &'a Value,
+        env: &Environment<'a>,
+    ) -> Result<Vec<Item<'a>>, FhirPathError> {
+        let cx = eval::Ctx::new(env, resource);
+        let root = [Item::root(resource)];
+        let this: &[Item<'a>] = if resource.is_null() { &[] } else { &root };
+        cx.eval(
+            &self.ast,
+            eval::Scope {
+                this,
+                index: None,
+                total: None,
+            },
+        )
+    }
+
+    /// Evaluate and convert the result to a boolean per FHIRPath's singleton rules: empty is
+    /// `None`, a single boolean is itself, any other single item is `true`; several items are
+    /// an error.
+    pub fn evaluate_bool<'a>(
+        &self,
+        resource: &'a Value,
+        env: &Environment<'a>,
+    ) -> Result<Option<bool>, FhirPathError> {
+        let out = self.evaluate(resource, env)?;
+        eval::to_bool3(&out, "result")
+    }
+}
+
+/// Maximum number of parsed expressions kept by [`compile`].
+pub const CACHE_CAPACITY: usize = 2048;
+
+static CACHE: LazyLock<Mutex<HashMap<String, Arc<Expression>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Parse through a bounded, thread-safe cache keyed by source text.
+///
+/// When the cache is full it is emptied (expressions come from a bounded set of subscriptions
+/// and search parameters, so a rare full reset is simpler and cheaper than LRU bookkeeping).
+/// Parse errors are not cached.
+pub fn compile(source: &str) -> Result<Arc<Expression>, FhirPathError> {
+    // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
+    if let Some(e) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(source) {
+        return Ok(e.clone());
+    }
+    let expr = Arc::new(Expression::parse(source)?);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= CACHE_CAPACITY {
+        cache.clear();
+    }
+    cache.insert(source.to_string(), expr.clone());
+    Ok(expr)
+}
+
+/// Resource limits of one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum number of evaluation steps (node visits, loop iterations).
+    pub max_steps: u64,
+    /// Maximum number of items in any intermediate collection.
+    pub max_collection: usize,
+    /// Maximum length in bytes of any string the engine builds.
+    pub max_string: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_steps: 1_000_000,
+            max_collection: 100_000,
+            max_string: 1 << 20,
+        }
+    }
+}
+
+/// Variables and limits for evaluation.
+#[derive(Debug, Clone, Default)]
+pub struct Environment<'a> {
+    vars: Vec<(String, &'a Value)>,
+    limits: Limits,
+}
+
+impl<'a> Environment<'a> {
+    /// An environment without variables and with default limits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Define `%name` (give the name without `%`, e.g. `current`, `previous`). A JSON object
+    /// is a resource or element, an array a collection, `null` the empty collection. `{}` (used
+    /// for "no previous version") is an object with no children, so `%previous.status` is
+    /// empty.
+    pub fn with_variable(mut self, name: &str, value: &'a Value) -> Self {
+        self.vars.retain(|(n, _)| n != name);
+        self.vars.push((name.to_string(), value));
+        self
+    }
+
+    /// Replace the limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The current limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn var(&self, name: &str) -> Option<&'a Value> {
+        self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! Unit tests of the engine: limits, logic, dates, choice types, references, variables and the
+//! search parameter expressions of FHIR R4.
+
+use serde_json::{Value, json};
+
+use super::*;
+
+fn patient() -> Value {
+    json!({
+        "resourceType": "Patient",
+        "id": "p1",
+        "active": true,
+        "birthDate": "1974-12-25",
+        "_birthDate": {"extension": [{"url": "http://example.org/time", "valueDateTime": "1974-12-25T14:35:45-05:00"}]},
+        "name": [
+            {"use": "official", "family": "Chalmers", "given": ["Peter", "James"]},
+            {"use": "usual", "given": ["Jim"]}
+        ],
+        "gender": "male",
+        "deceasedBoolean": false,
+        "managingOrganization": {"reference": "Organization/1"},
+        "generalPractitioner": [{"reference": "Practitioner/7"}, {"reference": "#c1"}],
+        "contained": [{"resourceType": "Practitioner", "id": "c1", "active": true}]
+    })
+}
+
+fn eval_on(expr: &str, res: &Value) -> Result<Vec<Value>, FhirPathError> {
+    let e = Expression::parse(expr)?;
+    Ok(e.evaluate(res, &Environment::new())?
+        .iter()
+        .map(|i| i.to_json().into_owned())
+        .collect())
+}
+
+fn eval(expr: &str) -> Vec<Value> {
+    eval_on(expr, &patient()).unwrap_or_else(|e| panic!("{expr}: {e}"))
+}
+
+#[test]
+fn navigation_and_where() {
+    assert_eq!(
+        eval("Patient.name.given"),
+        vec![json!("Peter"), json!("James"), json!("Jim")]
+    );
+    assert_eq!(eval("name.where(use = 'usual').given"), vec![json!("Jim")]);
+    assert_eq!(eval("name.given.exists()"), vec![json!(true)]);
+    assert_eq!(eval("name[1].given.first()"), vec![json!("Jim")]);
+    assert_eq!(eval("Resource.id"), vec![json!("p1")]);
+    assert_eq!(eval("DomainResource.id"), vec![json!("p1")]);
+    assert_eq!(
+        eval("birthDate.extension('http://example.org/time').value.toString()").len(),
+        1
+    );
+    assert_eq!(eval("name.given.count() > 2"), vec![json!(true)]);
+}
+
+#[test]
+fn item_types() {
+    let p = patient();
+    let e = Expression::parse(
+        "Patient.name | Patient.birthDate | Patient.id | 1 | managingOrganization",
+    )
+    .unwrap();
+    let out = e.evaluate(&p, &Environment::new()).unwrap();
+    let types: Vec<_> = out.iter().map(|i| i.fhir_type().unwrap_or("?")).collect();
+    assert_eq!(
+        types,
+        vec![
+            "HumanName",
+            "HumanName",
+            "date",
+            "id",
+            "System.Integer",
+            "Reference"
+        ]
+    );
+}
+
+#[test]
+fn three_valued_logic() {
+    let cases = [
+        ("true and {}", None),
+        ("false and {}", Some(false)),
+        ("{} or true", Some(true)),
+        ("{} or false", None),
+        ("{} implies true", Some(true)),
+        ("false implies {}", Some(true)),
+        ("true implies {}", None),
+        ("true xor {}", None),
+        ("true xor false", Some(true)),
+        ("({} = 1).not()", None),
+        ("{}.not()", None),
+    ];
+    for (src, want) in cases {
+        let got = Expression::parse(src)
+            .unwrap()
+            .evaluate_bool(&patient(), &Environment::new())
+            .unwrap();
+        assert_eq!(got, want, "{src}");
+    }
+}
+
+#[test]
+fn date_precision() {
+    assert_eq!(eval("@2019 < @2020-01"), vec![json!(true)]);
+    assert_eq!(eval("@2019 = @2019-01"), Vec::<Value>::new());
+    assert_eq!(eval("@2019-01 < @2019-01-05"), Vec::<Value>::new());
+    assert_eq!(
+        eval("@2019-01-01T10:00:00Z = @2019-01-01T12:00:00+02:00"),
+        vec![json!(true)]
+    );
+    assert_eq!(eval("birthDate < @1975"), vec![json!(true)]);
+    assert_eq!(eval("birthDate > @1974-12-24"), vec![json!(true)]);
+    assert_eq!(eval("@T10:00 < @T10:00:01"), Vec::<Value>::new());
+    assert_eq!(eval("@2019-01-31 + 1 month"), vec![json!("2019-02-28")]);
+}
+
+#[test]
+fn choice_types() {
+    let obs = json!({"resourceType": "Observation", "status": "final",
+        "valueQuantity": {"value": 185, "unit": "lbs", "code": "[lb_av]", "system": "http://unitsofmeasure.org"},
+        "effectiveDateTime": "2020-01-01T10:00:00Z"});
+    let q = |s: &str| eval_on(s, &obs).unwrap();
+    assert_eq!(q("Observation.value.unit"), vec![json!("lbs")]);
+    assert_eq!(q("Observation.value is Quantity"), vec![json!(true)]);
+    assert_eq!(q("Observation.value.is(Period)"), vec![json!(false)]);
+    assert_eq!(
+        q("(Observation.value as Quantity).value > 180"),
+        vec![json!(true)]
+    );
+    assert_eq!(
+        q("Observation.value.ofType(Quantity).value"),
+        vec![json!(185)]
+    );
+    assert_eq!(
+        q("Observation.effective.as(dateTime) > @2019"),
+        vec![json!(true)]
+    );
+    assert_eq!(eval("Patient.deceased.as(boolean)"), vec![json!(false)]);
+}
+
+#[test]
+fn resolve_reference() {
+    assert_eq!(
+        eval("managingOrganization.resolve() is Organization"),
+        vec![json!(true)]
+    );
+    assert_eq!(
+        eval("generalPractitioner.where(resolve() is Practitioner).count()"),
+        vec![json!(2)]
+    );
+    assert_eq!(
+        eval("generalPractitioner.resolve().where(active).id"),
+        vec![json!("c1")]
+    );
+    let obs = json!({"resourceType": "Observation", "subject": {"reference": "Patient/123"}});
+    let out = eval_on("Observation.subject.where(resolve() is Patient)", &obs).unwrap();
+    assert_eq!(out.len(), 1);
+    let out = eval_on("Observation.subject.resolve().id", &obs).unwrap();
+    assert_eq!(out, vec![json!("123")]);
+}
+
+#[test]
+fn previous_and_current() {
+    let cur = json!({"resourceType": "Encounter", "status": "finished"});
+    let prev = json!({});
+    let env = Environment::new()
+        .with_variable("current", &cur)
+        .with_variable("previous", &prev);
+    let e = Expression::parse("%previous.status").unwrap();
+    assert!(e.evaluate(&cur, &env).unwrap().is_empty());
+    let e = Expression::parse("%previous.status != 'finished' and %current.status = 'finished'")
+        .unwrap();
+    // `{} != 'finished'` is empty, so the conjunction is empty (not true): Medplum writes
+    // `%previous.status.exists().not() or ...` for that reason.
+    assert_eq!(e.evaluate_bool(&cur, &env).unwrap(), None);
+    let e = Expression::parse("%previous.status.exists().not() and %current.status = 'finished'")
+        .unwrap();
+    assert_eq!(e.evaluate_bool(&cur, &env).unwrap(), Some(true));
+    let e = Expression::parse("%ucum = 'http://unitsofmeasure.org' and %resource.status = 'finished' and %context.exists()").unwrap();
+    assert_eq!(e.evaluate_bool(&cur, &env).unwrap(), Some(true));
+    assert!(matches!(
+        Expression::parse("%nope").unwrap().evaluate(&cur, &env),
+        Err(FhirPathError::UndefinedVariable(_))
+    ));
+}
+
+#[test]
+fn singleton_errors() {
+    // `contains` as a string function on several items is an error (Medplum relies on it).
+    assert!(eval_on("name.given.contains('Pe')", &patient()).is_err());
+    assert!(
+        eval_on(
+            "name.given = 'Peter' or name.given.single() = 'x'",
+            &patient()
+        )
+        .is_err()
+    );
+    assert!(eval_on("name.given + 1", &patient()).is_err());
+}
+
+#[test]
+fn limits() {
+    let deep = "(".repeat(10_000) + "1" + &")".repeat(10_000);
+    assert!(matches!(
+        Expression::parse(&deep),
+        Err(FhirPathError::LimitExceeded(_))
+    ));
+    // Self-similar structure: repeat() over 2^depth paths stays within the collection limit.
+    let mut v = json!({"resourceType": "Questionnaire", "item": []});
+    for _ in 0..40 {
+        v = json!({"resourceType": "Questionnaire", "item": [{"linkId": "a", "item": v["item"].clone()}, {"linkId": "b", "item": v["item"].clone()}]});
+        if v.to_string().len() > 200_000 {
+            break;
+        }
+    }
+    let r = eval_on("repeat(item).count()", &v);
+    assert!(r.is_ok() || matches!(r, Err(FhirPathError::LimitExceeded(_))));
+    let e = Expression::parse("(1 | 2 | 3).repeat($this + 1)").unwrap();
+    assert!(matches!(
+        e.evaluate(&v, &Environment::new()),
+        Err(FhirPathError::LimitExceeded(_))
+    ));
+    // Exponential string growth is stopped by the string limit.
+    let e = Expression::parse("(1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|30).aggregate($total & $total, 'ab')").unwrap();
+    let r = e.evaluate(&v, &Environment::new());
+    assert!(matches!(r, Err(FhirPathError::LimitExceeded(_))), "{r:?}");
+    let e = Expression::parse("'x'.replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyy')").unwrap();
+    assert!(matches!(
+        e.evaluate(&v, &Environment::new()),
+        Err(FhirPathError::LimitExceeded(_))
+    ));
+    // A tight step budget stops a large traversal.
+    let env = Environment::new().with_limits(Limits {
+        max_steps: 50,
+        ..Limits::default()
+    });
+    let e = Expression::parse("descendants().count()").unwrap();
+    assert!(matches!(
+        e.evaluate(&v, &env),
+        Err(FhirPathError::LimitExceeded(_))
+    ));
+    // The deepest accepted expression evaluates without overflowing a test thread's stack.
+    let nested = "(".repeat(parser::MAX_DEPTH / 3) + "1" + &")".repeat(parser::MAX_DEPTH / 3);
+    assert!(Expression::parse(&nested).is_ok());
+    let chain = "id".to_string() + &".id".repeat(parser::MAX_DEPTH - 2);
+    Expression::parse(&chain)
+        .unwrap()
+        .evaluate(&v, &Environment::new())
+        .unwrap();
+}
+
+#[test]
+fn compile_cache() {
+    let a = compile("name.given").unwrap();
+    let b = compile("name.given").unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert!(compile("name.given(").is_err());
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Expression>();
+}
+
+/// A minimal resource of type `ty`, with a few common elements so paths have something to
+/// walk on.
+fn minimal(ty: &str) -> Value {
+    json!({"resourceType": ty, "id": "x", "status": "active", "subject": {"reference": "Patient/1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "1"}]}, "identifier": [{"value": "a"}]})
+}
+
+#[test]
+fn all_search_parameter_expressions() {
+    let bundle: Value =
+        serde_json::from_str(include_str!("../../data/fhir/search-parameters-r4.json")).unwrap();
+    let mut count = 0;
+    for entry in bundle["entry"].as_array().unwrap() {
+        let sp = &entry["resource"];
+        let Some(src) = sp["expression"].as_str() else {
+            continue;
+        };
+        let expr = Expression::parse(src).unwrap_or_else(|e| panic!("{}: {src}: {e}", sp["id"]));
+        for base in sp["base"].as_array().unwrap() {
+            let base = base.as_str().unwrap();
+            let res = minimal(if base == "Resource" || base == "DomainResource" {
+                "Patient"
+            } else {
+                base
+            });
+            expr.evaluate(&res, &Environment::new())
+                .unwrap_or_else(|e| panic!("{}: {src} on {base}: {e}", sp["id"]));
+        }
+        count += 1;
+    }
+    assert!(count > 1000, "{count}");
+}
