@@ -41,3 +41,60 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// Bumps `wake` whenever a notification arrives on `channel`, until `shutdown`. Survives connection
+/// loss: it reconnects, and bumps `wake` after every (re)connection too, because notifications sent
+/// while it was away are lost and the waiting loops must look for work themselves.
+pub async fn listen(
+    pool: PgPool,
+    channel: &'static str,
+    wake: tokio::sync::watch::Sender<u64>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let bump = || wake.send_modify(|count| *count = count.wrapping_add(1));
+    while !shutdown.is_cancelled() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, channel, "cannot LISTEN; polling until it can");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        if let Err(error) = listener.listen(channel).await {
+            tracing::warn!(%error, channel, "cannot LISTEN; polling until it can");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        bump();
+        loop {
+            tokio::select! {
+                notification = listener.try_recv() => match notification {
+                    Ok(Some(_)) => bump(),
+                    // The connection was lost; the next try_recv reconnects and re-listens.
+                    Ok(None) => bump(),
+                    Err(error) => {
+                        tracing::warn!(%error, channel, "LISTEN connection failed; reconnecting");
+                        break;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Whether every embedded migration has been applied successfully.
+pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar!("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await?;
+    Ok(MIGRATOR
+        .iter()
+        .all(|migration| applied.binary_search(&migration.version).is_ok()))
+}

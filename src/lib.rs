@@ -1,16 +1,20 @@
 //! fhir-outbox: FHIR Subscription delivery from a PostgreSQL transactional outbox.
 //!
 //! The pipeline, one module per stage (see ARCHITECTURE.md):
-//! [`capture`] (the versioned store and its same-transaction outbox) → dispatch → delivery → audit →
-//! operations. Supporting modules: [`db`] (pool, migrations), [`project`] (tenants), [`pgtemp`]
+//! [`capture`] (the versioned store and its same-transaction outbox) → [`dispatch`] (subscription
+//! matching, delivery rows) → delivery → audit → operations. Supporting modules: [`db`] (pool, migrations), [`project`] (tenants), [`pgtemp`]
 //! (throwaway PostgreSQL clusters for the demo, tests and benchmarks), [`fhir`], [`fhirpath`] and
 //! [`criteria`] (FHIR data, FHIRPath and search criteria for subscription matching).
 
+pub mod audit;
 pub mod capture;
 pub mod criteria;
 pub mod db;
+pub mod delivery;
+pub mod dispatch;
 pub mod fhir;
 pub mod fhirpath;
 pub mod operations;
 pub mod pgtemp;
 pub mod project;
+pub mod subscription;

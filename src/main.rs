@@ -2,9 +2,15 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use fhir_outbox::capture::Interaction;
+use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
 use fhir_outbox::pgtemp::{Durability, TempCluster};
 use fhir_outbox::{db, operations};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use uuid::Uuid;
 
 /// FHIR Subscription (rest-hook) delivery from a PostgreSQL transactional outbox.
 #[derive(Debug, Parser)]
@@ -38,6 +44,32 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Run the pipeline against DATABASE_URL until Ctrl-C or SIGTERM: dispatch (delivery to come).
+    Run {
+        #[command(flatten)]
+        dispatch: DispatchArgs,
+    },
+    /// Explain whether a subscription matches a resource change, and if not, which check failed.
+    Explain {
+        /// The Subscription: a JSON file, or its id (read from the database).
+        #[arg(long)]
+        subscription: String,
+        /// The resource: a JSON file, or a reference (`Patient/123`, `Patient/123/_history/2`).
+        #[arg(long)]
+        resource: String,
+        /// The previous version (a file or a reference). Default: the preceding stored version.
+        #[arg(long)]
+        previous: Option<String>,
+        /// The interaction. Default: `update` when there is a previous version, else `create`.
+        #[arg(long, value_parser = parse_interaction)]
+        interaction: Option<Interaction>,
+        /// The project to read references from.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Option<Uuid>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a throwaway PostgreSQL with the schema applied, print its URL, and keep it until Ctrl-C
     /// or SIGTERM (for development: psql exploration, refreshing sqlx's offline query data).
     DevDb {
@@ -47,15 +79,49 @@ enum Command {
     },
 }
 
+/// Settings of the dispatch stage.
+#[derive(Debug, clap::Args)]
+struct DispatchArgs {
+    /// Outbox rows claimed per dispatch transaction.
+    #[arg(long, env = "FHIR_OUTBOX_DISPATCH_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    dispatch_batch_size: i64,
+    /// Concurrent dispatch loops in this process.
+    #[arg(long, env = "FHIR_OUTBOX_DISPATCH_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    dispatch_workers: u16,
+    /// Milliseconds between looks for work when no notification arrives.
+    #[arg(long, env = "FHIR_OUTBOX_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    poll_interval_ms: u64,
+    /// Evaluate the subscriptions of server-scope projects for changes in every project.
+    #[arg(long, env = "FHIR_OUTBOX_SERVER_SCOPED_SUBSCRIPTIONS")]
+    server_scoped_subscriptions: bool,
+}
+
+impl DispatchArgs {
+    fn config(&self) -> DispatchConfig {
+        DispatchConfig {
+            batch_size: self.dispatch_batch_size,
+            workers: usize::from(self.dispatch_workers),
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            server_scoped_subscriptions: self.server_scoped_subscriptions,
+        }
+    }
+}
+
+fn parse_interaction(code: &str) -> Result<Interaction, String> {
+    Interaction::parse(code).ok_or_else(|| format!("`{code}` is not create, update or delete"))
+}
+
+fn require_url(url: Option<String>) -> Result<String> {
+    url.context("no database: set DATABASE_URL or pass --database-url (postgres://user@host/db)")
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::Migrate => {
-            let url = cli.database_url.context(
-                "no database: set DATABASE_URL or pass --database-url (postgres://user@host/db)",
-            )?;
+            let url = require_url(cli.database_url)?;
             let pool = db::connect(&url, 2).await?;
             db::migrate(&pool).await?;
             println!("Migrations are up to date.");
@@ -63,7 +129,56 @@ async fn main() -> Result<()> {
         }
         Command::Demo { keep_running } => demo(cli.database_url, keep_running).await,
         Command::DevDb { url_file } => dev_db(url_file).await,
+        Command::Run { dispatch } => run(require_url(cli.database_url)?, dispatch.config()).await,
+        Command::Explain {
+            subscription,
+            resource,
+            previous,
+            interaction,
+            project,
+            json,
+        } => {
+            let pool = match &cli.database_url {
+                Some(url) => Some(db::connect(url, 2).await?),
+                None => None,
+            };
+            let source = operations::explain::Source {
+                pool: pool.as_ref(),
+                project,
+            };
+            let explanation = operations::explain::explain(
+                &subscription,
+                &resource,
+                previous.as_deref(),
+                interaction,
+                &source,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                print!("{explanation}");
+            }
+            Ok(())
+        }
     }
+}
+
+async fn run(url: String, dispatch: DispatchConfig) -> Result<()> {
+    let pool = db::connect(&url, dispatch.workers as u32 + 4).await?;
+    if !db::migrations_current(&pool).await.unwrap_or(false) {
+        anyhow::bail!("the database schema is not up to date: run `fhir-outbox migrate` first");
+    }
+    let shutdown = CancellationToken::new();
+    let dispatcher = Arc::new(Dispatcher::new(pool.clone(), dispatch));
+    let dispatching = tokio::spawn(dispatcher.run(shutdown.clone()));
+    tracing::info!("running: dispatch");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    dispatching.await?;
+    pool.close().await;
+    Ok(())
 }
 
 async fn start_cluster() -> Result<TempCluster> {

@@ -84,6 +84,50 @@ pub struct HistoryEntry {
     pub resource: Option<Value>,
 }
 
+/// The kind of change, as FHIR subscriptions name it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
+)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Interaction {
+    /// A resource created with a new id.
+    Create,
+    /// A new version written at a known id (including a PUT that creates or restores).
+    Update,
+    /// A deletion.
+    Delete,
+}
+
+impl Interaction {
+    /// All three, in FHIR's order.
+    pub const ALL: [Interaction; 3] = [
+        Interaction::Create,
+        Interaction::Update,
+        Interaction::Delete,
+    ];
+
+    /// The FHIR code: `create`, `update` or `delete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interaction::Create => "create",
+            Interaction::Update => "update",
+            Interaction::Delete => "delete",
+        }
+    }
+
+    /// Parses a FHIR code.
+    pub fn parse(code: &str) -> Option<Interaction> {
+        Interaction::ALL.into_iter().find(|i| i.as_str() == code)
+    }
+}
+
+impl std::fmt::Display for Interaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One captured change: a row of `fhir_outbox.outbox`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -99,8 +143,8 @@ pub struct Change {
     pub version_id: i64,
     /// The version before it (`None` for creates, and for updates that created or restored).
     pub previous_version_id: Option<i64>,
-    /// `create`, `update` or `delete`.
-    pub interaction: String,
+    /// What kind of change.
+    pub interaction: Interaction,
     /// When the change was written.
     pub changed_at: DateTime<Utc>,
     /// Request id of the write.
@@ -305,12 +349,12 @@ pub async fn changes_since<'e>(
 ) -> Result<Vec<Change>, StoreError> {
     let changes = sqlx::query_as!(
         Change,
-        "SELECT seq, project_id, resource_type, resource_id, version_id, previous_version_id,
-                interaction, changed_at, request_id, trace_id
+        r#"SELECT seq, project_id, resource_type, resource_id, version_id, previous_version_id,
+                interaction AS "interaction: Interaction", changed_at, request_id, trace_id
          FROM fhir_outbox.outbox
          WHERE project_id = $1 AND seq > $2
          ORDER BY seq
-         LIMIT $3",
+         LIMIT $3"#,
         project,
         after_seq,
         limit

@@ -66,7 +66,7 @@ pub async fn run(database_url: &str, out: &mut impl Write) -> Result<(), DemoErr
     for change in &changes {
         outbox.row([
             change.seq.to_string(),
-            change.interaction.clone(),
+            change.interaction.to_string(),
             format!("{}/{}", change.resource_type, change.resource_id),
             change.version_id.to_string(),
             change

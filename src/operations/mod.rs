@@ -1,7 +1,8 @@
-//! Operations: what people who run fhir-outbox use directly (the demo tour; later the CLI views,
-//! metrics and admin endpoint).
+//! Operations: what people who run fhir-outbox use directly (the demo tour, `explain`; later the CLI
+//! views, metrics and admin endpoint).
 
 pub mod demo;
+pub mod explain;
 mod table;
 
 pub use table::Table;

@@ -3,5 +3,6 @@
 mod capture;
 mod common;
 mod concurrency;
+mod dispatch;
 mod migrations;
 mod sql_interface;

@@ -1,0 +1,269 @@
+//! Audit: the AuditEvents fhir-outbox records, built exactly as Medplum's `auditevent.ts` builds them
+//! (spec §1.10), so tools that read Medplum's AuditEvents read ours.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value, json};
+
+/// Extension carrying the request and trace ids of the write that caused the event.
+pub const TRACING_EXTENSION: &str = "https://medplum.com/fhir/StructureDefinition/tracing";
+
+/// AuditEvent.outcome codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `0`
+    Success,
+    /// `4`: a failed attempt.
+    MinorFailure,
+    /// `8`: used when a subscription is disabled automatically.
+    SeriousFailure,
+    /// `12`
+    MajorFailure,
+}
+
+impl Outcome {
+    /// The code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Outcome::Success => "0",
+            Outcome::MinorFailure => "4",
+            Outcome::SeriousFailure => "8",
+            Outcome::MajorFailure => "12",
+        }
+    }
+}
+
+/// Where a subscription's AuditEvents go (extension `subscription-audit-event-destination`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destinations {
+    /// Stored as AuditEvent resources.
+    pub resource: bool,
+    /// Written as one JSON log line.
+    pub log: bool,
+}
+
+/// The destinations a subscription asks for; none means `resource` only.
+pub fn destinations(subscription: &Value) -> Destinations {
+    let codes: Vec<&str> = crate::subscription::extensions(
+        subscription,
+        crate::subscription::extension::AUDIT_EVENT_DESTINATION,
+    )
+    .filter_map(|extension| extension.get("valueCode").and_then(Value::as_str))
+    .collect();
+    if codes.is_empty() {
+        return Destinations {
+            resource: true,
+            log: false,
+        };
+    }
+    Destinations {
+        resource: codes.contains(&"resource"),
+        log: codes.contains(&"log"),
+    }
+}
+
+/// A human display for a resource, as Medplum's `getDisplayString` gives for the common cases: a
+/// HumanName (`given family`), a `name` string, or `code.text`.
+pub fn display(resource: &Value) -> Option<String> {
+    match resource.get("name") {
+        Some(Value::String(name)) => return Some(name.clone()),
+        Some(Value::Array(names)) => {
+            if let Some(name) = names.first() {
+                if let Some(text) = name.get("text").and_then(Value::as_str) {
+                    return Some(text.to_owned());
+                }
+                let mut parts: Vec<&str> = name
+                    .get("given")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if let Some(family) = name.get("family").and_then(Value::as_str) {
+                    parts.push(family);
+                }
+                if !parts.is_empty() {
+                    return Some(parts.join(" "));
+                }
+            }
+        }
+        _ => {}
+    }
+    resource
+        .pointer("/code/text")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// A Reference to a resource, with its display unless redacted.
+pub fn reference(resource_type: &str, id: &str, display: Option<String>, redact: bool) -> Value {
+    let mut reference = Map::new();
+    reference.insert("reference".into(), json!(format!("{resource_type}/{id}")));
+    if let (Some(display), false) = (display, redact) {
+        reference.insert("display".into(), json!(display));
+    }
+    Value::Object(reference)
+}
+
+/// The entity role Medplum gives a resource type.
+pub fn entity_role(resource_type: &str) -> Value {
+    match resource_type {
+        "Patient" => json!({ "code": "1", "display": "Patient" }),
+        "Subscription" => json!({ "code": "9", "display": "Subscriber" }),
+        _ => json!({ "code": "4", "display": "Domain" }),
+    }
+}
+
+/// The tracing extension.
+pub fn tracing_extension(request_id: &str, trace_id: &str) -> Value {
+    json!({
+        "url": TRACING_EXTENSION,
+        "extension": [
+            { "url": "requestId", "valueId": request_id },
+            { "url": "traceId", "valueId": trace_id }
+        ]
+    })
+}
+
+fn instant(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// One delivery attempt, as the transmit AuditEvent describes it.
+pub struct TransmitAttempt<'a> {
+    /// The Subscription (current version).
+    pub subscription: &'a Value,
+    /// The triggering resource's type and id.
+    pub resource_type: &'a str,
+    /// The triggering resource's id.
+    pub resource_id: &'a str,
+    /// Its display, when known.
+    pub resource_display: Option<String>,
+    /// `period.start`: when the change was made.
+    pub started: DateTime<Utc>,
+    /// `period.end` and `recorded`.
+    pub ended: DateTime<Utc>,
+    /// Success or minor failure.
+    pub outcome: Outcome,
+    /// `Attempt <n> received status <s>` or `Attempt <n> received error <e>`.
+    pub outcome_desc: String,
+    /// Of the write.
+    pub request_id: &'a str,
+    /// Of the write.
+    pub trace_id: &'a str,
+    /// Strip displays from references (server or project setting).
+    pub redact: bool,
+}
+
+/// The `transmit` AuditEvent of one rest-hook attempt. `meta.project` is set by the store (the
+/// subscription's project); `meta.account(s)` are copied from the subscription.
+pub fn transmit_event(attempt: &TransmitAttempt<'_>) -> Value {
+    let subscription_id = attempt
+        .subscription
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let subscription_ref = reference(
+        "Subscription",
+        subscription_id,
+        display(attempt.subscription),
+        attempt.redact,
+    );
+    let mut meta = Map::new();
+    for key in ["account", "accounts"] {
+        if let Some(value) = attempt.subscription.pointer(&format!("/meta/{key}")) {
+            meta.insert(key.into(), value.clone());
+        }
+    }
+    let mut event = json!({
+        "resourceType": "AuditEvent",
+        "period": { "start": instant(attempt.started), "end": instant(attempt.ended) },
+        "recorded": instant(attempt.ended),
+        "type": { "code": "transmit" },
+        "agent": [{ "type": { "text": "Subscription" }, "requestor": false }],
+        "source": { "observer": subscription_ref.clone() },
+        "entity": [
+            {
+                "what": reference(attempt.resource_type, attempt.resource_id, attempt.resource_display.clone(), attempt.redact),
+                "role": entity_role(attempt.resource_type)
+            },
+            { "what": subscription_ref, "role": entity_role("Subscription") }
+        ],
+        "outcome": attempt.outcome.code(),
+        "outcomeDesc": attempt.outcome_desc,
+        "extension": [tracing_extension(attempt.request_id, attempt.trace_id)]
+    });
+    if !meta.is_empty() {
+        event["meta"] = Value::Object(meta);
+    }
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmit_event_has_medplums_shape() {
+        let subscription = json!({ "resourceType": "Subscription", "id": "s1",
+            "meta": { "account": { "reference": "Organization/o" } } });
+        let at = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let attempt = TransmitAttempt {
+            subscription: &subscription,
+            resource_type: "Patient",
+            resource_id: "p1",
+            resource_display: Some("Peter Chalmers".into()),
+            started: at,
+            ended: at,
+            outcome: Outcome::Success,
+            outcome_desc: "Attempt 0 received status 200".into(),
+            request_id: "r",
+            trace_id: "t",
+            redact: false,
+        };
+        let event = transmit_event(&attempt);
+        assert_eq!(event["type"], json!({ "code": "transmit" }));
+        assert_eq!(event["outcome"], "0");
+        assert_eq!(event["source"]["observer"]["reference"], "Subscription/s1");
+        assert_eq!(event["entity"][0]["what"]["display"], "Peter Chalmers");
+        assert_eq!(event["entity"][0]["role"]["code"], "1");
+        assert_eq!(event["entity"][1]["role"]["code"], "9");
+        assert_eq!(event["meta"]["account"]["reference"], "Organization/o");
+        assert_eq!(event["period"]["start"], "2026-01-01T00:00:00.000Z");
+        assert_eq!(event["extension"][0]["extension"][1]["valueId"], "t");
+        let redacted = transmit_event(&TransmitAttempt {
+            redact: true,
+            ..attempt
+        });
+        assert!(redacted["entity"][0]["what"].get("display").is_none());
+    }
+
+    #[test]
+    fn destinations_default_to_resource() {
+        let url = crate::subscription::extension::AUDIT_EVENT_DESTINATION;
+        assert_eq!(
+            destinations(&json!({})),
+            Destinations {
+                resource: true,
+                log: false
+            }
+        );
+        let both = json!({ "extension": [{ "url": url, "valueCode": "log" }, { "url": url, "valueCode": "resource" }] });
+        assert_eq!(
+            destinations(&both),
+            Destinations {
+                resource: true,
+                log: true
+            }
+        );
+        let log = json!({ "extension": [{ "url": url, "valueCode": "log" }] });
+        assert_eq!(
+            destinations(&log),
+            Destinations {
+                resource: false,
+                log: true
+            }
+        );
+    }
+}

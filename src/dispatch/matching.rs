@@ -1,0 +1,398 @@
+//! Does a change match a subscription? The one implementation of that decision, used by the
+//! dispatcher (fast, no explanations) and by `fhir-outbox explain` (every reason spelled out).
+//!
+//! The checks follow Medplum's `resourceMatchesSubscriptionCriteria` (spec §1.3–1.4), cheapest first;
+//! the verdict does not depend on their order.
+
+use crate::capture::Interaction;
+use crate::criteria::{Criteria, MatchReport};
+use crate::fhirpath::{self, Environment, Expression};
+use crate::subscription::{self, extension};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use uuid::Uuid;
+
+/// A Subscription resource prepared for matching: extensions read, criteria parsed and FHIRPath
+/// compiled once per subscription version.
+#[derive(Debug)]
+pub struct CompiledSubscription {
+    /// The project that owns the subscription.
+    pub project_id: Uuid,
+    /// The Subscription's id.
+    pub id: String,
+    /// The version compiled.
+    pub version_id: i64,
+    /// Since when the subscription has been `active` without interruption; changes written before
+    /// that are not delivered to it. `None` when unknown (explain on a file).
+    pub active_since: Option<DateTime<Utc>>,
+    /// A subscription of a server-scope project, evaluated for every project.
+    pub server_scope: bool,
+    status: String,
+    channel_type: String,
+    has_endpoint: bool,
+    pre_commit: bool,
+    /// `None`: every interaction (no extension).
+    interactions: Option<Vec<String>>,
+    accounts: Vec<String>,
+    criteria: Result<Criteria, String>,
+    fhirpath: Option<Result<Arc<Expression>, String>>,
+}
+
+/// The kind of a problem found in a subscription, as recorded in `fhir_outbox.subscription_issue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueKind {
+    /// A criteria construct that is not supported: it never matches.
+    Unsupported,
+    /// Criteria or FHIRPath that cannot be parsed: the subscription never matches.
+    Invalid,
+    /// An error while evaluating one change: that change is not delivered to it.
+    EvaluationError,
+}
+
+impl IssueKind {
+    /// The value stored in `subscription_issue.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueKind::Unsupported => "unsupported",
+            IssueKind::Invalid => "invalid",
+            IssueKind::EvaluationError => "evaluation_error",
+        }
+    }
+}
+
+impl CompiledSubscription {
+    /// Reads a Subscription resource.
+    pub fn compile(
+        project_id: Uuid,
+        version_id: i64,
+        resource: &Value,
+        active_since: Option<DateTime<Utc>>,
+        server_scope: bool,
+    ) -> CompiledSubscription {
+        let interactions: Vec<String> =
+            subscription::extensions(resource, extension::SUPPORTED_INTERACTION)
+                .filter_map(|ext| ext.get("valueCode").and_then(Value::as_str))
+                .map(str::to_owned)
+                .collect();
+        let criteria = match resource.get("criteria").and_then(Value::as_str) {
+            Some(text) if !text.trim().is_empty() => {
+                Criteria::parse(text).map_err(|error| error.to_string())
+            }
+            _ => Err("the subscription has no criteria".to_owned()),
+        };
+        let fhirpath =
+            subscription::extension_value(resource, extension::FHIRPATH_CRITERIA, "valueString")
+                .and_then(Value::as_str)
+                .filter(|expression| !expression.trim().is_empty())
+                .map(|expression| fhirpath::compile(expression).map_err(|error| error.to_string()));
+        CompiledSubscription {
+            project_id,
+            id: resource
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            version_id,
+            active_since,
+            server_scope,
+            status: subscription::status(resource).to_owned(),
+            channel_type: subscription::channel_type(resource).to_owned(),
+            has_endpoint: subscription::endpoint(resource).is_some(),
+            pre_commit: subscription::extension_value(
+                resource,
+                extension::PRE_COMMIT,
+                "valueBoolean",
+            ) == Some(&Value::Bool(true)),
+            interactions: (!interactions.is_empty()).then_some(interactions),
+            accounts: subscription::accounts(resource)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            criteria,
+            fhirpath,
+        }
+    }
+
+    /// The problems to report once for this version: unparsable criteria or FHIRPath, and criteria
+    /// constructs that are not supported.
+    pub fn issues(&self) -> Vec<(IssueKind, String)> {
+        let mut issues = Vec::new();
+        match &self.criteria {
+            Ok(criteria) => issues.extend(criteria.unsupported().map(|unsupported| {
+                (
+                    IssueKind::Unsupported,
+                    format!("criteria {unsupported}; this filter never matches"),
+                )
+            })),
+            Err(error) if self.has_criteria() => {
+                issues.push((IssueKind::Invalid, format!("invalid criteria: {error}")))
+            }
+            Err(_) => {}
+        }
+        if let Some(Err(error)) = &self.fhirpath {
+            issues.push((
+                IssueKind::Invalid,
+                format!("invalid FHIRPath criteria expression: {error}"),
+            ));
+        }
+        issues
+    }
+
+    fn has_criteria(&self) -> bool {
+        !matches!(&self.criteria, Err(message) if message == "the subscription has no criteria")
+    }
+
+    /// Whether this subscription is one the rest-hook worker delivers to at all (active, rest-hook
+    /// with an endpoint, not pre-commit). Cheap; checked before anything else.
+    fn candidate_rejection(&self) -> Option<Rejection> {
+        if self.status != "active" {
+            return Some(Rejection::NotActive(self.status.clone()));
+        }
+        if self.channel_type != "rest-hook" {
+            return Some(Rejection::ChannelType(self.channel_type.clone()));
+        }
+        if !self.has_endpoint {
+            return Some(Rejection::NoEndpoint);
+        }
+        if self.pre_commit {
+            return Some(Rejection::PreCommit);
+        }
+        None
+    }
+}
+
+/// The change a subscription is matched against.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeView<'a> {
+    /// The changed resource's type.
+    pub resource_type: &'a str,
+    /// What kind of change.
+    pub interaction: Interaction,
+    /// The content the criteria are evaluated on: the new version, or for a delete the last live one.
+    pub current: &'a Value,
+    /// The version before (for a delete, the same as `current`); `None` for a create.
+    pub previous: Option<&'a Value>,
+    /// When the change was written.
+    pub changed_at: Option<DateTime<Utc>>,
+}
+
+/// Why a subscription did not match a change.
+#[derive(Debug, Clone)]
+pub enum Rejection {
+    /// `status` is not `active`.
+    NotActive(String),
+    /// `channel.type` is not `rest-hook` (websocket and other channels are not delivered here).
+    ChannelType(String),
+    /// A rest-hook channel without an endpoint.
+    NoEndpoint,
+    /// A pre-commit subscription: run synchronously by the write, not by this worker.
+    PreCommit,
+    /// The change was written before (or as) the subscription became active.
+    ChangedBeforeActive {
+        /// When the change was written.
+        changed_at: DateTime<Utc>,
+        /// Since when the subscription is active.
+        active_since: DateTime<Utc>,
+    },
+    /// The supported-interaction extensions do not include this interaction.
+    Interaction {
+        /// The change's interaction.
+        interaction: Interaction,
+        /// The codes the subscription allows.
+        allowed: Vec<String>,
+    },
+    /// No criteria, or criteria that cannot be parsed.
+    Criteria(String),
+    /// The criteria are about another resource type.
+    ResourceType {
+        /// The criteria's resource type.
+        criteria: String,
+        /// The change's resource type.
+        resource: String,
+    },
+    /// The subscription is restricted to accounts the resource does not belong to.
+    Accounts {
+        /// The subscription's accounts.
+        subscription: Vec<String>,
+    },
+    /// The FHIRPath criteria expression cannot be parsed.
+    InvalidFhirPath(String),
+    /// The FHIRPath criteria expression did not give a single `true`.
+    FhirPath {
+        /// The expression.
+        expression: String,
+        /// What it gave instead.
+        result: String,
+    },
+    /// A search filter did not match (the report is only built when explaining).
+    Search(Option<MatchReport>),
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::NotActive(status) => write!(f, "status is `{status}`, not `active`"),
+            Rejection::ChannelType(channel) => write!(
+                f,
+                "channel type is `{channel}`; only `rest-hook` subscriptions are delivered by this worker"
+            ),
+            Rejection::NoEndpoint => write!(f, "rest-hook channel has no endpoint"),
+            Rejection::PreCommit => write!(
+                f,
+                "a pre-commit subscription (extension {}) runs inside the write, not in this worker",
+                extension::PRE_COMMIT
+            ),
+            Rejection::ChangedBeforeActive {
+                changed_at,
+                active_since,
+            } => write!(
+                f,
+                "the change was written at {changed_at}, not after the subscription became active at {active_since}"
+            ),
+            Rejection::Interaction {
+                interaction,
+                allowed,
+            } => write!(
+                f,
+                "interaction `{interaction}` is not among the supported interactions [{}]",
+                allowed.join(", ")
+            ),
+            Rejection::Criteria(message) => write!(f, "{message}"),
+            Rejection::ResourceType { criteria, resource } => write!(
+                f,
+                "criteria are about `{criteria}`, the resource is a `{resource}`"
+            ),
+            Rejection::Accounts { subscription } => write!(
+                f,
+                "the subscription is restricted to accounts [{}] and the resource belongs to none of them",
+                subscription.join(", ")
+            ),
+            Rejection::InvalidFhirPath(message) => {
+                write!(f, "the FHIRPath criteria expression is invalid: {message}")
+            }
+            Rejection::FhirPath { expression, result } => write!(
+                f,
+                "FHIRPath criteria `{expression}` gave {result}, not a single `true`"
+            ),
+            Rejection::Search(Some(report)) => write!(f, "search criteria {report}"),
+            Rejection::Search(None) => write!(f, "search criteria did not match"),
+        }
+    }
+}
+
+/// The outcome of matching one subscription against one change.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Deliver the change to this subscription.
+    Matched,
+    /// Do not; here is why.
+    Rejected(Rejection),
+    /// Evaluating failed (a FHIRPath runtime error, …): not delivered, and reported to operators.
+    Failed(String),
+}
+
+/// `%previous` when there is no previous version: an empty object, so `%previous.x` is empty.
+static EMPTY_OBJECT: LazyLock<Value> = LazyLock::new(|| json!({}));
+
+/// Matches one subscription against one change. With `explain`, a search mismatch carries the full
+/// report of which filters failed and why (slower; for the `explain` command).
+pub fn evaluate(
+    subscription: &CompiledSubscription,
+    change: &ChangeView<'_>,
+    explain: bool,
+) -> Verdict {
+    if let Some(rejection) = subscription.candidate_rejection() {
+        return Verdict::Rejected(rejection);
+    }
+    if let (Some(changed_at), Some(active_since)) = (change.changed_at, subscription.active_since) {
+        // Strictly after: a subscription's own creation (same instant) is not news to it.
+        if changed_at <= active_since {
+            return Verdict::Rejected(Rejection::ChangedBeforeActive {
+                changed_at,
+                active_since,
+            });
+        }
+    }
+    if let Some(allowed) = &subscription.interactions {
+        if !allowed
+            .iter()
+            .any(|code| code == change.interaction.as_str())
+        {
+            return Verdict::Rejected(Rejection::Interaction {
+                interaction: change.interaction,
+                allowed: allowed.clone(),
+            });
+        }
+    }
+    let criteria = match &subscription.criteria {
+        Ok(criteria) => criteria,
+        Err(message) => return Verdict::Rejected(Rejection::Criteria(message.clone())),
+    };
+    if criteria.resource_type() != change.resource_type {
+        return Verdict::Rejected(Rejection::ResourceType {
+            criteria: criteria.resource_type().to_owned(),
+            resource: change.resource_type.to_owned(),
+        });
+    }
+    if !subscription.accounts.is_empty() {
+        let resource_accounts = subscription::accounts(change.current);
+        if !subscription
+            .accounts
+            .iter()
+            .any(|account| resource_accounts.contains(&account.as_str()))
+        {
+            return Verdict::Rejected(Rejection::Accounts {
+                subscription: subscription.accounts.clone(),
+            });
+        }
+    }
+    let search = if explain {
+        criteria
+            .explain(change.current)
+            .map(|report| (report.matched, Some(report)))
+    } else {
+        criteria
+            .matches(change.current)
+            .map(|matched| (matched, None))
+    };
+    match search {
+        Ok((true, _)) => {}
+        Ok((false, report)) => return Verdict::Rejected(Rejection::Search(report)),
+        Err(error) => return Verdict::Failed(format!("search criteria: {error}")),
+    }
+    match &subscription.fhirpath {
+        None => Verdict::Matched,
+        Some(Err(message)) => Verdict::Rejected(Rejection::InvalidFhirPath(message.clone())),
+        Some(Ok(expression)) => {
+            let previous = change.previous.unwrap_or(&EMPTY_OBJECT);
+            let environment = Environment::new()
+                .with_variable("current", change.current)
+                .with_variable("previous", previous);
+            // Only a single `true` passes. Medplum takes the first item of any result; a collection
+            // like `[true, false]` is ambiguous, so we refuse it rather than guess.
+            match expression.evaluate(change.current, &environment) {
+                Ok(items) if items.len() == 1 && items[0].as_bool() == Some(true) => {
+                    Verdict::Matched
+                }
+                Ok(items) => Verdict::Rejected(Rejection::FhirPath {
+                    expression: expression.source().to_owned(),
+                    result: describe(&items),
+                }),
+                Err(error) => Verdict::Failed(format!(
+                    "FHIRPath criteria `{}`: {error}",
+                    expression.source()
+                )),
+            }
+        }
+    }
+}
+
+fn describe(items: &[fhirpath::Item<'_>]) -> String {
+    match items {
+        [] => "an empty collection".to_owned(),
+        [item] => format!("`{}`", item.to_json()),
+        _ => format!("{} items", items.len()),
+    }
+}

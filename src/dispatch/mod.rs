@@ -1,0 +1,466 @@
+//! Dispatch: turns committed changes (outbox rows) into deliveries, one per matching rest-hook
+//! subscription.
+//!
+//! A dispatcher claims a batch of the oldest undispatched outbox rows with `FOR UPDATE SKIP LOCKED`
+//! (so any number of dispatchers, on any number of hosts, share the work), evaluates every candidate
+//! subscription of the change's project against the exact version (see [`matching`]), inserts the
+//! deliveries (unique per change and subscription) and marks the rows dispatched, all in one
+//! transaction: a dispatcher that dies mid-batch leaves nothing behind, and the rows are claimed again.
+//!
+//! Subscriptions are compiled once per version and cached per project; every Subscription write bumps
+//! the project's `subscription_epoch`, which each batch compares, so an edit takes effect on the next
+//! change on every host. A problem with one subscription (unsupported criteria, a FHIRPath runtime
+//! error) never affects the others; it is recorded in `fhir_outbox.subscription_issue`.
+
+pub mod matching;
+mod queries;
+
+use crate::capture::Interaction;
+use crate::subscription;
+use chrono::Utc;
+use matching::{ChangeView, CompiledSubscription, IssueKind, Verdict};
+use queries::{ClaimedChange, Issue, NewDeliveries};
+use sqlx::{PgConnection, PgPool};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How a dispatcher works.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Outbox rows claimed per transaction.
+    pub batch_size: i64,
+    /// Concurrent dispatch loops in this process.
+    pub workers: usize,
+    /// How often to look for work when no notification arrives (covers lost notifications).
+    pub poll_interval: Duration,
+    /// Evaluate the subscriptions of server-scope projects for changes in every project.
+    pub server_scoped_subscriptions: bool,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            batch_size: 100,
+            workers: 1,
+            poll_interval: Duration::from_secs(1),
+            server_scoped_subscriptions: false,
+        }
+    }
+}
+
+/// Why a dispatch batch failed (it was rolled back; its rows will be claimed again).
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The database failed.
+    #[error("dispatch batch failed: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Outbox rows dispatched.
+    pub changes: usize,
+    /// Deliveries inserted.
+    pub deliveries: u64,
+    /// Subscription evaluations that failed (recorded as subscription issues).
+    pub evaluation_errors: usize,
+    /// Rows that could not be dispatched at all (marked with `dispatch_error`).
+    pub undispatchable: usize,
+}
+
+struct CachedProject {
+    epoch: i64,
+    server_scope: bool,
+    subscriptions: Arc<[Arc<CompiledSubscription>]>,
+}
+
+/// The dispatch stage. Cheap to share: wrap it in an `Arc` and run several loops.
+pub struct Dispatcher {
+    pool: PgPool,
+    config: DispatchConfig,
+    cache: Mutex<HashMap<Uuid, CachedProject>>,
+    /// Evaluation errors already logged by this process (they are counted in SQL every time).
+    logged_errors: Mutex<HashSet<(String, i64, String)>>,
+}
+
+/// The subscriptions a batch is evaluated against.
+struct Candidates {
+    by_project: HashMap<Uuid, Arc<[Arc<CompiledSubscription>]>>,
+    server_scope: Vec<(Uuid, Arc<[Arc<CompiledSubscription>]>)>,
+}
+
+impl Candidates {
+    fn for_project(&self, project: Uuid) -> impl Iterator<Item = &Arc<CompiledSubscription>> {
+        let own = self
+            .by_project
+            .get(&project)
+            .into_iter()
+            .flat_map(|s| s.iter());
+        let server = self
+            .server_scope
+            .iter()
+            .filter(move |(server_project, _)| *server_project != project)
+            .flat_map(|(_, subscriptions)| subscriptions.iter());
+        own.chain(server)
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher on this pool.
+    pub fn new(pool: PgPool, config: DispatchConfig) -> Dispatcher {
+        Dispatcher {
+            pool,
+            config,
+            cache: Mutex::new(HashMap::new()),
+            logged_errors: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Dispatches one batch of at most `batch_size` changes in one transaction.
+    pub async fn dispatch_once(&self) -> Result<BatchReport, DispatchError> {
+        self.dispatch_batch(self.config.batch_size).await
+    }
+
+    async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, DispatchError> {
+        let mut tx = self.pool.begin().await?;
+        let changes = queries::claim_changes(&mut tx, limit).await?;
+        if changes.is_empty() {
+            tx.commit().await?;
+            return Ok(BatchReport::default());
+        }
+        let candidates = self.candidates(&mut tx, &changes).await?;
+        // Medplum's requestTime: one evaluation time shared by all deliveries of a change.
+        let matched_at = Utc::now();
+        let mut report = BatchReport {
+            changes: changes.len(),
+            ..BatchReport::default()
+        };
+        let mut deliveries = NewDeliveries::default();
+        let mut errors: HashMap<(Uuid, String, i64, String), i64> = HashMap::new();
+        let mut seqs = Vec::with_capacity(changes.len());
+        let mut dispatch_errors = Vec::with_capacity(changes.len());
+        for change in &changes {
+            seqs.push(change.seq);
+            let (current, previous) = match evaluated_contents(change) {
+                Ok(contents) => contents,
+                Err(message) => {
+                    tracing::error!(seq = change.seq, resource_type = %change.resource_type,
+                        resource_id = %change.resource_id, version = change.version_id,
+                        "cannot dispatch change: {message}");
+                    report.undispatchable += 1;
+                    dispatch_errors.push(Some(message));
+                    continue;
+                }
+            };
+            dispatch_errors.push(None);
+            // Websocket Subscriptions are transient client state; their writes never trigger (§1.3).
+            if change.resource_type == "Subscription"
+                && subscription::channel_type(current) == "websocket"
+            {
+                continue;
+            }
+            let view = ChangeView {
+                resource_type: &change.resource_type,
+                interaction: change.interaction,
+                current,
+                previous,
+                changed_at: Some(change.changed_at),
+            };
+            for subscription in candidates.for_project(change.project_id) {
+                match matching::evaluate(subscription, &view, false) {
+                    Verdict::Matched => {
+                        push_delivery(&mut deliveries, change, subscription, matched_at)
+                    }
+                    Verdict::Rejected(_) => {}
+                    Verdict::Failed(message) => {
+                        report.evaluation_errors += 1;
+                        self.log_evaluation_error(subscription, change, &message);
+                        *errors
+                            .entry((
+                                subscription.project_id,
+                                subscription.id.clone(),
+                                subscription.version_id,
+                                message,
+                            ))
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        report.deliveries = queries::insert_deliveries(&mut tx, &deliveries).await?;
+        let errors: Vec<Issue> = errors
+            .into_iter()
+            .map(
+                |((project_id, subscription_id, subscription_version, message), occurrences)| {
+                    Issue {
+                        project_id,
+                        subscription_id,
+                        subscription_version,
+                        kind: IssueKind::EvaluationError.as_str(),
+                        message,
+                        occurrences,
+                    }
+                },
+            )
+            .collect();
+        queries::count_evaluation_errors(&mut tx, &errors).await?;
+        queries::mark_dispatched(&mut tx, &seqs, &dispatch_errors).await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    /// Marks one change dispatched with an error, without evaluating it: the last resort for a row
+    /// whose batch keeps failing, so that it cannot block the rows behind it.
+    async fn quarantine(&self, seq: i64, error: &DispatchError) -> Result<(), DispatchError> {
+        let mut conn = self.pool.acquire().await?;
+        queries::mark_dispatched(&mut conn, &[seq], &[Some(format!("quarantined: {error}"))])
+            .await?;
+        Ok(())
+    }
+
+    /// The subscriptions for the projects of `changes`, recompiling those whose epoch moved.
+    async fn candidates(
+        &self,
+        conn: &mut PgConnection,
+        changes: &[ClaimedChange],
+    ) -> Result<Candidates, sqlx::Error> {
+        let mut projects: Vec<Uuid> = changes.iter().map(|change| change.project_id).collect();
+        projects.sort_unstable();
+        projects.dedup();
+        let epochs =
+            queries::project_epochs(conn, &projects, self.config.server_scoped_subscriptions)
+                .await?;
+        let stale: Vec<Uuid> = {
+            let cache = self.cache.lock().expect("cache lock");
+            epochs
+                .iter()
+                .filter(|epoch| {
+                    cache.get(&epoch.id).map(|cached| cached.epoch)
+                        != Some(epoch.subscription_epoch)
+                })
+                .map(|epoch| epoch.id)
+                .collect()
+        };
+        if !stale.is_empty() {
+            let loaded = self.load(conn, &stale, &epochs).await?;
+            let mut cache = self.cache.lock().expect("cache lock");
+            for (project, cached) in loaded {
+                cache.insert(project, cached);
+            }
+        }
+        let cache = self.cache.lock().expect("cache lock");
+        let mut candidates = Candidates {
+            by_project: HashMap::new(),
+            server_scope: Vec::new(),
+        };
+        for epoch in &epochs {
+            let Some(cached) = cache.get(&epoch.id) else {
+                continue;
+            };
+            if projects.binary_search(&epoch.id).is_ok() {
+                candidates
+                    .by_project
+                    .insert(epoch.id, cached.subscriptions.clone());
+            }
+            if cached.server_scope && self.config.server_scoped_subscriptions {
+                candidates
+                    .server_scope
+                    .push((epoch.id, cached.subscriptions.clone()));
+            }
+        }
+        Ok(candidates)
+    }
+
+    async fn load(
+        &self,
+        conn: &mut PgConnection,
+        projects: &[Uuid],
+        epochs: &[queries::ProjectEpoch],
+    ) -> Result<Vec<(Uuid, CachedProject)>, sqlx::Error> {
+        let rows = queries::active_subscriptions(conn, projects).await?;
+        let mut grouped: HashMap<Uuid, Vec<Arc<CompiledSubscription>>> = HashMap::new();
+        let mut issues = Vec::new();
+        for row in rows {
+            let server_scope = epochs
+                .iter()
+                .any(|epoch| epoch.id == row.project_id && epoch.server_scope);
+            let compiled = CompiledSubscription::compile(
+                row.project_id,
+                row.version_id,
+                &row.content,
+                row.active_since,
+                server_scope,
+            );
+            issues.extend(compiled.issues().into_iter().map(|(kind, message)| Issue {
+                project_id: compiled.project_id,
+                subscription_id: compiled.id.clone(),
+                subscription_version: compiled.version_id,
+                kind: kind.as_str(),
+                message,
+                occurrences: 1,
+            }));
+            grouped
+                .entry(row.project_id)
+                .or_default()
+                .push(Arc::new(compiled));
+        }
+        for (subscription_id, message) in queries::record_new_issues(conn, &issues).await? {
+            tracing::warn!(subscription = %subscription_id, "subscription issue: {message}");
+        }
+        Ok(epochs
+            .iter()
+            .filter(|epoch| projects.contains(&epoch.id))
+            .map(|epoch| {
+                let subscriptions = grouped.remove(&epoch.id).unwrap_or_default();
+                (
+                    epoch.id,
+                    CachedProject {
+                        epoch: epoch.subscription_epoch,
+                        server_scope: epoch.server_scope,
+                        subscriptions: subscriptions.into(),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn log_evaluation_error(
+        &self,
+        subscription: &CompiledSubscription,
+        change: &ClaimedChange,
+        message: &str,
+    ) {
+        let key = (
+            subscription.id.clone(),
+            subscription.version_id,
+            message.to_owned(),
+        );
+        if self.logged_errors.lock().expect("log lock").insert(key) {
+            tracing::warn!(subscription = %subscription.id, resource_type = %change.resource_type,
+                resource_id = %change.resource_id, version = change.version_id,
+                "subscription evaluation failed (counted in fhir_outbox.subscription_issue): {message}");
+        }
+    }
+
+    /// Runs `config.workers` dispatch loops until `shutdown` is cancelled. Each loop dispatches while
+    /// there is work, then sleeps until a change is committed (LISTEN `fhir_outbox_change`) or the
+    /// poll interval passes.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let (wake, woken) = watch::channel(0u64);
+        let listener = tokio::spawn(crate::db::listen(
+            self.pool.clone(),
+            "fhir_outbox_change",
+            wake,
+            shutdown.clone(),
+        ));
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..self.config.workers.max(1) {
+            loops.spawn(self.clone().work(woken.clone(), shutdown.clone()));
+        }
+        while loops.join_next().await.is_some() {}
+        listener.abort();
+    }
+
+    async fn work(self: Arc<Self>, mut woken: watch::Receiver<u64>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            woken.borrow_and_update();
+            // After repeated failures, go one row at a time, and set aside a row that fails alone.
+            let limit = if failures >= 3 {
+                1
+            } else {
+                self.config.batch_size
+            };
+            match self.dispatch_batch(limit).await {
+                Ok(report) => {
+                    failures = 0;
+                    if report.changes as i64 == limit {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, failures, "dispatch batch failed; it will be retried");
+                    if failures >= 6 {
+                        self.quarantine_oldest(&error).await;
+                        failures = 0;
+                    }
+                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = woken.changed() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    async fn quarantine_oldest(&self, error: &DispatchError) {
+        let oldest = async {
+            let mut conn = self.pool.acquire().await?;
+            let seq = queries::claim_changes(&mut conn, 1)
+                .await?
+                .first()
+                .map(|c| c.seq);
+            Ok::<_, sqlx::Error>(seq)
+        };
+        match oldest.await {
+            Ok(Some(seq)) => {
+                tracing::error!(seq, %error, "outbox row fails to dispatch on its own; marking it dispatched with the error");
+                if let Err(error) = self.quarantine(seq, error).await {
+                    tracing::warn!(%error, "cannot set the failing outbox row aside");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "cannot find the failing outbox row"),
+        }
+    }
+}
+
+/// The content criteria are evaluated on and the previous version: for a delete, the last live
+/// version is both (as in Medplum).
+fn evaluated_contents(
+    change: &ClaimedChange,
+) -> Result<(&serde_json::Value, Option<&serde_json::Value>), String> {
+    match (change.interaction, &change.current, &change.previous) {
+        (Interaction::Delete, _, Some(previous)) => Ok((previous, Some(previous))),
+        (Interaction::Delete, _, None) => Err(format!(
+            "the last live version {:?} of the deleted resource is missing",
+            change.previous_version_id
+        )),
+        (_, Some(current), previous) => Ok((current, previous.as_ref())),
+        (_, None, _) => Err(format!("version {} is missing", change.version_id)),
+    }
+}
+
+fn push_delivery(
+    rows: &mut NewDeliveries,
+    change: &ClaimedChange,
+    subscription: &CompiledSubscription,
+    matched_at: chrono::DateTime<Utc>,
+) {
+    rows.project_id.push(subscription.project_id);
+    rows.subscription_id.push(subscription.id.clone());
+    rows.outbox_seq.push(change.seq);
+    rows.resource_project_id.push(change.project_id);
+    rows.resource_type.push(change.resource_type.clone());
+    rows.resource_id.push(change.resource_id.clone());
+    rows.version_id.push(change.version_id);
+    rows.previous_version_id.push(change.previous_version_id);
+    rows.interaction
+        .push(change.interaction.as_str().to_owned());
+    rows.changed_at.push(change.changed_at);
+    rows.request_id.push(change.request_id.clone());
+    rows.trace_id.push(change.trace_id.clone());
+    rows.matched_at.push(matched_at);
+}

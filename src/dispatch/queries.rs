@@ -1,0 +1,283 @@
+//! The SQL of the dispatch stage.
+
+use crate::capture::Interaction;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// An outbox row claimed for dispatch, with the contents it is evaluated on.
+#[derive(Debug)]
+pub struct ClaimedChange {
+    pub seq: i64,
+    pub project_id: Uuid,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub version_id: i64,
+    pub previous_version_id: Option<i64>,
+    pub interaction: Interaction,
+    pub changed_at: DateTime<Utc>,
+    pub request_id: String,
+    pub trace_id: String,
+    /// The version's content (`None` for a deletion).
+    pub current: Option<Value>,
+    /// The previous version's content.
+    pub previous: Option<Value>,
+}
+
+/// Locks up to `limit` of the oldest undispatched outbox rows that no other dispatcher holds.
+pub async fn claim_changes(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ClaimedChange>, sqlx::Error> {
+    sqlx::query_as!(
+        ClaimedChange,
+        r#"WITH claimed AS (
+               SELECT seq, project_id, resource_type, resource_id, version_id, previous_version_id,
+                      interaction, changed_at, request_id, trace_id
+               FROM fhir_outbox.outbox
+               WHERE dispatched_at IS NULL
+               ORDER BY seq
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED)
+           SELECT c.seq AS "seq!", c.project_id AS "project_id!", c.resource_type AS "resource_type!",
+                  c.resource_id AS "resource_id!", c.version_id AS "version_id!",
+                  c.previous_version_id, c.interaction AS "interaction!: Interaction",
+                  c.changed_at AS "changed_at!", c.request_id AS "request_id!", c.trace_id AS "trace_id!",
+                  cur.content AS "current?", prev.content AS "previous?"
+           FROM claimed c
+           LEFT JOIN fhir_outbox.resource_version cur
+                  ON cur.project_id = c.project_id AND cur.resource_type = c.resource_type
+                 AND cur.id = c.resource_id AND cur.version_id = c.version_id
+           LEFT JOIN fhir_outbox.resource_version prev
+                  ON prev.project_id = c.project_id AND prev.resource_type = c.resource_type
+                 AND prev.id = c.resource_id AND prev.version_id = c.previous_version_id
+           ORDER BY c.seq"#,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A project's subscription epoch (bumped by every Subscription write).
+pub struct ProjectEpoch {
+    pub id: Uuid,
+    pub subscription_epoch: i64,
+    pub server_scope: bool,
+}
+
+/// The epochs of these projects, and of every server-scope project when `with_server_scope`.
+pub async fn project_epochs(
+    conn: &mut PgConnection,
+    projects: &[Uuid],
+    with_server_scope: bool,
+) -> Result<Vec<ProjectEpoch>, sqlx::Error> {
+    sqlx::query_as!(
+        ProjectEpoch,
+        "SELECT id, subscription_epoch, server_scope FROM fhir_outbox.project
+         WHERE id = ANY($1) OR (server_scope AND $2)",
+        projects,
+        with_server_scope
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// An active Subscription, as loaded for matching.
+pub struct ActiveSubscription {
+    pub project_id: Uuid,
+    pub version_id: i64,
+    pub content: Value,
+    /// Since when it has been active without interruption.
+    pub active_since: Option<DateTime<Utc>>,
+}
+
+/// The current, active Subscriptions of these projects.
+pub async fn active_subscriptions(
+    conn: &mut PgConnection,
+    projects: &[Uuid],
+) -> Result<Vec<ActiveSubscription>, sqlx::Error> {
+    sqlx::query_as!(
+        ActiveSubscription,
+        r#"SELECT r.project_id, r.version_id, v.content AS "content!",
+                  -- The first version of the latest unbroken run of active versions.
+                  (SELECT min(h.last_updated) FROM fhir_outbox.resource_version h
+                   WHERE h.project_id = r.project_id AND h.resource_type = 'Subscription' AND h.id = r.id
+                     AND h.version_id > coalesce(
+                         (SELECT max(x.version_id) FROM fhir_outbox.resource_version x
+                          WHERE x.project_id = r.project_id AND x.resource_type = 'Subscription'
+                            AND x.id = r.id
+                            AND (x.deleted OR x.content ->> 'status' IS DISTINCT FROM 'active')), 0)
+                  ) AS active_since
+           FROM fhir_outbox.resource r
+           JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+           WHERE r.project_id = ANY($1) AND r.resource_type = 'Subscription' AND NOT r.deleted
+             AND v.content ->> 'status' = 'active'"#,
+        projects
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Delivery rows to insert, as parallel columns (one `UNNEST` insert per batch).
+#[derive(Default)]
+pub struct NewDeliveries {
+    pub project_id: Vec<Uuid>,
+    pub subscription_id: Vec<String>,
+    pub outbox_seq: Vec<i64>,
+    pub resource_project_id: Vec<Uuid>,
+    pub resource_type: Vec<String>,
+    pub resource_id: Vec<String>,
+    pub version_id: Vec<i64>,
+    pub previous_version_id: Vec<Option<i64>>,
+    pub interaction: Vec<String>,
+    pub changed_at: Vec<DateTime<Utc>>,
+    pub request_id: Vec<String>,
+    pub trace_id: Vec<String>,
+    pub matched_at: Vec<DateTime<Utc>>,
+}
+
+impl NewDeliveries {
+    pub fn len(&self) -> usize {
+        self.outbox_seq.len()
+    }
+}
+
+/// Inserts the deliveries (a delivery that exists already is left alone) and wakes delivery workers.
+/// Returns how many were new.
+pub async fn insert_deliveries(
+    conn: &mut PgConnection,
+    rows: &NewDeliveries,
+) -> Result<u64, sqlx::Error> {
+    if rows.len() == 0 {
+        return Ok(0);
+    }
+    let inserted = sqlx::query!(
+        "INSERT INTO fhir_outbox.delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
+              version_id, previous_version_id, interaction, changed_at, request_id, trace_id, matched_at)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text[],
+                              $7::int8[], $8::int8[], $9::text[], $10::timestamptz[], $11::text[],
+                              $12::text[], $13::timestamptz[])
+         ON CONFLICT (outbox_seq, project_id, subscription_id) DO NOTHING",
+        &rows.project_id,
+        &rows.subscription_id,
+        &rows.outbox_seq,
+        &rows.resource_project_id,
+        &rows.resource_type,
+        &rows.resource_id,
+        &rows.version_id,
+        &rows.previous_version_id as &[Option<i64>],
+        &rows.interaction,
+        &rows.changed_at,
+        &rows.request_id,
+        &rows.trace_id,
+        &rows.matched_at,
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
+        .execute(conn)
+        .await?;
+    Ok(inserted)
+}
+
+/// Marks outbox rows dispatched, each with its error if it could not be dispatched.
+pub async fn mark_dispatched(
+    conn: &mut PgConnection,
+    seqs: &[i64],
+    errors: &[Option<String>],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE fhir_outbox.outbox o SET dispatched_at = now(), dispatch_error = d.error
+         FROM UNNEST($1::int8[], $2::text[]) AS d(seq, error)
+         WHERE o.seq = d.seq",
+        seqs,
+        errors as &[Option<String>]
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One subscription problem to record.
+pub struct Issue {
+    pub project_id: Uuid,
+    pub subscription_id: String,
+    pub subscription_version: i64,
+    pub kind: &'static str,
+    pub message: String,
+    pub occurrences: i64,
+}
+
+/// Records problems found when a subscription version is compiled. Each is recorded once, however
+/// many dispatchers compile that version; returns the ones that were new (to log them once).
+pub async fn record_new_issues(
+    conn: &mut PgConnection,
+    issues: &[Issue],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    if issues.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (projects, subscriptions, versions, kinds, messages) = columns(issues);
+    let rows = sqlx::query!(
+        "INSERT INTO fhir_outbox.subscription_issue
+             (project_id, subscription_id, subscription_version, kind, message)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[])
+         ON CONFLICT DO NOTHING
+         RETURNING subscription_id, message",
+        &projects,
+        &subscriptions,
+        &versions,
+        &kinds,
+        &messages,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.subscription_id, row.message))
+        .collect())
+}
+
+/// Counts evaluation errors (the caller merges duplicates: one row per key and batch).
+pub async fn count_evaluation_errors(
+    conn: &mut PgConnection,
+    issues: &[Issue],
+) -> Result<(), sqlx::Error> {
+    if issues.is_empty() {
+        return Ok(());
+    }
+    let (projects, subscriptions, versions, kinds, messages) = columns(issues);
+    let occurrences: Vec<i64> = issues.iter().map(|issue| issue.occurrences).collect();
+    sqlx::query!(
+        "INSERT INTO fhir_outbox.subscription_issue
+             (project_id, subscription_id, subscription_version, kind, message, occurrences)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[])
+         ON CONFLICT (project_id, subscription_id, subscription_version, kind, message)
+         DO UPDATE SET occurrences = subscription_issue.occurrences + EXCLUDED.occurrences,
+                       last_seen = now()",
+        &projects,
+        &subscriptions,
+        &versions,
+        &kinds,
+        &messages,
+        &occurrences,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+type IssueColumns = (Vec<Uuid>, Vec<String>, Vec<i64>, Vec<String>, Vec<String>);
+
+fn columns(issues: &[Issue]) -> IssueColumns {
+    (
+        issues.iter().map(|i| i.project_id).collect(),
+        issues.iter().map(|i| i.subscription_id.clone()).collect(),
+        issues.iter().map(|i| i.subscription_version).collect(),
+        issues.iter().map(|i| i.kind.to_owned()).collect(),
+        issues.iter().map(|i| i.message.clone()).collect(),
+    )
+}

@@ -1,0 +1,712 @@
+//! Dispatch: candidate subscriptions (spec §1.3–1.4), fan-out, caching, isolation and crash safety.
+
+use crate::common::TestDb;
+use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::dispatch::{BatchReport, DispatchConfig, Dispatcher};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+const INTERACTION: &str =
+    "https://medplum.com/fhir/StructureDefinition/subscription-supported-interaction";
+const FHIRPATH: &str = "https://medplum.com/fhir/StructureDefinition/fhir-path-criteria-expression";
+
+fn rest_hook(criteria: &str) -> Value {
+    json!({
+        "resourceType": "Subscription",
+        "status": "active",
+        "reason": "test",
+        "criteria": criteria,
+        "channel": { "type": "rest-hook", "endpoint": "https://example.org/hook" }
+    })
+}
+
+fn with(mut resource: Value, key: &str, value: Value) -> Value {
+    resource[key] = value;
+    resource
+}
+
+async fn create(pool: &PgPool, project: Uuid, resource: &Value) -> String {
+    let written = capture::create(pool, project, resource, &WriteContext::default())
+        .await
+        .unwrap();
+    written.resource["id"].as_str().unwrap().to_owned()
+}
+
+async fn put(pool: &PgPool, project: Uuid, resource: &Value) {
+    let resource_type = resource["resourceType"].as_str().unwrap();
+    let id = resource["id"].as_str().unwrap();
+    capture::update(
+        pool,
+        project,
+        resource_type,
+        id,
+        resource,
+        None,
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Dispatches everything pending; returns the sum of the batch reports.
+async fn dispatch_all(dispatcher: &Dispatcher) -> BatchReport {
+    let mut total = BatchReport::default();
+    loop {
+        let report = dispatcher.dispatch_once().await.unwrap();
+        if report.changes == 0 {
+            return total;
+        }
+        total.changes += report.changes;
+        total.deliveries += report.deliveries;
+        total.evaluation_errors += report.evaluation_errors;
+        total.undispatchable += report.undispatchable;
+    }
+}
+
+fn dispatcher(pool: &PgPool) -> Dispatcher {
+    Dispatcher::new(pool.clone(), DispatchConfig::default())
+}
+
+/// (subscription id, resource id, version, interaction) of every delivery, in insertion order.
+async fn deliveries(pool: &PgPool) -> Vec<(String, String, i64, String)> {
+    sqlx::query_as(
+        "SELECT subscription_id, resource_id, version_id, interaction FROM fhir_outbox.delivery ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn delivered_to(pool: &PgPool, subscription: &str) -> Vec<(String, i64, String)> {
+    deliveries(pool)
+        .await
+        .into_iter()
+        .filter(|(s, ..)| s == subscription)
+        .map(|(_, resource, version, interaction)| (resource, version, interaction))
+        .collect()
+}
+
+/// Dispatches the subscription writes themselves, so later assertions only see the changes under test.
+async fn settle(pool: &PgPool, dispatcher: &Dispatcher) {
+    dispatch_all(dispatcher).await;
+    sqlx::query("DELETE FROM fhir_outbox.delivery")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn one_change_fans_out_to_exactly_the_matching_subscriptions() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let mut matching = Vec::new();
+    for _ in 0..5 {
+        matching.push(create(&db.pool, project, &rest_hook("Patient?gender=female")).await);
+    }
+    create(&db.pool, project, &rest_hook("Patient?gender=male")).await;
+    create(&db.pool, project, &rest_hook("Observation")).await;
+    settle(&db.pool, &d).await;
+
+    let patient = create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "gender": "female" }),
+    )
+    .await;
+    let report = dispatch_all(&d).await;
+    assert_eq!(report.changes, 1);
+    assert_eq!(report.deliveries, 5);
+    let mut got: Vec<String> = deliveries(&db.pool)
+        .await
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    got.sort();
+    matching.sort();
+    assert_eq!(got, matching);
+    assert!(
+        deliveries(&db.pool)
+            .await
+            .iter()
+            .all(|d| d.1 == patient && d.2 == 1 && d.3 == "create")
+    );
+
+    // The outbox row is dispatched: nothing more to do, and no duplicate.
+    assert_eq!(dispatch_all(&d).await, BatchReport::default());
+    assert_eq!(deliveries(&db.pool).await.len(), 5);
+    let shared_time: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT matched_at) FROM fhir_outbox.delivery")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        shared_time, 1,
+        "all deliveries of one change share its evaluation time"
+    );
+}
+
+#[tokio::test]
+async fn only_active_rest_hook_subscriptions_with_an_endpoint_are_candidates() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let active = create(&db.pool, project, &rest_hook("Patient")).await;
+    for status in ["off", "requested", "error"] {
+        create(
+            &db.pool,
+            project,
+            &with(rest_hook("Patient"), "status", json!(status)),
+        )
+        .await;
+    }
+    for channel in [
+        json!({ "type": "websocket" }),
+        json!({ "type": "email", "endpoint": "mailto:a@b.c" }),
+        json!({ "type": "rest-hook" }),
+        json!({ "type": "rest-hook", "endpoint": "  " }),
+    ] {
+        create(
+            &db.pool,
+            project,
+            &with(rest_hook("Patient"), "channel", channel),
+        )
+        .await;
+    }
+    let pre_commit = with(
+        rest_hook("Patient"),
+        "extension",
+        json!([{ "url": "https://medplum.com/fhir/StructureDefinition/pre-commit-bot", "valueBoolean": true }]),
+    );
+    create(&db.pool, project, &pre_commit).await;
+    create(
+        &db.pool,
+        project,
+        &with(rest_hook(""), "criteria", json!("")),
+    )
+    .await;
+    settle(&db.pool, &d).await;
+
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&d).await;
+    let got: Vec<String> = deliveries(&db.pool)
+        .await
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(got, [active]);
+}
+
+#[tokio::test]
+async fn supported_interaction_extensions_are_a_set() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let interactions = |codes: &[&str]| {
+        with(
+            rest_hook("Patient"),
+            "extension",
+            Value::Array(
+                codes
+                    .iter()
+                    .map(|c| json!({ "url": INTERACTION, "valueCode": c }))
+                    .collect(),
+            ),
+        )
+    };
+    let all = create(&db.pool, project, &rest_hook("Patient")).await;
+    let create_only = create(&db.pool, project, &interactions(&["create"])).await;
+    let create_delete = create(&db.pool, project, &interactions(&["create", "delete"])).await;
+    let update_only = create(&db.pool, project, &interactions(&["update"])).await;
+    // In meta.extension the extension is ignored (Medplum issue #6704): this one gets everything.
+    let mut misplaced = rest_hook("Patient");
+    misplaced["meta"] = json!({ "extension": [{ "url": INTERACTION, "valueCode": "update" }] });
+    let misplaced = create(&db.pool, project, &misplaced).await;
+    settle(&db.pool, &d).await;
+
+    let id = create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    put(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "id": id, "active": true }),
+    )
+    .await;
+    capture::delete(&db.pool, project, "Patient", &id, &WriteContext::default())
+        .await
+        .unwrap();
+    dispatch_all(&d).await;
+
+    let kinds =
+        |got: Vec<(String, i64, String)>| got.into_iter().map(|(_, _, i)| i).collect::<Vec<_>>();
+    assert_eq!(
+        kinds(delivered_to(&db.pool, &all).await),
+        ["create", "update", "delete"]
+    );
+    assert_eq!(
+        kinds(delivered_to(&db.pool, &misplaced).await),
+        ["create", "update", "delete"]
+    );
+    assert_eq!(
+        kinds(delivered_to(&db.pool, &create_only).await),
+        ["create"]
+    );
+    assert_eq!(
+        kinds(delivered_to(&db.pool, &create_delete).await),
+        ["create", "delete"]
+    );
+    assert_eq!(
+        kinds(delivered_to(&db.pool, &update_only).await),
+        ["update"]
+    );
+    // The delete is delivered with the tombstone version.
+    assert_eq!(delivered_to(&db.pool, &all).await[2].1, 3);
+}
+
+#[tokio::test]
+async fn criteria_type_accounts_and_fhirpath_with_previous_decide() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let observations = create(&db.pool, project, &rest_hook("Observation?status=final")).await;
+    let mut account_sub = rest_hook("Observation");
+    account_sub["meta"] = json!({ "account": { "reference": "Organization/a" } });
+    let account_sub = create(&db.pool, project, &account_sub).await;
+    let status_changed = create(
+        &db.pool,
+        project,
+        &with(
+            rest_hook("Observation"),
+            "extension",
+            json!([{ "url": FHIRPATH, "valueString": "%previous.status != %current.status" }]),
+        ),
+    )
+    .await;
+    settle(&db.pool, &d).await;
+
+    let id = create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Observation", "status": "preliminary", "code": { "text": "x" },
+                 "meta": { "accounts": [{ "reference": "Organization/a" }] } }),
+    )
+    .await;
+    put(&db.pool, project, &json!({ "resourceType": "Observation", "id": id, "status": "final", "code": { "text": "x" } })).await;
+    put(&db.pool, project, &json!({ "resourceType": "Observation", "id": id, "status": "final", "code": { "text": "y" } })).await;
+    dispatch_all(&d).await;
+
+    let versions =
+        |got: Vec<(String, i64, String)>| got.into_iter().map(|(_, v, _)| v).collect::<Vec<_>>();
+    assert_eq!(
+        versions(delivered_to(&db.pool, &observations).await),
+        [2, 3]
+    );
+    assert_eq!(
+        versions(delivered_to(&db.pool, &account_sub).await),
+        [1],
+        "only version 1 is in the account"
+    );
+    // Version 1: %previous is {} so %previous.status is empty and the comparison is empty, not true.
+    assert_eq!(versions(delivered_to(&db.pool, &status_changed).await), [2]);
+}
+
+#[tokio::test]
+async fn a_failing_subscription_is_recorded_and_never_blocks_the_others() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let good = create(&db.pool, project, &rest_hook("Patient")).await;
+    // A runtime error: a string function on a collection of two names.
+    let failing = create(
+        &db.pool,
+        project,
+        &with(
+            rest_hook("Patient"),
+            "extension",
+            json!([{ "url": FHIRPATH, "valueString": "Patient.name.family.contains('x')" }]),
+        ),
+    )
+    .await;
+    let unsupported = create(
+        &db.pool,
+        project,
+        &rest_hook("Patient?organization.name=Acme"),
+    )
+    .await;
+    let invalid = create(
+        &db.pool,
+        project,
+        &rest_hook("Patient?birthdate=not-a-date"),
+    )
+    .await;
+    settle(&db.pool, &d).await;
+
+    for _ in 0..3 {
+        create(
+            &db.pool,
+            project,
+            &json!({ "resourceType": "Patient", "name": [{ "family": "a" }, { "family": "b" }] }),
+        )
+        .await;
+    }
+    let report = dispatch_all(&d).await;
+    assert_eq!(report.changes, 3);
+    assert_eq!(report.evaluation_errors, 3);
+    assert_eq!(delivered_to(&db.pool, &good).await.len(), 3);
+    for other in [&failing, &unsupported, &invalid] {
+        assert!(delivered_to(&db.pool, other).await.is_empty());
+    }
+    let issues: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT subscription_id, kind, occurrences FROM fhir_outbox.subscription_issue ORDER BY kind",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        issues.contains(&(failing.clone(), "evaluation_error".into(), 3)),
+        "{issues:?}"
+    );
+    assert!(
+        issues.contains(&(unsupported.clone(), "unsupported".into(), 1)),
+        "{issues:?}"
+    );
+    assert!(
+        issues.contains(&(invalid.clone(), "invalid".into(), 1)),
+        "{issues:?}"
+    );
+}
+
+#[tokio::test]
+async fn subscription_edits_take_effect_on_the_next_change() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&d).await; // warms the cache with no subscriptions
+    assert!(deliveries(&db.pool).await.is_empty());
+
+    let sub = create(&db.pool, project, &rest_hook("Patient?gender=male")).await;
+    let male = json!({ "resourceType": "Patient", "gender": "male" });
+    create(&db.pool, project, &male).await;
+    dispatch_all(&d).await;
+    assert_eq!(
+        delivered_to(&db.pool, &sub).await.len(),
+        1,
+        "a new subscription is seen"
+    );
+
+    let mut edited = rest_hook("Patient?gender=female");
+    edited["id"] = json!(sub);
+    put(&db.pool, project, &edited).await;
+    create(&db.pool, project, &male).await;
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "gender": "female" }),
+    )
+    .await;
+    dispatch_all(&d).await;
+    assert_eq!(
+        delivered_to(&db.pool, &sub).await.len(),
+        2,
+        "the edited criteria apply"
+    );
+
+    let mut off = edited.clone();
+    off["status"] = json!("off");
+    put(&db.pool, project, &off).await;
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "gender": "female" }),
+    )
+    .await;
+    dispatch_all(&d).await;
+    assert_eq!(
+        delivered_to(&db.pool, &sub).await.len(),
+        2,
+        "a disabled subscription gets nothing"
+    );
+
+    // Another dispatcher (another host) sees the same state: its cache starts cold.
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "gender": "female" }),
+    )
+    .await;
+    dispatch_all(&dispatcher(&db.pool)).await;
+    assert_eq!(delivered_to(&db.pool, &sub).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_subscription_receives_only_changes_written_after_it_became_active() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let before = create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    let sub = create(&db.pool, project, &rest_hook("Patient")).await;
+    let after = create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&d).await;
+    let got: Vec<String> = delivered_to(&db.pool, &sub)
+        .await
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(got, [after]);
+    assert_ne!(got[0], before);
+}
+
+#[tokio::test]
+async fn subscriptions_on_subscriptions_except_websocket_ones() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let watcher = create(&db.pool, project, &rest_hook("Subscription")).await;
+    let rest = create(
+        &db.pool,
+        project,
+        &with(rest_hook("Patient"), "status", json!("off")),
+    )
+    .await;
+    create(
+        &db.pool,
+        project,
+        &with(
+            rest_hook("Patient"),
+            "channel",
+            json!({ "type": "websocket" }),
+        ),
+    )
+    .await;
+    dispatch_all(&d).await;
+    let got: Vec<String> = delivered_to(&db.pool, &watcher)
+        .await
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(
+        got,
+        [rest],
+        "a rest-hook Subscription write triggers, a websocket one does not"
+    );
+}
+
+#[tokio::test]
+async fn projects_are_isolated_and_server_scope_is_opt_in() {
+    let db = TestDb::new().await;
+    let a = db.project().await;
+    let b = db.project().await;
+    let server = db.project().await;
+    sqlx::query("UPDATE fhir_outbox.project SET server_scope = true WHERE id = $1")
+        .bind(server)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let in_a = create(&db.pool, a, &rest_hook("Patient")).await;
+    let global = create(&db.pool, server, &rest_hook("Patient")).await;
+    let d = dispatcher(&db.pool);
+    settle(&db.pool, &d).await;
+
+    create(&db.pool, b, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&d).await;
+    assert!(
+        deliveries(&db.pool).await.is_empty(),
+        "A's and server subscriptions see nothing of B by default"
+    );
+
+    let with_server = Dispatcher::new(
+        db.pool.clone(),
+        DispatchConfig {
+            server_scoped_subscriptions: true,
+            ..DispatchConfig::default()
+        },
+    );
+    create(&db.pool, b, &json!({ "resourceType": "Patient" })).await;
+    create(&db.pool, a, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&with_server).await;
+    assert_eq!(
+        delivered_to(&db.pool, &in_a).await.len(),
+        1,
+        "A's subscription: A's change only"
+    );
+    assert_eq!(
+        delivered_to(&db.pool, &global).await.len(),
+        2,
+        "server scope: both projects"
+    );
+    let owners: Vec<(String, Uuid, Uuid)> = sqlx::query_as(
+        "SELECT subscription_id, project_id, resource_project_id FROM fhir_outbox.delivery",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (subscription, owner, _) in owners {
+        assert_eq!(owner, if subscription == global { server } else { a });
+    }
+}
+
+#[tokio::test]
+async fn there_is_no_cap_on_subscriptions_per_project() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    sqlx::query(
+        "SELECT fhir_outbox.create_resource($1, jsonb_build_object('resourceType', 'Subscription',
+             'status', 'active', 'criteria', 'Patient',
+             'channel', jsonb_build_object('type', 'rest-hook', 'endpoint', 'https://example.org/' || n)))
+         FROM generate_series(1, 1200) n",
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    settle(&db.pool, &d).await;
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    assert_eq!(dispatch_all(&d).await.deliveries, 1200);
+}
+
+#[tokio::test]
+async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    create(&db.pool, project, &rest_hook("Patient")).await;
+    settle(&db.pool, &d).await;
+    sqlx::query(
+        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
+                                         changed_at, request_id, trace_id)
+         VALUES ($1, 'Patient', 'ghost', 1, 'create', now(), 'r', '4bf92f35-77b3-4da6-a3ce-929d0e0e4736')",
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    let report = dispatch_all(&d).await;
+    assert_eq!(
+        (report.changes, report.deliveries, report.undispatchable),
+        (2, 1, 1)
+    );
+    let error: Option<String> = sqlx::query_scalar(
+        "SELECT dispatch_error FROM fhir_outbox.outbox WHERE resource_id = 'ghost'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(error.unwrap().contains("missing"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_wakes_the_dispatcher_without_polling() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let sub = create(&db.pool, project, &rest_hook("Patient")).await;
+    let dispatcher = std::sync::Arc::new(Dispatcher::new(
+        db.pool.clone(),
+        DispatchConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..DispatchConfig::default()
+        },
+    ));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(dispatcher.run(shutdown.clone()));
+    // Let the first pass (which dispatches the subscription's own write) finish and the loop sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    // Polling is an hour away, so only a notification can bring the delivery in this window.
+    let mut delivered = false;
+    for _ in 0..100 {
+        if !delivered_to(&db.pool, &sub).await.is_empty() {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap();
+    assert!(delivered, "the change was dispatched on its notification");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut subscriptions = Vec::new();
+    for _ in 0..4 {
+        subscriptions.push(create(&db.pool, project, &rest_hook("Patient")).await);
+    }
+    settle(&db.pool, &dispatcher(&db.pool)).await;
+    for _ in 0..10 {
+        create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    }
+
+    // Hold a lock that makes the dispatcher's delivery insert wait, so it is surely mid-batch when
+    // killed: rows claimed, subscriptions evaluated, nothing committed.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE fhir_outbox.delivery IN SHARE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+        .args(["run", "--database-url", &db.url])
+        .env("FHIR_OUTBOX_LOG", "off")
+        .spawn()
+        .unwrap();
+    let mut waiting = false;
+    for _ in 0..200 {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'fhir-outbox' AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO fhir_outbox.delivery%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if blocked > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(waiting, "the worker reached the delivery insert");
+    worker.kill().unwrap(); // SIGKILL
+    worker.wait().unwrap();
+    blocker.rollback().await.unwrap();
+    // The dead worker's backend ends its transaction when it finds the connection closed.
+    for _ in 0..200 {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fhir-outbox'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Its transaction died with it: nothing enqueued, nothing marked dispatched.
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox WHERE dispatched_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending, 10);
+    assert!(deliveries(&db.pool).await.is_empty());
+
+    dispatch_all(&dispatcher(&db.pool)).await;
+    assert_eq!(
+        deliveries(&db.pool).await.len(),
+        40,
+        "10 changes x 4 subscriptions, exactly once"
+    );
+    let distinct: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT (outbox_seq, subscription_id)) FROM fhir_outbox.delivery",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(distinct, 40);
+}
