@@ -20,6 +20,11 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
 
+    /// Allow endpoints with `http` and non-public addresses (loopback receivers in tests and the demo).
+    /// Never in production: subscriptions could then reach the network the worker runs in.
+    #[arg(long, env = "FHIR_OUTBOX_ALLOW_UNSAFE_OUTBOUND", global = true)]
+    allow_unsafe_outbound: bool,
+
     /// Log format on standard error.
     #[arg(long, env = "FHIR_OUTBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -97,8 +102,9 @@ struct DispatchArgs {
 }
 
 impl DispatchArgs {
-    fn config(&self) -> DispatchConfig {
+    fn config(&self, allow_unsafe_outbound: bool) -> DispatchConfig {
         DispatchConfig {
+            allow_unsafe_outbound,
             batch_size: self.dispatch_batch_size,
             workers: usize::from(self.dispatch_workers),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
@@ -129,7 +135,10 @@ async fn main() -> Result<()> {
         }
         Command::Demo { keep_running } => demo(cli.database_url, keep_running).await,
         Command::DevDb { url_file } => dev_db(url_file).await,
-        Command::Run { dispatch } => run(require_url(cli.database_url)?, dispatch.config()).await,
+        Command::Run { dispatch } => {
+            let dispatch = dispatch.config(cli.allow_unsafe_outbound);
+            run(require_url(cli.database_url)?, dispatch).await
+        }
         Command::Explain {
             subscription,
             resource,
@@ -145,6 +154,7 @@ async fn main() -> Result<()> {
             let source = operations::explain::Source {
                 pool: pool.as_ref(),
                 project,
+                allow_unsafe_outbound: cli.allow_unsafe_outbound,
             };
             let explanation = operations::explain::explain(
                 &subscription,

@@ -6,6 +6,7 @@
 
 use crate::capture::Interaction;
 use crate::criteria::{Criteria, MatchReport};
+use crate::delivery::outbound;
 use crate::fhirpath::{self, Environment, Expression};
 use crate::subscription::{self, extension};
 use chrono::{DateTime, Utc};
@@ -32,6 +33,8 @@ pub struct CompiledSubscription {
     status: String,
     channel_type: String,
     has_endpoint: bool,
+    /// Why the endpoint may not be called (outbound URL safety), if it may not.
+    unsafe_endpoint: Option<String>,
     pre_commit: bool,
     /// `None`: every interaction (no extension).
     interactions: Option<Vec<String>>,
@@ -63,13 +66,15 @@ impl IssueKind {
 }
 
 impl CompiledSubscription {
-    /// Reads a Subscription resource.
+    /// Reads a Subscription resource. `allow_unsafe_outbound` is the server setting that lets
+    /// endpoints use `http` and private addresses.
     pub fn compile(
         project_id: Uuid,
         version_id: i64,
         resource: &Value,
         active_since: Option<DateTime<Utc>>,
         server_scope: bool,
+        allow_unsafe_outbound: bool,
     ) -> CompiledSubscription {
         let interactions: Vec<String> =
             subscription::extensions(resource, extension::SUPPORTED_INTERACTION)
@@ -100,6 +105,10 @@ impl CompiledSubscription {
             status: subscription::status(resource).to_owned(),
             channel_type: subscription::channel_type(resource).to_owned(),
             has_endpoint: subscription::endpoint(resource).is_some(),
+            unsafe_endpoint: subscription::endpoint(resource)
+                .filter(|endpoint| !endpoint.starts_with("Bot/"))
+                .and_then(|endpoint| outbound::check_url(endpoint, allow_unsafe_outbound).err())
+                .map(|error| error.to_string()),
             pre_commit: subscription::extension_value(
                 resource,
                 extension::PRE_COMMIT,
@@ -156,6 +165,9 @@ impl CompiledSubscription {
         if !self.has_endpoint {
             return Some(Rejection::NoEndpoint);
         }
+        if let Some(reason) = &self.unsafe_endpoint {
+            return Some(Rejection::UnsafeEndpoint(reason.clone()));
+        }
         if self.pre_commit {
             return Some(Rejection::PreCommit);
         }
@@ -187,6 +199,8 @@ pub enum Rejection {
     ChannelType(String),
     /// A rest-hook channel without an endpoint.
     NoEndpoint,
+    /// The endpoint fails the outbound URL safety check (spec §1.16: never enqueued).
+    UnsafeEndpoint(String),
     /// A pre-commit subscription: run synchronously by the write, not by this worker.
     PreCommit,
     /// The change was written before (or as) the subscription became active.
@@ -239,6 +253,10 @@ impl fmt::Display for Rejection {
                 "channel type is `{channel}`; only `rest-hook` subscriptions are delivered by this worker"
             ),
             Rejection::NoEndpoint => write!(f, "rest-hook channel has no endpoint"),
+            Rejection::UnsafeEndpoint(reason) => write!(
+                f,
+                "{reason} (allowed only with the allow-unsafe-outbound setting)"
+            ),
             Rejection::PreCommit => write!(
                 f,
                 "a pre-commit subscription (extension {}) runs inside the write, not in this worker",

@@ -39,6 +39,8 @@ pub struct DispatchConfig {
     pub poll_interval: Duration,
     /// Evaluate the subscriptions of server-scope projects for changes in every project.
     pub server_scoped_subscriptions: bool,
+    /// Let endpoints use `http` and non-public addresses (tests, the demo; never in production).
+    pub allow_unsafe_outbound: bool,
 }
 
 impl Default for DispatchConfig {
@@ -48,6 +50,7 @@ impl Default for DispatchConfig {
             workers: 1,
             poll_interval: Duration::from_secs(1),
             server_scoped_subscriptions: false,
+            allow_unsafe_outbound: false,
         }
     }
 }
@@ -295,6 +298,7 @@ impl Dispatcher {
                 &row.content,
                 row.active_since,
                 server_scope,
+                self.config.allow_unsafe_outbound,
             );
             issues.extend(compiled.issues().into_iter().map(|(kind, message)| Issue {
                 project_id: compiled.project_id,

@@ -47,6 +47,8 @@ pub struct Source<'a> {
     pub pool: Option<&'a PgPool>,
     /// The project the subscription and the resource belong to.
     pub project: Option<Uuid>,
+    /// The server's allow-unsafe-outbound setting (endpoint checks depend on it).
+    pub allow_unsafe_outbound: bool,
 }
 
 /// The answer.
@@ -174,6 +176,7 @@ pub async fn explain(
         &subscription,
         None,
         false,
+        source.allow_unsafe_outbound,
     );
     let resource_type = current["resourceType"].as_str().unwrap_or_default();
     let (evaluated, previous) = match interaction {

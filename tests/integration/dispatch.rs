@@ -710,3 +710,47 @@ async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
     .unwrap();
     assert_eq!(distinct, 40);
 }
+
+#[tokio::test]
+async fn unsafe_endpoints_are_never_enqueued_unless_allowed() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let endpoint = |url: &str| json!({ "type": "rest-hook", "endpoint": url });
+    let safe = create(&db.pool, project, &rest_hook("Patient")).await;
+    let mut unsafe_ones = Vec::new();
+    for url in [
+        "http://example.org/hook",
+        "https://127.0.0.1/hook",
+        "https://169.254.169.254/",
+        "https://localhost/x",
+    ] {
+        unsafe_ones.push(
+            create(
+                &db.pool,
+                project,
+                &with(rest_hook("Patient"), "channel", endpoint(url)),
+            )
+            .await,
+        );
+    }
+    settle(&db.pool, &dispatcher(&db.pool)).await;
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&dispatcher(&db.pool)).await;
+    let got: Vec<String> = deliveries(&db.pool)
+        .await
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(got, [safe]);
+
+    let permissive = Dispatcher::new(
+        db.pool.clone(),
+        DispatchConfig {
+            allow_unsafe_outbound: true,
+            ..DispatchConfig::default()
+        },
+    );
+    create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    dispatch_all(&permissive).await;
+    assert_eq!(deliveries(&db.pool).await.len(), 1 + 1 + unsafe_ones.len());
+}

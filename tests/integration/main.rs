@@ -4,5 +4,6 @@ mod capture;
 mod common;
 mod concurrency;
 mod dispatch;
+mod explain;
 mod migrations;
 mod sql_interface;
