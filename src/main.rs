@@ -3,6 +3,8 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_outbox::capture::Interaction;
+use fhir_outbox::delivery::policy::Backoff;
+use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker};
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
 use fhir_outbox::pgtemp::{Durability, TempCluster};
 use fhir_outbox::{db, operations};
@@ -49,10 +51,12 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
-    /// Run the pipeline against DATABASE_URL until Ctrl-C or SIGTERM: dispatch (delivery to come).
+    /// Run the pipeline against DATABASE_URL until Ctrl-C or SIGTERM: dispatch and delivery.
     Run {
         #[command(flatten)]
         dispatch: DispatchArgs,
+        #[command(flatten)]
+        delivery: DeliveryArgs,
     },
     /// Explain whether a subscription matches a resource change, and if not, which check failed.
     Explain {
@@ -113,6 +117,65 @@ impl DispatchArgs {
     }
 }
 
+/// Settings of the delivery stage.
+#[derive(Debug, clap::Args)]
+struct DeliveryArgs {
+    /// Requests in flight at once in this process.
+    #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    delivery_concurrency: u16,
+    /// Seconds a claim holds a delivery; an expired lease is claimed again by any worker.
+    #[arg(long, env = "FHIR_OUTBOX_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_seconds: u64,
+    /// Delay before the first retry, in milliseconds (doubles per failure, ±10% jitter).
+    #[arg(long, env = "FHIR_OUTBOX_RETRY_BASE_MS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    retry_base_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    #[arg(long, env = "FHIR_OUTBOX_RETRY_CAP_MS", default_value_t = 8 * 3600 * 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    retry_cap_ms: u64,
+    /// Connect timeout, in milliseconds.
+    #[arg(long, env = "FHIR_OUTBOX_CONNECT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout_ms: u64,
+    /// Timeout of a whole request, in milliseconds.
+    #[arg(long, env = "FHIR_OUTBOX_REQUEST_TIMEOUT_MS", default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_ms: u64,
+    /// Seconds allowed on shutdown for requests in flight before their deliveries are released.
+    #[arg(long, env = "FHIR_OUTBOX_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    shutdown_grace_seconds: u64,
+    /// Strip displays from AuditEvent references (every project; projects can also ask for it).
+    #[arg(long, env = "FHIR_OUTBOX_REDACT_AUDIT_EVENTS")]
+    redact_audit_events: bool,
+    /// Do not write AuditEvents whose destination is `log` to the log.
+    #[arg(long, env = "FHIR_OUTBOX_NO_AUDIT_LOG")]
+    no_audit_log: bool,
+}
+
+impl DeliveryArgs {
+    fn config(&self, allow_unsafe_outbound: bool) -> Result<DeliveryConfig> {
+        if self.retry_base_ms > self.retry_cap_ms {
+            anyhow::bail!(
+                "--retry-base-ms ({}) is larger than --retry-cap-ms ({})",
+                self.retry_base_ms,
+                self.retry_cap_ms
+            );
+        }
+        Ok(DeliveryConfig {
+            concurrency: usize::from(self.delivery_concurrency),
+            lease: Duration::from_secs(self.lease_seconds),
+            backoff: Backoff {
+                base: Duration::from_millis(self.retry_base_ms),
+                cap: Duration::from_millis(self.retry_cap_ms),
+            },
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            allow_unsafe_outbound,
+            redact_audit_events: self.redact_audit_events,
+            log_audit_events: !self.no_audit_log,
+            ..DeliveryConfig::default()
+        })
+    }
+}
+
 fn parse_interaction(code: &str) -> Result<Interaction, String> {
     Interaction::parse(code).ok_or_else(|| format!("`{code}` is not create, update or delete"))
 }
@@ -135,9 +198,10 @@ async fn main() -> Result<()> {
         }
         Command::Demo { keep_running } => demo(cli.database_url, keep_running).await,
         Command::DevDb { url_file } => dev_db(url_file).await,
-        Command::Run { dispatch } => {
+        Command::Run { dispatch, delivery } => {
             let dispatch = dispatch.config(cli.allow_unsafe_outbound);
-            run(require_url(cli.database_url)?, dispatch).await
+            let delivery = delivery.config(cli.allow_unsafe_outbound)?;
+            run(require_url(cli.database_url)?, dispatch, delivery).await
         }
         Command::Explain {
             subscription,
@@ -174,19 +238,23 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn run(url: String, dispatch: DispatchConfig) -> Result<()> {
-    let pool = db::connect(&url, dispatch.workers as u32 + 4).await?;
+async fn run(url: String, dispatch: DispatchConfig, delivery: DeliveryConfig) -> Result<()> {
+    let connections = dispatch.workers as u32 + delivery.concurrency as u32 + 4;
+    let pool = db::connect(&url, connections).await?;
     if !db::migrations_current(&pool).await.unwrap_or(false) {
         anyhow::bail!("the database schema is not up to date: run `fhir-outbox migrate` first");
     }
     let shutdown = CancellationToken::new();
     let dispatcher = Arc::new(Dispatcher::new(pool.clone(), dispatch));
     let dispatching = tokio::spawn(dispatcher.run(shutdown.clone()));
-    tracing::info!("running: dispatch");
+    let worker = Arc::new(DeliveryWorker::new(pool.clone(), delivery)?);
+    let delivering = tokio::spawn(worker.run(shutdown.clone()));
+    tracing::info!("running: dispatch and delivery");
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: no new claims; finishing requests in flight");
     shutdown.cancel();
     dispatching.await?;
+    delivering.await?;
     pool.close().await;
     Ok(())
 }

@@ -1,7 +1,699 @@
-//! Delivery: the rest-hook worker (in progress). What exists: the request's headers and signatures,
-//! the success and retry policy, and outbound URL safety.
+//! Delivery: the rest-hook worker.
+//!
+//! A worker claims due deliveries with `FOR UPDATE SKIP LOCKED`, each claim taking a lease (a token
+//! and an expiry, renewed while the request runs). For each it runs Medplum's preamble (is the
+//! subscription still active, the resource still there, the version still current on a retry?), builds
+//! the signed request, POSTs it, and records the outcome. The completion is fenced by the lease token
+//! and written in one transaction with the attempt row and the AuditEvent, so a worker whose lease
+//! expired (it was paused, or presumed dead) can never overwrite a newer attempt. A worker killed
+//! mid-delivery loses nothing: its lease expires and another worker delivers.
 
 pub mod headers;
 pub mod outbound;
 pub mod policy;
+mod queries;
 pub mod signature;
+
+use crate::audit::{self, Outcome, TransmitAttempt};
+use crate::capture::{self, Interaction, StoreError, WriteContext};
+use crate::subscription;
+use chrono::Utc;
+use policy::Backoff;
+use queries::{AttemptRecord, ClaimedDelivery, Completion};
+use serde_json::Value;
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How a delivery worker works.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Requests in flight at once in this process.
+    pub concurrency: usize,
+    /// How long a claim holds a delivery without renewal; an expired lease is claimed again.
+    pub lease: Duration,
+    /// How often to look for due work when no notification arrives.
+    pub poll_interval: Duration,
+    /// The retry schedule.
+    pub backoff: Backoff,
+    /// Time allowed to connect.
+    pub connect_timeout: Duration,
+    /// Time allowed for a whole request, response included.
+    pub request_timeout: Duration,
+    /// Bytes of the response body kept on the attempt record.
+    pub response_body_limit: usize,
+    /// On shutdown, time allowed for requests in flight before their deliveries are released.
+    pub shutdown_grace: Duration,
+    /// Allow `http` and non-public endpoints (tests, the demo).
+    pub allow_unsafe_outbound: bool,
+    /// Strip displays from AuditEvent references for every project.
+    pub redact_audit_events: bool,
+    /// Write AuditEvents whose destination includes `log` as JSON log lines.
+    pub log_audit_events: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            concurrency: 10,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            response_body_limit: 4096,
+            shutdown_grace: Duration::from_secs(30),
+            allow_unsafe_outbound: false,
+            redact_audit_events: false,
+            log_audit_events: true,
+        }
+    }
+}
+
+/// Why a worker cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The HTTP client could not be built (TLS setup).
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// What one execution of a delivery came to.
+enum Execution {
+    /// The preamble stopped it: no request, no AuditEvent (as Medplum), the reason kept on the row.
+    Skipped(String),
+    /// Nothing to send and nothing wrong (the endpoint was removed after matching).
+    Done(String),
+    /// Database trouble before any request: retried on the preamble's own budget.
+    PreambleFailed(String),
+    /// The subscription cannot be delivered as it stands (an invalid header): failed, no request.
+    Refused(String),
+    /// An HTTP attempt (or a refused connection).
+    Attempted(Box<Attempt>),
+}
+
+struct Attempt {
+    subscription: Value,
+    resource_display: Option<String>,
+    record: AttemptRecord,
+    retry_after: Option<Duration>,
+    max_attempts: u32,
+    redact: bool,
+}
+
+/// The delivery stage.
+pub struct DeliveryWorker {
+    pool: PgPool,
+    config: DeliveryConfig,
+    client: reqwest::Client,
+    /// Lease tokens of the deliveries this process is working on (renewed periodically).
+    leases: Mutex<HashSet<Uuid>>,
+}
+
+impl DeliveryWorker {
+    /// A worker on this pool.
+    pub fn new(pool: PgPool, config: DeliveryConfig) -> Result<DeliveryWorker, DeliveryError> {
+        let client = outbound::client(
+            config.allow_unsafe_outbound,
+            config.connect_timeout,
+            config.request_timeout,
+        )?;
+        Ok(DeliveryWorker {
+            pool,
+            config,
+            client,
+            leases: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn lease_seconds(&self) -> f64 {
+        self.config.lease.as_secs_f64()
+    }
+
+    /// Claims up to `concurrency` due deliveries and executes them all; returns how many. For tests
+    /// and tools; `run` is the long-running loop.
+    pub async fn deliver_once(self: &Arc<Self>) -> Result<usize, sqlx::Error> {
+        let claimed = self.claim(self.config.concurrency).await?;
+        let count = claimed.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for delivery in claimed {
+            let worker = self.clone();
+            tasks.spawn(async move { worker.process(delivery).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(count)
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<ClaimedDelivery>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let claimed = queries::claim(&mut conn, limit as i64, self.lease_seconds()).await?;
+        let mut leases = self.leases.lock().expect("lease lock");
+        leases.extend(claimed.iter().map(|delivery| delivery.lease_token));
+        Ok(claimed)
+    }
+
+    /// Runs until `shutdown`: claims due deliveries whenever a request slot is free, wakes on
+    /// LISTEN `fhir_outbox_delivery` or every poll interval, renews leases, and on shutdown stops
+    /// claiming, lets requests in flight finish within the grace period, and releases the rest.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let (wake, mut woken) = watch::channel(0u64);
+        let listener = tokio::spawn(crate::db::listen(
+            self.pool.clone(),
+            "fhir_outbox_delivery",
+            wake,
+            shutdown.clone(),
+        ));
+        let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            woken.borrow_and_update();
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            let mut full = false;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(claimed) => {
+                        failures = 0;
+                        full = claimed.len() == free;
+                        for delivery in claimed {
+                            let Ok(slot) = slots.clone().acquire_owned().await else {
+                                break;
+                            };
+                            let worker = self.clone();
+                            tasks.spawn(async move {
+                                worker.process(delivery).await;
+                                drop(slot);
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%error, "cannot claim deliveries; retrying");
+                        let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => continue,
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = woken.changed() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        let unfinished: Vec<Uuid> = self.leases.lock().expect("lease lock").drain().collect();
+        if !unfinished.is_empty() {
+            match self.pool.acquire().await {
+                Ok(mut conn) => match queries::release(&mut conn, &unfinished).await {
+                    Ok(released) => tracing::info!(released, "released unfinished deliveries"),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot release deliveries; their leases will expire")
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "cannot release deliveries; their leases will expire")
+                }
+            }
+        }
+        renewer.abort();
+        listener.abort();
+    }
+
+    async fn renew_leases(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = self.config.lease / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let tokens: Vec<Uuid> = self
+                .leases
+                .lock()
+                .expect("lease lock")
+                .iter()
+                .copied()
+                .collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            let renewed = async {
+                let mut conn = self.pool.acquire().await?;
+                queries::renew_leases(&mut conn, &tokens, self.lease_seconds()).await
+            };
+            if let Err(error) = renewed.await {
+                tracing::warn!(%error, "cannot renew delivery leases");
+            }
+        }
+    }
+
+    /// Executes one claimed delivery and records the outcome. Never fails: every problem ends up on
+    /// the delivery row (or, if the database is unreachable, the lease expires and it is retried).
+    async fn process(&self, delivery: ClaimedDelivery) {
+        let execution = self.execute(&delivery).await;
+        if let Err(error) = self.finish(&delivery, execution).await {
+            tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
+                %error, "cannot record the delivery outcome; it will be retried when its lease expires");
+        }
+        self.leases
+            .lock()
+            .expect("lease lock")
+            .remove(&delivery.lease_token);
+    }
+
+    async fn execute(&self, delivery: &ClaimedDelivery) -> Execution {
+        match self.prepare(delivery).await {
+            Ok(Prepared::Stop(execution)) => execution,
+            Ok(Prepared::Send(request)) => self.send(delivery, *request).await,
+            Err(error) => Execution::PreambleFailed(error.to_string()),
+        }
+    }
+
+    /// Medplum's preamble (spec §1.5), then everything needed to send.
+    async fn prepare(&self, delivery: &ClaimedDelivery) -> Result<Prepared, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let stop = |execution| Ok(Prepared::Stop(execution));
+        let subscription = match capture::read(
+            &mut *conn,
+            delivery.project_id,
+            "Subscription",
+            &delivery.subscription_id,
+        )
+        .await
+        {
+            Ok(subscription) => subscription,
+            Err(StoreError::NotFound(_) | StoreError::Gone(_)) => {
+                return stop(Execution::Skipped("the subscription was deleted".into()));
+            }
+            Err(error) => return Err(error),
+        };
+        let channel = subscription::channel_type(&subscription);
+        if channel != "rest-hook" {
+            return stop(Execution::Skipped(format!(
+                "the subscription's channel is now `{channel}`"
+            )));
+        }
+        let status = subscription::status(&subscription);
+        if status != "active" {
+            return stop(Execution::Skipped(format!(
+                "the subscription's status is now `{status}`"
+            )));
+        }
+        let Some(endpoint) = subscription::endpoint(&subscription).map(str::to_owned) else {
+            return stop(Execution::Done(
+                "the subscription's endpoint was removed; nothing to send".into(),
+            ));
+        };
+        if endpoint.starts_with("Bot/") {
+            return stop(Execution::Skipped(
+                "Bot endpoints are not supported by this worker yet".into(),
+            ));
+        }
+        let (body, resource_display) = if delivery.interaction == Interaction::Delete {
+            (b"{}".to_vec(), None)
+        } else {
+            let current = match capture::read(
+                &mut *conn,
+                delivery.resource_project_id,
+                &delivery.resource_type,
+                &delivery.resource_id,
+            )
+            .await
+            {
+                Ok(current) => current,
+                Err(StoreError::NotFound(_) | StoreError::Gone(_)) => {
+                    return stop(Execution::Skipped("the resource was deleted".into()));
+                }
+                Err(error) => return Err(error),
+            };
+            let current_version = current
+                .pointer("/meta/versionId")
+                .and_then(Value::as_str)
+                .and_then(|v| v.parse::<i64>().ok());
+            if delivery.claims > 1 && current_version != Some(delivery.version_id) {
+                return stop(Execution::Skipped(format!(
+                    "version {} is no longer current (now {}); the newer version has its own delivery",
+                    delivery.version_id,
+                    current_version.unwrap_or_default()
+                )));
+            }
+            let version = if current_version == Some(delivery.version_id) {
+                current
+            } else {
+                capture::vread(
+                    &mut *conn,
+                    delivery.resource_project_id,
+                    &delivery.resource_type,
+                    &delivery.resource_id,
+                    delivery.version_id,
+                )
+                .await?
+            };
+            let body = serde_json::to_vec(&version).expect("a JSON value serializes");
+            (body, audit::display(&version))
+        };
+        let custom_headers = match headers::custom_headers(&subscription) {
+            Ok(custom) => custom,
+            Err(error) => return stop(Execution::Refused(error.to_string())),
+        };
+        let max_attempts = policy::max_attempts(&subscription).unwrap_or_else(|problem| {
+            tracing::warn!(subscription = %delivery.subscription_id, "{problem}");
+            policy::DEFAULT_MAX_ATTEMPTS
+        });
+        let redact = self.config.redact_audit_events
+            || queries::project_redacts_audit_events(&mut conn, delivery.project_id).await?;
+        Ok(Prepared::Send(Box::new(Request {
+            endpoint,
+            body,
+            custom_headers,
+            max_attempts,
+            redact,
+            resource_display,
+            subscription,
+        })))
+    }
+
+    async fn send(&self, delivery: &ClaimedDelivery, request: Request) -> Execution {
+        let attempt_number = delivery.attempts + 1;
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let webhook_id = delivery.webhook_id.to_string();
+        let deleted = format!("{}/{}", delivery.resource_type, delivery.resource_id);
+        let headers = headers::build(&headers::RequestHeaders {
+            subscription_id: &delivery.subscription_id,
+            interaction: delivery.interaction,
+            deleted_resource: (delivery.interaction == Interaction::Delete)
+                .then_some(deleted.as_str()),
+            custom: &request.custom_headers,
+            trace_id: &delivery.trace_id,
+            webhook_id: &webhook_id,
+            timestamp: started_at.timestamp(),
+            secret: signature::secret(&request.subscription),
+            body: &request.body,
+        });
+        let outcome =
+            match outbound::check_url(&request.endpoint, self.config.allow_unsafe_outbound) {
+                Err(refused) => Err(refused.to_string()),
+                Ok(url) => self.post(url, headers, request.body).await,
+            };
+        let duration_ms = clock.elapsed().as_millis().min(i32::MAX as u128) as i32;
+        let mut record = AttemptRecord {
+            attempt: attempt_number,
+            started_at,
+            duration_ms,
+            succeeded: false,
+            status: None,
+            error: None,
+            response_body: None,
+        };
+        let mut retry_after = None;
+        match outcome {
+            Ok(response) => {
+                record.status = Some(i32::from(response.status));
+                record.succeeded = policy::is_success(&request.subscription, response.status);
+                record.response_body = Some(response.body_prefix);
+                if !record.succeeded {
+                    record.error = Some(format!("Received status {}", response.status));
+                    if matches!(response.status, 429 | 503) {
+                        retry_after = response.retry_after.and_then(|header| {
+                            self.config.backoff.retry_after(&header, Utc::now())
+                        });
+                    }
+                }
+            }
+            Err(error) => record.error = Some(error),
+        }
+        tracing::info!(delivery = delivery.id, subscription = %delivery.subscription_id,
+            resource_type = %delivery.resource_type, resource_id = %delivery.resource_id,
+            version = delivery.version_id, attempt = attempt_number, request_id = %delivery.request_id,
+            trace_id = %delivery.trace_id, status = record.status, duration_ms,
+            succeeded = record.succeeded, error = record.error.as_deref(), "rest-hook attempt");
+        Execution::Attempted(Box::new(Attempt {
+            subscription: request.subscription,
+            resource_display: request.resource_display,
+            record,
+            retry_after,
+            max_attempts: request.max_attempts,
+            redact: request.redact,
+        }))
+    }
+
+    async fn post(
+        &self,
+        url: reqwest::Url,
+        headers: reqwest::header::HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<Response, String> {
+        let mut response = self
+            .client
+            .post(url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(describe_error)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        // Keep only a bounded prefix: a huge or endless response must not cost memory.
+        let mut prefix = Vec::new();
+        while prefix.len() < self.config.response_body_limit {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = self.config.response_body_limit - prefix.len();
+                    prefix.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(Response {
+            status,
+            retry_after,
+            body_prefix: String::from_utf8_lossy(&prefix).into_owned(),
+        })
+    }
+
+    /// Records the execution: the fenced state change, and for an attempt its log row and
+    /// AuditEvent, all in one transaction.
+    async fn finish(
+        &self,
+        delivery: &ClaimedDelivery,
+        execution: Execution,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let retry_at =
+            |delay: Duration| Some(now + chrono::Duration::from_std(delay).unwrap_or_default());
+        let base = Completion {
+            state: "failed",
+            attempts: delivery.attempts,
+            preamble_failures: delivery.preamble_failures,
+            next_attempt_at: None,
+            reason: None,
+            last_status: None,
+        };
+        let mut tx = self.pool.begin().await?;
+        let (completion, attempt) = match execution {
+            Execution::Skipped(reason) => (
+                Completion {
+                    state: "skipped",
+                    reason: Some(reason),
+                    ..base
+                },
+                None,
+            ),
+            Execution::Done(reason) => (
+                Completion {
+                    state: "succeeded",
+                    reason: Some(reason),
+                    ..base
+                },
+                None,
+            ),
+            Execution::Refused(reason) => (
+                Completion {
+                    state: "failed",
+                    reason: Some(reason),
+                    ..base
+                },
+                None,
+            ),
+            Execution::PreambleFailed(error) => {
+                let failures = delivery.preamble_failures + 1;
+                let completion = if failures as u32 >= policy::HARD_ATTEMPT_CAP {
+                    Completion {
+                        state: "failed",
+                        preamble_failures: failures,
+                        reason: Some(format!(
+                            "the preamble failed {failures} times; last: {error}"
+                        )),
+                        ..base
+                    }
+                } else {
+                    Completion {
+                        state: "pending",
+                        preamble_failures: failures,
+                        next_attempt_at: retry_at(self.config.backoff.delay(failures as u32)),
+                        reason: Some(format!("preamble failed: {error}")),
+                        ..base
+                    }
+                };
+                (completion, None)
+            }
+            Execution::Attempted(attempt) => {
+                let attempts = delivery.attempts + 1;
+                let error = attempt.record.error.clone().unwrap_or_default();
+                let completion = if attempt.record.succeeded {
+                    Completion {
+                        state: "succeeded",
+                        attempts,
+                        ..base
+                    }
+                } else if attempts as u32 >= attempt.max_attempts
+                    || delivery.claims as u32 >= policy::HARD_ATTEMPT_CAP
+                {
+                    Completion {
+                        state: "failed",
+                        attempts,
+                        reason: Some(format!("exhausted {attempts} attempts; last: {error}")),
+                        ..base
+                    }
+                } else {
+                    let delay = attempt
+                        .retry_after
+                        .unwrap_or_else(|| self.config.backoff.delay(attempts as u32));
+                    Completion {
+                        state: "pending",
+                        attempts,
+                        next_attempt_at: retry_at(delay),
+                        reason: Some(error),
+                        ..base
+                    }
+                };
+                let completion = Completion {
+                    last_status: attempt.record.status,
+                    ..completion
+                };
+                (completion, Some(attempt))
+            }
+        };
+        if !queries::complete(&mut tx, delivery.id, delivery.lease_token, &completion).await? {
+            tx.rollback().await?;
+            tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
+                "lease lost before completion (another worker took the delivery over); outcome discarded");
+            return Ok(());
+        }
+        let mut log_line = None;
+        if let Some(attempt) = attempt {
+            let event = audit::transmit_event(&TransmitAttempt {
+                subscription: &attempt.subscription,
+                resource_type: &delivery.resource_type,
+                resource_id: &delivery.resource_id,
+                resource_display: attempt.resource_display.clone(),
+                started: delivery.changed_at,
+                ended: now,
+                outcome: if attempt.record.succeeded {
+                    Outcome::Success
+                } else {
+                    Outcome::MinorFailure
+                },
+                outcome_desc: match (&attempt.record.status, &attempt.record.error) {
+                    (Some(status), _) => {
+                        format!("Attempt {} received status {status}", delivery.attempts)
+                    }
+                    (None, error) => format!(
+                        "Attempt {} received error {}",
+                        delivery.attempts,
+                        error.as_deref().unwrap_or_default()
+                    ),
+                },
+                request_id: &delivery.request_id,
+                trace_id: &delivery.trace_id,
+                redact: attempt.redact,
+            });
+            let destinations = audit::destinations(&attempt.subscription);
+            let audit_event_id = if destinations.resource {
+                let context = WriteContext {
+                    author: None,
+                    request_id: Some(delivery.request_id.clone()),
+                    trace_id: Some(delivery.trace_id.clone()),
+                };
+                let stored =
+                    capture::create(&mut *tx, delivery.project_id, &event, &context).await?;
+                stored.resource["id"].as_str().map(str::to_owned)
+            } else {
+                None
+            };
+            queries::insert_attempt(
+                &mut tx,
+                delivery,
+                &attempt.record,
+                audit_event_id.as_deref(),
+            )
+            .await?;
+            if destinations.log && self.config.log_audit_events {
+                log_line = Some(event);
+            }
+        }
+        tx.commit().await?;
+        if let Some(event) = log_line {
+            tracing::info!(target: "fhir_outbox::audit", audit_event = %event, "AuditEvent");
+        }
+        Ok(())
+    }
+}
+
+enum Prepared {
+    Stop(Execution),
+    Send(Box<Request>),
+}
+
+struct Request {
+    endpoint: String,
+    body: Vec<u8>,
+    custom_headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    max_attempts: u32,
+    redact: bool,
+    resource_display: Option<String>,
+    subscription: Value,
+}
+
+struct Response {
+    status: u16,
+    retry_after: Option<String>,
+    body_prefix: String,
+}
+
+/// An error and its causes, without the URL (it may carry a token in its query string).
+fn describe_error(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

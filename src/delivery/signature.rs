@@ -93,6 +93,32 @@ mod tests {
         );
     }
 
+    /// The worked example of README.md ("Verifying notifications"): keep the two in step.
+    #[test]
+    fn readme_worked_example() {
+        let body = br#"{"resourceType":"Patient","id":"p1"}"#;
+        assert_eq!(
+            x_signature("whsec-demo-secret", body),
+            "82bf63184f6471ecbd0951ded5619a25dd579dfbab7f66eb93299c03983c91ff"
+        );
+        assert_eq!(
+            webhook_signature(
+                "whsec-demo-secret",
+                "5f1b3c9e-3d7a-4a51-9a8e-2f8c6d0b7e41",
+                1_763_800_000,
+                body
+            ),
+            "v1,5Vwi1zv68otZBMtmH3GWoYHlJko3wxgEiPwJP+q++eo="
+        );
+        let readme = include_str!("../../README.md");
+        for value in [
+            "82bf63184f6471ecbd0951ded5619a25dd579dfbab7f66eb93299c03983c91ff",
+            "v1,5Vwi1zv68otZBMtmH3GWoYHlJko3wxgEiPwJP+q++eo=",
+        ] {
+            assert!(readme.contains(value), "README.md shows {value}");
+        }
+    }
+
     #[test]
     fn the_secret_comes_from_any_of_the_three_urls_in_order() {
         let with =

@@ -3,7 +3,9 @@
 mod capture;
 mod common;
 mod concurrency;
+mod delivery;
 mod dispatch;
 mod explain;
 mod migrations;
+mod receiver;
 mod sql_interface;
