@@ -263,6 +263,18 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn the_resolver_refuses_names_that_resolve_to_private_addresses() {
+        // `localhost` resolves (from /etc/hosts) to loopback: the connect-time check must refuse it,
+        // whatever the static check said.
+        let name: Name = "localhost".parse().unwrap();
+        let error = match PublicOnlyResolver.resolve(name).await {
+            Ok(_) => panic!("localhost must be refused"),
+            Err(error) => error.to_string(),
+        };
+        assert!(error.contains("not a public address"), "{error}");
+    }
+
     #[test]
     fn error_names_the_range() {
         let error = check_url("https://169.254.169.254/", false).unwrap_err();

@@ -792,3 +792,95 @@ async fn a_worker_killed_mid_delivery_loses_nothing() {
     let got = states(&db.pool, &sub).await;
     assert_eq!(got[0].0, "succeeded");
 }
+
+fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight_or_releases_them() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![
+        Reply::Stall(Duration::from_millis(1500)),
+        Reply::Stall(Duration::from_secs(20)),
+    ])
+    .await;
+    let sub = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let run = |grace: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+            .args([
+                "run",
+                "--database-url",
+                &db.url,
+                "--allow-unsafe-outbound",
+                "--shutdown-grace-seconds",
+                grace,
+            ])
+            .env("FHIR_OUTBOX_LOG", "off")
+            .spawn()
+            .unwrap()
+    };
+    let wait_for_request = |n: usize| {
+        let receiver = &receiver;
+        async move {
+            for _ in 0..200 {
+                if receiver.received().len() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("no request reached the receiver");
+        }
+    };
+
+    // A generous grace period: the request in flight (1.5 s) completes before the process exits.
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    let mut worker = run("10");
+    wait_for_request(1).await;
+    terminate(&worker);
+    assert!(worker.wait().unwrap().success());
+    assert_eq!(
+        states(&db.pool, &sub).await,
+        [("succeeded".into(), 1, None)]
+    );
+
+    // A short one: the stalled request is abandoned and its delivery released at once, not left to
+    // its lease.
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    let mut worker = run("0");
+    wait_for_request(2).await;
+    terminate(&worker);
+    assert!(worker.wait().unwrap().success());
+    let (state, lease): (String, Option<Uuid>) = sqlx::query_as(
+        "SELECT state, lease_token FROM fhir_outbox.delivery ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), lease), ("pending", None));
+    pipeline(&db.pool, fast_config()).settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 3);
+    assert!(
+        states(&db.pool, &sub)
+            .await
+            .iter()
+            .all(|s| s.0 == "succeeded")
+    );
+}
