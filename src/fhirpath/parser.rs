@@ -136,8 +136,9 @@ fn lex(src: &str) -> Result<Vec<Token>> {
                 let (text, j) = quoted(src, i, b'`')?;
                 i = j;
                 Tok::Var(text)
-            } else if s.get(i) == Some(&b'\'') {
-                let (text, j) = quoted(src, i, b'\'')?;
+            } else if let Some(q @ (b'\'' | b'"')) = s.get(i).copied() {
+                // `%'name'` and `%"name"` are older spellings of `%`name``.
+                let (text, j) = quoted(src, i, q)?;
                 i = j;
                 Tok::Var(text)
             } else {
@@ -317,8 +318,10 @@ fn binop(t: &Tok) -> Option<(BinOp, u8)> {
     })
 }
 
-/// Precedence of `is` / `as`.
-const TYPE_PREC: u8 = 8;
+/// Precedence of `is` / `as`: below comparison and union (`1 > 2 is Boolean` is
+/// `(1 > 2) is Boolean` and `1 | 1 is Integer` is `(1 | 1) is Integer` in the official suite),
+/// above equality.
+const TYPE_PREC: u8 = 6;
 
 impl Parser {
     fn peek(&self) -> &Token {

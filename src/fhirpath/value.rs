@@ -191,7 +191,16 @@ impl<'a> Item<'a> {
             ),
             Item::Date(d) | Item::DateTime(d) => Cow::Owned(Value::String(d.format())),
             Item::Time(t) => Cow::Owned(Value::String(t.format())),
-            Item::Quantity(q) => Cow::Owned(serde_json::json!({"value": q.value, "unit": q.unit})),
+            Item::Quantity(q) => {
+                let value = if q.scale == 0 && q.value.fract() == 0.0 && q.value.abs() < 1e15 {
+                    Value::from(q.value as i64)
+                } else {
+                    serde_json::Number::from_f64(q.value)
+                        .map(Value::Number)
+                        .unwrap_or(Value::Null)
+                };
+                Cow::Owned(serde_json::json!({"value": value, "unit": q.unit}))
+            }
         }
     }
 
