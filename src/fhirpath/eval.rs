@@ -338,6 +338,9 @@ pub(crate) fn json_items(v: &Value) -> Vec<Item<'_>> {
     match v {
         Value::Array(a) => a.iter().flat_map(json_items).collect(),
         Value::Null => Vec::new(),
+        // `{}` is how callers say "no previous version": it is the empty collection, so
+        // `%previous.exists()` is false and `%previous.status` is empty.
+        Value::Object(o) if o.is_empty() => Vec::new(),
         Value::Object(_) => vec![Item::root(v)],
         _ => vec![Item::node(v, TypeRef::UNKNOWN)],
     }

@@ -208,7 +208,7 @@ pub(crate) fn call<'a>(
             } else {
                 sc
             };
-            let cond = to_bool3(&cx.eval(&args[0], scope)?, "iif() criterion")?;
+            let cond = lenient_bool(&cx.eval(&args[0], scope)?);
             if cond == Some(true) {
                 cx.eval(&args[1], scope)
             } else if args.len() > 2 {
@@ -217,10 +217,11 @@ pub(crate) fn call<'a>(
                 Ok(Vec::new())
             }
         }
-        Not => match to_bool3(&input, "not()")? {
+        Not => match lenient_bool(&input) {
             None => Ok(Vec::new()),
             Some(v) => b(!v),
         },
+        Type => Ok(input.iter().map(type_info).collect()),
         ToString | ToInteger | ToDecimal | ToBoolean | ToDate | ToDateTime | ToTime
         | ToQuantity => {
             let Some(item) = singleton(&input, "conversion")? else {
@@ -370,6 +371,37 @@ pub(crate) fn call<'a>(
             )))
         }
     }
+}
+
+/// Boolean value of a collection for `not()` and `iif()`: empty is unknown, a single boolean
+/// is itself, anything else non-empty is `true` (the official suite expects
+/// `(1|2).not() = false` and `iif(1 | 2 | 3, true, false) = true`).
+fn lenient_bool(c: &[Item]) -> Option<bool> {
+    match c {
+        [] => None,
+        [one] => Some(one.as_bool().unwrap_or(true)),
+        _ => Some(true),
+    }
+}
+
+/// `type()`: a `{namespace, name}` object describing the item's type.
+fn type_info<'a>(item: &Item) -> Item<'a> {
+    let (ns, name) = match item {
+        Item::Node(n) => ("FHIR", n.ty.name),
+        other => (
+            "System",
+            other
+                .fhir_type()
+                .and_then(|t| t.strip_prefix("System."))
+                .unwrap_or(""),
+        ),
+    };
+    let v = serde_json::json!({"namespace": ns, "name": name});
+    Item::Node(Node {
+        json: JsonRef::Owned(Arc::new(v)),
+        ext: None,
+        ty: TypeRef::UNKNOWN,
+    })
 }
 
 /// A set of items for de-duplication in `repeat()`.
@@ -688,15 +720,19 @@ pub(crate) fn prim_to_string(p: &Prim) -> String {
         Prim::Date(d) | Prim::DateTime(d) => d.format(),
         Prim::Time(t) => t.format(),
         Prim::Quantity(q) => {
-            let unit = if calendar_unit(&q.unit).is_some()
-                && q.unit.chars().all(|c| c.is_ascii_lowercase())
-                && q.unit.len() > 2
-            {
-                q.unit.clone()
-            } else {
-                format!("'{}'", q.unit)
+            // Calendar keywords are written as their UCUM codes (`1 week` -> `1 'wk'`).
+            let unit = match calendar_unit(&q.unit) {
+                Some("year") => "a",
+                Some("month") => "mo",
+                Some("week") => "wk",
+                Some("day") => "d",
+                Some("hour") => "h",
+                Some("minute") => "min",
+                Some("second") => "s",
+                Some("millisecond") => "ms",
+                _ => &q.unit,
             };
-            format!("{} {}", format_decimal(q.value, q.scale), unit)
+            format!("{} '{}'", format_decimal(q.value, q.scale), unit)
         }
     }
 }

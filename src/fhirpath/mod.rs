@@ -146,9 +146,9 @@ impl<'a> Environment<'a> {
     }
 
     /// Define `%name` (give the name without `%`, e.g. `current`, `previous`). A JSON object
-    /// is a resource or element, an array a collection, `null` the empty collection. `{}` (used
-    /// for "no previous version") is an object with no children, so `%previous.status` is
-    /// empty.
+    /// is a resource or element, an array a collection, `null` and `{}` the empty collection
+    /// (`{}` is what callers pass for "no previous version": `%previous.exists()` is false and
+    /// `%previous.status` is empty).
     pub fn with_variable(mut self, name: &str, value: &'a Value) -> Self {
         self.vars.retain(|(n, _)| n != name);
         self.vars.push((name.to_string(), value));

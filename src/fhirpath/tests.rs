@@ -292,3 +292,81 @@ fn all_search_parameter_expressions() {
     }
     assert!(count > 1000, "{count}");
 }
+
+/// Every search parameter of the example resources' types evaluates without error on the
+/// (realistic) examples of the official test suite.
+#[test]
+fn search_parameters_on_examples() {
+    let bundle: Value =
+        serde_json::from_str(include_str!("../../data/fhir/search-parameters-r4.json")).unwrap();
+    let examples: Vec<Value> = [
+        include_str!("../../tests/data/fhirpath/patient-example.json"),
+        include_str!("../../tests/data/fhirpath/observation-example.json"),
+        include_str!("../../tests/data/fhirpath/questionnaire-example.json"),
+        include_str!("../../tests/data/fhirpath/valueset-example-expansion.json"),
+    ]
+    .iter()
+    .map(|s| serde_json::from_str(s).unwrap())
+    .collect();
+    let mut evaluated = 0;
+    for entry in bundle["entry"].as_array().unwrap() {
+        let sp = &entry["resource"];
+        let Some(src) = sp["expression"].as_str() else {
+            continue;
+        };
+        let expr = compile(src).unwrap();
+        for res in &examples {
+            let rt = res["resourceType"].as_str().unwrap();
+            let applies = sp["base"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b == rt || b == "Resource" || b == "DomainResource");
+            if applies {
+                expr.evaluate(res, &Environment::new())
+                    .unwrap_or_else(|e| panic!("{}: {src}: {e}", sp["id"]));
+                evaluated += 1;
+            }
+        }
+    }
+    assert!(evaluated > 50, "{evaluated}");
+}
+
+#[test]
+fn medplum_style_criteria() {
+    let cur = json!({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": "1234-5"}]},
+        "valueQuantity": {"value": 7.5, "unit": "mmol/L", "code": "mmol/L", "system": "http://unitsofmeasure.org"}});
+    let prev = json!({"resourceType": "Observation", "status": "preliminary"});
+    let empty = json!({});
+    let env = Environment::new()
+        .with_variable("current", &cur)
+        .with_variable("previous", &prev);
+    let t = |src: &str, env: &Environment| compile(src).unwrap().evaluate_bool(&cur, env).unwrap();
+    assert_eq!(
+        t(
+            "%previous.status = 'preliminary' and %current.status = 'final'",
+            &env
+        ),
+        Some(true)
+    );
+    assert_eq!(
+        t(
+            "%current.code.coding.where(system = %loinc and code = '1234-5').exists()",
+            &env
+        ),
+        Some(true)
+    );
+    assert_eq!(t("%current.value.as(Quantity).value > 7", &env), Some(true));
+    assert_eq!(t("%previous.status != %current.status", &env), Some(true));
+    let env2 = Environment::new()
+        .with_variable("current", &cur)
+        .with_variable("previous", &empty);
+    assert_eq!(
+        t(
+            "%previous.exists() and %previous.status != %current.status",
+            &env2
+        ),
+        Some(false)
+    );
+    assert_eq!(t("%previous.status.empty()", &env2), Some(true));
+}

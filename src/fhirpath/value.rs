@@ -428,13 +428,16 @@ pub fn prim_equal(a: &Prim, b: &Prim) -> Option<bool> {
         (String(x), String(y)) => x == y,
         (Integer(x), Integer(y)) => x == y,
         (Integer(x), Decimal(y, _)) | (Decimal(y, _), Integer(x)) => (*x as f64) == *y,
-        (Decimal(x, _), Decimal(y, _)) => (x - y).abs() <= 1e-12 * x.abs().max(y.abs()).max(1.0),
+        // Decimals are equal at the precision of the less precise operand (`1.2 / 1.8 = 0.67`).
+        (Decimal(x, sx), Decimal(y, sy)) => {
+            let f = 10f64.powi((*sx).min(*sy).min(15) as i32);
+            (x * f).round() == (y * f).round()
+        }
         (Date(x), Date(y)) | (DateTime(x), DateTime(y)) => {
             return x.compare(y).map(|o| o == Ordering::Equal);
         }
-        (Date(x), DateTime(y)) | (DateTime(y), Date(x)) => {
-            return x.compare(y).map(|o| o == Ordering::Equal);
-        }
+        // A Date and a DateTime are different types: equal only when decidably so.
+        (Date(x), DateTime(y)) | (DateTime(y), Date(x)) => x.compare(y) == Some(Ordering::Equal),
         (Time(x), Time(y)) => return x.compare(y).map(|o| o == Ordering::Equal),
         (Quantity(x), Quantity(y)) => {
             // Calendar years/months and UCUM `a`/`mo` are not equal (different definitions).
@@ -490,14 +493,18 @@ pub fn prim_equivalent(a: &Prim, b: &Prim) -> bool {
             (x * f).round() == (y * f).round()
         }
         (Integer(x), Decimal(y, s)) | (Decimal(y, s), Integer(x)) => {
-            let f = 10f64.powi(*s as i32);
-            let _ = f;
-            (*x as f64) == y.round() && y.fract() == 0.0 || (*x as f64) == *y
+            let f = 10f64.powi((*s).min(15) as i32);
+            (*x as f64 * f).round() == (y * f).round()
         }
-        (Date(x), Date(y))
-        | (DateTime(x), DateTime(y))
-        | (Date(x), DateTime(y))
-        | (DateTime(x), Date(y)) => x.compare(y) == Some(Ordering::Equal),
+        (Date(x), Date(y)) | (DateTime(x), DateTime(y)) => x.compare(y) == Some(Ordering::Equal),
+        // Equivalence of a Date and a DateTime compares their common precision.
+        (Date(x), DateTime(y)) | (DateTime(x), Date(y)) => {
+            let (mut a, mut b) = (*x, *y);
+            let p = a.precision.min(b.precision);
+            a.precision = p;
+            b.precision = p;
+            a.compare(&b) == Some(Ordering::Equal)
+        }
         (Time(x), Time(y)) => x.compare(y) == Some(Ordering::Equal),
         (Quantity(x), Quantity(y)) => {
             // For equivalence, calendar durations and their UCUM counterparts match.
@@ -506,7 +513,21 @@ pub fn prim_equivalent(a: &Prim, b: &Prim) -> bool {
             if ux == uy {
                 return x.value == y.value;
             }
-            compare_quantities(x, y) == Some(Ordering::Equal)
+            // Compare in x's unit, rounded to the precision of the less precise operand
+            // (`4 'g' ~ 4040 'mg'`).
+            match (
+                unit_factor(&unit_key(&x.unit)),
+                unit_factor(&unit_key(&y.unit)),
+            ) {
+                (Some((fx, dx)), Some((fy, dy))) if dx == dy => {
+                    let yv = y.value * fy / fx;
+                    let y_scale = y.scale as f64 + (fx / fy).log10().round();
+                    let s = (x.scale as f64).min(y_scale).max(0.0) as i32;
+                    let f = 10f64.powi(s);
+                    (x.value * f).round() == (yv * f).round()
+                }
+                _ => false,
+            }
         }
         _ => prim_equal(a, b).unwrap_or(false),
     }
