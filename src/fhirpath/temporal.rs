@@ -280,6 +280,11 @@ impl DateTimeV {
     /// Add a calendar/UCUM time quantity (`1 year`, `2 'mo'`, `3 days`); `None` if the unit is
     /// not a time unit or the result is out of range.
     pub fn add(&self, amount: f64, unit: &str) -> Option<DateTimeV> {
+        // UCUM `a` and `mo` are fixed-length (365.25 / 30.4375 days), not calendar years and
+        // months, so the spec makes adding them to a date an error.
+        if unit == "a" || unit == "mo" {
+            return None;
+        }
         let unit = calendar_unit(unit)?;
         let mut v = *self;
         match unit {

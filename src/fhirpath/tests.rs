@@ -370,3 +370,57 @@ fn medplum_style_criteria() {
     );
     assert_eq!(t("%previous.status.empty()", &env2), Some(true));
 }
+
+/// Behaviour pinned by the newer (R5-synced) official suite where it does not conflict with
+/// the vendored R4 one.
+#[test]
+fn spec_details() {
+    let p = patient();
+    let ok = |src: &str| eval_on(src, &p).unwrap_or_else(|e| panic!("{src}: {e}"));
+    assert_eq!(ok("@1973-12-25 + 7.7 days"), vec![json!("1974-01-01")]);
+    assert_eq!(
+        ok("@1973-12-25T00:00:00.000+10:00 + 1 hour"),
+        vec![json!("1973-12-25T01:00:00.000+10:00")]
+    );
+    assert_eq!(ok("@1974-12-25 - 1 'month'"), vec![json!("1974-11-25")]);
+    assert!(eval_on("@1973-12-25 + 1 'mo'", &p).is_err());
+    assert!(eval_on("@1974-12-25 - 1 'cm'", &p).is_err());
+    assert!(eval_on("@1974-12-25 + 7", &p).is_err());
+    assert_eq!(ok("'abc'.replaceMatches('', 'x')"), vec![json!("abc")]);
+    assert_eq!(
+        ok("'abc123'.replaceMatches('[0-9]', '-')"),
+        vec![json!("abc---")]
+    );
+    assert_eq!(ok("'abc'.replace('', 'x')"), vec![json!("xaxbxcx")]);
+    assert_eq!(ok("'Library/x'.matches('Library')"), vec![json!(true)]);
+    assert_eq!(ok("'Library/x'.matchesFull('Library')"), vec![json!(false)]);
+    assert_eq!(
+        ok("@2018-03-01T10:30 < @2018-03-01T10:30:00"),
+        Vec::<Value>::new()
+    );
+    assert_eq!(
+        ok("@2018-03-01T10:30:00 < @2018-03-01T10:30:00.0"),
+        vec![json!(false)]
+    );
+    assert_eq!(
+        ok("@2012-04-15T15:00:00+02:00 = @2012-04-15T16:00:00+03:00"),
+        vec![json!(true)]
+    );
+    assert_eq!(
+        ok("name.select(iif(use = 'usual', $index, {}))"),
+        vec![json!(1)]
+    );
+    assert_eq!(
+        ok("('context').iif($this = 'context', 'yes', 'no')"),
+        vec![json!("yes")]
+    );
+    assert_eq!(ok("(1 | 2 | 3) ~ (3 | 2 | 1)"), vec![json!(true)]);
+    assert_eq!(ok("(-1).power(0.5)"), Vec::<Value>::new());
+    assert_eq!(ok("1 / 0"), Vec::<Value>::new());
+    assert_eq!(ok("(true and 'foo').empty()"), vec![json!(false)]);
+    assert_eq!(
+        ok("gender.is(code) and gender.is(string) and gender.is(id).not()"),
+        vec![json!(true)]
+    );
+    assert!(eval_on("name.given.startsWith('P')", &p).is_err());
+}
