@@ -128,7 +128,10 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 match singleton(&v, "unary -")? {
                     None => Vec::new(),
                     Some(item) => match item.prim() {
-                        Some(Prim::Integer(i)) => vec![Item::Integer(-i)],
+                        // Overflow (negating the minimum integer) gives empty, like other overflows.
+                        Some(Prim::Integer(i)) => {
+                            i.checked_neg().map(Item::Integer).into_iter().collect()
+                        }
                         Some(Prim::Decimal(d, s)) => vec![Item::Decimal(-d, s)],
                         Some(Prim::Quantity(q)) => {
                             let mut q = q.into_owned();

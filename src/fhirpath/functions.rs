@@ -670,7 +670,11 @@ fn math<'a>(
     Ok(match func {
         Abs => {
             if is_int {
-                vec![Item::Integer((x as i64).abs())]
+                (x as i64)
+                    .checked_abs()
+                    .map(Item::Integer)
+                    .into_iter()
+                    .collect()
             } else {
                 vec![Item::Decimal(x.abs(), scale)]
             }

@@ -231,7 +231,10 @@ impl DateTimeV {
     fn to_utc(self) -> DateTimeV {
         match (self.tz, self.has_time(), self.naive()) {
             (Some(off), true, Some(n)) if off != 0 => {
-                let mut v = self.with_naive(n - Duration::minutes(off as i64));
+                let Some(shifted) = n.checked_sub_signed(Duration::minutes(off as i64)) else {
+                    return self;
+                };
+                let mut v = self.with_naive(shifted);
                 v.tz = Some(0);
                 v
             }
@@ -289,13 +292,15 @@ impl DateTimeV {
         let mut v = *self;
         match unit {
             "year" | "month" => {
+                // Saturating/checked arithmetic: absurd amounts give an error, not a panic.
+                let whole = amount.trunc() as i64;
                 let months = if unit == "year" {
-                    amount.trunc() as i64 * 12
+                    whole.checked_mul(12)?
                 } else {
-                    amount.trunc() as i64
+                    whole
                 };
-                let total = v.year as i64 * 12 + (v.month as i64 - 1) + months;
-                v.year = total.div_euclid(12) as i32;
+                let total = (v.year as i64 * 12 + (v.month as i64 - 1)).checked_add(months)?;
+                v.year = i32::try_from(total.div_euclid(12)).ok()?;
                 v.month = (total.rem_euclid(12) + 1) as u32;
                 // Clamp the day to the length of the resulting month (Jan 31 + 1 month).
                 while v.day > 28 && NaiveDate::from_ymd_opt(v.year, v.month, v.day).is_none() {
@@ -318,7 +323,9 @@ impl DateTimeV {
                 if v.precision < Precision::Day {
                     return Some(v);
                 }
-                let n = v.naive()? + Duration::milliseconds(ms.round() as i64);
+                let n = v
+                    .naive()?
+                    .checked_add_signed(Duration::try_milliseconds(ms.round() as i64)?)?;
                 Some(v.with_naive(n))
             }
         }
@@ -446,7 +453,7 @@ impl TimeV {
         } as i64;
         let cur =
             ((self.hour * 60 + self.minute) * 60 + self.second) as i64 * 1000 + self.millis as i64;
-        let t = (cur + ms).rem_euclid(86_400_000);
+        let t = cur.checked_add(ms)?.rem_euclid(86_400_000);
         Some(TimeV {
             hour: (t / 3_600_000) as u32,
             minute: (t / 60_000 % 60) as u32,

@@ -424,3 +424,72 @@ fn spec_details() {
     );
     assert!(eval_on("name.given.startsWith('P')", &p).is_err());
 }
+
+/// The deepest expressions the parser accepts evaluate within a 2 MiB thread stack (the size
+/// of test and tokio worker threads) in a debug build.
+#[test]
+fn deepest_accepted_expressions_fit_the_stack() {
+    let p = patient();
+    let mut deepest = None;
+    for n in 1..200 {
+        let src = "name.where(".repeat(n) + "true" + &")".repeat(n);
+        match Expression::parse(&src) {
+            Ok(e) => deepest = Some(e),
+            Err(FhirPathError::LimitExceeded(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let e = deepest.unwrap();
+    let handle = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || e.evaluate(&p, &Environment::new()).map(|r| r.len()));
+    assert!(handle.unwrap().join().unwrap().is_ok());
+    let mut deepest = None;
+    for n in 1..400 {
+        let src = "iif(".repeat(n) + "true" + &", 1, 2)".repeat(n);
+        match Expression::parse(&src) {
+            Ok(e) => deepest = Some(e),
+            Err(FhirPathError::LimitExceeded(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let e = deepest.unwrap();
+    let p = patient();
+    let handle = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || e.evaluate(&p, &Environment::new()).map(|r| r.len()));
+    assert!(handle.unwrap().join().unwrap().is_ok());
+}
+
+#[test]
+fn arithmetic_overflow_is_not_a_panic() {
+    let p = patient();
+    for src in [
+        "-(-9223372036854775807 - 1)",
+        "(-9223372036854775807 - 1).abs()",
+        "9223372036854775807 + 1",
+        "9223372036854775807 * 2",
+        "@2019-01-01 + 100000000000000000 years",
+        "@2019-01-01 + 100000000000000000 days",
+        "@2019-01-01T00:00:00Z + 1000000000000000000 seconds",
+        "@T10:00 + 9223372036854775807 hours",
+        "(-9223372036854775807 - 1) div -1",
+        "(-9223372036854775807 - 1) mod -1",
+        "2.power(1000)",
+        "1e3",
+    ] {
+        // Any outcome but a panic is fine: a value, empty, or an error.
+        let _ = Expression::parse(src).and_then(|e| e.evaluate(&p, &Environment::new()));
+    }
+}
+
+#[test]
+fn custom_resource_types_navigate_untyped() {
+    let bot = json!({"resourceType": "Bot", "id": "b1", "name": "x", "meta": {"lastUpdated": "2024-01-01T00:00:00Z"}});
+    assert_eq!(eval_on("Resource.id", &bot).unwrap(), vec![json!("b1")]);
+    assert_eq!(eval_on("Bot.name", &bot).unwrap(), vec![json!("x")]);
+    assert_eq!(
+        eval_on("meta.lastUpdated > @2023", &bot).unwrap(),
+        vec![json!(true)]
+    );
+}

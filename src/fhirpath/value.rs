@@ -584,10 +584,18 @@ pub fn is_type(item: &Item, namespace: Option<&str>, name: &str) -> bool {
             if ty.is_empty() {
                 // Untyped JSON: infer what we can.
                 return match n.json.get() {
-                    Value::Object(o) => o
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .is_some_and(|rt| rt == name || model().is_subtype(rt, name)),
+                    Value::Object(o) => {
+                        o.get("resourceType")
+                            .and_then(Value::as_str)
+                            .is_some_and(|rt| {
+                                // A resource type unknown to R4 (a server's custom resource)
+                                // is still a Resource, so `Resource.id` works on it.
+                                rt == name
+                                    || model().is_subtype(rt, name)
+                                    || !model().contains(rt)
+                                        && matches!(name, "Resource" | "DomainResource")
+                            })
+                    }
                     Value::Bool(_) => name == "boolean",
                     Value::String(_) => name == "string",
                     Value::Number(x) => name == "decimal" || name == "integer" && x.is_i64(),
