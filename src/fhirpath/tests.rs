@@ -493,3 +493,131 @@ fn custom_resource_types_navigate_untyped() {
         vec![json!(true)]
     );
 }
+
+/// Random token soup never panics: every outcome is a value or a typed error.
+#[test]
+fn random_expressions_never_panic() {
+    const TOKENS: &[&str] = &[
+        "name",
+        "given",
+        "family",
+        "birthDate",
+        "telecom",
+        "Patient",
+        "Resource",
+        "value",
+        "extension",
+        "id",
+        ".",
+        ".",
+        ".",
+        "(",
+        ")",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "+",
+        "-",
+        "*",
+        "/",
+        "|",
+        "&",
+        "=",
+        "!=",
+        "~",
+        "<",
+        ">=",
+        "and",
+        "or",
+        "xor",
+        "implies",
+        "div",
+        "mod",
+        "in",
+        "contains",
+        "is",
+        "as",
+        "String",
+        "Quantity",
+        "where(",
+        "select(",
+        "repeat(",
+        "exists(",
+        "all(",
+        "iif(",
+        "descendants()",
+        "children()",
+        "resolve()",
+        "first()",
+        "last()",
+        "count()",
+        "distinct()",
+        "not()",
+        "empty()",
+        "toString()",
+        "toInteger()",
+        "length()",
+        "substring(",
+        "replace(",
+        "matches(",
+        "split(",
+        "join(",
+        "aggregate(",
+        "ofType(",
+        "trace(",
+        "type()",
+        "1",
+        "2.5",
+        "0",
+        "-1",
+        "'a'",
+        "'\\u0041'",
+        "''",
+        "@2019",
+        "@2019-01-01T10:00Z",
+        "@T10:00",
+        "4 'mg'",
+        "1 year",
+        "true",
+        "false",
+        "$this",
+        "$index",
+        "$total",
+        "%resource",
+        "%ucum",
+        "%current",
+        "`given`",
+        "'(.*)*'",
+    ];
+    let p = patient();
+    let env = Environment::new()
+        .with_variable("current", &p)
+        .with_limits(Limits {
+            max_steps: 5_000,
+            max_collection: 1_000,
+            max_string: 10_000,
+        });
+    // A small deterministic LCG keeps the test reproducible without a dependency.
+    let mut state: u64 = 0x5eed;
+    let mut next = |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n
+    };
+    let mut parsed = 0;
+    for _ in 0..3000 {
+        let len = 1 + next(12);
+        let src: Vec<&str> = (0..len).map(|_| TOKENS[next(TOKENS.len())]).collect();
+        let src = src.join(" ");
+        if let Ok(e) = Expression::parse(&src) {
+            parsed += 1;
+            let _ = e.evaluate(&p, &env);
+        }
+    }
+    assert!(parsed > 100, "{parsed}");
+}
