@@ -6,6 +6,12 @@
 //! execution); `<output type="T">v</output>` lists the expected items in order;
 //! `predicate="true"` means the result is converted to a boolean (non-empty = true);
 //! `mode="strict"` marks tests that need static validation against the model.
+//!
+//! Known failures (kept visible, not skipped): four expectations of this version of the suite
+//! contradict the FHIRPath specification and were corrected in the current suite
+//! (FHIR/fhir-test-cases r4): `{} ~ {}` and `{} !~ {}` (spec: true/false, suite: empty),
+//! `({} implies true).empty()` (spec: `{} implies true` is true), and
+//! `Patient.ofType(System.Patient).not()` (`{}.not()` is empty).
 
 use std::collections::BTreeMap;
 

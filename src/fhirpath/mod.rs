@@ -7,6 +7,28 @@
 //! hang the worker or overflow its stack. Exceeding a limit is a typed
 //! [`FhirPathError::LimitExceeded`], never a panic.
 //!
+//! ## Conformance notes
+//!
+//! - Paths are lenient: a name that is not an element of the node's type yields empty rather
+//!   than a static error (the suite's `mode="strict"` tests are skipped); type names as first
+//!   step (`Patient.name`, `Resource.id`) select the focus when it is of that type.
+//! - Choice elements navigate by their base name (`Observation.value` finds `valueQuantity`);
+//!   every node carries its FHIR type from `data/fhir/elements-r4.json`.
+//! - Dates/times compare per precision (undecidable comparisons are empty); a value without a
+//!   timezone is taken as UTC when compared with one that has a timezone.
+//! - Decimals are `f64` with the number of written decimal places, which drives formatting
+//!   and equality/equivalence "at the precision of the less precise operand".
+//! - Quantities compare when their units are identical, calendar durations vs. their UCUM
+//!   codes (weeks and below), or simple metric prefixes of g/m/L and time units; no UCUM unit
+//!   algebra.
+//! - `resolve()` finds contained resources (`#id`) and bundle entries; otherwise a relative
+//!   or absolute `Type/id` reference yields a stand-in `{"resourceType": Type, "id": id}`.
+//! - `not()` and `iif()` treat a collection of several items as `true` (as the vendored R4
+//!   suite expects); other boolean contexts require a singleton.
+//! - A variable bound to `{}` or `null` is the empty collection.
+//! - Terminology (`memberOf`, `subsumes`), `conformsTo`, `htmlChecks` and `comparable` return
+//!   [`FhirPathError::Unsupported`].
+//!
 //! ```
 //! use fhir_outbox::fhirpath::{Environment, Expression};
 //! let patient = serde_json::json!({"resourceType": "Patient", "name": [{"given": ["Peter"]}]});

@@ -621,3 +621,21 @@ fn random_expressions_never_panic() {
     }
     assert!(parsed > 100, "{parsed}");
 }
+
+#[test]
+fn compile_cache_is_thread_safe() {
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    let src = format!("name.given.count() > {}", (i + t) % 50);
+                    let e = compile(&src).unwrap();
+                    assert_eq!(e.source(), src);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
