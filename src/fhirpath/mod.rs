@@ -37,6 +37,9 @@
 //! assert_eq!(out[0].as_bool(), Some(true));
 //! ```
 
+// Everything reachable from outside is documented (the criteria engine codes against it).
+#![warn(missing_docs)]
+
 mod ast;
 mod error;
 mod eval;
