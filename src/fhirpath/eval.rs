@@ -152,7 +152,7 @@ impl<'e, 'a> Ctx<'e, 'a> {
             }
             Expr::As(inner, ts) => {
                 let v = self.eval(inner, sc)?;
-                v.into_iter().filter(|i| type_matches(i, ts)).collect()
+                v.into_iter().filter(|i| cast_matches(i, ts)).collect()
             }
             Expr::Var(name) => self.variable(name)?,
             Expr::This => sc.this.to_vec(),
@@ -352,6 +352,21 @@ pub(crate) fn json_items(v: &Value) -> Vec<Item<'_>> {
 /// Whether `item` matches a type specifier.
 pub(crate) fn type_matches(item: &Item, ts: &TypeSpec) -> bool {
     is_type(item, ts.namespace.as_deref(), &ts.name)
+}
+
+/// Whether `item` survives `as`/`ofType`: like [`type_matches`], except that FHIR primitive
+/// specialisations are distinct types here (`gender.is(string)` is true but
+/// `gender.as(string)` is empty, as the official suite expects).
+pub(crate) fn cast_matches(item: &Item, ts: &TypeSpec) -> bool {
+    if let Item::Node(n) = item
+        && ts.namespace.as_deref() != Some("System")
+        && model()
+            .get(n.ty.name)
+            .is_some_and(|d| d.kind == Kind::PrimitiveType)
+    {
+        return n.ty.name == ts.name;
+    }
+    type_matches(item, ts)
 }
 
 /// The single item of a collection, `None` if empty, an error if several.

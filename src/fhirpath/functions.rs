@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::ast::{Expr, Func, TypeSpec};
 use super::error::{FhirPathError, Result};
 use super::eval::{
-    Ctx, Scope, children, collections_equal, navigate, single_integer, singleton, to_bool3,
-    type_matches,
+    Ctx, Scope, cast_matches, children, collections_equal, navigate, single_integer, singleton,
+    to_bool3, type_matches,
 };
 use super::temporal::{DateTimeV, Precision, TimeV, calendar_unit};
 use super::value::{Item, JsonRef, Node, Prim, Quantity, TypeRef, format_decimal, item_equal};
@@ -139,7 +139,7 @@ pub(crate) fn call<'a>(
         }
         OfType | As => {
             let ts = type_arg.expect("parser supplies the type");
-            Ok(input.into_iter().filter(|i| type_matches(i, ts)).collect())
+            Ok(input.into_iter().filter(|i| cast_matches(i, ts)).collect())
         }
         Is => {
             let ts = type_arg.expect("parser supplies the type");
@@ -208,7 +208,7 @@ pub(crate) fn call<'a>(
             } else {
                 sc
             };
-            let cond = lenient_bool(&cx.eval(&args[0], scope)?);
+            let cond = to_bool3(&cx.eval(&args[0], scope)?, "iif() criterion")?;
             if cond == Some(true) {
                 cx.eval(&args[1], scope)
             } else if args.len() > 2 {
@@ -217,7 +217,7 @@ pub(crate) fn call<'a>(
                 Ok(Vec::new())
             }
         }
-        Not => match lenient_bool(&input) {
+        Not => match to_bool3(&input, "not()")? {
             None => Ok(Vec::new()),
             Some(v) => b(!v),
         },
@@ -370,17 +370,6 @@ pub(crate) fn call<'a>(
                 "{func:?} (needs a terminology server or profiles)"
             )))
         }
-    }
-}
-
-/// Boolean value of a collection for `not()` and `iif()`: empty is unknown, a single boolean
-/// is itself, anything else non-empty is `true` (the official suite expects
-/// `(1|2).not() = false` and `iif(1 | 2 | 3, true, false) = true`).
-fn lenient_bool(c: &[Item]) -> Option<bool> {
-    match c {
-        [] => None,
-        [one] => Some(one.as_bool().unwrap_or(true)),
-        _ => Some(true),
     }
 }
 
@@ -734,19 +723,13 @@ pub(crate) fn prim_to_string(p: &Prim) -> String {
         Prim::Date(d) | Prim::DateTime(d) => d.format(),
         Prim::Time(t) => t.format(),
         Prim::Quantity(q) => {
-            // Calendar keywords are written as their UCUM codes (`1 week` -> `1 'wk'`).
-            let unit = match calendar_unit(&q.unit) {
-                Some("year") => "a",
-                Some("month") => "mo",
-                Some("week") => "wk",
-                Some("day") => "d",
-                Some("hour") => "h",
-                Some("minute") => "min",
-                Some("second") => "s",
-                Some("millisecond") => "ms",
-                _ => &q.unit,
-            };
-            format!("{} '{}'", format_decimal(q.value, q.scale), unit)
+            // Calendar keywords stay keywords (`1 week`); UCUM units are quoted (`1 'wk'`).
+            let keyword = q.unit.len() > 3 && calendar_unit(&q.unit).is_some();
+            if keyword {
+                format!("{} {}", format_decimal(q.value, q.scale), q.unit)
+            } else {
+                format!("{} '{}'", format_decimal(q.value, q.scale), q.unit)
+            }
         }
     }
 }

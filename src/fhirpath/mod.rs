@@ -9,13 +9,16 @@
 //!
 //! ## Conformance notes
 //!
-//! - Paths are lenient: a name that is not an element of the node's type yields empty rather
-//!   than a static error (the suite's `mode="strict"` tests are skipped); type names as first
-//!   step (`Patient.name`, `Resource.id`) select the focus when it is of that type.
+//! - Paths are lenient: a name that is not an element of the node's type is looked up as a
+//!   plain JSON property (so `Observation.valueQuantity` works as people write it in criteria)
+//!   and otherwise yields empty rather than a static error (the suite's `mode="strict"` tests
+//!   are skipped); type names as first step (`Patient.name`, `Resource.id`) select the focus
+//!   when it is of that type.
 //! - Choice elements navigate by their base name (`Observation.value` finds `valueQuantity`);
 //!   every node carries its FHIR type from `data/fhir/elements-r4.json`.
-//! - Dates/times compare per precision (undecidable comparisons are empty); a value without a
-//!   timezone is taken as UTC when compared with one that has a timezone.
+//! - Dates/times compare per precision (undecidable comparisons are empty, including a Date
+//!   against a DateTime of the same day and a zoned against an unzoned time, as the official
+//!   suite expects); two zoned values are compared in UTC.
 //! - Decimals are `f64` with the number of written decimal places, which drives formatting
 //!   and equality/equivalence "at the precision of the less precise operand".
 //! - Quantities compare when their units are identical, calendar durations vs. their UCUM
@@ -23,8 +26,13 @@
 //!   algebra.
 //! - `resolve()` finds contained resources (`#id`) and bundle entries; otherwise a relative
 //!   or absolute `Type/id` reference yields a stand-in `{"resourceType": Type, "id": id}`.
-//! - `not()` and `iif()` treat a collection of several items as `true` (as the vendored R4
-//!   suite expects); other boolean contexts require a singleton.
+//! - Boolean contexts (`and`, `not()`, `iif()`, `where()`...) require a singleton; a single
+//!   non-boolean item counts as `true`.
+//! - `is` accepts subtypes (`code` is a `string`); `as`/`ofType` treat FHIR primitive
+//!   specialisations as distinct (`gender.as(string)` is empty) and, unlike the spec, `as`
+//!   filters a collection instead of failing on several items (R4 search parameters such as
+//!   `(ActivityDefinition.useContext.value as CodeableConcept)` rely on that).
+//! - An unknown lower-case type name (`ofType(string1)`) is a semantic error at parse time.
 //! - A variable bound to `{}` or `null` is the empty collection.
 //! - Terminology (`memberOf`, `subsumes`), `conformsTo`, `htmlChecks` and `comparable` return
 //!   [`FhirPathError::Unsupported`].

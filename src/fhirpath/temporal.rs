@@ -256,13 +256,15 @@ impl DateTimeV {
     /// Compare per the spec: component by component up to the coarser precision; `None` when
     /// the values agree so far but their precisions differ (undecidable).
     pub fn compare(&self, other: &DateTimeV) -> Option<Ordering> {
-        let (a, b) =
-            if self.has_time() && other.has_time() && (self.tz.is_some() || other.tz.is_some()) {
-                // A value without timezone is taken to be in UTC (the engine's default zone).
-                (self.to_utc(), other.to_utc())
-            } else {
-                (*self, *other)
-            };
+        if self.has_time() && other.has_time() && self.tz.is_some() != other.tz.is_some() {
+            // One local and one zoned time: the official suite treats this as undecidable.
+            return None;
+        }
+        let (a, b) = if self.has_time() && other.has_time() && self.tz.is_some() {
+            (self.to_utc(), other.to_utc())
+        } else {
+            (*self, *other)
+        };
         let pa = level(a.precision);
         let pb = level(b.precision);
         let ca = a.components();
@@ -309,13 +311,15 @@ impl DateTimeV {
                 Some(v)
             }
             _ => {
+                // Only whole units are added (`+ 7.7 days` adds 7 days, `+ 0.1 's'` nothing).
+                let whole = amount.trunc();
                 let ms: f64 = match unit {
-                    "week" => amount.trunc() * 7.0 * 86_400_000.0,
-                    "day" => amount.trunc() * 86_400_000.0,
-                    "hour" => amount * 3_600_000.0,
-                    "minute" => amount * 60_000.0,
-                    "second" => amount * 1000.0,
-                    _ => amount,
+                    "week" => whole * 7.0 * 86_400_000.0,
+                    "day" => whole * 86_400_000.0,
+                    "hour" => whole * 3_600_000.0,
+                    "minute" => whole * 60_000.0,
+                    "second" => whole * 1000.0,
+                    _ => whole,
                 };
                 // Below the value's precision the addition is done in whole units of the
                 // value's precision (`@2014 + 24 months` style); days on a year/month value
@@ -415,12 +419,11 @@ pub fn calendar_unit(unit: &str) -> Option<&'static str> {
 }
 
 impl TimeV {
-    /// Parse `hh(:mm(:ss(.fff)?)?)?`, tolerating (and ignoring) a trailing timezone.
+    /// Parse `hh(:mm(:ss(.fff)?)?)?` (a time of day has no timezone).
     pub fn parse(text: &str) -> Option<TimeV> {
         let s = text.as_bytes();
         let (t, i) = parse_time_at(s, 0)?;
-        let (_, j) = parse_tz(s, i)?;
-        (j == s.len()).then_some(t)
+        (i == s.len()).then_some(t)
     }
 
     /// Compare per the spec (see [`DateTimeV::compare`]).

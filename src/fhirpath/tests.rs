@@ -423,6 +423,28 @@ fn spec_details() {
         vec![json!(true)]
     );
     assert!(eval_on("name.given.startsWith('P')", &p).is_err());
+    assert!(eval_on("(1 | 2).not()", &p).is_err());
+    assert!(eval_on("iif(1 | 2, true, false)", &p).is_err());
+    assert_eq!(ok("birthDate = @1974-12-25T12:34:00"), Vec::<Value>::new());
+    assert_eq!(ok("@2012-04-15 ~ @2012-04-15T10:00:00"), vec![json!(false)]);
+    assert_eq!(
+        ok("@2012-04-15T15:00:00Z = @2012-04-15T10:00:00"),
+        Vec::<Value>::new()
+    );
+    assert_eq!(ok("gender.as(string)"), Vec::<Value>::new());
+    assert_eq!(ok("gender.as(code)"), vec![json!("male")]);
+    assert_eq!(ok("name.as(HumanName).count()"), vec![json!(2)]);
+    assert!(matches!(
+        Expression::parse("gender.ofType(string1)"),
+        Err(FhirPathError::Semantic { .. })
+    ));
+    assert!(Expression::parse("@T14:34:28Z").is_err());
+    assert_eq!(
+        ok("1 week.toString() & ' ' & 1 'wk'.toString()"),
+        vec![json!("1 week 1 'wk'")]
+    );
+    assert_eq!(ok("(1.2 / 1.8).round(2) != 0.6666667"), vec![json!(true)]);
+    assert_eq!(ok("1.2 / 1.8 ~ 0.67"), vec![json!(true)]);
 }
 
 /// The deepest expressions the parser accepts evaluate within a 2 MiB thread stack (the size

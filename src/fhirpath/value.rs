@@ -428,19 +428,27 @@ pub fn prim_equal(a: &Prim, b: &Prim) -> Option<bool> {
         (String(x), String(y)) => x == y,
         (Integer(x), Integer(y)) => x == y,
         (Integer(x), Decimal(y, _)) | (Decimal(y, _), Integer(x)) => (*x as f64) == *y,
-        // Decimals are equal at the precision of the less precise operand (`1.2 / 1.8 = 0.67`).
-        (Decimal(x, sx), Decimal(y, sy)) => {
-            let f = 10f64.powi((*sx).min(*sy).min(15) as i32);
-            (x * f).round() == (y * f).round()
-        }
+        // Equality is by value (`1.10 = 1.1`); only equivalence rounds to a common precision.
+        // The tolerance absorbs binary floating point noise (`1.8 - 1.2 = 0.6`).
+        (Decimal(x, _), Decimal(y, _)) => (x - y).abs() <= 1e-12 * x.abs().max(y.abs()).max(1.0),
         (Date(x), Date(y)) | (DateTime(x), DateTime(y)) => {
             return x.compare(y).map(|o| o == Ordering::Equal);
         }
-        // A Date and a DateTime are different types: equal only when decidably so.
-        (Date(x), DateTime(y)) | (DateTime(y), Date(x)) => x.compare(y) == Some(Ordering::Equal),
+        // A Date is compared with a DateTime as a DateTime of day precision, so a day against
+        // a time of that day is undecidable (empty).
+        (Date(x), DateTime(y)) | (DateTime(y), Date(x)) => {
+            return x.compare(y).map(|o| o == Ordering::Equal);
+        }
         (Time(x), Time(y)) => return x.compare(y).map(|o| o == Ordering::Equal),
         (Quantity(x), Quantity(y)) => {
-            // Calendar years/months and UCUM `a`/`mo` are not equal (different definitions).
+            // Calendar years/months and UCUM `a`/`mo` have different definitions: comparing
+            // them is undecidable. Other incomparable units are simply not equal.
+            let cal = |q: &crate::fhirpath::Quantity| {
+                matches!(calendar_unit(&q.unit), Some("year" | "month"))
+            };
+            if cal(x) && cal(y) && unit_key(&x.unit) != unit_key(&y.unit) {
+                return None;
+            }
             return compare_quantities(x, y)
                 .map(|o| o == Ordering::Equal)
                 .or(Some(false));
@@ -497,14 +505,8 @@ pub fn prim_equivalent(a: &Prim, b: &Prim) -> bool {
             (*x as f64 * f).round() == (y * f).round()
         }
         (Date(x), Date(y)) | (DateTime(x), DateTime(y)) => x.compare(y) == Some(Ordering::Equal),
-        // Equivalence of a Date and a DateTime compares their common precision.
-        (Date(x), DateTime(y)) | (DateTime(x), Date(y)) => {
-            let (mut a, mut b) = (*x, *y);
-            let p = a.precision.min(b.precision);
-            a.precision = p;
-            b.precision = p;
-            a.compare(&b) == Some(Ordering::Equal)
-        }
+        // Different precisions are not equivalent (`@2012-04-15 ~ @2012-04-15T10:00:00` is false).
+        (Date(x), DateTime(y)) | (DateTime(x), Date(y)) => x.compare(y) == Some(Ordering::Equal),
         (Time(x), Time(y)) => x.compare(y) == Some(Ordering::Equal),
         (Quantity(x), Quantity(y)) => {
             // For equivalence, calendar durations and their UCUM counterparts match.
