@@ -14,7 +14,7 @@ use super::ast::{BinOp, Expr, Literal, TypeSpec};
 use super::error::{FhirPathError, Result};
 use super::value::{
     Item, JsonRef, Node, Prim, Quantity, TypeRef, coerce_temporal, compare_quantities, is_type,
-    item_equal, item_equivalent, prim_equal,
+    item_equal, item_equivalent,
 };
 use crate::fhir::elements::{Kind, model};
 
@@ -604,7 +604,6 @@ fn arithmetic<'a>(op: BinOp, x: &Item, y: &Item) -> Result<Option<Item<'a>>> {
             )));
         }
     };
-    let _ = prim_equal;
     Ok(r)
 }
 

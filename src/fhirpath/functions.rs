@@ -10,8 +10,7 @@ use serde_json::Value;
 use super::ast::{Expr, Func, TypeSpec};
 use super::error::{FhirPathError, Result};
 use super::eval::{
-    Ctx, Scope, cast_matches, children, collections_equal, navigate, single_integer, singleton,
-    to_bool3, type_matches,
+    Ctx, Scope, cast_matches, children, navigate, single_integer, singleton, to_bool3, type_matches,
 };
 use super::temporal::{DateTimeV, Precision, TimeV, calendar_unit};
 use super::value::{Item, JsonRef, Node, Prim, Quantity, TypeRef, format_decimal, item_equal};
@@ -963,5 +962,4 @@ fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
         ext: None,
         ty: TypeRef::named(ty),
     }));
-    let _ = collections_equal;
 }
