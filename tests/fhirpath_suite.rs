@@ -341,19 +341,19 @@ fn official_fhirpath_r4_suite() {
         }
     }
     println!(
-        "\n{:<28} {:>6} {:>6} {:>7}",
+        "\n{:<32} {:>6} {:>6} {:>7}",
         "group", "passed", "failed", "skipped"
     );
     let (mut p, mut f, mut s) = (0, 0, 0);
     for g in &order {
         let (gp, gf, gs) = stats[g];
-        println!("{g:<28} {gp:>6} {gf:>6} {gs:>7}");
+        println!("{g:<32} {gp:>6} {gf:>6} {gs:>7}");
         p += gp;
         f += gf;
         s += gs;
     }
     let rate = 100.0 * p as f64 / (p + f).max(1) as f64;
-    println!("{:<28} {p:>6} {f:>6} {s:>7}", "TOTAL");
+    println!("{:<32} {p:>6} {f:>6} {s:>7}", "TOTAL");
     println!(
         "pass rate over non-skipped cases: {rate:.1}% ({p}/{})",
         p + f
