@@ -14,7 +14,7 @@ use super::ast::{BinOp, Expr, Literal, TypeSpec};
 use super::error::{FhirPathError, Result};
 use super::value::{
     Item, JsonRef, Node, Prim, Quantity, TypeRef, coerce_temporal, compare_quantities, is_type,
-    item_equal, item_equivalent, prim_equal,
+    item_equal, item_equivalent,
 };
 use crate::fhir::elements::{Kind, model};
 
@@ -128,7 +128,10 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 match singleton(&v, "unary -")? {
                     None => Vec::new(),
                     Some(item) => match item.prim() {
-                        Some(Prim::Integer(i)) => vec![Item::Integer(-i)],
+                        // Overflow (negating the minimum integer) gives empty, like other overflows.
+                        Some(Prim::Integer(i)) => {
+                            i.checked_neg().map(Item::Integer).into_iter().collect()
+                        }
                         Some(Prim::Decimal(d, s)) => vec![Item::Decimal(-d, s)],
                         Some(Prim::Quantity(q)) => {
                             let mut q = q.into_owned();
@@ -149,7 +152,7 @@ impl<'e, 'a> Ctx<'e, 'a> {
             }
             Expr::As(inner, ts) => {
                 let v = self.eval(inner, sc)?;
-                v.into_iter().filter(|i| type_matches(i, ts)).collect()
+                v.into_iter().filter(|i| cast_matches(i, ts)).collect()
             }
             Expr::Var(name) => self.variable(name)?,
             Expr::This => sc.this.to_vec(),
@@ -338,6 +341,9 @@ pub(crate) fn json_items(v: &Value) -> Vec<Item<'_>> {
     match v {
         Value::Array(a) => a.iter().flat_map(json_items).collect(),
         Value::Null => Vec::new(),
+        // `{}` is how callers say "no previous version": it is the empty collection, so
+        // `%previous.exists()` is false and `%previous.status` is empty.
+        Value::Object(o) if o.is_empty() => Vec::new(),
         Value::Object(_) => vec![Item::root(v)],
         _ => vec![Item::node(v, TypeRef::UNKNOWN)],
     }
@@ -346,6 +352,21 @@ pub(crate) fn json_items(v: &Value) -> Vec<Item<'_>> {
 /// Whether `item` matches a type specifier.
 pub(crate) fn type_matches(item: &Item, ts: &TypeSpec) -> bool {
     is_type(item, ts.namespace.as_deref(), &ts.name)
+}
+
+/// Whether `item` survives `as`/`ofType`: like [`type_matches`], except that FHIR primitive
+/// specialisations are distinct types here (`gender.is(string)` is true but
+/// `gender.as(string)` is empty, as the official suite expects).
+pub(crate) fn cast_matches(item: &Item, ts: &TypeSpec) -> bool {
+    if let Item::Node(n) = item
+        && ts.namespace.as_deref() != Some("System")
+        && model()
+            .get(n.ty.name)
+            .is_some_and(|d| d.kind == Kind::PrimitiveType)
+    {
+        return n.ty.name == ts.name;
+    }
+    type_matches(item, ts)
 }
 
 /// The single item of a collection, `None` if empty, an error if several.
@@ -583,7 +604,6 @@ fn arithmetic<'a>(op: BinOp, x: &Item, y: &Item) -> Result<Option<Item<'a>>> {
             )));
         }
     };
-    let _ = prim_equal;
     Ok(r)
 }
 
@@ -648,8 +668,11 @@ fn lookup(
         let (p, d) = m.element(ty.owner, name)?;
         return Some((p, d, ty.owner));
     }
-    let path = format!("{}.{}", ty.prefix, name);
-    if let Some((p, d)) = m.element(ty.owner, &path) {
+    // Backbone children are keyed `prefix.name`; build the key on the stack (this runs for
+    // every navigation step, and the model's longest paths are well under the buffer size).
+    let mut buf = [0u8; 160];
+    let path = join_key(&mut buf, ty.prefix, ".", name);
+    if let Some((p, d)) = path.and_then(|path| m.element(ty.owner, path)) {
         return Some((p, d, ty.owner));
     }
     // Inherited from BackboneElement/Element: id, extension, modifierExtension.
@@ -660,6 +683,19 @@ fn lookup(
     };
     let (p, d) = m.element(base, name)?;
     Some((p, d, base))
+}
+
+/// Concatenate `a`, `sep` and `b` into `buf` without allocating; `None` if it does not fit
+/// (the caller then finds nothing, which is right: no FHIR element name is that long).
+fn join_key<'b>(buf: &'b mut [u8], a: &str, sep: &str, b: &str) -> Option<&'b str> {
+    let len = a.len() + sep.len() + b.len();
+    if len > buf.len() {
+        return None;
+    }
+    buf[..a.len()].copy_from_slice(a.as_bytes());
+    buf[a.len()..a.len() + sep.len()].copy_from_slice(sep.as_bytes());
+    buf[a.len() + sep.len()..len].copy_from_slice(b.as_bytes());
+    std::str::from_utf8(&buf[..len]).ok()
 }
 
 /// Capitalise a type code for a choice property name (`dateTime` -> `DateTime`).
@@ -693,12 +729,13 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
         && let Some((path, def, owner)) = lookup(&n.ty, name)
     {
         if def.choice {
-            for t in &def.types {
-                // Find `name` + capitalised type among the properties.
-                for (k, child) in obj {
-                    if k.len() > name.len()
-                        && k.starts_with(name)
-                        && choice_suffix_matches(&k[name.len()..], t)
+            // Find the property `name` + capitalised type (`valueQuantity`).
+            for (k, child) in obj {
+                if k.len() <= name.len() || !k.starts_with(name) {
+                    continue;
+                }
+                let suffix = &k[name.len()..];
+                if let Some(t) = def.types.iter().find(|t| choice_suffix_matches(suffix, t)) {
                     {
                         let ext = if child.is_object() {
                             None
@@ -760,10 +797,8 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
 fn sibling<'a>(n: &Node<'a>, name: &str) -> Option<&'a Value> {
     match &n.json {
         JsonRef::Borrowed(v) => {
-            let mut key = String::with_capacity(name.len() + 1);
-            key.push('_');
-            key.push_str(name);
-            v.get(&key)
+            let mut buf = [0u8; 96];
+            v.get(join_key(&mut buf, "_", "", name)?)
         }
         JsonRef::Owned(_) => None,
     }

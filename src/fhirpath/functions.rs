@@ -10,8 +10,7 @@ use serde_json::Value;
 use super::ast::{Expr, Func, TypeSpec};
 use super::error::{FhirPathError, Result};
 use super::eval::{
-    Ctx, Scope, children, collections_equal, navigate, single_integer, singleton, to_bool3,
-    type_matches,
+    Ctx, Scope, cast_matches, children, navigate, single_integer, singleton, to_bool3, type_matches,
 };
 use super::temporal::{DateTimeV, Precision, TimeV, calendar_unit};
 use super::value::{Item, JsonRef, Node, Prim, Quantity, TypeRef, format_decimal, item_equal};
@@ -139,7 +138,7 @@ pub(crate) fn call<'a>(
         }
         OfType | As => {
             let ts = type_arg.expect("parser supplies the type");
-            Ok(input.into_iter().filter(|i| type_matches(i, ts)).collect())
+            Ok(input.into_iter().filter(|i| cast_matches(i, ts)).collect())
         }
         Is => {
             let ts = type_arg.expect("parser supplies the type");
@@ -221,6 +220,7 @@ pub(crate) fn call<'a>(
             None => Ok(Vec::new()),
             Some(v) => b(!v),
         },
+        Type => Ok(input.iter().map(type_info).collect()),
         ToString | ToInteger | ToDecimal | ToBoolean | ToDate | ToDateTime | ToTime
         | ToQuantity => {
             let Some(item) = singleton(&input, "conversion")? else {
@@ -256,7 +256,7 @@ pub(crate) fn call<'a>(
             b(convert(target, item, unit.as_deref()).is_some())
         }
         IndexOf | Substring | StartsWith | EndsWith | Contains | Upper | Lower | Replace
-        | Matches | ReplaceMatches | Length | ToChars | Split | Trim => {
+        | MatchesFull | Matches | ReplaceMatches | Length | ToChars | Split | Trim => {
             let Some(s) = string_input(&input, func)? else {
                 return Ok(Vec::new());
             };
@@ -370,6 +370,26 @@ pub(crate) fn call<'a>(
             )))
         }
     }
+}
+
+/// `type()`: a `{namespace, name}` object describing the item's type.
+fn type_info<'a>(item: &Item) -> Item<'a> {
+    let (ns, name) = match item {
+        Item::Node(n) => ("FHIR", n.ty.name),
+        other => (
+            "System",
+            other
+                .fhir_type()
+                .and_then(|t| t.strip_prefix("System."))
+                .unwrap_or(""),
+        ),
+    };
+    let v = serde_json::json!({"namespace": ns, "name": name});
+    Item::Node(Node {
+        json: JsonRef::Owned(Arc::new(v)),
+        ext: None,
+        ty: TypeRef::UNKNOWN,
+    })
 }
 
 /// A set of items for de-duplication in `repeat()`.
@@ -574,10 +594,20 @@ fn string_function<'a>(
             };
             vec![Item::Boolean(regex(&pat)?.is_match(s))]
         }
+        MatchesFull => {
+            let Some(pat) = str_arg(0)? else {
+                return Ok(Vec::new());
+            };
+            vec![Item::Boolean(regex(&format!("^(?:{pat})$"))?.is_match(s))]
+        }
         ReplaceMatches => {
             let (Some(pat), Some(rep)) = (str_arg(0)?, str_arg(1)?) else {
                 return Ok(Vec::new());
             };
+            // An empty pattern matches nowhere useful; the suite expects the input unchanged.
+            if pat.is_empty() {
+                return st(s.to_string());
+            }
             let re = regex(&pat)?;
             let n = re.find_iter(s).count();
             cx.check_str(s.len() + n.saturating_mul(rep.len() + 16))?;
@@ -628,7 +658,11 @@ fn math<'a>(
     Ok(match func {
         Abs => {
             if is_int {
-                vec![Item::Integer((x as i64).abs())]
+                (x as i64)
+                    .checked_abs()
+                    .map(Item::Integer)
+                    .into_iter()
+                    .collect()
             } else {
                 vec![Item::Decimal(x.abs(), scale)]
             }
@@ -688,15 +722,13 @@ pub(crate) fn prim_to_string(p: &Prim) -> String {
         Prim::Date(d) | Prim::DateTime(d) => d.format(),
         Prim::Time(t) => t.format(),
         Prim::Quantity(q) => {
-            let unit = if calendar_unit(&q.unit).is_some()
-                && q.unit.chars().all(|c| c.is_ascii_lowercase())
-                && q.unit.len() > 2
-            {
-                q.unit.clone()
+            // Calendar keywords stay keywords (`1 week`); UCUM units are quoted (`1 'wk'`).
+            let keyword = q.unit.len() > 3 && calendar_unit(&q.unit).is_some();
+            if keyword {
+                format!("{} {}", format_decimal(q.value, q.scale), q.unit)
             } else {
-                format!("'{}'", q.unit)
-            };
-            format!("{} {}", format_decimal(q.value, q.scale), unit)
+                format!("{} '{}'", format_decimal(q.value, q.scale), q.unit)
+            }
         }
     }
 }
@@ -930,5 +962,4 @@ fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
         ext: None,
         ty: TypeRef::named(ty),
     }));
-    let _ = collections_equal;
 }

@@ -7,6 +7,36 @@
 //! hang the worker or overflow its stack. Exceeding a limit is a typed
 //! [`FhirPathError::LimitExceeded`], never a panic.
 //!
+//! ## Conformance notes
+//!
+//! - Paths are lenient: a name that is not an element of the node's type is looked up as a
+//!   plain JSON property (so `Observation.valueQuantity` works as people write it in criteria)
+//!   and otherwise yields empty rather than a static error (the suite's `mode="strict"` tests
+//!   are skipped); type names as first step (`Patient.name`, `Resource.id`) select the focus
+//!   when it is of that type.
+//! - Choice elements navigate by their base name (`Observation.value` finds `valueQuantity`);
+//!   every node carries its FHIR type from `data/fhir/elements-r4.json`.
+//! - Dates/times compare per precision (undecidable comparisons are empty, including a Date
+//!   against a DateTime of the same day and a zoned against an unzoned time, as the official
+//!   suite expects); two zoned values are compared in UTC.
+//! - Decimals are `f64` with the number of written decimal places, which drives formatting
+//!   and equality/equivalence "at the precision of the less precise operand".
+//! - Quantities compare when their units are identical, calendar durations vs. their UCUM
+//!   codes (weeks and below), or simple metric prefixes of g/m/L and time units; no UCUM unit
+//!   algebra.
+//! - `resolve()` finds contained resources (`#id`) and bundle entries; otherwise a relative
+//!   or absolute `Type/id` reference yields a stand-in `{"resourceType": Type, "id": id}`.
+//! - Boolean contexts (`and`, `not()`, `iif()`, `where()`...) require a singleton; a single
+//!   non-boolean item counts as `true`.
+//! - `is` accepts subtypes (`code` is a `string`); `as`/`ofType` treat FHIR primitive
+//!   specialisations as distinct (`gender.as(string)` is empty) and, unlike the spec, `as`
+//!   filters a collection instead of failing on several items (R4 search parameters such as
+//!   `(ActivityDefinition.useContext.value as CodeableConcept)` rely on that).
+//! - An unknown lower-case type name (`ofType(string1)`) is a semantic error at parse time.
+//! - A variable bound to `{}` or `null` is the empty collection.
+//! - Terminology (`memberOf`, `subsumes`), `conformsTo`, `htmlChecks` and `comparable` return
+//!   [`FhirPathError::Unsupported`].
+//!
 //! ```
 //! use fhir_outbox::fhirpath::{Environment, Expression};
 //! let patient = serde_json::json!({"resourceType": "Patient", "name": [{"given": ["Peter"]}]});
@@ -14,6 +44,9 @@
 //! let out = expr.evaluate(&patient, &Environment::new()).unwrap();
 //! assert_eq!(out[0].as_bool(), Some(true));
 //! ```
+
+// Everything reachable from outside is documented (the criteria engine codes against it).
+#![warn(missing_docs)]
 
 mod ast;
 mod error;
@@ -146,9 +179,9 @@ impl<'a> Environment<'a> {
     }
 
     /// Define `%name` (give the name without `%`, e.g. `current`, `previous`). A JSON object
-    /// is a resource or element, an array a collection, `null` the empty collection. `{}` (used
-    /// for "no previous version") is an object with no children, so `%previous.status` is
-    /// empty.
+    /// is a resource or element, an array a collection, `null` and `{}` the empty collection
+    /// (`{}` is what callers pass for "no previous version": `%previous.exists()` is false and
+    /// `%previous.status` is empty).
     pub fn with_variable(mut self, name: &str, value: &'a Value) -> Self {
         self.vars.retain(|(n, _)| n != name);
         self.vars.push((name.to_string(), value));

@@ -136,8 +136,9 @@ fn lex(src: &str) -> Result<Vec<Token>> {
                 let (text, j) = quoted(src, i, b'`')?;
                 i = j;
                 Tok::Var(text)
-            } else if s.get(i) == Some(&b'\'') {
-                let (text, j) = quoted(src, i, b'\'')?;
+            } else if let Some(q @ (b'\'' | b'"')) = s.get(i).copied() {
+                // `%'name'` and `%"name"` are older spellings of `%`name``.
+                let (text, j) = quoted(src, i, q)?;
                 i = j;
                 Tok::Var(text)
             } else {
@@ -317,8 +318,10 @@ fn binop(t: &Tok) -> Option<(BinOp, u8)> {
     })
 }
 
-/// Precedence of `is` / `as`.
-const TYPE_PREC: u8 = 8;
+/// Precedence of `is` / `as`: below comparison and union (`1 > 2 is Boolean` is
+/// `(1 > 2) is Boolean` and `1 | 1 is Integer` is `(1 | 1) is Integer` in the official suite),
+/// above equality.
+const TYPE_PREC: u8 = 6;
 
 impl Parser {
     fn peek(&self) -> &Token {
@@ -390,6 +393,12 @@ impl Parser {
     }
 
     fn type_spec(&mut self) -> Result<TypeSpec> {
+        let ts = self.type_spec_unchecked()?;
+        check_type(&ts, self.toks[self.i.saturating_sub(1)].pos)?;
+        Ok(ts)
+    }
+
+    fn type_spec_unchecked(&mut self) -> Result<TypeSpec> {
         let t = self.next();
         let first = match t.tok {
             Tok::Ident(s) | Tok::Quoted(s) => s,
@@ -548,6 +557,9 @@ impl Parser {
                 }
             });
         }
+        if let Some(ts) = &type_arg {
+            check_type(ts, pos)?;
+        }
         let target = target.map(Box::new);
         Ok((
             Expr::Call {
@@ -636,6 +648,32 @@ impl Parser {
         };
         Ok((e, 1))
     }
+}
+
+/// Reject type names that cannot exist: an unknown lower-case name is a misspelt FHIR
+/// primitive (`string1`). Unknown capitalised names are accepted because servers define
+/// custom resource types that the R4 model does not list.
+fn check_type(ts: &TypeSpec, pos: usize) -> Result<()> {
+    let system = ts.namespace.as_deref() == Some("System");
+    let known = crate::fhir::elements::model().contains(&ts.name)
+        || matches!(
+            ts.name.as_str(),
+            "Boolean"
+                | "String"
+                | "Integer"
+                | "Decimal"
+                | "Date"
+                | "DateTime"
+                | "Time"
+                | "Quantity"
+        );
+    if !system && !known && ts.name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(FhirPathError::Semantic {
+            position: pos,
+            message: format!("unknown type '{}'", ts.name),
+        });
+    }
+    Ok(())
 }
 
 fn crate_calendar_keyword(w: &str) -> Option<&'static str> {

@@ -231,7 +231,10 @@ impl DateTimeV {
     fn to_utc(self) -> DateTimeV {
         match (self.tz, self.has_time(), self.naive()) {
             (Some(off), true, Some(n)) if off != 0 => {
-                let mut v = self.with_naive(n - Duration::minutes(off as i64));
+                let Some(shifted) = n.checked_sub_signed(Duration::minutes(off as i64)) else {
+                    return self;
+                };
+                let mut v = self.with_naive(shifted);
                 v.tz = Some(0);
                 v
             }
@@ -253,13 +256,15 @@ impl DateTimeV {
     /// Compare per the spec: component by component up to the coarser precision; `None` when
     /// the values agree so far but their precisions differ (undecidable).
     pub fn compare(&self, other: &DateTimeV) -> Option<Ordering> {
-        let (a, b) =
-            if self.has_time() && other.has_time() && (self.tz.is_some() || other.tz.is_some()) {
-                // A value without timezone is taken to be in UTC (the engine's default zone).
-                (self.to_utc(), other.to_utc())
-            } else {
-                (*self, *other)
-            };
+        if self.has_time() && other.has_time() && self.tz.is_some() != other.tz.is_some() {
+            // One local and one zoned time: the official suite treats this as undecidable.
+            return None;
+        }
+        let (a, b) = if self.has_time() && other.has_time() && self.tz.is_some() {
+            (self.to_utc(), other.to_utc())
+        } else {
+            (*self, *other)
+        };
         let pa = level(a.precision);
         let pb = level(b.precision);
         let ca = a.components();
@@ -280,17 +285,24 @@ impl DateTimeV {
     /// Add a calendar/UCUM time quantity (`1 year`, `2 'mo'`, `3 days`); `None` if the unit is
     /// not a time unit or the result is out of range.
     pub fn add(&self, amount: f64, unit: &str) -> Option<DateTimeV> {
+        // UCUM `a` and `mo` are fixed-length (365.25 / 30.4375 days), not calendar years and
+        // months, so the spec makes adding them to a date an error.
+        if unit == "a" || unit == "mo" {
+            return None;
+        }
         let unit = calendar_unit(unit)?;
         let mut v = *self;
         match unit {
             "year" | "month" => {
+                // Saturating/checked arithmetic: absurd amounts give an error, not a panic.
+                let whole = amount.trunc() as i64;
                 let months = if unit == "year" {
-                    amount.trunc() as i64 * 12
+                    whole.checked_mul(12)?
                 } else {
-                    amount.trunc() as i64
+                    whole
                 };
-                let total = v.year as i64 * 12 + (v.month as i64 - 1) + months;
-                v.year = total.div_euclid(12) as i32;
+                let total = (v.year as i64 * 12 + (v.month as i64 - 1)).checked_add(months)?;
+                v.year = i32::try_from(total.div_euclid(12)).ok()?;
                 v.month = (total.rem_euclid(12) + 1) as u32;
                 // Clamp the day to the length of the resulting month (Jan 31 + 1 month).
                 while v.day > 28 && NaiveDate::from_ymd_opt(v.year, v.month, v.day).is_none() {
@@ -299,13 +311,15 @@ impl DateTimeV {
                 Some(v)
             }
             _ => {
+                // Only whole units are added (`+ 7.7 days` adds 7 days, `+ 0.1 's'` nothing).
+                let whole = amount.trunc();
                 let ms: f64 = match unit {
-                    "week" => amount.trunc() * 7.0 * 86_400_000.0,
-                    "day" => amount.trunc() * 86_400_000.0,
-                    "hour" => amount * 3_600_000.0,
-                    "minute" => amount * 60_000.0,
-                    "second" => amount * 1000.0,
-                    _ => amount,
+                    "week" => whole * 7.0 * 86_400_000.0,
+                    "day" => whole * 86_400_000.0,
+                    "hour" => whole * 3_600_000.0,
+                    "minute" => whole * 60_000.0,
+                    "second" => whole * 1000.0,
+                    _ => whole,
                 };
                 // Below the value's precision the addition is done in whole units of the
                 // value's precision (`@2014 + 24 months` style); days on a year/month value
@@ -313,7 +327,9 @@ impl DateTimeV {
                 if v.precision < Precision::Day {
                     return Some(v);
                 }
-                let n = v.naive()? + Duration::milliseconds(ms.round() as i64);
+                let n = v
+                    .naive()?
+                    .checked_add_signed(Duration::try_milliseconds(ms.round() as i64)?)?;
                 Some(v.with_naive(n))
             }
         }
@@ -403,12 +419,11 @@ pub fn calendar_unit(unit: &str) -> Option<&'static str> {
 }
 
 impl TimeV {
-    /// Parse `hh(:mm(:ss(.fff)?)?)?`, tolerating (and ignoring) a trailing timezone.
+    /// Parse `hh(:mm(:ss(.fff)?)?)?` (a time of day has no timezone).
     pub fn parse(text: &str) -> Option<TimeV> {
         let s = text.as_bytes();
         let (t, i) = parse_time_at(s, 0)?;
-        let (_, j) = parse_tz(s, i)?;
-        (j == s.len()).then_some(t)
+        (i == s.len()).then_some(t)
     }
 
     /// Compare per the spec (see [`DateTimeV::compare`]).
@@ -441,7 +456,7 @@ impl TimeV {
         } as i64;
         let cur =
             ((self.hour * 60 + self.minute) * 60 + self.second) as i64 * 1000 + self.millis as i64;
-        let t = (cur + ms).rem_euclid(86_400_000);
+        let t = cur.checked_add(ms)?.rem_euclid(86_400_000);
         Some(TimeV {
             hour: (t / 3_600_000) as u32,
             minute: (t / 60_000 % 60) as u32,

@@ -191,7 +191,16 @@ impl<'a> Item<'a> {
             ),
             Item::Date(d) | Item::DateTime(d) => Cow::Owned(Value::String(d.format())),
             Item::Time(t) => Cow::Owned(Value::String(t.format())),
-            Item::Quantity(q) => Cow::Owned(serde_json::json!({"value": q.value, "unit": q.unit})),
+            Item::Quantity(q) => {
+                let value = if q.scale == 0 && q.value.fract() == 0.0 && q.value.abs() < 1e15 {
+                    Value::from(q.value as i64)
+                } else {
+                    serde_json::Number::from_f64(q.value)
+                        .map(Value::Number)
+                        .unwrap_or(Value::Null)
+                };
+                Cow::Owned(serde_json::json!({"value": value, "unit": q.unit}))
+            }
         }
     }
 
@@ -419,16 +428,27 @@ pub fn prim_equal(a: &Prim, b: &Prim) -> Option<bool> {
         (String(x), String(y)) => x == y,
         (Integer(x), Integer(y)) => x == y,
         (Integer(x), Decimal(y, _)) | (Decimal(y, _), Integer(x)) => (*x as f64) == *y,
+        // Equality is by value (`1.10 = 1.1`); only equivalence rounds to a common precision.
+        // The tolerance absorbs binary floating point noise (`1.8 - 1.2 = 0.6`).
         (Decimal(x, _), Decimal(y, _)) => (x - y).abs() <= 1e-12 * x.abs().max(y.abs()).max(1.0),
         (Date(x), Date(y)) | (DateTime(x), DateTime(y)) => {
             return x.compare(y).map(|o| o == Ordering::Equal);
         }
+        // A Date is compared with a DateTime as a DateTime of day precision, so a day against
+        // a time of that day is undecidable (empty).
         (Date(x), DateTime(y)) | (DateTime(y), Date(x)) => {
             return x.compare(y).map(|o| o == Ordering::Equal);
         }
         (Time(x), Time(y)) => return x.compare(y).map(|o| o == Ordering::Equal),
         (Quantity(x), Quantity(y)) => {
-            // Calendar years/months and UCUM `a`/`mo` are not equal (different definitions).
+            // Calendar years/months and UCUM `a`/`mo` have different definitions: comparing
+            // them is undecidable. Other incomparable units are simply not equal.
+            let cal = |q: &crate::fhirpath::Quantity| {
+                matches!(calendar_unit(&q.unit), Some("year" | "month"))
+            };
+            if cal(x) && cal(y) && unit_key(&x.unit) != unit_key(&y.unit) {
+                return None;
+            }
             return compare_quantities(x, y)
                 .map(|o| o == Ordering::Equal)
                 .or(Some(false));
@@ -481,14 +501,12 @@ pub fn prim_equivalent(a: &Prim, b: &Prim) -> bool {
             (x * f).round() == (y * f).round()
         }
         (Integer(x), Decimal(y, s)) | (Decimal(y, s), Integer(x)) => {
-            let f = 10f64.powi(*s as i32);
-            let _ = f;
-            (*x as f64) == y.round() && y.fract() == 0.0 || (*x as f64) == *y
+            let f = 10f64.powi((*s).min(15) as i32);
+            (*x as f64 * f).round() == (y * f).round()
         }
-        (Date(x), Date(y))
-        | (DateTime(x), DateTime(y))
-        | (Date(x), DateTime(y))
-        | (DateTime(x), Date(y)) => x.compare(y) == Some(Ordering::Equal),
+        (Date(x), Date(y)) | (DateTime(x), DateTime(y)) => x.compare(y) == Some(Ordering::Equal),
+        // Different precisions are not equivalent (`@2012-04-15 ~ @2012-04-15T10:00:00` is false).
+        (Date(x), DateTime(y)) | (DateTime(x), Date(y)) => x.compare(y) == Some(Ordering::Equal),
         (Time(x), Time(y)) => x.compare(y) == Some(Ordering::Equal),
         (Quantity(x), Quantity(y)) => {
             // For equivalence, calendar durations and their UCUM counterparts match.
@@ -497,7 +515,21 @@ pub fn prim_equivalent(a: &Prim, b: &Prim) -> bool {
             if ux == uy {
                 return x.value == y.value;
             }
-            compare_quantities(x, y) == Some(Ordering::Equal)
+            // Compare in x's unit, rounded to the precision of the less precise operand
+            // (`4 'g' ~ 4040 'mg'`).
+            match (
+                unit_factor(&unit_key(&x.unit)),
+                unit_factor(&unit_key(&y.unit)),
+            ) {
+                (Some((fx, dx)), Some((fy, dy))) if dx == dy => {
+                    let yv = y.value * fy / fx;
+                    let y_scale = y.scale as f64 + (fx / fy).log10().round();
+                    let s = (x.scale as f64).min(y_scale).max(0.0) as i32;
+                    let f = 10f64.powi(s);
+                    (x.value * f).round() == (yv * f).round()
+                }
+                _ => false,
+            }
         }
         _ => prim_equal(a, b).unwrap_or(false),
     }
@@ -554,10 +586,18 @@ pub fn is_type(item: &Item, namespace: Option<&str>, name: &str) -> bool {
             if ty.is_empty() {
                 // Untyped JSON: infer what we can.
                 return match n.json.get() {
-                    Value::Object(o) => o
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .is_some_and(|rt| rt == name || model().is_subtype(rt, name)),
+                    Value::Object(o) => {
+                        o.get("resourceType")
+                            .and_then(Value::as_str)
+                            .is_some_and(|rt| {
+                                // A resource type unknown to R4 (a server's custom resource)
+                                // is still a Resource, so `Resource.id` works on it.
+                                rt == name
+                                    || model().is_subtype(rt, name)
+                                    || !model().contains(rt)
+                                        && matches!(name, "Resource" | "DomainResource")
+                            })
+                    }
                     Value::Bool(_) => name == "boolean",
                     Value::String(_) => name == "string",
                     Value::Number(x) => name == "decimal" || name == "integer" && x.is_i64(),
