@@ -1,7 +1,8 @@
 //! Connecting to PostgreSQL and applying the embedded migrations.
 
+use sqlx::Connection;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -27,6 +28,12 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
     let options = PgConnectOptions::from_str(database_url)
         .map_err(DbError::InvalidUrl)?
         .application_name("fhir-outbox");
+    // One direct connection first: a pool retries until its timeout and then reports only that it
+    // timed out, while this names the cause (refused, unknown host, authentication, …) at once.
+    let probe = PgConnection::connect_with(&options)
+        .await
+        .map_err(DbError::Connect)?;
+    let _ = probe.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))

@@ -1,11 +1,14 @@
 //! The `fhir-outbox` command line.
 
 use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::Backoff;
-use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker};
+use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker, auto_disable};
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
+use fhir_outbox::operations::Table;
+use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
 use fhir_outbox::pgtemp::{Durability, TempCluster};
 use fhir_outbox::{db, operations};
 use std::sync::Arc;
@@ -79,6 +82,88 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delivery state per subscription, and the outbox backlog.
+    Status {
+        /// Only this project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Option<Uuid>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List deliveries, newest first.
+    Deliveries {
+        /// Only this project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Option<Uuid>,
+        /// Only this subscription (its id).
+        #[arg(long)]
+        subscription: Option<String>,
+        /// Only this state.
+        #[arg(long, value_parser = ["pending", "in_flight", "succeeded", "skipped", "failed"])]
+        state: Option<String>,
+        /// Only changes made since this time (RFC 3339, e.g. 2026-11-22T08:00:00Z).
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry failed deliveries: one, all of a subscription, or all since a time.
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["delivery", "subscription", "failed_since"])))]
+    Retry {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// One delivery (failed or skipped), by id.
+        #[arg(long)]
+        delivery: Option<i64>,
+        /// Every failed delivery of this subscription.
+        #[arg(long)]
+        subscription: Option<String>,
+        /// Every failed delivery whose change was made since this time (RFC 3339).
+        #[arg(long)]
+        failed_since: Option<DateTime<Utc>>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a resource's current version again, to all subscriptions or one (Medplum's $resend).
+    Resend {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The resource: `Type/id`.
+        #[arg(long)]
+        resource: String,
+        /// Only this subscription (its id).
+        #[arg(long)]
+        subscription: Option<String>,
+        /// `update` (default, with the previous version) or `create`.
+        #[arg(long, value_parser = parse_interaction, default_value = "update")]
+        interaction: Interaction,
+    },
+    /// Pause a subscription: its deliveries wait until it is resumed (nothing is skipped).
+    Pause {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The subscription id.
+        #[arg(long)]
+        subscription: String,
+    },
+    /// Resume a paused subscription.
+    Resume {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The subscription id.
+        #[arg(long)]
+        subscription: String,
+    },
     /// Start a throwaway PostgreSQL with the schema applied, print its URL, and keep it until Ctrl-C
     /// or SIGTERM (for development: psql exploration, refreshing sqlx's offline query data).
     DevDb {
@@ -147,6 +232,10 @@ struct DeliveryArgs {
     /// Do not write AuditEvents whose destination is `log` to the log.
     #[arg(long, env = "FHIR_OUTBOX_NO_AUDIT_LOG")]
     no_audit_log: bool,
+    /// Auto-disable triggers, a JSON array like `[{"maxConsecutiveFailures":5,"timeWindowSeconds":3600}]`
+    /// (a project's `subscriptionAutoDisable` setting overrides it). Default: off.
+    #[arg(long, env = "FHIR_OUTBOX_AUTO_DISABLE")]
+    auto_disable: Option<String>,
 }
 
 impl DeliveryArgs {
@@ -158,7 +247,17 @@ impl DeliveryArgs {
                 self.retry_cap_ms
             );
         }
+        let auto_disable = match &self.auto_disable {
+            None => Vec::new(),
+            Some(text) => {
+                let value: serde_json::Value =
+                    serde_json::from_str(text).context("--auto-disable is not JSON")?;
+                auto_disable::parse_triggers(&value)
+                    .map_err(|problem| anyhow::anyhow!("--auto-disable: {problem}"))?
+            }
+        };
         Ok(DeliveryConfig {
+            auto_disable,
             concurrency: usize::from(self.delivery_concurrency),
             lease: Duration::from_secs(self.lease_seconds),
             backoff: Backoff {
@@ -198,6 +297,12 @@ async fn main() -> Result<()> {
         }
         Command::Demo { keep_running } => demo(cli.database_url, keep_running).await,
         Command::DevDb { url_file } => dev_db(url_file).await,
+        command @ (Command::Status { .. }
+        | Command::Deliveries { .. }
+        | Command::Retry { .. }
+        | Command::Resend { .. }
+        | Command::Pause { .. }
+        | Command::Resume { .. }) => operate(cli.database_url, command).await,
         Command::Run { dispatch, delivery } => {
             let dispatch = dispatch.config(cli.allow_unsafe_outbound);
             let delivery = delivery.config(cli.allow_unsafe_outbound)?;
@@ -236,6 +341,179 @@ async fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn operate(url: Option<String>, command: Command) -> Result<()> {
+    let pool = db::connect(&require_url(url)?, 2).await?;
+    match command {
+        Command::Status { project, json } => {
+            let subscriptions = control::subscription_status(&pool, project).await?;
+            let backlog = control::backlog(&pool, project).await?;
+            if json {
+                let value = serde_json::json!({ "subscriptions": subscriptions, "outbox_backlog": backlog });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(());
+            }
+            let mut table = Table::new([
+                "project",
+                "subscription",
+                "status",
+                "pending",
+                "in flight",
+                "succeeded",
+                "skipped",
+                "failed",
+                "oldest undelivered",
+                "last error",
+            ]);
+            for s in &subscriptions {
+                let status = match (s.paused, s.status.as_deref()) {
+                    (true, status) => format!("{} (paused)", status.unwrap_or("?")),
+                    (false, status) => status.unwrap_or("?").to_owned(),
+                };
+                table.row([
+                    s.project_id.to_string(),
+                    s.subscription_id.clone(),
+                    status,
+                    s.pending.to_string(),
+                    s.in_flight.to_string(),
+                    s.succeeded.to_string(),
+                    s.skipped.to_string(),
+                    s.failed.to_string(),
+                    s.oldest_undelivered_at.map_or_else(
+                        || "-".to_owned(),
+                        |at| format!("{}s ago", (Utc::now() - at).num_seconds()),
+                    ),
+                    s.last_error.clone().unwrap_or_default(),
+                ]);
+            }
+            println!("Subscriptions:\n{table}");
+            let mut table = Table::new(["project", "undispatched changes", "dispatch lag"]);
+            for b in &backlog {
+                table.row([
+                    b.project_id.to_string(),
+                    b.undispatched.to_string(),
+                    format!("{:.1}s", b.dispatch_lag_seconds),
+                ]);
+            }
+            println!("Outbox backlog:\n{table}");
+        }
+        Command::Deliveries {
+            project,
+            subscription,
+            state,
+            since,
+            limit,
+            json,
+        } => {
+            let filter = DeliveryFilter {
+                project,
+                subscription,
+                state,
+                since,
+                limit,
+            };
+            let rows = control::deliveries(&pool, &filter).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            let mut table = Table::new([
+                "id",
+                "subscription",
+                "resource",
+                "version",
+                "interaction",
+                "state",
+                "attempts",
+                "changed at",
+                "reason",
+            ]);
+            for d in &rows {
+                table.row([
+                    d.id.to_string(),
+                    d.subscription_id.clone(),
+                    d.resource.clone(),
+                    d.version_id.to_string(),
+                    d.interaction.clone(),
+                    d.state.clone(),
+                    d.attempts.to_string(),
+                    d.changed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    d.reason.clone().unwrap_or_default(),
+                ]);
+            }
+            println!("{table}");
+        }
+        Command::Retry {
+            project,
+            delivery,
+            subscription,
+            failed_since,
+            json,
+        } => {
+            let scope = match (delivery, subscription, failed_since) {
+                (Some(id), _, _) => RetryScope::Delivery(id),
+                (_, Some(subscription), _) => RetryScope::Subscription(subscription),
+                (_, _, Some(since)) => RetryScope::FailedSince(since),
+                _ => unreachable!("clap requires one scope"),
+            };
+            let ids = control::retry(&pool, project, &scope).await?;
+            if json {
+                println!("{}", serde_json::json!({ "retried": ids }));
+            } else if ids.is_empty() {
+                println!("Nothing to retry: no failed delivery matches.");
+            } else {
+                println!("Retrying {} deliveries: {:?}", ids.len(), ids);
+            }
+        }
+        Command::Resend {
+            project,
+            resource,
+            subscription,
+            interaction,
+        } => {
+            let (resource_type, id) = resource
+                .split_once('/')
+                .context("--resource must be Type/id, e.g. Patient/123")?;
+            let seq = control::resend(
+                &pool,
+                project,
+                resource_type,
+                id,
+                subscription.as_deref(),
+                interaction,
+            )
+            .await?;
+            println!("Resent {resource} as `{interaction}` (outbox row {seq}).");
+        }
+        Command::Pause {
+            project,
+            subscription,
+        } => {
+            let changed = control::pause(&pool, project, &subscription).await?;
+            println!(
+                "Subscription/{subscription} {}.",
+                if changed {
+                    "paused: its deliveries wait"
+                } else {
+                    "was already paused"
+                }
+            );
+        }
+        Command::Resume {
+            project,
+            subscription,
+        } => {
+            let changed = control::resume(&pool, project, &subscription).await?;
+            println!(
+                "Subscription/{subscription} {}.",
+                if changed { "resumed" } else { "was not paused" }
+            );
+        }
+        _ => unreachable!("not an operator command"),
+    }
+    pool.close().await;
+    Ok(())
 }
 
 async fn run(url: String, dispatch: DispatchConfig, delivery: DeliveryConfig) -> Result<()> {

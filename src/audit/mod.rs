@@ -198,6 +198,36 @@ pub fn transmit_event(attempt: &TransmitAttempt<'_>) -> Value {
     event
 }
 
+/// The AuditEvent recorded when a subscription is disabled automatically: outcome 8, about the
+/// subscription.
+pub fn disable_event(
+    subscription: &Value,
+    message: &str,
+    at: DateTime<Utc>,
+    context: &crate::capture::WriteContext,
+) -> Value {
+    let id = subscription
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let subscription_ref = reference("Subscription", id, None, true);
+    let mut event = json!({
+        "resourceType": "AuditEvent",
+        "period": { "start": instant(at), "end": instant(at) },
+        "recorded": instant(at),
+        "type": { "code": "transmit" },
+        "agent": [{ "type": { "text": "Subscription" }, "requestor": false }],
+        "source": { "observer": subscription_ref.clone() },
+        "entity": [{ "what": subscription_ref, "role": entity_role("Subscription") }],
+        "outcome": Outcome::SeriousFailure.code(),
+        "outcomeDesc": message
+    });
+    if let (Some(request), Some(trace)) = (&context.request_id, &context.trace_id) {
+        event["extension"] = json!([tracing_extension(request, trace)]);
+    }
+    event
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

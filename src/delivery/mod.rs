@@ -8,6 +8,7 @@
 //! expired (it was paused, or presumed dead) can never overwrite a newer attempt. A worker killed
 //! mid-delivery loses nothing: its lease expires and another worker delivers.
 
+pub mod auto_disable;
 pub mod headers;
 pub mod outbound;
 pub mod policy;
@@ -54,6 +55,8 @@ pub struct DeliveryConfig {
     pub redact_audit_events: bool,
     /// Write AuditEvents whose destination includes `log` as JSON log lines.
     pub log_audit_events: bool,
+    /// Auto-disable triggers (server setting; a project setting overrides them). Empty: off.
+    pub auto_disable: Vec<auto_disable::Trigger>,
 }
 
 impl Default for DeliveryConfig {
@@ -70,6 +73,7 @@ impl Default for DeliveryConfig {
             allow_unsafe_outbound: false,
             redact_audit_events: false,
             log_audit_events: true,
+            auto_disable: Vec::new(),
         }
     }
 }
@@ -103,6 +107,7 @@ struct Attempt {
     retry_after: Option<Duration>,
     max_attempts: u32,
     redact: bool,
+    auto_disable: Vec<auto_disable::Trigger>,
 }
 
 /// The delivery stage.
@@ -379,9 +384,12 @@ impl DeliveryWorker {
             tracing::warn!(subscription = %delivery.subscription_id, "{problem}");
             policy::DEFAULT_MAX_ATTEMPTS
         });
+        let settings = queries::project_settings(&mut conn, delivery.project_id).await?;
         let redact = self.config.redact_audit_events
-            || queries::project_redacts_audit_events(&mut conn, delivery.project_id).await?;
+            || settings.get("redactAuditEvents") == Some(&Value::Bool(true));
+        let auto_disable = auto_disable::project_triggers(&settings, &self.config.auto_disable);
         Ok(Prepared::Send(Box::new(Request {
+            auto_disable,
             endpoint,
             body,
             custom_headers,
@@ -454,6 +462,7 @@ impl DeliveryWorker {
             retry_after,
             max_attempts: request.max_attempts,
             redact: request.redact,
+            auto_disable: request.auto_disable,
         }))
     }
 
@@ -564,13 +573,16 @@ impl DeliveryWorker {
             Execution::Attempted(attempt) => {
                 let attempts = delivery.attempts + 1;
                 let error = attempt.record.error.clone().unwrap_or_default();
+                // A 410 says the endpoint is gone for good: no retries (and the subscription is disabled).
+                let gone = attempt.record.status == Some(410);
                 let completion = if attempt.record.succeeded {
                     Completion {
                         state: "succeeded",
                         attempts,
                         ..base
                     }
-                } else if attempts as u32 >= attempt.max_attempts
+                } else if gone
+                    || attempts as u32 >= attempt.max_attempts
                     || delivery.claims as u32 >= policy::HARD_ATTEMPT_CAP
                 {
                     Completion {
@@ -652,6 +664,9 @@ impl DeliveryWorker {
                 audit_event_id.as_deref(),
             )
             .await?;
+            // After the attempt's own record, so the disable is what the log shows last.
+            self.track_failures(&mut tx, delivery, &attempt, &completion, now)
+                .await?;
             if destinations.log && self.config.log_audit_events {
                 log_line = Some(event);
             }
@@ -664,12 +679,63 @@ impl DeliveryWorker {
     }
 }
 
+impl DeliveryWorker {
+    /// Auto-disable bookkeeping, in the completion's transaction: a success clears the count, a final
+    /// failure adds to it (and may disable the subscription), a `410 Gone` disables it at once.
+    async fn track_failures(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        delivery: &ClaimedDelivery,
+        attempt: &Attempt,
+        completion: &Completion,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if attempt.record.succeeded {
+            return Ok(
+                auto_disable::clear(tx, delivery.project_id, &delivery.subscription_id).await?,
+            );
+        }
+        if completion.state != "failed" {
+            return Ok(());
+        }
+        let message = if attempt.record.status == Some(410) {
+            Some("Automatically disabled: the endpoint answered 410 Gone".to_owned())
+        } else {
+            auto_disable::record_final_failure(
+                tx,
+                delivery.project_id,
+                &delivery.subscription_id,
+                &attempt.auto_disable,
+                now,
+            )
+            .await?
+        };
+        if let Some(message) = message {
+            let context = WriteContext {
+                author: None,
+                request_id: Some(delivery.request_id.clone()),
+                trace_id: Some(delivery.trace_id.clone()),
+            };
+            auto_disable::disable(
+                tx,
+                delivery.project_id,
+                &delivery.subscription_id,
+                &message,
+                &context,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
 enum Prepared {
     Stop(Execution),
     Send(Box<Request>),
 }
 
 struct Request {
+    auto_disable: Vec<auto_disable::Trigger>,
     endpoint: String,
     body: Vec<u8>,
     custom_headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,

@@ -29,7 +29,7 @@ pub struct ClaimedDelivery {
 }
 
 /// Claims up to `limit` deliveries that are due, or whose lease expired (their worker died), and
-/// takes a fresh lease on each.
+/// takes a fresh lease on each. Deliveries of paused subscriptions wait.
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
@@ -38,12 +38,16 @@ pub async fn claim(
     sqlx::query_as!(
         ClaimedDelivery,
         r#"WITH pending AS (
-               SELECT id FROM fhir_outbox.delivery
+               SELECT id FROM fhir_outbox.delivery d
                WHERE state = 'pending' AND next_attempt_at <= now()
+                 AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                                 WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
                ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED),
            expired AS (
-               SELECT id FROM fhir_outbox.delivery
+               SELECT id FROM fhir_outbox.delivery d
                WHERE state = 'in_flight' AND lease_expires_at < now()
+                 AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                                 WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
                ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),
            due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1)
            UPDATE fhir_outbox.delivery d
@@ -175,17 +179,16 @@ pub async fn insert_attempt(
     Ok(())
 }
 
-/// Whether the project asks for redacted AuditEvents (setting `redactAuditEvents`).
-pub async fn project_redacts_audit_events(
+/// A project's settings (`{}` when it has none, or does not exist).
+pub async fn project_settings(
     conn: &mut PgConnection,
     project: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let redacts = sqlx::query_scalar!(
-        r#"SELECT coalesce(settings -> 'redactAuditEvents' = 'true'::jsonb, false) AS "redacts!"
-           FROM fhir_outbox.project WHERE id = $1"#,
+) -> Result<serde_json::Value, sqlx::Error> {
+    let settings = sqlx::query_scalar!(
+        "SELECT settings FROM fhir_outbox.project WHERE id = $1",
         project
     )
     .fetch_optional(conn)
     .await?;
-    Ok(redacts.unwrap_or(false))
+    Ok(settings.unwrap_or_else(|| serde_json::json!({})))
 }

@@ -175,6 +175,12 @@ impl Dispatcher {
                 changed_at: Some(change.changed_at),
             };
             for subscription in candidates.for_project(change.project_id) {
+                // A resend can be for one subscription only (Medplum's $resend `subscription`).
+                if let Some(only) = &change.resend_subscription_id {
+                    if subscription.id != *only || subscription.project_id != change.project_id {
+                        continue;
+                    }
+                }
                 match matching::evaluate(subscription, &view, false) {
                     Verdict::Matched => {
                         push_delivery(&mut deliveries, change, subscription, matched_at)

@@ -23,6 +23,8 @@ pub struct ClaimedChange {
     pub current: Option<Value>,
     /// The previous version's content.
     pub previous: Option<Value>,
+    /// For a resend restricted to one subscription, that subscription's id.
+    pub resend_subscription_id: Option<String>,
 }
 
 /// Locks up to `limit` of the oldest undispatched outbox rows that no other dispatcher holds.
@@ -34,7 +36,7 @@ pub async fn claim_changes(
         ClaimedChange,
         r#"WITH claimed AS (
                SELECT seq, project_id, resource_type, resource_id, version_id, previous_version_id,
-                      interaction, changed_at, request_id, trace_id
+                      interaction, changed_at, request_id, trace_id, resend_subscription_id
                FROM fhir_outbox.outbox
                WHERE dispatched_at IS NULL
                ORDER BY seq
@@ -44,7 +46,8 @@ pub async fn claim_changes(
                   c.resource_id AS "resource_id!", c.version_id AS "version_id!",
                   c.previous_version_id, c.interaction AS "interaction!: Interaction",
                   c.changed_at AS "changed_at!", c.request_id AS "request_id!", c.trace_id AS "trace_id!",
-                  cur.content AS "current?", prev.content AS "previous?"
+                  cur.content AS "current?", prev.content AS "previous?",
+                  c.resend_subscription_id
            FROM claimed c
            LEFT JOIN fhir_outbox.resource_version cur
                   ON cur.project_id = c.project_id AND cur.resource_type = c.resource_type

@@ -17,12 +17,12 @@ const SECRET: &str = "https://www.medplum.com/fhir/StructureDefinition/subscript
 const INTERACTION: &str =
     "https://medplum.com/fhir/StructureDefinition/subscription-supported-interaction";
 
-struct Pipeline {
-    dispatcher: Dispatcher,
-    worker: Arc<DeliveryWorker>,
+pub struct Pipeline {
+    pub dispatcher: Dispatcher,
+    pub worker: Arc<DeliveryWorker>,
 }
 
-fn fast_config() -> DeliveryConfig {
+pub fn fast_config() -> DeliveryConfig {
     DeliveryConfig {
         allow_unsafe_outbound: true,
         backoff: Backoff {
@@ -34,7 +34,7 @@ fn fast_config() -> DeliveryConfig {
     }
 }
 
-fn pipeline(pool: &PgPool, config: DeliveryConfig) -> Pipeline {
+pub fn pipeline(pool: &PgPool, config: DeliveryConfig) -> Pipeline {
     let dispatcher = Dispatcher::new(
         pool.clone(),
         DispatchConfig {
@@ -48,7 +48,7 @@ fn pipeline(pool: &PgPool, config: DeliveryConfig) -> Pipeline {
 
 impl Pipeline {
     /// Dispatches and delivers until no delivery is pending or in flight.
-    async fn settle(&self, pool: &PgPool) {
+    pub async fn settle(&self, pool: &PgPool) {
         for _ in 0..1000 {
             while self.dispatcher.dispatch_once().await.unwrap().changes > 0 {}
             self.worker.deliver_once().await.unwrap();
@@ -73,19 +73,19 @@ impl Pipeline {
     }
 }
 
-fn hook(url: &str, criteria: &str) -> Value {
+pub fn hook(url: &str, criteria: &str) -> Value {
     json!({
         "resourceType": "Subscription", "status": "active", "reason": "test", "criteria": criteria,
         "channel": { "type": "rest-hook", "endpoint": url }
     })
 }
 
-fn with_extensions(mut subscription: Value, extensions: Value) -> Value {
+pub fn with_extensions(mut subscription: Value, extensions: Value) -> Value {
     subscription["extension"] = extensions;
     subscription
 }
 
-async fn create(pool: &PgPool, project: Uuid, resource: &Value, trace: Option<&str>) -> Value {
+pub async fn create(pool: &PgPool, project: Uuid, resource: &Value, trace: Option<&str>) -> Value {
     let context = WriteContext {
         trace_id: trace.map(str::to_owned),
         ..WriteContext::default()
@@ -97,7 +97,7 @@ async fn create(pool: &PgPool, project: Uuid, resource: &Value, trace: Option<&s
 }
 
 /// (state, attempts, reason) of the deliveries to a subscription, oldest first.
-async fn states(pool: &PgPool, subscription: &Value) -> Vec<(String, i32, Option<String>)> {
+pub async fn states(pool: &PgPool, subscription: &Value) -> Vec<(String, i32, Option<String>)> {
     sqlx::query_as(
         "SELECT state, attempts, reason FROM fhir_outbox.delivery WHERE subscription_id = $1 ORDER BY id",
     )
@@ -108,7 +108,7 @@ async fn states(pool: &PgPool, subscription: &Value) -> Vec<(String, i32, Option
 }
 
 /// outcome and outcomeDesc of the stored AuditEvents about a subscription, oldest first.
-async fn audit_events(pool: &PgPool, subscription: &Value) -> Vec<(String, String)> {
+pub async fn audit_events(pool: &PgPool, subscription: &Value) -> Vec<(String, String)> {
     let reference = format!("Subscription/{}", subscription["id"].as_str().unwrap());
     let events: Vec<Value> = sqlx::query_scalar(
         "SELECT content FROM fhir_outbox.resource_version

@@ -7,5 +7,6 @@ mod delivery;
 mod dispatch;
 mod explain;
 mod migrations;
+mod operations;
 mod receiver;
 mod sql_interface;

@@ -1,0 +1,350 @@
+//! What operators read and steer: delivery status, the delivery list, retry, resend, pause and
+//! resume. The CLI prints these; the SQL is here, over the public views of `migrations/`.
+//!
+//! Every write action names its project: an operator acting on project A can never touch B's
+//! deliveries or resources.
+
+use crate::capture::{self, Interaction, StoreError};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Why an operator action was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The subscription does not exist in the project.
+    #[error("Subscription/{0} not found in this project")]
+    UnknownSubscription(String),
+    /// The resource cannot be resent.
+    #[error("cannot resend {reference}: {reason}")]
+    Resend {
+        /// `Type/id`.
+        reference: String,
+        /// Why.
+        reason: String,
+    },
+    /// Reading the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for ControlError {
+    fn from(error: sqlx::Error) -> Self {
+        ControlError::Store(StoreError::from(error))
+    }
+}
+
+/// One row of `fhir_outbox.subscription_delivery_status`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SubscriptionStatus {
+    /// Project.
+    pub project_id: Uuid,
+    /// Subscription id.
+    pub subscription_id: String,
+    /// Its `status`.
+    pub status: Option<String>,
+    /// Its channel type.
+    pub channel_type: Option<String>,
+    /// Its criteria.
+    pub criteria: Option<String>,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// Deliveries waiting (including retries).
+    pub pending: i64,
+    /// Deliveries being sent.
+    pub in_flight: i64,
+    /// Delivered.
+    pub succeeded: i64,
+    /// Not sent, with a reason (subscription or resource gone, stale version).
+    pub skipped: i64,
+    /// Given up.
+    pub failed: i64,
+    /// When the oldest undelivered change was made.
+    pub oldest_undelivered_at: Option<DateTime<Utc>>,
+    /// The latest error of a failed or retrying delivery.
+    pub last_error: Option<String>,
+    /// The latest skip reason.
+    pub last_skip_reason: Option<String>,
+}
+
+/// Delivery state per subscription, optionally for one project.
+pub async fn subscription_status(
+    pool: &PgPool,
+    project: Option<Uuid>,
+) -> Result<Vec<SubscriptionStatus>, ControlError> {
+    Ok(sqlx::query_as!(
+        SubscriptionStatus,
+        r#"SELECT project_id AS "project_id!", subscription_id AS "subscription_id!", status, channel_type,
+                  criteria, paused AS "paused!", pending AS "pending!", in_flight AS "in_flight!",
+                  succeeded AS "succeeded!", skipped AS "skipped!", failed AS "failed!",
+                  oldest_undelivered_at, last_error, last_skip_reason
+           FROM fhir_outbox.subscription_delivery_status
+           WHERE $1::uuid IS NULL OR project_id = $1
+           ORDER BY project_id, subscription_id"#,
+        project
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// One row of `fhir_outbox.outbox_backlog`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Backlog {
+    /// Project.
+    pub project_id: Uuid,
+    /// Changes not yet dispatched.
+    pub undispatched: i64,
+    /// How far behind dispatch is (seconds since the oldest undispatched change).
+    pub dispatch_lag_seconds: f64,
+}
+
+/// The outbox backlog per project.
+pub async fn backlog(pool: &PgPool, project: Option<Uuid>) -> Result<Vec<Backlog>, ControlError> {
+    Ok(sqlx::query_as!(
+        Backlog,
+        r#"SELECT project_id AS "project_id!", undispatched AS "undispatched!",
+                  extract(epoch FROM dispatch_lag)::float8 AS "dispatch_lag_seconds!"
+           FROM fhir_outbox.outbox_backlog
+           WHERE $1::uuid IS NULL OR project_id = $1
+           ORDER BY project_id"#,
+        project
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// One delivery, for `fhir-outbox deliveries`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRow {
+    /// Delivery id.
+    pub id: i64,
+    /// Project.
+    pub project_id: Uuid,
+    /// Subscription id.
+    pub subscription_id: String,
+    /// `Type/id`.
+    pub resource: String,
+    /// Version delivered.
+    pub version_id: i64,
+    /// create, update or delete.
+    pub interaction: String,
+    /// pending, in_flight, succeeded, skipped or failed.
+    pub state: String,
+    /// HTTP attempts made.
+    pub attempts: i32,
+    /// When the change was made.
+    pub changed_at: DateTime<Utc>,
+    /// Next attempt (pending) .
+    pub next_attempt_at: DateTime<Utc>,
+    /// Last error or skip reason.
+    pub reason: Option<String>,
+}
+
+/// Filters of [`deliveries`].
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// Only this project.
+    pub project: Option<Uuid>,
+    /// Only this subscription.
+    pub subscription: Option<String>,
+    /// Only this state.
+    pub state: Option<String>,
+    /// Only changes made since.
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+/// Deliveries, newest first.
+pub async fn deliveries(
+    pool: &PgPool,
+    filter: &DeliveryFilter,
+) -> Result<Vec<DeliveryRow>, ControlError> {
+    Ok(sqlx::query_as!(
+        DeliveryRow,
+        r#"SELECT id, project_id, subscription_id, resource_type || '/' || resource_id AS "resource!",
+                  version_id, interaction, state, attempts, changed_at, next_attempt_at, reason
+           FROM fhir_outbox.delivery
+           WHERE ($1::uuid IS NULL OR project_id = $1)
+             AND ($2::text IS NULL OR subscription_id = $2)
+             AND ($3::text IS NULL OR state = $3)
+             AND ($4::timestamptz IS NULL OR changed_at >= $4)
+           ORDER BY id DESC
+           LIMIT $5"#,
+        filter.project,
+        filter.subscription,
+        filter.state,
+        filter.since,
+        filter.limit
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Which failed deliveries to retry.
+#[derive(Debug, Clone)]
+pub enum RetryScope {
+    /// One delivery (failed or skipped).
+    Delivery(i64),
+    /// Every failed delivery of a subscription.
+    Subscription(String),
+    /// Every failed delivery of the project whose change was made since.
+    FailedSince(DateTime<Utc>),
+}
+
+/// Puts failed deliveries back to pending with a fresh attempt budget; they keep their `webhook-id`.
+/// Returns the ids retried.
+pub async fn retry(
+    pool: &PgPool,
+    project: Uuid,
+    scope: &RetryScope,
+) -> Result<Vec<i64>, ControlError> {
+    let (delivery, subscription, since) = match scope {
+        RetryScope::Delivery(id) => (Some(*id), None, None),
+        RetryScope::Subscription(id) => (None, Some(id.as_str()), None),
+        RetryScope::FailedSince(at) => (None, None, Some(*at)),
+    };
+    let mut tx = pool.begin().await?;
+    let ids = sqlx::query_scalar!(
+        "UPDATE fhir_outbox.delivery
+         SET state = 'pending', next_attempt_at = now(), attempts = 0, preamble_failures = 0, claims = 0,
+             finished_at = NULL, reason = 'retried by an operator'
+         WHERE project_id = $1
+           AND (state = 'failed' OR ($2::bigint IS NOT NULL AND state = 'skipped'))
+           AND ($2::bigint IS NULL OR id = $2)
+           AND ($3::text IS NULL OR subscription_id = $3)
+           AND ($4::timestamptz IS NULL OR changed_at >= $4)
+         RETURNING id",
+        project,
+        delivery,
+        subscription,
+        since
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+async fn require_subscription(
+    pool: &PgPool,
+    project: Uuid,
+    subscription: &str,
+) -> Result<(), ControlError> {
+    match capture::read(pool, project, "Subscription", subscription).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_)) => {
+            Err(ControlError::UnknownSubscription(subscription.to_owned()))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Pauses a subscription: its deliveries wait (they are still enqueued). Returns false if it was
+/// already paused.
+pub async fn pause(pool: &PgPool, project: Uuid, subscription: &str) -> Result<bool, ControlError> {
+    require_subscription(pool, project, subscription).await?;
+    let inserted = sqlx::query!(
+        "INSERT INTO fhir_outbox.subscription_pause (project_id, subscription_id) VALUES ($1, $2)
+         ON CONFLICT DO NOTHING",
+        project,
+        subscription
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Resumes a paused subscription; its waiting deliveries go out. Returns false if it was not paused.
+pub async fn resume(
+    pool: &PgPool,
+    project: Uuid,
+    subscription: &str,
+) -> Result<bool, ControlError> {
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query!(
+        "DELETE FROM fhir_outbox.subscription_pause WHERE project_id = $1 AND subscription_id = $2",
+        project,
+        subscription
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(deleted == 1)
+}
+
+/// Sends a resource's current version again (Medplum's `$resend`): an outbox row marked `resend`,
+/// evaluated by dispatch like any change, for every subscription or only `subscription`. The
+/// interaction is `update` by default, with the version before the current one as previous version;
+/// `create` sends it with no previous version. Returns the outbox position.
+pub async fn resend(
+    pool: &PgPool,
+    project: Uuid,
+    resource_type: &str,
+    id: &str,
+    subscription: Option<&str>,
+    interaction: Interaction,
+) -> Result<i64, ControlError> {
+    let reference = format!("{resource_type}/{id}");
+    if let Some(subscription) = subscription {
+        require_subscription(pool, project, subscription).await?;
+    }
+    if interaction == Interaction::Delete {
+        return Err(ControlError::Resend {
+            reference,
+            reason: "only create and update can be resent".into(),
+        });
+    }
+    let history = capture::history(pool, project, resource_type, id).await?;
+    let Some(current) = history.first() else {
+        return Err(ControlError::Resend {
+            reference,
+            reason: "it does not exist in this project".into(),
+        });
+    };
+    if current.deleted {
+        return Err(ControlError::Resend {
+            reference,
+            reason: "it is deleted".into(),
+        });
+    }
+    let previous = match interaction {
+        Interaction::Update => history
+            .get(1)
+            .filter(|entry| !entry.deleted)
+            .map(|entry| entry.version_id),
+        _ => None,
+    };
+    let mut tx = pool.begin().await?;
+    let seq = sqlx::query_scalar!(
+        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
+             previous_version_id, interaction, changed_at, request_id, trace_id, resend,
+             resend_subscription_id)
+         VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp(), gen_random_uuid()::text,
+                 gen_random_uuid()::text, true, $7)
+         RETURNING seq",
+        project,
+        resource_type,
+        id,
+        current.version_id,
+        previous,
+        interaction.as_str(),
+        subscription
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify('fhir_outbox_change', '')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(seq)
+}

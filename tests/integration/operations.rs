@@ -1,0 +1,437 @@
+//! Operating it: auto-disable, and the operator commands run as a user would (CLI output included).
+
+use crate::common::TestDb;
+use crate::delivery::{audit_events, create, fast_config, hook, pipeline, states, with_extensions};
+use crate::receiver::{Receiver, Reply};
+use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::delivery::DeliveryConfig;
+use fhir_outbox::delivery::auto_disable::{self, Trigger};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+const MAX_ATTEMPTS: &str = "https://medplum.com/fhir/StructureDefinition/subscription-max-attempts";
+
+fn one_attempt(url: &str) -> Value {
+    with_extensions(
+        hook(url, "Patient"),
+        json!([{ "url": MAX_ATTEMPTS, "valueInteger": 1 }]),
+    )
+}
+
+async fn subscription(pool: &PgPool, project: uuid::Uuid, subscription: &Value) -> Value {
+    capture::read(
+        pool,
+        project,
+        "Subscription",
+        subscription["id"].as_str().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn disabling(after: u32) -> DeliveryConfig {
+    DeliveryConfig {
+        auto_disable: vec![Trigger {
+            max_consecutive_failures: after,
+            time_window_seconds: 3600,
+        }],
+        ..fast_config()
+    }
+}
+
+#[tokio::test]
+async fn final_failures_disable_a_subscription_and_a_success_resets_the_count() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![
+        Reply::Status(500, None),
+        Reply::Status(200, None),
+        Reply::Status(500, None),
+        Reply::Status(500, None),
+    ])
+    .await;
+    let sub = create(&db.pool, project, &one_attempt(&receiver.url), None).await;
+    let p = pipeline(&db.pool, disabling(2));
+    let patient = json!({ "resourceType": "Patient" });
+    for _ in 0..3 {
+        create(&db.pool, project, &patient, None).await;
+        p.settle(&db.pool).await;
+    }
+    // failure, success (resets), failure: still active.
+    assert_eq!(
+        subscription(&db.pool, project, &sub).await["status"],
+        "active"
+    );
+    create(&db.pool, project, &patient, None).await;
+    p.settle(&db.pool).await;
+    let disabled = subscription(&db.pool, project, &sub).await;
+    assert_eq!(disabled["status"], "off");
+    assert_eq!(
+        disabled["error"],
+        "Automatically disabled after 2 consecutive failed events in the last 3600 seconds"
+    );
+    let events = audit_events(&db.pool, &sub).await;
+    assert_eq!(events.last().unwrap().0, "8");
+    // A disabled subscription gets nothing more.
+    create(&db.pool, project, &patient, None).await;
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 4);
+}
+
+#[tokio::test]
+async fn a_410_disables_at_once_and_a_project_can_turn_auto_disable_off() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let gone = Receiver::start(vec![Reply::Status(410, None)]).await;
+    let sub = create(&db.pool, project, &hook(&gone.url, "Patient"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    p.settle(&db.pool).await;
+    assert_eq!(gone.received().len(), 1, "no retry after 410");
+    let disabled = subscription(&db.pool, project, &sub).await;
+    assert_eq!(disabled["status"], "off");
+    assert_eq!(
+        disabled["error"],
+        "Automatically disabled: the endpoint answered 410 Gone"
+    );
+
+    let other = db.project().await;
+    sqlx::query("UPDATE fhir_outbox.project SET settings = '{\"subscriptionAutoDisable\": []}' WHERE id = $1")
+        .bind(other)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let failing = Receiver::start(vec![Reply::Status(500, None); 5]).await;
+    let kept = create(&db.pool, other, &one_attempt(&failing.url), None).await;
+    let p = pipeline(&db.pool, disabling(1));
+    create(&db.pool, other, &json!({ "resourceType": "Patient" }), None).await;
+    p.settle(&db.pool).await;
+    assert_eq!(
+        subscription(&db.pool, other, &kept).await["status"],
+        "active"
+    );
+}
+
+#[tokio::test]
+async fn auto_disable_never_overrides_an_administrator() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut sub = create(
+        &db.pool,
+        project,
+        &hook("https://example.org/x", "Patient"),
+        None,
+    )
+    .await;
+    sub["status"] = json!("error");
+    sub["error"] = json!("set by an administrator");
+    let id = sub["id"].as_str().unwrap().to_owned();
+    capture::update(
+        &db.pool,
+        project,
+        "Subscription",
+        &id,
+        &sub,
+        None,
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let disabled = auto_disable::disable(
+        &mut conn,
+        project,
+        &id,
+        "Automatically disabled",
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!disabled);
+    let current = subscription(&db.pool, project, &sub).await;
+    assert_eq!(
+        (current["status"].as_str(), current["error"].as_str()),
+        (Some("error"), Some("set by an administrator"))
+    );
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+        .args(args)
+        .env("FHIR_OUTBOX_LOG", "off")
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn find_a_failed_delivery_in_sql_and_retry_it_from_the_cli() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![Reply::Status(500, None)]).await;
+    let sub = create(&db.pool, project, &one_attempt(&receiver.url), None).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    let p = pipeline(&db.pool, fast_config());
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    p.settle(&db.pool).await;
+
+    // The one SQL query README gives operators.
+    let (failed_id, last_error): (i64, String) = sqlx::query_as(
+        "SELECT id, reason FROM fhir_outbox.delivery WHERE state = 'failed' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(last_error.contains("Received status 500"));
+
+    let project = project.to_string();
+    let (ok, text) = cli(&["status", "--database-url", &db.url, "--project", &project]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(sub_id) && text.contains("Received status 500"),
+        "{text}"
+    );
+    let (ok, text) = cli(&[
+        "deliveries",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project,
+        "--state",
+        "failed",
+        "--json",
+    ]);
+    assert!(ok, "{text}");
+    let rows: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(rows[0]["id"], failed_id);
+
+    let (ok, text) = cli(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project,
+        "--delivery",
+        &failed_id.to_string(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("Retrying 1 deliveries: [{failed_id}]")),
+        "{text}"
+    );
+    p.settle(&db.pool).await;
+    assert_eq!(states(&db.pool, &sub).await[0].0, "succeeded");
+    assert_eq!(receiver.received().len(), 2);
+    assert_eq!(
+        receiver.received()[0].header("webhook-id"),
+        receiver.received()[1].header("webhook-id")
+    );
+
+    let (ok, text) = cli(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project,
+        "--subscription",
+        sub_id,
+    ]);
+    assert!(ok && text.contains("Nothing to retry"), "{text}");
+    // Another project cannot retry this one's deliveries.
+    let other = db.project().await.to_string();
+    sqlx::query("UPDATE fhir_outbox.delivery SET state = 'failed'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (ok, text) = cli(&[
+        "retry",
+        "--database-url",
+        &db.url,
+        "--project",
+        &other,
+        "--delivery",
+        &failed_id.to_string(),
+    ]);
+    assert!(ok && text.contains("Nothing to retry"), "{text}");
+}
+
+#[tokio::test]
+async fn pause_holds_deliveries_and_resume_sends_them() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let sub = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    let p = pipeline(&db.pool, fast_config());
+    let project_text = project.to_string();
+    let (ok, text) = cli(&[
+        "pause",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--subscription",
+        sub_id,
+    ]);
+    assert!(ok && text.contains("paused"), "{text}");
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    while p.dispatcher.dispatch_once().await.unwrap().changes > 0 {}
+    p.worker.deliver_once().await.unwrap();
+    assert!(receiver.received().is_empty());
+    assert_eq!(states(&db.pool, &sub).await[0].0, "pending");
+    let (ok, text) = cli(&[
+        "status",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--json",
+    ]);
+    assert!(ok, "{text}");
+    let status: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status["subscriptions"][0]["paused"], true);
+    assert_eq!(status["subscriptions"][0]["pending"], 1);
+
+    let (ok, text) = cli(&[
+        "resume",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--subscription",
+        sub_id,
+    ]);
+    assert!(ok && text.contains("resumed"), "{text}");
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 1);
+    let (ok, text) = cli(&[
+        "pause",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--subscription",
+        "nope",
+    ]);
+    assert!(
+        !ok && text.contains("Subscription/nope not found"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn resend_sends_the_current_version_again_to_one_or_all() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let a = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let b = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    let patient = create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    let id = patient["id"].as_str().unwrap();
+    capture::update(
+        &db.pool,
+        project,
+        "Patient",
+        id,
+        &json!({ "resourceType": "Patient", "id": id, "active": true }),
+        None,
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 4);
+
+    let project_text = project.to_string();
+    let reference = format!("Patient/{id}");
+    let (ok, text) = cli(&[
+        "resend",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--resource",
+        &reference,
+        "--subscription",
+        a["id"].as_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("Resent"), "{text}");
+    p.settle(&db.pool).await;
+    let received = receiver.received();
+    assert_eq!(received.len(), 5);
+    assert_eq!(
+        received[4].header("x-medplum-subscription"),
+        a["id"].as_str()
+    );
+    assert_eq!(received[4].header("x-medplum-interaction"), Some("update"));
+    assert_eq!(received[4].json()["meta"]["versionId"], "2");
+
+    let (ok, _) = cli(&[
+        "resend",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--resource",
+        &reference,
+    ]);
+    assert!(ok);
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 7, "to both");
+    let _ = b;
+
+    let other = db.project().await.to_string();
+    let (ok, text) = cli(&[
+        "resend",
+        "--database-url",
+        &db.url,
+        "--project",
+        &other,
+        "--resource",
+        &reference,
+    ]);
+    assert!(
+        !ok && text.contains("does not exist in this project"),
+        "{text}"
+    );
+    capture::delete(&db.pool, project, "Patient", id, &WriteContext::default())
+        .await
+        .unwrap();
+    let (ok, text) = cli(&[
+        "resend",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_text,
+        "--resource",
+        &reference,
+    ]);
+    assert!(!ok && text.contains("it is deleted"), "{text}");
+}
