@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod dispatch;
 pub mod fhir;
 pub mod fhirpath;
+pub mod metrics;
 pub mod operations;
 pub mod pgtemp;
 pub mod project;

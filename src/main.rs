@@ -60,6 +60,9 @@ enum Command {
         dispatch: DispatchArgs,
         #[command(flatten)]
         delivery: DeliveryArgs,
+        /// Address of the admin endpoint (/metrics, /healthz, /readyz); `off` to disable.
+        #[arg(long, env = "FHIR_OUTBOX_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+        admin_addr: String,
     },
     /// Explain whether a subscription matches a resource change, and if not, which check failed.
     Explain {
@@ -303,10 +306,22 @@ async fn main() -> Result<()> {
         | Command::Resend { .. }
         | Command::Pause { .. }
         | Command::Resume { .. }) => operate(cli.database_url, command).await,
-        Command::Run { dispatch, delivery } => {
+        Command::Run {
+            dispatch,
+            delivery,
+            admin_addr,
+        } => {
             let dispatch = dispatch.config(cli.allow_unsafe_outbound);
             let delivery = delivery.config(cli.allow_unsafe_outbound)?;
-            run(require_url(cli.database_url)?, dispatch, delivery).await
+            let admin = match admin_addr.as_str() {
+                "off" => None,
+                address => Some(address.parse().with_context(|| {
+                    format!(
+                        "--admin-addr `{address}` is not an address like 127.0.0.1:9464 (or `off`)"
+                    )
+                })?),
+            };
+            run(require_url(cli.database_url)?, dispatch, delivery, admin).await
         }
         Command::Explain {
             subscription,
@@ -516,13 +531,26 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
     Ok(())
 }
 
-async fn run(url: String, dispatch: DispatchConfig, delivery: DeliveryConfig) -> Result<()> {
+async fn run(
+    url: String,
+    dispatch: DispatchConfig,
+    delivery: DeliveryConfig,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let connections = dispatch.workers as u32 + delivery.concurrency as u32 + 4;
     let pool = db::connect(&url, connections).await?;
     if !db::migrations_current(&pool).await.unwrap_or(false) {
         anyhow::bail!("the database schema is not up to date: run `fhir-outbox migrate` first");
     }
     let shutdown = CancellationToken::new();
+    let admin = match admin {
+        Some(address) => Some(
+            operations::admin::serve(pool.clone(), address, shutdown.clone())
+                .await?
+                .1,
+        ),
+        None => None,
+    };
     let dispatcher = Arc::new(Dispatcher::new(pool.clone(), dispatch));
     let dispatching = tokio::spawn(dispatcher.run(shutdown.clone()));
     let worker = Arc::new(DeliveryWorker::new(pool.clone(), delivery)?);
@@ -533,6 +561,9 @@ async fn run(url: String, dispatch: DispatchConfig, delivery: DeliveryConfig) ->
     shutdown.cancel();
     dispatching.await?;
     delivering.await?;
+    if let Some(admin) = admin {
+        admin.await?;
+    }
     pool.close().await;
     Ok(())
 }

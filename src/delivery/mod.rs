@@ -274,10 +274,40 @@ impl DeliveryWorker {
     /// Executes one claimed delivery and records the outcome. Never fails: every problem ends up on
     /// the delivery row (or, if the database is unreachable, the lease expires and it is retried).
     async fn process(&self, delivery: ClaimedDelivery) {
+        let clock = Instant::now();
         let execution = self.execute(&delivery).await;
-        if let Err(error) = self.finish(&delivery, execution).await {
-            tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
-                %error, "cannot record the delivery outcome; it will be retried when its lease expires");
+        let attempt = match &execution {
+            Execution::Attempted(attempt) => Some((
+                attempt.record.succeeded,
+                Duration::from_millis(attempt.record.duration_ms.max(0) as u64),
+            )),
+            _ => None,
+        };
+        match self.finish(&delivery, execution).await {
+            Ok(Some(state)) => {
+                let succeeded = state == "succeeded";
+                if let Some((attempt_succeeded, fetch)) = attempt {
+                    crate::metrics::attempt(attempt_succeeded, fetch);
+                }
+                let first = delivery.claims == 1;
+                let since_change = (Utc::now() - delivery.changed_at)
+                    .to_std()
+                    .unwrap_or_default();
+                crate::metrics::execution(
+                    succeeded,
+                    clock.elapsed(),
+                    first.then(|| since_change.saturating_sub(clock.elapsed())),
+                    succeeded.then_some(since_change),
+                );
+                if state != "pending" {
+                    crate::metrics::finished(state);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
+                    %error, "cannot record the delivery outcome; it will be retried when its lease expires");
+            }
         }
         self.leases
             .lock()
@@ -505,12 +535,13 @@ impl DeliveryWorker {
     }
 
     /// Records the execution: the fenced state change, and for an attempt its log row and
-    /// AuditEvent, all in one transaction.
+    /// AuditEvent, all in one transaction. Returns the state written, or `None` when the lease was
+    /// lost and nothing was written.
     async fn finish(
         &self,
         delivery: &ClaimedDelivery,
         execution: Execution,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<&'static str>, StoreError> {
         let now = Utc::now();
         let retry_at =
             |delay: Duration| Some(now + chrono::Duration::from_std(delay).unwrap_or_default());
@@ -614,7 +645,7 @@ impl DeliveryWorker {
             tx.rollback().await?;
             tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
                 "lease lost before completion (another worker took the delivery over); outcome discarded");
-            return Ok(());
+            return Ok(None);
         }
         let mut log_line = None;
         if let Some(attempt) = attempt {
@@ -675,7 +706,7 @@ impl DeliveryWorker {
         if let Some(event) = log_line {
             tracing::info!(target: "fhir_outbox::audit", audit_event = %event, "AuditEvent");
         }
-        Ok(())
+        Ok(Some(completion.state))
     }
 }
 

@@ -220,6 +220,7 @@ impl Dispatcher {
         queries::count_evaluation_errors(&mut tx, &errors).await?;
         queries::mark_dispatched(&mut tx, &seqs, &dispatch_errors).await?;
         tx.commit().await?;
+        crate::metrics::dispatched(report.changes, report.deliveries);
         Ok(report)
     }
 

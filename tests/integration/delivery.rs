@@ -763,6 +763,7 @@ async fn a_worker_killed_mid_delivery_loses_nothing() {
             "2",
         ])
         .env("FHIR_OUTBOX_LOG", "off")
+        .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
         .spawn()
         .unwrap();
     for _ in 0..200 {
@@ -822,6 +823,7 @@ async fn sigterm_finishes_requests_in_flight_or_releases_them() {
                 grace,
             ])
             .env("FHIR_OUTBOX_LOG", "off")
+            .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
             .spawn()
             .unwrap()
     };

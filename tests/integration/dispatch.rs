@@ -650,7 +650,7 @@ async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
         .await
         .unwrap();
     let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
-        .args(["run", "--database-url", &db.url])
+        .args(["run", "--database-url", &db.url, "--admin-addr", "off"])
         .env("FHIR_OUTBOX_LOG", "off")
         .spawn()
         .unwrap();

@@ -1,5 +1,6 @@
 //! Integration tests on a real PostgreSQL (a throwaway cluster started by the harness in `common`).
 
+mod admin;
 mod capture;
 mod common;
 mod concurrency;

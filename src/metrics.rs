@@ -1,0 +1,129 @@
+//! Metric names and the functions that record them, in one place. Histograms are named after
+//! Medplum's (`medplum.subscription.queuedDuration`, …) in Prometheus style. No metric has a project
+//! or subscription label: a metrics endpoint must not reveal one tenant's activity to another, and
+//! per-subscription state is in SQL (`fhir_outbox.subscription_delivery_status`).
+//!
+//! Recording is a no-op until a recorder is installed (`fhir-outbox run` installs the Prometheus one).
+
+use std::time::Duration;
+
+/// Change → first attempt (first attempt only).
+pub const QUEUED_DURATION: &str = "fhir_outbox_subscription_queued_duration_seconds";
+/// One execution (preamble and request) that succeeded.
+pub const EXECUTION_DURATION: &str = "fhir_outbox_subscription_execution_duration_seconds";
+/// Change → successful delivery.
+pub const TOTAL_DURATION: &str = "fhir_outbox_subscription_total_duration_seconds";
+/// One execution that failed.
+pub const FAILED_EXECUTION_DURATION: &str =
+    "fhir_outbox_subscription_failed_execution_duration_seconds";
+/// The HTTP request alone.
+pub const FETCH_DURATION: &str = "fhir_outbox_subscription_rest_hook_fetch_duration_seconds";
+/// HTTP attempts, by `outcome` (`succeeded`, `failed`).
+pub const ATTEMPTS: &str = "fhir_outbox_delivery_attempts_total";
+/// Deliveries that reached a final state, by `state`.
+pub const FINISHED: &str = "fhir_outbox_deliveries_finished_total";
+/// Outbox rows dispatched.
+pub const DISPATCHED: &str = "fhir_outbox_dispatched_changes_total";
+/// Deliveries enqueued by dispatch.
+pub const ENQUEUED: &str = "fhir_outbox_deliveries_enqueued_total";
+/// Undispatched outbox rows (counted up to 100,000).
+pub const BACKLOG: &str = "fhir_outbox_outbox_backlog";
+/// Age of the oldest undispatched change.
+pub const OLDEST_UNDISPATCHED_AGE: &str = "fhir_outbox_oldest_undispatched_age_seconds";
+/// Pending deliveries (counted up to 100,000).
+pub const PENDING: &str = "fhir_outbox_deliveries_pending";
+/// Age of the oldest change among the next 1,000 due deliveries.
+pub const OLDEST_PENDING_AGE: &str = "fhir_outbox_oldest_pending_delivery_age_seconds";
+
+/// Describes every metric (HELP lines).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        QUEUED_DURATION,
+        metrics::Unit::Seconds,
+        "Change to first delivery attempt."
+    );
+    describe_histogram!(
+        EXECUTION_DURATION,
+        metrics::Unit::Seconds,
+        "A successful execution."
+    );
+    describe_histogram!(
+        TOTAL_DURATION,
+        metrics::Unit::Seconds,
+        "Change to successful delivery."
+    );
+    describe_histogram!(
+        FAILED_EXECUTION_DURATION,
+        metrics::Unit::Seconds,
+        "A failed execution."
+    );
+    describe_histogram!(
+        FETCH_DURATION,
+        metrics::Unit::Seconds,
+        "The rest-hook HTTP request."
+    );
+    describe_counter!(ATTEMPTS, "HTTP attempts by outcome.");
+    describe_counter!(FINISHED, "Deliveries that reached a final state, by state.");
+    describe_counter!(DISPATCHED, "Outbox rows dispatched.");
+    describe_counter!(ENQUEUED, "Deliveries enqueued by dispatch.");
+    describe_gauge!(BACKLOG, "Undispatched outbox rows (up to 100000).");
+    describe_gauge!(
+        OLDEST_UNDISPATCHED_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest undispatched change."
+    );
+    describe_gauge!(PENDING, "Pending deliveries (up to 100000).");
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest change among the next 1000 due deliveries."
+    );
+}
+
+/// An HTTP attempt finished.
+pub fn attempt(succeeded: bool, fetch: Duration) {
+    let outcome = if succeeded { "succeeded" } else { "failed" };
+    metrics::counter!(ATTEMPTS, "outcome" => outcome).increment(1);
+    metrics::histogram!(FETCH_DURATION).record(fetch.as_secs_f64());
+}
+
+/// An execution finished; `queued` only for a first attempt, `total` only for a success.
+pub fn execution(
+    succeeded: bool,
+    duration: Duration,
+    queued: Option<Duration>,
+    total: Option<Duration>,
+) {
+    let name = if succeeded {
+        EXECUTION_DURATION
+    } else {
+        FAILED_EXECUTION_DURATION
+    };
+    metrics::histogram!(name).record(duration.as_secs_f64());
+    if let Some(queued) = queued {
+        metrics::histogram!(QUEUED_DURATION).record(queued.as_secs_f64());
+    }
+    if let Some(total) = total {
+        metrics::histogram!(TOTAL_DURATION).record(total.as_secs_f64());
+    }
+}
+
+/// A delivery reached a final state.
+pub fn finished(state: &'static str) {
+    metrics::counter!(FINISHED, "state" => state).increment(1);
+}
+
+/// A dispatch batch finished.
+pub fn dispatched(changes: usize, deliveries: u64) {
+    metrics::counter!(DISPATCHED).increment(changes as u64);
+    metrics::counter!(ENQUEUED).increment(deliveries);
+}
+
+/// The periodic state gauges.
+pub fn backlog(undispatched: i64, oldest_undispatched: f64, pending: i64, oldest_pending: f64) {
+    metrics::gauge!(BACKLOG).set(undispatched as f64);
+    metrics::gauge!(OLDEST_UNDISPATCHED_AGE).set(oldest_undispatched);
+    metrics::gauge!(PENDING).set(pending as f64);
+    metrics::gauge!(OLDEST_PENDING_AGE).set(oldest_pending);
+}

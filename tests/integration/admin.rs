@@ -1,0 +1,134 @@
+//! The admin endpoint of `fhir-outbox run`: metrics that move, health, readiness.
+
+use crate::common::TestDb;
+use crate::delivery::{create, hook};
+use crate::receiver::{Receiver, Reply};
+use serde_json::json;
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of an unlabelled metric, or of one with `label`, in Prometheus text.
+fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter(|line| label.is_none_or(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_and_readiness_reports_the_schema() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![Reply::Status(500, None)]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let port = free_port();
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+        .args([
+            "run",
+            "--database-url",
+            &db.url,
+            "--allow-unsafe-outbound",
+            "--retry-base-ms",
+            "50",
+            "--retry-cap-ms",
+            "100",
+        ])
+        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("FHIR_OUTBOX_LOG", "off")
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let get = |path: &str| {
+        let request = client.get(format!("{base}{path}"));
+        async move {
+            let response = request.send().await.ok()?;
+            let status = response.status().as_u16();
+            Some((status, response.text().await.ok()?))
+        }
+    };
+    let mut up = false;
+    for _ in 0..100 {
+        if get("/healthz").await.is_some() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the admin endpoint answers");
+    assert_eq!(get("/readyz").await.unwrap(), (200, "ready\n".to_owned()));
+
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get("/metrics").await.unwrap().1;
+        if metric(
+            &text,
+            "fhir_outbox_delivery_attempts_total",
+            Some("succeeded"),
+        ) >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "fhir_outbox_delivery_attempts_total",
+            Some("outcome=\"failed\"")
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "fhir_outbox_delivery_attempts_total",
+            Some("outcome=\"succeeded\"")
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "fhir_outbox_dispatched_changes_total", None) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("fhir_outbox_subscription_rest_hook_fetch_duration_seconds"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&project.to_string()),
+        "no tenant appears in metrics"
+    );
+
+    // The schema falls behind: not ready.
+    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (status, body) = get("/readyz").await.unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("not up to date"), "{body}");
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(worker.wait().unwrap().success());
+}
