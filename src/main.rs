@@ -9,6 +9,7 @@ use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker, auto_disable};
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
 use fhir_outbox::operations::Table;
 use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
+use fhir_outbox::operations::retention::{self, Retention};
 use fhir_outbox::pgtemp::{Durability, TempCluster};
 use fhir_outbox::{db, operations};
 use std::sync::Arc;
@@ -60,6 +61,8 @@ enum Command {
         dispatch: DispatchArgs,
         #[command(flatten)]
         delivery: DeliveryArgs,
+        #[command(flatten)]
+        retention: RetentionArgs,
         /// Address of the admin endpoint (/metrics, /healthz, /readyz); `off` to disable.
         #[arg(long, env = "FHIR_OUTBOX_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
         admin_addr: String,
@@ -167,6 +170,11 @@ enum Command {
         #[arg(long)]
         subscription: String,
     },
+    /// Delete what is past its retention now (`run` also does it periodically).
+    Prune {
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
     /// Start a throwaway PostgreSQL with the schema applied, print its URL, and keep it until Ctrl-C
     /// or SIGTERM (for development: psql exploration, refreshing sqlx's offline query data).
     DevDb {
@@ -201,6 +209,31 @@ impl DispatchArgs {
             workers: usize::from(self.dispatch_workers),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             server_scoped_subscriptions: self.server_scoped_subscriptions,
+        }
+    }
+}
+
+/// How long finished work is kept.
+#[derive(Debug, clap::Args)]
+struct RetentionArgs {
+    /// Hours finished deliveries, their attempts and dispatched outbox rows are kept.
+    #[arg(long, env = "FHIR_OUTBOX_RETENTION_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=876_000))]
+    retention_hours: u64,
+    /// Days AuditEvents are kept; unset keeps them for good (they are the audit trail).
+    #[arg(long, env = "FHIR_OUTBOX_AUDIT_EVENT_RETENTION_DAYS", value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    audit_event_retention_days: Option<u64>,
+    /// Seconds between pruning passes in `run`.
+    #[arg(long, env = "FHIR_OUTBOX_PRUNE_INTERVAL_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    prune_interval_seconds: u64,
+}
+
+impl RetentionArgs {
+    fn retention(&self) -> Retention {
+        Retention {
+            deliveries: Duration::from_secs(self.retention_hours * 3600),
+            audit_events: self
+                .audit_event_retention_days
+                .map(|days| Duration::from_secs(days * 86_400)),
         }
     }
 }
@@ -306,9 +339,19 @@ async fn main() -> Result<()> {
         | Command::Resend { .. }
         | Command::Pause { .. }
         | Command::Resume { .. }) => operate(cli.database_url, command).await,
+        Command::Prune { retention } => {
+            let pool = db::connect(&require_url(cli.database_url)?, 2).await?;
+            let pruned = retention::prune(&pool, retention.retention()).await?;
+            println!(
+                "Pruned {} deliveries, {} attempts, {} outbox rows, {} AuditEvents.",
+                pruned.deliveries, pruned.attempts, pruned.outbox_rows, pruned.audit_events
+            );
+            Ok(())
+        }
         Command::Run {
             dispatch,
             delivery,
+            retention,
             admin_addr,
         } => {
             let dispatch = dispatch.config(cli.allow_unsafe_outbound);
@@ -321,7 +364,18 @@ async fn main() -> Result<()> {
                     )
                 })?),
             };
-            run(require_url(cli.database_url)?, dispatch, delivery, admin).await
+            let pruning = (
+                retention.retention(),
+                Duration::from_secs(retention.prune_interval_seconds),
+            );
+            run(
+                require_url(cli.database_url)?,
+                dispatch,
+                delivery,
+                pruning,
+                admin,
+            )
+            .await
         }
         Command::Explain {
             subscription,
@@ -535,6 +589,7 @@ async fn run(
     url: String,
     dispatch: DispatchConfig,
     delivery: DeliveryConfig,
+    (retention, prune_every): (Retention, Duration),
     admin: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let connections = dispatch.workers as u32 + delivery.concurrency as u32 + 4;
@@ -555,12 +610,31 @@ async fn run(
     let dispatching = tokio::spawn(dispatcher.run(shutdown.clone()));
     let worker = Arc::new(DeliveryWorker::new(pool.clone(), delivery)?);
     let delivering = tokio::spawn(worker.run(shutdown.clone()));
+    let pruning = tokio::spawn({
+        let (pool, shutdown) = (pool.clone(), shutdown.clone());
+        async move {
+            loop {
+                match retention::prune(&pool, retention).await {
+                    Ok(pruned) if pruned != retention::Pruned::default() => {
+                        tracing::info!(?pruned, "pruned finished work past its retention")
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "pruning failed; it will be tried again"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(prune_every) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    });
     tracing::info!("running: dispatch and delivery");
     shutdown_signal().await;
     tracing::info!("shutting down: no new claims; finishing requests in flight");
     shutdown.cancel();
     dispatching.await?;
     delivering.await?;
+    pruning.await?;
     if let Some(admin) = admin {
         admin.await?;
     }

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// How a delivery worker works.
@@ -274,6 +275,21 @@ impl DeliveryWorker {
     /// Executes one claimed delivery and records the outcome. Never fails: every problem ends up on
     /// the delivery row (or, if the database is unreachable, the lease expires and it is retried).
     async fn process(&self, delivery: ClaimedDelivery) {
+        // Every log line about this delivery carries these (never the body, headers or endpoint).
+        let span = tracing::info_span!(
+            "delivery",
+            delivery = delivery.id,
+            subscription = %delivery.subscription_id,
+            resource = %format_args!("{}/{}", delivery.resource_type, delivery.resource_id),
+            version = delivery.version_id,
+            attempt = delivery.attempts + 1,
+            request_id = %delivery.request_id,
+            trace_id = %delivery.trace_id,
+        );
+        self.process_in_span(delivery).instrument(span).await;
+    }
+
+    async fn process_in_span(&self, delivery: ClaimedDelivery) {
         let clock = Instant::now();
         let execution = self.execute(&delivery).await;
         let attempt = match &execution {
@@ -305,8 +321,7 @@ impl DeliveryWorker {
             }
             Ok(None) => {}
             Err(error) => {
-                tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
-                    %error, "cannot record the delivery outcome; it will be retried when its lease expires");
+                tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires");
             }
         }
         self.leases
@@ -411,7 +426,7 @@ impl DeliveryWorker {
             Err(error) => return stop(Execution::Refused(error.to_string())),
         };
         let max_attempts = policy::max_attempts(&subscription).unwrap_or_else(|problem| {
-            tracing::warn!(subscription = %delivery.subscription_id, "{problem}");
+            tracing::warn!("{problem}");
             policy::DEFAULT_MAX_ATTEMPTS
         });
         let settings = queries::project_settings(&mut conn, delivery.project_id).await?;
@@ -480,11 +495,13 @@ impl DeliveryWorker {
             }
             Err(error) => record.error = Some(error),
         }
-        tracing::info!(delivery = delivery.id, subscription = %delivery.subscription_id,
-            resource_type = %delivery.resource_type, resource_id = %delivery.resource_id,
-            version = delivery.version_id, attempt = attempt_number, request_id = %delivery.request_id,
-            trace_id = %delivery.trace_id, status = record.status, duration_ms,
-            succeeded = record.succeeded, error = record.error.as_deref(), "rest-hook attempt");
+        tracing::info!(
+            status = record.status,
+            duration_ms,
+            succeeded = record.succeeded,
+            error = record.error.as_deref(),
+            "rest-hook attempt"
+        );
         Execution::Attempted(Box::new(Attempt {
             subscription: request.subscription,
             resource_display: request.resource_display,
@@ -643,8 +660,9 @@ impl DeliveryWorker {
         };
         if !queries::complete(&mut tx, delivery.id, delivery.lease_token, &completion).await? {
             tx.rollback().await?;
-            tracing::warn!(delivery = delivery.id, subscription = %delivery.subscription_id,
-                "lease lost before completion (another worker took the delivery over); outcome discarded");
+            tracing::warn!(
+                "lease lost before completion (another worker took the delivery over); outcome discarded"
+            );
             return Ok(None);
         }
         let mut log_line = None;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod control;
 pub mod demo;
 pub mod explain;
+pub mod retention;
 mod table;
 
 pub use table::Table;

@@ -7,6 +7,7 @@ mod concurrency;
 mod delivery;
 mod dispatch;
 mod explain;
+mod logs;
 mod migrations;
 mod operations;
 mod receiver;

@@ -435,3 +435,104 @@ async fn resend_sends_the_current_version_again_to_one_or_all() {
     ]);
     assert!(!ok && text.contains("it is deleted"), "{text}");
 }
+
+#[tokio::test]
+async fn retention_prunes_finished_work_and_keeps_what_is_open() {
+    use fhir_outbox::operations::retention::{self, Pruned, Retention};
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let sub = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    for _ in 0..3 {
+        create(
+            &db.pool,
+            project,
+            &json!({ "resourceType": "Patient" }),
+            None,
+        )
+        .await;
+    }
+    p.settle(&db.pool).await;
+    // One change still waiting: neither its outbox row nor anything else open may go.
+    let waiting = create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    let count = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let week = Retention {
+        deliveries: Duration::from_secs(7 * 86_400),
+        audit_events: None,
+    };
+    assert_eq!(
+        retention::prune(&db.pool, week).await.unwrap(),
+        Pruned::default(),
+        "nothing is old yet"
+    );
+
+    let now = Retention {
+        deliveries: Duration::ZERO,
+        audit_events: None,
+    };
+    let pruned = retention::prune(&db.pool, now).await.unwrap();
+    assert_eq!(
+        (pruned.deliveries, pruned.attempts, pruned.audit_events),
+        (3, 3, 0)
+    );
+    assert!(pruned.outbox_rows >= 3);
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox.delivery").await, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.outbox WHERE dispatched_at IS NULL").await,
+        1
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM fhir_outbox.resource_version WHERE resource_type = 'AuditEvent'"
+        )
+        .await,
+        3
+    );
+
+    let everything = Retention {
+        deliveries: Duration::ZERO,
+        audit_events: Some(Duration::ZERO),
+    };
+    assert_eq!(
+        retention::prune(&db.pool, everything)
+            .await
+            .unwrap()
+            .audit_events,
+        3
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.resource WHERE resource_type = 'AuditEvent'").await,
+        0
+    );
+    // Resources and the Subscription are untouched, and the waiting change is still delivered.
+    assert!(
+        capture::read(
+            &db.pool,
+            project,
+            "Patient",
+            waiting["id"].as_str().unwrap()
+        )
+        .await
+        .is_ok()
+    );
+    p.settle(&db.pool).await;
+    assert_eq!(states(&db.pool, &sub).await.len(), 1);
+    assert_eq!(receiver.received().len(), 4);
+}

@@ -1,0 +1,102 @@
+//! Logs: every line about a delivery carries its ids; secrets, credentials and bodies never appear.
+
+use crate::common::TestDb;
+use crate::delivery::{create, hook, states, with_extensions};
+use crate::receiver::{Receiver, Reply};
+use serde_json::{Value, json};
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![Reply::Status(500, None)]).await;
+    let mut sub = with_extensions(
+        hook(
+            &format!("{}?token=QUERY-SECRET-77", receiver.url),
+            "Patient",
+        ),
+        json!([{ "url": "https://www.medplum.com/fhir/StructureDefinition/subscription-secret", "valueString": "HMAC-SECRET-42" }]),
+    );
+    sub["channel"]["header"] = json!(["Authorization: Bearer HEADER-TOKEN-99"]);
+    let sub = create(&db.pool, project, &sub, None).await;
+    let trace = "4bf92f35-77b3-4da6-a3ce-929d0e0e4736";
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient", "name": [{ "family": "BODY-MARKER-Chalmers" }] }),
+        Some(trace),
+    )
+    .await;
+
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+        .args([
+            "run",
+            "--database-url",
+            &db.url,
+            "--allow-unsafe-outbound",
+            "--retry-base-ms",
+            "20",
+            "--retry-cap-ms",
+            "50",
+            "--log-format",
+            "json",
+        ])
+        .env("FHIR_OUTBOX_LOG", "fhir_outbox=trace,info")
+        .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if states(&db.pool, &sub)
+            .await
+            .first()
+            .is_some_and(|s| s.0 == "succeeded")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    worker.wait().unwrap();
+    let mut logs = String::new();
+    worker
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert_eq!(states(&db.pool, &sub).await[0].0, "succeeded");
+
+    for secret in [
+        "HMAC-SECRET-42",
+        "HEADER-TOKEN-99",
+        "QUERY-SECRET-77",
+        "BODY-MARKER",
+        "Bearer",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "`{secret}` leaked into the logs:\n{logs}"
+        );
+    }
+    let attempts: Vec<Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["fields"]["message"] == "rest-hook attempt")
+        .collect();
+    assert_eq!(attempts.len(), 2, "{logs}");
+    for line in &attempts {
+        let span = &line["span"];
+        assert_eq!(span["subscription"], sub["id"], "{line}");
+        assert_eq!(span["trace_id"], trace, "{line}");
+        for field in ["resource", "version", "attempt", "request_id", "delivery"] {
+            assert!(span.get(field).is_some(), "{field} missing in {line}");
+        }
+    }
+}
