@@ -135,6 +135,22 @@ impl TempCluster {
         &self.bin_dir
     }
 
+    /// Stops the server (fast shutdown: connections are cut) and starts it again on the same port,
+    /// as an operator's restart or a failover would. For fault tests.
+    pub fn restart(
+        &mut self,
+        down_for: std::time::Duration,
+        durability: Durability,
+    ) -> Result<(), TempClusterError> {
+        let mut stop = self.pg_command("pg_ctl");
+        stop.arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "stop"]);
+        run(stop, "pg_ctl stop", Some(&self.log_file()))?;
+        std::thread::sleep(down_for);
+        self.start_server(durability)
+    }
+
     /// Stops the server and waits for it (also done on drop).
     pub fn stop(&mut self) {
         if self.running {

@@ -7,6 +7,7 @@ mod concurrency;
 mod delivery;
 mod dispatch;
 mod explain;
+mod faults;
 mod logs;
 mod migrations;
 mod operations;

@@ -36,6 +36,8 @@ pub enum Reply {
     Drop,
     /// Hold the request open this long, then answer 200.
     Stall(Duration),
+    /// Answer 200 with a body of this many bytes.
+    Huge(usize),
 }
 
 pub struct Receiver {
@@ -94,6 +96,13 @@ async fn serve(
             return Ok(());
         }
         buffer.extend_from_slice(&chunk[..n]);
+        // A TLS ClientHello to this plain-HTTP server: answer as a real one does, in plain text.
+        if buffer[0] == 0x16 {
+            stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                .await?;
+            return stream.shutdown().await;
+        }
         if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
             break end;
         }
@@ -134,6 +143,22 @@ async fn serve(
         .unwrap_or(Reply::Status(200, None));
     let (status, retry_after) = match reply {
         Reply::Drop => return Ok(()),
+        Reply::Huge(size) => {
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+            stream.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                // The worker stops reading after its prefix and closes: that ends this loop.
+                if stream.write_all(&chunk[..n]).await.is_err() {
+                    return Ok(());
+                }
+                left -= n;
+            }
+            return stream.shutdown().await;
+        }
         Reply::Stall(duration) => {
             tokio::time::sleep(duration).await;
             (200, None)

@@ -1,0 +1,384 @@
+//! Faults: workers killed at random points, several workers at once, PostgreSQL restarted mid-run,
+//! receivers misbehaving, a transaction holding back the xmin horizon. Each prints what it injected and
+//! what it counted. CI runs short variants; the full ones:
+//!
+//! FHIR_OUTBOX_FAULT_DELIVERIES=5000 FHIR_OUTBOX_FAULT_KILLS=10 cargo test --test integration faults -- --nocapture
+
+use crate::common::TestDb;
+use crate::delivery::{create, fast_config, hook, pipeline, with_extensions};
+use crate::receiver::{Receiver, Reply};
+use fhir_outbox::delivery::DeliveryConfig;
+use fhir_outbox::pgtemp::{Durability, TempCluster};
+use rand::Rng;
+use serde_json::json;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn spawn_worker(database_url: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+        .args([
+            "run",
+            "--database-url",
+            database_url,
+            "--allow-unsafe-outbound",
+            "--lease-seconds",
+            "1",
+        ])
+        .args(["--retry-base-ms", "50", "--retry-cap-ms", "200"])
+        .args(extra)
+        .env("FHIR_OUTBOX_LOG", "off")
+        .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(mut child: Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+}
+
+/// Writes `n` Patients in one statement through the SQL interface.
+async fn write_patients(pool: &PgPool, project: Uuid, n: usize) {
+    sqlx::query(
+        "SELECT fhir_outbox.create_resource($1, '{\"resourceType\": \"Patient\"}') FROM generate_series(1, $2)",
+    )
+    .bind(project)
+    .bind(n as i32)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits until `expected` deliveries succeeded (or panics after `limit`).
+async fn wait_delivered(pool: &PgPool, expected: i64, limit: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if count(
+            pool,
+            "SELECT count(*) FROM fhir_outbox.delivery WHERE state = 'succeeded'",
+        )
+        .await
+            >= expected
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM fhir_outbox.delivery GROUP BY state")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    panic!("not all {expected} deliveries succeeded within {limit:?}: {states:?}");
+}
+
+/// How often each webhook-id reached the receiver.
+fn per_webhook_id(receiver: &Receiver) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for request in receiver.received() {
+        *seen
+            .entry(request.header("webhook-id").unwrap().to_owned())
+            .or_default() += 1;
+    }
+    seen
+}
+
+/// Every delivery's webhook-id reached the receiver at least once; returns the duplicates.
+async fn check_none_lost(pool: &PgPool, receiver: &Receiver) -> usize {
+    let ids: Vec<String> = sqlx::query_scalar("SELECT webhook_id::text FROM fhir_outbox.delivery")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let seen = per_webhook_id(receiver);
+    let lost: Vec<&String> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "{} deliveries lost", lost.len());
+    seen.values().map(|n| n - 1).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_nothing() {
+    let deliveries = setting("FHIR_OUTBOX_FAULT_DELIVERIES", 1000);
+    let kills = setting("FHIR_OUTBOX_FAULT_KILLS", 3);
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    write_patients(&db.pool, project, deliveries).await;
+
+    for _ in 0..kills {
+        let worker = spawn_worker(&db.url, &[]);
+        let pause = rand::rng().random_range(200..900);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let mut worker = worker;
+        worker.kill().unwrap(); // SIGKILL
+        worker.wait().unwrap();
+    }
+    let worker = spawn_worker(&db.url, &[]);
+    wait_delivered(&db.pool, deliveries as i64, Duration::from_secs(180)).await;
+    terminate(worker);
+    let duplicates = check_none_lost(&db.pool, &receiver).await;
+    println!(
+        "sigkill: injected {kills} SIGKILLs at random points; {deliveries} deliveries, 0 lost, {duplicates} duplicates (each with its delivery's webhook-id)"
+    );
+    // Only attempts in flight at a kill can repeat: at most the worker's concurrency per kill.
+    assert!(
+        duplicates <= kills * DeliveryConfig::default().concurrency,
+        "{duplicates} duplicates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_and_four_workers_deliver_exactly_once_without_faults() {
+    for workers in [2, 4] {
+        let db = TestDb::new().await;
+        let project = db.project().await;
+        let receiver = Receiver::start(vec![]).await;
+        for _ in 0..3 {
+            create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+        }
+        let changes = setting("FHIR_OUTBOX_FAULT_DELIVERIES", 1000) / 3;
+        write_patients(&db.pool, project, changes).await;
+        let running: Vec<Child> = (0..workers).map(|_| spawn_worker(&db.url, &[])).collect();
+        wait_delivered(&db.pool, (changes * 3) as i64, Duration::from_secs(180)).await;
+        running.into_iter().for_each(terminate);
+        let duplicates = check_none_lost(&db.pool, &receiver).await;
+        println!(
+            "{workers} workers: {} deliveries, 0 lost, {duplicates} duplicates",
+            changes * 3
+        );
+        assert_eq!(duplicates, 0, "exactly once without faults");
+        assert_eq!(receiver.received().len(), changes * 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarted_mid_run() {
+    let mut cluster = tokio::task::spawn_blocking(|| TempCluster::start(Durability::Fast))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.url("postgres");
+    let pool = fhir_outbox::db::connect(&url, 4).await.unwrap();
+    fhir_outbox::db::migrate(&pool).await.unwrap();
+    let project = fhir_outbox::project::create_project(&pool, "restart")
+        .await
+        .unwrap();
+    let receiver = Receiver::start(vec![]).await;
+    create(&pool, project, &hook(&receiver.url, "Patient"), None).await;
+    write_patients(&pool, project, 300).await;
+
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let worker = spawn_worker(&url, &["--admin-addr", &admin]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pool.close().await;
+
+    // Restart while the worker is busy; meanwhile, readiness must report the outage.
+    let restarting = std::thread::spawn(move || {
+        cluster
+            .restart(Duration::from_secs(3), Durability::Fast)
+            .unwrap();
+        cluster
+    });
+    let client = reqwest::Client::new();
+    let mut saw_not_ready = false;
+    for _ in 0..60 {
+        if let Ok(response) = client.get(format!("http://{admin}/readyz")).send().await {
+            if response.status() == 503 {
+                saw_not_ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cluster = restarting.join().unwrap();
+    assert!(saw_not_ready, "readiness reported the outage");
+
+    let pool = fhir_outbox::db::connect(&url, 4).await.unwrap();
+    write_patients(&pool, project, 100).await;
+    wait_delivered(&pool, 400, Duration::from_secs(120)).await;
+    let mut worker = worker;
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker survived the restart (no crash loop)"
+    );
+    let ready = client
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(ready, 200);
+    terminate(worker);
+    let duplicates = check_none_lost(&pool, &receiver).await;
+    println!(
+        "restart: PostgreSQL down 3 s mid-run; 400 deliveries, 0 lost, {duplicates} duplicates"
+    );
+    pool.close().await;
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_receivers_are_recorded_and_retried_per_policy() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let two_attempts = |url: &str| {
+        with_extensions(
+            hook(url, "Patient"),
+            json!([{ "url": "https://medplum.com/fhir/StructureDefinition/subscription-max-attempts", "valueInteger": 2 }]),
+        )
+    };
+    let timeout = Receiver::start(vec![Reply::Stall(Duration::from_secs(5))]).await;
+    let error = Receiver::start(vec![Reply::Status(500, None)]).await;
+    let reset = Receiver::start(vec![Reply::Drop]).await;
+    let slow = Receiver::start(vec![Reply::Stall(Duration::from_millis(300))]).await;
+    let huge = Receiver::start(vec![Reply::Huge(50 * 1024 * 1024)]).await;
+    let plain = Receiver::start(vec![Reply::Status(200, None); 4]).await;
+    let tls_url = plain.url.replace("http://", "https://");
+    let mut ids = HashMap::new();
+    for (name, url) in [
+        ("timeout", &timeout.url),
+        ("500", &error.url),
+        ("reset", &reset.url),
+        ("slow", &slow.url),
+        ("huge", &huge.url),
+        ("tls", &tls_url),
+    ] {
+        let sub = create(&db.pool, project, &two_attempts(url), None).await;
+        ids.insert(sub["id"].as_str().unwrap().to_owned(), name);
+    }
+    let p = pipeline(
+        &db.pool,
+        DeliveryConfig {
+            request_timeout: Duration::from_millis(800),
+            ..fast_config()
+        },
+    );
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    p.settle(&db.pool).await;
+
+    let rows: Vec<(String, String, i32, Option<String>)> =
+        sqlx::query_as("SELECT subscription_id, state, attempts, reason FROM fhir_outbox.delivery")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let outcome: HashMap<&str, (String, i32, Option<String>)> = rows
+        .into_iter()
+        .map(|(sub, state, attempts, reason)| (ids[&sub], (state, attempts, reason)))
+        .collect();
+    println!("receiver faults: {outcome:#?}");
+    assert_eq!(outcome["timeout"].0, "succeeded");
+    assert_eq!(outcome["timeout"].1, 2);
+    assert_eq!(
+        (outcome["500"].0.as_str(), outcome["500"].1),
+        ("succeeded", 2)
+    );
+    assert_eq!(
+        (outcome["reset"].0.as_str(), outcome["reset"].1),
+        ("succeeded", 2)
+    );
+    assert_eq!(
+        (outcome["slow"].0.as_str(), outcome["slow"].1),
+        ("succeeded", 1)
+    );
+    assert_eq!(
+        (outcome["huge"].0.as_str(), outcome["huge"].1),
+        ("succeeded", 1)
+    );
+    assert_eq!((outcome["tls"].0.as_str(), outcome["tls"].1), ("failed", 2));
+    let errors: Vec<(Option<String>, Option<i32>)> = sqlx::query_as(
+        "SELECT error, length(response_body) FROM fhir_outbox.delivery_attempt ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|(e, _)| e.as_deref().is_some_and(|e| e.contains("timed out"))),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().all(|(_, body)| body.unwrap_or(0) <= 4096),
+        "bounded response prefix"
+    );
+    assert!(
+        errors.iter().any(|(_, body)| *body == Some(4096)),
+        "the huge answer was cut at 4 KiB"
+    );
+    let tls = outcome["tls"]
+        .2
+        .as_deref()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        tls.contains("corrupt message") || tls.contains("tls") || tls.contains("certificate"),
+        "{tls}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_holding_xmin_does_not_stop_claiming() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let n = setting("FHIR_OUTBOX_FAULT_DELIVERIES", 1000) / 2;
+    let p = pipeline(&db.pool, fast_config());
+    let rate = |label: &'static str| {
+        let (pool, p) = (&db.pool, &p);
+        async move {
+            write_patients(pool, project, n).await;
+            let started = Instant::now();
+            p.settle(pool).await;
+            let per_second = n as f64 / started.elapsed().as_secs_f64();
+            println!("held xmin: {label}: {n} changes delivered at {per_second:.0}/s");
+            per_second
+        }
+    };
+    let free = rate("no long transaction").await;
+    // A transaction that took a snapshot and stays open: VACUUM cannot remove anything newer.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.delivery")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let held = rate("snapshot held open").await;
+    holder.rollback().await.unwrap();
+    println!(
+        "held xmin: throughput with the snapshot held is {:.0}% of without",
+        100.0 * held / free
+    );
+    assert_eq!(receiver.received().len(), 2 * n);
+}
