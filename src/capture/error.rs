@@ -86,6 +86,10 @@ impl From<sqlx::Error> for StoreError {
             "OB008" => StoreError::NotFound(message),
             "OB009" => StoreError::Gone(message),
             "OB010" => StoreError::InvalidContext(message),
+            // PostgreSQL's JSON parser gives up on absurdly deep input before our functions run.
+            "54001" => {
+                StoreError::InvalidResource(format!("resource is nested too deeply ({message})"))
+            }
             _ => StoreError::Database(error),
         }
     }

@@ -1,0 +1,108 @@
+//! Least-privilege roles (docs/roles.sql): the worker cannot alter the schema; an application's
+//! writer role can write resources and nothing else.
+
+use crate::common::TestDb;
+use crate::delivery::{create, fast_config, hook, pipeline};
+use crate::receiver::Receiver;
+use sqlx::postgres::PgPoolOptions;
+
+#[tokio::test]
+async fn writer_and_worker_roles_have_exactly_what_they_need() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    db.psql(include_str!("../../docs/roles.sql"))
+        .expect("roles.sql applies");
+    db.psql(include_str!("../../docs/roles.sql"))
+        .expect("roles.sql applies again");
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (writer, worker) = (format!("writer_{suffix}"), format!("worker_{suffix}"));
+    db.psql(&format!(
+        "CREATE ROLE {writer} LOGIN IN ROLE fhir_outbox_writer; CREATE ROLE {worker} LOGIN IN ROLE fhir_outbox_worker;"
+    ))
+    .unwrap();
+    let as_role = |role: &str| db.url.replacen("postgres@", &format!("{role}@"), 1);
+
+    // The writer writes resources through the functions, and is refused everything else.
+    let writer_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&as_role(&writer))
+        .await
+        .unwrap();
+    let id: String = sqlx::query_scalar(
+        "SELECT resource ->> 'id' FROM fhir_outbox.create_resource($1, '{\"resourceType\": \"Patient\"}')",
+    )
+    .bind(project)
+    .fetch_one(&writer_pool)
+    .await
+    .expect("a writer creates resources");
+    let read: serde_json::Value =
+        sqlx::query_scalar("SELECT fhir_outbox.read_resource($1, 'Patient', $2)")
+            .bind(project)
+            .bind(&id)
+            .fetch_one(&writer_pool)
+            .await
+            .expect("a writer reads resources");
+    assert_eq!(read["id"], id.as_str());
+    for refused in [
+        "SELECT count(*) FROM fhir_outbox.outbox",
+        "SELECT count(*) FROM fhir_outbox.delivery",
+        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction, changed_at, request_id, trace_id) VALUES (gen_random_uuid(), 'Patient', 'x', 1, 'create', now(), 'r', 't')",
+        "UPDATE fhir_outbox.resource SET deleted = true",
+        "SELECT fhir_outbox.strip_empty('{}')",
+        "CREATE TABLE fhir_outbox.mine (x int)",
+    ] {
+        let error = sqlx::query(refused)
+            .execute(&writer_pool)
+            .await
+            .expect_err(refused);
+        assert!(
+            error.to_string().contains("permission denied"),
+            "{refused}: {error}"
+        );
+    }
+
+    // The worker runs the pipeline, and cannot touch the schema.
+    let receiver = Receiver::start(vec![]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    sqlx::query("SELECT fhir_outbox.create_resource($1, '{\"resourceType\": \"Patient\"}')")
+        .bind(project)
+        .execute(&writer_pool)
+        .await
+        .unwrap();
+    let worker_pool = PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&as_role(&worker))
+        .await
+        .unwrap();
+    pipeline(&worker_pool, fast_config())
+        .settle(&worker_pool)
+        .await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "the worker role delivers (and writes its AuditEvent)"
+    );
+    assert!(
+        fhir_outbox::db::migrations_current(&worker_pool)
+            .await
+            .unwrap()
+    );
+    for refused in [
+        "ALTER TABLE fhir_outbox.delivery ADD COLUMN x int",
+        "DROP TABLE fhir_outbox.delivery_attempt",
+        "CREATE TABLE fhir_outbox.mine (x int)",
+        "DROP FUNCTION fhir_outbox.strip_empty(jsonb)",
+        "TRUNCATE fhir_outbox.outbox",
+        "UPDATE fhir_outbox.resource_version SET content = '{}'",
+    ] {
+        let error = sqlx::query(refused)
+            .execute(&worker_pool)
+            .await
+            .expect_err(refused);
+        let text = error.to_string();
+        assert!(
+            text.contains("permission denied") || text.contains("must be owner"),
+            "{refused}: {text}"
+        );
+    }
+}
