@@ -12,7 +12,8 @@ use std::time::Duration;
 async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
     let db = TestDb::new().await;
     let project = db.project().await;
-    let receiver = Receiver::start(vec![Reply::Status(500, None)]).await;
+    // A dropped connection: its error would carry the URL (and its token) if we did not strip it.
+    let receiver = Receiver::start(vec![Reply::Drop]).await;
     let mut sub = with_extensions(
         hook(
             &format!("{}?token=QUERY-SECRET-77", receiver.url),
@@ -73,6 +74,14 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
         .unwrap();
     assert_eq!(states(&db.pool, &sub).await[0].0, "succeeded");
 
+    let recorded: String = sqlx::query_scalar(
+        "SELECT coalesce(string_agg(coalesce(a.error, '') || ' ' || coalesce(d.reason, ''), ' '), '')
+         FROM fhir_outbox.delivery_attempt a JOIN fhir_outbox.delivery d ON d.id = a.delivery_id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(recorded.contains("error sending request"), "{recorded}");
     for secret in [
         "HMAC-SECRET-42",
         "HEADER-TOKEN-99",
@@ -80,6 +89,10 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
         "BODY-MARKER",
         "Bearer",
     ] {
+        assert!(
+            !recorded.contains(secret),
+            "`{secret}` leaked into the attempt log: {recorded}"
+        );
         assert!(
             !logs.contains(secret),
             "`{secret}` leaked into the logs:\n{logs}"

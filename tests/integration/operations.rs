@@ -251,8 +251,31 @@ async fn find_a_failed_delivery_in_sql_and_retry_it_from_the_cli() {
         sub_id,
     ]);
     assert!(ok && text.contains("Nothing to retry"), "{text}");
-    // Another project cannot retry this one's deliveries.
+    // Another project cannot see or retry this one's deliveries.
     let other = db.project().await.to_string();
+    let (ok, text) = cli(&[
+        "status",
+        "--database-url",
+        &db.url,
+        "--project",
+        &other,
+        "--json",
+    ]);
+    assert!(ok, "{text}");
+    let status: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status["subscriptions"], json!([]), "{text}");
+    let (ok, text) = cli(&[
+        "deliveries",
+        "--database-url",
+        &db.url,
+        "--project",
+        &other,
+        "--json",
+    ]);
+    assert!(
+        ok && serde_json::from_str::<Value>(&text).unwrap() == json!([]),
+        "{text}"
+    );
     sqlx::query("UPDATE fhir_outbox.delivery SET state = 'failed'")
         .execute(&db.pool)
         .await
