@@ -7,6 +7,7 @@
 //! [`criteria`] (FHIR data, FHIRPath and search criteria for subscription matching).
 
 pub mod audit;
+pub mod bots;
 pub mod capture;
 pub mod criteria;
 pub mod db;

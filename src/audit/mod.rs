@@ -1,6 +1,8 @@
 //! Audit: the AuditEvents fhir-outbox records, built exactly as Medplum's `auditevent.ts` builds them
 //! (spec §1.10), so tools that read Medplum's AuditEvents read ours.
 
+pub mod bot;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 

@@ -58,6 +58,10 @@ pub struct DeliveryConfig {
     pub log_audit_events: bool,
     /// Auto-disable triggers (server setting; a project setting overrides them). Empty: off.
     pub auto_disable: Vec<auto_disable::Trigger>,
+    /// Bytes of a bot's output kept in a stored AuditEvent (its end is kept).
+    pub bot_output_limit_resource: usize,
+    /// Bytes of a bot's output kept in a logged AuditEvent.
+    pub bot_output_limit_log: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -75,6 +79,8 @@ impl Default for DeliveryConfig {
             redact_audit_events: false,
             log_audit_events: true,
             auto_disable: Vec::new(),
+            bot_output_limit_resource: 10 * 1024,
+            bot_output_limit_log: 10 * 1024,
         }
     }
 }
@@ -102,6 +108,8 @@ enum Execution {
 }
 
 struct Attempt {
+    /// For a bot run: the Bot, its input, and its output (or error) text.
+    bot: Option<BotRun>,
     subscription: Value,
     resource_display: Option<String>,
     record: AttemptRecord,
@@ -111,6 +119,12 @@ struct Attempt {
     auto_disable: Vec<auto_disable::Trigger>,
 }
 
+struct BotRun {
+    bot: Value,
+    input: Value,
+    output: String,
+}
+
 /// The delivery stage.
 pub struct DeliveryWorker {
     pool: PgPool,
@@ -118,6 +132,8 @@ pub struct DeliveryWorker {
     client: reqwest::Client,
     /// Lease tokens of the deliveries this process is working on (renewed periodically).
     leases: Mutex<HashSet<Uuid>>,
+    /// The bot handlers the embedding application registered.
+    bots: crate::bots::BotRegistry,
 }
 
 impl DeliveryWorker {
@@ -133,7 +149,14 @@ impl DeliveryWorker {
             config,
             client,
             leases: Mutex::new(HashSet::new()),
+            bots: crate::bots::BotRegistry::new(),
         })
+    }
+
+    /// The bot handlers that `Bot/<id>` endpoints run (see [`crate::bots`]).
+    pub fn with_bots(mut self, bots: crate::bots::BotRegistry) -> Self {
+        self.bots = bots;
+        self
     }
 
     fn lease_seconds(&self) -> f64 {
@@ -373,13 +396,36 @@ impl DeliveryWorker {
                 "the subscription's endpoint was removed; nothing to send".into(),
             ));
         };
-        if endpoint.starts_with("Bot/") {
-            return stop(Execution::Skipped(
-                "Bot endpoints are not supported by this worker yet".into(),
-            ));
-        }
-        let (body, resource_display) = if delivery.interaction == Interaction::Delete {
-            (b"{}".to_vec(), None)
+        // A `Bot/<id>` endpoint runs the handler the application registered for that Bot.
+        let bot = match endpoint.strip_prefix("Bot/") {
+            None => None,
+            Some(bot_id) => Some(
+                match capture::read(&mut *conn, delivery.project_id, "Bot", bot_id).await {
+                    Ok(bot) => Ok(bot),
+                    Err(
+                        StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_),
+                    ) => Err(format!(
+                        "{endpoint} does not exist in the subscription's project"
+                    )),
+                    Err(error) => return Err(error),
+                },
+            ),
+        };
+        let version = if delivery.interaction == Interaction::Delete {
+            // A delete's tombstone directly follows the last live version, which a bot receives.
+            match bot {
+                Some(_) => Some(
+                    capture::vread(
+                        &mut *conn,
+                        delivery.resource_project_id,
+                        &delivery.resource_type,
+                        &delivery.resource_id,
+                        delivery.version_id - 1,
+                    )
+                    .await?,
+                ),
+                None => None,
+            }
         } else {
             let current = match capture::read(
                 &mut *conn,
@@ -406,7 +452,7 @@ impl DeliveryWorker {
                     current_version.unwrap_or_default()
                 )));
             }
-            let version = if current_version == Some(delivery.version_id) {
+            Some(if current_version == Some(delivery.version_id) {
                 current
             } else {
                 capture::vread(
@@ -417,9 +463,21 @@ impl DeliveryWorker {
                     delivery.version_id,
                 )
                 .await?
-            };
-            let body = serde_json::to_vec(&version).expect("a JSON value serializes");
-            (body, audit::display(&version))
+            })
+        };
+        let resource_display = version.as_ref().and_then(audit::display);
+        // What is sent (and signed): the version; for a delete `{}`, or for a bot Medplum's
+        // `{"deletedResource": …}`.
+        let payload = match (&bot, version) {
+            (None, None) => None,
+            (Some(_), Some(version)) if delivery.interaction == Interaction::Delete => {
+                Some(serde_json::json!({ "deletedResource": version }))
+            }
+            (_, version) => version,
+        };
+        let body = match &payload {
+            Some(payload) => serde_json::to_vec(payload).expect("a JSON value serializes"),
+            None => b"{}".to_vec(),
         };
         let custom_headers = match headers::custom_headers(&subscription) {
             Ok(custom) => custom,
@@ -435,6 +493,7 @@ impl DeliveryWorker {
         let auto_disable = auto_disable::project_triggers(&settings, &self.config.auto_disable);
         Ok(Prepared::Send(Box::new(Request {
             auto_disable,
+            bot: bot.map(|bot| (bot, payload.unwrap_or_default())),
             endpoint,
             body,
             custom_headers,
@@ -463,6 +522,23 @@ impl DeliveryWorker {
             secret: signature::secret(&request.subscription),
             body: &request.body,
         });
+        if let Some((bot, input)) = request.bot {
+            return self
+                .run_bot(
+                    delivery,
+                    request.subscription,
+                    bot,
+                    input,
+                    &headers,
+                    request.max_attempts,
+                    request.redact,
+                    request.auto_disable,
+                    request.resource_display,
+                    started_at,
+                    clock,
+                )
+                .await;
+        }
         let outcome =
             match outbound::check_url(&request.endpoint, self.config.allow_unsafe_outbound) {
                 Err(refused) => Err(refused.to_string()),
@@ -504,12 +580,93 @@ impl DeliveryWorker {
         );
         Execution::Attempted(Box::new(Attempt {
             subscription: request.subscription,
+            bot: None,
             resource_display: request.resource_display,
             record,
             retry_after,
             max_attempts: request.max_attempts,
             redact: request.redact,
             auto_disable: request.auto_disable,
+        }))
+    }
+
+    /// Runs a bot subscription's handler, with the request timeout, as one attempt.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_bot(
+        &self,
+        delivery: &ClaimedDelivery,
+        subscription: Value,
+        bot: Result<Value, String>,
+        input: Value,
+        headers: &reqwest::header::HeaderMap,
+        max_attempts: u32,
+        redact: bool,
+        auto_disable: Vec<auto_disable::Trigger>,
+        resource_display: Option<String>,
+        started_at: chrono::DateTime<Utc>,
+        clock: Instant,
+    ) -> Execution {
+        let result = match &bot {
+            Err(missing) => Err(missing.clone()),
+            Ok(bot) => {
+                let run = self.bots.run(crate::bots::BotInput {
+                    bot: bot.clone(),
+                    subscription_id: delivery.subscription_id.clone(),
+                    interaction: delivery.interaction,
+                    input: input.clone(),
+                    headers: headers
+                        .iter()
+                        .map(|(name, value)| {
+                            (
+                                name.to_string(),
+                                value.to_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect(),
+                });
+                match tokio::time::timeout(self.config.request_timeout, run).await {
+                    Ok(Ok(output)) => Ok(output.log),
+                    Ok(Err(failure)) => Err(failure.message),
+                    Err(_) => Err(format!(
+                        "the bot handler did not finish within {:?}",
+                        self.config.request_timeout
+                    )),
+                }
+            }
+        };
+        let duration_ms = clock.elapsed().as_millis().min(i32::MAX as u128) as i32;
+        tracing::info!(
+            duration_ms,
+            succeeded = result.is_ok(),
+            error = result.as_ref().err(),
+            "bot run"
+        );
+        let record = AttemptRecord {
+            attempt: delivery.attempts + 1,
+            started_at,
+            duration_ms,
+            succeeded: result.is_ok(),
+            status: None,
+            error: result.as_ref().err().cloned(),
+            response_body: None,
+        };
+        let bot = bot.unwrap_or_else(|_| {
+            serde_json::json!({ "resourceType": "Bot", "id": subscription::endpoint(&subscription)
+                .and_then(|e| e.strip_prefix("Bot/")).unwrap_or_default() })
+        });
+        Execution::Attempted(Box::new(Attempt {
+            bot: Some(BotRun {
+                bot,
+                input,
+                output: result.unwrap_or_else(|error| error),
+            }),
+            subscription,
+            resource_display,
+            record,
+            retry_after: None,
+            max_attempts,
+            redact,
+            auto_disable,
         }))
     }
 
@@ -667,44 +824,80 @@ impl DeliveryWorker {
         }
         let mut log_line = None;
         if let Some(attempt) = attempt {
-            let event = audit::transmit_event(&TransmitAttempt {
-                subscription: &attempt.subscription,
-                resource_type: &delivery.resource_type,
-                resource_id: &delivery.resource_id,
-                resource_display: attempt.resource_display.clone(),
-                started: delivery.changed_at,
-                ended: now,
-                outcome: if attempt.record.succeeded {
-                    Outcome::Success
-                } else {
-                    Outcome::MinorFailure
-                },
-                outcome_desc: match (&attempt.record.status, &attempt.record.error) {
-                    (Some(status), _) => {
-                        format!("Attempt {} received status {status}", delivery.attempts)
-                    }
-                    (None, error) => format!(
-                        "Attempt {} received error {}",
-                        delivery.attempts,
-                        error.as_deref().unwrap_or_default()
-                    ),
-                },
-                request_id: &delivery.request_id,
-                trace_id: &delivery.trace_id,
-                redact: attempt.redact,
-            });
-            let destinations = audit::destinations(&attempt.subscription);
-            let audit_event_id = if destinations.resource {
-                let context = WriteContext {
-                    author: None,
-                    request_id: Some(delivery.request_id.clone()),
-                    trace_id: Some(delivery.trace_id.clone()),
-                };
-                let stored =
-                    capture::create(&mut *tx, delivery.project_id, &event, &context).await?;
-                stored.resource["id"].as_str().map(str::to_owned)
+            let outcome = if attempt.record.succeeded {
+                Outcome::Success
             } else {
-                None
+                Outcome::MinorFailure
+            };
+            // (stored, logged) AuditEvents: a rest-hook attempt's `transmit` event goes where the
+            // subscription says; a bot run's `execute` event where the Bot says, when its trigger fires.
+            let (stored, logged) = match &attempt.bot {
+                None => {
+                    let event = audit::transmit_event(&TransmitAttempt {
+                        subscription: &attempt.subscription,
+                        resource_type: &delivery.resource_type,
+                        resource_id: &delivery.resource_id,
+                        resource_display: attempt.resource_display.clone(),
+                        started: delivery.changed_at,
+                        ended: now,
+                        outcome,
+                        outcome_desc: match (&attempt.record.status, &attempt.record.error) {
+                            (Some(status), _) => {
+                                format!("Attempt {} received status {status}", delivery.attempts)
+                            }
+                            (None, error) => format!(
+                                "Attempt {} received error {}",
+                                delivery.attempts,
+                                error.as_deref().unwrap_or_default()
+                            ),
+                        },
+                        request_id: &delivery.request_id,
+                        trace_id: &delivery.trace_id,
+                        redact: attempt.redact,
+                    });
+                    let destinations = audit::destinations(&attempt.subscription);
+                    (
+                        destinations.resource.then(|| event.clone()),
+                        destinations.log.then_some(event),
+                    )
+                }
+                Some(run) if audit::bot::triggered(&run.bot, outcome, &run.output) => {
+                    let (resource, log) = audit::bot::destinations(&run.bot);
+                    let input = run.input.get("deletedResource").unwrap_or(&run.input);
+                    let event = |limit: usize| {
+                        audit::bot::execute_event(&audit::bot::BotRun {
+                            bot: &run.bot,
+                            input,
+                            subscription: Some(&attempt.subscription),
+                            requester: input.pointer("/meta/author"),
+                            started: attempt.record.started_at,
+                            ended: now,
+                            outcome,
+                            outcome_desc: audit::bot::tail(&run.output, limit),
+                            request_id: &delivery.request_id,
+                            trace_id: &delivery.trace_id,
+                            redact: attempt.redact,
+                        })
+                    };
+                    (
+                        resource.then(|| event(self.config.bot_output_limit_resource)),
+                        log.then(|| event(self.config.bot_output_limit_log)),
+                    )
+                }
+                Some(_) => (None, None),
+            };
+            let audit_event_id = match stored {
+                Some(event) => {
+                    let context = WriteContext {
+                        author: None,
+                        request_id: Some(delivery.request_id.clone()),
+                        trace_id: Some(delivery.trace_id.clone()),
+                    };
+                    let stored =
+                        capture::create(&mut *tx, delivery.project_id, &event, &context).await?;
+                    stored.resource["id"].as_str().map(str::to_owned)
+                }
+                None => None,
             };
             queries::insert_attempt(
                 &mut tx,
@@ -716,8 +909,8 @@ impl DeliveryWorker {
             // After the attempt's own record, so the disable is what the log shows last.
             self.track_failures(&mut tx, delivery, &attempt, &completion, now)
                 .await?;
-            if destinations.log && self.config.log_audit_events {
-                log_line = Some(event);
+            if self.config.log_audit_events {
+                log_line = logged;
             }
         }
         tx.commit().await?;
@@ -785,6 +978,8 @@ enum Prepared {
 
 struct Request {
     auto_disable: Vec<auto_disable::Trigger>,
+    /// For a `Bot/` endpoint: the Bot (or why it cannot be found) and the handler's input.
+    bot: Option<(Result<Value, String>, Value)>,
     endpoint: String,
     body: Vec<u8>,
     custom_headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,

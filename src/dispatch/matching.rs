@@ -155,7 +155,7 @@ impl CompiledSubscription {
 
     /// Whether this subscription is one the rest-hook worker delivers to at all (active, rest-hook
     /// with an endpoint, not pre-commit). Cheap; checked before anything else.
-    fn candidate_rejection(&self) -> Option<Rejection> {
+    fn candidate_rejection(&self, pre_commit: bool) -> Option<Rejection> {
         if self.status != "active" {
             return Some(Rejection::NotActive(self.status.clone()));
         }
@@ -168,8 +168,12 @@ impl CompiledSubscription {
         if let Some(reason) = &self.unsafe_endpoint {
             return Some(Rejection::UnsafeEndpoint(reason.clone()));
         }
-        if self.pre_commit {
-            return Some(Rejection::PreCommit);
+        if self.pre_commit != pre_commit {
+            return Some(if pre_commit {
+                Rejection::NotPreCommit
+            } else {
+                Rejection::PreCommit
+            });
         }
         None
     }
@@ -203,6 +207,8 @@ pub enum Rejection {
     UnsafeEndpoint(String),
     /// A pre-commit subscription: run synchronously by the write, not by this worker.
     PreCommit,
+    /// Not a pre-commit subscription (when evaluating for the write path).
+    NotPreCommit,
     /// The change was written before (or as) the subscription became active.
     ChangedBeforeActive {
         /// When the change was written.
@@ -253,6 +259,7 @@ impl fmt::Display for Rejection {
                 "channel type is `{channel}`; only `rest-hook` subscriptions are delivered by this worker"
             ),
             Rejection::NoEndpoint => write!(f, "rest-hook channel has no endpoint"),
+            Rejection::NotPreCommit => write!(f, "not a pre-commit subscription"),
             Rejection::UnsafeEndpoint(reason) => write!(
                 f,
                 "{reason} (allowed only with the allow-unsafe-outbound setting)"
@@ -321,7 +328,24 @@ pub fn evaluate(
     change: &ChangeView<'_>,
     explain: bool,
 ) -> Verdict {
-    if let Some(rejection) = subscription.candidate_rejection() {
+    evaluate_as(subscription, change, explain, false)
+}
+
+/// [`evaluate`] for the synchronous write path: only pre-commit subscriptions are candidates.
+pub fn evaluate_pre_commit(
+    subscription: &CompiledSubscription,
+    change: &ChangeView<'_>,
+) -> Verdict {
+    evaluate_as(subscription, change, false, true)
+}
+
+fn evaluate_as(
+    subscription: &CompiledSubscription,
+    change: &ChangeView<'_>,
+    explain: bool,
+    pre_commit: bool,
+) -> Verdict {
+    if let Some(rejection) = subscription.candidate_rejection(pre_commit) {
         return Verdict::Rejected(rejection);
     }
     if let (Some(changed_at), Some(active_since)) = (change.changed_at, subscription.active_since) {

@@ -1,6 +1,7 @@
 //! Integration tests on a real PostgreSQL (a throwaway cluster started by the harness in `common`).
 
 mod admin;
+mod bots;
 mod capture;
 mod common;
 mod concurrency;
@@ -12,6 +13,7 @@ mod hostile;
 mod logs;
 mod migrations;
 mod operations;
+mod precommit;
 mod receiver;
 mod roles;
 mod sql_interface;
