@@ -1,6 +1,7 @@
 //! Integration tests on a real PostgreSQL (a throwaway cluster started by the harness in `common`).
 
 mod admin;
+mod audit_library;
 mod bots;
 mod capture;
 mod common;
