@@ -915,7 +915,7 @@ impl DeliveryWorker {
         }
         tx.commit().await?;
         if let Some(event) = log_line {
-            tracing::info!(target: "fhir_outbox::audit", audit_event = %event, "AuditEvent");
+            audit::application::log_audit_event(&event, true);
         }
         Ok(Some(completion.state))
     }
