@@ -382,3 +382,36 @@ async fn a_transaction_holding_xmin_does_not_stop_claiming() {
     );
     assert_eq!(receiver.received().len(), 2 * n);
 }
+
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    // The "private" target stands for 169.254.169.254 and the like: it must never be reached.
+    let private = Receiver::start(vec![]).await;
+    let redirecting = Receiver::start(vec![Reply::Redirect(private.url.clone())]).await;
+    create(&db.pool, project, &hook(&redirecting.url, "Patient"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    p.settle(&db.pool).await;
+    assert_eq!(redirecting.received().len(), 1);
+    assert!(
+        private.received().is_empty(),
+        "the redirect was not followed"
+    );
+    let status: Option<i32> = sqlx::query_scalar("SELECT status FROM fhir_outbox.delivery_attempt")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        Some(302),
+        "recorded as answered (3xx counts as success, as in Medplum)"
+    );
+}

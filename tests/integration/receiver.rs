@@ -38,6 +38,8 @@ pub enum Reply {
     Stall(Duration),
     /// Answer 200 with a body of this many bytes.
     Huge(usize),
+    /// Answer 302 with this `Location`.
+    Redirect(String),
 }
 
 pub struct Receiver {
@@ -164,6 +166,13 @@ async fn serve(
             (200, None)
         }
         Reply::Status(status, retry_after) => (status, retry_after),
+        Reply::Redirect(location) => {
+            let response = format!(
+                "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(response.as_bytes()).await?;
+            return stream.shutdown().await;
+        }
     };
     let retry_after = retry_after
         .map(|value| format!("Retry-After: {value}\r\n"))
