@@ -30,7 +30,7 @@ async fn metrics_move_and_readiness_reports_the_schema() {
     let receiver = Receiver::start(vec![Reply::Status(500, None)]).await;
     create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
     let port = free_port();
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+    let mut worker = crate::common::binary()
         .args([
             "run",
             "--database-url",
@@ -42,7 +42,6 @@ async fn metrics_move_and_readiness_reports_the_schema() {
             "100",
         ])
         .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
-        .env("FHIR_OUTBOX_LOG", "off")
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
@@ -126,9 +125,6 @@ async fn metrics_move_and_readiness_reports_the_schema() {
     assert_eq!(status, 503);
     assert!(body.contains("not up to date"), "{body}");
 
-    std::process::Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
+    crate::common::sigterm(&worker);
     assert!(worker.wait().unwrap().success());
 }

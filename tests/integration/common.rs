@@ -136,3 +136,29 @@ pub async fn version_count(pool: &PgPool, project: Uuid) -> i64 {
         .await
         .unwrap()
 }
+
+/// The `fhir-outbox` binary, quiet: logs off and no admin endpoint unless a test sets them again.
+pub fn binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"));
+    command
+        .env("FHIR_OUTBOX_LOG", "off")
+        .env("FHIR_OUTBOX_ADMIN_ADDR", "off");
+    command
+}
+
+/// Runs the binary to completion: whether it succeeded, and what it printed (stdout then stderr).
+pub fn cli(args: &[&str]) -> (bool, String) {
+    let output = binary().args(args).output().expect("run fhir-outbox");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// Asks a running binary to shut down gracefully (SIGTERM).
+pub fn sigterm(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM");
+}

@@ -753,7 +753,7 @@ async fn a_worker_killed_mid_delivery_loses_nothing() {
     )
     .await;
 
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+    let mut worker = crate::common::binary()
         .args([
             "run",
             "--database-url",
@@ -762,8 +762,6 @@ async fn a_worker_killed_mid_delivery_loses_nothing() {
             "--lease-seconds",
             "2",
         ])
-        .env("FHIR_OUTBOX_LOG", "off")
-        .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
         .spawn()
         .unwrap();
     for _ in 0..200 {
@@ -794,14 +792,6 @@ async fn a_worker_killed_mid_delivery_loses_nothing() {
     assert_eq!(got[0].0, "succeeded");
 }
 
-fn terminate(child: &std::process::Child) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight_or_releases_them() {
     let db = TestDb::new().await;
@@ -813,7 +803,7 @@ async fn sigterm_finishes_requests_in_flight_or_releases_them() {
     .await;
     let sub = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
     let run = |grace: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+        crate::common::binary()
             .args([
                 "run",
                 "--database-url",
@@ -822,8 +812,6 @@ async fn sigterm_finishes_requests_in_flight_or_releases_them() {
                 "--shutdown-grace-seconds",
                 grace,
             ])
-            .env("FHIR_OUTBOX_LOG", "off")
-            .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
             .spawn()
             .unwrap()
     };
@@ -850,7 +838,7 @@ async fn sigterm_finishes_requests_in_flight_or_releases_them() {
     .await;
     let mut worker = run("10");
     wait_for_request(1).await;
-    terminate(&worker);
+    crate::common::sigterm(&worker);
     assert!(worker.wait().unwrap().success());
     assert_eq!(
         states(&db.pool, &sub).await,
@@ -868,7 +856,7 @@ async fn sigterm_finishes_requests_in_flight_or_releases_them() {
     .await;
     let mut worker = run("0");
     wait_for_request(2).await;
-    terminate(&worker);
+    crate::common::sigterm(&worker);
     assert!(worker.wait().unwrap().success());
     let (state, lease): (String, Option<Uuid>) = sqlx::query_as(
         "SELECT state, lease_token FROM fhir_outbox.delivery ORDER BY id DESC LIMIT 1",

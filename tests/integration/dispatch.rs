@@ -649,9 +649,8 @@ async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+    let mut worker = crate::common::binary()
         .args(["run", "--database-url", &db.url, "--admin-addr", "off"])
-        .env("FHIR_OUTBOX_LOG", "off")
         .spawn()
         .unwrap();
     let mut waiting = false;

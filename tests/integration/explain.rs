@@ -1,20 +1,11 @@
 //! `fhir-outbox explain`, run as a user would.
 
-use crate::common::TestDb;
+use crate::common::{TestDb, cli};
 use fhir_outbox::capture::{self, WriteContext};
 use serde_json::{Value, json};
-use std::process::Command;
 
 fn explain(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
-        .arg("explain")
-        .args(args)
-        .env("FHIR_OUTBOX_LOG", "off")
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
+    cli(&[&["explain"], args].concat())
 }
 
 fn write_json(dir: &tempfile::TempDir, name: &str, value: &Value) -> String {

@@ -13,7 +13,7 @@ use rand::Rng;
 use serde_json::json;
 use sqlx::PgPool;
 use std::collections::HashMap;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -25,7 +25,7 @@ fn setting(name: &str, default: usize) -> usize {
 }
 
 fn spawn_worker(database_url: &str, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+    crate::common::binary()
         .args([
             "run",
             "--database-url",
@@ -36,17 +36,12 @@ fn spawn_worker(database_url: &str, extra: &[&str]) -> Child {
         ])
         .args(["--retry-base-ms", "50", "--retry-cap-ms", "200"])
         .args(extra)
-        .env("FHIR_OUTBOX_LOG", "off")
-        .env("FHIR_OUTBOX_ADMIN_ADDR", "off")
         .spawn()
         .unwrap()
 }
 
 fn terminate(mut child: Child) {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    crate::common::sigterm(&child);
     child.wait().unwrap();
 }
 

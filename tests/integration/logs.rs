@@ -32,7 +32,7 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
     )
     .await;
 
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
+    let mut worker = crate::common::binary()
         .args([
             "run",
             "--database-url",
@@ -60,10 +60,7 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    std::process::Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
+    crate::common::sigterm(&worker);
     worker.wait().unwrap();
     let mut logs = String::new();
     worker

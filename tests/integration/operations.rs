@@ -1,6 +1,6 @@
 //! Operating it: auto-disable, and the operator commands run as a user would (CLI output included).
 
-use crate::common::TestDb;
+use crate::common::{TestDb, cli};
 use crate::delivery::{audit_events, create, fast_config, hook, pipeline, states, with_extensions};
 use crate::receiver::{Receiver, Reply};
 use fhir_outbox::capture::{self, WriteContext};
@@ -159,17 +159,6 @@ async fn auto_disable_never_overrides_an_administrator() {
         (current["status"].as_str(), current["error"].as_str()),
         (Some("error"), Some("set by an administrator"))
     );
-}
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-outbox"))
-        .args(args)
-        .env("FHIR_OUTBOX_LOG", "off")
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
 }
 
 #[tokio::test]
