@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod explain;
+pub mod receiver;
 mod table;
 
 pub use table::Table;
