@@ -4,6 +4,7 @@ mod capture;
 mod common;
 mod concurrency;
 mod delivery;
+mod demo;
 mod dispatch;
 mod explain;
 mod migrations;
