@@ -286,7 +286,8 @@ fn answer(
                 counts.planned_failures += 1;
                 Answer {
                     status: 503,
-                    note: format!("planned failure {seen} of {fail_first} for this webhook-id"),
+                    // Per webhook-id: every notification is failed this many times, its retries then succeed.
+                    note: format!("planned failure {seen}/{fail_first}"),
                 }
             } else if *accepted {
                 // At-least-once delivery: a receiver acknowledges a duplicate but does not act on it.

@@ -173,7 +173,7 @@ pub async fn run(
          signatures with the subscription's secret, as your receiver should:\n\
          - X-Signature: hex HMAC-SHA256 of the body;\n\
          - webhook-signature: Standard Webhooks, HMAC of `webhook-id.webhook-timestamp.body`\n\
-           (and a timestamp within 5 minutes, so a replayed request is refused);\n\
+         \x20\x20(and a timestamp within 5 minutes, so a replayed request is refused);\n\
          and it counts webhook-ids: delivery is at least once, so a receiver deduplicates on them.\n\
          /flaky answers 503 to the first {} requests of every webhook-id, to show retries.",
         receiver.base_url(),
@@ -182,7 +182,7 @@ pub async fn run(
 
     section(out, "3. Subscriptions")?;
     let mut names: HashMap<String, &'static str> = HashMap::new();
-    let mut table = Table::new(["name", "criteria", "what it shows"]);
+    let mut list = String::new();
     for subscription in &subscriptions {
         let written = capture::create(
             &pool,
@@ -196,17 +196,20 @@ pub async fn run(
             .unwrap_or_default()
             .to_owned();
         names.insert(id, subscription.name);
-        table.row([
+        list.push_str(&format!(
+            "  {:<18} {}\n  {:<18} {}\n",
             subscription.name,
-            subscription.criteria,
-            subscription.lesson,
-        ]);
+            format!("{} {}", subscription.criteria, subscription.filter).trim_end(),
+            "",
+            subscription.lesson
+        ));
     }
     writeln!(
         out,
         "Four FHIR Subscription resources (rest-hook, each with its own secret), written through\n\
-         the store like any resource. Each delivers to {}/<name>.\n{table}",
-        receiver.base_url()
+         the store like any resource. Each delivers to {}/<name>.\n\n{}",
+        receiver.base_url(),
+        list.trim_end()
     )?;
 
     section(out, "4. The pipeline")?;
@@ -215,9 +218,9 @@ pub async fn run(
         out,
         "Started in this process, as `fhir-outbox run` would (any number of them can share a database):\n\
          - the dispatcher claims committed changes from fhir_outbox.outbox, evaluates the\n\
-           subscriptions against each, and inserts one fhir_outbox.delivery row per match;\n\
+         \x20\x20subscriptions against each, and inserts one fhir_outbox.delivery row per match;\n\
          - the delivery worker claims due deliveries with a lease, POSTs the signed notification,\n\
-           and records every attempt (fhir_outbox.delivery_attempt) and its AuditEvent.\n\
+         \x20\x20and records every attempt (fhir_outbox.delivery_attempt) and its AuditEvent.\n\
          Demo settings: retries after 0.5 s, 1 s, 2 s … (cap 4 s) instead of 20 s … 8 h, and\n\
          http to loopback allowed (--allow-unsafe-outbound; never in production)."
     )?;
@@ -234,8 +237,15 @@ pub async fn run(
         out,
         "Creates, updates and deletes of Patients, Observations and Encounters. Each write commits\n\
          its outbox row in the same transaction: a committed change is never lost, a rolled-back\n\
-         one is never sent.{}\n",
-        if options.live { "" } else { " Progress:" }
+         one is never sent.\n{}\n",
+        if options.live {
+            "Below, refreshed twice a second: the last write and who should get it; outbox rows not\n\
+             yet dispatched; deliveries by state (\"awaiting retry\": an attempt failed, the next\n\
+             one is scheduled); and the receiver's last requests, as they arrive."
+        } else {
+            "Progress, once a second: writes; outbox rows not yet dispatched; deliveries by state\n\
+             (\"awaiting retry\": an attempt failed, the next one is scheduled); receiver counts."
+        }
     )?;
     let interrupted = stream(
         &pool,
@@ -408,15 +418,16 @@ async fn summary(
     let counts = receiver.counts();
     let writes = writer.counts();
     let (audit_events, issues) = queries::audit_and_issues(pool, project).await?;
+    let open = snapshot.pending + snapshot.awaiting_retry + snapshot.in_flight;
     writeln!(
         out,
         "Writes:     {} ({} creates, {} updates, {} deletes)\n\
          Outbox:     {} changes captured (the writes, the {} seed Patients and the {} Subscriptions);\n\
          \x20           {} not dispatched\n\
-         Deliveries: {} succeeded, {} failed, {} skipped, {} still open\n\
+         Deliveries: {} succeeded, {} failed, {} skipped, {} still open{}\n\
          Attempts:   {} HTTP requests; retries: {} (the flaky endpoint's planned 503s)\n\
-         Receiver:   {} requests; signatures verified: {}; unverified: {}; \
-         duplicate webhook-ids: {} (0 expected: nothing crashed)\n\
+         Receiver:   {} requests; signatures verified: {}; unverified: {}\n\
+         \x20           duplicate webhook-ids: {} (0 expected: nothing crashed)\n\
          Audit:      {} AuditEvents (one per attempt); subscription issues: {}",
         writes.total(),
         writes.creates,
@@ -429,7 +440,12 @@ async fn summary(
         snapshot.succeeded,
         snapshot.failed,
         snapshot.skipped,
-        snapshot.pending + snapshot.awaiting_retry + snapshot.in_flight,
+        open,
+        if open > 0 {
+            " (they stay in fhir_outbox.delivery:\n            any worker on this database delivers them)"
+        } else {
+            ""
+        },
         snapshot.attempts,
         snapshot.retries,
         counts.requests,
@@ -447,9 +463,9 @@ async fn summary(
         "succeeded",
         "skipped",
         "failed",
-        "HTTP attempts",
-        "receiver: verified",
-        "503 on purpose",
+        "attempts",
+        "verified",
+        "503s",
     ]);
     let mut rows = queries::per_subscription(pool, project).await?;
     rows.sort_by_key(|row| name(&row.0));
@@ -491,7 +507,7 @@ async fn summary(
         "change",
         "state",
         "attempts",
-        "last status",
+        "status",
         "webhook-id",
     ]);
     for row in queries::last_deliveries(pool, project, 8).await? {
@@ -505,9 +521,10 @@ async fn summary(
                 writes::short(&row.resource_id),
                 row.version_id
             ),
-            match &row.reason {
-                Some(reason) if row.state != "succeeded" => format!("{} ({reason})", row.state),
-                _ => row.state.clone(),
+            match (row.state.as_str(), &row.reason) {
+                ("skipped" | "failed", Some(reason)) => format!("{} ({reason})", row.state),
+                ("pending", _) if row.attempts > 0 => "awaiting retry".to_owned(),
+                (state, _) => state.to_owned(),
             },
             row.attempts.to_string(),
             row.last_status.map_or("-".to_owned(), |s| s.to_string()),

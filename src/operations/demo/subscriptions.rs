@@ -15,6 +15,8 @@ pub struct DemoSubscription {
     pub path: &'static str,
     /// Its `criteria`.
     pub criteria: &'static str,
+    /// Its extensions that filter further, as shown to the user.
+    pub filter: &'static str,
     /// What it shows, in a sentence.
     pub lesson: &'static str,
     /// Extensions beyond the secret.
@@ -65,7 +67,8 @@ pub fn all() -> Vec<DemoSubscription> {
             name: "heart-rate",
             path: "/heart-rate",
             criteria: "Observation?code=http://loinc.org|8867-4",
-            lesson: "FHIR search criteria: heart-rate Observations only (body temperatures are not sent)",
+            filter: "",
+            lesson: "FHIR search: heart-rate Observations only, not body temperatures",
             extensions: vec![],
             fail_first: 0,
         },
@@ -73,6 +76,7 @@ pub fn all() -> Vec<DemoSubscription> {
             name: "patient-activated",
             path: "/patient-activated",
             criteria: "Patient",
+            filter: "+ FHIRPath `%previous.active = false and %current.active = true`",
             lesson: "FHIRPath on the change: only when a Patient goes from inactive to active",
             extensions: vec![json!({
                 "url": extension::FHIRPATH_CRITERIA,
@@ -84,7 +88,8 @@ pub fn all() -> Vec<DemoSubscription> {
             name: "new-encounter",
             path: "/new-encounter",
             criteria: "Encounter",
-            lesson: "supported interactions: Encounter creates only (updates are not sent)",
+            filter: "+ supported interaction `create`",
+            lesson: "only new Encounters: their updates are not sent",
             extensions: vec![json!({
                 "url": extension::SUPPORTED_INTERACTION,
                 "valueCode": "create"
@@ -95,7 +100,8 @@ pub fn all() -> Vec<DemoSubscription> {
             name: "flaky",
             path: "/flaky",
             criteria: "Patient",
-            lesson: "retries: every Patient change; the endpoint answers 503 twice per notification",
+            filter: "",
+            lesson: "every Patient change; the endpoint answers 503 twice per notification: retries",
             extensions: vec![],
             fail_first: FLAKY_FAILURES,
         },

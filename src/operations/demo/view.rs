@@ -211,21 +211,24 @@ fn clip(line: String) -> String {
     }
 }
 
-/// One line about one request the receiver answered.
+/// One line about one request the receiver answered (the note only when it was not accepted).
 pub fn event_line(event: &Event) -> String {
     let (kind, id) = event
         .resource
         .split_once('/')
         .unwrap_or((&event.resource, ""));
+    let note = if event.status == 200 {
+        String::new()
+    } else {
+        format!(" ({})", event.note)
+    };
     clip(format!(
-        "    {} {} {:<18} {:<6} {}/{} {}",
+        "  {} {} {:<6} {:<20} → {}{note}",
         event.at.format("%H:%M:%S%.3f"),
         event.status,
-        event.path,
         event.interaction,
-        kind,
-        short(id),
-        event.note
+        format!("{kind}/{}", short(id)),
+        event.path,
     ))
 }
 
