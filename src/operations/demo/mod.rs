@@ -469,8 +469,10 @@ async fn summary(
     ]);
     let mut rows = queries::per_subscription(pool, project).await?;
     rows.sort_by_key(|row| name(&row.0));
+    let mut totals: HashMap<String, (i64, i64)> = HashMap::new();
     for (id, deliveries, succeeded, skipped, failed, attempts) in rows {
         let name = name(&id);
+        totals.insert(name.clone(), (deliveries, attempts));
         let at_receiver = by_path
             .get(&format!("/{name}"))
             .copied()
@@ -487,6 +489,7 @@ async fn summary(
         ]);
     }
     writeln!(out, "\nPer subscription:\n{table}")?;
+    notice(pool, project, &totals, out).await?;
 
     let reasons = queries::reasons(pool, project, 3).await?;
     if !reasons.is_empty() {
@@ -532,6 +535,44 @@ async fn summary(
         ]);
     }
     writeln!(out, "\nThe last deliveries:\n{table}")?;
+    Ok(())
+}
+
+/// What the numbers show, subscription by subscription.
+async fn notice(
+    pool: &sqlx::PgPool,
+    project: Uuid,
+    totals: &HashMap<String, (i64, i64)>,
+    out: &mut impl Write,
+) -> Result<(), DemoError> {
+    let changes = queries::demo_changes(pool, project).await?;
+    let changed = |resource_type: &str, interaction: Option<&str>| -> i64 {
+        changes
+            .iter()
+            .filter(|(t, i, _)| t == resource_type && interaction.is_none_or(|wanted| i == wanted))
+            .map(|(_, _, count)| count)
+            .sum()
+    };
+    let got = |name: &str| totals.get(name).copied().unwrap_or_default();
+    let (flaky, flaky_attempts) = got("flaky");
+    writeln!(
+        out,
+        "What to notice:\n\
+         - heart-rate: {} deliveries for {} Observation changes: the criteria keep heart rates only.\n\
+         - patient-activated: {} for {} Patient updates: the FHIRPath compares the version with\n\
+         \x20 the previous one, so only false → true counts.\n\
+         - new-encounter: {} for {} Encounter changes: creates only.\n\
+         - flaky: {flaky} deliveries for {} Patient changes, in {flaky_attempts} HTTP attempts: each was refused\n\
+         \x20 twice (503) and retried after about 0.5 s, then 1 s, with the same webhook-id (and a new\n\
+         \x20 timestamp and signature), until the receiver accepted it.",
+        got("heart-rate").0,
+        changed("Observation", None),
+        got("patient-activated").0,
+        changed("Patient", Some("update")),
+        got("new-encounter").0,
+        changed("Encounter", None),
+        changed("Patient", None),
+    )?;
     Ok(())
 }
 

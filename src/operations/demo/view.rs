@@ -159,6 +159,20 @@ pub mod queries {
         .await
     }
 
+    /// Changes made by the tour's writes (request ids `demo-…`): (type, interaction, count).
+    pub async fn demo_changes(
+        pool: &PgPool,
+        project: Uuid,
+    ) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT resource_type, interaction, count(*) FROM fhir_outbox.outbox
+             WHERE project_id = $1 AND request_id LIKE 'demo-%' GROUP BY resource_type, interaction",
+        )
+        .bind(project)
+        .fetch_all(pool)
+        .await
+    }
+
     /// AuditEvents written for the project's delivery attempts, and subscription issues recorded.
     pub async fn audit_and_issues(pool: &PgPool, project: Uuid) -> Result<(i64, i64), sqlx::Error> {
         sqlx::query_as(

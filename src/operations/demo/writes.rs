@@ -95,7 +95,10 @@ impl Writer {
     /// Writes the seed patients (before the subscriptions, so nothing is sent for them).
     pub async fn seed(&mut self) -> Result<(), StoreError> {
         for n in 0..SEED_PATIENTS {
-            let patient = patient(n as u64);
+            // Half of them active, so that updates go both ways from the start: true → false is
+            // sent to flaky only, false → true to patient-activated as well.
+            let mut patient = patient(n as u64);
+            patient["active"] = json!(n % 2 == 0);
             let written =
                 capture::create(&self.pool, self.project, &patient, &WriteContext::default())
                     .await?;
