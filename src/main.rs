@@ -334,6 +334,7 @@ async fn demo(
         (None, None) => unreachable!("a cluster is started when no URL is given"),
     };
     options.live = std::io::stdout().is_terminal();
+    options.throwaway = cluster.is_some();
     if options.keep_running && cluster.is_some() {
         options.psql_url = Some(url.clone());
     }

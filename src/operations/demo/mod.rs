@@ -69,6 +69,8 @@ pub struct DemoOptions {
     /// The URL to give psql, when the database stays up after the tour (a throwaway cluster kept
     /// with `--keep-running`). Not shown otherwise: a DATABASE_URL may hold a password.
     pub psql_url: Option<String>,
+    /// The database is a throwaway cluster, removed when the demo ends (the SQL hints say so).
+    pub throwaway: bool,
 }
 
 impl Default for DemoOptions {
@@ -79,6 +81,7 @@ impl Default for DemoOptions {
             keep_running: false,
             live: false,
             psql_url: None,
+            throwaway: true,
         }
     }
 }
@@ -578,12 +581,13 @@ async fn notice(
 
 fn sql_hints(project: Uuid, options: &DemoOptions, out: &mut impl Write) -> std::io::Result<()> {
     match &options.psql_url {
-        Some(url) => writeln!(out, "The database stays up: psql '{url}'")?,
-        None => writeln!(
+        Some(url) => writeln!(out, "The database stays up until Ctrl-C: psql '{url}'")?,
+        None if options.throwaway => writeln!(
             out,
-            "Run the demo with --keep-running to keep the database up and paste these into psql\n\
-             (or point it at your own database with DATABASE_URL):"
+            "The throwaway database is removed when the demo ends: run it with --keep-running to\n\
+             paste these into psql (or point it at your own database with DATABASE_URL)."
         )?,
+        None => writeln!(out, "Everything stays in your database (DATABASE_URL):")?,
     }
     writeln!(
         out,
