@@ -310,12 +310,9 @@ fn live_lines(frame: &Frame<'_>) -> Vec<String> {
     let r = &frame.receiver;
     let mut lines = vec![
         format!(
-            "  {} · {} writes ({} creates, {} updates, {} deletes)",
+            "  {} · {} writes",
             phase_text(&frame.phase),
-            frame.writes.total(),
-            frame.writes.creates,
-            frame.writes.updates,
-            frame.writes.deletes
+            frame.writes.total()
         ),
         format!(
             "  last write  {}",
