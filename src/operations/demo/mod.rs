@@ -298,16 +298,19 @@ async fn stream(
     shutdown: &CancellationToken,
     out: &mut impl Write,
 ) -> Result<bool, DemoError> {
-    let mut view = View::new(options.live);
+    let mut screen = Screen {
+        pool,
+        project,
+        receiver,
+        view: View::new(options.live),
+        last_write: None,
+    };
     let started = Instant::now();
     let writes_end = tokio::time::Instant::now() + options.duration;
     let mut write_tick =
         tokio::time::interval(Duration::from_secs(1) / options.writes_per_second.max(1));
     write_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh = tokio::time::interval(REFRESH);
-    let mut last_write = None;
-    // Plain progress: a line a second (every other refresh).
-    let plain_every = 2;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -315,43 +318,23 @@ async fn stream(
                 return Ok(true);
             }
             _ = tokio::time::sleep_until(writes_end) => break,
-            _ = write_tick.tick() => last_write = Some(writer.next().await?),
+            _ = write_tick.tick() => screen.last_write = Some(writer.next().await?),
             _ = refresh.tick() => {
                 let phase = Phase::Writing(started.elapsed(), options.duration);
-                draw(pool, project, writer, receiver, &mut view, phase, last_write.as_ref(), plain_every, false, out).await?;
+                screen.draw(phase, writer.counts(), false, out).await?;
             }
         }
     }
     let drain_end = tokio::time::Instant::now() + DRAIN_LIMIT;
     loop {
-        let snapshot = draw(
-            pool,
-            project,
-            writer,
-            receiver,
-            &mut view,
-            Phase::Draining,
-            last_write.as_ref(),
-            plain_every,
-            false,
-            out,
-        )
-        .await?;
+        let snapshot = screen
+            .draw(Phase::Draining, writer.counts(), false, out)
+            .await?;
         if snapshot.settled() {
             // The final frame, also in plain mode, so the last line shows the end state.
-            draw(
-                pool,
-                project,
-                writer,
-                receiver,
-                &mut view,
-                Phase::Draining,
-                last_write.as_ref(),
-                plain_every,
-                true,
-                out,
-            )
-            .await?;
+            screen
+                .draw(Phase::Draining, writer.counts(), true, out)
+                .await?;
             writeln!(
                 out,
                 "\nAll changes dispatched and all deliveries finished {:.1} s after the last write.",
@@ -377,35 +360,44 @@ async fn stream(
     }
 }
 
-#[allow(clippy::too_many_arguments)] // One frame needs all of them; a struct would only rename them.
-async fn draw(
-    pool: &sqlx::PgPool,
+/// What the live view reads from, and how it draws.
+struct Screen<'a> {
+    pool: &'a sqlx::PgPool,
     project: Uuid,
-    writer: &writes::Writer,
-    receiver: &Receiver,
-    view: &mut View,
-    phase: Phase,
-    last_write: Option<&writes::Done>,
-    plain_every: u32,
-    force: bool,
-    out: &mut impl Write,
-) -> Result<view::Snapshot, DemoError> {
-    let snapshot = queries::snapshot(pool, project).await?;
-    let events = receiver.last_events(4);
-    view.draw(
-        out,
-        &Frame {
-            phase,
-            writes: writer.counts(),
-            last_write,
-            snapshot: &snapshot,
-            receiver: receiver.counts(),
-            events: &events,
-        },
-        plain_every,
-        force,
-    )?;
-    Ok(snapshot)
+    receiver: &'a Receiver,
+    view: View,
+    last_write: Option<writes::Done>,
+}
+
+impl Screen<'_> {
+    /// Plain progress: a line a second (every other refresh).
+    const PLAIN_EVERY: u32 = 2;
+
+    /// Reads the state and draws a frame (in plain mode, `force` prints a line now).
+    async fn draw(
+        &mut self,
+        phase: Phase,
+        writes: writes::WriteCounts,
+        force: bool,
+        out: &mut impl Write,
+    ) -> Result<view::Snapshot, DemoError> {
+        let snapshot = queries::snapshot(self.pool, self.project).await?;
+        let events = self.receiver.last_events(4);
+        self.view.draw(
+            out,
+            &Frame {
+                phase,
+                writes,
+                last_write: self.last_write.as_ref(),
+                snapshot: &snapshot,
+                receiver: self.receiver.counts(),
+                events: &events,
+            },
+            Self::PLAIN_EVERY,
+            force,
+        )?;
+        Ok(snapshot)
+    }
 }
 
 async fn summary(
