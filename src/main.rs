@@ -49,11 +49,19 @@ enum LogFormat {
 enum Command {
     /// Apply the embedded schema migrations (safe to run concurrently; a no-op when up to date).
     Migrate,
-    /// A guided tour on a throwaway PostgreSQL (or on DATABASE_URL): writes, history and the outbox.
+    /// A guided tour on a throwaway PostgreSQL (or on DATABASE_URL): a receiver, subscriptions, a
+    /// stream of writes and their deliveries as they happen, then the SQL to look at everything.
     Demo {
-        /// Keep the throwaway cluster running after the tour, until Ctrl-C, to look at it with psql.
+        /// After the tour, keep the pipeline, the receiver and the throwaway cluster running until
+        /// Ctrl-C, to look with psql and write more.
         #[arg(long)]
         keep_running: bool,
+        /// How long the stream of writes lasts, in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        duration_seconds: u64,
+        /// Writes per second.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=200))]
+        writes_per_second: u32,
     },
     /// Run the pipeline against DATABASE_URL until Ctrl-C or SIGTERM: dispatch and delivery.
     Run {
@@ -331,7 +339,19 @@ async fn main() -> Result<()> {
             println!("Migrations are up to date.");
             Ok(())
         }
-        Command::Demo { keep_running } => demo(cli.database_url, keep_running).await,
+        Command::Demo {
+            keep_running,
+            duration_seconds,
+            writes_per_second,
+        } => {
+            let options = operations::demo::DemoOptions {
+                duration: Duration::from_secs(duration_seconds),
+                writes_per_second,
+                keep_running,
+                ..operations::demo::DemoOptions::default()
+            };
+            demo(cli.database_url, options).await
+        }
         Command::DevDb { url_file } => dev_db(url_file).await,
         command @ (Command::Status { .. }
         | Command::Deliveries { .. }
@@ -675,7 +695,11 @@ async fn shutdown_signal() {
     }
 }
 
-async fn demo(database_url: Option<String>, keep_running: bool) -> Result<()> {
+async fn demo(
+    database_url: Option<String>,
+    mut options: operations::demo::DemoOptions,
+) -> Result<()> {
+    use std::io::IsTerminal;
     // The cluster lives here, outside the tour, so that Ctrl-C (which ends the tour early) still stops
     // it and removes its directory when it is dropped.
     let cluster = match &database_url {
@@ -692,25 +716,66 @@ async fn demo(database_url: Option<String>, keep_running: bool) -> Result<()> {
         (None, Some(cluster)) => cluster.url("postgres"),
         (None, None) => unreachable!("a cluster is started when no URL is given"),
     };
-    let tour = async {
-        operations::demo::run(&url, &mut std::io::stdout()).await?;
-        if keep_running && cluster.is_some() {
-            println!(
-                "\nThe cluster keeps running: psql '{url}'\nPress Ctrl-C to stop and remove it."
-            );
-            std::future::pending::<()>().await;
-        }
-        anyhow::Ok(())
-    };
-    tokio::select! {
-        result = tour => result?,
-        _ = shutdown_signal() => println!("\nInterrupted."),
+    options.live = std::io::stdout().is_terminal();
+    options.throwaway = cluster.is_some();
+    if options.keep_running && cluster.is_some() {
+        options.psql_url = Some(url.clone());
     }
+    // The first Ctrl-C (or SIGTERM) ends the tour cleanly: no more writes, the pipeline stops, the
+    // summary is printed. A second one stops at once.
+    let shutdown = CancellationToken::new();
+    let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+            shutdown_signal().await;
+            let _ = force_tx.send(());
+        }
+    });
+    // The tour runs on a thread of its own, with a runtime of its own, so that its log filter can
+    // differ: the worker logs every attempt at info, which would scroll the live view away, and the
+    // tour shows each attempt itself. Warnings still show; FHIR_OUTBOX_LOG still decides when set.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let tour_shutdown = shutdown.clone();
+    std::thread::spawn(move || {
+        let filter =
+            EnvFilter::try_from_env("FHIR_OUTBOX_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+        let quiet = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .finish();
+        let _guard = tracing::subscriber::set_default(quiet);
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| {
+                runtime
+                    .block_on(operations::demo::run(
+                        &url,
+                        &options,
+                        tour_shutdown,
+                        &mut std::io::stdout(),
+                    ))
+                    .map_err(anyhow::Error::from)
+            });
+        let _ = done_tx.send(result);
+    });
+    let result = tokio::select! {
+        result = done_rx => result.unwrap_or_else(|_| Err(anyhow::anyhow!("the tour thread ended without a result"))),
+        _ = force_rx => {
+            println!("\nInterrupted again: stopping now.");
+            Ok(())
+        }
+    };
+    signals.abort();
     if let Some(mut cluster) = cluster {
         tokio::task::spawn_blocking(move || cluster.stop()).await?;
         println!("The throwaway cluster is stopped and removed.");
     }
-    Ok(())
+    result
 }
 
 fn init_logging(format: LogFormat) {

@@ -7,6 +7,7 @@ mod capture;
 mod common;
 mod concurrency;
 mod delivery;
+mod demo;
 mod dispatch;
 mod explain;
 mod faults;
