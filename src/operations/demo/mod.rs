@@ -584,6 +584,10 @@ fn sql_hints(project: Uuid, options: &DemoOptions, out: &mut impl Write) -> std:
     writeln!(
         out,
         "
+-- Delivery state per subscription, at a glance (also: fhir-outbox status --project {project}):
+SELECT subscription_id, pending, succeeded, skipped, failed, oldest_undelivered_age, last_error
+  FROM fhir_outbox.subscription_delivery_status WHERE project_id = '{project}';
+
 -- Every committed change, with the request id that made it (demo-1, demo-2, …):
 SELECT seq, interaction, resource_type, resource_id, version_id, request_id, dispatched_at
   FROM fhir_outbox.outbox WHERE project_id = '{project}' ORDER BY seq;
