@@ -125,7 +125,7 @@ impl Sizes {
             dispatch_rows: 20_000,
             backlogs: vec![20_000, 100_000],
             concurrencies: vec![1, 10, 50],
-            e2e_max_seconds: 120,
+            e2e_max_seconds: 60,
             latency_rate: 200,
             latency_seconds: 10,
             claim_finished: 1_000_000,

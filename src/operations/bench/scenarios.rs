@@ -46,11 +46,23 @@ fn other(error: impl std::fmt::Display) -> BenchError {
 /// (the current one, from the dispatch migration): no `INSERT INTO fhir_outbox.outbox` and no
 /// `pg_notify('fhir_outbox_change', '')`; the version insert and the Subscription epoch bump are the
 /// same. `create_resource` and `update_resource` are the installed definitions, read back with
-/// `pg_get_functiondef` and re-created in the schema `fhir_outbox_bench` with only their calls to
-/// `write_version` redirected, so that validation, normalisation, stamping and locking stay
-/// identical and cannot drift from the real functions.
-const NO_CAPTURE_WRITE_VERSION: &str = r#"
-CREATE FUNCTION fhir_outbox_bench.write_version(
+/// `pg_get_functiondef` and re-created in the bench schema with only their calls to `write_version`
+/// redirected, so that validation, normalisation, stamping and locking stay identical and cannot
+/// drift from the real functions. A third variant (schema `fhir_outbox_bench_nonotify`) keeps the
+/// outbox insert and drops only the `pg_notify`, to tell the two costs apart.
+fn write_version_variant(schema: &str, outbox: bool) -> String {
+    let outbox_insert = if outbox {
+        "IF p_type <> 'AuditEvent' THEN
+        INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
+                                        previous_version_id, interaction, changed_at, request_id, trace_id)
+        VALUES (p_project, p_type, p_id, p_version, p_previous, p_interaction, p_at, p_request_id, p_trace_id);
+    END IF;"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+CREATE FUNCTION {schema}.write_version(
     p_project uuid, p_type text, p_id text, p_version bigint, p_previous bigint, p_interaction text,
     p_content jsonb, p_at timestamptz, p_author text, p_request_id text, p_trace_id text)
 RETURNS void LANGUAGE plpgsql VOLATILE AS $$
@@ -61,34 +73,51 @@ BEGIN
     IF p_type = 'Subscription' THEN
         UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1 WHERE id = p_project;
     END IF;
+    {outbox_insert}
 END
-$$"#;
+$$"#
+    )
+}
 
-async fn install_no_capture(pool: &PgPool) -> Result<(), BenchError> {
-    sqlx::query("CREATE SCHEMA fhir_outbox_bench")
-        .execute(pool)
-        .await?;
-    sqlx::query(NO_CAPTURE_WRITE_VERSION).execute(pool).await?;
-    for function in ["create_resource", "update_resource"] {
-        let definition: String =
-            sqlx::query_scalar("SELECT pg_get_functiondef(($1 || $2)::regproc)")
-                .bind("fhir_outbox.")
-                .bind(function)
-                .fetch_one(pool)
-                .await?;
-        let header = format!("FUNCTION fhir_outbox.{function}(");
-        if !definition.contains(&header) || !definition.contains("fhir_outbox.write_version(") {
-            return Err(other(format!(
-                "unexpected definition of fhir_outbox.{function}: cannot derive the no-capture copy"
-            )));
+/// The write variants of the capture scenario: (schema, label, captured).
+const VARIANTS: [(&str, &str, bool); 3] = [
+    ("fhir_outbox_bench", "without", false),
+    ("fhir_outbox", "with", true),
+    ("fhir_outbox_bench_nonotify", "with_outbox_no_notify", true),
+];
+
+async fn install_variants(pool: &PgPool) -> Result<(), BenchError> {
+    for (schema, outbox) in [
+        ("fhir_outbox_bench", false),
+        ("fhir_outbox_bench_nonotify", true),
+    ] {
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(pool)
+            .await?;
+        sqlx::query(&write_version_variant(schema, outbox))
+            .execute(pool)
+            .await?;
+        for function in ["create_resource", "update_resource"] {
+            let definition: String =
+                sqlx::query_scalar("SELECT pg_get_functiondef(($1 || $2)::regproc)")
+                    .bind("fhir_outbox.")
+                    .bind(function)
+                    .fetch_one(pool)
+                    .await?;
+            let header = format!("FUNCTION fhir_outbox.{function}(");
+            if !definition.contains(&header) || !definition.contains("fhir_outbox.write_version(") {
+                return Err(other(format!(
+                    "unexpected definition of fhir_outbox.{function}: cannot derive the bench copy"
+                )));
+            }
+            let copy = definition
+                .replace(&header, &format!("FUNCTION {schema}.{function}("))
+                .replace(
+                    "fhir_outbox.write_version(",
+                    &format!("{schema}.write_version("),
+                );
+            sqlx::query(&copy).execute(pool).await?;
         }
-        let copy = definition
-            .replace(&header, &format!("FUNCTION fhir_outbox_bench.{function}("))
-            .replace(
-                "fhir_outbox.write_version(",
-                "fhir_outbox_bench.write_version(",
-            );
-        sqlx::query(&copy).execute(pool).await?;
     }
     Ok(())
 }
@@ -100,14 +129,9 @@ async fn write_for(
     project: Uuid,
     writers: usize,
     seconds: u64,
-    captured: bool,
+    schema: &str,
     round: u64,
 ) -> Result<(u64, f64), BenchError> {
-    let schema = if captured {
-        "fhir_outbox"
-    } else {
-        "fhir_outbox_bench"
-    };
     // The same statement shape as capture::create / capture::update, in both variants.
     let create_sql = format!(
         "SELECT outcome, resource, version_id FROM {schema}.create_resource($1, $2, $3, $4, $5)"
@@ -166,26 +190,29 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
     let url = env.create_db("bench_capture").await?;
     let pool = fixtures::connect(&url, sizes.capture_writers as u32 + 2).await?;
     let project = crate::project::create_project(&pool, "bench").await?;
-    install_no_capture(&pool).await?;
-    // Two rounds, interleaved, so that a change of background load hits both variants alike.
-    let (mut with, mut without) = ((0u64, 0f64), (0u64, 0f64));
+    install_variants(&pool).await?;
+    // Two rounds, interleaved, so that a change of background load hits every variant alike.
+    let mut totals = [(0u64, 0f64); 3];
     let mut rounds = Vec::new();
-    for round in 0..2 {
-        for captured in [false, true] {
+    let mut captured_writes = 0;
+    for round in 0..2u64 {
+        for (index, (schema, label, captured)) in VARIANTS.iter().enumerate() {
             let (count, secs) = write_for(
                 &pool,
                 project,
                 sizes.capture_writers,
                 sizes.capture_seconds,
-                captured,
-                round * 2 + u64::from(captured),
+                schema,
+                round * 3 + index as u64,
             )
             .await?;
-            let slot = if captured { &mut with } else { &mut without };
-            slot.0 += count;
-            slot.1 += secs;
+            totals[index].0 += count;
+            totals[index].1 += secs;
+            if *captured {
+                captured_writes += count;
+            }
             rounds.push(
-                json!({"round": round, "captured": captured, "transactions": count,
+                json!({"round": round, "variant": label, "transactions": count,
                                "seconds": secs, "per_s": count as f64 / secs}),
             );
         }
@@ -195,15 +222,13 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
         .await?;
     pool.close().await;
     env.drop_db("bench_capture").await?;
-    if outbox_rows as u64 != with.0 {
+    if outbox_rows as u64 != captured_writes {
         return Err(other(format!(
-            "capture check failed: {} captured writes but {outbox_rows} outbox rows",
-            with.0
+            "capture check failed: {captured_writes} captured writes but {outbox_rows} outbox rows"
         )));
     }
-    let with_rate = with.0 as f64 / with.1;
-    let without_rate = without.0 as f64 / without.1;
-    let cost = 100.0 * (1.0 - with_rate / without_rate);
+    let rate = |index: usize| totals[index].0 as f64 / totals[index].1;
+    let (without_rate, with_rate, no_notify_rate) = (rate(0), rate(1), rate(2));
     let s = Scenario::Capture;
     let writers = sizes.capture_writers;
     results.figures.push(Figure::new(
@@ -225,11 +250,25 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
             s,
             "capture.cost_pct",
             "capture cost (throughput lost)",
-            cost,
+            100.0 * (1.0 - with_rate / without_rate),
             "%",
         )
         .target(Target::AtMost(25.0)),
     );
+    results.figures.push(Figure::new(
+        s,
+        "capture.outbox_no_notify.tx_per_s",
+        "diagnosis: writes with the outbox row but no pg_notify",
+        no_notify_rate,
+        "tx/s",
+    ));
+    results.figures.push(Figure::new(
+        s,
+        "capture.outbox_no_notify.cost_pct",
+        "diagnosis: cost of the outbox row alone (no pg_notify)",
+        100.0 * (1.0 - no_notify_rate / without_rate),
+        "%",
+    ));
     results.details.insert(
         "capture".into(),
         json!({"rounds": rounds, "outbox_rows": outbox_rows}),
