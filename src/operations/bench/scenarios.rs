@@ -539,6 +539,20 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     env.receiver.set_recording(false);
     let rss = worker.peak_rss_mib();
     worker.stop().await;
+    // Where the time goes, from the rows (server clocks): write (clock_timestamp inside the writing
+    // transaction, before its commit) to match (the dispatcher's evaluation time), and match to the
+    // start of the HTTP attempt. Medians and p99, in ms.
+    let stages: (Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM d.matched_at - d.changed_at) * 1000),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM d.matched_at - d.changed_at) * 1000),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM a.started_at - d.matched_at) * 1000),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.started_at - d.matched_at) * 1000)
+         FROM fhir_outbox.delivery d JOIN fhir_outbox.delivery_attempt a ON a.delivery_id = d.id
+         WHERE d.changed_at >= now() - make_interval(secs => $1)",
+    )
+    .bind(wall)
+    .fetch_one(&pool)
+    .await?;
     pool.close().await;
     env.drop_db(name).await?;
     let recorded = env.receiver.take_recorded();
@@ -605,6 +619,29 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
             figure.note = Some(note.clone());
         }
     }
+    let stage = |key: &str, label: &str, value: Option<f64>| {
+        Figure::new(s, key, label, value.unwrap_or(f64::NAN), "ms")
+    };
+    figures.push(stage(
+        "latency.write_to_match_p50_ms",
+        "diagnosis: write to dispatch match, p50 (server clock)",
+        stages.0,
+    ));
+    figures.push(stage(
+        "latency.write_to_match_p99_ms",
+        "diagnosis: write to dispatch match, p99",
+        stages.1,
+    ));
+    figures.push(stage(
+        "latency.match_to_request_p50_ms",
+        "diagnosis: dispatch match to request start, p50",
+        stages.2,
+    ));
+    figures.push(stage(
+        "latency.match_to_request_p99_ms",
+        "diagnosis: dispatch match to request start, p99",
+        stages.3,
+    ));
     results.figures.extend(figures);
     results.cpu.push(CpuProfile {
         run: format!(
