@@ -315,6 +315,9 @@ async fn bench(
         std::fs::write(&path, format!("{text}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    if !report.errors.is_empty() {
+        anyhow::bail!("some scenarios failed: {}", report.errors.join("; "));
+    }
     Ok(())
 }
 

@@ -280,6 +280,8 @@ pub struct Report {
     pub cpu: Vec<CpuProfile>,
     /// Extra facts per scenario (row counts, delivery states, set-up times).
     pub details: serde_json::Map<String, serde_json::Value>,
+    /// Scenarios that failed, with the error (their figures are missing).
+    pub errors: Vec<String>,
 }
 
 impl Report {
@@ -379,18 +381,18 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let machine = Machine::read(env.postgres_version.clone());
     let mut results = scenarios::Results::default();
     let selected = |scenario| options.only.is_empty() || options.only.contains(&scenario);
-    let outcome = async {
-        for scenario in Scenario::ALL {
-            if selected(scenario) {
-                eprintln!("bench: {scenario:?}…");
-                scenarios::run(scenario, &env, &options.sizes, &mut results).await?;
+    // A scenario that fails is reported and the others still run: a long run keeps what it measured.
+    let mut errors = Vec::new();
+    for scenario in Scenario::ALL {
+        if selected(scenario) {
+            eprintln!("bench: {scenario:?}…");
+            if let Err(error) = scenarios::run(scenario, &env, &options.sizes, &mut results).await {
+                eprintln!("bench: {scenario:?} failed: {error}");
+                errors.push(format!("{scenario:?}: {error}"));
             }
         }
-        Ok::<_, BenchError>(())
     }
-    .await;
     env.stop().await;
-    outcome?;
     Ok(Report {
         started_at,
         quick: options.quick,
@@ -402,5 +404,6 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         figures: results.figures,
         cpu: results.cpu,
         details: results.details,
+        errors,
     })
 }

@@ -66,6 +66,11 @@ impl Env {
         let template = connect(&cluster.url(TEMPLATE), 2).await?;
         db::migrate(&template).await?;
         template.close().await;
+        sqlx::query(&format!(
+            "ALTER DATABASE {TEMPLATE} WITH ALLOW_CONNECTIONS false"
+        ))
+        .execute(&admin)
+        .await?;
         let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&admin)
             .await?;
@@ -99,12 +104,43 @@ impl Env {
     /// by files after a checkpoint rather than through the WAL.
     pub async fn copy_db(&self, source: &str, name: &str) -> Result<String, BenchError> {
         self.drop_db(name).await?;
+        // The template must have no sessions: autovacuum may have one open (after a big insert).
+        // Templates are sealed (no new connections, which autovacuum respects), and a session still
+        // there is ended; retried because one may start between the two.
+        let mut attempts = 0;
+        loop {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(source)
+            .execute(&self.admin)
+            .await?;
+            let created = sqlx::query(&format!(
+                "CREATE DATABASE {name} TEMPLATE {source} STRATEGY FILE_COPY"
+            ))
+            .execute(&self.admin)
+            .await;
+            match created {
+                Ok(_) => return Ok(self.url(name)),
+                Err(error) if attempts < 40 && error.to_string().contains("being accessed") => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Refuses new connections to a database that is now only a template (autovacuum then leaves
+    /// it alone, so that copies of it never find it busy).
+    pub async fn seal(&self, name: &str) -> Result<(), BenchError> {
         sqlx::query(&format!(
-            "CREATE DATABASE {name} TEMPLATE {source} STRATEGY FILE_COPY"
+            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"
         ))
         .execute(&self.admin)
         .await?;
-        Ok(self.url(name))
+        Ok(())
     }
 
     /// Drops a database if it exists.

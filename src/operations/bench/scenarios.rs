@@ -364,6 +364,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
         }
         sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
         pool.close().await;
+        env.seal(&template).await?;
         for &concurrency in &sizes.concurrencies {
             eprintln!("bench: e2e: backlog {backlog}, concurrency {concurrency}…");
             let run_db = "bench_e2e_run";
