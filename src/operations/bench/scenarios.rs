@@ -345,6 +345,15 @@ async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
     .await?)
 }
 
+/// Transactions committed in the current database so far (pg_stat_database).
+async fn database_commits(pool: &PgPool) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let mut details = Vec::new();
     let largest = sizes.backlogs.iter().copied().max().unwrap_or(0);
@@ -370,6 +379,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             let run_db = "bench_e2e_run";
             let run_url = env.copy_db(&template, run_db).await?;
             let pool = fixtures::connect(&run_url, 2).await?;
+            let commits0 = database_commits(&pool).await?;
             env.receiver.reset();
             let (pg0, own0) = (env.postgres_cpu(), env.own_cpu());
             let started = Instant::now();
@@ -392,6 +402,10 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             let worker_cpu = worker.cpu(env.ticks);
             let (pg1, own1) = (env.postgres_cpu(), env.own_cpu());
             worker.stop().await;
+            // Commits of the run's database (the worker's; the bench's own polling adds a few).
+            // Statistics are flushed when sessions end or go idle: wait for that.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let commits = database_commits(&pool).await? - commits0;
             let states: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT state, count(*) FROM fhir_outbox.delivery GROUP BY state ORDER BY state",
             )
@@ -445,7 +459,9 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             details.push(json!({
                 "backlog": backlog, "concurrency": concurrency, "states": states
                     .iter().map(|(s, n)| (s.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
-                "received": received, "audit_events": audit_events, "seconds_from_first_request": secs,
+                "received": received, "audit_events": audit_events,
+                "commits": commits,
+                "commits_per_delivery": commits as f64 / (succeeded.max(1) as f64), "seconds_from_first_request": secs,
                 "seconds_from_spawn": done.duration_since(started).as_secs_f64(),
                 "cut_short": cut_short, "worker_peak_rss_mib": rss,
                 "prefill_seconds": prefill.as_secs_f64(),
