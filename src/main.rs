@@ -190,6 +190,19 @@ enum Command {
         #[arg(long)]
         url_file: Option<std::path::PathBuf>,
     },
+    /// Measure the performance figures on a throwaway durable PostgreSQL with a loopback receiver,
+    /// and print them next to their targets (see docs/performance.md).
+    Bench {
+        /// Small sizes (2k backlog, 10k finished rows, 3 s runs): a minute or two.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<operations::bench::Scenario>,
+    },
 }
 
 /// Settings of the dispatch stage.
@@ -353,6 +366,7 @@ async fn main() -> Result<()> {
             demo(cli.database_url, options).await
         }
         Command::DevDb { url_file } => dev_db(url_file).await,
+        Command::Bench { quick, json, only } => bench(quick, json, only).await,
         command @ (Command::Status { .. }
         | Command::Deliveries { .. }
         | Command::Retry { .. }
@@ -682,6 +696,31 @@ async fn dev_db(url_file: Option<std::path::PathBuf>) -> Result<()> {
     }
     shutdown_signal().await;
     tokio::task::spawn_blocking(move || cluster.stop()).await?;
+    Ok(())
+}
+
+async fn bench(
+    quick: bool,
+    json: Option<std::path::PathBuf>,
+    only: Vec<operations::bench::Scenario>,
+) -> Result<()> {
+    use operations::bench::{BenchOptions, Sizes};
+    let sizes = if quick { Sizes::quick() } else { Sizes::full() };
+    let options = BenchOptions { sizes, quick, only };
+    let report = tokio::select! {
+        report = operations::bench::run(&options) => report?,
+        _ = shutdown_signal() => anyhow::bail!("interrupted"),
+    };
+    let text = serde_json::to_string_pretty(&report)?;
+    print!("{}", report.table());
+    println!("{text}");
+    if let Some(path) = json {
+        std::fs::write(&path, format!("{text}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if !report.errors.is_empty() {
+        anyhow::bail!("some scenarios failed: {}", report.errors.join("; "));
+    }
     Ok(())
 }
 

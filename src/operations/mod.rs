@@ -2,6 +2,7 @@
 //! `explain`, the admin endpoint, retention, and the demo tour with its verifying receiver.
 
 pub mod admin;
+pub mod bench;
 pub mod control;
 pub mod demo;
 pub mod explain;

@@ -1,0 +1,864 @@
+//! The measurements.
+
+use super::fixtures::{self, Env, WorkerProcess, patient};
+use super::{BenchError, CpuProfile, Figure, Scenario, Sizes, Target};
+use crate::capture::{self, WriteContext};
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// What the scenarios measured so far.
+#[derive(Default)]
+pub struct Results {
+    pub figures: Vec<Figure>,
+    pub cpu: Vec<CpuProfile>,
+    pub details: serde_json::Map<String, Value>,
+}
+
+/// Runs one scenario.
+pub async fn run(
+    scenario: Scenario,
+    env: &Env,
+    sizes: &Sizes,
+    results: &mut Results,
+) -> Result<(), BenchError> {
+    match scenario {
+        Scenario::Capture => capture_cost(env, sizes, results).await,
+        Scenario::Dispatch => dispatch(env, sizes, results).await,
+        Scenario::E2e => end_to_end(env, sizes, results).await,
+        Scenario::Latency => latency(env, sizes, results).await,
+        Scenario::Claim => claim(env, sizes, results).await,
+    }
+}
+
+fn other(error: impl std::fmt::Display) -> BenchError {
+    BenchError::Other(error.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capture cost
+
+/// The write path without capture, for comparison. What differs from `fhir_outbox.write_version`
+/// (the current one, from the dispatch migration): no `INSERT INTO fhir_outbox.outbox` and no
+/// `pg_notify('fhir_outbox_change', '')`; the version insert and the Subscription epoch bump are the
+/// same. `create_resource` and `update_resource` are the installed definitions, read back with
+/// `pg_get_functiondef` and re-created in the bench schema with only their calls to `write_version`
+/// redirected, so that validation, normalisation, stamping and locking stay identical and cannot
+/// drift from the real functions. A third variant (schema `fhir_outbox_bench_nonotify`) keeps the
+/// outbox insert and drops only the `pg_notify`, to tell the two costs apart.
+fn write_version_variant(schema: &str, outbox: bool) -> String {
+    let outbox_insert = if outbox {
+        "IF p_type <> 'AuditEvent' THEN
+        INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
+                                        previous_version_id, interaction, changed_at, request_id, trace_id)
+        VALUES (p_project, p_type, p_id, p_version, p_previous, p_interaction, p_at, p_request_id, p_trace_id);
+    END IF;"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+CREATE FUNCTION {schema}.write_version(
+    p_project uuid, p_type text, p_id text, p_version bigint, p_previous bigint, p_interaction text,
+    p_content jsonb, p_at timestamptz, p_author text, p_request_id text, p_trace_id text)
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    INSERT INTO fhir_outbox.resource_version
+        (project_id, resource_type, id, version_id, deleted, content, last_updated, author)
+    VALUES (p_project, p_type, p_id, p_version, p_content IS NULL, p_content, p_at, p_author);
+    IF p_type = 'Subscription' THEN
+        UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1 WHERE id = p_project;
+    END IF;
+    {outbox_insert}
+END
+$$"#
+    )
+}
+
+/// The write variants of the capture scenario: (schema, label, captured).
+const VARIANTS: [(&str, &str, bool); 3] = [
+    ("fhir_outbox_bench", "without", false),
+    ("fhir_outbox", "with", true),
+    ("fhir_outbox_bench_nonotify", "with_outbox_no_notify", true),
+];
+
+async fn install_variants(pool: &PgPool) -> Result<(), BenchError> {
+    for (schema, outbox) in [
+        ("fhir_outbox_bench", false),
+        ("fhir_outbox_bench_nonotify", true),
+    ] {
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(pool)
+            .await?;
+        sqlx::query(&write_version_variant(schema, outbox))
+            .execute(pool)
+            .await?;
+        for function in ["create_resource", "update_resource"] {
+            let definition: String =
+                sqlx::query_scalar("SELECT pg_get_functiondef(($1 || $2)::regproc)")
+                    .bind("fhir_outbox.")
+                    .bind(function)
+                    .fetch_one(pool)
+                    .await?;
+            let header = format!("FUNCTION fhir_outbox.{function}(");
+            if !definition.contains(&header) || !definition.contains("fhir_outbox.write_version(") {
+                return Err(other(format!(
+                    "unexpected definition of fhir_outbox.{function}: cannot derive the bench copy"
+                )));
+            }
+            let copy = definition
+                .replace(&header, &format!("FUNCTION {schema}.{function}("))
+                .replace(
+                    "fhir_outbox.write_version(",
+                    &format!("{schema}.write_version("),
+                );
+            sqlx::query(&copy).execute(pool).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Write transactions (a create, then an update of it: two transactions) for `seconds` from
+/// `writers` connections; returns transactions per second.
+async fn write_for(
+    pool: &PgPool,
+    project: Uuid,
+    writers: usize,
+    seconds: u64,
+    schema: &str,
+    round: u64,
+) -> Result<(u64, f64), BenchError> {
+    // The same statement shape as capture::create / capture::update, in both variants.
+    let create_sql = format!(
+        "SELECT outcome, resource, version_id FROM {schema}.create_resource($1, $2, $3, $4, $5)"
+    );
+    let update_sql = format!(
+        "SELECT outcome, resource, version_id FROM {schema}.update_resource($1, $2, $3, $4, $5, $6, $7, $8)"
+    );
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..writers as u64 {
+        let (pool, count) = (pool.clone(), count.clone());
+        let (create_sql, update_sql) = (create_sql.clone(), update_sql.clone());
+        tasks.spawn(async move {
+            let mut n = round * 1_000_000_000 + writer * 10_000_000;
+            while Instant::now() < deadline {
+                n += 1;
+                let row = sqlx::query(&create_sql)
+                    .bind(project)
+                    .bind(patient(n))
+                    .bind(None::<String>)
+                    .bind(None::<String>)
+                    .bind(None::<String>)
+                    .fetch_one(&pool)
+                    .await?;
+                let mut resource: Value = row.try_get("resource")?;
+                let id = resource["id"].as_str().unwrap_or_default().to_owned();
+                resource["active"] = json!(false);
+                resource["birthDate"] = json!("1975-01-01");
+                sqlx::query(&update_sql)
+                    .bind(project)
+                    .bind("Patient")
+                    .bind(&id)
+                    .bind(&resource)
+                    .bind(None::<i64>)
+                    .bind(None::<String>)
+                    .bind(None::<String>)
+                    .bind(None::<String>)
+                    .fetch_one(&pool)
+                    .await?;
+                count.fetch_add(2, Ordering::Relaxed);
+            }
+            Ok::<_, BenchError>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.map_err(other)??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let total = count.load(Ordering::Relaxed);
+    Ok((total, elapsed))
+}
+
+async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let url = env.create_db("bench_capture").await?;
+    let pool = fixtures::connect(&url, sizes.capture_writers as u32 + 2).await?;
+    let project = crate::project::create_project(&pool, "bench").await?;
+    install_variants(&pool).await?;
+    // Two rounds, interleaved, so that a change of background load hits every variant alike.
+    let mut totals = [(0u64, 0f64); 3];
+    let mut rounds = Vec::new();
+    let mut captured_writes = 0;
+    for round in 0..2u64 {
+        for (index, (schema, label, captured)) in VARIANTS.iter().enumerate() {
+            let (count, secs) = write_for(
+                &pool,
+                project,
+                sizes.capture_writers,
+                sizes.capture_seconds,
+                schema,
+                round * 3 + index as u64,
+            )
+            .await?;
+            totals[index].0 += count;
+            totals[index].1 += secs;
+            if *captured {
+                captured_writes += count;
+            }
+            rounds.push(
+                json!({"round": round, "variant": label, "transactions": count,
+                               "seconds": secs, "per_s": count as f64 / secs}),
+            );
+        }
+    }
+    let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox")
+        .fetch_one(&pool)
+        .await?;
+    pool.close().await;
+    env.drop_db("bench_capture").await?;
+    if outbox_rows as u64 != captured_writes {
+        return Err(other(format!(
+            "capture check failed: {captured_writes} captured writes but {outbox_rows} outbox rows"
+        )));
+    }
+    let rate = |index: usize| totals[index].0 as f64 / totals[index].1;
+    let (without_rate, with_rate, no_notify_rate) = (rate(0), rate(1), rate(2));
+    let s = Scenario::Capture;
+    let writers = sizes.capture_writers;
+    results.figures.push(Figure::new(
+        s,
+        "capture.without.tx_per_s",
+        format!("writes without capture ({writers} writers; create+update of 1 KiB Patients)"),
+        without_rate,
+        "tx/s",
+    ));
+    results.figures.push(Figure::new(
+        s,
+        "capture.with.tx_per_s",
+        format!("writes with capture ({writers} writers)"),
+        with_rate,
+        "tx/s",
+    ));
+    results.figures.push(
+        Figure::new(
+            s,
+            "capture.cost_pct",
+            "capture cost (throughput lost)",
+            100.0 * (1.0 - with_rate / without_rate),
+            "%",
+        )
+        .target(Target::AtMost(25.0)),
+    );
+    results.figures.push(Figure::new(
+        s,
+        "capture.outbox_no_notify.tx_per_s",
+        "diagnosis: writes with the outbox row but no pg_notify",
+        no_notify_rate,
+        "tx/s",
+    ));
+    results.figures.push(Figure::new(
+        s,
+        "capture.outbox_no_notify.cost_pct",
+        "diagnosis: cost of the outbox row alone (no pg_notify)",
+        100.0 * (1.0 - no_notify_rate / without_rate),
+        "%",
+    ));
+    results.details.insert(
+        "capture".into(),
+        json!({"rounds": rounds, "outbox_rows": outbox_rows}),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+
+async fn dispatch(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let mut details = Vec::new();
+    for subscriptions in [1usize, 20] {
+        let name = format!("bench_dispatch_{subscriptions}");
+        let url = env.create_db(&name).await?;
+        let pool = fixtures::connect(&url, 8).await?;
+        let project =
+            fixtures::project_with_subscriptions(&pool, &env.receiver.url, subscriptions).await?;
+        let prefill = fixtures::prefill(&pool, project, sizes.dispatch_rows, 4).await?;
+        sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+        let (pg0, own0) = (env.postgres_cpu(), env.own_cpu());
+        let (changes, deliveries, time) = fixtures::dispatch_all(&pool).await?;
+        let (pg1, own1) = (env.postgres_cpu(), env.own_cpu());
+        pool.close().await;
+        env.drop_db(&name).await?;
+        let expected = sizes.dispatch_rows * subscriptions as u64;
+        if changes != sizes.dispatch_rows || deliveries != expected {
+            return Err(other(format!(
+                "dispatch check failed: {changes} changes and {deliveries} deliveries, expected {} and {expected}",
+                sizes.dispatch_rows
+            )));
+        }
+        let secs = time.as_secs_f64();
+        let s = Scenario::Dispatch;
+        let rows = sizes.dispatch_rows;
+        results.figures.push(Figure::new(
+            s,
+            format!("dispatch.subs{subscriptions}.rows_per_s"),
+            format!("dispatch, {subscriptions} matching subscription(s): outbox rows ({rows})"),
+            changes as f64 / secs,
+            "rows/s",
+        ));
+        results.figures.push(Figure::new(
+            s,
+            format!("dispatch.subs{subscriptions}.deliveries_per_s"),
+            format!("dispatch, {subscriptions} matching subscription(s): delivery rows"),
+            deliveries as f64 / secs,
+            "rows/s",
+        ));
+        results.cpu.push(CpuProfile {
+            run: format!(
+                "dispatch, {subscriptions} subs, {rows} rows (dispatcher in the bench process: worker column)"
+            ),
+            wall_s: secs,
+            postgres_s: pg1 - pg0,
+            worker_s: own1 - own0,
+            bench_s: 0.0,
+        });
+        details.push(json!({"subscriptions": subscriptions, "changes": changes,
+            "deliveries": deliveries, "seconds": secs, "prefill_seconds": prefill.as_secs_f64()}));
+    }
+    results.details.insert("dispatch".into(), json!(details));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end
+
+async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_outbox.delivery WHERE state IN ('pending', 'in_flight')",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Transactions committed in the current database so far (pg_stat_database).
+async fn database_commits(pool: &PgPool) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let mut details = Vec::new();
+    let largest = sizes.backlogs.iter().copied().max().unwrap_or(0);
+    let mut peak_rss: Option<f64> = None;
+    for &backlog in &sizes.backlogs {
+        let template = format!("bench_backlog_{backlog}");
+        let url = env.create_db(&template).await?;
+        let pool = fixtures::connect(&url, 8).await?;
+        let project = fixtures::project_with_subscriptions(&pool, &env.receiver.url, 1).await?;
+        eprintln!("bench: e2e: writing and dispatching a backlog of {backlog}…");
+        let prefill = fixtures::prefill(&pool, project, backlog, 4).await?;
+        let (_, deliveries, dispatch_time) = fixtures::dispatch_all(&pool).await?;
+        if deliveries != backlog {
+            return Err(other(format!(
+                "backlog check failed: {deliveries} deliveries for {backlog} writes"
+            )));
+        }
+        sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+        pool.close().await;
+        env.seal(&template).await?;
+        for &concurrency in &sizes.concurrencies {
+            eprintln!("bench: e2e: backlog {backlog}, concurrency {concurrency}…");
+            let run_db = "bench_e2e_run";
+            let run_url = env.copy_db(&template, run_db).await?;
+            let pool = fixtures::connect(&run_url, 2).await?;
+            let commits0 = database_commits(&pool).await?;
+            env.receiver.reset();
+            let (pg0, own0) = (env.postgres_cpu(), env.own_cpu());
+            let started = Instant::now();
+            let mut worker = WorkerProcess::start(env, &run_url, concurrency).await?;
+            let deadline = started + Duration::from_secs(sizes.e2e_max_seconds);
+            let mut cut_short = false;
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                worker.check_alive()?;
+                if env.receiver.count() >= backlog && open_deliveries(&pool).await? == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    cut_short = true;
+                    break;
+                }
+            }
+            let done = Instant::now();
+            let rss = worker.peak_rss_mib();
+            let worker_cpu = worker.cpu(env.ticks);
+            let (pg1, own1) = (env.postgres_cpu(), env.own_cpu());
+            worker.stop().await;
+            // Commits of the run's database (the worker's; the bench's own polling adds a few).
+            // Statistics are flushed when sessions end or go idle: wait for that.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let commits = database_commits(&pool).await? - commits0;
+            let states: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT state, count(*) FROM fhir_outbox.delivery GROUP BY state ORDER BY state",
+            )
+            .fetch_all(&pool)
+            .await?;
+            let audit_events: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM fhir_outbox.resource WHERE resource_type = 'AuditEvent'",
+            )
+            .fetch_one(&pool)
+            .await?;
+            pool.close().await;
+            env.drop_db(run_db).await?;
+            let succeeded = states
+                .iter()
+                .find(|(state, _)| state == "succeeded")
+                .map_or(0, |(_, n)| *n);
+            let received = env.receiver.count();
+            let first = env.receiver.first_arrival().unwrap_or(started);
+            let secs = done.duration_since(first).as_secs_f64();
+            let rate = succeeded as f64 / secs;
+            let mut figure = Figure::new(
+                Scenario::E2e,
+                format!("e2e.backlog{backlog}.c{concurrency}.deliveries_per_s"),
+                format!("end to end, backlog {backlog}, concurrency {concurrency}"),
+                rate,
+                "deliveries/s",
+            )
+            .target(Target::AtLeast(10_000.0));
+            if cut_short {
+                figure = figure.note(format!(
+                    "cut short after {} s: {succeeded} of {backlog} succeeded",
+                    sizes.e2e_max_seconds
+                ));
+            } else if succeeded as u64 != backlog {
+                figure = figure.note(format!("only {succeeded} of {backlog} succeeded"));
+            }
+            results.figures.push(figure);
+            results.cpu.push(CpuProfile {
+                run: format!("e2e, backlog {backlog}, concurrency {concurrency}"),
+                wall_s: done.duration_since(started).as_secs_f64(),
+                postgres_s: pg1 - pg0,
+                worker_s: worker_cpu,
+                bench_s: own1 - own0,
+            });
+            if backlog == largest {
+                peak_rss = match (peak_rss, rss) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            details.push(json!({
+                "backlog": backlog, "concurrency": concurrency, "states": states
+                    .iter().map(|(s, n)| (s.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "received": received, "audit_events": audit_events,
+                "commits": commits,
+                "commits_per_delivery": commits as f64 / (succeeded.max(1) as f64), "seconds_from_first_request": secs,
+                "seconds_from_spawn": done.duration_since(started).as_secs_f64(),
+                "cut_short": cut_short, "worker_peak_rss_mib": rss,
+                "prefill_seconds": prefill.as_secs_f64(),
+                "dispatch_seconds": dispatch_time.as_secs_f64(),
+            }));
+        }
+        env.drop_db(&template).await?;
+    }
+    if let Some(rss) = peak_rss {
+        let mut figure = Figure::new(
+            Scenario::E2e,
+            "worker.peak_rss_mib",
+            format!("worker peak RSS (`fhir-outbox run` child, VmHWM), backlog {largest}"),
+            rss,
+            "MiB",
+        )
+        .target(Target::AtMost(64.0));
+        if largest < 100_000 {
+            figure = figure.note(format!("backlog {largest}, not the 100k of the target"));
+        }
+        results.figures.push(figure);
+    }
+    results.details.insert("e2e".into(), json!(details));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let name = "bench_latency";
+    let url = env.create_db(name).await?;
+    let pool = fixtures::connect(&url, 24).await?;
+    let project = fixtures::project_with_subscriptions(&pool, &env.receiver.url, 1).await?;
+    env.receiver.reset();
+    let mut worker = WorkerProcess::start(env, &url, 10).await?;
+    // Warm up: one write delivered end to end, so connections are open and caches filled.
+    capture::create(&pool, project, &patient(0), &WriteContext::default()).await?;
+    let warm_deadline = Instant::now() + Duration::from_secs(30);
+    while env.receiver.count() < 1 {
+        worker.check_alive()?;
+        if Instant::now() > warm_deadline {
+            return Err(other("the warm-up write was not delivered within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.receiver.reset();
+    env.receiver.set_recording(true);
+    let commits: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let total = sizes.latency_rate * sizes.latency_seconds;
+    let mut ticker =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / sizes.latency_rate as f64));
+    let (pg0, own0, worker0) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
+    let started = Instant::now();
+    let mut writes = tokio::task::JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let (pool, commits) = (pool.clone(), commits.clone());
+        // One task per write, so a slow commit never delays the next write (a steady arrival rate).
+        writes.spawn(async move {
+            let written =
+                capture::create(&pool, project, &patient(n + 1), &WriteContext::default()).await?;
+            let committed = Instant::now();
+            let id = written.resource["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            commits.lock().expect("commit lock").insert(id, committed);
+            Ok::<_, BenchError>(())
+        });
+    }
+    while let Some(result) = writes.join_next().await {
+        result.map_err(other)??;
+    }
+    let write_secs = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.receiver.count() < total && Instant::now() < deadline {
+        worker.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let (pg1, own1, worker1) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
+    env.receiver.set_recording(false);
+    let rss = worker.peak_rss_mib();
+    worker.stop().await;
+    // Where the time goes, from the rows (server clocks): write (clock_timestamp inside the writing
+    // transaction, before its commit) to match (the dispatcher's evaluation time), and match to the
+    // start of the HTTP attempt. Medians and p99, in ms.
+    let stages: (Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM d.matched_at - d.changed_at) * 1000),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM d.matched_at - d.changed_at) * 1000),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM a.started_at - d.matched_at) * 1000),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.started_at - d.matched_at) * 1000)
+         FROM fhir_outbox.delivery d JOIN fhir_outbox.delivery_attempt a ON a.delivery_id = d.id
+         WHERE d.changed_at >= now() - make_interval(secs => $1)",
+    )
+    .bind(wall)
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    env.drop_db(name).await?;
+    let recorded = env.receiver.take_recorded();
+    let commits = std::mem::take(&mut *commits.lock().expect("commit lock"));
+    let mut latencies = Vec::with_capacity(recorded.len());
+    let mut before_commit_returned = 0u64;
+    for (arrived, body) in &recorded {
+        let Ok(resource) = serde_json::from_slice::<Value>(body) else {
+            continue;
+        };
+        let Some(committed) = resource["id"].as_str().and_then(|id| commits.get(id)) else {
+            continue;
+        };
+        // A delivery can arrive before the writer has seen its COMMIT acknowledged (the change is
+        // visible to the dispatcher first): that counts as 0 ms, and is counted.
+        if arrived < committed {
+            before_commit_returned += 1;
+        }
+        latencies.push(arrived.saturating_duration_since(*committed).as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let s = Scenario::Latency;
+    let rate = sizes.latency_rate;
+    let note = (latencies.len() as u64 != total).then(|| {
+        format!(
+            "{} of {total} writes delivered and matched",
+            latencies.len()
+        )
+    });
+    let mut figures = vec![
+        Figure::new(
+            s,
+            "latency.write_rate",
+            format!("latency run: writes/s achieved (asked {rate})"),
+            total as f64 / write_secs,
+            "writes/s",
+        ),
+        Figure::new(
+            s,
+            "latency.p50_ms",
+            format!("commit-to-delivery p50 at {rate} writes/s"),
+            percentile(&latencies, 50.0),
+            "ms",
+        )
+        .target(Target::AtMost(5.0)),
+        Figure::new(
+            s,
+            "latency.p95_ms",
+            format!("commit-to-delivery p95 at {rate} writes/s"),
+            percentile(&latencies, 95.0),
+            "ms",
+        ),
+        Figure::new(
+            s,
+            "latency.p99_ms",
+            format!("commit-to-delivery p99 at {rate} writes/s"),
+            percentile(&latencies, 99.0),
+            "ms",
+        )
+        .target(Target::AtMost(25.0)),
+    ];
+    if let Some(note) = note {
+        for figure in &mut figures[1..] {
+            figure.note = Some(note.clone());
+        }
+    }
+    let stage = |key: &str, label: &str, value: Option<f64>| {
+        Figure::new(s, key, label, value.unwrap_or(f64::NAN), "ms")
+    };
+    figures.push(stage(
+        "latency.write_to_match_p50_ms",
+        "diagnosis: write to dispatch match, p50 (server clock)",
+        stages.0,
+    ));
+    figures.push(stage(
+        "latency.write_to_match_p99_ms",
+        "diagnosis: write to dispatch match, p99",
+        stages.1,
+    ));
+    figures.push(stage(
+        "latency.match_to_request_p50_ms",
+        "diagnosis: dispatch match to request start, p50",
+        stages.2,
+    ));
+    figures.push(stage(
+        "latency.match_to_request_p99_ms",
+        "diagnosis: dispatch match to request start, p99",
+        stages.3,
+    ));
+    results.figures.extend(figures);
+    results.cpu.push(CpuProfile {
+        run: format!(
+            "latency, {rate} writes/s for {} s (writer in the bench process)",
+            sizes.latency_seconds
+        ),
+        wall_s: wall,
+        postgres_s: pg1 - pg0,
+        worker_s: worker1 - worker0,
+        bench_s: own1 - own0,
+    });
+    results.details.insert(
+        "latency".into(),
+        json!({"writes": total, "delivered": recorded.len(), "matched": latencies.len(),
+               "arrived_before_commit_returned": before_commit_returned,
+               "max_ms": latencies.last(), "worker_peak_rss_mib": rss}),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim rate
+
+/// The worker's claim query (`src/delivery/queries.rs`, `claim`), copied as runtime SQL: the bench
+/// must not touch the module's private API nor `.sqlx/`. Keep it in step.
+const CLAIM_SQL: &str = "WITH pending AS (
+       SELECT id FROM fhir_outbox.delivery
+       WHERE state = 'pending' AND next_attempt_at <= now()
+       ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED),
+   expired AS (
+       SELECT id FROM fhir_outbox.delivery
+       WHERE state = 'in_flight' AND lease_expires_at < now()
+       ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),
+   due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1)
+   UPDATE fhir_outbox.delivery d
+   SET state = 'in_flight', lease_token = gen_random_uuid(),
+       lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
+   FROM due WHERE d.id = due.id
+   RETURNING d.id, d.webhook_id, d.project_id, d.subscription_id, d.resource_project_id,
+             d.resource_type, d.resource_id, d.version_id, d.interaction, d.changed_at, d.request_id,
+             d.trace_id, d.attempts, d.preamble_failures, d.claims, d.lease_token";
+
+/// The worker's fenced completion (`queries::complete`) for a success, as runtime SQL.
+const COMPLETE_SQL: &str = "UPDATE fhir_outbox.delivery
+    SET state = 'succeeded', attempts = 1, preamble_failures = 0,
+        next_attempt_at = next_attempt_at, finished_at = now(), reason = NULL, last_status = 200,
+        lease_token = NULL, lease_expires_at = NULL
+    WHERE id = $1 AND lease_token = $2 AND state = 'in_flight'";
+
+/// Inserts delivery rows `from..=to` in `state` (rows as dispatch writes them; finished ones as a
+/// success leaves them).
+async fn insert_deliveries(
+    pool: &PgPool,
+    state: &str,
+    from: u64,
+    to: u64,
+) -> Result<(), BenchError> {
+    sqlx::query(
+        "INSERT INTO fhir_outbox.delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
+              version_id, interaction, changed_at, request_id, trace_id, matched_at, state, attempts,
+              next_attempt_at, finished_at, last_status, claims)
+         SELECT p, 'bench-subscription', g, p, 'Patient', 'p' || g, 1, 'create', now(), 'bench',
+                gen_random_uuid()::text, now(), $1,
+                CASE WHEN $1 = 'succeeded' THEN 1 ELSE 0 END,
+                now() - interval '1 hour' + g * interval '1 microsecond',
+                CASE WHEN $1 = 'succeeded' THEN now() END,
+                CASE WHEN $1 = 'succeeded' THEN 200 END,
+                CASE WHEN $1 = 'succeeded' THEN 1 ELSE 0 END
+         FROM (SELECT gen_random_uuid() AS p) project, generate_series($2::bigint, $3::bigint) g",
+    )
+    .bind(state)
+    .bind(from as i64)
+    .bind(to as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Claims (10 at a time, the default concurrency) and completes `rows` deliveries from 4 concurrent
+/// loops; returns (rows per second, mean milliseconds per claim statement).
+async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> {
+    let claimed = Arc::new(AtomicU64::new(0));
+    let claim_micros = Arc::new(AtomicU64::new(0));
+    let claims = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (pool, claimed, claim_micros, claims) = (
+            pool.clone(),
+            claimed.clone(),
+            claim_micros.clone(),
+            claims.clone(),
+        );
+        tasks.spawn(async move {
+            while claimed.load(Ordering::Relaxed) < rows {
+                let clock = Instant::now();
+                let batch = sqlx::query(CLAIM_SQL)
+                    .bind(10i64)
+                    .bind(30.0f64)
+                    .fetch_all(&pool)
+                    .await?;
+                claim_micros.fetch_add(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
+                claims.fetch_add(1, Ordering::Relaxed);
+                if batch.is_empty() {
+                    break;
+                }
+                for row in &batch {
+                    let id: i64 = row.try_get("id")?;
+                    let token: Uuid = row.try_get("lease_token")?;
+                    sqlx::query(COMPLETE_SQL)
+                        .bind(id)
+                        .bind(token)
+                        .execute(&pool)
+                        .await?;
+                }
+                claimed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<_, BenchError>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.map_err(other)??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let total = claimed.load(Ordering::Relaxed);
+    let mean_ms = claim_micros.load(Ordering::Relaxed) as f64
+        / 1000.0
+        / claims.load(Ordering::Relaxed).max(1) as f64;
+    Ok((total as f64 / secs, mean_ms))
+}
+
+async fn claim(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let mut measured = Vec::new();
+    for (name, finished, pending) in [
+        ("bench_claim_small", 0, sizes.claim_rows),
+        ("bench_claim_big", sizes.claim_finished, sizes.claim_pending),
+    ] {
+        let url = env.create_db(name).await?;
+        let pool = fixtures::connect(&url, 6).await?;
+        eprintln!("bench: claim: {finished} finished and {pending} pending rows…");
+        if finished > 0 {
+            insert_deliveries(&pool, "succeeded", 1, finished).await?;
+        }
+        insert_deliveries(&pool, "pending", finished + 1, finished + pending).await?;
+        sqlx::query("VACUUM ANALYZE fhir_outbox.delivery")
+            .execute(&pool)
+            .await?;
+        let size: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('fhir_outbox.delivery')")
+            .fetch_one(&pool)
+            .await?;
+        let (rate, mean_ms) = claim_loop(&pool, sizes.claim_rows).await?;
+        pool.close().await;
+        env.drop_db(name).await?;
+        measured.push((finished, pending, rate, mean_ms, size));
+    }
+    let s = Scenario::Claim;
+    let (small, big) = (measured[0], measured[1]);
+    results.figures.push(Figure::new(
+        s,
+        "claim.small.rows_per_s",
+        format!(
+            "claim+complete, only {} pending rows (4 loops × 10; mean claim {:.2} ms)",
+            small.1, small.3
+        ),
+        small.2,
+        "rows/s",
+    ));
+    results.figures.push(Figure::new(
+        s,
+        "claim.big.rows_per_s",
+        format!(
+            "claim+complete, {} finished + {} pending rows (mean claim {:.2} ms)",
+            big.0, big.1, big.3
+        ),
+        big.2,
+        "rows/s",
+    ));
+    let mut ratio = Figure::new(
+        s,
+        "claim.big_vs_small_pct",
+        "claim rate, big tables vs small",
+        100.0 * big.2 / small.2,
+        "%",
+    )
+    .target(Target::AtLeast(90.0));
+    if big.0 < 1_000_000 {
+        ratio = ratio.note(format!("{} finished rows, not 1M", big.0));
+    }
+    results.figures.push(ratio);
+    results.details.insert(
+        "claim".into(),
+        json!(
+            measured
+                .iter()
+                .map(|(f, p, r, m, size)| json!({
+            "finished": f, "pending": p, "rows_per_s": r, "mean_claim_ms": m,
+            "delivery_table_bytes": size}))
+                .collect::<Vec<_>>()
+        ),
+    );
+    Ok(())
+}
