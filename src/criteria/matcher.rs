@@ -198,32 +198,13 @@ fn check_filter(
                 code,
             )
         }
+        // Strings and URIs differ only in how their filters were parsed (what `exact` means for each).
         Test::String {
             negated,
             exact,
             values: wanted,
-        } => {
-            let mut strs = Vec::new();
-            let values = for_each_value(filter, resource, explain, |t, json| {
-                strings(t, json, &mut strs)
-            })?;
-            let found = strs.iter().find(|s| {
-                if *exact {
-                    wanted.iter().any(|w| *s == w)
-                } else {
-                    let lower = s.to_lowercase();
-                    wanted.iter().any(|w| lower.contains(w.as_str()))
-                }
-            });
-            decide(
-                *negated,
-                found.map(|s| format!("`{s}`")),
-                explain,
-                || has_instead(code, &values),
-                code,
-            )
         }
-        Test::Uri {
+        | Test::Uri {
             negated,
             exact,
             values: wanted,
