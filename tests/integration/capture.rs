@@ -14,6 +14,27 @@ fn with_id(mut resource: Value, id: &str) -> Value {
     resource
 }
 
+/// `capture::update` on the test database with the default context.
+async fn put(
+    db: &TestDb,
+    project: Uuid,
+    resource_type: &str,
+    id: &str,
+    resource: &Value,
+    if_match: Option<i64>,
+) -> Result<capture::Written, StoreError> {
+    capture::update(
+        &db.pool,
+        project,
+        resource_type,
+        id,
+        resource,
+        if_match,
+        &WriteContext::default(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn each_committed_change_is_captured_once_with_its_versions() {
     let db = TestDb::new().await;
@@ -135,7 +156,7 @@ async fn an_update_with_the_same_content_writes_and_captures_nothing() {
     same["meta"]["versionId"] = json!("7");
     same["meta"]["lastUpdated"] = json!("2000-01-01T00:00:00Z");
     same["telecom"] = json!([]);
-    let unchanged = capture::update(&db.pool, project, "Patient", &id, &same, None, &ctx)
+    let unchanged = put(&db, project, "Patient", &id, &same, None)
         .await
         .unwrap();
     assert_eq!(unchanged.outcome, WriteOutcome::Unchanged);
@@ -147,7 +168,7 @@ async fn an_update_with_the_same_content_writes_and_captures_nothing() {
     // A change in client-owned meta (a tag) is a change.
     let mut tagged = created.resource.clone();
     tagged["meta"]["tag"] = json!([{ "code": "x" }]);
-    let updated = capture::update(&db.pool, project, "Patient", &id, &tagged, None, &ctx)
+    let updated = put(&db, project, "Patient", &id, &tagged, None)
         .await
         .unwrap();
     assert_eq!(updated.outcome, WriteOutcome::Updated);
@@ -234,7 +255,7 @@ async fn audit_events_are_stored_but_never_captured() {
     let id = created.resource["id"].as_str().unwrap().to_owned();
     let mut changed = created.resource.clone();
     changed["outcome"] = json!("4");
-    capture::update(&db.pool, project, "AuditEvent", &id, &changed, None, &ctx)
+    put(&db, project, "AuditEvent", &id, &changed, None)
         .await
         .unwrap();
     capture::delete(&db.pool, project, "AuditEvent", &id, &ctx)
@@ -251,26 +272,24 @@ async fn delete_keeps_history_and_put_creates_or_restores_as_update() {
     let ctx = WriteContext::default();
 
     // A PUT to a new id creates the resource; it is captured as an update, like Medplum does.
-    let created = capture::update(
-        &db.pool,
+    let created = put(
+        &db,
         project,
         "Patient",
         "p1",
         &with_id(patient("A"), "p1"),
         None,
-        &ctx,
     )
     .await
     .unwrap();
     assert_eq!(created.outcome, WriteOutcome::Created);
-    capture::update(
-        &db.pool,
+    put(
+        &db,
         project,
         "Patient",
         "p1",
         &with_id(patient("B"), "p1"),
         None,
-        &ctx,
     )
     .await
     .unwrap();
@@ -303,14 +322,13 @@ async fn delete_keeps_history_and_put_creates_or_restores_as_update() {
     assert_eq!(old["name"][0]["family"], "B");
     assert_eq!(old["meta"]["versionId"], "2");
 
-    let restored = capture::update(
-        &db.pool,
+    let restored = put(
+        &db,
         project,
         "Patient",
         "p1",
         &with_id(patient("C"), "p1"),
         None,
-        &ctx,
     )
     .await
     .unwrap();
@@ -349,14 +367,13 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let ctx = WriteContext::default();
-    let existing = capture::update(
-        &db.pool,
+    let existing = put(
+        &db,
         project,
         "Patient",
         "p1",
         &with_id(patient("A"), "p1"),
         None,
-        &ctx,
     )
     .await
     .unwrap();
@@ -400,14 +417,13 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
         matches!(&error, StoreError::UnknownResourceType(m) if m.contains("Pateint")),
         "{error}"
     );
-    let error = capture::update(
-        &db.pool,
+    let error = put(
+        &db,
         project,
         "Patient",
         "p1",
         &with_id(patient("A"), "p2"),
         None,
-        &ctx,
     )
     .await
     .unwrap_err();
@@ -415,29 +431,20 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
         matches!(&error, StoreError::IdMismatch(m) if m.contains("p2") && m.contains("p1")),
         "{error}"
     );
-    let error = capture::update(
-        &db.pool,
-        project,
-        "Patient",
-        "p1",
-        &patient("A"),
-        None,
-        &ctx,
-    )
-    .await
-    .unwrap_err();
+    let error = put(&db, project, "Patient", "p1", &patient("A"), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, StoreError::IdMismatch(m) if m.contains("no id")),
         "{error}"
     );
-    let error = capture::update(
-        &db.pool,
+    let error = put(
+        &db,
         project,
         "Observation",
         "p1",
         &with_id(patient("A"), "p1"),
         None,
-        &ctx,
     )
     .await
     .unwrap_err();
@@ -445,14 +452,13 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
         matches!(&error, StoreError::IdMismatch(m) if m.contains("Observation")),
         "{error}"
     );
-    let error = capture::update(
-        &db.pool,
+    let error = put(
+        &db,
         project,
         "Patient",
         "bad id!",
         &with_id(patient("A"), "bad id!"),
         None,
-        &ctx,
     )
     .await
     .unwrap_err();
@@ -468,14 +474,13 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
         matches!(&error, StoreError::UnknownProject(m) if m.contains(&unknown.to_string())),
         "{error}"
     );
-    let error = capture::update(
-        &db.pool,
+    let error = put(
+        &db,
         project,
         "Patient",
         "p1",
         &with_id(patient("B"), "p1"),
         Some(5),
-        &ctx,
     )
     .await
     .unwrap_err();
@@ -489,14 +494,13 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
         ),
         "{error}"
     );
-    let error = capture::update(
-        &db.pool,
+    let error = put(
+        &db,
         project,
         "Patient",
         "new",
         &with_id(patient("B"), "new"),
         Some(1),
-        &ctx,
     )
     .await
     .unwrap_err();
@@ -555,26 +559,24 @@ async fn projects_are_isolated() {
     let a = db.project().await;
     let b = db.project().await;
     let ctx = WriteContext::default();
-    capture::update(
-        &db.pool,
+    put(
+        &db,
         a,
         "Patient",
         "same-id",
         &with_id(patient("A"), "same-id"),
         None,
-        &ctx,
     )
     .await
     .unwrap();
     // The same id in another project is another resource.
-    let in_b = capture::update(
-        &db.pool,
+    let in_b = put(
+        &db,
         b,
         "Patient",
         "same-id",
         &with_id(patient("B"), "same-id"),
         None,
-        &ctx,
     )
     .await
     .unwrap();
