@@ -265,6 +265,10 @@ struct DeliveryArgs {
     /// Requests in flight at once in this process.
     #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     delivery_concurrency: u16,
+    /// Deliveries claimed per claim query; they wait in this process, leased, for a request slot.
+    /// Lower it when receivers are slow and several workers share the backlog.
+    #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CLAIM_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    delivery_claim_batch: u16,
     /// Seconds a claim holds a delivery; an expired lease is claimed again by any worker.
     #[arg(long, env = "FHIR_OUTBOX_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     lease_seconds: u64,
@@ -316,6 +320,7 @@ impl DeliveryArgs {
         Ok(DeliveryConfig {
             auto_disable,
             concurrency: usize::from(self.delivery_concurrency),
+            claim_batch: usize::from(self.delivery_claim_batch),
             lease: Duration::from_secs(self.lease_seconds),
             backoff: Backoff {
                 base: Duration::from_millis(self.retry_base_ms),

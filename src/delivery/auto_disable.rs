@@ -58,16 +58,19 @@ pub fn project_triggers(project_settings: &Value, server: &[Trigger]) -> Vec<Tri
     })
 }
 
-/// Forgets a subscription's final failures (after any success).
+/// Forgets the final failures of these subscriptions (after any success), `(project, id)` each.
 pub async fn clear(
     conn: &mut PgConnection,
-    project: Uuid,
-    subscription: &str,
+    subscriptions: &[(Uuid, &str)],
 ) -> Result<(), sqlx::Error> {
+    let projects: Vec<Uuid> = subscriptions.iter().map(|(project, _)| *project).collect();
+    let ids: Vec<&str> = subscriptions.iter().map(|(_, id)| *id).collect();
     sqlx::query!(
-        "DELETE FROM fhir_outbox.subscription_failure WHERE project_id = $1 AND subscription_id = $2",
-        project,
-        subscription
+        "DELETE FROM fhir_outbox.subscription_failure f
+         USING unnest($1::uuid[], $2::text[]) AS s(project_id, subscription_id)
+         WHERE f.project_id = s.project_id AND f.subscription_id = s.subscription_id",
+        &projects,
+        &ids as &[&str],
     )
     .execute(conn)
     .await?;
@@ -174,7 +177,7 @@ pub async fn disable(
     }
     let event = audit::disable_event(&current, message, Utc::now(), context);
     capture::create(&mut *savepoint, project, &event, context).await?;
-    clear(&mut savepoint, project, subscription_id).await?;
+    clear(&mut savepoint, &[(project, subscription_id)]).await?;
     savepoint.commit().await?;
     tracing::warn!(subscription = subscription_id, "{message}");
     Ok(true)

@@ -1,12 +1,15 @@
 //! Delivery: the rest-hook worker.
 //!
-//! A worker claims due deliveries with `FOR UPDATE SKIP LOCKED`, each claim taking a lease (a token
-//! and an expiry, renewed while the request runs). For each it runs Medplum's preamble (is the
-//! subscription still active, the resource still there, the version still current on a retry?), builds
-//! the signed request, POSTs it, and records the outcome. The completion is fenced by the lease token
-//! and written in one transaction with the attempt row and the AuditEvent, so a worker whose lease
-//! expired (it was paused, or presumed dead) can never overwrite a newer attempt. A worker killed
-//! mid-delivery loses nothing: its lease expires and another worker delivers.
+//! A worker claims due deliveries in batches with `FOR UPDATE SKIP LOCKED`, each claim taking a lease
+//! (a token and an expiry, renewed while the delivery is in this process). For a claimed batch it runs
+//! Medplum's preamble (is the subscription still active, the resource still there, the version still
+//! current on a retry?) with two queries for the whole batch, then builds each signed request and POSTs
+//! it, at most `concurrency` at once. Outcomes are recorded in batches by one recorder task: the
+//! completions, fenced by their lease tokens, the attempt rows and the AuditEvents of a batch commit
+//! in one transaction, so a worker whose lease expired (it was paused, or presumed dead) can never
+//! overwrite a newer attempt. A batch that fails to commit is recorded again one delivery at a time,
+//! so one bad row cannot hold the others back. A worker killed mid-delivery loses nothing: its leases
+//! expire and another worker delivers.
 
 pub mod auto_disable;
 pub mod headers;
@@ -23,10 +26,10 @@ use policy::Backoff;
 use queries::{AttemptRecord, ClaimedDelivery, Completion};
 use serde_json::Value;
 use sqlx::PgPool;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -36,6 +39,11 @@ use uuid::Uuid;
 pub struct DeliveryConfig {
     /// Requests in flight at once in this process.
     pub concurrency: usize,
+    /// Deliveries claimed per claim query (at least `concurrency` are). Claimed deliveries wait in
+    /// this process, leased, for a request slot; a new batch is claimed when fewer than half a batch
+    /// wait. Larger batches cost the database less per delivery; smaller ones leave more of the
+    /// backlog to other workers when receivers are slow.
+    pub claim_batch: usize,
     /// How long a claim holds a delivery without renewal; an expired lease is claimed again.
     pub lease: Duration,
     /// How often to look for due work when no notification arrives.
@@ -68,6 +76,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             concurrency: 10,
+            claim_batch: 100,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             backoff: Backoff::default(),
@@ -130,11 +139,49 @@ pub struct DeliveryWorker {
     pool: PgPool,
     config: DeliveryConfig,
     client: reqwest::Client,
-    /// Lease tokens of the deliveries this process is working on (renewed periodically).
+    /// Lease tokens of the deliveries this process holds: claimed, in flight, or waiting to be
+    /// recorded (renewed periodically, released on shutdown).
     leases: Mutex<HashSet<Uuid>>,
     /// The bot handlers the embedding application registered.
     bots: crate::bots::BotRegistry,
 }
+
+/// A claimed delivery whose preamble has run: what to do with it.
+struct Job {
+    delivery: ClaimedDelivery,
+    /// The preamble's decision, or why it could not be made (database trouble).
+    prepared: Result<Prepared, String>,
+}
+
+/// An executed delivery, waiting to be recorded.
+struct Executed {
+    delivery: ClaimedDelivery,
+    execution: Execution,
+    /// When its execution started (for the metrics).
+    clock: Instant,
+    /// Its log span, so that what the recorder logs about it carries the delivery's fields.
+    span: tracing::Span,
+}
+
+/// What recording one execution writes.
+struct Record {
+    executed: Executed,
+    completion: Completion,
+    attempt: Option<AttemptWrite>,
+}
+
+/// An HTTP attempt (or bot run) as recorded: its log row and its AuditEvents.
+struct AttemptWrite {
+    record: AttemptRecord,
+    /// The AuditEvent to store, if its destinations include `resource`.
+    stored_event: Option<Value>,
+    /// The AuditEvent to log, if its destinations include `log`.
+    logged_event: Option<Value>,
+    auto_disable: Vec<auto_disable::Trigger>,
+}
+
+/// Most executions recorded in one transaction.
+const MAX_RECORD_BATCH: usize = 1000;
 
 impl DeliveryWorker {
     /// A worker on this pool.
@@ -163,31 +210,61 @@ impl DeliveryWorker {
         self.config.lease.as_secs_f64()
     }
 
-    /// Claims up to `concurrency` due deliveries and executes them all; returns how many. For tests
-    /// and tools; `run` is the long-running loop.
+    /// Deliveries claimed per claim query.
+    fn claim_size(&self) -> usize {
+        self.config.claim_batch.max(self.config.concurrency).max(1)
+    }
+
+    /// Claims up to `concurrency` due deliveries, executes them all and records them as one batch;
+    /// returns how many. For tests and tools; `run` is the long-running loop.
     pub async fn deliver_once(self: &Arc<Self>) -> Result<usize, sqlx::Error> {
-        let claimed = self.claim(self.config.concurrency).await?;
-        let count = claimed.len();
+        let jobs = self.claim(self.config.concurrency).await?;
+        let count = jobs.len();
         let mut tasks = tokio::task::JoinSet::new();
-        for delivery in claimed {
+        for job in jobs {
             let worker = self.clone();
-            tasks.spawn(async move { worker.process(delivery).await });
+            tasks.spawn(async move { worker.execute(job).await });
         }
-        while tasks.join_next().await.is_some() {}
+        let mut executed = Vec::with_capacity(count);
+        while let Some(done) = tasks.join_next().await {
+            executed.extend(done.ok());
+        }
+        self.record(executed).await;
         Ok(count)
     }
 
-    async fn claim(&self, limit: usize) -> Result<Vec<ClaimedDelivery>, sqlx::Error> {
+    /// Claims up to `limit` due deliveries and runs the preamble of the batch.
+    async fn claim(&self, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let claimed = queries::claim(&mut conn, limit as i64, self.lease_seconds()).await?;
-        let mut leases = self.leases.lock().expect("lease lock");
-        leases.extend(claimed.iter().map(|delivery| delivery.lease_token));
-        Ok(claimed)
+        self.leases
+            .lock()
+            .expect("lease lock")
+            .extend(claimed.iter().map(|delivery| delivery.lease_token));
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reads = BatchReads::read(&mut conn, &claimed).await;
+        drop(conn);
+        let mut jobs = Vec::with_capacity(claimed.len());
+        for (n, delivery) in claimed.into_iter().enumerate() {
+            let prepared = match &reads {
+                Ok(reads) => self
+                    .prepare(&delivery, reads, n)
+                    .await
+                    .map_err(|error| error.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            jobs.push(Job { delivery, prepared });
+        }
+        Ok(jobs)
     }
 
-    /// Runs until `shutdown`: claims due deliveries whenever a request slot is free, wakes on
-    /// LISTEN `fhir_outbox_delivery` or every poll interval, renews leases, and on shutdown stops
-    /// claiming, lets requests in flight finish within the grace period, and releases the rest.
+    /// Runs until `shutdown`: claims due deliveries in batches whenever fewer than half a batch
+    /// wait, starts them as request slots free up, records outcomes in batches (a recorder task),
+    /// wakes on LISTEN `fhir_outbox_delivery` or every poll interval, renews leases, and on shutdown
+    /// stops claiming, lets requests in flight finish within the grace period, records them, and
+    /// releases the rest.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (wake, mut woken) = watch::channel(0u64);
         let listener = tokio::spawn(crate::db::listen(
@@ -197,29 +274,45 @@ impl DeliveryWorker {
             shutdown.clone(),
         ));
         let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        let claim_size = self.claim_size();
+        // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
+        // of piling up executed-but-unrecorded work, which a crash would send again.
+        let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
+        let recorder = tokio::spawn(self.clone().record_continuously(to_record));
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut failures = 0u32;
+        // Whether the last claim found less than it asked for: then wait for a wake-up.
+        let mut drained = false;
         while !shutdown.is_cancelled() {
-            woken.borrow_and_update();
+            if woken.has_changed().unwrap_or(false) {
+                woken.borrow_and_update();
+                drained = false;
+            }
             while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits();
-            let mut full = false;
-            if free > 0 {
-                match self.claim(free).await {
-                    Ok(claimed) => {
+            while let Some(job) = waiting.pop_front() {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    waiting.push_front(job);
+                    break;
+                };
+                let worker = self.clone();
+                let executed = executed.clone();
+                tasks.spawn(async move {
+                    let done = worker.execute(job).await;
+                    // The slot is held until the recorder accepts it (backpressure).
+                    let _ = executed.send(done).await;
+                    drop(slot);
+                });
+            }
+            if !drained && waiting.len() < claim_size / 2 + 1 {
+                let limit = claim_size - waiting.len();
+                match self.claim(limit).await {
+                    Ok(jobs) => {
                         failures = 0;
-                        full = claimed.len() == free;
-                        for delivery in claimed {
-                            let Ok(slot) = slots.clone().acquire_owned().await else {
-                                break;
-                            };
-                            let worker = self.clone();
-                            tasks.spawn(async move {
-                                worker.process(delivery).await;
-                                drop(slot);
-                            });
-                        }
+                        drained = jobs.len() < limit;
+                        waiting.extend(jobs);
+                        continue;
                     }
                     Err(error) => {
                         failures += 1;
@@ -232,24 +325,24 @@ impl DeliveryWorker {
                     }
                 }
             }
-            if full {
-                continue;
-            }
             tokio::select! {
-                _ = woken.changed() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = woken.changed() => drained = false,
+                _ = tokio::time::sleep(self.config.poll_interval) => drained = false,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = shutdown.cancelled() => {}
             }
         }
-        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+        let finished = tokio::time::timeout(self.config.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
+        if finished.is_err() {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        // Everything executed is recorded before the rest is released.
+        drop(executed);
+        let _ = recorder.await;
         let unfinished: Vec<Uuid> = self.leases.lock().expect("lease lock").drain().collect();
         if !unfinished.is_empty() {
             match self.pool.acquire().await {
@@ -295,9 +388,9 @@ impl DeliveryWorker {
         }
     }
 
-    /// Executes one claimed delivery and records the outcome. Never fails: every problem ends up on
-    /// the delivery row (or, if the database is unreachable, the lease expires and it is retried).
-    async fn process(&self, delivery: ClaimedDelivery) {
+    /// Executes one prepared delivery. Never fails: every problem ends up in the execution.
+    async fn execute(&self, job: Job) -> Executed {
+        let delivery = job.delivery;
         // Every log line about this delivery carries these (never the body, headers or endpoint).
         let span = tracing::info_span!(
             "delivery",
@@ -309,75 +402,126 @@ impl DeliveryWorker {
             request_id = %delivery.request_id,
             trace_id = %delivery.trace_id,
         );
-        self.process_in_span(delivery).instrument(span).await;
-    }
-
-    async fn process_in_span(&self, delivery: ClaimedDelivery) {
         let clock = Instant::now();
-        let execution = self.execute(&delivery).await;
-        let attempt = match &execution {
-            Execution::Attempted(attempt) => Some((
-                attempt.record.succeeded,
-                Duration::from_millis(attempt.record.duration_ms.max(0) as u64),
-            )),
-            _ => None,
-        };
-        match self.finish(&delivery, execution).await {
-            Ok(Some(state)) => {
-                let succeeded = state == "succeeded";
-                if let Some((attempt_succeeded, fetch)) = attempt {
-                    crate::metrics::attempt(attempt_succeeded, fetch);
-                }
-                let first = delivery.claims == 1;
-                let since_change = (Utc::now() - delivery.changed_at)
-                    .to_std()
-                    .unwrap_or_default();
-                crate::metrics::execution(
-                    succeeded,
-                    clock.elapsed(),
-                    first.then(|| since_change.saturating_sub(clock.elapsed())),
-                    succeeded.then_some(since_change),
-                );
-                if state != "pending" {
-                    crate::metrics::finished(state);
-                }
-            }
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires");
-            }
-        }
-        self.leases
-            .lock()
-            .expect("lease lock")
-            .remove(&delivery.lease_token);
-    }
-
-    async fn execute(&self, delivery: &ClaimedDelivery) -> Execution {
-        match self.prepare(delivery).await {
+        let execution = match job.prepared {
             Ok(Prepared::Stop(execution)) => execution,
-            Ok(Prepared::Send(request)) => self.send(delivery, *request).await,
-            Err(error) => Execution::PreambleFailed(error.to_string()),
+            Ok(Prepared::Send(request)) => {
+                self.send(&delivery, *request)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(error) => Execution::PreambleFailed(error),
+        };
+        Executed {
+            delivery,
+            execution,
+            clock,
+            span,
         }
     }
 
-    /// Medplum's preamble (spec §1.5), then everything needed to send.
-    async fn prepare(&self, delivery: &ClaimedDelivery) -> Result<Prepared, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let stop = |execution| Ok(Prepared::Stop(execution));
-        let subscription = match capture::read(
-            &mut *conn,
-            delivery.project_id,
-            "Subscription",
-            &delivery.subscription_id,
-        )
-        .await
-        {
-            Ok(subscription) => subscription,
-            Err(StoreError::NotFound(_) | StoreError::Gone(_)) => {
-                return stop(Execution::Skipped("the subscription was deleted".into()));
+    /// The recorder: records executions in batches of whatever has arrived while the previous batch
+    /// was being written, until every sender is gone.
+    async fn record_continuously(self: Arc<Self>, mut to_record: mpsc::Receiver<Executed>) {
+        let mut batch = Vec::new();
+        while to_record.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
+            self.record(std::mem::take(&mut batch)).await;
+        }
+    }
+
+    /// Records executions: one transaction for the batch; if it fails, one per execution, so a row
+    /// that cannot be written does not hold back the others. An execution that cannot be recorded at
+    /// all is retried when its lease expires. Then metrics and logged AuditEvents.
+    async fn record(&self, executed: Vec<Executed>) {
+        if executed.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        let records: Vec<Record> = executed
+            .into_iter()
+            .map(|executed| self.record_of(executed, now))
+            .collect();
+        let written = match self.write(&records).await {
+            Ok(written) => written,
+            Err(error) => {
+                if records.len() > 1 {
+                    tracing::warn!(%error, deliveries = records.len(), "cannot record a batch of outcomes; recording them one by one");
+                }
+                let mut written = HashSet::new();
+                for record in &records {
+                    let one = match records.len() {
+                        1 => Err(error.to_string()),
+                        _ => self
+                            .write(std::slice::from_ref(record))
+                            .await
+                            .map_err(|error| error.to_string()),
+                    };
+                    match one {
+                        Ok(one) => written.extend(one),
+                        Err(error) => record.executed.span.in_scope(|| {
+                            tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
+                        }),
+                    }
+                }
+                written
             }
-            Err(error) => return Err(error),
+        };
+        let mut leases = Vec::with_capacity(records.len());
+        for record in records {
+            let Executed {
+                delivery,
+                execution: _,
+                clock,
+                span,
+            } = record.executed;
+            leases.push(delivery.lease_token);
+            if !written.contains(&delivery.id) {
+                continue;
+            }
+            let _entered = span.enter();
+            let state = record.completion.state;
+            if let Some(attempt) = &record.attempt {
+                crate::metrics::attempt(
+                    attempt.record.succeeded,
+                    Duration::from_millis(attempt.record.duration_ms.max(0) as u64),
+                );
+                if self.config.log_audit_events
+                    && let Some(event) = &attempt.logged_event
+                {
+                    audit::application::log_audit_event(event, true);
+                }
+            }
+            let succeeded = state == "succeeded";
+            let first = delivery.claims == 1;
+            let since_change = (now - delivery.changed_at).to_std().unwrap_or_default();
+            crate::metrics::execution(
+                succeeded,
+                clock.elapsed(),
+                first.then(|| since_change.saturating_sub(clock.elapsed())),
+                succeeded.then_some(since_change),
+            );
+            if state != "pending" {
+                crate::metrics::finished(state);
+            }
+        }
+        let mut held = self.leases.lock().expect("lease lock");
+        for token in leases {
+            held.remove(&token);
+        }
+    }
+
+    /// Medplum's preamble (spec §1.5), then everything needed to send. `reads` holds what the
+    /// preamble reads for the whole claimed batch; `n` is this delivery's place in it.
+    async fn prepare(
+        &self,
+        delivery: &ClaimedDelivery,
+        reads: &BatchReads,
+        n: usize,
+    ) -> Result<Prepared, StoreError> {
+        let stop = |execution| Ok(Prepared::Stop(execution));
+        let now = reads.subscription(delivery);
+        let Some(subscription) = now.and_then(|now| now.content.clone()) else {
+            return stop(Execution::Skipped("the subscription was deleted".into()));
         };
         let channel = subscription::channel_type(&subscription);
         if channel != "rest-hook" {
@@ -396,11 +540,12 @@ impl DeliveryWorker {
                 "the subscription's endpoint was removed; nothing to send".into(),
             ));
         };
-        // A `Bot/<id>` endpoint runs the handler the application registered for that Bot.
+        // A `Bot/<id>` endpoint runs the handler the application registered for that Bot (rare
+        // enough to be read on its own).
         let bot = match endpoint.strip_prefix("Bot/") {
             None => None,
             Some(bot_id) => Some(
-                match capture::read(&mut *conn, delivery.project_id, "Bot", bot_id).await {
+                match capture::read(&self.pool, delivery.project_id, "Bot", bot_id).await {
                     Ok(bot) => Ok(bot),
                     Err(
                         StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_),
@@ -411,59 +556,41 @@ impl DeliveryWorker {
                 },
             ),
         };
+        let resource = &reads.resources[n];
+        let missing = |version: i64| {
+            StoreError::NotFound(format!(
+                "{}/{} version {version} is not stored",
+                delivery.resource_type, delivery.resource_id
+            ))
+        };
         let version = if delivery.interaction == Interaction::Delete {
-            // A delete's tombstone directly follows the last live version, which a bot receives.
+            // A bot receives the last live version (read for deletes); a rest-hook sends `{}`.
             match bot {
                 Some(_) => Some(
-                    capture::vread(
-                        &mut *conn,
-                        delivery.resource_project_id,
-                        &delivery.resource_type,
-                        &delivery.resource_id,
-                        delivery.version_id - 1,
-                    )
-                    .await?,
+                    resource
+                        .content
+                        .clone()
+                        .ok_or_else(|| missing(delivery.version_id - 1))?,
                 ),
                 None => None,
             }
         } else {
-            let current = match capture::read(
-                &mut *conn,
-                delivery.resource_project_id,
-                &delivery.resource_type,
-                &delivery.resource_id,
-            )
-            .await
-            {
-                Ok(current) => current,
-                Err(StoreError::NotFound(_) | StoreError::Gone(_)) => {
-                    return stop(Execution::Skipped("the resource was deleted".into()));
-                }
-                Err(error) => return Err(error),
-            };
-            let current_version = current
-                .pointer("/meta/versionId")
-                .and_then(Value::as_str)
-                .and_then(|v| v.parse::<i64>().ok());
-            if delivery.claims > 1 && current_version != Some(delivery.version_id) {
+            if resource.current_version.is_none() || resource.deleted {
+                return stop(Execution::Skipped("the resource was deleted".into()));
+            }
+            if delivery.claims > 1 && resource.current_version != Some(delivery.version_id) {
                 return stop(Execution::Skipped(format!(
                     "version {} is no longer current (now {}); the newer version has its own delivery",
                     delivery.version_id,
-                    current_version.unwrap_or_default()
+                    resource.current_version.unwrap_or_default()
                 )));
             }
-            Some(if current_version == Some(delivery.version_id) {
-                current
-            } else {
-                capture::vread(
-                    &mut *conn,
-                    delivery.resource_project_id,
-                    &delivery.resource_type,
-                    &delivery.resource_id,
-                    delivery.version_id,
-                )
-                .await?
-            })
+            Some(
+                resource
+                    .content
+                    .clone()
+                    .ok_or_else(|| missing(delivery.version_id))?,
+            )
         };
         let resource_display = version.as_ref().and_then(audit::display);
         // What is sent (and signed): the version; for a delete `{}`, or for a bot Medplum's
@@ -487,10 +614,10 @@ impl DeliveryWorker {
             tracing::warn!("{problem}");
             policy::DEFAULT_MAX_ATTEMPTS
         });
-        let settings = queries::project_settings(&mut conn, delivery.project_id).await?;
+        let settings = now.map(|now| &now.settings).unwrap_or(&Value::Null);
         let redact = self.config.redact_audit_events
             || settings.get("redactAuditEvents") == Some(&Value::Bool(true));
-        let auto_disable = auto_disable::project_triggers(&settings, &self.config.auto_disable);
+        let auto_disable = auto_disable::project_triggers(settings, &self.config.auto_disable);
         Ok(Prepared::Send(Box::new(Request {
             auto_disable,
             bot: bot.map(|bot| (bot, payload.unwrap_or_default())),
@@ -571,13 +698,24 @@ impl DeliveryWorker {
             }
             Err(error) => record.error = Some(error),
         }
-        tracing::info!(
-            status = record.status,
-            duration_ms,
-            succeeded = record.succeeded,
-            error = record.error.as_deref(),
-            "rest-hook attempt"
-        );
+        // Every attempt is in `delivery_attempt`; the log shows failures by default and successes
+        // at debug level (thousands a second would drown everything else).
+        if record.succeeded {
+            tracing::debug!(
+                status = record.status,
+                duration_ms,
+                succeeded = true,
+                "rest-hook attempt"
+            );
+        } else {
+            tracing::info!(
+                status = record.status,
+                duration_ms,
+                succeeded = false,
+                error = record.error.as_deref(),
+                "rest-hook attempt"
+            );
+        }
         Execution::Attempted(Box::new(Attempt {
             subscription: request.subscription,
             bot: None,
@@ -708,15 +846,10 @@ impl DeliveryWorker {
         })
     }
 
-    /// Records the execution: the fenced state change, and for an attempt its log row and
-    /// AuditEvent, all in one transaction. Returns the state written, or `None` when the lease was
-    /// lost and nothing was written.
-    async fn finish(
-        &self,
-        delivery: &ClaimedDelivery,
-        execution: Execution,
-    ) -> Result<Option<&'static str>, StoreError> {
-        let now = Utc::now();
+    /// What recording an execution writes: its completion (the new state of the delivery) and, for
+    /// an attempt, its log row and AuditEvents. Reads nothing.
+    fn record_of(&self, executed: Executed, now: chrono::DateTime<Utc>) -> Record {
+        let delivery = &executed.delivery;
         let retry_at =
             |delay: Duration| Some(now + chrono::Duration::from_std(delay).unwrap_or_default());
         let base = Completion {
@@ -727,12 +860,11 @@ impl DeliveryWorker {
             reason: None,
             last_status: None,
         };
-        let mut tx = self.pool.begin().await?;
-        let (completion, attempt) = match execution {
+        let (completion, attempt) = match &executed.execution {
             Execution::Skipped(reason) => (
                 Completion {
                     state: "skipped",
-                    reason: Some(reason),
+                    reason: Some(reason.clone()),
                     ..base
                 },
                 None,
@@ -740,7 +872,7 @@ impl DeliveryWorker {
             Execution::Done(reason) => (
                 Completion {
                     state: "succeeded",
-                    reason: Some(reason),
+                    reason: Some(reason.clone()),
                     ..base
                 },
                 None,
@@ -748,7 +880,7 @@ impl DeliveryWorker {
             Execution::Refused(reason) => (
                 Completion {
                     state: "failed",
-                    reason: Some(reason),
+                    reason: Some(reason.clone()),
                     ..base
                 },
                 None,
@@ -812,134 +944,181 @@ impl DeliveryWorker {
                     last_status: attempt.record.status,
                     ..completion
                 };
-                (completion, Some(attempt))
+                (completion, Some(self.audit_events(delivery, attempt, now)))
             }
         };
-        if !queries::complete(&mut tx, delivery.id, delivery.lease_token, &completion).await? {
-            tx.rollback().await?;
-            tracing::warn!(
-                "lease lost before completion (another worker took the delivery over); outcome discarded"
-            );
-            return Ok(None);
+        Record {
+            executed,
+            completion,
+            attempt,
         }
-        let mut log_line = None;
-        if let Some(attempt) = attempt {
-            let outcome = if attempt.record.succeeded {
-                Outcome::Success
-            } else {
-                Outcome::MinorFailure
-            };
-            // (stored, logged) AuditEvents: a rest-hook attempt's `transmit` event goes where the
-            // subscription says; a bot run's `execute` event where the Bot says, when its trigger fires.
-            let (stored, logged) = match &attempt.bot {
-                None => {
-                    let event = audit::transmit_event(&TransmitAttempt {
-                        subscription: &attempt.subscription,
-                        resource_type: &delivery.resource_type,
-                        resource_id: &delivery.resource_id,
-                        resource_display: attempt.resource_display.clone(),
-                        started: delivery.changed_at,
+    }
+
+    /// The AuditEvents of an attempt: a rest-hook attempt's `transmit` event goes where the
+    /// subscription says; a bot run's `execute` event where the Bot says, when its trigger fires.
+    fn audit_events(
+        &self,
+        delivery: &ClaimedDelivery,
+        attempt: &Attempt,
+        now: chrono::DateTime<Utc>,
+    ) -> AttemptWrite {
+        let outcome = if attempt.record.succeeded {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let (stored_event, logged_event) = match &attempt.bot {
+            None => {
+                let event = audit::transmit_event(&TransmitAttempt {
+                    subscription: &attempt.subscription,
+                    resource_type: &delivery.resource_type,
+                    resource_id: &delivery.resource_id,
+                    resource_display: attempt.resource_display.clone(),
+                    started: delivery.changed_at,
+                    ended: now,
+                    outcome,
+                    outcome_desc: match (&attempt.record.status, &attempt.record.error) {
+                        (Some(status), _) => {
+                            format!("Attempt {} received status {status}", delivery.attempts)
+                        }
+                        (None, error) => format!(
+                            "Attempt {} received error {}",
+                            delivery.attempts,
+                            error.as_deref().unwrap_or_default()
+                        ),
+                    },
+                    request_id: &delivery.request_id,
+                    trace_id: &delivery.trace_id,
+                    redact: attempt.redact,
+                });
+                let destinations = audit::destinations(&attempt.subscription);
+                (
+                    destinations.resource.then(|| event.clone()),
+                    destinations.log.then_some(event),
+                )
+            }
+            Some(run) if audit::bot::triggered(&run.bot, outcome, &run.output) => {
+                let (resource, log) = audit::bot::destinations(&run.bot);
+                let input = run.input.get("deletedResource").unwrap_or(&run.input);
+                let event = |limit: usize| {
+                    audit::bot::execute_event(&audit::bot::BotRun {
+                        bot: &run.bot,
+                        input,
+                        subscription: Some(&attempt.subscription),
+                        requester: input.pointer("/meta/author"),
+                        started: attempt.record.started_at,
                         ended: now,
                         outcome,
-                        outcome_desc: match (&attempt.record.status, &attempt.record.error) {
-                            (Some(status), _) => {
-                                format!("Attempt {} received status {status}", delivery.attempts)
-                            }
-                            (None, error) => format!(
-                                "Attempt {} received error {}",
-                                delivery.attempts,
-                                error.as_deref().unwrap_or_default()
-                            ),
-                        },
+                        outcome_desc: audit::bot::tail(&run.output, limit),
                         request_id: &delivery.request_id,
                         trace_id: &delivery.trace_id,
                         redact: attempt.redact,
-                    });
-                    let destinations = audit::destinations(&attempt.subscription);
-                    (
-                        destinations.resource.then(|| event.clone()),
-                        destinations.log.then_some(event),
+                    })
+                };
+                (
+                    resource.then(|| event(self.config.bot_output_limit_resource)),
+                    log.then(|| event(self.config.bot_output_limit_log)),
+                )
+            }
+            Some(_) => (None, None),
+        };
+        AttemptWrite {
+            record: attempt.record.clone(),
+            stored_event,
+            logged_event,
+            auto_disable: attempt.auto_disable.clone(),
+        }
+    }
+
+    /// Writes records in one transaction: the fenced completions, then, for those whose lease still
+    /// held, the stored AuditEvents, the attempt rows and the auto-disable bookkeeping. Returns the
+    /// ids of the deliveries written; the others lost their lease and nothing of them was written.
+    async fn write(&self, records: &[Record]) -> Result<HashSet<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let completions: Vec<(i64, Uuid, &Completion)> = records
+            .iter()
+            .map(|record| {
+                let delivery = &record.executed.delivery;
+                (delivery.id, delivery.lease_token, &record.completion)
+            })
+            .collect();
+        let written: HashSet<i64> = queries::complete(&mut tx, &completions)
+            .await?
+            .into_iter()
+            .collect();
+        let mut attempts: Vec<(&ClaimedDelivery, &AttemptWrite)> = Vec::new();
+        for record in records {
+            let delivery = &record.executed.delivery;
+            if !written.contains(&delivery.id) {
+                record.executed.span.in_scope(|| {
+                    tracing::warn!(
+                        "lease lost before completion (another worker took the delivery over); outcome discarded"
                     )
-                }
-                Some(run) if audit::bot::triggered(&run.bot, outcome, &run.output) => {
-                    let (resource, log) = audit::bot::destinations(&run.bot);
-                    let input = run.input.get("deletedResource").unwrap_or(&run.input);
-                    let event = |limit: usize| {
-                        audit::bot::execute_event(&audit::bot::BotRun {
-                            bot: &run.bot,
-                            input,
-                            subscription: Some(&attempt.subscription),
-                            requester: input.pointer("/meta/author"),
-                            started: attempt.record.started_at,
-                            ended: now,
-                            outcome,
-                            outcome_desc: audit::bot::tail(&run.output, limit),
-                            request_id: &delivery.request_id,
-                            trace_id: &delivery.trace_id,
-                            redact: attempt.redact,
-                        })
-                    };
-                    (
-                        resource.then(|| event(self.config.bot_output_limit_resource)),
-                        log.then(|| event(self.config.bot_output_limit_log)),
-                    )
-                }
-                Some(_) => (None, None),
-            };
-            let audit_event_id = match stored {
-                Some(event) => {
-                    let context = WriteContext {
-                        author: None,
-                        request_id: Some(delivery.request_id.clone()),
-                        trace_id: Some(delivery.trace_id.clone()),
-                    };
-                    let stored =
-                        capture::create(&mut *tx, delivery.project_id, &event, &context).await?;
-                    stored.resource["id"].as_str().map(str::to_owned)
-                }
-                None => None,
-            };
-            queries::insert_attempt(
-                &mut tx,
-                delivery,
-                &attempt.record,
-                audit_event_id.as_deref(),
-            )
-            .await?;
-            // After the attempt's own record, so the disable is what the log shows last.
-            self.track_failures(&mut tx, delivery, &attempt, &completion, now)
-                .await?;
-            if self.config.log_audit_events {
-                log_line = logged;
+                });
+            } else if let Some(attempt) = &record.attempt {
+                attempts.push((delivery, attempt));
+            }
+        }
+        let events: Vec<(Uuid, &Value)> = attempts
+            .iter()
+            .filter_map(|(delivery, attempt)| {
+                Some((delivery.project_id, attempt.stored_event.as_ref()?))
+            })
+            .collect();
+        let event_ids = match events.is_empty() {
+            true => Vec::new(),
+            false => queries::create_audit_events(&mut tx, &events).await?,
+        };
+        let mut event_ids = event_ids.iter();
+        let rows: Vec<(&ClaimedDelivery, &AttemptRecord, Option<&str>)> = attempts
+            .iter()
+            .map(|(delivery, attempt)| {
+                let event_id = match attempt.stored_event {
+                    Some(_) => event_ids.next().map(String::as_str),
+                    None => None,
+                };
+                (*delivery, &attempt.record, event_id)
+            })
+            .collect();
+        if !rows.is_empty() {
+            queries::insert_attempts(&mut tx, &rows).await?;
+        }
+        // Auto-disable bookkeeping, after the attempts' own records so that a disable is what the
+        // log shows last: a success clears the count, a final failure adds to it (and may disable
+        // the subscription), a `410 Gone` disables it at once.
+        let mut succeeded: Vec<(Uuid, &str)> = attempts
+            .iter()
+            .filter(|(_, attempt)| attempt.record.succeeded)
+            .map(|(delivery, _)| (delivery.project_id, delivery.subscription_id.as_str()))
+            .collect();
+        succeeded.sort_unstable();
+        succeeded.dedup();
+        if !succeeded.is_empty() {
+            auto_disable::clear(&mut tx, &succeeded).await?;
+        }
+        for record in records {
+            if let Some(attempt) = &record.attempt
+                && !attempt.record.succeeded
+                && record.completion.state == "failed"
+                && written.contains(&record.executed.delivery.id)
+            {
+                self.track_final_failure(&mut tx, &record.executed.delivery, attempt)
+                    .instrument(record.executed.span.clone())
+                    .await?;
             }
         }
         tx.commit().await?;
-        if let Some(event) = log_line {
-            audit::application::log_audit_event(&event, true);
-        }
-        Ok(Some(completion.state))
+        Ok(written)
     }
-}
 
-impl DeliveryWorker {
-    /// Auto-disable bookkeeping, in the completion's transaction: a success clears the count, a final
-    /// failure adds to it (and may disable the subscription), a `410 Gone` disables it at once.
-    async fn track_failures(
+    /// A final failure counts towards auto-disable (and may disable the subscription); a `410 Gone`
+    /// disables it at once.
+    async fn track_final_failure(
         &self,
         tx: &mut sqlx::PgConnection,
         delivery: &ClaimedDelivery,
-        attempt: &Attempt,
-        completion: &Completion,
-        now: chrono::DateTime<Utc>,
+        attempt: &AttemptWrite,
     ) -> Result<(), StoreError> {
-        if attempt.record.succeeded {
-            return Ok(
-                auto_disable::clear(tx, delivery.project_id, &delivery.subscription_id).await?,
-            );
-        }
-        if completion.state != "failed" {
-            return Ok(());
-        }
         let message = if attempt.record.status == Some(410) {
             Some("Automatically disabled: the endpoint answered 410 Gone".to_owned())
         } else {
@@ -948,7 +1127,7 @@ impl DeliveryWorker {
                 delivery.project_id,
                 &delivery.subscription_id,
                 &attempt.auto_disable,
-                now,
+                Utc::now(),
             )
             .await?
         };
@@ -968,6 +1147,59 @@ impl DeliveryWorker {
             .await?;
         }
         Ok(())
+    }
+}
+
+/// What the preamble reads, for a whole claimed batch: two queries instead of three per delivery.
+struct BatchReads {
+    /// Each subscription of the batch as it stands now, by (project, id).
+    subscriptions: HashMap<(Uuid, String), queries::SubscriptionNow>,
+    /// Each delivery's resource, in the order of the batch.
+    resources: Vec<queries::ResourceNow>,
+}
+
+impl BatchReads {
+    async fn read(
+        conn: &mut sqlx::PgConnection,
+        claimed: &[ClaimedDelivery],
+    ) -> Result<BatchReads, sqlx::Error> {
+        let mut keys: Vec<(Uuid, &str)> = claimed
+            .iter()
+            .map(|delivery| (delivery.project_id, delivery.subscription_id.as_str()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let subscriptions = queries::subscriptions_now(conn, &keys)
+            .await?
+            .into_iter()
+            .map(|now| ((now.project_id, now.subscription_id.clone()), now))
+            .collect();
+        // A delete's tombstone directly follows the last live version: that is the one to read.
+        let resources: Vec<(Uuid, &str, &str, i64)> = claimed
+            .iter()
+            .map(|delivery| {
+                let version = match delivery.interaction {
+                    Interaction::Delete => delivery.version_id - 1,
+                    _ => delivery.version_id,
+                };
+                (
+                    delivery.resource_project_id,
+                    delivery.resource_type.as_str(),
+                    delivery.resource_id.as_str(),
+                    version,
+                )
+            })
+            .collect();
+        let resources = queries::resources_now(conn, &resources).await?;
+        Ok(BatchReads {
+            subscriptions,
+            resources,
+        })
+    }
+
+    fn subscription(&self, delivery: &ClaimedDelivery) -> Option<&queries::SubscriptionNow> {
+        self.subscriptions
+            .get(&(delivery.project_id, delivery.subscription_id.clone()))
     }
 }
 

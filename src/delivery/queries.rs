@@ -107,35 +107,54 @@ pub struct Completion {
     pub last_status: Option<i32>,
 }
 
-/// Writes the completion if, and only if, this worker still holds the lease. Returns false when the
-/// lease was lost (another worker took the delivery over): then nothing must be recorded.
+/// Writes each completion if, and only if, this worker still holds that delivery's lease, in one
+/// statement. Returns the ids written; a delivery missing from it lost its lease (another worker took
+/// it over), so nothing else about it may be recorded.
 pub async fn complete(
     conn: &mut PgConnection,
-    id: i64,
-    lease_token: Uuid,
-    completion: &Completion,
-) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query!(
-        "UPDATE fhir_outbox.delivery
-         SET state = $3, attempts = $4, preamble_failures = $5,
-             next_attempt_at = coalesce($6, next_attempt_at),
-             finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE now() END,
-             reason = $7, last_status = coalesce($8, last_status),
-             lease_token = NULL, lease_expires_at = NULL
-         WHERE id = $1 AND lease_token = $2 AND state = 'in_flight'",
-        id,
-        lease_token,
-        completion.state,
-        completion.attempts,
-        completion.preamble_failures,
-        completion.next_attempt_at,
-        completion.reason,
-        completion.last_status,
+    completions: &[(i64, Uuid, &Completion)],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let ids: Vec<i64> = completions.iter().map(|(id, _, _)| *id).collect();
+    let tokens: Vec<Uuid> = completions.iter().map(|(_, token, _)| *token).collect();
+    let states: Vec<&str> = completions.iter().map(|(_, _, c)| c.state).collect();
+    let attempts: Vec<i32> = completions.iter().map(|(_, _, c)| c.attempts).collect();
+    let preamble_failures: Vec<i32> = completions
+        .iter()
+        .map(|(_, _, c)| c.preamble_failures)
+        .collect();
+    let next_attempts: Vec<Option<DateTime<Utc>>> = completions
+        .iter()
+        .map(|(_, _, c)| c.next_attempt_at)
+        .collect();
+    let reasons: Vec<Option<String>> = completions
+        .iter()
+        .map(|(_, _, c)| c.reason.clone())
+        .collect();
+    let statuses: Vec<Option<i32>> = completions.iter().map(|(_, _, c)| c.last_status).collect();
+    sqlx::query_scalar!(
+        r#"UPDATE fhir_outbox.delivery d
+           SET state = c.state, attempts = c.attempts, preamble_failures = c.preamble_failures,
+               next_attempt_at = coalesce(c.next_attempt_at, d.next_attempt_at),
+               finished_at = CASE WHEN c.state = 'pending' THEN NULL ELSE now() END,
+               reason = c.reason, last_status = coalesce(c.last_status, d.last_status),
+               lease_token = NULL, lease_expires_at = NULL
+           FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[],
+                       $7::text[], $8::int4[])
+                AS c(id, lease_token, state, attempts, preamble_failures, next_attempt_at, reason,
+                     last_status)
+           WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
+           RETURNING d.id"#,
+        &ids,
+        &tokens,
+        &states as &[&str],
+        &attempts,
+        &preamble_failures,
+        &next_attempts as &[Option<DateTime<Utc>>],
+        &reasons as &[Option<String>],
+        &statuses as &[Option<i32>],
     )
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(updated == 1)
+    .fetch_all(conn)
+    .await
 }
 
 /// One HTTP attempt, for the attempt log.
@@ -150,45 +169,146 @@ pub struct AttemptRecord {
     pub response_body: Option<String>,
 }
 
-/// Appends to the attempt log.
-pub async fn insert_attempt(
+/// Appends to the attempt log, with the id of each attempt's stored AuditEvent (if any).
+pub async fn insert_attempts(
     conn: &mut PgConnection,
-    delivery: &ClaimedDelivery,
-    attempt: &AttemptRecord,
-    audit_event_id: Option<&str>,
+    attempts: &[(&ClaimedDelivery, &AttemptRecord, Option<&str>)],
 ) -> Result<(), sqlx::Error> {
+    let delivery_ids: Vec<i64> = attempts.iter().map(|(d, _, _)| d.id).collect();
+    let projects: Vec<Uuid> = attempts.iter().map(|(d, _, _)| d.project_id).collect();
+    let subscriptions: Vec<&str> = attempts
+        .iter()
+        .map(|(d, _, _)| d.subscription_id.as_str())
+        .collect();
+    let numbers: Vec<i32> = attempts.iter().map(|(_, a, _)| a.attempt).collect();
+    let started: Vec<DateTime<Utc>> = attempts.iter().map(|(_, a, _)| a.started_at).collect();
+    let durations: Vec<i32> = attempts.iter().map(|(_, a, _)| a.duration_ms).collect();
+    let succeeded: Vec<bool> = attempts.iter().map(|(_, a, _)| a.succeeded).collect();
+    let statuses: Vec<Option<i32>> = attempts.iter().map(|(_, a, _)| a.status).collect();
+    let errors: Vec<Option<&str>> = attempts
+        .iter()
+        .map(|(_, a, _)| a.error.as_deref())
+        .collect();
+    let bodies: Vec<Option<&str>> = attempts
+        .iter()
+        .map(|(_, a, _)| a.response_body.as_deref())
+        .collect();
+    let events: Vec<Option<&str>> = attempts.iter().map(|(_, _, event)| *event).collect();
     sqlx::query!(
         "INSERT INTO fhir_outbox.delivery_attempt
              (delivery_id, project_id, subscription_id, attempt, started_at, duration_ms, succeeded,
               status, error, response_body, audit_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        delivery.id,
-        delivery.project_id,
-        delivery.subscription_id,
-        attempt.attempt,
-        attempt.started_at,
-        attempt.duration_ms,
-        attempt.succeeded,
-        attempt.status,
-        attempt.error,
-        attempt.response_body,
-        audit_event_id,
+         SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::timestamptz[],
+                              $6::int4[], $7::bool[], $8::int4[], $9::text[], $10::text[], $11::text[])",
+        &delivery_ids,
+        &projects,
+        &subscriptions as &[&str],
+        &numbers,
+        &started,
+        &durations,
+        &succeeded,
+        &statuses as &[Option<i32>],
+        &errors as &[Option<&str>],
+        &bodies as &[Option<&str>],
+        &events as &[Option<&str>],
     )
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// A project's settings (`{}` when it has none, or does not exist).
-pub async fn project_settings(
+/// Stores AuditEvents (`fhir_outbox.create_audit_events`: stamped as `create_resource` stamps, no
+/// outbox rows), each in its project. Returns their ids in the order given.
+pub async fn create_audit_events(
     conn: &mut PgConnection,
-    project: Uuid,
-) -> Result<serde_json::Value, sqlx::Error> {
-    let settings = sqlx::query_scalar!(
-        "SELECT settings FROM fhir_outbox.project WHERE id = $1",
-        project
+    events: &[(Uuid, &serde_json::Value)],
+) -> Result<Vec<String>, sqlx::Error> {
+    let projects: Vec<Uuid> = events.iter().map(|(project, _)| *project).collect();
+    let bodies: Vec<&serde_json::Value> = events.iter().map(|(_, event)| *event).collect();
+    sqlx::query_scalar!(
+        r#"SELECT audit_event_id AS "id!" FROM fhir_outbox.create_audit_events($1, $2) ORDER BY ordinal"#,
+        &projects,
+        &bodies as &[&serde_json::Value],
     )
-    .fetch_optional(conn)
-    .await?;
-    Ok(settings.unwrap_or_else(|| serde_json::json!({})))
+    .fetch_all(conn)
+    .await
+}
+
+/// A subscription as it stands now, with its project's settings.
+#[derive(Debug)]
+pub struct SubscriptionNow {
+    pub project_id: Uuid,
+    pub subscription_id: String,
+    /// `None` when the subscription was deleted (or never existed).
+    pub content: Option<serde_json::Value>,
+    /// The project's settings (`{}` when it has none).
+    pub settings: serde_json::Value,
+}
+
+/// The current state of the subscriptions of a claimed batch, each read once however many of the
+/// batch's deliveries it has.
+pub async fn subscriptions_now(
+    conn: &mut PgConnection,
+    keys: &[(Uuid, &str)],
+) -> Result<Vec<SubscriptionNow>, sqlx::Error> {
+    let projects: Vec<Uuid> = keys.iter().map(|(project, _)| *project).collect();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
+    sqlx::query_as!(
+        SubscriptionNow,
+        r#"SELECT k.project_id AS "project_id!", k.id AS "subscription_id!", v.content AS "content?",
+                  coalesce(p.settings, '{}') AS "settings!"
+           FROM unnest($1::uuid[], $2::text[]) AS k(project_id, id)
+           LEFT JOIN fhir_outbox.resource r
+                  ON r.project_id = k.project_id AND r.resource_type = 'Subscription' AND r.id = k.id
+                 AND NOT r.deleted
+           LEFT JOIN fhir_outbox.resource_version v
+                  ON v.project_id = r.project_id AND v.resource_type = r.resource_type AND v.id = r.id
+                 AND v.version_id = r.version_id
+           LEFT JOIN fhir_outbox.project p ON p.id = k.project_id"#,
+        &projects,
+        &ids as &[&str],
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Where a delivery's resource stands now, and the content of the version it asked for.
+#[derive(Debug)]
+pub struct ResourceNow {
+    /// The resource's newest version (its tombstone when deleted); `None` if it never existed.
+    pub current_version: Option<i64>,
+    pub deleted: bool,
+    /// The content of the version asked for; `None` when that version is a deletion or is gone.
+    pub content: Option<serde_json::Value>,
+}
+
+/// For each `(project, type, id, version)`, in order: where the resource stands and that version's
+/// content.
+pub async fn resources_now(
+    conn: &mut PgConnection,
+    keys: &[(Uuid, &str, &str, i64)],
+) -> Result<Vec<ResourceNow>, sqlx::Error> {
+    let projects: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
+    let types: Vec<&str> = keys.iter().map(|key| key.1).collect();
+    let ids: Vec<&str> = keys.iter().map(|key| key.2).collect();
+    let versions: Vec<i64> = keys.iter().map(|key| key.3).collect();
+    sqlx::query_as!(
+        ResourceNow,
+        r#"SELECT r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
+                  v.content AS "content?"
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[]) WITH ORDINALITY
+                AS k(project_id, resource_type, id, version_id, n)
+           LEFT JOIN fhir_outbox.resource r
+                  ON r.project_id = k.project_id AND r.resource_type = k.resource_type AND r.id = k.id
+           LEFT JOIN fhir_outbox.resource_version v
+                  ON v.project_id = k.project_id AND v.resource_type = k.resource_type AND v.id = k.id
+                 AND v.version_id = k.version_id
+           ORDER BY k.n"#,
+        &projects,
+        &types as &[&str],
+        &ids as &[&str],
+        &versions,
+    )
+    .fetch_all(conn)
+    .await
 }
