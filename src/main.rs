@@ -202,6 +202,10 @@ enum Command {
         /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim.
         #[arg(long, value_delimiter = ',')]
         only: Vec<operations::bench::Scenario>,
+        /// Load pg_stat_statements and report the statements that took the most database time in
+        /// each end-to-end run (a diagnosis: it costs a little throughput).
+        #[arg(long)]
+        statements: bool,
     },
 }
 
@@ -371,7 +375,12 @@ async fn main() -> Result<()> {
             demo(cli.database_url, options).await
         }
         Command::DevDb { url_file } => dev_db(url_file).await,
-        Command::Bench { quick, json, only } => bench(quick, json, only).await,
+        Command::Bench {
+            quick,
+            json,
+            only,
+            statements,
+        } => bench(quick, json, only, statements).await,
         command @ (Command::Status { .. }
         | Command::Deliveries { .. }
         | Command::Retry { .. }
@@ -708,10 +717,16 @@ async fn bench(
     quick: bool,
     json: Option<std::path::PathBuf>,
     only: Vec<operations::bench::Scenario>,
+    statements: bool,
 ) -> Result<()> {
     use operations::bench::{BenchOptions, Sizes};
     let sizes = if quick { Sizes::quick() } else { Sizes::full() };
-    let options = BenchOptions { sizes, quick, only };
+    let options = BenchOptions {
+        sizes,
+        quick,
+        only,
+        statements,
+    };
     let report = tokio::select! {
         report = operations::bench::run(&options) => report?,
         _ = shutdown_signal() => anyhow::bail!("interrupted"),

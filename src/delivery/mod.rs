@@ -26,7 +26,7 @@ use policy::Backoff;
 use queries::{AttemptRecord, ClaimedDelivery, Completion};
 use serde_json::Value;
 use sqlx::PgPool;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -119,7 +119,7 @@ enum Execution {
 struct Attempt {
     /// For a bot run: the Bot, its input, and its output (or error) text.
     bot: Option<BotRun>,
-    subscription: Value,
+    subscription: Arc<Value>,
     resource_display: Option<String>,
     record: AttemptRecord,
     retry_after: Option<Duration>,
@@ -165,7 +165,9 @@ struct Executed {
 
 /// What recording one execution writes.
 struct Record {
-    executed: Executed,
+    delivery: ClaimedDelivery,
+    clock: Instant,
+    span: tracing::Span,
     completion: Completion,
     attempt: Option<AttemptWrite>,
 }
@@ -247,15 +249,25 @@ impl DeliveryWorker {
         let reads = BatchReads::read(&mut conn, &claimed).await;
         drop(conn);
         let mut jobs = Vec::with_capacity(claimed.len());
-        for (n, delivery) in claimed.into_iter().enumerate() {
-            let prepared = match &reads {
-                Ok(reads) => self
-                    .prepare(&delivery, reads, n)
-                    .await
-                    .map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            jobs.push(Job { delivery, prepared });
+        match reads {
+            Ok(BatchReads {
+                subscriptions,
+                resources,
+            }) => {
+                for (delivery, resource) in claimed.into_iter().zip(resources) {
+                    let now =
+                        subscriptions.get(&(delivery.project_id, delivery.subscription_id.clone()));
+                    let prepared = self
+                        .prepare(&delivery, now, resource)
+                        .await
+                        .map_err(|error| error.to_string());
+                    jobs.push(Job { delivery, prepared });
+                }
+            }
+            Err(error) => jobs.extend(claimed.into_iter().map(|delivery| Job {
+                delivery,
+                prepared: Err(error.to_string()),
+            })),
         }
         Ok(jobs)
     }
@@ -266,7 +278,7 @@ impl DeliveryWorker {
     /// stops claiming, lets requests in flight finish within the grace period, records them, and
     /// releases the rest.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let (wake, mut woken) = watch::channel(0u64);
+        let (wake, woken) = watch::channel(0u64);
         let listener = tokio::spawn(crate::db::listen(
             self.pool.clone(),
             "fhir_outbox_delivery",
@@ -279,59 +291,40 @@ impl DeliveryWorker {
         // of piling up executed-but-unrecorded work, which a crash would send again.
         let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
+        // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
+        // the requests of the previous batch.
+        let (to_start, mut claimed) = mpsc::channel::<Job>(claim_size);
+        let claimer = tokio::spawn(self.clone().claim_continuously(
+            to_start,
+            woken,
+            shutdown.clone(),
+        ));
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-        let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut tasks = tokio::task::JoinSet::new();
-        let mut failures = 0u32;
-        // Whether the last claim found less than it asked for: then wait for a wake-up.
-        let mut drained = false;
-        while !shutdown.is_cancelled() {
-            if woken.has_changed().unwrap_or(false) {
-                woken.borrow_and_update();
-                drained = false;
-            }
+        loop {
+            let job = tokio::select! {
+                job = claimed.recv() => job,
+                _ = shutdown.cancelled() => None,
+            };
+            let Some(job) = job else { break };
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                // The job is dropped; its lease is released below.
+                _ = shutdown.cancelled() => break,
+            };
             while tasks.try_join_next().is_some() {}
-            while let Some(job) = waiting.pop_front() {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    waiting.push_front(job);
-                    break;
-                };
-                let worker = self.clone();
-                let executed = executed.clone();
-                tasks.spawn(async move {
-                    let done = worker.execute(job).await;
-                    // The slot is held until the recorder accepts it (backpressure).
-                    let _ = executed.send(done).await;
-                    drop(slot);
-                });
-            }
-            if !drained && waiting.len() < claim_size / 2 + 1 {
-                let limit = claim_size - waiting.len();
-                match self.claim(limit).await {
-                    Ok(jobs) => {
-                        failures = 0;
-                        drained = jobs.len() < limit;
-                        waiting.extend(jobs);
-                        continue;
-                    }
-                    Err(error) => {
-                        failures += 1;
-                        tracing::warn!(%error, "cannot claim deliveries; retrying");
-                        let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => continue,
-                            _ = shutdown.cancelled() => break,
-                        }
-                    }
-                }
-            }
-            tokio::select! {
-                _ = woken.changed() => drained = false,
-                _ = tokio::time::sleep(self.config.poll_interval) => drained = false,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = shutdown.cancelled() => {}
-            }
+            let worker = self.clone();
+            let executed = executed.clone();
+            tasks.spawn(async move {
+                let done = worker.execute(job).await;
+                // The slot is held until the recorder accepts it (backpressure).
+                let _ = executed.send(done).await;
+                drop(slot);
+            });
         }
+        // Unblocks a claimer waiting for room, so that it sees the shutdown.
+        drop(claimed);
+        let _ = claimer.await;
         let finished = tokio::time::timeout(self.config.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -359,6 +352,56 @@ impl DeliveryWorker {
         }
         renewer.abort();
         listener.abort();
+    }
+
+    /// The claimer: claims a batch whenever half a batch fits in the queue of claimed deliveries,
+    /// and when a claim finds less than it asked for, waits for a notification or the poll interval.
+    async fn claim_continuously(
+        self: Arc<Self>,
+        to_start: mpsc::Sender<Job>,
+        mut woken: watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let half = (self.claim_size() / 2).max(1);
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            woken.borrow_and_update();
+            let room = tokio::select! {
+                room = to_start.reserve_many(half) => match room {
+                    Ok(_) => to_start.capacity(),
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            match self.claim(room).await {
+                Ok(jobs) => {
+                    failures = 0;
+                    let drained = jobs.len() < room;
+                    for job in jobs {
+                        if to_start.send(job).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !drained {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "cannot claim deliveries; retrying");
+                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = woken.changed() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
     }
 
     async fn renew_leases(self: Arc<Self>, shutdown: CancellationToken) {
@@ -458,7 +501,7 @@ impl DeliveryWorker {
                     };
                     match one {
                         Ok(one) => written.extend(one),
-                        Err(error) => record.executed.span.in_scope(|| {
+                        Err(error) => record.span.in_scope(|| {
                             tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
                         }),
                     }
@@ -468,12 +511,12 @@ impl DeliveryWorker {
         };
         let mut leases = Vec::with_capacity(records.len());
         for record in records {
-            let Executed {
+            let Record {
                 delivery,
-                execution: _,
                 clock,
                 span,
-            } = record.executed;
+                ..
+            } = record;
             leases.push(delivery.lease_token);
             if !written.contains(&delivery.id) {
                 continue;
@@ -510,17 +553,16 @@ impl DeliveryWorker {
         }
     }
 
-    /// Medplum's preamble (spec §1.5), then everything needed to send. `reads` holds what the
-    /// preamble reads for the whole claimed batch; `n` is this delivery's place in it.
+    /// Medplum's preamble (spec §1.5), then everything needed to send, from what was read for the
+    /// whole batch: the subscription as it is now (`None`: never existed) and the resource.
     async fn prepare(
         &self,
         delivery: &ClaimedDelivery,
-        reads: &BatchReads,
-        n: usize,
+        now: Option<&SubscriptionNow>,
+        resource: queries::ResourceNow,
     ) -> Result<Prepared, StoreError> {
         let stop = |execution| Ok(Prepared::Stop(execution));
-        let now = reads.subscription(delivery);
-        let Some(subscription) = now.and_then(|now| now.content.clone()) else {
+        let Some(subscription) = now.and_then(|now| now.subscription.clone()) else {
             return stop(Execution::Skipped("the subscription was deleted".into()));
         };
         let channel = subscription::channel_type(&subscription);
@@ -556,7 +598,6 @@ impl DeliveryWorker {
                 },
             ),
         };
-        let resource = &reads.resources[n];
         let missing = |version: i64| {
             StoreError::NotFound(format!(
                 "{}/{} version {version} is not stored",
@@ -569,7 +610,6 @@ impl DeliveryWorker {
                 Some(_) => Some(
                     resource
                         .content
-                        .clone()
                         .ok_or_else(|| missing(delivery.version_id - 1))?,
                 ),
                 None => None,
@@ -588,7 +628,6 @@ impl DeliveryWorker {
             Some(
                 resource
                     .content
-                    .clone()
                     .ok_or_else(|| missing(delivery.version_id))?,
             )
         };
@@ -733,7 +772,7 @@ impl DeliveryWorker {
     async fn run_bot(
         &self,
         delivery: &ClaimedDelivery,
-        subscription: Value,
+        subscription: Arc<Value>,
         bot: Result<Value, String>,
         input: Value,
         headers: &reqwest::header::HeaderMap,
@@ -849,7 +888,12 @@ impl DeliveryWorker {
     /// What recording an execution writes: its completion (the new state of the delivery) and, for
     /// an attempt, its log row and AuditEvents. Reads nothing.
     fn record_of(&self, executed: Executed, now: chrono::DateTime<Utc>) -> Record {
-        let delivery = &executed.delivery;
+        let Executed {
+            delivery,
+            execution,
+            clock,
+            span,
+        } = executed;
         let retry_at =
             |delay: Duration| Some(now + chrono::Duration::from_std(delay).unwrap_or_default());
         let base = Completion {
@@ -860,11 +904,11 @@ impl DeliveryWorker {
             reason: None,
             last_status: None,
         };
-        let (completion, attempt) = match &executed.execution {
+        let (completion, attempt) = match execution {
             Execution::Skipped(reason) => (
                 Completion {
                     state: "skipped",
-                    reason: Some(reason.clone()),
+                    reason: Some(reason),
                     ..base
                 },
                 None,
@@ -872,7 +916,7 @@ impl DeliveryWorker {
             Execution::Done(reason) => (
                 Completion {
                     state: "succeeded",
-                    reason: Some(reason.clone()),
+                    reason: Some(reason),
                     ..base
                 },
                 None,
@@ -880,7 +924,7 @@ impl DeliveryWorker {
             Execution::Refused(reason) => (
                 Completion {
                     state: "failed",
-                    reason: Some(reason.clone()),
+                    reason: Some(reason),
                     ..base
                 },
                 None,
@@ -944,11 +988,16 @@ impl DeliveryWorker {
                     last_status: attempt.record.status,
                     ..completion
                 };
-                (completion, Some(self.audit_events(delivery, attempt, now)))
+                (
+                    completion,
+                    Some(self.audit_events(&delivery, *attempt, now)),
+                )
             }
         };
         Record {
-            executed,
+            delivery,
+            clock,
+            span,
             completion,
             attempt,
         }
@@ -959,7 +1008,7 @@ impl DeliveryWorker {
     fn audit_events(
         &self,
         delivery: &ClaimedDelivery,
-        attempt: &Attempt,
+        attempt: Attempt,
         now: chrono::DateTime<Utc>,
     ) -> AttemptWrite {
         let outcome = if attempt.record.succeeded {
@@ -973,7 +1022,7 @@ impl DeliveryWorker {
                     subscription: &attempt.subscription,
                     resource_type: &delivery.resource_type,
                     resource_id: &delivery.resource_id,
-                    resource_display: attempt.resource_display.clone(),
+                    resource_display: attempt.resource_display,
                     started: delivery.changed_at,
                     ended: now,
                     outcome,
@@ -992,10 +1041,12 @@ impl DeliveryWorker {
                     redact: attempt.redact,
                 });
                 let destinations = audit::destinations(&attempt.subscription);
-                (
-                    destinations.resource.then(|| event.clone()),
-                    destinations.log.then_some(event),
-                )
+                match (destinations.resource, destinations.log) {
+                    (true, true) => (Some(event.clone()), Some(event)),
+                    (true, false) => (Some(event), None),
+                    (false, true) => (None, Some(event)),
+                    (false, false) => (None, None),
+                }
             }
             Some(run) if audit::bot::triggered(&run.bot, outcome, &run.output) => {
                 let (resource, log) = audit::bot::destinations(&run.bot);
@@ -1023,10 +1074,10 @@ impl DeliveryWorker {
             Some(_) => (None, None),
         };
         AttemptWrite {
-            record: attempt.record.clone(),
+            record: attempt.record,
             stored_event,
             logged_event,
-            auto_disable: attempt.auto_disable.clone(),
+            auto_disable: attempt.auto_disable,
         }
     }
 
@@ -1038,7 +1089,7 @@ impl DeliveryWorker {
         let completions: Vec<(i64, Uuid, &Completion)> = records
             .iter()
             .map(|record| {
-                let delivery = &record.executed.delivery;
+                let delivery = &record.delivery;
                 (delivery.id, delivery.lease_token, &record.completion)
             })
             .collect();
@@ -1048,9 +1099,9 @@ impl DeliveryWorker {
             .collect();
         let mut attempts: Vec<(&ClaimedDelivery, &AttemptWrite)> = Vec::new();
         for record in records {
-            let delivery = &record.executed.delivery;
+            let delivery = &record.delivery;
             if !written.contains(&delivery.id) {
-                record.executed.span.in_scope(|| {
+                record.span.in_scope(|| {
                     tracing::warn!(
                         "lease lost before completion (another worker took the delivery over); outcome discarded"
                     )
@@ -1100,10 +1151,10 @@ impl DeliveryWorker {
             if let Some(attempt) = &record.attempt
                 && !attempt.record.succeeded
                 && record.completion.state == "failed"
-                && written.contains(&record.executed.delivery.id)
+                && written.contains(&record.delivery.id)
             {
-                self.track_final_failure(&mut tx, &record.executed.delivery, attempt)
-                    .instrument(record.executed.span.clone())
+                self.track_final_failure(&mut tx, &record.delivery, attempt)
+                    .instrument(record.span.clone())
                     .await?;
             }
         }
@@ -1153,7 +1204,7 @@ impl DeliveryWorker {
 /// What the preamble reads, for a whole claimed batch: two queries instead of three per delivery.
 struct BatchReads {
     /// Each subscription of the batch as it stands now, by (project, id).
-    subscriptions: HashMap<(Uuid, String), queries::SubscriptionNow>,
+    subscriptions: HashMap<(Uuid, String), SubscriptionNow>,
     /// Each delivery's resource, in the order of the batch.
     resources: Vec<queries::ResourceNow>,
 }
@@ -1172,7 +1223,14 @@ impl BatchReads {
         let subscriptions = queries::subscriptions_now(conn, &keys)
             .await?
             .into_iter()
-            .map(|now| ((now.project_id, now.subscription_id.clone()), now))
+            .map(|now| {
+                let key = (now.project_id, now.subscription_id);
+                let now = SubscriptionNow {
+                    subscription: now.content.map(Arc::new),
+                    settings: now.settings,
+                };
+                (key, now)
+            })
             .collect();
         // A delete's tombstone directly follows the last live version: that is the one to read.
         let resources: Vec<(Uuid, &str, &str, i64)> = claimed
@@ -1196,11 +1254,14 @@ impl BatchReads {
             resources,
         })
     }
+}
 
-    fn subscription(&self, delivery: &ClaimedDelivery) -> Option<&queries::SubscriptionNow> {
-        self.subscriptions
-            .get(&(delivery.project_id, delivery.subscription_id.clone()))
-    }
+/// A subscription as the preamble found it, shared by the batch's deliveries to it.
+struct SubscriptionNow {
+    /// `None` when it was deleted.
+    subscription: Option<Arc<Value>>,
+    /// Its project's settings.
+    settings: Value,
 }
 
 enum Prepared {
@@ -1218,7 +1279,7 @@ struct Request {
     max_attempts: u32,
     redact: bool,
     resource_display: Option<String>,
-    subscription: Value,
+    subscription: Arc<Value>,
 }
 
 struct Response {

@@ -161,6 +161,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// The scenarios to run (all when empty).
     pub only: Vec<Scenario>,
+    /// Load pg_stat_statements and report the top statements of each end-to-end run.
+    pub statements: bool,
 }
 
 /// A bound a figure should meet.
@@ -377,7 +379,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let started_at = chrono::Utc::now().to_rfc3339();
     let load_before = system::load_average();
     eprintln!("bench: starting a durable throwaway PostgreSQL and the loopback receiver…");
-    let env = fixtures::Env::start().await?;
+    let env = fixtures::Env::start(options.statements).await?;
     let machine = Machine::read(env.postgres_version.clone());
     let mut results = scenarios::Results::default();
     let selected = |scenario| options.only.is_empty() || options.only.contains(&scenario);

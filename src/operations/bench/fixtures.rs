@@ -50,20 +50,49 @@ pub struct Env {
     pub ticks: f64,
     /// Where worker logs go.
     pub scratch: tempfile::TempDir,
+    /// Whether pg_stat_statements is loaded (in every database copied from the template).
+    pub statements: bool,
 }
 
 impl Env {
     /// Starts a durable cluster (synchronous_commit on), migrates a template database, starts the
-    /// receiver.
-    pub async fn start() -> Result<Env, BenchError> {
-        let cluster = tokio::task::spawn_blocking(|| TempCluster::start(Durability::Durable))
+    /// receiver. With `statements`, the cluster loads pg_stat_statements.
+    pub async fn start(statements: bool) -> Result<Env, BenchError> {
+        let task_error = |error| BenchError::Other(format!("cluster start-up task: {error}"));
+        let mut cluster = tokio::task::spawn_blocking(|| TempCluster::start(Durability::Durable))
             .await
-            .map_err(|error| BenchError::Other(format!("cluster start-up task: {error}")))??;
-        let admin = connect(&cluster.url("postgres"), 2).await?;
+            .map_err(task_error)??;
+        let mut admin = connect(&cluster.url("postgres"), 2).await?;
+        if statements {
+            sqlx::query("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+                .execute(&admin)
+                .await?;
+            admin.close().await;
+            cluster = tokio::task::spawn_blocking(move || {
+                cluster
+                    .restart(Duration::ZERO, Durability::Durable)
+                    .map(|()| cluster)
+            })
+            .await
+            .map_err(task_error)??;
+            admin = connect(&cluster.url("postgres"), 2).await?;
+            // Statements inside our plpgsql functions too, not only what the worker sends.
+            for setting in [
+                "ALTER SYSTEM SET pg_stat_statements.track = 'all'",
+                "SELECT pg_reload_conf()",
+            ] {
+                sqlx::query(setting).execute(&admin).await?;
+            }
+        }
         sqlx::query(&format!("CREATE DATABASE {TEMPLATE}"))
             .execute(&admin)
             .await?;
         let template = connect(&cluster.url(TEMPLATE), 2).await?;
+        if statements {
+            sqlx::query("CREATE EXTENSION pg_stat_statements")
+                .execute(&template)
+                .await?;
+        }
         db::migrate(&template).await?;
         template.close().await;
         sqlx::query(&format!(
@@ -87,6 +116,7 @@ impl Env {
             scratch: tempfile::Builder::new()
                 .prefix("fhir-outbox-bench-")
                 .tempdir()?,
+            statements,
         })
     }
 

@@ -345,6 +345,29 @@ async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
     .await?)
 }
 
+/// The statements of this database that took the most execution time since the last reset
+/// (pg_stat_statements, `--statements`), printed to standard error and returned for the report.
+async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value>, BenchError> {
+    let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(
+        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, rows
+         FROM pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .fetch_all(pool)
+    .await?;
+    eprintln!("bench: top statements by execution time, {run}:");
+    eprintln!("bench:   total ms     calls        rows  statement");
+    Ok(rows
+        .into_iter()
+        .map(|(query, calls, total_ms, rows)| {
+            let shown: String = query.chars().take(110).collect();
+            eprintln!("bench: {total_ms:>10.0} {calls:>9} {rows:>11}  {shown}");
+            json!({ "query": query, "calls": calls, "total_ms": total_ms, "rows": rows })
+        })
+        .collect())
+}
+
 /// Transactions committed in the current database so far (pg_stat_database).
 async fn database_commits(pool: &PgPool) -> Result<i64, BenchError> {
     Ok(sqlx::query_scalar(
@@ -380,6 +403,11 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             let run_url = env.copy_db(&template, run_db).await?;
             let pool = fixtures::connect(&run_url, 2).await?;
             let commits0 = database_commits(&pool).await?;
+            if env.statements {
+                sqlx::query("SELECT pg_stat_statements_reset()")
+                    .execute(&pool)
+                    .await?;
+            }
             env.receiver.reset();
             let (pg0, own0) = (env.postgres_cpu(), env.own_cpu());
             let started = Instant::now();
@@ -406,6 +434,16 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             // Statistics are flushed when sessions end or go idle: wait for that.
             tokio::time::sleep(Duration::from_millis(1200)).await;
             let commits = database_commits(&pool).await? - commits0;
+            let statements = match env.statements {
+                true => {
+                    top_statements(
+                        &pool,
+                        &format!("backlog {backlog}, concurrency {concurrency}"),
+                    )
+                    .await?
+                }
+                false => Vec::new(),
+            };
             let states: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT state, count(*) FROM fhir_outbox.delivery GROUP BY state ORDER BY state",
             )
@@ -463,7 +501,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
                 "commits": commits,
                 "commits_per_delivery": commits as f64 / (succeeded.max(1) as f64), "seconds_from_first_request": secs,
                 "seconds_from_spawn": done.duration_since(started).as_secs_f64(),
-                "cut_short": cut_short, "worker_peak_rss_mib": rss,
+                "cut_short": cut_short, "worker_peak_rss_mib": rss, "top_statements": statements,
                 "prefill_seconds": prefill.as_secs_f64(),
                 "dispatch_seconds": dispatch_time.as_secs_f64(),
             }));
