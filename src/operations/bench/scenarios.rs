@@ -723,12 +723,16 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
 /// The worker's claim query (`src/delivery/queries.rs`, `claim`), copied as runtime SQL: the bench
 /// must not touch the module's private API nor `.sqlx/`. Keep it in step.
 const CLAIM_SQL: &str = "WITH pending AS (
-       SELECT id FROM fhir_outbox.delivery
+       SELECT id FROM fhir_outbox.delivery d
        WHERE state = 'pending' AND next_attempt_at <= now()
+         AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                         WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
        ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED),
    expired AS (
-       SELECT id FROM fhir_outbox.delivery
+       SELECT id FROM fhir_outbox.delivery d
        WHERE state = 'in_flight' AND lease_expires_at < now()
+         AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                         WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
        ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),
    due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1)
    UPDATE fhir_outbox.delivery d
@@ -739,12 +743,14 @@ const CLAIM_SQL: &str = "WITH pending AS (
              d.resource_type, d.resource_id, d.version_id, d.interaction, d.changed_at, d.request_id,
              d.trace_id, d.attempts, d.preamble_failures, d.claims, d.lease_token";
 
-/// The worker's fenced completion (`queries::complete`) for a success, as runtime SQL.
-const COMPLETE_SQL: &str = "UPDATE fhir_outbox.delivery
+/// The worker's fenced completion of a batch (`queries::complete`), all successes, as runtime SQL.
+const COMPLETE_SQL: &str = "UPDATE fhir_outbox.delivery d
     SET state = 'succeeded', attempts = 1, preamble_failures = 0,
-        next_attempt_at = next_attempt_at, finished_at = now(), reason = NULL, last_status = 200,
+        next_attempt_at = d.next_attempt_at, finished_at = now(), reason = NULL, last_status = 200,
         lease_token = NULL, lease_expires_at = NULL
-    WHERE id = $1 AND lease_token = $2 AND state = 'in_flight'";
+    FROM unnest($1::int8[], $2::uuid[]) AS c(id, lease_token)
+    WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
+    RETURNING d.id";
 
 /// Inserts delivery rows `from..=to` in `state` (rows as dispatch writes them; finished ones as a
 /// success leaves them).
@@ -776,8 +782,9 @@ async fn insert_deliveries(
     Ok(())
 }
 
-/// Claims (10 at a time, the default concurrency) and completes `rows` deliveries from 4 concurrent
-/// loops; returns (rows per second, mean milliseconds per claim statement).
+/// Claims (a default claim batch at a time) and completes (one statement per batch, as the worker
+/// records) `rows` deliveries from 4 concurrent loops; returns (rows per second, mean milliseconds
+/// per claim statement).
 async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> {
     let claimed = Arc::new(AtomicU64::new(0));
     let claim_micros = Arc::new(AtomicU64::new(0));
@@ -795,7 +802,7 @@ async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> 
             while claimed.load(Ordering::Relaxed) < rows {
                 let clock = Instant::now();
                 let batch = sqlx::query(CLAIM_SQL)
-                    .bind(10i64)
+                    .bind(crate::delivery::DeliveryConfig::default().claim_batch as i64)
                     .bind(30.0f64)
                     .fetch_all(&pool)
                     .await?;
@@ -804,15 +811,17 @@ async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> 
                 if batch.is_empty() {
                     break;
                 }
+                let mut ids = Vec::with_capacity(batch.len());
+                let mut tokens = Vec::with_capacity(batch.len());
                 for row in &batch {
-                    let id: i64 = row.try_get("id")?;
-                    let token: Uuid = row.try_get("lease_token")?;
-                    sqlx::query(COMPLETE_SQL)
-                        .bind(id)
-                        .bind(token)
-                        .execute(&pool)
-                        .await?;
+                    ids.push(row.try_get::<i64, _>("id")?);
+                    tokens.push(row.try_get::<Uuid, _>("lease_token")?);
                 }
+                sqlx::query(COMPLETE_SQL)
+                    .bind(&ids)
+                    .bind(&tokens)
+                    .execute(&pool)
+                    .await?;
                 claimed.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             Ok::<_, BenchError>(())
@@ -883,8 +892,10 @@ async fn claim(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), Be
         s,
         "claim.small.rows_per_s",
         format!(
-            "claim+complete, only {} pending rows (4 loops × 10; mean claim {:.2} ms)",
-            small.1, small.3
+            "claim+complete, only {} pending rows (4 loops × {}; mean claim {:.2} ms)",
+            small.1,
+            crate::delivery::DeliveryConfig::default().claim_batch,
+            small.3
         ),
         small.2,
         "rows/s",
