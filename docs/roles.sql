@@ -27,7 +27,8 @@ $$;
 
 GRANT USAGE ON SCHEMA fhir_outbox TO fhir_outbox_writer, fhir_outbox_worker;
 
--- Writers: the store's functions only (they run as their owner, see migration 6).
+-- Writers: the store's functions only (they run as their owner, see migration 6). The trigger that
+-- decides at commit whether to wake a dispatcher runs as its owner too (migration 7).
 GRANT EXECUTE ON FUNCTION
     fhir_outbox.create_resource(uuid, jsonb, text, text, text),
     fhir_outbox.update_resource(uuid, text, text, jsonb, bigint, text, text, text),
@@ -41,7 +42,8 @@ TO fhir_outbox_writer;
 GRANT SELECT ON ALL TABLES IN SCHEMA fhir_outbox TO fhir_outbox_worker;
 GRANT INSERT, UPDATE, DELETE ON
     fhir_outbox.outbox, fhir_outbox.delivery, fhir_outbox.delivery_attempt,
-    fhir_outbox.subscription_issue, fhir_outbox.subscription_pause, fhir_outbox.subscription_failure
+    fhir_outbox.subscription_issue, fhir_outbox.subscription_pause, fhir_outbox.subscription_failure,
+    fhir_outbox.dispatcher_waiting
 TO fhir_outbox_worker;
 -- Retention of AuditEvents deletes their versions.
 GRANT DELETE ON fhir_outbox.resource, fhir_outbox.resource_version TO fhir_outbox_worker;

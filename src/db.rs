@@ -58,8 +58,28 @@ pub async fn listen(
     wake: tokio::sync::watch::Sender<u64>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    listen_on_backend(pool, channel, wake, None, shutdown).await
+}
+
+/// [`listen`], publishing in `backend` the PostgreSQL backend pid of the connection that LISTENs
+/// (`None` while none does) before the bump that follows each (re)connection. The dispatcher names
+/// that backend when it asks writers for a wake-up, so a request whose backend is gone can be
+/// recognised as stale.
+pub async fn listen_on_backend(
+    pool: PgPool,
+    channel: &'static str,
+    wake: tokio::sync::watch::Sender<u64>,
+    backend: Option<tokio::sync::watch::Sender<Option<i32>>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let bump = || wake.send_modify(|count| *count = count.wrapping_add(1));
+    let publish = |pid: Option<i32>| {
+        if let Some(backend) = &backend {
+            backend.send_replace(pid);
+        }
+    };
     while !shutdown.is_cancelled() {
+        publish(None);
         let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
             Ok(listener) => listener,
             Err(error) => {
@@ -70,11 +90,18 @@ pub async fn listen(
                 }
             }
         };
-        if let Err(error) = listener.listen(channel).await {
-            tracing::warn!(%error, channel, "cannot LISTEN; polling until it can");
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                _ = shutdown.cancelled() => return,
+        let listening = async {
+            listener.listen(channel).await?;
+            backend_pid(&mut listener, backend.is_some()).await
+        };
+        match listening.await {
+            Ok(pid) => publish(pid),
+            Err(error) => {
+                tracing::warn!(%error, channel, "cannot LISTEN; polling until it can");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = shutdown.cancelled() => return,
+                }
             }
         }
         bump();
@@ -82,10 +109,23 @@ pub async fn listen(
             tokio::select! {
                 notification = listener.try_recv() => match notification {
                     Ok(Some(_)) => bump(),
-                    // The connection was lost; the next try_recv reconnects and re-listens.
-                    Ok(None) => bump(),
+                    // The connection was lost and the listener has reconnected and re-listened on a
+                    // new backend (it reports a failed reconnection as an error).
+                    Ok(None) => {
+                        publish(None);
+                        match backend_pid(&mut listener, backend.is_some()).await {
+                            Ok(pid) => publish(pid),
+                            Err(error) => {
+                                tracing::warn!(%error, channel, "LISTEN connection failed; reconnecting");
+                                bump();
+                                break;
+                            }
+                        }
+                        bump();
+                    }
                     Err(error) => {
                         tracing::warn!(%error, channel, "LISTEN connection failed; reconnecting");
+                        publish(None);
                         break;
                     }
                 },
@@ -93,6 +133,20 @@ pub async fn listen(
             }
         }
     }
+}
+
+/// The backend pid of the listener's connection, when `wanted` (one round trip, so only then).
+async fn backend_pid(
+    listener: &mut sqlx::postgres::PgListener,
+    wanted: bool,
+) -> Result<Option<i32>, sqlx::Error> {
+    if !wanted {
+        return Ok(None);
+    }
+    let pid = sqlx::query_scalar!(r#"SELECT pg_backend_pid() AS "pid!""#)
+        .fetch_one(listener)
+        .await?;
+    Ok(Some(pid))
 }
 
 /// Whether every embedded migration has been applied successfully.

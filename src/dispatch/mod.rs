@@ -360,24 +360,49 @@ impl Dispatcher {
 
     /// Runs `config.workers` dispatch loops until `shutdown` is cancelled. Each loop dispatches while
     /// there is work, then sleeps until a change is committed (LISTEN `fhir_outbox_change`) or the
-    /// poll interval passes.
+    /// poll interval passes. Writers notify only while some loop waits for it (migration 7).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        // Wake-up requests left by a dispatcher that died make writers notify for nothing.
+        self.remove_stale_waiting().await;
         let (wake, woken) = watch::channel(0u64);
-        let listener = tokio::spawn(crate::db::listen(
+        let (backend, listening_on) = watch::channel(None);
+        let listener = tokio::spawn(crate::db::listen_on_backend(
             self.pool.clone(),
             "fhir_outbox_change",
             wake,
+            Some(backend),
             shutdown.clone(),
         ));
         let mut loops = tokio::task::JoinSet::new();
         for _ in 0..self.config.workers.max(1) {
-            loops.spawn(self.clone().work(woken.clone(), shutdown.clone()));
+            loops.spawn(
+                self.clone()
+                    .work(woken.clone(), listening_on.clone(), shutdown.clone()),
+            );
         }
         while loops.join_next().await.is_some() {}
         listener.abort();
     }
 
-    async fn work(self: Arc<Self>, mut woken: watch::Receiver<u64>, shutdown: CancellationToken) {
+    /// One dispatch loop. Writers notify `fhir_outbox_change` at commit only while a row of
+    /// `fhir_outbox.dispatcher_waiting` exists (migration 7), because a notification serialises
+    /// commits and a busy dispatcher does not need one. So once the outbox looks drained, the loop
+    /// registers (`listener`, on the backend that LISTENs for it), looks once more (for changes that
+    /// committed before its row was visible to their writers' checks), and only then waits; woken by
+    /// a notification or the poll interval, it withdraws its row before it drains. A writer that
+    /// checked just before the row was visible and committed just after the second look is found at
+    /// the next poll: a late wake-up, never a lost change.
+    async fn work(
+        self: Arc<Self>,
+        mut woken: watch::Receiver<u64>,
+        listening_on: watch::Receiver<Option<i32>>,
+        shutdown: CancellationToken,
+    ) {
+        let listener = Uuid::new_v4();
+        // Whether our waiting row exists, as far as we know: a row whose withdrawal failed is
+        // overwritten by the next registration (an upsert) and deleted by the next withdrawal, and
+        // the row of a process that died is removed as stale by the next dispatcher that looks.
+        let mut registered = false;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             woken.borrow_and_update();
@@ -390,13 +415,29 @@ impl Dispatcher {
             match self.dispatch_batch(limit).await {
                 Ok(report) => {
                     failures = 0;
+                    if registered && report.changes > 0 {
+                        // The second look found work: drain without asking for wake-ups.
+                        self.unregister(listener).await;
+                        registered = false;
+                        continue;
+                    }
                     if report.changes as i64 == limit {
                         continue;
+                    }
+                    if !registered {
+                        registered = self.register(listener, &listening_on).await;
+                        if registered {
+                            continue; // the second look
+                        }
                     }
                 }
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(%error, failures, "dispatch batch failed; it will be retried");
+                    if registered {
+                        self.unregister(listener).await;
+                        registered = false;
+                    }
                     if failures >= 6 {
                         self.quarantine_oldest(&error).await;
                         failures = 0;
@@ -408,11 +449,58 @@ impl Dispatcher {
                     }
                 }
             }
-            tokio::select! {
-                _ = woken.changed() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            let polled = tokio::select! {
+                _ = woken.changed() => false,
+                _ = tokio::time::sleep(self.config.poll_interval) => true,
                 _ = shutdown.cancelled() => break,
+            };
+            if registered {
+                self.unregister(listener).await;
+                registered = false;
             }
+            if polled {
+                // Idle for a whole poll interval: a good moment to drop what dead dispatchers left.
+                self.remove_stale_waiting().await;
+            }
+        }
+        if registered {
+            self.unregister(listener).await;
+        }
+    }
+
+    /// Registers the loop `listener` as waiting for a wake-up; false if it cannot be woken (no
+    /// LISTEN connection at the moment) or the registration failed, and then the loop polls.
+    async fn register(&self, listener: Uuid, listening_on: &watch::Receiver<Option<i32>>) -> bool {
+        let Some(backend_pid) = *listening_on.borrow() else {
+            return false;
+        };
+        match queries::register_waiting(&self.pool, listener, backend_pid).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot register for wake-ups; polling");
+                false
+            }
+        }
+    }
+
+    /// Withdraws the wake-up request of the loop `listener`. A failure is only logged: the row
+    /// then makes writers notify for nothing until the loop registers (an upsert) or withdraws again.
+    async fn unregister(&self, listener: Uuid) {
+        if let Err(error) = queries::unregister_waiting(&self.pool, listener).await {
+            tracing::warn!(%error, "cannot withdraw the wake-up request");
+        }
+    }
+
+    async fn remove_stale_waiting(&self) {
+        match queries::remove_stale_waiting(&self.pool).await {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::info!(
+                    removed,
+                    "removed wake-up requests of dispatchers that are gone"
+                )
+            }
+            Err(error) => tracing::warn!(%error, "cannot remove stale wake-up requests"),
         }
     }
 

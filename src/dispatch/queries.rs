@@ -3,7 +3,7 @@
 use crate::capture::Interaction;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 /// An outbox row claimed for dispatch, with the contents it is evaluated on.
@@ -184,6 +184,52 @@ pub async fn insert_deliveries(
         .execute(conn)
         .await?;
     Ok(inserted)
+}
+
+/// Asks writers to wake this dispatch loop (`listener`), whose LISTEN connection is backend
+/// `backend_pid`: commits that carry outbox rows notify `fhir_outbox_change` while the row exists
+/// (migration 7). The table is unlogged, so this commit does not wait for a WAL flush.
+pub async fn register_waiting(
+    executor: impl PgExecutor<'_>,
+    listener: Uuid,
+    backend_pid: i32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, $2)
+         ON CONFLICT (listener) DO UPDATE SET backend_pid = EXCLUDED.backend_pid, since = now()",
+        listener,
+        backend_pid
+    )
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Withdraws the wake-up request of this dispatch loop.
+pub async fn unregister_waiting(
+    executor: impl PgExecutor<'_>,
+    listener: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "DELETE FROM fhir_outbox.dispatcher_waiting WHERE listener = $1",
+        listener
+    )
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Removes the wake-up requests whose LISTEN backend is gone (a dispatcher that crashed or lost
+/// its connection): nobody receives their wake-ups, and they would make writers notify for nothing.
+/// Returns how many were removed.
+pub async fn remove_stale_waiting(executor: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query!(
+        "DELETE FROM fhir_outbox.dispatcher_waiting w
+         WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid)"
+    )
+    .execute(executor)
+    .await?
+    .rows_affected())
 }
 
 /// Marks outbox rows dispatched, each with its error if it could not be dispatched.
