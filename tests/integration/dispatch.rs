@@ -612,8 +612,21 @@ async fn listen_notify_wakes_the_dispatcher_without_polling() {
     ));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(dispatcher.run(shutdown.clone()));
-    // Let the first pass (which dispatches the subscription's own write) finish and the loop sleep.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the first pass (which dispatches the subscription's own write) finish and the loop sleep:
+    // it registers for a wake-up (writers notify only then, see tests/integration/wakeup.rs), looks
+    // once more, and waits.
+    for _ in 0..500 {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
     // Polling is an hour away, so only a notification can bring the delivery in this window.
     let mut delivered = false;

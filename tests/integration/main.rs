@@ -19,3 +19,4 @@ mod precommit;
 mod receiver;
 mod roles;
 mod sql_interface;
+mod wakeup;

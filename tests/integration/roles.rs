@@ -28,6 +28,13 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
         .connect(&as_role(&writer))
         .await
         .unwrap();
+    // With a dispatcher waiting, so that the commit-time wake-up trigger notifies as the writer.
+    let waiting = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, pg_backend_pid())")
+        .bind(waiting)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let id: String = sqlx::query_scalar(
         "SELECT resource ->> 'id' FROM fhir_outbox.create_resource($1, '{\"resourceType\": \"Patient\"}')",
     )
@@ -49,6 +56,8 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
         "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction, changed_at, request_id, trace_id) VALUES (gen_random_uuid(), 'Patient', 'x', 1, 'create', now(), 'r', 't')",
         "UPDATE fhir_outbox.resource SET deleted = true",
         "SELECT fhir_outbox.strip_empty('{}')",
+        "SELECT count(*) FROM fhir_outbox.dispatcher_waiting",
+        "DELETE FROM fhir_outbox.dispatcher_waiting",
         "CREATE TABLE fhir_outbox.mine (x int)",
     ] {
         let error = sqlx::query(refused)
@@ -74,9 +83,50 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
         .connect(&as_role(&worker))
         .await
         .unwrap();
+    sqlx::query("DELETE FROM fhir_outbox.dispatcher_waiting WHERE listener = $1")
+        .bind(waiting)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     pipeline(&worker_pool, fast_config())
         .settle(&worker_pool)
         .await;
+    // A running dispatcher registers for wake-ups, removes stale requests, and withdraws its own.
+    sqlx::query(
+        "INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, 0)",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let dispatcher = std::sync::Arc::new(fhir_outbox::dispatch::Dispatcher::new(
+        worker_pool.clone(),
+        fhir_outbox::dispatch::DispatchConfig::default(),
+    ));
+    let running = tokio::spawn(dispatcher.run(shutdown.clone()));
+    let mut registered: Vec<i32> = Vec::new();
+    for _ in 0..500 {
+        registered = sqlx::query_scalar("SELECT backend_pid FROM fhir_outbox.dispatcher_waiting")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        if registered.len() == 1 && registered[0] != 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        registered.len() == 1 && registered[0] != 0,
+        "the worker's dispatcher registered, and removed the stale row: {registered:?}"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the worker's dispatcher withdrew its row");
     assert_eq!(
         receiver.received().len(),
         1,
