@@ -9,13 +9,14 @@
 --
 -- The protocol (src/dispatch/mod.rs):
 --   dispatcher: finds the outbox empty → inserts its row here (commits) → dispatches once more →
---               waits for a notification or its poll interval → deletes its row → drains.
+--               waits for a notification or its poll interval → deletes its row if it was not
+--               woken by a notification (then a writer took it) → drains.
 --   writer:     at COMMIT (a deferred constraint trigger, the latest point a transaction can act),
---               notifies if any row is here.
+--               takes the rows here (deletes them) and notifies if there were any.
 -- A writer whose check runs before the dispatcher's row is visible has committed before the
 -- dispatcher's second look (which then sees its change), or commits in the short window between its
 -- own check and its commit record becoming visible. That last case is not lost: the dispatcher
--- finds the change at its next poll, so the wake-up is late by at most the poll interval (1 s by
+-- finds the change at its next wake-up or poll, so it is late by at most the poll interval (1 s by
 -- default). Under REPEATABLE READ or SERIALIZABLE the check reads the transaction's snapshot, so for
 -- such writers the window is their whole transaction; also covered by the poll.
 
@@ -26,24 +27,39 @@ CREATE UNLOGGED TABLE fhir_outbox.dispatcher_waiting (
     -- A dispatch loop (random, per loop and process start).
     listener    uuid PRIMARY KEY,
     -- The backend of the connection that LISTENs for that loop: when it is gone, nobody can receive
-    -- the wake-up and the row is stale (dispatchers remove such rows; a stale row only costs
-    -- writers needless notifications).
+    -- the wake-up and the row is stale. A stale row costs one needless notification (the first
+    -- writer to commit takes it); a dispatcher that starts removes such rows.
     backend_pid integer NOT NULL,
     since       timestamptz NOT NULL DEFAULT now()
 );
 
 -- Runs at COMMIT of every transaction that inserted outbox rows, once per row (constraint triggers
 -- are row triggers), but looks at the table once per transaction: the first call sets a
--- transaction-local marker and the others return at once. SECURITY DEFINER because it fires after
--- the store function that inserted the row has returned, as the writer, who may not read this table
--- (docs/roles.sql). A transaction that runs SET CONSTRAINTS … IMMEDIATE makes the check earlier,
--- which only widens the window above.
+-- transaction-local marker and the others return at once.
+--
+-- The writer that notifies also takes the requests it answers (deletes them, with its commit), and
+-- writers skip requests another committing writer has locked: one waiting dispatcher costs one
+-- notification, not one per writer that commits before the dispatcher has withdrawn its request.
+-- (Measured: with a plain existence check, half of all write transactions notified while a dispatcher
+-- kept up with 12 writers, and their commits serialised on the notification lock.) A writer that
+-- skipped is not lost either: its change is visible to the woken dispatcher's drain or second look
+-- unless its commit is slower than those, and then the next wake-up or poll finds it.
+--
+-- SECURITY DEFINER because it fires after the store function that inserted the row has returned,
+-- as the writer, who may not touch this table (docs/roles.sql). A transaction that runs
+-- SET CONSTRAINTS … IMMEDIATE makes the check earlier, which only widens the window above.
 CREATE FUNCTION fhir_outbox.wake_waiting_dispatchers() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_taken bigint;
 BEGIN
     IF current_setting('fhir_outbox.wakeup_checked', true) IS DISTINCT FROM 'on' THEN
         PERFORM set_config('fhir_outbox.wakeup_checked', 'on', true);
-        IF EXISTS (SELECT 1 FROM fhir_outbox.dispatcher_waiting) THEN
+        WITH taken AS (
+            SELECT listener FROM fhir_outbox.dispatcher_waiting FOR UPDATE SKIP LOCKED)
+        DELETE FROM fhir_outbox.dispatcher_waiting w USING taken WHERE w.listener = taken.listener;
+        GET DIAGNOSTICS v_taken = ROW_COUNT;
+        IF v_taken > 0 THEN
             PERFORM pg_notify('fhir_outbox_change', '');
         END IF;
     END IF;

@@ -384,14 +384,15 @@ impl Dispatcher {
         listener.abort();
     }
 
-    /// One dispatch loop. Writers notify `fhir_outbox_change` at commit only while a row of
-    /// `fhir_outbox.dispatcher_waiting` exists (migration 7), because a notification serialises
-    /// commits and a busy dispatcher does not need one. So once the outbox looks drained, the loop
-    /// registers (`listener`, on the backend that LISTENs for it), looks once more (for changes that
-    /// committed before its row was visible to their writers' checks), and only then waits; woken by
-    /// a notification or the poll interval, it withdraws its row before it drains. A writer that
-    /// checked just before the row was visible and committed just after the second look is found at
-    /// the next poll: a late wake-up, never a lost change.
+    /// One dispatch loop. Writers notify `fhir_outbox_change` at commit only when they find a row
+    /// of `fhir_outbox.dispatcher_waiting` (migration 7; the notifying writer takes the row), because
+    /// a notification serialises commits and a busy dispatcher does not need one. So once the outbox
+    /// looks drained, the loop registers (`listener`, on the backend that LISTENs for it), looks once
+    /// more (for changes that committed before its row was visible to their writers' checks), and
+    /// only then waits; woken by the poll interval, it withdraws its row before it drains (woken by
+    /// a notification, the writer has taken it). A writer that checked just before the row was
+    /// visible and committed just after the second look is found at the next wake-up or poll: late,
+    /// never lost.
     async fn work(
         self: Arc<Self>,
         mut woken: watch::Receiver<u64>,
@@ -399,9 +400,10 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) {
         let listener = Uuid::new_v4();
-        // Whether our waiting row exists, as far as we know: a row whose withdrawal failed is
-        // overwritten by the next registration (an upsert) and deleted by the next withdrawal, and
-        // the row of a process that died is removed as stale by the next dispatcher that looks.
+        // Whether our waiting row exists, as far as we know. A row left behind (a failed
+        // withdrawal, or one we believed taken) costs one needless notification at most: the next
+        // writer takes it, our next registration overwrites it (an upsert), shutdown withdraws it,
+        // and the row of a process that died is removed by the next dispatcher that starts.
         let mut registered = false;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
@@ -449,23 +451,22 @@ impl Dispatcher {
                     }
                 }
             }
-            let polled = tokio::select! {
-                _ = woken.changed() => false,
-                _ = tokio::time::sleep(self.config.poll_interval) => true,
+            let notified = tokio::select! {
+                _ = woken.changed() => true,
+                _ = tokio::time::sleep(self.config.poll_interval) => false,
                 _ = shutdown.cancelled() => break,
             };
-            if registered {
+            // A notification means a writer took our row with the commit that notified, so the
+            // wake-up path costs no extra round trip; after a poll the row is still ours to
+            // withdraw. (A notification from elsewhere, such as `resend` or a LISTEN reconnection,
+            // can leave the row in place: a writer takes it later, for one needless wake-up.)
+            if registered && !notified {
                 self.unregister(listener).await;
-                registered = false;
             }
-            if polled {
-                // Idle for a whole poll interval: a good moment to drop what dead dispatchers left.
-                self.remove_stale_waiting().await;
-            }
+            registered = false;
         }
-        if registered {
-            self.unregister(listener).await;
-        }
+        // Unconditionally: a row we believed taken may still be there (see above).
+        self.unregister(listener).await;
     }
 
     /// Registers the loop `listener` as waiting for a wake-up; false if it cannot be woken (no

@@ -187,8 +187,9 @@ pub async fn insert_deliveries(
 }
 
 /// Asks writers to wake this dispatch loop (`listener`), whose LISTEN connection is backend
-/// `backend_pid`: commits that carry outbox rows notify `fhir_outbox_change` while the row exists
-/// (migration 7). The table is unlogged, so this commit does not wait for a WAL flush.
+/// `backend_pid`: the next commit that carries outbox rows takes the row and notifies
+/// `fhir_outbox_change` (migration 7). The table is unlogged, so this commit does not wait for a
+/// WAL flush.
 pub async fn register_waiting(
     executor: impl PgExecutor<'_>,
     listener: Uuid,
@@ -205,7 +206,7 @@ pub async fn register_waiting(
     Ok(())
 }
 
-/// Withdraws the wake-up request of this dispatch loop.
+/// Withdraws the wake-up request of this dispatch loop (if no writer has taken it).
 pub async fn unregister_waiting(
     executor: impl PgExecutor<'_>,
     listener: Uuid,
@@ -220,7 +221,7 @@ pub async fn unregister_waiting(
 }
 
 /// Removes the wake-up requests whose LISTEN backend is gone (a dispatcher that crashed or lost
-/// its connection): nobody receives their wake-ups, and they would make writers notify for nothing.
+/// its connection): nobody receives their wake-ups, and each would cost a needless notification.
 /// Returns how many were removed.
 pub async fn remove_stale_waiting(executor: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(

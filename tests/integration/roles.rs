@@ -50,6 +50,14 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
             .await
             .expect("a writer reads resources");
     assert_eq!(read["id"], id.as_str());
+    let taken: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        taken, 0,
+        "the writer's commit took the waiting row (and notified)"
+    );
     for refused in [
         "SELECT count(*) FROM fhir_outbox.outbox",
         "SELECT count(*) FROM fhir_outbox.delivery",
@@ -81,11 +89,6 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
     let worker_pool = PgPoolOptions::new()
         .max_connections(12)
         .connect(&as_role(&worker))
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM fhir_outbox.dispatcher_waiting WHERE listener = $1")
-        .bind(waiting)
-        .execute(&db.pool)
         .await
         .unwrap();
     pipeline(&worker_pool, fast_config())

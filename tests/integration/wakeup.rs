@@ -1,6 +1,6 @@
-//! Wake-ups (migration 7): writers notify `fhir_outbox_change` at commit only while a dispatch loop
-//! is registered in `fhir_outbox.dispatcher_waiting`; dispatchers register when idle, withdraw when
-//! woken or stopped, and remove what dead dispatchers left behind.
+//! Wake-ups (migration 7): writers notify `fhir_outbox_change` at commit only when they take the
+//! row of a dispatch loop registered in `fhir_outbox.dispatcher_waiting`; dispatchers register when
+//! idle, withdraw when woken or stopped, and remove what dead dispatchers left behind.
 //!
 //! The dispatchers here poll every 60 s, so a change dispatched within the generous bounds below was
 //! dispatched on a notification (or on a look the dispatcher made anyway), never by polling.
@@ -96,43 +96,62 @@ async fn backend_pid(conn: &mut PgConnection) -> i32 {
         .unwrap()
 }
 
+/// Registers a waiting dispatch loop by hand (as `Dispatcher` does), listening on `backend_pid`.
+async fn register(pool: &PgPool, listener: Uuid, backend_pid: i32) {
+    sqlx::query(
+        "INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, $2)",
+    )
+    .bind(listener)
+    .bind(backend_pid)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
-async fn a_write_notifies_only_while_a_dispatcher_waits() {
+async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let mut listener = PgListener::connect(&db.url).await.unwrap();
     listener.listen("fhir_outbox_change").await.unwrap();
     let mut quiet = PgConnection::connect(&db.url).await.unwrap();
     let mut woken = PgConnection::connect(&db.url).await.unwrap();
+    let woken_pid = backend_pid(&mut woken).await as u32;
+    // Notifications arrive in commit order, so the next one tells which write notified.
+    let mut next_notifier = async || {
+        tokio::time::timeout(PROMPTLY, listener.recv())
+            .await
+            .expect("a notification")
+            .unwrap()
+            .process_id()
+    };
 
-    // Nobody waits: this write must not notify.
-    capture::create(&mut quiet, project, &patient(), &WriteContext::default())
-        .await
-        .unwrap();
-    // Somebody waits: a 3-row transaction notifies (PostgreSQL folds its notifications into one).
-    sqlx::query("INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, pg_backend_pid())")
-        .bind(Uuid::new_v4())
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let mut tx = woken.begin().await.unwrap();
-    for _ in 0..3 {
-        capture::create(&mut *tx, project, &patient(), &WriteContext::default())
+    for round in 0..2 {
+        // Nobody waits (in the second round: the waiting row was taken by the first wake-up).
+        capture::create(&mut quiet, project, &patient(), &WriteContext::default())
             .await
             .unwrap();
+        // Somebody waits: a 3-row transaction notifies (PostgreSQL folds its notifications into
+        // one) and takes the row.
+        register(&db.pool, Uuid::new_v4(), 0).await;
+        let mut tx = woken.begin().await.unwrap();
+        for _ in 0..3 {
+            capture::create(&mut *tx, project, &patient(), &WriteContext::default())
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(
+            next_notifier().await,
+            woken_pid,
+            "round {round}: only the write made while a dispatcher waited notified"
+        );
+        assert_eq!(
+            waiting(&db.pool).await,
+            0,
+            "the notifying write took the row"
+        );
     }
-    tx.commit().await.unwrap();
-
-    // Notifications arrive in commit order, so the first one tells which write notified.
-    let notification = tokio::time::timeout(PROMPTLY, listener.recv())
-        .await
-        .expect("a notification")
-        .unwrap();
-    assert_eq!(
-        notification.process_id(),
-        backend_pid(&mut woken).await as u32,
-        "the write made while nobody waited did not notify"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,28 +293,21 @@ async fn stale_waiting_rows_are_harmless_and_removed() {
         })
         .await
     );
-    // Another dispatcher, alive (its backend is this test's connection).
-    let mut alive = PgConnection::connect(&db.url).await.unwrap();
-    let alive_pid = backend_pid(&mut alive).await;
-    let (stale, live) = (Uuid::new_v4(), Uuid::new_v4());
-    sqlx::query(
-        "INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, $2), ($3, $4)",
-    )
-    .bind(stale)
-    .bind(gone_pid)
-    .bind(live)
-    .bind(alive_pid)
-    .execute(&db.pool)
-    .await
-    .unwrap();
 
-    // Writes go on (they notify nobody in particular).
+    // Writes go on; the first one takes the stale row (one needless notification).
+    register(&db.pool, Uuid::new_v4(), gone_pid).await;
     capture::create(&db.pool, project, &patient(), &WriteContext::default())
         .await
         .unwrap();
+    assert_eq!(waiting(&db.pool).await, 0);
 
+    // A starting dispatcher removes stale rows, and leaves another live dispatcher's row alone
+    // (its backend is this test's connection).
+    let mut alive = PgConnection::connect(&db.url).await.unwrap();
+    let (stale, live) = (Uuid::new_v4(), Uuid::new_v4());
+    register(&db.pool, stale, gone_pid).await;
+    register(&db.pool, live, backend_pid(&mut alive).await).await;
     let running = Running::start(&db.pool, 1, Duration::from_secs(60));
-    // One row of ours, the live one, and not the stale one.
     until_idle(&db.pool, 2).await;
     let listeners: Vec<Uuid> =
         sqlx::query_scalar("SELECT listener FROM fhir_outbox.dispatcher_waiting")
@@ -304,18 +316,19 @@ async fn stale_waiting_rows_are_harmless_and_removed() {
             .unwrap();
     assert!(!listeners.contains(&stale), "the stale row was removed");
     assert!(listeners.contains(&live), "a live dispatcher's row is kept");
-    assert_eq!(undispatched(&db.pool).await, 0, "the first drain found it");
+    assert_eq!(
+        undispatched(&db.pool).await,
+        0,
+        "the first drain found the write"
+    );
 
-    // And the wake-up still works.
+    // And the wake-up works.
     capture::create(&db.pool, project, &patient(), &WriteContext::default())
         .await
         .unwrap();
     assert!(eventually(PROMPTLY, || async { undispatched(&db.pool).await == 0 }).await);
+    until_idle(&db.pool, 1).await;
     running.stop().await;
-    let left: Vec<Uuid> = sqlx::query_scalar("SELECT listener FROM fhir_outbox.dispatcher_waiting")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(left, vec![live], "shutdown withdraws only its own row");
+    assert_eq!(waiting(&db.pool).await, 0, "shutdown withdraws the row");
     drop(alive);
 }
