@@ -42,24 +42,95 @@ fn other(error: impl std::fmt::Display) -> BenchError {
 // ---------------------------------------------------------------------------------------------
 // Capture cost
 
-/// The write path without capture, for comparison. What differs from `fhir_outbox.write_version`
-/// (the current one, from the dispatch migration): no `INSERT INTO fhir_outbox.outbox` and no
-/// `pg_notify('fhir_outbox_change', '')`; the version insert and the Subscription epoch bump are the
-/// same. `create_resource` and `update_resource` are the installed definitions, read back with
-/// `pg_get_functiondef` and re-created in the bench schema with only their calls to `write_version`
-/// redirected, so that validation, normalisation, stamping and locking stay identical and cannot
-/// drift from the real functions. A third variant (schema `fhir_outbox_bench_nonotify`) keeps the
-/// outbox insert and drops only the `pg_notify`, to tell the two costs apart.
-fn write_version_variant(schema: &str, outbox: bool) -> String {
-    let outbox_insert = if outbox {
-        "IF p_type <> 'AuditEvent' THEN
+/// The write paths the capture scenario compares. All run while a real dispatcher (`fhir-outbox
+/// run`, a child process) works on the same database, as in production: it drains the outbox as
+/// the writers fill it, and whether writers notify depends on it (migration 7: only while a
+/// dispatch loop waits for a wake-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// No outbox row: `write_version` writes the version (and bumps the Subscription epoch) only.
+    Without,
+    /// The installed functions: the outbox row, and a notification at commit only while a dispatch
+    /// loop waits for one.
+    With,
+    /// Diagnosis, the behaviour before migration 7: the outbox row and a `pg_notify` in every write
+    /// (the commit-time trigger still runs; its notification, if any, folds into that one).
+    NotifyEveryWrite,
+    /// Diagnosis, the floor of capture: the outbox row, with the commit-time trigger's
+    /// once-per-transaction marker set beforehand, so that its check never runs and no write ever
+    /// notifies.
+    NeverNotify,
+}
+
+impl Variant {
+    /// Interleaved in this order (the declaration order: `variant as usize` indexes it), twice, so
+    /// that a change of background load hits every one alike.
+    const ALL: [Variant; 4] = [
+        Variant::Without,
+        Variant::With,
+        Variant::NotifyEveryWrite,
+        Variant::NeverNotify,
+    ];
+
+    /// The schema whose `create_resource`/`update_resource` the writers call.
+    fn schema(self) -> &'static str {
+        match self {
+            Variant::Without => "fhir_outbox_bench",
+            Variant::With => "fhir_outbox",
+            Variant::NotifyEveryWrite => "fhir_outbox_bench_notify",
+            Variant::NeverNotify => "fhir_outbox_bench_quiet",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Without => "without",
+            Variant::With => "with",
+            Variant::NotifyEveryWrite => "notify_every_write",
+            Variant::NeverNotify => "never_notify",
+        }
+    }
+
+    /// Whether its writes have outbox rows.
+    fn captured(self) -> bool {
+        self != Variant::Without
+    }
+
+    /// What the bench copy of `write_version` does after the version insert and the epoch bump
+    /// (`None` for the installed functions).
+    fn capture_sql(self) -> Option<String> {
+        let outbox_insert = "IF p_type <> 'AuditEvent' THEN
         INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
                                         previous_version_id, interaction, changed_at, request_id, trace_id)
-        VALUES (p_project, p_type, p_id, p_version, p_previous, p_interaction, p_at, p_request_id, p_trace_id);
+        VALUES (p_project, p_type, p_id, p_version, p_previous, p_interaction, p_at, p_request_id, p_trace_id);";
+        match self {
+            Variant::With => None,
+            Variant::Without => Some(String::new()),
+            Variant::NotifyEveryWrite => Some(format!(
+                "{outbox_insert}
+        PERFORM pg_notify('fhir_outbox_change', '');
     END IF;"
-    } else {
-        ""
-    };
+            )),
+            Variant::NeverNotify => Some(format!(
+                "{outbox_insert}
+        PERFORM set_config('{WAKEUP_CHECKED}', 'on', true);
+    END IF;"
+            )),
+        }
+    }
+}
+
+/// The transaction-local setting with which `fhir_outbox.wake_waiting_dispatchers` (migration 7)
+/// remembers that it has decided for this transaction.
+const WAKEUP_CHECKED: &str = "fhir_outbox.wakeup_checked";
+
+/// The bench copy of `write_version` for `variant`. What differs from the installed one (migration
+/// 7) is only what follows the version insert and the Subscription epoch bump: see
+/// [`Variant::capture_sql`]. `create_resource` and `update_resource` are the installed definitions,
+/// read back with `pg_get_functiondef` and re-created in the bench schema with only their calls to
+/// `write_version` redirected, so that validation, normalisation, stamping and locking stay
+/// identical and cannot drift from the real functions.
+fn write_version_variant(schema: &str, capture_sql: &str) -> String {
     format!(
         r#"
 CREATE FUNCTION {schema}.write_version(
@@ -73,28 +144,33 @@ BEGIN
     IF p_type = 'Subscription' THEN
         UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1 WHERE id = p_project;
     END IF;
-    {outbox_insert}
+    {capture_sql}
 END
 $$"#
     )
 }
 
-/// The write variants of the capture scenario: (schema, label, captured).
-const VARIANTS: [(&str, &str, bool); 3] = [
-    ("fhir_outbox_bench", "without", false),
-    ("fhir_outbox", "with", true),
-    ("fhir_outbox_bench_nonotify", "with_outbox_no_notify", true),
-];
-
 async fn install_variants(pool: &PgPool) -> Result<(), BenchError> {
-    for (schema, outbox) in [
-        ("fhir_outbox_bench", false),
-        ("fhir_outbox_bench_nonotify", true),
-    ] {
+    // The quiet variant relies on the trigger's marker: make sure it is still the one in use.
+    let trigger: String = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('fhir_outbox.wake_waiting_dispatchers'::regproc)",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !trigger.contains(WAKEUP_CHECKED) {
+        return Err(other(format!(
+            "fhir_outbox.wake_waiting_dispatchers no longer uses {WAKEUP_CHECKED}: update the bench"
+        )));
+    }
+    for variant in Variant::ALL {
+        let Some(capture_sql) = variant.capture_sql() else {
+            continue;
+        };
+        let schema = variant.schema();
         sqlx::query(&format!("CREATE SCHEMA {schema}"))
             .execute(pool)
             .await?;
-        sqlx::query(&write_version_variant(schema, outbox))
+        sqlx::query(&write_version_variant(schema, &capture_sql))
             .execute(pool)
             .await?;
         for function in ["create_resource", "update_resource"] {
@@ -186,92 +262,237 @@ async fn write_for(
     Ok((total, elapsed))
 }
 
+/// Counts the notifications on `fhir_outbox_change` while it lives: one per notifying transaction
+/// (PostgreSQL folds a transaction's identical notifications into one).
+struct NotificationCounter {
+    count: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NotificationCounter {
+    async fn start(url: &str) -> Result<NotificationCounter, BenchError> {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen("fhir_outbox_change").await?;
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
+        let task = tokio::spawn(async move {
+            while listener.recv().await.is_ok() {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(NotificationCounter { count, task })
+    }
+
+    /// The count, once the notifications of the last commits have had time to arrive.
+    async fn stop(self) -> u64 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.task.abort();
+        let _ = self.task.await;
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+async fn undispatched(pool: &PgPool) -> Result<i64, BenchError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox WHERE dispatched_at IS NULL")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Waits until the worker's dispatcher has drained the outbox and waits for a wake-up again.
+async fn until_dispatcher_idle(
+    pool: &PgPool,
+    worker: &mut WorkerProcess,
+    limit: Duration,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        worker.check_alive()?;
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting")
+                .fetch_one(pool)
+                .await?;
+        if waiting > 0 && undispatched(pool).await? == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(other(format!(
+                "the dispatcher did not drain the outbox and wait within {} s",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Accumulated over the rounds of one variant.
+#[derive(Default, Clone, Copy)]
+struct VariantTotals {
+    transactions: u64,
+    seconds: f64,
+    notifying: u64,
+    postgres_s: f64,
+    worker_s: f64,
+    bench_s: f64,
+}
+
 async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let url = env.create_db("bench_capture").await?;
     let pool = fixtures::connect(&url, sizes.capture_writers as u32 + 2).await?;
     let project = crate::project::create_project(&pool, "bench").await?;
     install_variants(&pool).await?;
-    // Two rounds, interleaved, so that a change of background load hits every variant alike.
-    let mut totals = [(0u64, 0f64); 3];
+    // The dispatcher of production. No subscriptions: it claims the rows, finds no candidates and
+    // marks them dispatched, which is the work (and the wake-up protocol) every write causes.
+    let mut worker = WorkerProcess::start(env, &url, 10).await?;
+    until_dispatcher_idle(&pool, &mut worker, Duration::from_secs(30)).await?;
+    let mut totals = [VariantTotals::default(); Variant::ALL.len()];
     let mut rounds = Vec::new();
     let mut captured_writes = 0;
     for round in 0..2u64 {
-        for (index, (schema, label, captured)) in VARIANTS.iter().enumerate() {
+        for variant in Variant::ALL {
+            // Each variant starts with an empty outbox and an idle dispatcher.
+            until_dispatcher_idle(&pool, &mut worker, Duration::from_secs(60)).await?;
+            // Only for the real functions: counting adds a listening backend (as a second
+            // dispatcher process would), which notifying commits signal.
+            let counter = if variant == Variant::With {
+                Some(NotificationCounter::start(&url).await?)
+            } else {
+                None
+            };
+            let (pg0, own0, worker0) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
             let (count, secs) = write_for(
                 &pool,
                 project,
                 sizes.capture_writers,
                 sizes.capture_seconds,
-                schema,
-                round * 3 + index as u64,
+                variant.schema(),
+                round * Variant::ALL.len() as u64 + variant as u64,
             )
             .await?;
-            totals[index].0 += count;
-            totals[index].1 += secs;
-            if *captured {
+            let (pg1, own1, worker1) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
+            let backlog = undispatched(&pool).await?;
+            let notifying = match counter {
+                Some(counter) => Some(counter.stop().await),
+                None => None,
+            };
+            let total = &mut totals[variant as usize];
+            total.transactions += count;
+            total.seconds += secs;
+            total.notifying += notifying.unwrap_or(0);
+            total.postgres_s += pg1 - pg0;
+            total.worker_s += worker1 - worker0;
+            total.bench_s += own1 - own0;
+            if variant.captured() {
                 captured_writes += count;
             }
             rounds.push(
-                json!({"round": round, "variant": label, "transactions": count,
-                               "seconds": secs, "per_s": count as f64 / secs}),
+                json!({"round": round, "variant": variant.label(), "transactions": count,
+                               "seconds": secs, "per_s": count as f64 / secs,
+                               "notifying_transactions": notifying,
+                               "undispatched_at_end": backlog}),
             );
         }
     }
-    let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox")
-        .fetch_one(&pool)
-        .await?;
+    until_dispatcher_idle(&pool, &mut worker, Duration::from_secs(60)).await?;
+    worker.stop().await;
+    let (outbox_rows, dispatched): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(dispatched_at) FROM fhir_outbox.outbox")
+            .fetch_one(&pool)
+            .await?;
     pool.close().await;
     env.drop_db("bench_capture").await?;
-    if outbox_rows as u64 != captured_writes {
+    if outbox_rows as u64 != captured_writes || dispatched != outbox_rows {
         return Err(other(format!(
-            "capture check failed: {captured_writes} captured writes but {outbox_rows} outbox rows"
+            "capture check failed: {captured_writes} captured writes, {outbox_rows} outbox rows, {dispatched} dispatched"
         )));
     }
-    let rate = |index: usize| totals[index].0 as f64 / totals[index].1;
-    let (without_rate, with_rate, no_notify_rate) = (rate(0), rate(1), rate(2));
+    let rate = |variant: Variant| {
+        let total = totals[variant as usize];
+        total.transactions as f64 / total.seconds
+    };
+    let without_rate = rate(Variant::Without);
+    let cost = |variant: Variant| 100.0 * (1.0 - rate(variant) / without_rate);
+    let with = totals[Variant::With as usize];
     let s = Scenario::Capture;
     let writers = sizes.capture_writers;
-    results.figures.push(Figure::new(
+    let figures = &mut results.figures;
+    figures.push(Figure::new(
         s,
         "capture.without.tx_per_s",
-        format!("writes without capture ({writers} writers; create+update of 1 KiB Patients)"),
+        format!(
+            "writes without capture ({writers} writers; create+update of 1 KiB Patients; dispatcher running)"
+        ),
         without_rate,
         "tx/s",
     ));
-    results.figures.push(Figure::new(
+    figures.push(Figure::new(
         s,
         "capture.with.tx_per_s",
-        format!("writes with capture ({writers} writers)"),
-        with_rate,
+        format!("writes with capture ({writers} writers; dispatcher running)"),
+        rate(Variant::With),
         "tx/s",
     ));
-    results.figures.push(
+    figures.push(
         Figure::new(
             s,
             "capture.cost_pct",
             "capture cost (throughput lost)",
-            100.0 * (1.0 - with_rate / without_rate),
+            cost(Variant::With),
             "%",
         )
         .target(Target::AtMost(25.0)),
     );
-    results.figures.push(Figure::new(
+    figures.push(Figure::new(
         s,
-        "capture.outbox_no_notify.tx_per_s",
-        "diagnosis: writes with the outbox row but no pg_notify",
-        no_notify_rate,
-        "tx/s",
-    ));
-    results.figures.push(Figure::new(
-        s,
-        "capture.outbox_no_notify.cost_pct",
-        "diagnosis: cost of the outbox row alone (no pg_notify)",
-        100.0 * (1.0 - no_notify_rate / without_rate),
+        "capture.with.notifying_pct",
+        "diagnosis: write transactions with capture that notified",
+        100.0 * with.notifying as f64 / (with.transactions.max(1)) as f64,
         "%",
     ));
+    figures.push(Figure::new(
+        s,
+        "capture.notify_every_write.tx_per_s",
+        "diagnosis: writes with a pg_notify in every write (before migration 7)",
+        rate(Variant::NotifyEveryWrite),
+        "tx/s",
+    ));
+    figures.push(Figure::new(
+        s,
+        "capture.notify_every_write.cost_pct",
+        "diagnosis: capture cost with a pg_notify in every write",
+        cost(Variant::NotifyEveryWrite),
+        "%",
+    ));
+    figures.push(Figure::new(
+        s,
+        "capture.never_notify.tx_per_s",
+        "diagnosis: writes with the outbox row that never notify",
+        rate(Variant::NeverNotify),
+        "tx/s",
+    ));
+    figures.push(Figure::new(
+        s,
+        "capture.never_notify.cost_pct",
+        "diagnosis: cost of the outbox row and its dispatch, without notifications",
+        cost(Variant::NeverNotify),
+        "%",
+    ));
+    for (variant, total) in Variant::ALL.iter().zip(totals) {
+        results.cpu.push(CpuProfile {
+            run: format!(
+                "capture, {} ({writers} writers in the bench process; worker: the dispatcher)",
+                variant.label()
+            ),
+            wall_s: total.seconds,
+            postgres_s: total.postgres_s,
+            worker_s: total.worker_s,
+            bench_s: total.bench_s,
+        });
+    }
     results.details.insert(
         "capture".into(),
-        json!({"rounds": rounds, "outbox_rows": outbox_rows}),
+        json!({"rounds": rounds, "outbox_rows": outbox_rows, "dispatched": dispatched}),
     );
     Ok(())
 }
