@@ -18,7 +18,8 @@
 -- own check and its commit record becoming visible. That last case is not lost: the dispatcher
 -- finds the change at its next wake-up or poll, so it is late by at most the poll interval (1 s by
 -- default). Under REPEATABLE READ or SERIALIZABLE the check reads the transaction's snapshot, so for
--- such writers the window is their whole transaction; also covered by the poll.
+-- such writers the window is their whole transaction; also covered by the poll. Such writers only
+-- look and do not take the rows (see the function): they may notify for a request already answered.
 
 -- One row per dispatch loop that is about to sleep. UNLOGGED: these tiny writes need no WAL and no
 -- flush (a transaction that wrote only unlogged tables commits without waiting for the disk), and
@@ -55,10 +56,16 @@ DECLARE
 BEGIN
     IF current_setting('fhir_outbox.wakeup_checked', true) IS DISTINCT FROM 'on' THEN
         PERFORM set_config('fhir_outbox.wakeup_checked', 'on', true);
-        WITH taken AS (
-            SELECT listener FROM fhir_outbox.dispatcher_waiting FOR UPDATE SKIP LOCKED)
-        DELETE FROM fhir_outbox.dispatcher_waiting w USING taken WHERE w.listener = taken.listener;
-        GET DIAGNOSTICS v_taken = ROW_COUNT;
+        IF current_setting('transaction_isolation') IN ('read committed', 'read uncommitted') THEN
+            WITH taken AS (
+                SELECT listener FROM fhir_outbox.dispatcher_waiting FOR UPDATE SKIP LOCKED)
+            DELETE FROM fhir_outbox.dispatcher_waiting w USING taken WHERE w.listener = taken.listener;
+            GET DIAGNOSTICS v_taken = ROW_COUNT;
+        ELSE
+            -- Locking a row that was deleted after this transaction's snapshot would fail the
+            -- writer's COMMIT with a serialisation error: only look.
+            SELECT count(*) INTO v_taken FROM fhir_outbox.dispatcher_waiting;
+        END IF;
         IF v_taken > 0 THEN
             PERFORM pg_notify('fhir_outbox_change', '');
         END IF;

@@ -154,6 +154,42 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
     }
 }
 
+#[tokio::test]
+async fn writers_commit_at_every_isolation_level_whatever_became_of_the_waiting_row() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut writer = PgConnection::connect(&db.url).await.unwrap();
+    for level in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"] {
+        let request = Uuid::new_v4();
+        register(&db.pool, request, 0).await;
+        let mut tx = writer.begin().await.unwrap();
+        sqlx::query(&format!("SET TRANSACTION ISOLATION LEVEL {level}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        // The transaction's snapshot sees the request…
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(seen, 1);
+        capture::create(&mut *tx, project, &patient(), &WriteContext::default())
+            .await
+            .unwrap();
+        // …which is answered elsewhere before the commit: locking it then would be a serialisation
+        // failure under REPEATABLE READ and SERIALIZABLE.
+        sqlx::query("DELETE FROM fhir_outbox.dispatcher_waiting WHERE listener = $1")
+            .bind(request)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        tx.commit()
+            .await
+            .unwrap_or_else(|error| panic!("{level}: the write commits: {error}"));
+    }
+    assert_eq!(crate::common::outbox_count(&db.pool, project).await, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_dispatcher_is_woken_by_a_single_write_and_withdraws_on_shutdown() {
     let db = TestDb::new().await;
