@@ -65,7 +65,9 @@ pub async fn claim(
     .await
 }
 
-/// Extends the leases of deliveries this worker is still working on.
+/// Extends the leases of deliveries this worker is still working on. Rows locked by someone else
+/// are skipped rather than waited for: they are being recorded (by this worker's recorder) or taken
+/// over, and waiting on them would delay the renewal of all the others past their expiry.
 pub async fn renew_leases(
     conn: &mut PgConnection,
     tokens: &[Uuid],
@@ -73,7 +75,9 @@ pub async fn renew_leases(
 ) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(
         "UPDATE fhir_outbox.delivery SET lease_expires_at = now() + make_interval(secs => $2)
-         WHERE state = 'in_flight' AND lease_token = ANY($1)",
+         WHERE id IN (SELECT id FROM fhir_outbox.delivery
+                      WHERE state = 'in_flight' AND lease_token = ANY($1)
+                      FOR UPDATE SKIP LOCKED)",
         tokens,
         lease_seconds
     )
