@@ -1,10 +1,10 @@
 //! Delivery: the rest-hook worker.
 //!
 //! A worker claims due deliveries in batches with `FOR UPDATE SKIP LOCKED`, each claim taking a lease
-//! (a token and an expiry, renewed while the delivery is in this process). For a claimed batch it runs
-//! Medplum's preamble (is the subscription still active, the resource still there, the version still
-//! current on a retry?) with two queries for the whole batch, then builds each signed request and POSTs
-//! it, at most `concurrency` at once. Outcomes are recorded in batches by one recorder task: the
+//! (a token and an expiry, renewed while the delivery is in this process). The claim statement also
+//! reads what Medplum's preamble needs (is the subscription still active, the resource still there,
+//! the version still current on a retry?), each subscription once per batch. Then the worker builds
+//! each signed request and POSTs it, at most `concurrency` at once. Outcomes are recorded in batches by one recorder task: the
 //! completions, fenced by their lease tokens, the attempt rows and the AuditEvents of a batch commit
 //! in one transaction, so a worker whose lease expired (it was paused, or presumed dead) can never
 //! overwrite a newer attempt. A batch that fails to commit is recorded again one delivery at a time,
@@ -235,39 +235,34 @@ impl DeliveryWorker {
         Ok(count)
     }
 
-    /// Claims up to `limit` due deliveries and runs the preamble of the batch.
+    /// Claims up to `limit` due deliveries and runs the preamble of the batch (its reads came with
+    /// the claim).
     async fn claim(&self, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let claimed = queries::claim(&mut conn, limit as i64, self.lease_seconds()).await?;
+        let claimed = {
+            let mut conn = self.pool.acquire().await?;
+            queries::claim(&mut conn, limit as i64, self.lease_seconds()).await?
+        };
         self.leases
             .lock()
             .expect("lease lock")
-            .extend(claimed.iter().map(|delivery| delivery.lease_token));
-        if claimed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let reads = BatchReads::read(&mut conn, &claimed).await;
-        drop(conn);
+            .extend(claimed.iter().map(|claimed| claimed.delivery.lease_token));
+        let mut subscriptions: HashMap<(Uuid, String), SubscriptionNow> = HashMap::new();
         let mut jobs = Vec::with_capacity(claimed.len());
-        match reads {
-            Ok(BatchReads {
-                subscriptions,
-                resources,
-            }) => {
-                for (delivery, resource) in claimed.into_iter().zip(resources) {
-                    let now =
-                        subscriptions.get(&(delivery.project_id, delivery.subscription_id.clone()));
-                    let prepared = self
-                        .prepare(&delivery, now, resource)
-                        .await
-                        .map_err(|error| error.to_string());
-                    jobs.push(Job { delivery, prepared });
-                }
+        for claimed in claimed {
+            let delivery = claimed.delivery;
+            let key = (delivery.project_id, delivery.subscription_id.clone());
+            if let Some(now) = claimed.subscription {
+                let now = SubscriptionNow {
+                    subscription: now.content.map(Arc::new),
+                    settings: now.settings,
+                };
+                subscriptions.insert(key.clone(), now);
             }
-            Err(error) => jobs.extend(claimed.into_iter().map(|delivery| Job {
-                delivery,
-                prepared: Err(error.to_string()),
-            })),
+            let prepared = self
+                .prepare(&delivery, subscriptions.get(&key), claimed.resource)
+                .await
+                .map_err(|error| error.to_string());
+            jobs.push(Job { delivery, prepared });
         }
         Ok(jobs)
     }
@@ -554,7 +549,7 @@ impl DeliveryWorker {
     }
 
     /// Medplum's preamble (spec §1.5), then everything needed to send, from what was read for the
-    /// whole batch: the subscription as it is now (`None`: never existed) and the resource.
+    /// whole batch: the subscription as it is now and the resource.
     async fn prepare(
         &self,
         delivery: &ClaimedDelivery,
@@ -1198,61 +1193,6 @@ impl DeliveryWorker {
             .await?;
         }
         Ok(())
-    }
-}
-
-/// What the preamble reads, for a whole claimed batch: two queries instead of three per delivery.
-struct BatchReads {
-    /// Each subscription of the batch as it stands now, by (project, id).
-    subscriptions: HashMap<(Uuid, String), SubscriptionNow>,
-    /// Each delivery's resource, in the order of the batch.
-    resources: Vec<queries::ResourceNow>,
-}
-
-impl BatchReads {
-    async fn read(
-        conn: &mut sqlx::PgConnection,
-        claimed: &[ClaimedDelivery],
-    ) -> Result<BatchReads, sqlx::Error> {
-        let mut keys: Vec<(Uuid, &str)> = claimed
-            .iter()
-            .map(|delivery| (delivery.project_id, delivery.subscription_id.as_str()))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let subscriptions = queries::subscriptions_now(conn, &keys)
-            .await?
-            .into_iter()
-            .map(|now| {
-                let key = (now.project_id, now.subscription_id);
-                let now = SubscriptionNow {
-                    subscription: now.content.map(Arc::new),
-                    settings: now.settings,
-                };
-                (key, now)
-            })
-            .collect();
-        // A delete's tombstone directly follows the last live version: that is the one to read.
-        let resources: Vec<(Uuid, &str, &str, i64)> = claimed
-            .iter()
-            .map(|delivery| {
-                let version = match delivery.interaction {
-                    Interaction::Delete => delivery.version_id - 1,
-                    _ => delivery.version_id,
-                };
-                (
-                    delivery.resource_project_id,
-                    delivery.resource_type.as_str(),
-                    delivery.resource_id.as_str(),
-                    version,
-                )
-            })
-            .collect();
-        let resources = queries::resources_now(conn, &resources).await?;
-        Ok(BatchReads {
-            subscriptions,
-            resources,
-        })
     }
 }
 

@@ -12,7 +12,6 @@ pub struct ClaimedDelivery {
     pub webhook_id: Uuid,
     pub project_id: Uuid,
     pub subscription_id: String,
-    pub resource_project_id: Uuid,
     pub resource_type: String,
     pub resource_id: String,
     pub version_id: i64,
@@ -28,15 +27,71 @@ pub struct ClaimedDelivery {
     pub lease_token: Uuid,
 }
 
+/// A claimed delivery, with what its preamble needs, read in the claim's own statement.
+#[derive(Debug)]
+pub struct Claimed {
+    pub delivery: ClaimedDelivery,
+    pub resource: ResourceNow,
+    /// Its subscription as it stands now: on the first delivery of each subscription in the batch
+    /// only (the others share it).
+    pub subscription: Option<SubscriptionNow>,
+}
+
+/// A subscription as it stands now, with its project's settings.
+#[derive(Debug)]
+pub struct SubscriptionNow {
+    /// `None` when the subscription was deleted (or never existed).
+    pub content: Option<serde_json::Value>,
+    /// The project's settings (`{}` when it has none).
+    pub settings: serde_json::Value,
+}
+
+/// Where a delivery's resource stands now, and the content of the version it needs.
+#[derive(Debug)]
+pub struct ResourceNow {
+    /// The resource's newest version (its tombstone when deleted); `None` if it never existed.
+    pub current_version: Option<i64>,
+    pub deleted: bool,
+    /// The content of the version sent (for a delete, the last live version, which a bot
+    /// receives); `None` when that version is a deletion or is gone.
+    pub content: Option<serde_json::Value>,
+}
+
+struct ClaimRow {
+    id: i64,
+    webhook_id: Uuid,
+    project_id: Uuid,
+    subscription_id: String,
+    resource_type: String,
+    resource_id: String,
+    version_id: i64,
+    interaction: Interaction,
+    changed_at: DateTime<Utc>,
+    request_id: String,
+    trace_id: String,
+    attempts: i32,
+    preamble_failures: i32,
+    claims: i32,
+    lease_token: Uuid,
+    current_version: Option<i64>,
+    deleted: bool,
+    content: Option<serde_json::Value>,
+    first_of_subscription: bool,
+    subscription: Option<serde_json::Value>,
+    settings: Option<serde_json::Value>,
+}
+
 /// Claims up to `limit` deliveries that are due, or whose lease expired (their worker died), and
-/// takes a fresh lease on each. Deliveries of paused subscriptions wait.
+/// takes a fresh lease on each. Deliveries of paused subscriptions wait. The same statement reads
+/// what the preamble needs (each subscription once, each resource), so that a claim is one round
+/// trip.
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
     lease_seconds: f64,
-) -> Result<Vec<ClaimedDelivery>, sqlx::Error> {
-    sqlx::query_as!(
-        ClaimedDelivery,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    let rows = sqlx::query_as!(
+        ClaimRow,
         r#"WITH pending AS (
                SELECT id FROM fhir_outbox.delivery d
                WHERE state = 'pending' AND next_attempt_at <= now()
@@ -49,20 +104,78 @@ pub async fn claim(
                  AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
                                  WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
                ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),
-           due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1)
-           UPDATE fhir_outbox.delivery d
-           SET state = 'in_flight', lease_token = gen_random_uuid(),
-               lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
-           FROM due WHERE d.id = due.id
-           RETURNING d.id, d.webhook_id, d.project_id, d.subscription_id, d.resource_project_id,
-                     d.resource_type, d.resource_id, d.version_id,
-                     d.interaction AS "interaction: Interaction", d.changed_at, d.request_id, d.trace_id,
-                     d.attempts, d.preamble_failures, d.claims, d.lease_token AS "lease_token!""#,
+           due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1),
+           claimed AS (
+               UPDATE fhir_outbox.delivery d
+               SET state = 'in_flight', lease_token = gen_random_uuid(),
+                   lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
+               FROM due WHERE d.id = due.id
+               RETURNING d.*),
+           numbered AS (
+               SELECT c.*, row_number() OVER (PARTITION BY c.project_id, c.subscription_id ORDER BY c.id) = 1
+                          AS first_of_subscription
+               FROM claimed c)
+           SELECT c.id, c.webhook_id, c.project_id, c.subscription_id, c.resource_type, c.resource_id, c.version_id,
+                  c.interaction AS "interaction!: Interaction", c.changed_at, c.request_id, c.trace_id,
+                  c.attempts, c.preamble_failures, c.claims, c.lease_token AS "lease_token!",
+                  r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
+                  v.content AS "content?", c.first_of_subscription AS "first_of_subscription!",
+                  sv.content AS "subscription?",
+                  CASE WHEN c.first_of_subscription THEN coalesce(p.settings, '{}') END AS "settings?"
+           FROM numbered c
+           LEFT JOIN fhir_outbox.resource r
+                  ON r.project_id = c.resource_project_id AND r.resource_type = c.resource_type
+                 AND r.id = c.resource_id
+           -- A delete's tombstone directly follows the last live version: that is the one read.
+           LEFT JOIN fhir_outbox.resource_version v
+                  ON v.project_id = c.resource_project_id AND v.resource_type = c.resource_type
+                 AND v.id = c.resource_id
+                 AND v.version_id = CASE WHEN c.interaction = 'delete' THEN c.version_id - 1
+                                         ELSE c.version_id END
+           LEFT JOIN fhir_outbox.resource sr
+                  ON c.first_of_subscription AND sr.project_id = c.project_id
+                 AND sr.resource_type = 'Subscription' AND sr.id = c.subscription_id AND NOT sr.deleted
+           LEFT JOIN fhir_outbox.resource_version sv
+                  ON sv.project_id = sr.project_id AND sv.resource_type = sr.resource_type
+                 AND sv.id = sr.id AND sv.version_id = sr.version_id
+           LEFT JOIN fhir_outbox.project p ON c.first_of_subscription AND p.id = c.project_id
+           ORDER BY c.id"#,
         limit,
         lease_seconds
     )
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Claimed {
+            subscription: row.first_of_subscription.then(|| SubscriptionNow {
+                content: row.subscription,
+                settings: row.settings.unwrap_or_else(|| serde_json::json!({})),
+            }),
+            resource: ResourceNow {
+                current_version: row.current_version,
+                deleted: row.deleted,
+                content: row.content,
+            },
+            delivery: ClaimedDelivery {
+                id: row.id,
+                webhook_id: row.webhook_id,
+                project_id: row.project_id,
+                subscription_id: row.subscription_id,
+                resource_type: row.resource_type,
+                resource_id: row.resource_id,
+                version_id: row.version_id,
+                interaction: row.interaction,
+                changed_at: row.changed_at,
+                request_id: row.request_id,
+                trace_id: row.trace_id,
+                attempts: row.attempts,
+                preamble_failures: row.preamble_failures,
+                claims: row.claims,
+                lease_token: row.lease_token,
+            },
+        })
+        .collect())
 }
 
 /// Extends the leases of deliveries this worker is still working on. Rows locked by someone else
@@ -233,85 +346,6 @@ pub async fn create_audit_events(
         r#"SELECT audit_event_id AS "id!" FROM fhir_outbox.create_audit_events($1, $2) ORDER BY ordinal"#,
         &projects,
         &bodies as &[&serde_json::Value],
-    )
-    .fetch_all(conn)
-    .await
-}
-
-/// A subscription as it stands now, with its project's settings.
-#[derive(Debug)]
-pub struct SubscriptionNow {
-    pub project_id: Uuid,
-    pub subscription_id: String,
-    /// `None` when the subscription was deleted (or never existed).
-    pub content: Option<serde_json::Value>,
-    /// The project's settings (`{}` when it has none).
-    pub settings: serde_json::Value,
-}
-
-/// The current state of the subscriptions of a claimed batch, each read once however many of the
-/// batch's deliveries it has.
-pub async fn subscriptions_now(
-    conn: &mut PgConnection,
-    keys: &[(Uuid, &str)],
-) -> Result<Vec<SubscriptionNow>, sqlx::Error> {
-    let projects: Vec<Uuid> = keys.iter().map(|(project, _)| *project).collect();
-    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
-    sqlx::query_as!(
-        SubscriptionNow,
-        r#"SELECT k.project_id AS "project_id!", k.id AS "subscription_id!", v.content AS "content?",
-                  coalesce(p.settings, '{}') AS "settings!"
-           FROM unnest($1::uuid[], $2::text[]) AS k(project_id, id)
-           LEFT JOIN fhir_outbox.resource r
-                  ON r.project_id = k.project_id AND r.resource_type = 'Subscription' AND r.id = k.id
-                 AND NOT r.deleted
-           LEFT JOIN fhir_outbox.resource_version v
-                  ON v.project_id = r.project_id AND v.resource_type = r.resource_type AND v.id = r.id
-                 AND v.version_id = r.version_id
-           LEFT JOIN fhir_outbox.project p ON p.id = k.project_id"#,
-        &projects,
-        &ids as &[&str],
-    )
-    .fetch_all(conn)
-    .await
-}
-
-/// Where a delivery's resource stands now, and the content of the version it asked for.
-#[derive(Debug)]
-pub struct ResourceNow {
-    /// The resource's newest version (its tombstone when deleted); `None` if it never existed.
-    pub current_version: Option<i64>,
-    pub deleted: bool,
-    /// The content of the version asked for; `None` when that version is a deletion or is gone.
-    pub content: Option<serde_json::Value>,
-}
-
-/// For each `(project, type, id, version)`, in order: where the resource stands and that version's
-/// content.
-pub async fn resources_now(
-    conn: &mut PgConnection,
-    keys: &[(Uuid, &str, &str, i64)],
-) -> Result<Vec<ResourceNow>, sqlx::Error> {
-    let projects: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-    let types: Vec<&str> = keys.iter().map(|key| key.1).collect();
-    let ids: Vec<&str> = keys.iter().map(|key| key.2).collect();
-    let versions: Vec<i64> = keys.iter().map(|key| key.3).collect();
-    sqlx::query_as!(
-        ResourceNow,
-        r#"SELECT r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
-                  v.content AS "content?"
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[]) WITH ORDINALITY
-                AS k(project_id, resource_type, id, version_id, n)
-           LEFT JOIN fhir_outbox.resource r
-                  ON r.project_id = k.project_id AND r.resource_type = k.resource_type AND r.id = k.id
-           LEFT JOIN fhir_outbox.resource_version v
-                  ON v.project_id = k.project_id AND v.resource_type = k.resource_type AND v.id = k.id
-                 AND v.version_id = k.version_id
-           ORDER BY k.n"#,
-        &projects,
-        &types as &[&str],
-        &ids as &[&str],
-        &versions,
     )
     .fetch_all(conn)
     .await
