@@ -941,8 +941,9 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
 // ---------------------------------------------------------------------------------------------
 // Claim rate
 
-/// The worker's claim query (`src/delivery/queries.rs`, `claim`), copied as runtime SQL: the bench
-/// must not touch the module's private API nor `.sqlx/`. Keep it in step.
+/// The worker's claim query (`src/delivery/queries.rs`, `claim`), copied as runtime SQL without the
+/// preamble's reads that the worker joins to it (they do not depend on the size of the delivery
+/// table): the bench must not touch the module's private API nor `.sqlx/`. Keep it in step.
 const CLAIM_SQL: &str = "WITH pending AS (
        SELECT id FROM fhir_outbox.delivery d
        WHERE state = 'pending' AND next_attempt_at <= now()
