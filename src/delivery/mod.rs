@@ -246,16 +246,12 @@ impl DeliveryWorker {
             .lock()
             .expect("lease lock")
             .extend(claimed.iter().map(|claimed| claimed.delivery.lease_token));
-        let mut subscriptions: HashMap<(Uuid, String), SubscriptionNow> = HashMap::new();
+        let mut subscriptions: HashMap<(Uuid, String), queries::SubscriptionNow> = HashMap::new();
         let mut jobs = Vec::with_capacity(claimed.len());
         for claimed in claimed {
             let delivery = claimed.delivery;
             let key = (delivery.project_id, delivery.subscription_id.clone());
             if let Some(now) = claimed.subscription {
-                let now = SubscriptionNow {
-                    subscription: now.content.map(Arc::new),
-                    settings: now.settings,
-                };
                 subscriptions.insert(key.clone(), now);
             }
             let prepared = self
@@ -479,26 +475,24 @@ impl DeliveryWorker {
             .into_iter()
             .map(|executed| self.record_of(executed, now))
             .collect();
+        let unrecorded = |record: &Record, error: &StoreError| {
+            record.span.in_scope(|| {
+                tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
+            })
+        };
         let written = match self.write(&records).await {
             Ok(written) => written,
+            Err(error) if records.len() == 1 => {
+                unrecorded(&records[0], &error);
+                HashSet::new()
+            }
             Err(error) => {
-                if records.len() > 1 {
-                    tracing::warn!(%error, deliveries = records.len(), "cannot record a batch of outcomes; recording them one by one");
-                }
+                tracing::warn!(%error, deliveries = records.len(), "cannot record a batch of outcomes; recording them one by one");
                 let mut written = HashSet::new();
                 for record in &records {
-                    let one = match records.len() {
-                        1 => Err(error.to_string()),
-                        _ => self
-                            .write(std::slice::from_ref(record))
-                            .await
-                            .map_err(|error| error.to_string()),
-                    };
-                    match one {
+                    match self.write(std::slice::from_ref(record)).await {
                         Ok(one) => written.extend(one),
-                        Err(error) => record.span.in_scope(|| {
-                            tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
-                        }),
+                        Err(error) => unrecorded(record, &error),
                     }
                 }
                 written
@@ -553,11 +547,11 @@ impl DeliveryWorker {
     async fn prepare(
         &self,
         delivery: &ClaimedDelivery,
-        now: Option<&SubscriptionNow>,
+        now: Option<&queries::SubscriptionNow>,
         resource: queries::ResourceNow,
     ) -> Result<Prepared, StoreError> {
         let stop = |execution| Ok(Prepared::Stop(execution));
-        let Some(subscription) = now.and_then(|now| now.subscription.clone()) else {
+        let Some(subscription) = now.and_then(|now| now.content.clone()) else {
             return stop(Execution::Skipped("the subscription was deleted".into()));
         };
         let channel = subscription::channel_type(&subscription);
@@ -1194,14 +1188,6 @@ impl DeliveryWorker {
         }
         Ok(())
     }
-}
-
-/// A subscription as the preamble found it, shared by the batch's deliveries to it.
-struct SubscriptionNow {
-    /// `None` when it was deleted.
-    subscription: Option<Arc<Value>>,
-    /// Its project's settings.
-    settings: Value,
 }
 
 enum Prepared {

@@ -37,11 +37,12 @@ pub struct Claimed {
     pub subscription: Option<SubscriptionNow>,
 }
 
-/// A subscription as it stands now, with its project's settings.
+/// A subscription as it stands now, with its project's settings: shared by the deliveries of a
+/// batch to it.
 #[derive(Debug)]
 pub struct SubscriptionNow {
     /// `None` when the subscription was deleted (or never existed).
-    pub content: Option<serde_json::Value>,
+    pub content: Option<std::sync::Arc<serde_json::Value>>,
     /// The project's settings (`{}` when it has none).
     pub settings: serde_json::Value,
 }
@@ -149,7 +150,7 @@ pub async fn claim(
         .into_iter()
         .map(|row| Claimed {
             subscription: row.first_of_subscription.then(|| SubscriptionNow {
-                content: row.subscription,
+                content: row.subscription.map(std::sync::Arc::new),
                 settings: row.settings.unwrap_or_else(|| serde_json::json!({})),
             }),
             resource: ResourceNow {

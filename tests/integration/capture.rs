@@ -175,18 +175,16 @@ async fn an_update_with_the_same_content_writes_and_captures_nothing() {
     assert_eq!(outbox_count(&db.pool, project).await, 2);
 }
 
-#[tokio::test]
-async fn a_rolled_back_transaction_leaves_no_resource_and_no_outbox_row() {
-    let db = TestDb::new().await;
-    let project = db.project().await;
+/// In the caller's transaction: the application's own row `note`, then a Patient created and
+/// updated; returns the Patient's id.
+async fn note_create_update(
+    tx: &mut sqlx::PgConnection,
+    project: uuid::Uuid,
+    note: &str,
+) -> String {
     let ctx = WriteContext::default();
-    sqlx::query("CREATE TABLE app_note (note text)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO app_note VALUES ('rolled back')")
+    sqlx::query("INSERT INTO app_note VALUES ($1)")
+        .bind(note)
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -205,6 +203,20 @@ async fn a_rolled_back_transaction_leaves_no_resource_and_no_outbox_row() {
     )
     .await
     .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_leaves_no_resource_and_no_outbox_row() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    sqlx::query("CREATE TABLE app_note (note text)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let id = note_create_update(&mut tx, project, "rolled back").await;
     tx.rollback().await.unwrap();
     assert_eq!(outbox_count(&db.pool, project).await, 0);
     assert_eq!(version_count(&db.pool, project).await, 0);
@@ -215,25 +227,7 @@ async fn a_rolled_back_transaction_leaves_no_resource_and_no_outbox_row() {
 
     // The same in a committed transaction: the application's row and both changes land together.
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO app_note VALUES ('committed')")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let created = capture::create(&mut *tx, project, &patient("A"), &ctx)
-        .await
-        .unwrap();
-    let id = created.resource["id"].as_str().unwrap().to_owned();
-    capture::update(
-        &mut *tx,
-        project,
-        "Patient",
-        &id,
-        &with_id(patient("B"), &id),
-        None,
-        &ctx,
-    )
-    .await
-    .unwrap();
+    note_create_update(&mut tx, project, "committed").await;
     tx.commit().await.unwrap();
     assert_eq!(outbox_count(&db.pool, project).await, 2);
     let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM app_note")
