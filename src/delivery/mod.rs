@@ -607,7 +607,11 @@ impl DeliveryWorker {
             if resource.current_version.is_none() || resource.deleted {
                 return stop(Execution::Skipped("the resource was deleted".into()));
             }
-            if delivery.claims > 1 && resource.current_version != Some(delivery.version_id) {
+            // Only a retry of a recorded, failed attempt may give up on a superseded version (as
+            // Medplum does, spec §1.5): a claim taken over from a worker that died before its
+            // attempt was recorded is still a first attempt, and state-transition notifications
+            // depend on every version being sent once.
+            if delivery.attempts > 0 && resource.current_version != Some(delivery.version_id) {
                 return stop(Execution::Skipped(format!(
                     "version {} is no longer current (now {}); the newer version has its own delivery",
                     delivery.version_id,

@@ -142,6 +142,127 @@ async fn sigkill_at_random_points_loses_nothing() {
     );
 }
 
+/// Writes `changes` updates spread over `resources` Patients in one statement, so that all but the
+/// last version of each Patient are superseded before they are delivered.
+async fn write_versions(pool: &PgPool, project: Uuid, changes: usize, resources: usize) {
+    sqlx::query(
+        "SELECT fhir_outbox.update_resource($1, 'Patient', 'p' || (g % $3),
+                jsonb_build_object('resourceType', 'Patient', 'id', 'p' || (g % $3),
+                                   'name', jsonb_build_array(jsonb_build_object('family', 'v' || g))))
+         FROM generate_series(1, $2) g",
+    )
+    .bind(project)
+    .bind(changes as i32)
+    .bind(resources as i32)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A worker that dies after claiming, before any attempt is recorded, leaves leases that another
+/// worker takes over; that is not a retry, so superseded versions are still sent (every version of
+/// a state transition matters). Deterministic: the dead worker's claim is written as the claim
+/// statement writes it.
+#[tokio::test]
+async fn a_taken_over_lease_is_a_first_attempt_even_for_a_superseded_version() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    write_versions(&db.pool, project, 3, 1).await;
+    let p = pipeline(&db.pool, fast_config());
+    while p.dispatcher.dispatch_once().await.unwrap().changes > 0 {}
+    let taken = sqlx::query(
+        "UPDATE fhir_outbox.delivery SET state = 'in_flight', lease_token = gen_random_uuid(),
+                lease_expires_at = now() - interval '1 second', claims = claims + 1",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(taken, 3);
+    p.settle(&db.pool).await;
+
+    let rows: Vec<(i64, String, i32, i32)> = sqlx::query_as(
+        "SELECT version_id, state, attempts, claims FROM fhir_outbox.delivery ORDER BY version_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [1, 2, 3].map(|v| (v, "succeeded".to_owned(), 1, 2)),
+        "every version sent once, after the takeover"
+    );
+    let mut versions: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.json()["meta"]["versionId"].as_str().unwrap().to_owned())
+        .collect();
+    versions.sort();
+    assert_eq!(versions, ["1", "2", "3"]);
+}
+
+/// The field case behind the test above: two workers killed at random while a slow receiver holds
+/// requests in flight, every change an update of one of a few Patients (so nearly every version is
+/// superseded when it is sent). Nothing may be lost or skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_superseded_versions_loses_nothing() {
+    let changes = setting("FHIR_OUTBOX_FAULT_DELIVERIES", 1000);
+    let kills = setting("FHIR_OUTBOX_FAULT_KILLS", 4);
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start_with_latency(vec![], Duration::from_millis(100)).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    write_versions(&db.pool, project, changes, 20).await;
+
+    let mut workers: Vec<Child> = (0..2).map(|_| spawn_worker(&db.url, &[])).collect();
+    for _ in 0..kills {
+        let pause = rand::rng().random_range(200..900);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let victim = rand::rng().random_range(0..workers.len());
+        let mut killed = std::mem::replace(&mut workers[victim], spawn_worker(&db.url, &[]));
+        killed.kill().unwrap(); // SIGKILL
+        killed.wait().unwrap();
+    }
+    wait_settled(&db.pool, Duration::from_secs(240)).await;
+    workers.into_iter().for_each(terminate);
+    let outcomes: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM fhir_outbox.delivery GROUP BY state")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes,
+        [("succeeded".to_owned(), changes as i64)],
+        "every change delivered, none skipped"
+    );
+    let duplicates = check_none_lost(&db.pool, &receiver).await;
+    println!(
+        "sigkill, superseded versions: {kills} SIGKILLs of 2 workers, receiver 0-100 ms; {changes} changes to 20 Patients, 0 lost, 0 skipped, {duplicates} duplicates (each with its delivery's webhook-id)"
+    );
+    let config = DeliveryConfig::default();
+    assert!(duplicates <= kills * (config.concurrency + 2 * config.claim_batch));
+}
+
+/// Waits until no delivery is pending or in flight and every change is dispatched.
+async fn wait_settled(pool: &PgPool, limit: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        let open = count(
+            pool,
+            "SELECT (SELECT count(*) FROM fhir_outbox.delivery WHERE state IN ('pending', 'in_flight'))
+                  + (SELECT count(*) FROM fhir_outbox.outbox WHERE dispatched_at IS NULL)",
+        )
+        .await;
+        if open == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("deliveries did not settle within {limit:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_and_four_workers_deliver_exactly_once_without_faults() {
     for workers in [2, 4] {

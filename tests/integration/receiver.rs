@@ -51,6 +51,12 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver that answers with `script` in order, then 200 to everything.
     pub async fn start(script: Vec<Reply>) -> Receiver {
+        Self::start_with_latency(script, Duration::ZERO).await
+    }
+
+    /// Like [`Receiver::start`], but each answer after the script waits a random time up to
+    /// `latency` (a receiver that answers after 0–100 ms keeps requests in flight when a worker dies).
+    pub async fn start_with_latency(script: Vec<Reply>, latency: Duration) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -63,7 +69,7 @@ impl Receiver {
                 };
                 let (r, s) = (r.clone(), s.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, r, s).await;
+                    let _ = serve(stream, r, s, latency).await;
                 });
             }
         });
@@ -89,6 +95,7 @@ async fn serve(
     mut stream: TcpStream,
     received: Arc<Mutex<Vec<Received>>>,
     script: Arc<Mutex<VecDeque<Reply>>>,
+    latency: Duration,
 ) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let header_end = loop {
@@ -138,11 +145,13 @@ async fn serve(
         headers,
         body,
     });
-    let reply = script
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or(Reply::Status(200, None));
+    let reply = script.lock().unwrap().pop_front().unwrap_or_else(|| {
+        if latency.is_zero() {
+            Reply::Status(200, None)
+        } else {
+            Reply::Stall(latency.mul_f64(rand::random::<f64>()))
+        }
+    });
     let (status, retry_after) = match reply {
         Reply::Drop => return Ok(()),
         Reply::Huge(size) => {
