@@ -205,7 +205,7 @@ impl TempCluster {
 
     fn start_server(&self, durability: Durability) -> Result<(), TempClusterError> {
         let mut options = format!(
-            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c max_connections=300",
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c max_connections=300 -c max_prepared_transactions=16",
             self.port,
             self.dir.path().display()
         );

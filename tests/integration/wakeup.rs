@@ -368,3 +368,61 @@ async fn stale_waiting_rows_are_harmless_and_removed() {
     assert_eq!(waiting(&db.pool).await, 0, "shutdown withdraws the row");
     drop(alive);
 }
+
+/// Two-phase commit: PostgreSQL refuses PREPARE TRANSACTION after NOTIFY, so a write being prepared
+/// neither notifies nor takes a waiting dispatcher's row (migration 20261201000002); its change,
+/// visible from COMMIT PREPARED on, is found at the next wake-up or poll. Both protocols: the
+/// simple one (a script) and the extended one (the Rust API, then PREPARE as its own statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_in_prepared_transactions_are_prepared_committed_and_dispatched() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let running = Running::start(&db.pool, 1, Duration::from_millis(500));
+    until_idle(&db.pool, 1).await;
+
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT fhir_outbox.create_resource('{project}', '{{\"resourceType\": \"Patient\"}}');
+         PREPARE TRANSACTION 'fhir-outbox-simple'"
+    ))
+    .execute(&mut conn)
+    .await
+    .expect("PREPARE TRANSACTION after a write while a dispatcher waits");
+    sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+    capture::create(&mut conn, project, &patient(), &WriteContext::default())
+        .await
+        .unwrap();
+    sqlx::query("PREPARE TRANSACTION 'fhir-outbox-extended'")
+        .execute(&mut conn)
+        .await
+        .expect("PREPARE TRANSACTION after a write through the Rust API");
+    assert_eq!(
+        waiting(&db.pool).await,
+        1,
+        "a transaction being prepared leaves the waiting row to a writer that can notify"
+    );
+    assert_eq!(
+        undispatched(&db.pool).await,
+        0,
+        "nothing visible before COMMIT PREPARED"
+    );
+
+    for gid in ["fhir-outbox-simple", "fhir-outbox-extended"] {
+        sqlx::raw_sql(&format!("COMMIT PREPARED '{gid}'"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(PROMPTLY, || async { undispatched(&db.pool).await == 0 }).await,
+        "both prepared changes dispatched (at the next poll)"
+    );
+    let dispatched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_outbox.outbox WHERE dispatched_at IS NOT NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dispatched, 2);
+    running.stop().await;
+}
