@@ -584,20 +584,19 @@ impl Dispatcher {
     }
 }
 
-/// Whether a failed batch's error is about the data of its rows (a constraint or limit it breaks, a
-/// value that cannot be decoded), as opposed to the database being unavailable, busy or
-/// misconfigured: only the former lets a row that fails alone be set aside.
+/// Whether a failed batch's error is about the data of its rows (a data exception, a constraint or
+/// a program limit it breaks: SQLSTATE classes 22, 23, 54), as opposed to the database being
+/// unavailable, busy, full or misconfigured, which would fail any row: only the former lets a row
+/// that fails alone be set aside.
 fn about_the_rows(error: &DispatchError) -> bool {
-    let DispatchError::Database(error) = error;
-    match error {
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            ["22", "23", "54"]
-                .iter()
-                .any(|class| code.starts_with(class))
-        }),
-        _ => false,
-    }
+    let DispatchError::Database(sqlx::Error::Database(db)) = error else {
+        return false;
+    };
+    db.code().is_some_and(|code| {
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class))
+    })
 }
 
 /// The content criteria are evaluated on and the previous version: for a delete, the last live
