@@ -466,8 +466,10 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
         Command::Status { project, json } => {
             let subscriptions = control::subscription_status(&pool, project).await?;
             let backlog = control::backlog(&pool, project).await?;
+            let set_aside = control::set_aside(&pool, project, 20).await?;
             if json {
-                let value = serde_json::json!({ "subscriptions": subscriptions, "outbox_backlog": backlog });
+                let value = serde_json::json!({ "subscriptions": subscriptions, "outbox_backlog": backlog,
+                                                "set_aside": set_aside });
                 println!("{}", serde_json::to_string_pretty(&value)?);
                 return Ok(());
             }
@@ -514,6 +516,23 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 ]);
             }
             println!("Outbox backlog:\n{table}");
+            if !set_aside.is_empty() {
+                let mut table = Table::new(["seq", "project", "resource", "version", "error"]);
+                for s in &set_aside {
+                    table.row([
+                        s.seq.to_string(),
+                        s.project_id.to_string(),
+                        s.resource.clone(),
+                        s.version_id.to_string(),
+                        s.dispatch_error.clone(),
+                    ]);
+                }
+                println!(
+                    "Changes set aside by dispatch, never delivered (newest {}; all in \
+                     fhir_outbox.outbox_dispatch_error):\n{table}",
+                    set_aside.len()
+                );
+            }
         }
         Command::Deliveries {
             project,

@@ -26,6 +26,8 @@ pub const FINISHED: &str = "fhir_outbox_deliveries_finished_total";
 pub const DISPATCHED: &str = "fhir_outbox_dispatched_changes_total";
 /// Deliveries enqueued by dispatch.
 pub const ENQUEUED: &str = "fhir_outbox_deliveries_enqueued_total";
+/// Changes dispatch set aside with a `dispatch_error` (never delivered).
+pub const UNDISPATCHABLE: &str = "fhir_outbox_undispatchable_changes_total";
 /// Undispatched outbox rows (counted up to 100,000).
 pub const BACKLOG: &str = "fhir_outbox_outbox_backlog";
 /// Age of the oldest undispatched change.
@@ -67,6 +69,10 @@ pub fn describe() {
     describe_counter!(FINISHED, "Deliveries that reached a final state, by state.");
     describe_counter!(DISPATCHED, "Outbox rows dispatched.");
     describe_counter!(ENQUEUED, "Deliveries enqueued by dispatch.");
+    describe_counter!(
+        UNDISPATCHABLE,
+        "Changes set aside by dispatch with a dispatch_error, never delivered."
+    );
     describe_gauge!(BACKLOG, "Undispatched outbox rows (up to 100000).");
     describe_gauge!(
         OLDEST_UNDISPATCHED_AGE,
@@ -118,6 +124,13 @@ pub fn finished(state: &'static str) {
 pub fn dispatched(changes: usize, deliveries: u64) {
     metrics::counter!(DISPATCHED).increment(changes as u64);
     metrics::counter!(ENQUEUED).increment(deliveries);
+}
+
+/// Changes were marked dispatched with an error.
+pub fn undispatchable(changes: usize) {
+    if changes > 0 {
+        metrics::counter!(UNDISPATCHABLE).increment(changes as u64);
+    }
 }
 
 /// The periodic state gauges.

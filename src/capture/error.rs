@@ -4,7 +4,8 @@
 /// message names the problem (it comes from the SQL function that found it).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The body is not a JSON object, has no `resourceType` string, or `meta` is not an object.
+    /// The body is not a JSON object, has no `resourceType` string, `meta` is not an object, or it is
+    /// nested deeper than [`crate::fhir::MAX_NESTING_DEPTH`] levels.
     #[error("invalid resource: {0}")]
     InvalidResource(String),
     /// `resourceType` is not a FHIR R4 resource type the store accepts.

@@ -551,6 +551,16 @@ impl DeliveryWorker {
         resource: queries::ResourceNow,
     ) -> Result<Prepared, StoreError> {
         let stop = |execution| Ok(Prepared::Stop(execution));
+        // What cannot be decoded now never will be: failed at once, with the reason on the row.
+        if let Some(problem) = now
+            .and_then(|now| now.undecodable.as_ref())
+            .or(resource.undecodable.as_ref())
+        {
+            tracing::error!(delivery = delivery.id, resource_type = %delivery.resource_type,
+                resource_id = %delivery.resource_id, version = delivery.version_id,
+                "cannot deliver: {problem}");
+            return stop(Execution::Refused(problem.clone()));
+        }
         let Some(subscription) = now.and_then(|now| now.content.clone()) else {
             return stop(Execution::Skipped("the subscription was deleted".into()));
         };

@@ -45,6 +45,8 @@ pub struct SubscriptionNow {
     pub content: Option<std::sync::Arc<serde_json::Value>>,
     /// The project's settings (`{}` when it has none).
     pub settings: serde_json::Value,
+    /// Why the subscription (or the settings) could not be decoded: its deliveries cannot be made.
+    pub undecodable: Option<String>,
 }
 
 /// Where a delivery's resource stands now, and the content of the version it needs.
@@ -56,6 +58,8 @@ pub struct ResourceNow {
     /// The content of the version sent (for a delete, the last live version, which a bot
     /// receives); `None` when that version is a deletion or is gone.
     pub content: Option<serde_json::Value>,
+    /// Why the content could not be decoded: this delivery cannot be made.
+    pub undecodable: Option<String>,
 }
 
 struct ClaimRow {
@@ -76,16 +80,17 @@ struct ClaimRow {
     lease_token: Uuid,
     current_version: Option<i64>,
     deleted: bool,
-    content: Option<serde_json::Value>,
+    content: Option<String>,
     first_of_subscription: bool,
-    subscription: Option<serde_json::Value>,
-    settings: Option<serde_json::Value>,
+    subscription: Option<String>,
+    settings: Option<String>,
 }
 
 /// Claims up to `limit` deliveries that are due, or whose lease expired (their worker died), and
 /// takes a fresh lease on each. Deliveries of paused subscriptions wait. The same statement reads
 /// what the preamble needs (each subscription once, each resource), so that a claim is one round
-/// trip.
+/// trip. The JSON travels as text and is decoded row by row: one that cannot be decoded stops its
+/// own deliveries (see `ResourceNow::undecodable`), never the claim.
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
@@ -120,9 +125,9 @@ pub async fn claim(
                   c.interaction AS "interaction!: Interaction", c.changed_at, c.request_id, c.trace_id,
                   c.attempts, c.preamble_failures, c.claims, c.lease_token AS "lease_token!",
                   r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
-                  v.content AS "content?", c.first_of_subscription AS "first_of_subscription!",
-                  sv.content AS "subscription?",
-                  CASE WHEN c.first_of_subscription THEN coalesce(p.settings, '{}') END AS "settings?"
+                  v.content::text AS "content?", c.first_of_subscription AS "first_of_subscription!",
+                  sv.content::text AS "subscription?",
+                  CASE WHEN c.first_of_subscription THEN coalesce(p.settings, '{}')::text END AS "settings?"
            FROM numbered c
            LEFT JOIN fhir_outbox.resource r
                   ON r.project_id = c.resource_project_id AND r.resource_type = c.resource_type
@@ -149,14 +154,21 @@ pub async fn claim(
     Ok(rows
         .into_iter()
         .map(|row| Claimed {
-            subscription: row.first_of_subscription.then(|| SubscriptionNow {
-                content: row.subscription.map(std::sync::Arc::new),
-                settings: row.settings.unwrap_or_else(|| serde_json::json!({})),
-            }),
-            resource: ResourceNow {
-                current_version: row.current_version,
-                deleted: row.deleted,
-                content: row.content,
+            subscription: row
+                .first_of_subscription
+                .then(|| subscription_now(row.subscription, row.settings)),
+            resource: {
+                let (content, undecodable) = match row.content.as_deref().map(decode) {
+                    None => (None, None),
+                    Some(Ok(content)) => (Some(content), None),
+                    Some(Err(error)) => (None, Some(format!("cannot decode resource: {error}"))),
+                };
+                ResourceNow {
+                    current_version: row.current_version,
+                    deleted: row.deleted,
+                    content,
+                    undecodable,
+                }
             },
             delivery: ClaimedDelivery {
                 id: row.id,
@@ -177,6 +189,38 @@ pub async fn claim(
             },
         })
         .collect())
+}
+
+fn decode(text: &str) -> Result<serde_json::Value, String> {
+    crate::fhir::decode_stored(text)
+}
+
+fn subscription_now(subscription: Option<String>, settings: Option<String>) -> SubscriptionNow {
+    let decoded = subscription
+        .as_deref()
+        .map(decode)
+        .transpose()
+        .map_err(|error| format!("cannot decode subscription: {error}"))
+        .and_then(|content| {
+            let settings = settings
+                .as_deref()
+                .map(decode)
+                .transpose()
+                .map_err(|error| format!("cannot decode project settings: {error}"))?;
+            Ok((content, settings))
+        });
+    match decoded {
+        Ok((content, settings)) => SubscriptionNow {
+            content: content.map(std::sync::Arc::new),
+            settings: settings.unwrap_or_else(|| serde_json::json!({})),
+            undecodable: None,
+        },
+        Err(problem) => SubscriptionNow {
+            content: None,
+            settings: serde_json::json!({}),
+            undecodable: Some(problem),
+        },
+    }
 }
 
 /// Extends the leases of deliveries this worker is still working on. Rows locked by someone else

@@ -63,6 +63,24 @@ pub enum DispatchError {
     Database(#[from] sqlx::Error),
 }
 
+/// A batch that failed, with the rows it had claimed (none when it failed before claiming).
+struct BatchFailure {
+    error: DispatchError,
+    claimed: Vec<i64>,
+}
+
+impl BatchFailure {
+    fn unclaimed(error: sqlx::Error) -> BatchFailure {
+        BatchFailure {
+            error: error.into(),
+            claimed: Vec::new(),
+        }
+    }
+}
+
+/// Times a row must fail on its own, with an error about its data, before it is set aside.
+const ALONE_FAILURES_BEFORE_SET_ASIDE: u32 = 3;
+
 /// What one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchReport {
@@ -126,17 +144,34 @@ impl Dispatcher {
 
     /// Dispatches one batch of at most `batch_size` changes in one transaction.
     pub async fn dispatch_once(&self) -> Result<BatchReport, DispatchError> {
-        self.dispatch_batch(self.config.batch_size).await
+        self.dispatch_batch(self.config.batch_size)
+            .await
+            .map_err(|failure| failure.error)
     }
 
-    async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, DispatchError> {
-        let mut tx = self.pool.begin().await?;
-        let changes = queries::claim_changes(&mut tx, limit).await?;
+    async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, BatchFailure> {
+        let mut tx = self.pool.begin().await.map_err(BatchFailure::unclaimed)?;
+        let changes = queries::claim_changes(&mut tx, limit)
+            .await
+            .map_err(BatchFailure::unclaimed)?;
         if changes.is_empty() {
-            tx.commit().await?;
+            tx.commit().await.map_err(BatchFailure::unclaimed)?;
             return Ok(BatchReport::default());
         }
-        let candidates = self.candidates(&mut tx, &changes).await?;
+        self.dispatch_claimed(tx, &changes)
+            .await
+            .map_err(|error| BatchFailure {
+                error: error.into(),
+                claimed: changes.iter().map(|change| change.seq).collect(),
+            })
+    }
+
+    async fn dispatch_claimed(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        changes: &[ClaimedChange],
+    ) -> Result<BatchReport, sqlx::Error> {
+        let candidates = self.candidates(&mut tx, changes).await?;
         // Medplum's requestTime: one evaluation time shared by all deliveries of a change.
         let matched_at = Utc::now();
         let mut report = BatchReport {
@@ -147,7 +182,7 @@ impl Dispatcher {
         let mut errors: HashMap<(Uuid, String, i64, String), i64> = HashMap::new();
         let mut seqs = Vec::with_capacity(changes.len());
         let mut dispatch_errors = Vec::with_capacity(changes.len());
-        for change in &changes {
+        for change in changes {
             seqs.push(change.seq);
             let (current, previous) = match evaluated_contents(change) {
                 Ok(contents) => contents,
@@ -221,16 +256,21 @@ impl Dispatcher {
         queries::mark_dispatched(&mut tx, &seqs, &dispatch_errors).await?;
         tx.commit().await?;
         crate::metrics::dispatched(report.changes, report.deliveries);
+        crate::metrics::undispatchable(report.undispatchable);
         Ok(report)
     }
 
-    /// Marks one change dispatched with an error, without evaluating it: the last resort for a row
-    /// whose batch keeps failing, so that it cannot block the rows behind it.
-    async fn quarantine(&self, seq: i64, error: &DispatchError) -> Result<(), DispatchError> {
-        let mut conn = self.pool.acquire().await?;
-        queries::mark_dispatched(&mut conn, &[seq], &[Some(format!("quarantined: {error}"))])
-            .await?;
-        Ok(())
+    /// Marks one change dispatched with the error it fails with alone, without evaluating it: the
+    /// last resort for a row that keeps failing, so that it cannot block the rows behind it.
+    async fn set_aside(&self, seq: i64, error: &DispatchError) {
+        match queries::set_aside(&self.pool, seq, &format!("set aside: {error}")).await {
+            Ok(true) => {
+                crate::metrics::undispatchable(1);
+                tracing::error!(seq, %error, "outbox row fails to dispatch on its own; marked dispatched with the error");
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(seq, %error, "cannot set the failing outbox row aside"),
+        }
     }
 
     /// The subscriptions for the projects of `changes`, recompiling those whose epoch moved.
@@ -296,13 +336,27 @@ impl Dispatcher {
         let mut grouped: HashMap<Uuid, Vec<Arc<CompiledSubscription>>> = HashMap::new();
         let mut issues = Vec::new();
         for row in rows {
+            let content = match row.content {
+                Ok(content) => content,
+                Err(message) => {
+                    issues.push(Issue {
+                        project_id: row.project_id,
+                        subscription_id: row.id,
+                        subscription_version: row.version_id,
+                        kind: IssueKind::Invalid.as_str(),
+                        message,
+                        occurrences: 1,
+                    });
+                    continue;
+                }
+            };
             let server_scope = epochs
                 .iter()
                 .any(|epoch| epoch.id == row.project_id && epoch.server_scope);
             let compiled = CompiledSubscription::compile(
                 row.project_id,
                 row.version_id,
-                &row.content,
+                &content,
                 row.active_since,
                 server_scope,
                 self.config.allow_unsafe_outbound,
@@ -406,10 +460,14 @@ impl Dispatcher {
         // and the row of a process that died is removed by the next dispatcher that starts.
         let mut registered = false;
         let mut failures = 0u32;
+        // The rows of a failed batch are retried one at a time: a row that then fails alone, with
+        // an error about its data, is the one to set aside, and the others go through. Setting
+        // aside anything else (the oldest row, say) could mark an innocent change.
+        let mut single_rows_left = 0usize;
+        let mut failing_alone: Option<(i64, u32)> = None;
         while !shutdown.is_cancelled() {
             woken.borrow_and_update();
-            // After repeated failures, go one row at a time, and set aside a row that fails alone.
-            let limit = if failures >= 3 {
+            let limit = if single_rows_left > 0 {
                 1
             } else {
                 self.config.batch_size
@@ -417,6 +475,11 @@ impl Dispatcher {
             match self.dispatch_batch(limit).await {
                 Ok(report) => {
                     failures = 0;
+                    failing_alone = None;
+                    single_rows_left = match report.changes {
+                        0 => 0,
+                        changes => single_rows_left.saturating_sub(changes),
+                    };
                     if registered && report.changes > 0 {
                         // The second look found work: drain without asking for wake-ups.
                         self.unregister(listener).await;
@@ -433,16 +496,31 @@ impl Dispatcher {
                         }
                     }
                 }
-                Err(error) => {
+                Err(BatchFailure { error, claimed }) => {
                     failures += 1;
-                    tracing::warn!(%error, failures, "dispatch batch failed; it will be retried");
+                    tracing::warn!(%error, failures, rows = claimed.len(),
+                        "dispatch batch failed; it will be retried");
                     if registered {
                         self.unregister(listener).await;
                         registered = false;
                     }
-                    if failures >= 6 {
-                        self.quarantine_oldest(&error).await;
-                        failures = 0;
+                    match claimed[..] {
+                        [seq] if about_the_rows(&error) => {
+                            let times = match failing_alone {
+                                Some((failed, times)) if failed == seq => times + 1,
+                                _ => 1,
+                            };
+                            failing_alone = Some((seq, times));
+                            if times >= ALONE_FAILURES_BEFORE_SET_ASIDE {
+                                self.set_aside(seq, &error).await;
+                                failing_alone = None;
+                                failures = 0;
+                                single_rows_left = single_rows_left.saturating_sub(1);
+                                continue;
+                            }
+                        }
+                        [_, _, ..] => single_rows_left = claimed.len(),
+                        _ => {}
                     }
                     let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
                     tokio::select! {
@@ -504,27 +582,21 @@ impl Dispatcher {
             Err(error) => tracing::warn!(%error, "cannot remove stale wake-up requests"),
         }
     }
+}
 
-    async fn quarantine_oldest(&self, error: &DispatchError) {
-        let oldest = async {
-            let mut conn = self.pool.acquire().await?;
-            let seq = queries::claim_changes(&mut conn, 1)
-                .await?
-                .first()
-                .map(|c| c.seq);
-            Ok::<_, sqlx::Error>(seq)
-        };
-        match oldest.await {
-            Ok(Some(seq)) => {
-                tracing::error!(seq, %error, "outbox row fails to dispatch on its own; marking it dispatched with the error");
-                if let Err(error) = self.quarantine(seq, error).await {
-                    tracing::warn!(%error, "cannot set the failing outbox row aside");
-                }
-            }
-            Ok(None) => {}
-            Err(error) => tracing::warn!(%error, "cannot find the failing outbox row"),
-        }
-    }
+/// Whether a failed batch's error is about the data of its rows (a data exception, a constraint or
+/// a program limit it breaks: SQLSTATE classes 22, 23, 54), as opposed to the database being
+/// unavailable, busy, full or misconfigured, which would fail any row: only the former lets a row
+/// that fails alone be set aside.
+fn about_the_rows(error: &DispatchError) -> bool {
+    let DispatchError::Database(sqlx::Error::Database(db)) = error else {
+        return false;
+    };
+    db.code().is_some_and(|code| {
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class))
+    })
 }
 
 /// The content criteria are evaluated on and the previous version: for a delete, the last live
@@ -532,6 +604,9 @@ impl Dispatcher {
 fn evaluated_contents(
     change: &ClaimedChange,
 ) -> Result<(&serde_json::Value, Option<&serde_json::Value>), String> {
+    if let Some(problem) = &change.undecodable {
+        return Err(problem.clone());
+    }
     match (change.interaction, &change.current, &change.previous) {
         (Interaction::Delete, _, Some(previous)) => Ok((previous, Some(previous))),
         (Interaction::Delete, _, None) => Err(format!(

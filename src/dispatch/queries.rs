@@ -19,21 +19,42 @@ pub struct ClaimedChange {
     pub changed_at: DateTime<Utc>,
     pub request_id: String,
     pub trace_id: String,
-    /// The version's content (`None` for a deletion).
+    /// The version's content (`None` for a deletion, or when it cannot be decoded).
     pub current: Option<Value>,
     /// The previous version's content.
     pub previous: Option<Value>,
     /// For a resend restricted to one subscription, that subscription's id.
     pub resend_subscription_id: Option<String>,
+    /// Why a content could not be decoded: the change cannot be dispatched.
+    pub undecodable: Option<String>,
+}
+
+/// A claimed row as read: the contents as text, decoded per row by [`claim_changes`].
+struct ClaimRow {
+    seq: i64,
+    project_id: Uuid,
+    resource_type: String,
+    resource_id: String,
+    version_id: i64,
+    previous_version_id: Option<i64>,
+    interaction: Interaction,
+    changed_at: DateTime<Utc>,
+    request_id: String,
+    trace_id: String,
+    current: Option<String>,
+    previous: Option<String>,
+    resend_subscription_id: Option<String>,
 }
 
 /// Locks up to `limit` of the oldest undispatched outbox rows that no other dispatcher holds.
+/// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
+/// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
 pub async fn claim_changes(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<ClaimedChange>, sqlx::Error> {
-    sqlx::query_as!(
-        ClaimedChange,
+    let rows = sqlx::query_as!(
+        ClaimRow,
         r#"WITH claimed AS (
                SELECT seq, project_id, resource_type, resource_id, version_id, previous_version_id,
                       interaction, changed_at, request_id, trace_id, resend_subscription_id
@@ -46,7 +67,7 @@ pub async fn claim_changes(
                   c.resource_id AS "resource_id!", c.version_id AS "version_id!",
                   c.previous_version_id, c.interaction AS "interaction!: Interaction",
                   c.changed_at AS "changed_at!", c.request_id AS "request_id!", c.trace_id AS "trace_id!",
-                  cur.content AS "current?", prev.content AS "previous?",
+                  cur.content::text AS "current?", prev.content::text AS "previous?",
                   c.resend_subscription_id
            FROM claimed c
            LEFT JOIN fhir_outbox.resource_version cur
@@ -59,7 +80,41 @@ pub async fn claim_changes(
         limit
     )
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(decode_change).collect())
+}
+
+fn decode_change(row: ClaimRow) -> ClaimedChange {
+    let mut undecodable = None;
+    let mut decode = |text: Option<String>, version: Option<i64>| {
+        let text = text?;
+        crate::fhir::decode_stored(&text)
+            .map_err(|error| {
+                undecodable.get_or_insert(format!(
+                    "cannot decode resource: version {}: {error}",
+                    version.unwrap_or_default()
+                ));
+            })
+            .ok()
+    };
+    let current = decode(row.current, Some(row.version_id));
+    let previous = decode(row.previous, row.previous_version_id);
+    ClaimedChange {
+        seq: row.seq,
+        project_id: row.project_id,
+        resource_type: row.resource_type,
+        resource_id: row.resource_id,
+        version_id: row.version_id,
+        previous_version_id: row.previous_version_id,
+        interaction: row.interaction,
+        changed_at: row.changed_at,
+        request_id: row.request_id,
+        trace_id: row.trace_id,
+        current,
+        previous,
+        resend_subscription_id: row.resend_subscription_id,
+        undecodable,
+    }
 }
 
 /// A project's subscription epoch (bumped by every Subscription write).
@@ -89,20 +144,22 @@ pub async fn project_epochs(
 /// An active Subscription, as loaded for matching.
 pub struct ActiveSubscription {
     pub project_id: Uuid,
+    pub id: String,
     pub version_id: i64,
-    pub content: Value,
+    /// Its content, or why it cannot be decoded (then it is recorded as an issue, never compiled).
+    pub content: Result<Value, String>,
     /// Since when it has been active without interruption.
     pub active_since: Option<DateTime<Utc>>,
 }
 
-/// The current, active Subscriptions of these projects.
+/// The current, active Subscriptions of these projects, each decoded on its own (one that cannot
+/// be decoded never keeps the others from loading).
 pub async fn active_subscriptions(
     conn: &mut PgConnection,
     projects: &[Uuid],
 ) -> Result<Vec<ActiveSubscription>, sqlx::Error> {
-    sqlx::query_as!(
-        ActiveSubscription,
-        r#"SELECT r.project_id, r.version_id, v.content AS "content!",
+    let rows = sqlx::query!(
+        r#"SELECT r.project_id, r.id, r.version_id, v.content::text AS "content!",
                   -- The first version of the latest unbroken run of active versions.
                   (SELECT min(h.last_updated) FROM fhir_outbox.resource_version h
                    WHERE h.project_id = r.project_id AND h.resource_type = 'Subscription' AND h.id = r.id
@@ -119,7 +176,18 @@ pub async fn active_subscriptions(
         projects
     )
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| ActiveSubscription {
+            project_id: row.project_id,
+            id: row.id,
+            version_id: row.version_id,
+            content: crate::fhir::decode_stored(&row.content)
+                .map_err(|error| format!("cannot decode subscription: {error}")),
+            active_since: row.active_since,
+        })
+        .collect())
 }
 
 /// Delivery rows to insert, as parallel columns (one `UNNEST` insert per batch).
@@ -330,4 +398,23 @@ fn columns(issues: &[Issue]) -> IssueColumns {
         issues.iter().map(|i| i.kind.to_owned()).collect(),
         issues.iter().map(|i| i.message.clone()).collect(),
     )
+}
+
+/// Sets one change aside: marks it dispatched with `error`, unless a dispatcher has dispatched it
+/// meanwhile (then it was not the problem, and its outcome stands). Returns whether it was marked.
+pub async fn set_aside(
+    executor: impl PgExecutor<'_>,
+    seq: i64,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query!(
+        "UPDATE fhir_outbox.outbox SET dispatched_at = now(), dispatch_error = $2
+         WHERE seq = $1 AND dispatched_at IS NULL",
+        seq,
+        error
+    )
+    .execute(executor)
+    .await?
+    .rows_affected()
+        == 1)
 }

@@ -114,6 +114,44 @@ pub async fn backlog(pool: &PgPool, project: Option<Uuid>) -> Result<Vec<Backlog
     .await?)
 }
 
+/// A change dispatch set aside (`fhir_outbox.outbox_dispatch_error`): never delivered.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetAside {
+    /// Outbox sequence number.
+    pub seq: i64,
+    /// Project.
+    pub project_id: Uuid,
+    /// `Type/id`.
+    pub resource: String,
+    /// Version.
+    pub version_id: i64,
+    /// Why it could not be dispatched.
+    pub dispatch_error: String,
+    /// When it was set aside.
+    pub dispatched_at: DateTime<Utc>,
+}
+
+/// The changes dispatch set aside, newest first, at most `limit`.
+pub async fn set_aside(
+    pool: &PgPool,
+    project: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<SetAside>, ControlError> {
+    Ok(sqlx::query_as!(
+        SetAside,
+        r#"SELECT seq AS "seq!", project_id AS "project_id!",
+                  resource_type || '/' || resource_id AS "resource!", version_id AS "version_id!",
+                  dispatch_error AS "dispatch_error!", dispatched_at AS "dispatched_at!"
+           FROM fhir_outbox.outbox_dispatch_error
+           WHERE $1::uuid IS NULL OR project_id = $1
+           ORDER BY seq DESC LIMIT $2"#,
+        project,
+        limit
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 /// One delivery, for `fhir-outbox deliveries`.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryRow {

@@ -14,6 +14,7 @@ mod faults;
 mod hostile;
 mod logs;
 mod migrations;
+mod nesting;
 mod operations;
 mod precommit;
 mod receiver;
