@@ -215,20 +215,23 @@ fn limits() {
         }
     }
     let r = eval_on("repeat(item).count()", &v);
-    assert!(r.is_ok() || matches!(r, Err(FhirPathError::LimitExceeded(_))));
+    assert!(r.is_ok() || matches!(r, Err(FhirPathError::BudgetExhausted { .. })));
     let e = Expression::parse("(1 | 2 | 3).repeat($this + 1)").unwrap();
     assert!(matches!(
         e.evaluate(&v, &Environment::new()),
-        Err(FhirPathError::LimitExceeded(_))
+        Err(FhirPathError::BudgetExhausted { .. })
     ));
     // Exponential string growth is stopped by the string limit.
     let e = Expression::parse("(1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|30).aggregate($total & $total, 'ab')").unwrap();
     let r = e.evaluate(&v, &Environment::new());
-    assert!(matches!(r, Err(FhirPathError::LimitExceeded(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(FhirPathError::BudgetExhausted { .. })),
+        "{r:?}"
+    );
     let e = Expression::parse("'x'.replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyy')").unwrap();
     assert!(matches!(
         e.evaluate(&v, &Environment::new()),
-        Err(FhirPathError::LimitExceeded(_))
+        Err(FhirPathError::BudgetExhausted { .. })
     ));
     // A tight step budget stops a large traversal.
     let env = Environment::new().with_limits(Limits {
@@ -238,7 +241,7 @@ fn limits() {
     let e = Expression::parse("descendants().count()").unwrap();
     assert!(matches!(
         e.evaluate(&v, &env),
-        Err(FhirPathError::LimitExceeded(_))
+        Err(FhirPathError::BudgetExhausted { .. })
     ));
     // The deepest accepted expression evaluates without overflowing a test thread's stack.
     let nested = "(".repeat(parser::MAX_DEPTH / 3) + "1" + &")".repeat(parser::MAX_DEPTH / 3);
@@ -622,6 +625,7 @@ fn random_expressions_never_panic() {
             max_steps: 5_000,
             max_collection: 1_000,
             max_string: 10_000,
+            ..Limits::default()
         });
     // A small deterministic LCG keeps the test reproducible without a dependency.
     let mut state: u64 = 0x5eed;
