@@ -53,6 +53,7 @@ mod budget;
 mod error;
 mod eval;
 mod functions;
+pub mod hostile;
 mod parser;
 pub mod temporal;
 mod value;
