@@ -3,7 +3,7 @@
 /// Everything that can go wrong while parsing or evaluating a FHIRPath expression.
 ///
 /// Parse errors carry the character offset in the expression so a caller can point at it.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FhirPathError {
     /// The expression is not syntactically valid.
     #[error("FHIRPath syntax error at position {position}: {message}")]
