@@ -199,7 +199,8 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim.
+        /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim, fhirpath
+        /// (hostile FHIRPath criteria against the evaluation budget; no database).
         #[arg(long, value_delimiter = ',')]
         only: Vec<operations::bench::Scenario>,
         /// Load pg_stat_statements and report the statements that took the most database time in

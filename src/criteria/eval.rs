@@ -23,13 +23,23 @@ pub(super) fn evaluate(
     mut f: impl FnMut(Option<&str>, &Value),
 ) -> Result<(), CriteriaError> {
     let env = Environment::new();
-    let items = expression
-        .evaluate(resource, &env)
-        .map_err(|e| CriteriaError::Evaluation {
-            param: code.to_string(),
-            expression: expression.source().to_string(),
-            message: e.to_string(),
-        })?;
+    let items = expression.evaluate(resource, &env).map_err(|e| {
+        let param = code.to_string();
+        let expression = expression.source().to_string();
+        if e.is_budget_exhausted() {
+            CriteriaError::BudgetExhausted {
+                param,
+                expression,
+                error: e,
+            }
+        } else {
+            CriteriaError::Evaluation {
+                param,
+                expression,
+                message: e.to_string(),
+            }
+        }
+    })?;
     for item in &items {
         let json = item.to_json();
         f(item.fhir_type(), &json);

@@ -120,6 +120,24 @@ pub enum CriteriaError {
         /// The engine's error.
         message: String,
     },
+    /// A search parameter expression exhausted the FHIRPath evaluation budget on this resource
+    /// (a pathological resource: the expressions themselves are the specification's).
+    #[error("search parameter `{param}` (`{expression}`): {error}")]
+    BudgetExhausted {
+        /// The parameter code.
+        param: String,
+        /// Its FHIRPath expression.
+        expression: String,
+        /// The engine's error ([`FhirPathError::BudgetExhausted`](crate::fhirpath::FhirPathError::BudgetExhausted)).
+        error: crate::fhirpath::FhirPathError,
+    },
+}
+
+impl CriteriaError {
+    /// Whether evaluation stopped because the FHIRPath budget was exhausted.
+    pub fn is_budget_exhausted(&self) -> bool {
+        matches!(self, CriteriaError::BudgetExhausted { .. })
+    }
 }
 
 /// A construct of the criteria that is not (fully) supported, with a human reason.

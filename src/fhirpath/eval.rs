@@ -2,15 +2,15 @@
 //!
 //! Evaluation is synchronous and borrows from the input: navigating `Patient.name.given`
 //! creates `Item::Node`s that point into the caller's `serde_json::Value` — no JSON is copied.
-//! Every node visit costs one step of a budget, and collection and string sizes are capped, so
-//! hostile or buggy expressions end with [`FhirPathError::LimitExceeded`] instead of hanging.
-
-use std::cell::Cell;
+//! Every collection an expression node produces is charged to the evaluation's budget
+//! (`super::budget`), as is every comparison and scan, so hostile or buggy expressions end with
+//! [`FhirPathError::BudgetExhausted`] instead of hanging or exhausting memory.
 
 use serde_json::Value;
 
 use super::Environment;
 use super::ast::{BinOp, Expr, Literal, TypeSpec};
+use super::budget::Meter;
 use super::error::{FhirPathError, Result};
 use super::value::{
     Item, JsonRef, Node, Prim, Quantity, TypeRef, coerce_temporal, compare_quantities, is_type,
@@ -32,7 +32,7 @@ pub(crate) struct Scope<'s, 'a> {
 pub(crate) struct Ctx<'e, 'a> {
     pub env: &'e Environment<'a>,
     pub resource: &'a Value,
-    steps: Cell<u64>,
+    pub meter: Meter,
 }
 
 impl<'e, 'a> Ctx<'e, 'a> {
@@ -40,46 +40,55 @@ impl<'e, 'a> Ctx<'e, 'a> {
         Ctx {
             env,
             resource,
-            steps: Cell::new(0),
+            meter: Meter::new(env.limits),
         }
     }
 
     /// Charge `n` steps against the budget.
     pub fn charge(&self, n: u64) -> Result<()> {
-        let s = self.steps.get() + n;
-        self.steps.set(s);
-        if s > self.env.limits.max_steps {
-            return Err(FhirPathError::LimitExceeded(format!(
-                "evaluation took more than {} steps",
-                self.env.limits.max_steps
-            )));
-        }
-        Ok(())
+        self.meter.charge(n)
     }
 
     /// Fail if a produced collection is too large.
     pub fn check_len(&self, n: usize) -> Result<()> {
-        if n > self.env.limits.max_collection {
-            return Err(FhirPathError::LimitExceeded(format!(
-                "a collection grew beyond {} items",
-                self.env.limits.max_collection
-            )));
-        }
-        Ok(())
+        self.meter.check_len(n)
     }
 
-    /// Fail if a produced string is too long.
+    /// Fail if a string about to be built is too long.
     pub fn check_str(&self, n: usize) -> Result<()> {
-        if n > self.env.limits.max_string {
-            return Err(FhirPathError::LimitExceeded(format!(
-                "a string grew beyond {} bytes",
-                self.env.limits.max_string
-            )));
+        self.meter.check_str(n)
+    }
+
+    /// Equality of two items, charged by the work of the comparison.
+    pub fn equal(&self, a: &Item, b: &Item) -> Result<Option<bool>> {
+        let mut work = 0;
+        let r = item_equal(a, b, &mut work);
+        self.charge(work)?;
+        Ok(r)
+    }
+
+    /// Equivalence of two items, charged by the work of the comparison.
+    pub fn equivalent(&self, a: &Item, b: &Item) -> Result<bool> {
+        let mut work = 0;
+        let r = item_equivalent(a, b, &mut work);
+        self.charge(work)?;
+        Ok(r)
+    }
+
+    /// Whether `hay` holds an item equal to `x` (a step per comparison at least).
+    pub fn contains(&self, hay: &[Item], x: &Item) -> Result<bool> {
+        for h in hay {
+            if self.equal(x, h)? == Some(true) {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Evaluate `e` in scope `sc`.
+    ///
+    /// Every collection any expression produces is charged here ([`Meter::produced`]), so
+    /// operators and functions pay for their output without charging it themselves.
     pub fn eval(&self, e: &Expr, sc: Scope<'_, 'a>) -> Result<Vec<Item<'a>>> {
         self.charge(1)?;
         let out = match e {
@@ -94,8 +103,10 @@ impl<'e, 'a> Ctx<'e, 'a> {
                     if first_upper && is_type(item, None, name) {
                         out.push(item.clone());
                     } else {
-                        navigate(item, name, &mut out);
+                        navigate(item, name, &mut out, &self.meter);
                     }
+                    self.check_len(out.len())?;
+                    self.meter.check()?;
                 }
                 out
             }
@@ -103,7 +114,9 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 let base = self.eval(target, sc)?;
                 let mut out = Vec::new();
                 for item in &base {
-                    navigate(item, name, &mut out);
+                    navigate(item, name, &mut out, &self.meter);
+                    self.check_len(out.len())?;
+                    self.meter.check()?;
                 }
                 out
             }
@@ -163,7 +176,7 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 .collect(),
             Expr::Total => sc.total.map(<[Item]>::to_vec).unwrap_or_default(),
         };
-        self.check_len(out.len())?;
+        self.meter.produced(&out)?;
         Ok(out)
     }
 
@@ -235,14 +248,14 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 if a.is_empty() || b.is_empty() {
                     return Ok(Vec::new());
                 }
-                let eq = collections_equal(&a, &b);
+                let eq = self.collections_equal(&a, &b)?;
                 match eq {
                     Some(v) => vec![Item::Boolean(if op == Eq { v } else { !v })],
                     None => Vec::new(),
                 }
             }
             Equiv | NotEquiv => {
-                let v = collections_equivalent(&a, &b);
+                let v = self.collections_equivalent(&a, &b)?;
                 vec![Item::Boolean(if op == Equiv { v } else { !v })]
             }
             Lt | Gt | Le | Ge => {
@@ -268,7 +281,7 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 let mut out: Vec<Item<'a>> = Vec::with_capacity(a.len() + b.len());
                 for item in a.into_iter().chain(b) {
                     self.charge(1)?;
-                    if !out.iter().any(|o| item_equal(o, &item) == Some(true)) {
+                    if !self.contains(&out, &item)? {
                         out.push(item);
                     }
                 }
@@ -278,9 +291,7 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 let (needle, hay) = if op == In { (a, b) } else { (b, a) };
                 match singleton(&needle, "membership")? {
                     None => Vec::new(),
-                    Some(n) => vec![Item::Boolean(
-                        hay.iter().any(|h| item_equal(n, h) == Some(true)),
-                    )],
+                    Some(n) => vec![Item::Boolean(self.contains(&hay, n)?)],
                 }
             }
             Concat => {
@@ -295,14 +306,54 @@ impl<'e, 'a> Ctx<'e, 'a> {
                 else {
                     return Ok(Vec::new());
                 };
-                let r = arithmetic(op, x, y)?;
-                if let Some(Item::String(s)) = &r {
-                    self.check_str(s.len())?;
+                // String `+` grows text like `&`: bound the result before building it.
+                if let (Some(Prim::String(p)), Some(Prim::String(q))) = (x.prim(), y.prim()) {
+                    self.check_str(p.len() + q.len())?;
                 }
-                r.into_iter().collect()
+                arithmetic(op, x, y)?.into_iter().collect()
             }
             And | Or | Implies => unreachable!("handled above"),
         })
+    }
+}
+
+impl Ctx<'_, '_> {
+    /// `=` on collections: `None` when empty / undecidable.
+    pub(crate) fn collections_equal(&self, a: &[Item], b: &[Item]) -> Result<Option<bool>> {
+        if a.len() != b.len() {
+            return Ok(Some(false));
+        }
+        let mut undecided = false;
+        for (x, y) in a.iter().zip(b) {
+            match self.equal(x, y)? {
+                Some(false) => return Ok(Some(false)),
+                None => undecided = true,
+                _ => {}
+            }
+        }
+        Ok(if undecided { None } else { Some(true) })
+    }
+
+    /// `~` on collections: order does not matter, so this compares pairwise (and is charged
+    /// per comparison).
+    fn collections_equivalent(&self, a: &[Item], b: &[Item]) -> Result<bool> {
+        if a.len() != b.len() {
+            return Ok(false);
+        }
+        self.meter.alloc(b.len())?;
+        let mut used = vec![false; b.len()];
+        'next: for x in a {
+            // Skipping used items is work too.
+            self.charge(b.len() as u64)?;
+            for (k, y) in b.iter().enumerate() {
+                if !used[k] && self.equivalent(x, y)? {
+                    used[k] = true;
+                    continue 'next;
+                }
+            }
+            return Ok(false);
+        }
+        Ok(true)
     }
 }
 
@@ -399,38 +450,6 @@ pub(crate) fn to_bool3(c: &[Item], what: &str) -> Result<Option<bool>> {
         None => Ok(None),
         Some(i) => Ok(Some(i.as_bool().unwrap_or(true))),
     }
-}
-
-/// `=` on collections: `None` when empty / undecidable.
-pub(crate) fn collections_equal(a: &[Item], b: &[Item]) -> Option<bool> {
-    if a.len() != b.len() {
-        return Some(false);
-    }
-    let mut undecided = false;
-    for (x, y) in a.iter().zip(b) {
-        match item_equal(x, y) {
-            Some(false) => return Some(false),
-            None => undecided = true,
-            _ => {}
-        }
-    }
-    if undecided { None } else { Some(true) }
-}
-
-fn collections_equivalent(a: &[Item], b: &[Item]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut used = vec![false; b.len()];
-    a.iter().all(|x| {
-        for (k, y) in b.iter().enumerate() {
-            if !used[k] && item_equivalent(x, y) {
-                used[k] = true;
-                return true;
-            }
-        }
-        false
-    })
 }
 
 /// Ordering of two items for `< > <= >=`: `None` when undecidable, an error when the types
@@ -708,18 +727,25 @@ fn choice_suffix_matches(suffix: &str, t: &str) -> bool {
     }
 }
 
-/// Append the children called `name` of `item` to `out`.
-pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>) {
+/// Append the children called `name` of `item` to `out`. Keys scanned are noted on `meter`
+/// (the items pushed are charged when the expression's result is); an array longer than the
+/// collection cap is cut one item past it, so the caller's size check fails before the whole
+/// array is copied.
+pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>, meter: &Meter) {
     let Item::Node(n) = item else { return };
     let v = n.json.get();
     let Value::Object(obj) = v else {
         // A primitive: only its `id` and `extension` (from the `_name` sibling) are children.
         if let Some(ext) = n.ext {
             match name {
-                "extension" => {
-                    push_borrowed(ext.get("extension"), None, TypeRef::named("Extension"), out)
-                }
-                "id" => push_borrowed(ext.get("id"), None, TypeRef::named("string"), out),
+                "extension" => push_borrowed(
+                    ext.get("extension"),
+                    None,
+                    TypeRef::named("Extension"),
+                    out,
+                    meter,
+                ),
+                "id" => push_borrowed(ext.get("id"), None, TypeRef::named("string"), out, meter),
                 _ => {}
             }
         }
@@ -730,6 +756,7 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
     {
         if def.choice {
             // Find the property `name` + capitalised type (`valueQuantity`).
+            meter.note(obj.len() as u64);
             for (k, child) in obj {
                 if k.len() <= name.len() || !k.starts_with(name) {
                     continue;
@@ -742,7 +769,15 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
                         } else {
                             sibling(n, k)
                         };
-                        push_json(n, k, Some(child), ext, element_type(owner, path, t), out);
+                        push_json(
+                            n,
+                            k,
+                            Some(child),
+                            ext,
+                            element_type(owner, path, t),
+                            out,
+                            meter,
+                        );
                     }
                 }
             }
@@ -759,7 +794,7 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
         } else {
             None
         };
-        push_json(n, name, child, ext, ty, out);
+        push_json(n, name, child, ext, ty, out, meter);
         return;
     }
     // Untyped (or unknown element): plain JSON navigation.
@@ -769,10 +804,11 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
         } else {
             sibling(n, name)
         };
-        push_json(n, name, Some(child), ext, TypeRef::UNKNOWN, out);
+        push_json(n, name, Some(child), ext, TypeRef::UNKNOWN, out, meter);
         return;
     }
     // An untyped choice element: `value` finds `valueQuantity`, typed by its suffix.
+    meter.note(obj.len() as u64);
     for (k, child) in obj {
         if k.len() > name.len()
             && k.starts_with(name)
@@ -788,7 +824,7 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>)
                 })
                 .map(TypeRef::named)
                 .unwrap_or(TypeRef::UNKNOWN);
-            push_json(n, k, Some(child), None, ty, out);
+            push_json(n, k, Some(child), None, ty, out, meter);
         }
     }
 }
@@ -813,17 +849,18 @@ fn push_json<'a>(
     ext: Option<&'a Value>,
     ty: TypeRef,
     out: &mut Vec<Item<'a>>,
+    meter: &Meter,
 ) {
     // Borrowed parents yield borrowed children (re-fetched with the input's lifetime);
     // owned (synthesised) parents yield owned copies.
     match &parent.json {
         JsonRef::Borrowed(pv) => {
             let pv: &'a Value = pv;
-            push_borrowed(pv.get(key), ext, ty, out);
+            push_borrowed(pv.get(key), ext, ty, out, meter);
         }
         JsonRef::Owned(_) => match child {
             Some(Value::Array(items)) => {
-                for it in items {
+                for it in items.iter().take(meter.room(out.len())) {
                     push_one(
                         JsonRef::Owned(std::sync::Arc::new(it.clone())),
                         None,
@@ -865,10 +902,11 @@ fn push_borrowed<'a>(
     ext: Option<&'a Value>,
     ty: TypeRef,
     out: &mut Vec<Item<'a>>,
+    meter: &Meter,
 ) {
     match (c, ext) {
         (Some(Value::Array(items)), _) => {
-            for (i, it) in items.iter().enumerate() {
+            for (i, it) in items.iter().enumerate().take(meter.room(out.len())) {
                 let e = ext.and_then(|e| e.get(i)).filter(|e| !e.is_null());
                 push_one(JsonRef::Borrowed(it), e, ty, out);
             }
@@ -877,7 +915,11 @@ fn push_borrowed<'a>(
         (None, Some(e)) => {
             // Only the extension exists (`"_birthDate": {...}`).
             if let Value::Array(es) = e {
-                for x in es.iter().filter(|x| !x.is_null()) {
+                for x in es
+                    .iter()
+                    .filter(|x| !x.is_null())
+                    .take(meter.room(out.len()))
+                {
                     push_one(JsonRef::Borrowed(&NULL), Some(x), ty, out);
                 }
             } else {
@@ -888,12 +930,13 @@ fn push_borrowed<'a>(
     }
 }
 
-/// All children of an item (for `children()` / `descendants()`).
-pub(crate) fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>) {
+/// All children of an item (for `children()` / `descendants()`), noting the work on `meter`.
+pub(crate) fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>, meter: &Meter) {
     let Item::Node(n) = item else { return };
     let Value::Object(obj) = n.json.get() else {
         return;
     };
+    meter.note(obj.len() as u64);
     for (k, v) in obj {
         if k == "resourceType" || k.starts_with('_') && obj.contains_key(&k[1..]) {
             continue;
@@ -901,7 +944,7 @@ pub(crate) fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>) {
         let k = k.strip_prefix('_').unwrap_or(k);
         if n.ty.is_known() {
             if lookup(&n.ty, k).is_some() {
-                navigate(item, k, out);
+                navigate(item, k, out, meter);
                 continue;
             }
             // A choice property (`valueQuantity`): navigate its element name, filtered to it.
@@ -913,7 +956,7 @@ pub(crate) fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>) {
                 && lookup(&n.ty, &k[..split]).is_some_and(|(_, d, _)| d.choice)
             {
                 let mut tmp = Vec::new();
-                navigate(item, &k[..split], &mut tmp);
+                navigate(item, &k[..split], &mut tmp, meter);
                 out.extend(tmp.into_iter().filter(|c| matches!(c, Item::Node(cn) if std::ptr::eq(cn.json.get(), v) || v.is_array())));
                 continue;
             }
@@ -924,7 +967,7 @@ pub(crate) fn children<'a>(item: &Item<'a>, out: &mut Vec<Item<'a>>) {
             ext: None,
             ty: TypeRef::UNKNOWN,
         });
-        navigate(&untyped, k, &mut tmp);
+        navigate(&untyped, k, &mut tmp, meter);
         out.extend(tmp);
     }
 }

@@ -13,7 +13,7 @@ use super::eval::{
     Ctx, Scope, cast_matches, children, navigate, single_integer, singleton, to_bool3, type_matches,
 };
 use super::temporal::{DateTimeV, Precision, TimeV, calendar_unit};
-use super::value::{Item, JsonRef, Node, Prim, Quantity, TypeRef, format_decimal, item_equal};
+use super::value::{Item, JsonRef, Node, Prim, Quantity, TypeRef, format_decimal};
 
 /// Evaluate a function call.
 pub(crate) fn call<'a>(
@@ -87,9 +87,12 @@ pub(crate) fn call<'a>(
             } else {
                 (&other, &input)
             };
-            b(small
-                .iter()
-                .all(|x| big.iter().any(|y| item_equal(x, y) == Some(true))))
+            for x in small {
+                if !cx.contains(big, x)? {
+                    return b(false);
+                }
+            }
+            b(true)
         }
         Count => Ok(vec![Item::Integer(input.len() as i64)]),
         Distinct => distinct(cx, input),
@@ -125,7 +128,7 @@ pub(crate) fn call<'a>(
                 for (i, item) in queue.iter().enumerate() {
                     for r in each(0, item, i)? {
                         cx.charge(1)?;
-                        if seen.insert(&r) {
+                        if seen.insert(&r, cx)? {
                             out.push(r.clone());
                             next.push(r);
                             cx.check_len(out.len())?;
@@ -166,18 +169,23 @@ pub(crate) fn call<'a>(
         },
         Intersect => {
             let other = arg(0)?;
-            let kept: Vec<Item<'a>> = input
-                .into_iter()
-                .filter(|x| contains_item(&other, x))
-                .collect();
+            let mut kept = Vec::new();
+            for x in input {
+                if contains_item(cx, &other, &x)? {
+                    kept.push(x);
+                }
+            }
             distinct(cx, kept)
         }
         Exclude => {
             let other = arg(0)?;
-            Ok(input
-                .into_iter()
-                .filter(|x| !contains_item(&other, x))
-                .collect())
+            let mut out = Vec::new();
+            for x in input {
+                if !contains_item(cx, &other, &x)? {
+                    out.push(x);
+                }
+            }
+            Ok(out)
         }
         Union => {
             let mut all = input;
@@ -268,16 +276,18 @@ pub(crate) fn call<'a>(
             } else {
                 single_string(&arg(0)?)?
             };
+            let sep = sep.as_deref().unwrap_or("");
             let mut parts = Vec::with_capacity(input.len());
             for i in &input {
                 match i.prim() {
-                    Some(Prim::String(s)) => parts.push(s.into_owned()),
+                    Some(Prim::String(s)) => parts.push(s),
                     _ => return Err(FhirPathError::eval("join() needs strings")),
                 }
             }
-            let s = parts.join(sep.as_deref().unwrap_or(""));
-            cx.check_str(s.len())?;
-            Ok(vec![Item::String(s)])
+            // Bound the result before building it.
+            let len = parts.iter().map(|p| p.len() + sep.len()).sum::<usize>();
+            cx.check_str(len)?;
+            Ok(vec![Item::String(parts.join(sep))])
         }
         Abs | Ceiling | Exp | Floor | Ln | Log | Power | Round | Sqrt | Truncate => {
             math(func, &input, args.len(), &arg)
@@ -285,7 +295,9 @@ pub(crate) fn call<'a>(
         Children => {
             let mut out = Vec::new();
             for i in &input {
-                children(i, &mut out);
+                children(i, &mut out, &cx.meter);
+                cx.check_len(out.len())?;
+                cx.meter.check()?;
             }
             Ok(out)
         }
@@ -296,10 +308,12 @@ pub(crate) fn call<'a>(
                 let mut next = Vec::new();
                 for i in &frontier {
                     cx.charge(1)?;
-                    children(i, &mut next);
+                    children(i, &mut next, &cx.meter);
+                    cx.check_len(out.len() + next.len())?;
                 }
+                // Each level is a new collection: charge it like an expression's result.
+                cx.meter.produced(&next)?;
                 out.extend(next.iter().cloned());
-                cx.check_len(out.len())?;
                 frontier = next;
             }
             Ok(out)
@@ -335,7 +349,7 @@ pub(crate) fn call<'a>(
         Resolve => {
             let mut out = Vec::new();
             for i in &input {
-                resolve(cx, i, &mut out);
+                resolve(cx, i, &mut out)?;
             }
             Ok(out)
         }
@@ -344,7 +358,8 @@ pub(crate) fn call<'a>(
             let mut out = Vec::new();
             for i in &input {
                 let mut exts = Vec::new();
-                navigate(i, "extension", &mut exts);
+                navigate(i, "extension", &mut exts, &cx.meter);
+                cx.meter.check()?;
                 out.extend(exts.into_iter().filter(|e| matches!(e, Item::Node(n) if n.json.get().get("url").and_then(Value::as_str) == Some(url.as_str()))));
             }
             Ok(out)
@@ -400,20 +415,24 @@ struct Seen {
 }
 
 impl Seen {
-    /// Insert; `false` if already present.
-    fn insert(&mut self, item: &Item) -> bool {
+    /// Insert; `false` if already present. The set's memory is charged to the budget.
+    fn insert(&mut self, item: &Item, cx: &Ctx) -> Result<bool> {
         match item {
             Item::Node(Node {
                 json: JsonRef::Borrowed(v),
                 ext,
                 ..
             }) => {
+                cx.meter.alloc(2 * size_of::<(usize, usize)>())?;
                 let e = ext.map(|e| e as *const Value as usize).unwrap_or(0);
-                self.nodes.insert((*v as *const Value as usize, e))
+                Ok(self.nodes.insert((*v as *const Value as usize, e)))
             }
-            other => self
-                .values
-                .insert(format!("{:?}|{}", other.fhir_type(), other.to_json())),
+            other => {
+                let key = format!("{:?}|{}", other.fhir_type(), other.to_json());
+                cx.meter.alloc(key.len() + size_of::<String>())?;
+                cx.meter.scan(key.len())?;
+                Ok(self.values.insert(key))
+            }
         }
     }
 }
@@ -432,17 +451,23 @@ fn same_node(a: &Item, b: &Item) -> bool {
 }
 
 /// Membership by equality; nodes at the same place in the input are the same item (a cheap
-/// check before the deep comparison).
-fn contains_item(c: &[Item], x: &Item) -> bool {
-    c.iter()
-        .any(|y| same_node(x, y) || item_equal(x, y) == Some(true))
+/// check before the deep comparison). Charged per comparison: callers loop over collections.
+fn contains_item(cx: &Ctx, c: &[Item], x: &Item) -> Result<bool> {
+    for y in c {
+        cx.charge(1)?;
+        if same_node(x, y) || cx.equal(x, y)? == Some(true) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
+/// De-duplicate by equality: quadratic, which the per-comparison charge keeps in budget.
 fn distinct<'a>(cx: &Ctx<'_, 'a>, input: Vec<Item<'a>>) -> Result<Vec<Item<'a>>> {
     let mut out: Vec<Item<'a>> = Vec::with_capacity(input.len());
     for i in input {
         cx.charge(1)?;
-        if !contains_item(&out, &i) {
+        if !contains_item(cx, &out, &i)? {
             out.push(i);
         }
     }
@@ -520,6 +545,9 @@ fn string_function<'a>(
         cx.check_str(v.len())?;
         Ok(vec![Item::String(v)])
     };
+    // Every string function reads its input at least once (arguments are charged when
+    // evaluated, results when returned).
+    cx.meter.scan(s.len())?;
     Ok(match func {
         IndexOf => {
             let Some(sub) = str_arg(0)? else {
@@ -558,15 +586,32 @@ fn string_function<'a>(
             };
             vec![Item::Boolean(v)]
         }
-        Upper => return st(s.to_uppercase()),
-        Lower => return st(s.to_lowercase()),
+        // Case mapping can lengthen text (up to three bytes per byte): bound it first.
+        Upper | Lower => {
+            cx.check_str(s.len().saturating_mul(3))?;
+            return st(if func == Upper {
+                s.to_uppercase()
+            } else {
+                s.to_lowercase()
+            });
+        }
         Trim => return st(s.trim().to_string()),
         Length => vec![Item::Integer(s.chars().count() as i64)],
-        ToChars => s.chars().map(|c| Item::String(c.to_string())).collect(),
+        ToChars => {
+            cx.check_len(s.chars().count())?;
+            s.chars().map(|c| Item::String(c.to_string())).collect()
+        }
         Split => {
             let Some(sep) = str_arg(0)? else {
                 return Ok(Vec::new());
             };
+            // Count the parts before making them (a long string splits into many).
+            let parts = if sep.is_empty() {
+                s.chars().count()
+            } else {
+                s.matches(sep.as_str()).count() + 1
+            };
+            cx.check_len(parts)?;
             if sep.is_empty() {
                 s.chars().map(|c| Item::String(c.to_string())).collect()
             } else {
@@ -610,6 +655,8 @@ fn string_function<'a>(
             }
             let re = regex(&pat)?;
             let n = re.find_iter(s).count();
+            // The counting pass and the replacing pass each run the regex over the input.
+            cx.meter.scan(2 * s.len())?;
             cx.check_str(s.len() + n.saturating_mul(rep.len() + 16))?;
             return st(re.replace_all(s, rep.as_str()).into_owned());
         }
@@ -897,7 +944,7 @@ fn unit_ratio(from: &Quantity, to: &Quantity) -> Option<f64> {
 /// `resolve()`: contained resources (`#id`), bundle entries, or a stand-in resource made from
 /// a relative reference (`Patient/123` yields `{"resourceType":"Patient","id":"123"}`, which
 /// is enough for `resolve() is Patient`).
-fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
+fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) -> Result<()> {
     let reference: Option<&str> = match item {
         Item::Node(n) => match n.json.get() {
             Value::Object(o) => o.get("reference").and_then(Value::as_str),
@@ -907,20 +954,23 @@ fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
         Item::String(s) => Some(s.as_str()),
         _ => None,
     };
-    let Some(r) = reference else { return };
+    let Some(r) = reference else { return Ok(()) };
     let root = cx.resource;
     if let Some(id) = r.strip_prefix('#') {
         if let Some(Value::Array(cs)) = root.get("contained") {
+            // Resolving each of many references scans the list again: charge the scan.
+            cx.charge(cs.len() as u64)?;
             for c in cs {
                 if c.get("id").and_then(Value::as_str) == Some(id) {
                     out.push(Item::root(c));
-                    return;
+                    return Ok(());
                 }
             }
         }
-        return;
+        return Ok(());
     }
     if let Some(Value::Array(entries)) = root.get("entry") {
+        cx.charge(entries.len() as u64)?;
         for e in entries {
             let Some(res) = e.get("resource") else {
                 continue;
@@ -940,7 +990,7 @@ fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
                     .is_some_and(|rel| r.ends_with(&format!("/{rel}")))
             {
                 out.push(Item::root(res));
-                return;
+                return Ok(());
             }
         }
     }
@@ -948,13 +998,13 @@ fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
     let path = r.split("/_history/").next().unwrap_or(r);
     let mut parts = path.rsplit('/');
     let (Some(id), Some(ty)) = (parts.next(), parts.next()) else {
-        return;
+        return Ok(());
     };
     let Some(def) = crate::fhir::elements::model().get(ty) else {
-        return;
+        return Ok(());
     };
     if def.kind != crate::fhir::elements::Kind::Resource || id.is_empty() {
-        return;
+        return Ok(());
     }
     let v = serde_json::json!({"resourceType": ty, "id": id});
     out.push(Item::Node(Node {
@@ -962,4 +1012,5 @@ fn resolve<'a>(cx: &Ctx<'_, 'a>, item: &Item<'a>, out: &mut Vec<Item<'a>>) {
         ext: None,
         ty: TypeRef::named(ty),
     }));
+    Ok(())
 }

@@ -215,20 +215,23 @@ fn limits() {
         }
     }
     let r = eval_on("repeat(item).count()", &v);
-    assert!(r.is_ok() || matches!(r, Err(FhirPathError::LimitExceeded(_))));
+    assert!(r.is_ok() || matches!(r, Err(FhirPathError::BudgetExhausted { .. })));
     let e = Expression::parse("(1 | 2 | 3).repeat($this + 1)").unwrap();
     assert!(matches!(
         e.evaluate(&v, &Environment::new()),
-        Err(FhirPathError::LimitExceeded(_))
+        Err(FhirPathError::BudgetExhausted { .. })
     ));
     // Exponential string growth is stopped by the string limit.
     let e = Expression::parse("(1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|30).aggregate($total & $total, 'ab')").unwrap();
     let r = e.evaluate(&v, &Environment::new());
-    assert!(matches!(r, Err(FhirPathError::LimitExceeded(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(FhirPathError::BudgetExhausted { .. })),
+        "{r:?}"
+    );
     let e = Expression::parse("'x'.replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyy').replace('', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyy')").unwrap();
     assert!(matches!(
         e.evaluate(&v, &Environment::new()),
-        Err(FhirPathError::LimitExceeded(_))
+        Err(FhirPathError::BudgetExhausted { .. })
     ));
     // A tight step budget stops a large traversal.
     let env = Environment::new().with_limits(Limits {
@@ -238,7 +241,7 @@ fn limits() {
     let e = Expression::parse("descendants().count()").unwrap();
     assert!(matches!(
         e.evaluate(&v, &env),
-        Err(FhirPathError::LimitExceeded(_))
+        Err(FhirPathError::BudgetExhausted { .. })
     ));
     // The deepest accepted expression evaluates without overflowing a test thread's stack.
     let nested = "(".repeat(parser::MAX_DEPTH / 3) + "1" + &")".repeat(parser::MAX_DEPTH / 3);
@@ -622,6 +625,7 @@ fn random_expressions_never_panic() {
             max_steps: 5_000,
             max_collection: 1_000,
             max_string: 10_000,
+            ..Limits::default()
         });
     // A small deterministic LCG keeps the test reproducible without a dependency.
     let mut state: u64 = 0x5eed;
@@ -659,5 +663,136 @@ fn compile_cache_is_thread_safe() {
         .collect();
     for h in handles {
         h.join().unwrap();
+    }
+}
+
+/// The large patient of the budget tests, built once (3.8 MB, about 22,000 identifiers).
+fn large_patient() -> &'static Value {
+    static P: std::sync::LazyLock<Value> =
+        std::sync::LazyLock::new(|| hostile::large_patient(3_800_000));
+    &P
+}
+
+/// `Err` describing what happened instead of an exhausted budget.
+fn budget_outcome(src: &str) -> Result<(), String> {
+    let p = large_patient();
+    let env = Environment::new().with_variable("current", p);
+    let e = Expression::parse(src).map_err(|e| format!("{src}: {e}"))?;
+    match e.evaluate(p, &env) {
+        Err(err) if err.is_budget_exhausted() => Ok(()),
+        Err(err) => Err(format!("{src}: expected an exhausted budget, got {err}")),
+        Ok(out) => Err(format!(
+            "{src}: expected an exhausted budget, got {} items",
+            out.len()
+        )),
+    }
+}
+
+fn assert_budget_exhausted(src: &str) {
+    if let Err(e) = budget_outcome(src) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn large_patient_is_near_the_store_limit() {
+    let p = large_patient();
+    let len = p.to_string().len();
+    assert!((3_000_000..=4 << 20).contains(&len), "{len}");
+    let n = p["identifier"].as_array().unwrap().len();
+    assert!(n > 20_000, "{n}");
+}
+
+#[test]
+fn budget_stops_growing_strings_in_repeat() {
+    assert_budget_exhausted("'a'.repeat($this + 'a').count() > 0");
+}
+
+#[test]
+fn budget_charges_inner_iterations_of_nested_select() {
+    assert_budget_exhausted(
+        "%current.identifier.select(%current.identifier.select(%current.identifier.count())).count() > 0",
+    );
+}
+
+#[test]
+fn budget_stops_every_hostile_expression() {
+    let family = hostile::expressions();
+    assert!(family.len() > 50, "{}", family.len());
+    let failures: Vec<String> = family
+        .iter()
+        .filter_map(|src| budget_outcome(src).err())
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn budget_error_is_typed_and_named() {
+    let env = Environment::new().with_limits(Limits {
+        max_steps: 100,
+        ..Limits::default()
+    });
+    let e = Expression::parse("'a'.repeat($this + 'a').count()").unwrap();
+    let p = patient();
+    let err = e.evaluate(&p, &env).unwrap_err();
+    assert_eq!(
+        err,
+        FhirPathError::BudgetExhausted {
+            what: Budget::Steps,
+            limit: 100
+        }
+    );
+    assert!(err.is_budget_exhausted());
+    assert!(err.to_string().contains("work (steps)"), "{err}");
+    // Memory is its own part of the budget.
+    let env = Environment::new().with_limits(Limits {
+        max_bytes: 4096,
+        ..Limits::default()
+    });
+    let err = Expression::parse("'abcdefgh'.repeat($this & 'abcdefgh').count()")
+        .unwrap()
+        .evaluate(&p, &env)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FhirPathError::BudgetExhausted {
+                what: Budget::Bytes,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Other errors are not budget errors.
+    assert!(
+        !eval_on("name.given.single()", &p)
+            .unwrap_err()
+            .is_budget_exhausted()
+    );
+    assert!(
+        !Expression::parse("name.(")
+            .unwrap_err()
+            .is_budget_exhausted()
+    );
+}
+
+/// Ordinary criteria stay far inside the budget even on the large resource.
+#[test]
+fn ordinary_expressions_fit_the_budget_on_a_large_resource() {
+    let p = large_patient();
+    let env = Environment::new().with_variable("current", p);
+    for src in [
+        "%current.identifier.where(system = 'urn:oid:2.16.840.1.113883.19.5' and value = 'MRN-00021999').exists()",
+        "%current.identifier.value contains 'MRN-00000001'",
+        "Patient.identifier.count() > 20000",
+        "%current.identifier.type.coding.where(code = 'MR').exists()",
+        "Patient.name.given.first() = 'Peter'",
+    ] {
+        let (out, spent) = Expression::parse(src).unwrap().evaluate_measured(p, &env);
+        assert!(out.is_ok(), "{src}: {out:?}");
+        assert!(
+            spent.steps < Limits::default().max_steps / 2,
+            "{src}: {spent:?}"
+        );
     }
 }

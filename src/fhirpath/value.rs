@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::budget::BYTES_PER_STEP;
 use super::temporal::{DateTimeV, TimeV, calendar_unit};
 use crate::fhir::elements::{Kind, model};
 
@@ -535,40 +536,71 @@ pub fn prim_equivalent(a: &Prim, b: &Prim) -> bool {
     }
 }
 
-/// Deep equality of two items (`=`): `None` when undecidable.
-pub fn item_equal(a: &Item, b: &Item) -> Option<bool> {
+/// The work of comparing two primitives: a step, plus the text compared.
+fn prim_work(a: &Prim, b: &Prim) -> u64 {
+    let text = |p: &Prim| match p {
+        Prim::String(s) => s.len(),
+        _ => 0,
+    };
+    1 + (text(a).min(text(b)) / BYTES_PER_STEP) as u64
+}
+
+/// Deep equality of two items (`=`): `None` when undecidable. `work` grows by the comparison's
+/// cost (a step per JSON value visited, text by length) so callers charge it to the budget.
+pub fn item_equal(a: &Item, b: &Item, work: &mut u64) -> Option<bool> {
     match (a.prim(), b.prim()) {
-        (Some(x), Some(y)) => prim_equal(&x, &y),
-        (None, None) => Some(json_equal(&a.to_json(), &b.to_json(), false)),
-        _ => Some(false),
+        (Some(x), Some(y)) => {
+            *work += prim_work(&x, &y);
+            prim_equal(&x, &y)
+        }
+        (None, None) => Some(json_equal(&a.to_json(), &b.to_json(), false, work)),
+        _ => {
+            *work += 1;
+            Some(false)
+        }
     }
 }
 
-/// Equivalence of two items (`~`).
-pub fn item_equivalent(a: &Item, b: &Item) -> bool {
+/// Equivalence of two items (`~`), adding its cost to `work` like [`item_equal`].
+pub fn item_equivalent(a: &Item, b: &Item, work: &mut u64) -> bool {
     match (a.prim(), b.prim()) {
-        (Some(x), Some(y)) => prim_equivalent(&x, &y),
-        (None, None) => json_equal(&a.to_json(), &b.to_json(), true),
-        _ => false,
+        (Some(x), Some(y)) => {
+            *work += prim_work(&x, &y);
+            prim_equivalent(&x, &y)
+        }
+        (None, None) => json_equal(&a.to_json(), &b.to_json(), true, work),
+        _ => {
+            *work += 1;
+            false
+        }
     }
 }
 
-fn json_equal(a: &Value, b: &Value, equiv: bool) -> bool {
+fn json_equal(a: &Value, b: &Value, equiv: bool, work: &mut u64) -> bool {
+    *work += 1;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             // `id` is ignored for equivalence (it is not part of the value).
             let keys = |o: &serde_json::Map<String, Value>| {
                 o.keys().filter(|k| !(equiv && *k == "id")).count()
             };
+            *work += x.len() as u64;
             keys(x) == keys(y)
                 && x.iter()
                     .filter(|(k, _)| !(equiv && *k == "id"))
-                    .all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w, equiv)))
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w, equiv, work)))
         }
         (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| json_equal(v, w, equiv))
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| json_equal(v, w, equiv, work))
         }
-        (Value::String(x), Value::String(y)) if equiv => normalize_ws(x) == normalize_ws(y),
+        (Value::String(x), Value::String(y)) => {
+            *work += (x.len().min(y.len()) / BYTES_PER_STEP) as u64;
+            if equiv {
+                normalize_ws(x) == normalize_ws(y)
+            } else {
+                x == y
+            }
+        }
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         _ => a == b,
     }

@@ -8,6 +8,7 @@
 //! receiver in this process. Figures depend on the machine and on what else runs on it: the JSON
 //! carries the machine facts and the load average before and after.
 
+mod fhirpath;
 mod fixtures;
 mod receiver;
 mod scenarios;
@@ -59,17 +60,26 @@ pub enum Scenario {
     Latency,
     /// Claim rate with big tables vs small.
     Claim,
+    /// CPU and memory of hostile FHIRPath criteria until the evaluation budget stops them (no
+    /// database).
+    Fhirpath,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Capture,
         Scenario::Dispatch,
         Scenario::E2e,
         Scenario::Latency,
         Scenario::Claim,
+        Scenario::Fhirpath,
     ];
+
+    /// Whether it needs the throwaway PostgreSQL.
+    fn needs_database(self) -> bool {
+        self != Scenario::Fhirpath
+    }
 }
 
 impl FromStr for Scenario {
@@ -82,8 +92,9 @@ impl FromStr for Scenario {
             "e2e" | "end-to-end" | "rss" => Ok(Scenario::E2e),
             "latency" => Ok(Scenario::Latency),
             "claim" => Ok(Scenario::Claim),
+            "fhirpath" => Ok(Scenario::Fhirpath),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim)"
+                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, fhirpath)"
             )),
         }
     }
@@ -378,23 +389,40 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let started = std::time::Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
     let load_before = system::load_average();
-    eprintln!("bench: starting a durable throwaway PostgreSQL and the loopback receiver…");
-    let env = fixtures::Env::start(options.statements).await?;
-    let machine = Machine::read(env.postgres_version.clone());
-    let mut results = scenarios::Results::default();
     let selected = |scenario| options.only.is_empty() || options.only.contains(&scenario);
+    let env = if Scenario::ALL
+        .into_iter()
+        .any(|scenario| selected(scenario) && scenario.needs_database())
+    {
+        eprintln!("bench: starting a durable throwaway PostgreSQL and the loopback receiver…");
+        Some(fixtures::Env::start(options.statements).await?)
+    } else {
+        None
+    };
+    let machine = Machine::read(
+        env.as_ref()
+            .map_or_else(|| "not started".into(), |env| env.postgres_version.clone()),
+    );
+    let mut results = scenarios::Results::default();
     // A scenario that fails is reported and the others still run: a long run keeps what it measured.
     let mut errors = Vec::new();
     for scenario in Scenario::ALL {
         if selected(scenario) {
             eprintln!("bench: {scenario:?}…");
-            if let Err(error) = scenarios::run(scenario, &env, &options.sizes, &mut results).await {
+            let outcome = match &env {
+                _ if !scenario.needs_database() => fhirpath::run(&mut results),
+                Some(env) => scenarios::run(scenario, env, &options.sizes, &mut results).await,
+                None => unreachable!("the database is started when a selected scenario needs it"),
+            };
+            if let Err(error) = outcome {
                 eprintln!("bench: {scenario:?} failed: {error}");
                 errors.push(format!("{scenario:?}: {error}"));
             }
         }
     }
-    env.stop().await;
+    if let Some(env) = env {
+        env.stop().await;
+    }
     Ok(Report {
         started_at,
         quick: options.quick,

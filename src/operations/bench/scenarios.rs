@@ -32,6 +32,7 @@ pub async fn run(
         Scenario::E2e => end_to_end(env, sizes, results).await,
         Scenario::Latency => latency(env, sizes, results).await,
         Scenario::Claim => claim(env, sizes, results).await,
+        Scenario::Fhirpath => super::fhirpath::run(results),
     }
 }
 
