@@ -484,13 +484,17 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 "skipped",
                 "failed",
                 "oldest undelivered",
+                "issues",
                 "last error",
             ]);
             for s in &subscriptions {
-                let status = match (s.paused, s.status.as_deref()) {
-                    (true, status) => format!("{} (paused)", status.unwrap_or("?")),
-                    (false, status) => status.unwrap_or("?").to_owned(),
-                };
+                let mut status = s.status.clone().unwrap_or_else(|| "?".to_owned());
+                if s.paused {
+                    status.push_str(" (paused)");
+                }
+                if s.suspended_reason.is_some() {
+                    status.push_str(" (suspended: over budget)");
+                }
                 table.row([
                     s.project_id.to_string(),
                     s.subscription_id.clone(),
@@ -504,6 +508,7 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                         || "-".to_owned(),
                         |at| format!("{}s ago", (Utc::now() - at).num_seconds()),
                     ),
+                    s.issues.to_string(),
                     s.last_error.clone().unwrap_or_default(),
                 ]);
             }

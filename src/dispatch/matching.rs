@@ -12,7 +12,7 @@ use crate::subscription::{self, extension};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use uuid::Uuid;
 
 /// A Subscription resource prepared for matching: extensions read, criteria parsed and FHIRPath
@@ -41,6 +41,9 @@ pub struct CompiledSubscription {
     accounts: Vec<String>,
     criteria: Result<Criteria, String>,
     fhirpath: Option<Result<Arc<Expression>, String>>,
+    /// Set when an evaluation of this version exhausted its budget: from then on it is not
+    /// evaluated at all, so a hostile expression costs one budget, not one per change.
+    suspended: OnceLock<String>,
 }
 
 /// The kind of a problem found in a subscription, as recorded in `fhir_outbox.subscription_issue`.
@@ -52,6 +55,9 @@ pub enum IssueKind {
     Invalid,
     /// An error while evaluating one change: that change is not delivered to it.
     EvaluationError,
+    /// An evaluation exhausted its budget (work or memory): this subscription version is suspended
+    /// and never matches; writing a new version of the subscription lifts it.
+    BudgetExhausted,
 }
 
 impl IssueKind {
@@ -61,6 +67,7 @@ impl IssueKind {
             IssueKind::Unsupported => "unsupported",
             IssueKind::Invalid => "invalid",
             IssueKind::EvaluationError => "evaluation_error",
+            IssueKind::BudgetExhausted => "budget_exhausted",
         }
     }
 }
@@ -121,7 +128,19 @@ impl CompiledSubscription {
                 .collect(),
             criteria,
             fhirpath,
+            suspended: OnceLock::new(),
         }
+    }
+
+    /// Stops evaluating this version (its evaluation exhausted its budget); the first reason
+    /// given is kept. Whether this call suspended it (`false`: it already was).
+    pub fn suspend(&self, reason: String) -> bool {
+        self.suspended.set(reason).is_ok()
+    }
+
+    /// Why this version is suspended, if it is.
+    pub fn suspension(&self) -> Option<&str> {
+        self.suspended.get().map(String::as_str)
     }
 
     /// The problems to report once for this version: unparsable criteria or FHIRPath, and criteria
@@ -156,6 +175,9 @@ impl CompiledSubscription {
     /// Whether this subscription is one the rest-hook worker delivers to at all (active, rest-hook
     /// with an endpoint, not pre-commit). Cheap; checked before anything else.
     fn candidate_rejection(&self, pre_commit: bool) -> Option<Rejection> {
+        if let Some(reason) = self.suspension() {
+            return Some(Rejection::Suspended(reason.to_owned()));
+        }
         if self.status != "active" {
             return Some(Rejection::NotActive(self.status.clone()));
         }
@@ -248,6 +270,8 @@ pub enum Rejection {
     },
     /// A search filter did not match (the report is only built when explaining).
     Search(Option<MatchReport>),
+    /// An earlier evaluation of this subscription version exhausted its budget.
+    Suspended(String),
 }
 
 impl fmt::Display for Rejection {
@@ -303,6 +327,10 @@ impl fmt::Display for Rejection {
             ),
             Rejection::Search(Some(report)) => write!(f, "search criteria {report}"),
             Rejection::Search(None) => write!(f, "search criteria did not match"),
+            Rejection::Suspended(reason) => write!(
+                f,
+                "suspended until the subscription is changed: an evaluation exhausted its budget ({reason})"
+            ),
         }
     }
 }
@@ -316,6 +344,9 @@ pub enum Verdict {
     Rejected(Rejection),
     /// Evaluating failed (a FHIRPath runtime error, …): not delivered, and reported to operators.
     Failed(String),
+    /// Evaluating exhausted its budget of work or memory: not delivered, and the caller suspends
+    /// the subscription version ([`CompiledSubscription::suspend`]).
+    OverBudget(String),
 }
 
 /// `%previous` when there is no previous version: an empty object, so `%previous.x` is empty.
@@ -402,6 +433,9 @@ fn evaluate_as(
     match search {
         Ok((true, _)) => {}
         Ok((false, report)) => return Verdict::Rejected(Rejection::Search(report)),
+        Err(error) if error.is_budget_exhausted() => {
+            return Verdict::OverBudget(format!("search criteria: {error}"));
+        }
         Err(error) => return Verdict::Failed(format!("search criteria: {error}")),
     }
     match &subscription.fhirpath {
@@ -422,10 +456,14 @@ fn evaluate_as(
                     expression: expression.source().to_owned(),
                     result: describe(&items),
                 }),
-                Err(error) => Verdict::Failed(format!(
-                    "FHIRPath criteria `{}`: {error}",
-                    expression.source()
-                )),
+                Err(error) => {
+                    let message = format!("FHIRPath criteria `{}`: {error}", expression.source());
+                    if error.is_budget_exhausted() {
+                        Verdict::OverBudget(message)
+                    } else {
+                        Verdict::Failed(message)
+                    }
+                }
             }
         }
     }

@@ -61,6 +61,9 @@ pub enum DispatchError {
     /// The database failed.
     #[error("dispatch batch failed: {0}")]
     Database(#[from] sqlx::Error),
+    /// Evaluating the batch panicked (a bug): the batch is rolled back and retried row by row.
+    #[error("dispatch batch failed: evaluation panicked: {0}")]
+    Evaluation(String),
 }
 
 /// A batch that failed, with the rows it had claimed (none when it failed before claiming).
@@ -106,7 +109,7 @@ pub struct Dispatcher {
     config: DispatchConfig,
     cache: Mutex<HashMap<Uuid, CachedProject>>,
     /// Evaluation errors already logged by this process (they are counted in SQL every time).
-    logged_errors: Mutex<HashSet<(String, i64, String)>>,
+    logged_errors: Arc<Mutex<HashSet<(String, i64, String)>>>,
 }
 
 /// The subscriptions a batch is evaluated against.
@@ -138,7 +141,7 @@ impl Dispatcher {
             pool,
             config,
             cache: Mutex::new(HashMap::new()),
-            logged_errors: Mutex::new(HashSet::new()),
+            logged_errors: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -158,102 +161,39 @@ impl Dispatcher {
             tx.commit().await.map_err(BatchFailure::unclaimed)?;
             return Ok(BatchReport::default());
         }
-        self.dispatch_claimed(tx, &changes)
+        let claimed = changes.iter().map(|change| change.seq).collect();
+        self.dispatch_claimed(tx, changes)
             .await
-            .map_err(|error| BatchFailure {
-                error: error.into(),
-                claimed: changes.iter().map(|change| change.seq).collect(),
-            })
+            .map_err(|error| BatchFailure { error, claimed })
     }
 
     async fn dispatch_claimed(
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        changes: &[ClaimedChange],
-    ) -> Result<BatchReport, sqlx::Error> {
-        let candidates = self.candidates(&mut tx, changes).await?;
-        // Medplum's requestTime: one evaluation time shared by all deliveries of a change.
-        let matched_at = Utc::now();
-        let mut report = BatchReport {
-            changes: changes.len(),
-            ..BatchReport::default()
-        };
-        let mut deliveries = NewDeliveries::default();
-        let mut errors: HashMap<(Uuid, String, i64, String), i64> = HashMap::new();
-        let mut seqs = Vec::with_capacity(changes.len());
-        let mut dispatch_errors = Vec::with_capacity(changes.len());
-        for change in changes {
-            seqs.push(change.seq);
-            let (current, previous) = match evaluated_contents(change) {
-                Ok(contents) => contents,
-                Err(message) => {
-                    tracing::error!(seq = change.seq, resource_type = %change.resource_type,
-                        resource_id = %change.resource_id, version = change.version_id,
-                        "cannot dispatch change: {message}");
-                    report.undispatchable += 1;
-                    dispatch_errors.push(Some(message));
-                    continue;
-                }
-            };
-            dispatch_errors.push(None);
-            // Websocket Subscriptions are transient client state; their writes never trigger (§1.3).
-            if change.resource_type == "Subscription"
-                && subscription::channel_type(current) == "websocket"
-            {
-                continue;
-            }
-            let view = ChangeView {
-                resource_type: &change.resource_type,
-                interaction: change.interaction,
-                current,
-                previous,
-                changed_at: Some(change.changed_at),
-            };
-            for subscription in candidates.for_project(change.project_id) {
-                // A resend can be for one subscription only (Medplum's $resend `subscription`).
-                if let Some(only) = &change.resend_subscription_id {
-                    if subscription.id != *only || subscription.project_id != change.project_id {
-                        continue;
-                    }
-                }
-                match matching::evaluate(subscription, &view, false) {
-                    Verdict::Matched => {
-                        push_delivery(&mut deliveries, change, subscription, matched_at)
-                    }
-                    Verdict::Rejected(_) => {}
-                    Verdict::Failed(message) => {
-                        report.evaluation_errors += 1;
-                        self.log_evaluation_error(subscription, change, &message);
-                        *errors
-                            .entry((
-                                subscription.project_id,
-                                subscription.id.clone(),
-                                subscription.version_id,
-                                message,
-                            ))
-                            .or_default() += 1;
-                    }
-                }
-            }
+        changes: Vec<ClaimedChange>,
+    ) -> Result<BatchReport, DispatchError> {
+        let candidates = self.candidates(&mut tx, &changes).await?;
+        // Evaluation is CPU work on user input (bounded by its budget, but still up to that budget
+        // per suspended subscription): off the async threads, so that delivery, lease renewal and
+        // the other dispatch loops of this process keep running meanwhile.
+        let logged_errors = self.logged_errors.clone();
+        let evaluated = tokio::task::spawn_blocking(move || {
+            evaluate_batch(&changes, &candidates, &logged_errors)
+        })
+        .await
+        .map_err(|panicked| DispatchError::Evaluation(panicked.to_string()))?;
+        let mut report = evaluated.report;
+        report.deliveries = queries::insert_deliveries(&mut tx, &evaluated.deliveries).await?;
+        queries::count_evaluation_errors(&mut tx, &evaluated.errors).await?;
+        // A suspension is recorded once per subscription version, whichever dispatcher found it;
+        // every dispatcher reads these rows when it loads subscriptions.
+        for (subscription_id, message) in
+            queries::record_new_issues(&mut tx, &evaluated.suspensions).await?
+        {
+            tracing::warn!(subscription = %subscription_id,
+                "subscription suspended until it is changed (fhir_outbox.subscription_issue): {message}");
         }
-        report.deliveries = queries::insert_deliveries(&mut tx, &deliveries).await?;
-        let errors: Vec<Issue> = errors
-            .into_iter()
-            .map(
-                |((project_id, subscription_id, subscription_version, message), occurrences)| {
-                    Issue {
-                        project_id,
-                        subscription_id,
-                        subscription_version,
-                        kind: IssueKind::EvaluationError.as_str(),
-                        message,
-                        occurrences,
-                    }
-                },
-            )
-            .collect();
-        queries::count_evaluation_errors(&mut tx, &errors).await?;
-        queries::mark_dispatched(&mut tx, &seqs, &dispatch_errors).await?;
+        queries::mark_dispatched(&mut tx, &evaluated.seqs, &evaluated.dispatch_errors).await?;
         tx.commit().await?;
         crate::metrics::dispatched(report.changes, report.deliveries);
         crate::metrics::undispatchable(report.undispatchable);
@@ -361,6 +301,9 @@ impl Dispatcher {
                 server_scope,
                 self.config.allow_unsafe_outbound,
             );
+            if let Some(reason) = row.suspended_reason {
+                compiled.suspend(reason);
+            }
             issues.extend(compiled.issues().into_iter().map(|(kind, message)| Issue {
                 project_id: compiled.project_id,
                 subscription_id: compiled.id.clone(),
@@ -392,24 +335,6 @@ impl Dispatcher {
                 )
             })
             .collect())
-    }
-
-    fn log_evaluation_error(
-        &self,
-        subscription: &CompiledSubscription,
-        change: &ClaimedChange,
-        message: &str,
-    ) {
-        let key = (
-            subscription.id.clone(),
-            subscription.version_id,
-            message.to_owned(),
-        );
-        if self.logged_errors.lock().expect("log lock").insert(key) {
-            tracing::warn!(subscription = %subscription.id, resource_type = %change.resource_type,
-                resource_id = %change.resource_id, version = change.version_id,
-                "subscription evaluation failed (counted in fhir_outbox.subscription_issue): {message}");
-        }
     }
 
     /// Runs `config.workers` dispatch loops until `shutdown` is cancelled. Each loop dispatches while
@@ -587,16 +512,162 @@ impl Dispatcher {
 /// Whether a failed batch's error is about the data of its rows (a data exception, a constraint or
 /// a program limit it breaks: SQLSTATE classes 22, 23, 54), as opposed to the database being
 /// unavailable, busy, full or misconfigured, which would fail any row: only the former lets a row
-/// that fails alone be set aside.
+/// that fails alone be set aside. An evaluation that panicked on a row is about that row too.
 fn about_the_rows(error: &DispatchError) -> bool {
-    let DispatchError::Database(sqlx::Error::Database(db)) = error else {
-        return false;
+    let db = match error {
+        DispatchError::Evaluation(_) => return true,
+        DispatchError::Database(sqlx::Error::Database(db)) => db,
+        DispatchError::Database(_) => return false,
     };
     db.code().is_some_and(|code| {
         ["22", "23", "54"]
             .iter()
             .any(|class| code.starts_with(class))
     })
+}
+
+/// What evaluating a batch decided, for the caller to write in the batch's transaction.
+struct Evaluated {
+    report: BatchReport,
+    deliveries: NewDeliveries,
+    seqs: Vec<i64>,
+    dispatch_errors: Vec<Option<String>>,
+    /// Evaluation errors, one row per subscription version and message with its occurrences.
+    errors: Vec<Issue>,
+    /// Subscription versions suspended by this batch (their evaluation exhausted its budget).
+    suspensions: Vec<Issue>,
+}
+
+/// Evaluates every candidate subscription against every change of a claimed batch. Pure CPU work
+/// with no database access, so that it can run on a blocking thread.
+fn evaluate_batch(
+    changes: &[ClaimedChange],
+    candidates: &Candidates,
+    logged_errors: &Mutex<HashSet<(String, i64, String)>>,
+) -> Evaluated {
+    // Medplum's requestTime: one evaluation time shared by all deliveries of a change.
+    let matched_at = Utc::now();
+    let mut report = BatchReport {
+        changes: changes.len(),
+        ..BatchReport::default()
+    };
+    let mut deliveries = NewDeliveries::default();
+    let mut errors: HashMap<(Uuid, String, i64, String), i64> = HashMap::new();
+    let mut suspensions = Vec::new();
+    let mut seqs = Vec::with_capacity(changes.len());
+    let mut dispatch_errors = Vec::with_capacity(changes.len());
+    for change in changes {
+        seqs.push(change.seq);
+        let (current, previous) = match evaluated_contents(change) {
+            Ok(contents) => contents,
+            Err(message) => {
+                tracing::error!(seq = change.seq, resource_type = %change.resource_type,
+                    resource_id = %change.resource_id, version = change.version_id,
+                    "cannot dispatch change: {message}");
+                report.undispatchable += 1;
+                dispatch_errors.push(Some(message));
+                continue;
+            }
+        };
+        dispatch_errors.push(None);
+        // Websocket Subscriptions are transient client state; their writes never trigger (§1.3).
+        if change.resource_type == "Subscription"
+            && subscription::channel_type(current) == "websocket"
+        {
+            continue;
+        }
+        let view = ChangeView {
+            resource_type: &change.resource_type,
+            interaction: change.interaction,
+            current,
+            previous,
+            changed_at: Some(change.changed_at),
+        };
+        for subscription in candidates.for_project(change.project_id) {
+            // A resend can be for one subscription only (Medplum's $resend `subscription`).
+            if let Some(only) = &change.resend_subscription_id {
+                if subscription.id != *only || subscription.project_id != change.project_id {
+                    continue;
+                }
+            }
+            match matching::evaluate(subscription, &view, false) {
+                Verdict::Matched => {
+                    push_delivery(&mut deliveries, change, subscription, matched_at)
+                }
+                Verdict::Rejected(_) => {}
+                Verdict::Failed(message) => {
+                    report.evaluation_errors += 1;
+                    log_evaluation_error(logged_errors, subscription, change, &message);
+                    *errors
+                        .entry((
+                            subscription.project_id,
+                            subscription.id.clone(),
+                            subscription.version_id,
+                            message,
+                        ))
+                        .or_default() += 1;
+                }
+                Verdict::OverBudget(message) => {
+                    report.evaluation_errors += 1;
+                    // Later changes of this batch, and of every batch of this process, skip the
+                    // version without evaluating it; other processes learn it from the issue row.
+                    if subscription.suspend(message.clone()) {
+                        tracing::warn!(subscription = %subscription.id,
+                            version = subscription.version_id, resource_type = %change.resource_type,
+                            resource_id = %change.resource_id, resource_version = change.version_id,
+                            "subscription evaluation exhausted its budget; suspended: {message}");
+                        suspensions.push(Issue {
+                            project_id: subscription.project_id,
+                            subscription_id: subscription.id.clone(),
+                            subscription_version: subscription.version_id,
+                            kind: IssueKind::BudgetExhausted.as_str(),
+                            message,
+                            occurrences: 1,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let errors = errors
+        .into_iter()
+        .map(
+            |((project_id, subscription_id, subscription_version, message), occurrences)| Issue {
+                project_id,
+                subscription_id,
+                subscription_version,
+                kind: IssueKind::EvaluationError.as_str(),
+                message,
+                occurrences,
+            },
+        )
+        .collect();
+    Evaluated {
+        report,
+        deliveries,
+        seqs,
+        dispatch_errors,
+        errors,
+        suspensions,
+    }
+}
+
+fn log_evaluation_error(
+    logged_errors: &Mutex<HashSet<(String, i64, String)>>,
+    subscription: &CompiledSubscription,
+    change: &ClaimedChange,
+    message: &str,
+) {
+    let key = (
+        subscription.id.clone(),
+        subscription.version_id,
+        message.to_owned(),
+    );
+    if logged_errors.lock().expect("log lock").insert(key) {
+        tracing::warn!(subscription = %subscription.id, resource_type = %change.resource_type,
+            resource_id = %change.resource_id, version = change.version_id,
+            "subscription evaluation failed (counted in fhir_outbox.subscription_issue): {message}");
+    }
 }
 
 /// The content criteria are evaluated on and the previous version: for a delete, the last live

@@ -150,6 +150,8 @@ pub struct ActiveSubscription {
     pub content: Result<Value, String>,
     /// Since when it has been active without interruption.
     pub active_since: Option<DateTime<Utc>>,
+    /// Why this version is suspended (an evaluation exhausted its budget), if it is.
+    pub suspended_reason: Option<String>,
 }
 
 /// The current, active Subscriptions of these projects, each decoded on its own (one that cannot
@@ -168,7 +170,11 @@ pub async fn active_subscriptions(
                           WHERE x.project_id = r.project_id AND x.resource_type = 'Subscription'
                             AND x.id = r.id
                             AND (x.deleted OR x.content ->> 'status' IS DISTINCT FROM 'active')), 0)
-                  ) AS active_since
+                  ) AS active_since,
+                  (SELECT min(i.message) FROM fhir_outbox.subscription_issue i
+                   WHERE i.project_id = r.project_id AND i.subscription_id = r.id
+                     AND i.subscription_version = r.version_id AND i.kind = 'budget_exhausted'
+                  ) AS suspended_reason
            FROM fhir_outbox.resource r
            JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
            WHERE r.project_id = ANY($1) AND r.resource_type = 'Subscription' AND NOT r.deleted
@@ -186,6 +192,7 @@ pub async fn active_subscriptions(
             content: crate::fhir::decode_stored(&row.content)
                 .map_err(|error| format!("cannot decode subscription: {error}")),
             active_since: row.active_since,
+            suspended_reason: row.suspended_reason,
         })
         .collect())
 }

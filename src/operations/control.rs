@@ -66,6 +66,10 @@ pub struct SubscriptionStatus {
     pub last_error: Option<String>,
     /// The latest skip reason.
     pub last_skip_reason: Option<String>,
+    /// Problems recorded for the subscription's current version (`fhir_outbox.subscription_issue`).
+    pub issues: i64,
+    /// Why the current version is suspended (its evaluation exhausted its budget), if it is.
+    pub suspended_reason: Option<String>,
 }
 
 /// Delivery state per subscription, optionally for one project.
@@ -78,7 +82,8 @@ pub async fn subscription_status(
         r#"SELECT project_id AS "project_id!", subscription_id AS "subscription_id!", status, channel_type,
                   criteria, paused AS "paused!", pending AS "pending!", in_flight AS "in_flight!",
                   succeeded AS "succeeded!", skipped AS "skipped!", failed AS "failed!",
-                  oldest_undelivered_at, last_error, last_skip_reason
+                  oldest_undelivered_at, last_error, last_skip_reason, issues AS "issues!",
+                  suspended_reason
            FROM fhir_outbox.subscription_delivery_status
            WHERE $1::uuid IS NULL OR project_id = $1
            ORDER BY project_id, subscription_id"#,

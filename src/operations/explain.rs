@@ -195,6 +195,12 @@ pub async fn explain(
         Verdict::Matched => (true, None),
         Verdict::Rejected(rejection) => (false, Some(rejection.to_string())),
         Verdict::Failed(message) => (false, Some(format!("evaluation failed: {message}"))),
+        Verdict::OverBudget(message) => (
+            false,
+            Some(format!(
+                "evaluation exhausted its budget; the dispatcher suspends this subscription version: {message}"
+            )),
+        ),
     };
     Ok(Explanation {
         subscription: format!("Subscription/{}", compiled.id),

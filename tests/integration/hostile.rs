@@ -3,7 +3,7 @@
 //! nothing is lost or blocked: a good subscription next to them keeps receiving.
 
 use crate::common::TestDb;
-use crate::delivery::{create, fast_config, hook, pipeline, states};
+use crate::delivery::{create, fast_config, hook, pipeline, states, with_extensions};
 use crate::receiver::Receiver;
 use fhir_outbox::capture::{self, StoreError, WriteContext};
 use serde_json::{Value, json};
@@ -200,4 +200,121 @@ async fn huge_deep_and_sql_looking_resources_get_clear_errors() {
         outbox, 2,
         "the big Binary and Robert; nothing else was written"
     );
+}
+
+/// A hostile FHIRPath subscription in project A (the incident's nested `select` on a Patient with
+/// 3,000 identifiers: 2.7e10 iterations) costs one evaluation budget and is then suspended: recorded
+/// once, shown by the status view, never evaluated again, while project B's changes written between
+/// A's are all delivered. Nothing here depends on timing: a dispatcher that evaluated the expression
+/// for each of A's changes would record it more than once, and one without a budget would not end.
+/// A new version of the subscription lifts the suspension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_expression_is_suspended_after_one_budget_and_never_holds_up_another_project() {
+    let db = TestDb::new().await;
+    let (a, b) = (db.project().await, db.project().await);
+    let (receiver_a, receiver_b) = (Receiver::start(vec![]).await, Receiver::start(vec![]).await);
+    let fhirpath = |expression: &str| {
+        json!([{ "url": "https://medplum.com/fhir/StructureDefinition/fhir-path-criteria-expression",
+                 "valueString": expression }])
+    };
+    let hostile = create(
+        &db.pool,
+        a,
+        &with_extensions(
+            hook(&receiver_a.url, "Patient"),
+            fhirpath(
+                "%current.identifier.select(%current.identifier.select(%current.identifier.count())).count() > 0",
+            ),
+        ),
+        None,
+    )
+    .await;
+    let healthy = create(&db.pool, b, &hook(&receiver_b.url, "Patient"), None).await;
+    let identifiers: Vec<Value> = (0..3_000)
+        .map(|i| json!({ "system": "urn:example:mrn", "value": format!("mrn-{i}") }))
+        .collect();
+    for _ in 0..5 {
+        let big = json!({ "resourceType": "Patient", "identifier": identifiers });
+        create(&db.pool, a, &big, None).await;
+        create(&db.pool, b, &json!({ "resourceType": "Patient" }), None).await;
+    }
+    let p = pipeline(&db.pool, fast_config());
+    p.settle(&db.pool).await;
+
+    assert_eq!(
+        receiver_b.received().len(),
+        5,
+        "every change of project B delivered"
+    );
+    assert_eq!(states(&db.pool, &healthy).await.len(), 5);
+    assert!(receiver_a.received().is_empty());
+    let issues: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT kind, occurrences, message FROM fhir_outbox.subscription_issue
+         WHERE project_id = $1 AND subscription_id = $2",
+    )
+    .bind(a)
+    .bind(hostile["id"].as_str().unwrap())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!((issues[0].0.as_str(), issues[0].1), ("budget_exhausted", 1));
+    assert!(issues[0].2.contains("budget"), "{issues:?}");
+    let (suspended, open_issues): (Option<String>, i64) = sqlx::query_as(
+        "SELECT suspended_reason, issues FROM fhir_outbox.subscription_delivery_status
+         WHERE project_id = $1 AND subscription_id = $2",
+    )
+    .bind(a)
+    .bind(hostile["id"].as_str().unwrap())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(suspended.is_some() && open_issues == 1);
+
+    // A fresh dispatcher (another process, say) reads the suspension instead of paying again.
+    let fresh = pipeline(&db.pool, fast_config());
+    create(
+        &db.pool,
+        a,
+        &json!({ "resourceType": "Patient", "identifier": identifiers }),
+        None,
+    )
+    .await;
+    fresh.settle(&db.pool).await;
+    let occurrences: i64 = sqlx::query_scalar(
+        "SELECT sum(occurrences)::int8 FROM fhir_outbox.subscription_issue WHERE project_id = $1",
+    )
+    .bind(a)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(occurrences, 1, "a suspended version is not evaluated again");
+
+    // Fixing the subscription (a new version) lifts the suspension.
+    let mut fixed = with_extensions(
+        hook(&receiver_a.url, "Patient"),
+        fhirpath("%current.active = true"),
+    );
+    fixed["id"] = hostile["id"].clone();
+    let id = hostile["id"].as_str().unwrap();
+    capture::update(
+        &db.pool,
+        a,
+        "Subscription",
+        id,
+        &fixed,
+        None,
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    create(
+        &db.pool,
+        a,
+        &json!({ "resourceType": "Patient", "active": true }),
+        None,
+    )
+    .await;
+    fresh.settle(&db.pool).await;
+    assert_eq!(receiver_a.received().len(), 1);
 }
