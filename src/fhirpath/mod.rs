@@ -197,7 +197,9 @@ pub struct Limits {
     /// `distinct`, `union`, `=`, `in`..., and text scanned or compared (a step per 64 bytes).
     pub max_steps: u64,
     /// Bytes allocated for collections and strings, cumulatively (freed memory is not given
-    /// back), so it bounds the evaluation's peak memory from above.
+    /// back), so it bounds the evaluation's peak memory from above. A collection is charged once
+    /// it exists, so the peak can exceed this by one collection (at most `max_collection` items
+    /// of about 80 bytes) and one string (`max_string`).
     pub max_bytes: u64,
     /// Items in any one collection.
     pub max_collection: usize,
