@@ -75,6 +75,8 @@ pub fn expressions() -> Vec<String> {
         "%current.identifier.select(%current.identifier.value.join('').upper()).count() > 0",
         "%current.identifier.select(%current.identifier.value.join('').matches('z$')).count() > 0",
         "%current.identifier.value.join('').toChars().count() > 0",
+        "%current.identifier.select(%current.identifier.value.join('').matches('(M|R|N|-|[0-9])*Q')).count() > 0",
+        "%current.identifier.select(%current.identifier.value.join('').replaceMatches('([A-Z]+)-([0-9]+)', '$2$1')).count() > 0",
         "%current.identifier.value.join(',').split(',').select(%current.identifier.value.join(',')).count() > 0",
         "%current.identifier.value.join('').replace('M', 'MMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMM').length() > 0",
         "%current.descendants().count() > 0",

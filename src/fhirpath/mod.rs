@@ -1,11 +1,34 @@
 //! A FHIRPath (N1, FHIR R4 flavour) engine on `serde_json` values.
 //!
 //! Subscription matching evaluates expressions for every change × subscription, so the engine
-//! is synchronous and allocation-light: results borrow from the input resource, parsed
-//! expressions are cached ([`compile`]), and every evaluation runs under step, collection-size
-//! and string-size limits (parsing under depth and length limits) so that no expression can
-//! hang the worker or overflow its stack. Exceeding a limit is a typed
-//! [`FhirPathError::LimitExceeded`], never a panic.
+//! is synchronous and allocation-light: results borrow from the input resource, and parsed
+//! expressions are cached ([`compile`]).
+//!
+//! ## What bounds an evaluation
+//!
+//! Criteria are user input evaluated for every change, so one hostile expression must not stall
+//! dispatch. Parsing is bounded by expression length and nesting depth (so evaluation cannot
+//! overflow the stack): exceeding those is [`FhirPathError::LimitExceeded`]. Each evaluation then
+//! runs under one budget, [`Limits`]:
+//!
+//! - **work** (`max_steps`): a step for every node of the expression evaluated, every item any
+//!   node produces (navigation, function results, each iteration of `where`, `select`, `repeat`,
+//!   `all`, `exists`, `aggregate`...), every pairwise comparison (`distinct`, `union`/`|`,
+//!   `intersect`, `exclude`, `subsetOf`, `isDistinct`, `=`/`~` on collections, `in`), every
+//!   JSON value a deep comparison visits, every key navigation scans, and every 64 bytes of
+//!   text scanned or compared;
+//! - **memory** (`max_bytes`): bytes allocated for result collections and the strings they hold,
+//!   counted cumulatively, so the total bounds peak memory from above;
+//! - the size of any one collection (`max_collection`) and of any one string (`max_string`),
+//!   checked before a big result is built.
+//!
+//! Output is charged centrally: every expression node's result passes through one accounting
+//! point, so functions pay for what they produce without charging it themselves. Running out of
+//! any part is [`FhirPathError::BudgetExhausted`] naming the part ([`Budget`]);
+//! [`FhirPathError::is_budget_exhausted`] tells it apart from errors in the expression. The
+//! defaults keep any expression on any resource up to the store's 4 MiB within about 100 ms of
+//! CPU and 64 MiB of memory; [`hostile`] is the family of expressions they are checked against
+//! (tests, and `fhir-outbox bench --only fhirpath`).
 //!
 //! ## Conformance notes
 //!
@@ -174,7 +197,9 @@ pub struct Limits {
     /// `distinct`, `union`, `=`, `in`..., and text scanned or compared (a step per 64 bytes).
     pub max_steps: u64,
     /// Bytes allocated for collections and strings, cumulatively (freed memory is not given
-    /// back), so it bounds the evaluation's peak memory from above.
+    /// back), so it bounds the evaluation's peak memory from above. A collection is charged once
+    /// it exists, so the peak can exceed this by one collection (at most `max_collection` items
+    /// of about 80 bytes) and one string (`max_string`).
     pub max_bytes: u64,
     /// Items in any one collection.
     pub max_collection: usize,
@@ -185,8 +210,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_steps: 1_000_000,
-            max_bytes: 32 << 20,
+            max_steps: 800_000,
+            max_bytes: 40 << 20,
             max_collection: 100_000,
             max_string: 1 << 20,
         }

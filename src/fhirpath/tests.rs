@@ -790,8 +790,11 @@ fn ordinary_expressions_fit_the_budget_on_a_large_resource() {
     ] {
         let (out, spent) = Expression::parse(src).unwrap().evaluate_measured(p, &env);
         assert!(out.is_ok(), "{src}: {out:?}");
+        // A `where()` over 22,000 identifiers is real work: it takes most of the budget (that
+        // is the price of bounding every evaluation), but it fits.
+        let limits = Limits::default();
         assert!(
-            spent.steps < Limits::default().max_steps / 2,
+            spent.steps < limits.max_steps * 4 / 5 && spent.bytes < limits.max_bytes * 4 / 5,
             "{src}: {spent:?}"
         );
     }
