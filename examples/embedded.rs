@@ -9,14 +9,14 @@ use anyhow::{Context, Result, ensure};
 use fhir_outbox::bots::precommit::{PreCommit, PreCommitError};
 use fhir_outbox::bots::{BotFailure, BotOutput, BotRegistry, HANDLER_EXTENSION};
 use fhir_outbox::capture::{self, WriteContext};
-use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker};
-use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
+use fhir_outbox::delivery::DeliveryConfig;
+use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::pgtemp::{Durability, TempCluster};
+use fhir_outbox::pipeline::Pipeline;
 use fhir_outbox::{db, project};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -30,13 +30,16 @@ async fn main() -> Result<()> {
         Some(cluster) => cluster.url("postgres"),
         None => std::env::var("DATABASE_URL")?,
     };
-    let pool = db::connect(&url, 10).await?;
+    let pool = db::connect(
+        &url,
+        Pipeline::connections(&DispatchConfig::default(), &DeliveryConfig::default()),
+    )
+    .await?;
     db::migrate(&pool).await?;
     let project = project::create_project(&pool, "embedded example").await?;
-    sqlx::query("UPDATE fhir_outbox.project SET settings = '{\"preCommitSubscriptionsEnabled\": true}' WHERE id = $1")
-        .bind(project)
-        .execute(&pool)
-        .await?;
+    let mut settings = project::settings(&pool, project).await?;
+    settings.pre_commit_subscriptions_enabled = Some(true);
+    project::set_settings(&pool, project, &settings).await?;
 
     // The application's handlers. A bot handler is any async function of its input.
     let alerts: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -103,15 +106,12 @@ async fn main() -> Result<()> {
     }), &ctx).await?;
 
     // The pipeline, in-process.
-    let shutdown = CancellationToken::new();
-    let dispatcher = Arc::new(Dispatcher::new(pool.clone(), DispatchConfig::default()));
-    let worker = Arc::new(
-        DeliveryWorker::new(pool.clone(), DeliveryConfig::default())?.with_bots(bots.clone()),
-    );
-    let running = [
-        tokio::spawn(dispatcher.run(shutdown.clone())),
-        tokio::spawn(worker.run(shutdown.clone())),
-    ];
+    let running = Pipeline::builder(pool.clone())
+        .dispatch(DispatchConfig::default())
+        .delivery(DeliveryConfig::default())
+        .bots(bots.clone())
+        .start()
+        .await?;
 
     // The application's writes go through the pre-commit path, in its own transactions.
     let pre_commit = PreCommit::new(bots, true);
@@ -173,10 +173,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += Duration::from_millis(100);
     }
-    shutdown.cancel();
-    for task in running {
-        task.await?;
-    }
+    running.shutdown().await;
     let alerts = alerts.lock().unwrap().clone();
     for alert in &alerts {
         println!("bot alert: {alert}");

@@ -2,7 +2,8 @@
 //!
 //! The pipeline, one module per stage (see ARCHITECTURE.md):
 //! [`capture`] (the versioned store and its same-transaction outbox) → [`dispatch`] (subscription
-//! matching, delivery rows) → delivery → audit → operations. Supporting modules: [`db`] (pool, migrations), [`project`] (tenants), [`pgtemp`]
+//! matching, delivery rows) → delivery → audit → operations, all started together by [`pipeline`].
+//! Supporting modules: [`db`] (pool, migrations), [`project`] (tenants), [`pgtemp`]
 //! (throwaway PostgreSQL clusters for the demo, tests and benchmarks), [`fhir`], [`fhirpath`] and
 //! [`criteria`] (FHIR data, FHIRPath and search criteria for subscription matching).
 
@@ -18,5 +19,6 @@ pub mod fhirpath;
 pub mod metrics;
 pub mod operations;
 pub mod pgtemp;
+pub mod pipeline;
 pub mod project;
 pub mod subscription;

@@ -5,14 +5,14 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::Backoff;
-use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker, auto_disable};
-use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
+use fhir_outbox::delivery::{DeliveryConfig, auto_disable};
+use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::operations::Table;
 use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
 use fhir_outbox::operations::retention::{self, Retention};
 use fhir_outbox::pgtemp::{Durability, TempCluster};
+use fhir_outbox::pipeline::Pipeline;
 use fhir_outbox::{db, operations};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -665,52 +665,19 @@ async fn run(
     (retention, prune_every): (Retention, Duration),
     admin: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    let connections = dispatch.workers as u32 + delivery.concurrency as u32 + 4;
-    let pool = db::connect(&url, connections).await?;
-    if !db::migrations_current(&pool).await.unwrap_or(false) {
-        anyhow::bail!("the database schema is not up to date: run `fhir-outbox migrate` first");
+    let pool = db::connect(&url, Pipeline::connections(&dispatch, &delivery)).await?;
+    let mut builder = Pipeline::builder(pool.clone())
+        .dispatch(dispatch)
+        .delivery(delivery)
+        .retention(retention, prune_every);
+    if let Some(address) = admin {
+        builder = builder.admin(address);
     }
-    let shutdown = CancellationToken::new();
-    let admin = match admin {
-        Some(address) => Some(
-            operations::admin::serve(pool.clone(), address, shutdown.clone())
-                .await?
-                .1,
-        ),
-        None => None,
-    };
-    let dispatcher = Arc::new(Dispatcher::new(pool.clone(), dispatch));
-    let dispatching = tokio::spawn(dispatcher.run(shutdown.clone()));
-    let worker = Arc::new(DeliveryWorker::new(pool.clone(), delivery)?);
-    let delivering = tokio::spawn(worker.run(shutdown.clone()));
-    let pruning = tokio::spawn({
-        let (pool, shutdown) = (pool.clone(), shutdown.clone());
-        async move {
-            loop {
-                match retention::prune(&pool, retention).await {
-                    Ok(pruned) if pruned != retention::Pruned::default() => {
-                        tracing::info!(?pruned, "pruned finished work past its retention")
-                    }
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "pruning failed; it will be tried again"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(prune_every) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-        }
-    });
+    let running = builder.start().await?;
     tracing::info!("running: dispatch and delivery");
     shutdown_signal().await;
     tracing::info!("shutting down: no new claims; finishing requests in flight");
-    shutdown.cancel();
-    dispatching.await?;
-    delivering.await?;
-    pruning.await?;
-    if let Some(admin) = admin {
-        admin.await?;
-    }
+    running.shutdown().await;
     pool.close().await;
     Ok(())
 }

@@ -16,6 +16,7 @@ mod logs;
 mod migrations;
 mod nesting;
 mod operations;
+mod pipeline;
 mod precommit;
 mod receiver;
 mod roles;

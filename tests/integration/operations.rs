@@ -102,11 +102,19 @@ async fn a_410_disables_at_once_and_a_project_can_turn_auto_disable_off() {
     );
 
     let other = db.project().await;
-    sqlx::query("UPDATE fhir_outbox.project SET settings = '{\"subscriptionAutoDisable\": []}' WHERE id = $1")
-        .bind(other)
-        .execute(&db.pool)
+    let settings = fhir_outbox::project::ProjectSettings {
+        subscription_auto_disable: Some(Vec::new()),
+        ..Default::default()
+    };
+    fhir_outbox::project::set_settings(&db.pool, other, &settings)
         .await
         .unwrap();
+    assert_eq!(
+        fhir_outbox::project::settings(&db.pool, other)
+            .await
+            .unwrap(),
+        settings
+    );
     let failing = Receiver::start(vec![Reply::Status(500, None); 5]).await;
     let kept = create(&db.pool, other, &one_attempt(&failing.url), None).await;
     let p = pipeline(&db.pool, disabling(1));

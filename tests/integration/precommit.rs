@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 async fn setup(db: &TestDb, project_enabled: bool) -> uuid::Uuid {
     let project = db.project().await;
-    sqlx::query("UPDATE fhir_outbox.project SET settings = jsonb_build_object('preCommitSubscriptionsEnabled', $2::boolean) WHERE id = $1")
-        .bind(project)
-        .bind(project_enabled)
-        .execute(&db.pool)
+    let settings = fhir_outbox::project::ProjectSettings {
+        pre_commit_subscriptions_enabled: Some(project_enabled),
+        ..Default::default()
+    };
+    fhir_outbox::project::set_settings(&db.pool, project, &settings)
         .await
         .unwrap();
     let bot = create(

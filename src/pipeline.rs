@@ -1,0 +1,206 @@
+//! The whole pipeline of one process, assembled in one place: dispatch, delivery, retention and the
+//! admin endpoint, started together and stopped together.
+//!
+//! `fhir-outbox run`, the demo, the benchmark's worker and an embedding application all start it the
+//! same way:
+//!
+//! ```no_run
+//! # async fn example(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! use fhir_outbox::{db, delivery::DeliveryConfig, dispatch::DispatchConfig, pipeline::Pipeline};
+//! let (dispatch, delivery) = (DispatchConfig::default(), DeliveryConfig::default());
+//! let pool = db::connect(url, Pipeline::connections(&dispatch, &delivery)).await?;
+//! let running = Pipeline::builder(pool).dispatch(dispatch).delivery(delivery).start().await?;
+//! // … until the application stops:
+//! running.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use crate::bots::BotRegistry;
+use crate::db;
+use crate::delivery::{DeliveryConfig, DeliveryError, DeliveryWorker};
+use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::operations::admin::{self, AdminError};
+use crate::operations::retention::{self, Retention};
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Why the pipeline did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The database schema lacks migrations this build has (or cannot be read).
+    #[error("the database schema is not up to date: run `fhir-outbox migrate` first")]
+    SchemaOutdated,
+    /// The delivery worker's configuration is unusable.
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    /// The admin endpoint could not start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+/// Namespace of the pipeline's entry points.
+pub struct Pipeline;
+
+impl Pipeline {
+    /// A builder for the stages to run on `pool`. Nothing runs until [`PipelineBuilder::start`].
+    pub fn builder(pool: PgPool) -> PipelineBuilder {
+        PipelineBuilder {
+            pool,
+            dispatch: None,
+            delivery: None,
+            retention: None,
+            admin: None,
+            bots: None,
+        }
+    }
+
+    /// The connections a pool needs for these stages: one per dispatch loop and per request in
+    /// flight (the recorder and claimer use them between requests), plus the LISTEN connections,
+    /// lease renewal and retention.
+    pub fn connections(dispatch: &DispatchConfig, delivery: &DeliveryConfig) -> u32 {
+        dispatch.workers as u32 + delivery.concurrency as u32 + 4
+    }
+}
+
+/// Chooses the stages of a [`Pipeline`] and their settings.
+pub struct PipelineBuilder {
+    pool: PgPool,
+    dispatch: Option<DispatchConfig>,
+    delivery: Option<DeliveryConfig>,
+    retention: Option<(Retention, Duration)>,
+    admin: Option<SocketAddr>,
+    bots: Option<BotRegistry>,
+}
+
+impl PipelineBuilder {
+    /// Run dispatch loops (outbox rows → deliveries).
+    pub fn dispatch(mut self, config: DispatchConfig) -> Self {
+        self.dispatch = Some(config);
+        self
+    }
+
+    /// Run the delivery worker (deliveries → webhooks and bots).
+    pub fn delivery(mut self, config: DeliveryConfig) -> Self {
+        self.delivery = Some(config);
+        self
+    }
+
+    /// Prune finished work past `retention` every `every`.
+    pub fn retention(mut self, retention: Retention, every: Duration) -> Self {
+        self.retention = Some((retention, every));
+        self
+    }
+
+    /// Serve `/metrics`, `/healthz` and `/readyz` on `address` (port 0 picks a free one; see
+    /// [`RunningPipeline::admin_address`]).
+    pub fn admin(mut self, address: SocketAddr) -> Self {
+        self.admin = Some(address);
+        self
+    }
+
+    /// The handlers that `Bot/<id>` endpoints run (delivery only).
+    pub fn bots(mut self, bots: BotRegistry) -> Self {
+        self.bots = Some(bots);
+        self
+    }
+
+    /// Checks the schema, then starts every chosen stage.
+    pub async fn start(self) -> Result<RunningPipeline, PipelineError> {
+        if !db::migrations_current(&self.pool).await.unwrap_or(false) {
+            return Err(PipelineError::SchemaOutdated);
+        }
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        // Delivery's configuration is checked before anything starts, so an error leaves nothing
+        // running behind.
+        let worker = match self.delivery {
+            Some(config) => {
+                let worker = DeliveryWorker::new(self.pool.clone(), config)?;
+                Some(Arc::new(match self.bots {
+                    Some(bots) => worker.with_bots(bots),
+                    None => worker,
+                }))
+            }
+            None => None,
+        };
+        let admin_address = match self.admin {
+            Some(address) => {
+                let (bound, task) =
+                    admin::serve(self.pool.clone(), address, shutdown.clone()).await?;
+                tasks.push(task);
+                Some(bound)
+            }
+            None => None,
+        };
+        if let Some(config) = self.dispatch {
+            let dispatcher = Arc::new(Dispatcher::new(self.pool.clone(), config));
+            tasks.push(tokio::spawn(dispatcher.run(shutdown.clone())));
+        }
+        if let Some(worker) = worker {
+            tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+        }
+        if let Some((retention, every)) = self.retention {
+            tasks.push(tokio::spawn(prune_continuously(
+                self.pool.clone(),
+                retention,
+                every,
+                shutdown.clone(),
+            )));
+        }
+        Ok(RunningPipeline {
+            shutdown,
+            tasks,
+            admin_address,
+        })
+    }
+}
+
+/// A started pipeline. Dropping it does not stop it: call [`RunningPipeline::shutdown`].
+pub struct RunningPipeline {
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    admin_address: Option<SocketAddr>,
+}
+
+impl RunningPipeline {
+    /// The address the admin endpoint listens on, when it runs.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin_address
+    }
+
+    /// Stops every stage: no new claims; requests in flight finish and are recorded, the rest is
+    /// released for other workers. Returns when everything has stopped.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a pipeline task ended abnormally");
+            }
+        }
+    }
+}
+
+async fn prune_continuously(
+    pool: PgPool,
+    retention: Retention,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match retention::prune(&pool, retention).await {
+            Ok(pruned) if pruned != retention::Pruned::default() => {
+                tracing::info!(?pruned, "pruned finished work past its retention")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "pruning failed; it will be tried again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
