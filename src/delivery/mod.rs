@@ -380,7 +380,7 @@ impl DeliveryWorker {
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(%error, "cannot claim deliveries; retrying");
-                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
+                    let backoff = policy::database_backoff(failures);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => continue,
                         _ = shutdown.cancelled() => return,
