@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::Backoff;
-use fhir_outbox::delivery::{DeliveryConfig, auto_disable};
+use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::operations::Table;
 use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
@@ -114,8 +114,11 @@ enum Command {
         #[arg(long)]
         subscription: Option<String>,
         /// Only this state.
-        #[arg(long, value_parser = ["pending", "in_flight", "succeeded", "skipped", "failed"])]
-        state: Option<String>,
+        #[arg(long, value_parser = clap::builder::TypedValueParser::try_map(
+            clap::builder::PossibleValuesParser::new(DeliveryState::NAMES),
+            |name| name.parse::<DeliveryState>(),
+        ))]
+        state: Option<DeliveryState>,
         /// Only changes made since this time (RFC 3339, e.g. 2026-11-22T08:00:00Z).
         #[arg(long)]
         since: Option<DateTime<Utc>>,
@@ -578,7 +581,7 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                     d.resource.clone(),
                     d.version_id.to_string(),
                     d.interaction.clone(),
-                    d.state.clone(),
+                    d.state.to_string(),
                     d.attempts.to_string(),
                     d.changed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                     d.reason.clone().unwrap_or_default(),

@@ -116,8 +116,8 @@ pub fn execution(
 }
 
 /// A delivery reached a final state.
-pub fn finished(state: &'static str) {
-    metrics::counter!(FINISHED, "state" => state).increment(1);
+pub fn finished(state: crate::delivery::DeliveryState) {
+    metrics::counter!(FINISHED, "state" => state.as_str()).increment(1);
 }
 
 /// A dispatch batch finished.

@@ -1,4 +1,7 @@
-//! What counts as success, how many attempts a delivery gets, and when to try again.
+//! Every retry rule of delivery: what counts as success, how many attempts a delivery gets, when to
+//! try again (backoff, `Retry-After` on 429/503), what gives up at once (410 Gone), the preamble's
+//! own budget for database trouble, and the backoff of a worker loop whose database calls fail.
+//! [`super::outcome::decide`] applies them; nothing else decides a retry.
 
 use crate::subscription::{self, extension};
 use chrono::{DateTime, Utc};
@@ -13,6 +16,82 @@ pub const MAX_ATTEMPTS_RANGE: std::ops::RangeInclusive<i64> = 1..=18;
 /// The hard cap on attempts of any kind (Medplum's queue-level `MAX_JOB_ATTEMPTS`).
 pub const HARD_ATTEMPT_CAP: u32 = 19;
 
+/// `410 Gone`: the endpoint is gone for good: no retry, and the subscription is disabled at once.
+pub const GONE: u16 = 410;
+
+/// Whether a non-success `status` is final at once, whatever attempts are left (410 Gone).
+pub fn is_gone(status: u16) -> bool {
+    status == GONE
+}
+
+/// Whether a `Retry-After` header is honoured with this status (429 Too Many Requests and 503
+/// Service Unavailable); with any other, the backoff applies.
+pub fn honours_retry_after(status: u16) -> bool {
+    matches!(status, 429 | 503)
+}
+
+/// Whether the preamble, having failed `failures` times (this one included) on database trouble,
+/// has exhausted its budget: the delivery fails.
+pub fn preamble_exhausted(failures: u32) -> bool {
+    failures >= HARD_ATTEMPT_CAP
+}
+
+/// Whether a delivery claimed `claims` times (this claim included) may not be retried again, whatever
+/// its subscription allows (the hard cap).
+pub fn claims_exhausted(claims: u32) -> bool {
+    claims >= HARD_ATTEMPT_CAP
+}
+
+/// The pause of a worker loop (claiming deliveries, dispatching changes) after `failures`
+/// consecutive database errors: 200 ms, doubling, at most 12.8 s.
+pub fn database_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100 * 2u64.pow(failures.min(7)))
+}
+
+/// What a subscription says about its own retries, read once per subscription per batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// Total HTTP attempts ([`max_attempts`]).
+    pub max_attempts: u32,
+    /// The success-codes extension, when it is set and not empty ([`is_success_code`]).
+    pub success_codes: Option<String>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            success_codes: None,
+        }
+    }
+}
+
+impl Rules {
+    /// The subscription's rules; an unusable `subscription-max-attempts` gives the default, and the
+    /// problem, for the caller to report.
+    pub fn of(subscription: &Value) -> (Rules, Option<String>) {
+        let (max_attempts, problem) = match max_attempts(subscription) {
+            Ok(max) => (max, None),
+            Err(problem) => (DEFAULT_MAX_ATTEMPTS, Some(problem)),
+        };
+        let success_codes =
+            subscription::extension_value(subscription, extension::SUCCESS_CODES, "valueString")
+                .and_then(Value::as_str)
+                .filter(|codes| !codes.is_empty())
+                .map(str::to_owned);
+        let rules = Rules {
+            max_attempts,
+            success_codes,
+        };
+        (rules, problem)
+    }
+
+    /// Whether `status` is a success under these rules (see [`is_success`]).
+    pub fn is_success(&self, status: u16) -> bool {
+        is_success_code(self.success_codes.as_deref(), status)
+    }
+}
+
 /// Whether `status` is a success for this subscription (spec §1.8).
 ///
 /// Without the success-codes extension: 200–399. With it: spaces removed, split on `,`, each token
@@ -20,12 +99,13 @@ pub const HARD_ATTEMPT_CAP: u32 = 19;
 /// not an integer (before any match) makes the whole decision fall back to 200–399; an empty token is
 /// 0 and never matches; no match is a failure.
 pub fn is_success(subscription: &Value, status: u16) -> bool {
+    Rules::of(subscription).0.is_success(status)
+}
+
+/// Whether `status` is a success under the success-codes extension's value (`None`: 200–399).
+pub fn is_success_code(codes: Option<&str>, status: u16) -> bool {
     let default = (200..400).contains(&status);
-    let Some(codes) =
-        subscription::extension_value(subscription, extension::SUCCESS_CODES, "valueString")
-            .and_then(Value::as_str)
-            .filter(|codes| !codes.is_empty())
-    else {
+    let Some(codes) = codes.filter(|codes| !codes.is_empty()) else {
         return default;
     };
     let codes: String = codes.chars().filter(|c| *c != ' ').collect();
@@ -163,6 +243,14 @@ mod tests {
             );
         }
         assert_eq!(backoff.delay(30), backoff.cap);
+    }
+
+    #[test]
+    fn database_backoff_doubles_to_a_cap() {
+        assert_eq!(database_backoff(1), Duration::from_millis(200));
+        assert_eq!(database_backoff(2), Duration::from_millis(400));
+        assert_eq!(database_backoff(7), Duration::from_millis(12_800));
+        assert_eq!(database_backoff(100), Duration::from_millis(12_800));
     }
 
     #[test]

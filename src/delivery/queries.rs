@@ -1,5 +1,6 @@
 //! The SQL of the delivery stage.
 
+use super::outcome::Completion;
 use crate::capture::Interaction;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -257,18 +258,6 @@ pub async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<u64, sq
     .rows_affected())
 }
 
-/// The new state of a delivery after one execution.
-#[derive(Debug, Clone)]
-pub struct Completion {
-    /// `pending` (retry later), `succeeded`, `skipped` or `failed`.
-    pub state: &'static str,
-    pub attempts: i32,
-    pub preamble_failures: i32,
-    pub next_attempt_at: Option<DateTime<Utc>>,
-    pub reason: Option<String>,
-    pub last_status: Option<i32>,
-}
-
 /// Writes each completion if, and only if, this worker still holds that delivery's lease, in one
 /// statement. Returns the ids written; a delivery missing from it lost its lease (another worker took
 /// it over), so nothing else about it may be recorded.
@@ -278,7 +267,10 @@ pub async fn complete(
 ) -> Result<Vec<i64>, sqlx::Error> {
     let ids: Vec<i64> = completions.iter().map(|(id, _, _)| *id).collect();
     let tokens: Vec<Uuid> = completions.iter().map(|(_, token, _)| *token).collect();
-    let states: Vec<&str> = completions.iter().map(|(_, _, c)| c.state).collect();
+    let states: Vec<&str> = completions
+        .iter()
+        .map(|(_, _, c)| c.state.as_str())
+        .collect();
     let attempts: Vec<i32> = completions.iter().map(|(_, _, c)| c.attempts).collect();
     let preamble_failures: Vec<i32> = completions
         .iter()
@@ -290,7 +282,7 @@ pub async fn complete(
         .collect();
     let reasons: Vec<Option<String>> = completions
         .iter()
-        .map(|(_, _, c)| c.reason.clone())
+        .map(|(_, _, c)| c.reason.as_ref().map(ToString::to_string))
         .collect();
     let statuses: Vec<Option<i32>> = completions.iter().map(|(_, _, c)| c.last_status).collect();
     sqlx::query_scalar!(

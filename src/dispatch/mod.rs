@@ -447,7 +447,7 @@ impl Dispatcher {
                         [_, _, ..] => single_rows_left = claimed.len(),
                         _ => {}
                     }
-                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)));
+                    let backoff = crate::delivery::policy::database_backoff(failures);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => continue,
                         _ = shutdown.cancelled() => break,

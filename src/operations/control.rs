@@ -5,6 +5,7 @@
 //! deliveries or resources.
 
 use crate::capture::{self, Interaction, StoreError};
+use crate::delivery::DeliveryState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -173,7 +174,7 @@ pub struct DeliveryRow {
     /// create, update or delete.
     pub interaction: String,
     /// pending, in_flight, succeeded, skipped or failed.
-    pub state: String,
+    pub state: DeliveryState,
     /// HTTP attempts made.
     pub attempts: i32,
     /// When the change was made.
@@ -192,7 +193,7 @@ pub struct DeliveryFilter {
     /// Only this subscription.
     pub subscription: Option<String>,
     /// Only this state.
-    pub state: Option<String>,
+    pub state: Option<DeliveryState>,
     /// Only changes made since.
     pub since: Option<DateTime<Utc>>,
     /// At most this many, newest first.
@@ -207,7 +208,8 @@ pub async fn deliveries(
     Ok(sqlx::query_as!(
         DeliveryRow,
         r#"SELECT id, project_id, subscription_id, resource_type || '/' || resource_id AS "resource!",
-                  version_id, interaction, state, attempts, changed_at, next_attempt_at, reason
+                  version_id, interaction, state AS "state: DeliveryState", attempts, changed_at,
+                  next_attempt_at, reason
            FROM fhir_outbox.delivery
            WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2::text IS NULL OR subscription_id = $2)
@@ -217,7 +219,7 @@ pub async fn deliveries(
            LIMIT $5"#,
         filter.project,
         filter.subscription,
-        filter.state,
+        filter.state.map(DeliveryState::as_str),
         filter.since,
         filter.limit
     )

@@ -5,7 +5,9 @@ use crate::common::TestDb;
 use crate::receiver::{Receiver, Reply};
 use fhir_outbox::capture::{self, WriteContext};
 use fhir_outbox::delivery::policy::Backoff;
-use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker, signature};
+use fhir_outbox::delivery::{
+    DeliveryConfig, DeliveryWorker, FailureReason, Reason, SkipReason, signature,
+};
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -441,12 +443,15 @@ async fn max_attempts_exhausted_and_custom_success_codes() {
     );
     let state = states(&db.pool, &three).await;
     assert_eq!((state[0].0.as_str(), state[0].1), ("failed", 3));
-    assert!(
-        state[0]
-            .2
-            .as_deref()
-            .unwrap()
-            .contains("Received status 500"),
+    assert_eq!(
+        state[0].2,
+        Some(
+            Reason::Failed(FailureReason::Exhausted {
+                attempts: 3,
+                last: "Received status 500".into()
+            })
+            .to_string()
+        ),
         "{state:?}"
     );
     assert_eq!(audit_events(&db.pool, &three).await.len(), 3);
@@ -586,7 +591,7 @@ async fn subscription_or_resource_gone_before_delivery_stops_silently() {
         [(
             "skipped".into(),
             0,
-            Some("the subscription's status is now `off`".into())
+            Some(SkipReason::Status("off".into()).to_string())
         )]
     );
     assert_eq!(
@@ -594,13 +599,17 @@ async fn subscription_or_resource_gone_before_delivery_stops_silently() {
         [(
             "skipped".into(),
             0,
-            Some("the subscription was deleted".into())
+            Some(SkipReason::SubscriptionDeleted.to_string())
         )]
     );
     let watcher_states = states(&db.pool, &watcher).await;
     assert_eq!(
         watcher_states[0],
-        ("skipped".into(), 0, Some("the resource was deleted".into()))
+        (
+            "skipped".into(),
+            0,
+            Some(SkipReason::ResourceDeleted.to_string())
+        )
     );
     assert_eq!(
         watcher_states[1].0, "succeeded",
@@ -651,8 +660,15 @@ async fn a_stale_version_is_not_retried() {
 
     let got = states(&db.pool, &sub).await;
     assert_eq!(got[0].0, "skipped");
-    assert!(
-        got[0].2.as_deref().unwrap().contains("no longer current"),
+    assert_eq!(
+        got[0].2,
+        Some(
+            SkipReason::Superseded {
+                version: 1,
+                current: 2
+            }
+            .to_string()
+        ),
         "{got:?}"
     );
     assert_eq!(got[1], ("succeeded".into(), 1, None));

@@ -4,8 +4,8 @@ use crate::common::{TestDb, cli};
 use crate::delivery::{audit_events, create, fast_config, hook, pipeline, states, with_extensions};
 use crate::receiver::{Receiver, Reply};
 use fhir_outbox::capture::{self, WriteContext};
-use fhir_outbox::delivery::DeliveryConfig;
 use fhir_outbox::delivery::auto_disable::{self, Trigger};
+use fhir_outbox::delivery::{DeliveryConfig, FailureReason};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -94,6 +94,14 @@ async fn a_410_disables_at_once_and_a_project_can_turn_auto_disable_off() {
     .await;
     p.settle(&db.pool).await;
     assert_eq!(gone.received().len(), 1, "no retry after 410");
+    assert_eq!(
+        states(&db.pool, &sub).await,
+        [(
+            "failed".into(),
+            1,
+            Some(FailureReason::Gone { attempts: 1 }.to_string())
+        )]
+    );
     let disabled = subscription(&db.pool, project, &sub).await;
     assert_eq!(disabled["status"], "off");
     assert_eq!(

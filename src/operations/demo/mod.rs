@@ -11,7 +11,7 @@ mod writes;
 
 use crate::capture::{self, StoreError, WriteContext};
 use crate::delivery::policy::Backoff;
-use crate::delivery::{DeliveryConfig, DeliveryError, DeliveryWorker};
+use crate::delivery::{DeliveryConfig, DeliveryError, DeliveryState, DeliveryWorker};
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::operations::Table;
 use crate::operations::receiver::{Receiver, ReceiverError};
@@ -519,10 +519,12 @@ async fn summary(
                 writes::short(&row.resource_id),
                 row.version_id
             ),
-            match (row.state.as_str(), &row.reason) {
-                ("skipped" | "failed", Some(reason)) => format!("{} ({reason})", row.state),
-                ("pending", _) if row.attempts > 0 => "awaiting retry".to_owned(),
-                (state, _) => state.to_owned(),
+            match (row.state, &row.reason) {
+                (DeliveryState::Skipped | DeliveryState::Failed, Some(reason)) => {
+                    format!("{} ({reason})", row.state)
+                }
+                (DeliveryState::Pending, _) if row.attempts > 0 => "awaiting retry".to_owned(),
+                (state, _) => state.to_string(),
             },
             row.attempts.to_string(),
             row.last_status.map_or("-".to_owned(), |s| s.to_string()),

@@ -56,7 +56,7 @@ pub struct DeliveryRow {
     /// The changed version.
     pub version_id: i64,
     /// The delivery state.
-    pub state: String,
+    pub state: crate::delivery::DeliveryState,
     /// HTTP attempts made.
     pub attempts: i32,
     /// Status of the last response.

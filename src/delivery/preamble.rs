@@ -1,0 +1,246 @@
+//! Medplum's preamble (spec §1.5), then everything needed to send: from a claimed delivery, its
+//! subscription as compiled for the batch ([`Target`]) and its resource as read with the claim, a
+//! prepared [`Request`] or a [`Stop`]. Decides nothing about retries.
+
+use super::DeliveryConfig;
+use super::auto_disable::{self, Trigger};
+use super::headers;
+use super::policy::Rules;
+use super::queries::{ClaimedDelivery, ResourceNow, SubscriptionNow};
+use super::signature;
+use super::state::{FailureReason, SkipReason};
+use crate::audit;
+use crate::capture::{self, Interaction, StoreError};
+use crate::subscription;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+use sqlx::PgPool;
+use std::sync::Arc;
+
+/// A subscription as it stands now, compiled once per batch for the deliveries of the batch to it:
+/// what the preamble checks and what every request to it needs.
+#[derive(Debug)]
+pub struct Target {
+    /// Why the subscription (or its project's settings) could not be decoded.
+    pub undecodable: Option<String>,
+    /// The subscription; `None` when it was deleted.
+    pub subscription: Option<Arc<Value>>,
+    /// `channel.type`.
+    pub channel: String,
+    /// `status`.
+    pub status: String,
+    /// `channel.endpoint`.
+    pub endpoint: Option<String>,
+    /// The `channel.header` entries, or why they are invalid.
+    pub custom_headers: Result<Vec<(HeaderName, HeaderValue)>, String>,
+    /// The signing secret.
+    pub secret: Option<String>,
+    /// Its retry rules (max attempts, success codes).
+    pub rules: Rules,
+    /// Auto-disable triggers (the project's, or the server's).
+    pub auto_disable: Vec<Trigger>,
+    /// Whether its AuditEvents are redacted.
+    pub redact: bool,
+}
+
+impl Target {
+    /// Compiles a subscription as read by the claim. Also returns what is wrong with one of its
+    /// extensions (the default applies), for the caller to report once.
+    pub fn compile(now: &SubscriptionNow, config: &DeliveryConfig) -> (Target, Option<String>) {
+        let subscription = now.content.clone();
+        let content = subscription.as_deref().unwrap_or(&Value::Null);
+        let (rules, problem) = match &subscription {
+            Some(subscription) => Rules::of(subscription),
+            None => (Rules::default(), None),
+        };
+        let target = Target {
+            undecodable: now.undecodable.clone(),
+            channel: subscription::channel_type(content).to_owned(),
+            status: subscription::status(content).to_owned(),
+            endpoint: subscription::endpoint(content).map(str::to_owned),
+            custom_headers: headers::custom_headers(content).map_err(|error| error.to_string()),
+            secret: signature::secret(content).map(str::to_owned),
+            rules,
+            auto_disable: auto_disable::project_triggers(&now.settings, &config.auto_disable),
+            redact: audit::application::redaction_enabled(
+                config.redact_audit_events,
+                &now.settings,
+            ),
+            subscription,
+        };
+        (target, problem)
+    }
+
+    /// The subscription (`null` when it was deleted).
+    pub fn content(&self) -> &Value {
+        self.subscription.as_deref().unwrap_or(&Value::Null)
+    }
+}
+
+/// Why the preamble sends nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// Nothing to send any more (no request, no AuditEvent, as Medplum).
+    Skipped(SkipReason),
+    /// Nothing to send and nothing wrong: the endpoint was removed after matching.
+    Done,
+    /// The delivery cannot be made as it stands: failed, no request.
+    Refused(FailureReason),
+}
+
+/// What the preamble came to.
+pub enum Prepared {
+    /// No request.
+    Stop(Stop),
+    /// A request to make.
+    Send(Box<Request>),
+}
+
+/// Everything needed to send one delivery (its headers are built when it is sent, for their
+/// timestamp).
+pub struct Request {
+    /// The subscription it goes to.
+    pub target: Arc<Target>,
+    /// `channel.endpoint`.
+    pub endpoint: String,
+    /// For a `Bot/` endpoint: the Bot (or why it cannot be found) and the handler's input.
+    pub bot: Option<(Result<Value, String>, Value)>,
+    /// What is sent and signed.
+    pub body: Vec<u8>,
+    /// The resource's display, for the AuditEvent.
+    pub resource_display: Option<String>,
+}
+
+impl Request {
+    /// The request's headers, signed with `timestamp`.
+    pub fn headers(&self, delivery: &ClaimedDelivery, timestamp: i64) -> HeaderMap {
+        let webhook_id = delivery.webhook_id.to_string();
+        let deleted = format!("{}/{}", delivery.resource_type, delivery.resource_id);
+        let custom = match &self.target.custom_headers {
+            Ok(custom) => custom.as_slice(),
+            Err(_) => &[],
+        };
+        headers::build(&headers::RequestHeaders {
+            subscription_id: &delivery.subscription_id,
+            interaction: delivery.interaction,
+            deleted_resource: (delivery.interaction == Interaction::Delete)
+                .then_some(deleted.as_str()),
+            custom,
+            trace_id: &delivery.trace_id,
+            webhook_id: &webhook_id,
+            timestamp,
+            secret: self.target.secret.as_deref(),
+            body: &self.body,
+        })
+    }
+}
+
+/// Medplum's preamble, then everything needed to send, from what was read for the whole batch: the
+/// subscription as it is now (`None`: not read, as deleted) and the resource. Reads the database
+/// only for a `Bot/` endpoint; an error is database trouble (retried on the preamble's budget).
+pub async fn prepare(
+    pool: &PgPool,
+    delivery: &ClaimedDelivery,
+    target: Option<&Arc<Target>>,
+    resource: ResourceNow,
+) -> Result<Prepared, StoreError> {
+    let stop = |stop| Ok(Prepared::Stop(stop));
+    // What cannot be decoded now never will be: failed at once, with the reason on the row.
+    if let Some(problem) = target
+        .and_then(|target| target.undecodable.as_ref())
+        .or(resource.undecodable.as_ref())
+    {
+        tracing::error!(delivery = delivery.id, resource_type = %delivery.resource_type,
+            resource_id = %delivery.resource_id, version = delivery.version_id,
+            "cannot deliver: {problem}");
+        return stop(Stop::Refused(FailureReason::Undecodable(problem.clone())));
+    }
+    let Some(target) = target.filter(|target| target.subscription.is_some()) else {
+        return stop(Stop::Skipped(SkipReason::SubscriptionDeleted));
+    };
+    if target.channel != "rest-hook" {
+        return stop(Stop::Skipped(SkipReason::Channel(target.channel.clone())));
+    }
+    if target.status != "active" {
+        return stop(Stop::Skipped(SkipReason::Status(target.status.clone())));
+    }
+    let Some(endpoint) = target.endpoint.clone() else {
+        return stop(Stop::Done);
+    };
+    // A `Bot/<id>` endpoint runs the handler the application registered for that Bot (rare enough
+    // to be read on its own).
+    let bot = match endpoint.strip_prefix("Bot/") {
+        None => None,
+        Some(bot_id) => Some(
+            match capture::read(pool, delivery.project_id, "Bot", bot_id).await {
+                Ok(bot) => Ok(bot),
+                Err(StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_)) => {
+                    Err(format!(
+                        "{endpoint} does not exist in the subscription's project"
+                    ))
+                }
+                Err(error) => return Err(error),
+            },
+        ),
+    };
+    let missing = |version: i64| {
+        StoreError::NotFound(format!(
+            "{}/{} version {version} is not stored",
+            delivery.resource_type, delivery.resource_id
+        ))
+    };
+    let version = if delivery.interaction == Interaction::Delete {
+        // A bot receives the last live version (read for deletes); a rest-hook sends `{}`.
+        match bot {
+            Some(_) => Some(
+                resource
+                    .content
+                    .ok_or_else(|| missing(delivery.version_id - 1))?,
+            ),
+            None => None,
+        }
+    } else {
+        if resource.current_version.is_none() || resource.deleted {
+            return stop(Stop::Skipped(SkipReason::ResourceDeleted));
+        }
+        // Only a retry of a recorded, failed attempt may give up on a superseded version (as
+        // Medplum does, spec §1.5): a claim taken over from a worker that died before its attempt
+        // was recorded is still a first attempt, and state-transition notifications depend on
+        // every version being sent once.
+        if delivery.attempts > 0 && resource.current_version != Some(delivery.version_id) {
+            return stop(Stop::Skipped(SkipReason::Superseded {
+                version: delivery.version_id,
+                current: resource.current_version.unwrap_or_default(),
+            }));
+        }
+        Some(
+            resource
+                .content
+                .ok_or_else(|| missing(delivery.version_id))?,
+        )
+    };
+    let resource_display = version.as_ref().and_then(audit::display);
+    // What is sent (and signed): the version; for a delete `{}`, or for a bot Medplum's
+    // `{"deletedResource": …}`.
+    let payload = match (&bot, version) {
+        (None, None) => None,
+        (Some(_), Some(version)) if delivery.interaction == Interaction::Delete => {
+            Some(serde_json::json!({ "deletedResource": version }))
+        }
+        (_, version) => version,
+    };
+    let body = match &payload {
+        Some(payload) => serde_json::to_vec(payload).expect("a JSON value serializes"),
+        None => b"{}".to_vec(),
+    };
+    if let Err(error) = &target.custom_headers {
+        return stop(Stop::Refused(FailureReason::Refused(error.clone())));
+    }
+    Ok(Prepared::Send(Box::new(Request {
+        target: target.clone(),
+        endpoint,
+        bot: bot.map(|bot| (bot, payload.unwrap_or_default())),
+        body,
+        resource_display,
+    })))
+}

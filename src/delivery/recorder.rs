@@ -1,0 +1,391 @@
+//! The recorder: writes decided completions in batches, and decides nothing. One transaction per
+//! batch: the fenced completions (`UPDATE … FROM unnest`), then, for those whose lease still held,
+//! the stored AuditEvents (`create_audit_events`), the attempt rows and the auto-disable
+//! bookkeeping; a batch that fails is written again one delivery at a time. Then metrics and logged
+//! AuditEvents.
+
+use super::auto_disable::{self, Trigger};
+use super::outcome::{Decision, FinalFailure};
+use super::preamble::Target;
+use super::queries::{self, AttemptRecord, ClaimedDelivery};
+use super::state::DeliveryState;
+use crate::audit::{self, Outcome, TransmitAttempt};
+use crate::capture::{StoreError, WriteContext};
+use chrono::Utc;
+use serde_json::Value;
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// Most executions recorded in one transaction.
+pub const MAX_RECORD_BATCH: usize = 1000;
+
+/// An executed and decided delivery, waiting to be recorded.
+pub struct Executed {
+    pub delivery: ClaimedDelivery,
+    pub decision: Decision,
+    /// For an attempt: what its AuditEvents need.
+    pub audit: Option<AuditInput>,
+    /// When its execution started (for the metrics).
+    pub clock: Instant,
+    /// Its log span, so that what the recorder logs about it carries the delivery's fields.
+    pub span: tracing::Span,
+}
+
+/// What the AuditEvents of an attempt need besides its record.
+pub struct AuditInput {
+    /// The subscription, compiled for its batch.
+    pub target: Arc<Target>,
+    /// The resource's display.
+    pub resource_display: Option<String>,
+    /// For a bot run: the Bot, its input, and its output (or error) text.
+    pub bot: Option<BotRun>,
+}
+
+/// A bot run, for its `execute` AuditEvent.
+pub struct BotRun {
+    pub bot: Value,
+    pub input: Value,
+    pub output: String,
+}
+
+/// What recording one execution writes.
+struct Record {
+    delivery: ClaimedDelivery,
+    clock: Instant,
+    span: tracing::Span,
+    decision: Decision,
+    /// The attempt's AuditEvents (with `decision.attempt`).
+    events: Events,
+}
+
+/// The AuditEvents of an attempt and its auto-disable triggers.
+#[derive(Default)]
+struct Events {
+    /// The AuditEvent to store, if its destinations include `resource`.
+    stored: Option<Value>,
+    /// The AuditEvent to log, if its destinations include `log`.
+    logged: Option<Value>,
+    auto_disable: Vec<Trigger>,
+}
+
+/// Writes completions.
+pub struct Recorder {
+    pub pool: PgPool,
+    /// Write AuditEvents whose destination includes `log` as JSON log lines.
+    pub log_audit_events: bool,
+    /// Bytes of a bot's output kept in a stored AuditEvent.
+    pub bot_output_limit_resource: usize,
+    /// Bytes of a bot's output kept in a logged AuditEvent.
+    pub bot_output_limit_log: usize,
+}
+
+impl Recorder {
+    /// Records executions: one transaction for the batch; if it fails, one per execution, so a row
+    /// that cannot be written does not hold back the others. An execution that cannot be recorded
+    /// at all is retried when its lease expires. Then metrics and logged AuditEvents. Returns the
+    /// lease tokens of every execution given (recorded or not: this process is done with them).
+    pub async fn record(&self, executed: Vec<Executed>) -> Vec<Uuid> {
+        if executed.is_empty() {
+            return Vec::new();
+        }
+        let now = Utc::now();
+        let records: Vec<Record> = executed
+            .into_iter()
+            .map(|executed| self.record_of(executed, now))
+            .collect();
+        let unrecorded = |record: &Record, error: &StoreError| {
+            record.span.in_scope(|| {
+                tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
+            })
+        };
+        let written = match self.write(&records).await {
+            Ok(written) => written,
+            Err(error) if records.len() == 1 => {
+                unrecorded(&records[0], &error);
+                HashSet::new()
+            }
+            Err(error) => {
+                tracing::warn!(%error, deliveries = records.len(), "cannot record a batch of outcomes; recording them one by one");
+                let mut written = HashSet::new();
+                for record in &records {
+                    match self.write(std::slice::from_ref(record)).await {
+                        Ok(one) => written.extend(one),
+                        Err(error) => unrecorded(record, &error),
+                    }
+                }
+                written
+            }
+        };
+        let mut leases = Vec::with_capacity(records.len());
+        for record in records {
+            let Record {
+                delivery,
+                clock,
+                span,
+                decision,
+                events,
+            } = record;
+            leases.push(delivery.lease_token);
+            if !written.contains(&delivery.id) {
+                continue;
+            }
+            let _entered = span.enter();
+            let state = decision.completion.state;
+            if let Some(attempt) = &decision.attempt {
+                crate::metrics::attempt(
+                    attempt.succeeded,
+                    Duration::from_millis(attempt.duration_ms.max(0) as u64),
+                );
+                if self.log_audit_events
+                    && let Some(event) = &events.logged
+                {
+                    audit::application::log_audit_event(event, true);
+                }
+            }
+            let succeeded = state == DeliveryState::Succeeded;
+            let first = delivery.claims == 1;
+            let since_change = (now - delivery.changed_at).to_std().unwrap_or_default();
+            crate::metrics::execution(
+                succeeded,
+                clock.elapsed(),
+                first.then(|| since_change.saturating_sub(clock.elapsed())),
+                succeeded.then_some(since_change),
+            );
+            if state.is_final() {
+                crate::metrics::finished(state);
+            }
+        }
+        leases
+    }
+
+    /// What recording an execution writes: its decision and, for an attempt, its AuditEvents.
+    /// Reads nothing.
+    fn record_of(&self, executed: Executed, now: chrono::DateTime<Utc>) -> Record {
+        let Executed {
+            delivery,
+            decision,
+            audit,
+            clock,
+            span,
+        } = executed;
+        let events = match (&decision.attempt, audit) {
+            (Some(attempt), Some(audit)) => self.audit_events(&delivery, attempt, audit, now),
+            _ => Events::default(),
+        };
+        Record {
+            delivery,
+            clock,
+            span,
+            decision,
+            events,
+        }
+    }
+
+    /// The AuditEvents of an attempt: a rest-hook attempt's `transmit` event goes where the
+    /// subscription says; a bot run's `execute` event where the Bot says, when its trigger fires.
+    fn audit_events(
+        &self,
+        delivery: &ClaimedDelivery,
+        record: &AttemptRecord,
+        input: AuditInput,
+        now: chrono::DateTime<Utc>,
+    ) -> Events {
+        let outcome = if record.succeeded {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let target = &input.target;
+        let subscription = target.content();
+        let (stored, logged) = match &input.bot {
+            None => {
+                let event = audit::transmit_event(&TransmitAttempt {
+                    subscription,
+                    resource_type: &delivery.resource_type,
+                    resource_id: &delivery.resource_id,
+                    resource_display: input.resource_display,
+                    started: delivery.changed_at,
+                    ended: now,
+                    outcome,
+                    outcome_desc: match (&record.status, &record.error) {
+                        (Some(status), _) => {
+                            format!("Attempt {} received status {status}", delivery.attempts)
+                        }
+                        (None, error) => format!(
+                            "Attempt {} received error {}",
+                            delivery.attempts,
+                            error.as_deref().unwrap_or_default()
+                        ),
+                    },
+                    request_id: &delivery.request_id,
+                    trace_id: &delivery.trace_id,
+                    redact: target.redact,
+                });
+                let destinations = audit::destinations(subscription);
+                match (destinations.resource, destinations.log) {
+                    (true, true) => (Some(event.clone()), Some(event)),
+                    (true, false) => (Some(event), None),
+                    (false, true) => (None, Some(event)),
+                    (false, false) => (None, None),
+                }
+            }
+            Some(run) if audit::bot::triggered(&run.bot, outcome, &run.output) => {
+                let (resource, log) = audit::bot::destinations(&run.bot);
+                let bot_input = run.input.get("deletedResource").unwrap_or(&run.input);
+                let event = |limit: usize| {
+                    audit::bot::execute_event(&audit::bot::BotRun {
+                        bot: &run.bot,
+                        input: bot_input,
+                        subscription: Some(subscription),
+                        requester: bot_input.pointer("/meta/author"),
+                        started: record.started_at,
+                        ended: now,
+                        outcome,
+                        outcome_desc: audit::bot::tail(&run.output, limit),
+                        request_id: &delivery.request_id,
+                        trace_id: &delivery.trace_id,
+                        redact: target.redact,
+                    })
+                };
+                (
+                    resource.then(|| event(self.bot_output_limit_resource)),
+                    log.then(|| event(self.bot_output_limit_log)),
+                )
+            }
+            Some(_) => (None, None),
+        };
+        Events {
+            stored,
+            logged,
+            auto_disable: target.auto_disable.clone(),
+        }
+    }
+
+    /// Writes records in one transaction: the fenced completions, then, for those whose lease still
+    /// held, the stored AuditEvents, the attempt rows and the auto-disable bookkeeping. Returns the
+    /// ids of the deliveries written; the others lost their lease and nothing of them was written.
+    async fn write(&self, records: &[Record]) -> Result<HashSet<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let completions: Vec<_> = records
+            .iter()
+            .map(|record| {
+                let delivery = &record.delivery;
+                (
+                    delivery.id,
+                    delivery.lease_token,
+                    &record.decision.completion,
+                )
+            })
+            .collect();
+        let written: HashSet<i64> = queries::complete(&mut tx, &completions)
+            .await?
+            .into_iter()
+            .collect();
+        let mut attempts: Vec<(&ClaimedDelivery, &AttemptRecord, &Events)> = Vec::new();
+        for record in records {
+            let delivery = &record.delivery;
+            if !written.contains(&delivery.id) {
+                record.span.in_scope(|| {
+                    tracing::warn!(
+                        "lease lost before completion (another worker took the delivery over); outcome discarded"
+                    )
+                });
+            } else if let Some(attempt) = &record.decision.attempt {
+                attempts.push((delivery, attempt, &record.events));
+            }
+        }
+        let events: Vec<(Uuid, &Value)> = attempts
+            .iter()
+            .filter_map(|(delivery, _, events)| {
+                Some((delivery.project_id, events.stored.as_ref()?))
+            })
+            .collect();
+        let event_ids = match events.is_empty() {
+            true => Vec::new(),
+            false => queries::create_audit_events(&mut tx, &events).await?,
+        };
+        let mut event_ids = event_ids.iter();
+        let rows: Vec<(&ClaimedDelivery, &AttemptRecord, Option<&str>)> = attempts
+            .iter()
+            .map(|(delivery, attempt, events)| {
+                let event_id = match events.stored {
+                    Some(_) => event_ids.next().map(String::as_str),
+                    None => None,
+                };
+                (*delivery, *attempt, event_id)
+            })
+            .collect();
+        if !rows.is_empty() {
+            queries::insert_attempts(&mut tx, &rows).await?;
+        }
+        // Auto-disable bookkeeping, after the attempts' own records so that a disable is what the
+        // log shows last: a success clears the count, a final failure adds to it (and may disable
+        // the subscription), a `410 Gone` disables it at once.
+        let mut succeeded: Vec<(Uuid, &str)> = attempts
+            .iter()
+            .filter(|(_, attempt, _)| attempt.succeeded)
+            .map(|(delivery, _, _)| (delivery.project_id, delivery.subscription_id.as_str()))
+            .collect();
+        succeeded.sort_unstable();
+        succeeded.dedup();
+        if !succeeded.is_empty() {
+            auto_disable::clear(&mut tx, &succeeded).await?;
+        }
+        for record in records {
+            if record.decision.final_failure != FinalFailure::No
+                && written.contains(&record.delivery.id)
+            {
+                track_final_failure(&mut tx, record)
+                    .instrument(record.span.clone())
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+}
+
+/// A final failure counts towards auto-disable (and may disable the subscription); a `410 Gone`
+/// disables it at once.
+async fn track_final_failure(
+    tx: &mut sqlx::PgConnection,
+    record: &Record,
+) -> Result<(), StoreError> {
+    let delivery = &record.delivery;
+    let message = match record.decision.final_failure {
+        FinalFailure::No => None,
+        FinalFailure::Gone => {
+            Some("Automatically disabled: the endpoint answered 410 Gone".to_owned())
+        }
+        FinalFailure::Counts => {
+            auto_disable::record_final_failure(
+                tx,
+                delivery.project_id,
+                &delivery.subscription_id,
+                &record.events.auto_disable,
+                Utc::now(),
+            )
+            .await?
+        }
+    };
+    if let Some(message) = message {
+        let context = WriteContext {
+            author: None,
+            request_id: Some(delivery.request_id.clone()),
+            trace_id: Some(delivery.trace_id.clone()),
+        };
+        auto_disable::disable(
+            tx,
+            delivery.project_id,
+            &delivery.subscription_id,
+            &message,
+            &context,
+        )
+        .await?;
+    }
+    Ok(())
+}

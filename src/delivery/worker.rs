@@ -1,0 +1,442 @@
+//! The worker loop: claims deliveries with leases (and what their preamble needs, each
+//! subscription compiled once per batch), renews the leases, and runs three tasks joined by bounded
+//! queues: the claimer, the executor (preamble → transport → outcome, at most `concurrency` at
+//! once) and the recorder. On shutdown it records what finished and releases the rest.
+
+use super::outcome::{self, Execution};
+use super::policy::{self, Rules};
+use super::preamble::{self, Prepared, Target};
+use super::queries::{self, ClaimedDelivery};
+use super::recorder::{self, AuditInput, BotRun, Executed, Recorder};
+use super::transport::{Happened, Transport};
+use super::{DeliveryConfig, DeliveryError, outbound};
+use chrono::Utc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// Subscription versions whose bad extensions were reported, remembered up to this many.
+const WARNED_LIMIT: usize = 10_000;
+
+/// The delivery stage.
+pub struct DeliveryWorker {
+    pool: sqlx::PgPool,
+    config: DeliveryConfig,
+    transport: Transport,
+    recorder: Recorder,
+    /// Lease tokens of the deliveries this process holds: claimed, in flight, or waiting to be
+    /// recorded (renewed periodically, released on shutdown).
+    leases: Mutex<HashSet<Uuid>>,
+    /// (project, subscription, version) whose bad extension was reported: once each.
+    warned: Mutex<HashSet<(Uuid, String, String)>>,
+}
+
+/// A claimed delivery whose preamble has run: what to do with it.
+struct Job {
+    delivery: ClaimedDelivery,
+    /// The preamble's decision, or why it could not be made (database trouble).
+    prepared: Result<Prepared, String>,
+}
+
+impl DeliveryWorker {
+    /// A worker on this pool.
+    pub fn new(
+        pool: sqlx::PgPool,
+        config: DeliveryConfig,
+    ) -> Result<DeliveryWorker, DeliveryError> {
+        let client = outbound::client(
+            config.allow_unsafe_outbound,
+            config.connect_timeout,
+            config.request_timeout,
+        )?;
+        Ok(DeliveryWorker {
+            transport: Transport {
+                client,
+                allow_unsafe_outbound: config.allow_unsafe_outbound,
+                request_timeout: config.request_timeout,
+                response_body_limit: config.response_body_limit,
+                bots: crate::bots::BotRegistry::new(),
+            },
+            recorder: Recorder {
+                pool: pool.clone(),
+                log_audit_events: config.log_audit_events,
+                bot_output_limit_resource: config.bot_output_limit_resource,
+                bot_output_limit_log: config.bot_output_limit_log,
+            },
+            pool,
+            config,
+            leases: Mutex::new(HashSet::new()),
+            warned: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The bot handlers that `Bot/<id>` endpoints run (see [`crate::bots`]).
+    pub fn with_bots(mut self, bots: crate::bots::BotRegistry) -> Self {
+        self.transport.bots = bots;
+        self
+    }
+
+    fn lease_seconds(&self) -> f64 {
+        self.config.lease.as_secs_f64()
+    }
+
+    /// Deliveries claimed per claim query.
+    fn claim_size(&self) -> usize {
+        self.config.claim_batch.max(self.config.concurrency).max(1)
+    }
+
+    /// Claims up to `concurrency` due deliveries, executes them all and records them as one batch;
+    /// returns how many. For tests and tools; `run` is the long-running loop.
+    pub async fn deliver_once(self: &Arc<Self>) -> Result<usize, sqlx::Error> {
+        let jobs = self.claim(self.config.concurrency).await?;
+        let count = jobs.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for job in jobs {
+            let worker = self.clone();
+            tasks.spawn(async move { worker.execute(job).await });
+        }
+        let mut executed = Vec::with_capacity(count);
+        while let Some(done) = tasks.join_next().await {
+            executed.extend(done.ok());
+        }
+        self.record(executed).await;
+        Ok(count)
+    }
+
+    /// Claims up to `limit` due deliveries, compiles each subscription of the batch once, and runs
+    /// the preamble of the batch (its reads came with the claim).
+    async fn claim(&self, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
+        let claimed = {
+            let mut conn = self.pool.acquire().await?;
+            queries::claim(&mut conn, limit as i64, self.lease_seconds()).await?
+        };
+        self.leases
+            .lock()
+            .expect("lease lock")
+            .extend(claimed.iter().map(|claimed| claimed.delivery.lease_token));
+        let mut targets: HashMap<(Uuid, String), Arc<Target>> = HashMap::new();
+        let mut jobs = Vec::with_capacity(claimed.len());
+        for claimed in claimed {
+            let delivery = claimed.delivery;
+            let key = (delivery.project_id, delivery.subscription_id.clone());
+            if let Some(now) = claimed.subscription {
+                let (target, problem) = Target::compile(&now, &self.config);
+                if let Some(problem) = problem {
+                    self.warn_once(&delivery, &target, &problem);
+                }
+                targets.insert(key.clone(), Arc::new(target));
+            }
+            let prepared =
+                preamble::prepare(&self.pool, &delivery, targets.get(&key), claimed.resource)
+                    .await
+                    .map_err(|error| error.to_string());
+            jobs.push(Job { delivery, prepared });
+        }
+        Ok(jobs)
+    }
+
+    /// Reports a subscription's bad extension once per subscription version.
+    fn warn_once(&self, delivery: &ClaimedDelivery, target: &Target, problem: &str) {
+        let version = target
+            .content()
+            .pointer("/meta/versionId")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let key = (
+            delivery.project_id,
+            delivery.subscription_id.clone(),
+            version,
+        );
+        let mut warned = self.warned.lock().expect("warned lock");
+        if warned.contains(&key) {
+            return;
+        }
+        if warned.len() >= WARNED_LIMIT {
+            warned.clear();
+        }
+        warned.insert(key);
+        tracing::warn!(subscription = %delivery.subscription_id, "{problem}");
+    }
+
+    /// Runs until `shutdown`: claims due deliveries in batches whenever fewer than half a batch
+    /// wait, starts them as request slots free up, records outcomes in batches (a recorder task),
+    /// wakes on LISTEN `fhir_outbox_delivery` or every poll interval, renews leases, and on shutdown
+    /// stops claiming, lets requests in flight finish within the grace period, records them, and
+    /// releases the rest.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let (wake, woken) = watch::channel(0u64);
+        let listener = tokio::spawn(crate::db::listen(
+            self.pool.clone(),
+            "fhir_outbox_delivery",
+            wake,
+            shutdown.clone(),
+        ));
+        let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        let claim_size = self.claim_size();
+        // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
+        // of piling up executed-but-unrecorded work, which a crash would send again.
+        let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
+        let recorder = tokio::spawn(self.clone().record_continuously(to_record));
+        // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
+        // the requests of the previous batch.
+        let (to_start, mut claimed) = mpsc::channel::<Job>(claim_size);
+        let claimer = tokio::spawn(self.clone().claim_continuously(
+            to_start,
+            woken,
+            shutdown.clone(),
+        ));
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let job = tokio::select! {
+                job = claimed.recv() => job,
+                _ = shutdown.cancelled() => None,
+            };
+            let Some(job) = job else { break };
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                // The job is dropped; its lease is released below.
+                _ = shutdown.cancelled() => break,
+            };
+            while tasks.try_join_next().is_some() {}
+            let worker = self.clone();
+            let executed = executed.clone();
+            tasks.spawn(async move {
+                let done = worker.execute(job).await;
+                // The slot is held until the recorder accepts it (backpressure).
+                let _ = executed.send(done).await;
+                drop(slot);
+            });
+        }
+        // Unblocks a claimer waiting for room, so that it sees the shutdown.
+        drop(claimed);
+        let _ = claimer.await;
+        let finished = tokio::time::timeout(self.config.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        // Everything executed is recorded before the rest is released.
+        drop(executed);
+        let _ = recorder.await;
+        let unfinished: Vec<Uuid> = self.leases.lock().expect("lease lock").drain().collect();
+        if !unfinished.is_empty() {
+            match self.pool.acquire().await {
+                Ok(mut conn) => match queries::release(&mut conn, &unfinished).await {
+                    Ok(released) => tracing::info!(released, "released unfinished deliveries"),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot release deliveries; their leases will expire")
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "cannot release deliveries; their leases will expire")
+                }
+            }
+        }
+        renewer.abort();
+        listener.abort();
+    }
+
+    /// The claimer: claims a batch whenever half a batch fits in the queue of claimed deliveries,
+    /// and when a claim finds less than it asked for, waits for a notification or the poll interval.
+    async fn claim_continuously(
+        self: Arc<Self>,
+        to_start: mpsc::Sender<Job>,
+        mut woken: watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let half = (self.claim_size() / 2).max(1);
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            woken.borrow_and_update();
+            let room = tokio::select! {
+                room = to_start.reserve_many(half) => match room {
+                    Ok(_) => to_start.capacity(),
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            match self.claim(room).await {
+                Ok(jobs) => {
+                    failures = 0;
+                    let drained = jobs.len() < room;
+                    for job in jobs {
+                        if to_start.send(job).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !drained {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "cannot claim deliveries; retrying");
+                    let backoff = policy::database_backoff(failures);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = woken.changed() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn renew_leases(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = self.config.lease / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let tokens: Vec<Uuid> = self
+                .leases
+                .lock()
+                .expect("lease lock")
+                .iter()
+                .copied()
+                .collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            let renewed = async {
+                let mut conn = self.pool.acquire().await?;
+                queries::renew_leases(&mut conn, &tokens, self.lease_seconds()).await
+            };
+            if let Err(error) = renewed.await {
+                tracing::warn!(%error, "cannot renew delivery leases");
+            }
+        }
+    }
+
+    /// Executes one prepared delivery and decides what it comes to. Never fails: every problem
+    /// ends up in the decision.
+    async fn execute(&self, job: Job) -> Executed {
+        let delivery = job.delivery;
+        // Every log line about this delivery carries these (never the body, headers or endpoint).
+        let span = tracing::info_span!(
+            "delivery",
+            delivery = delivery.id,
+            subscription = %delivery.subscription_id,
+            resource = %format_args!("{}/{}", delivery.resource_type, delivery.resource_id),
+            version = delivery.version_id,
+            attempt = delivery.attempts + 1,
+            request_id = %delivery.request_id,
+            trace_id = %delivery.trace_id,
+        );
+        let clock = Instant::now();
+        let (execution, request) = match job.prepared {
+            Ok(Prepared::Stop(stop)) => (Execution::Stopped(stop), None),
+            Ok(Prepared::Send(mut request)) => {
+                let performed = self
+                    .transport
+                    .perform(&delivery, &mut request)
+                    .instrument(span.clone())
+                    .await;
+                (Execution::Performed(performed), Some(request))
+            }
+            Err(error) => (Execution::PreambleFailed(error), None),
+        };
+        let default_rules = Rules::default();
+        let rules = request
+            .as_ref()
+            .map_or(&default_rules, |request| &request.target.rules);
+        let decision = outcome::decide(
+            &delivery,
+            &execution,
+            rules,
+            &self.config.backoff,
+            Utc::now(),
+        );
+        let audit = match (execution, request) {
+            (Execution::Performed(performed), Some(request)) => {
+                if let Some(attempt) = &decision.attempt {
+                    span.in_scope(|| log_attempt(attempt, &performed.happened));
+                }
+                let bot = match performed.happened {
+                    Happened::Bot { bot, input, result } => Some(BotRun {
+                        bot,
+                        input,
+                        output: result.unwrap_or_else(|error| error),
+                    }),
+                    Happened::Response(_) | Happened::Error(_) => None,
+                };
+                Some(AuditInput {
+                    target: request.target,
+                    resource_display: request.resource_display,
+                    bot,
+                })
+            }
+            _ => None,
+        };
+        Executed {
+            delivery,
+            decision,
+            audit,
+            clock,
+            span,
+        }
+    }
+
+    /// The recorder task: records executions in batches of whatever has arrived while the previous
+    /// batch was being written, until every sender is gone.
+    async fn record_continuously(self: Arc<Self>, mut to_record: mpsc::Receiver<Executed>) {
+        let mut batch = Vec::new();
+        while to_record
+            .recv_many(&mut batch, recorder::MAX_RECORD_BATCH)
+            .await
+            > 0
+        {
+            self.record(std::mem::take(&mut batch)).await;
+        }
+    }
+
+    /// Records a batch, then lets go of its leases.
+    async fn record(&self, executed: Vec<Executed>) {
+        let done = self.recorder.record(executed).await;
+        let mut held = self.leases.lock().expect("lease lock");
+        for token in done {
+            held.remove(&token);
+        }
+    }
+}
+
+/// Every attempt is in `delivery_attempt`; the log shows failures by default and successes at debug
+/// level (thousands a second would drown everything else).
+fn log_attempt(attempt: &queries::AttemptRecord, happened: &Happened) {
+    let duration_ms = attempt.duration_ms;
+    match happened {
+        Happened::Bot { .. } => tracing::info!(
+            duration_ms,
+            succeeded = attempt.succeeded,
+            error = attempt.error.as_deref(),
+            "bot run"
+        ),
+        _ if attempt.succeeded => tracing::debug!(
+            status = attempt.status,
+            duration_ms,
+            succeeded = true,
+            "rest-hook attempt"
+        ),
+        _ => tracing::info!(
+            status = attempt.status,
+            duration_ms,
+            succeeded = false,
+            error = attempt.error.as_deref(),
+            "rest-hook attempt"
+        ),
+    }
+}
