@@ -10,15 +10,18 @@
 pub mod audit;
 pub mod bots;
 pub mod capture;
-pub mod criteria;
 pub mod db;
 pub mod delivery;
 pub mod dispatch;
 pub mod fhir;
-pub mod fhirpath;
 pub mod metrics;
 pub mod operations;
 pub mod pgtemp;
 pub mod pipeline;
 pub mod project;
 pub mod subscription;
+
+/// The FHIRPath engine and the search criteria matcher live in the `fhir-match` crate
+/// (crates/fhir-match); they are re-exported so that `fhir_outbox::fhirpath` and
+/// `fhir_outbox::criteria` keep their paths.
+pub use fhir_match::{criteria, fhirpath};

@@ -1,6 +1,8 @@
-//! FHIR R4 definitions shipped with the crate (data from the HL7 specification).
+//! FHIR data as the pipeline handles it: the nesting limit of stored resources and the decoder of
+//! stored JSON. The R4 element definitions ([`elements`]) live in the `fhir-match` crate with the
+//! FHIRPath engine that uses them, re-exported here.
 
-pub mod elements;
+pub use fhir_match::fhir::elements;
 
 use serde_json::Value;
 

@@ -61,7 +61,7 @@
 //!   [`FhirPathError::Unsupported`].
 //!
 //! ```
-//! use fhir_outbox::fhirpath::{Environment, Expression};
+//! use fhir_match::fhirpath::{Environment, Expression};
 //! let patient = serde_json::json!({"resourceType": "Patient", "name": [{"given": ["Peter"]}]});
 //! let expr = Expression::parse("Patient.name.given.first() = 'Peter'").unwrap();
 //! let out = expr.evaluate(&patient, &Environment::new()).unwrap();

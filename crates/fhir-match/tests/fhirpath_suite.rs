@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use fhir_outbox::fhirpath::{Environment, Expression, Item};
+use fhir_match::fhirpath::{Environment, Expression, Item};
 use regex::Regex;
 use serde_json::Value;
 

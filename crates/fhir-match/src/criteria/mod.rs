@@ -33,7 +33,7 @@
 //! - Negation (`:not`, `ne`) matches when no value matches, so a resource without the element matches.
 //!
 //! ```
-//! use fhir_outbox::criteria::Criteria;
+//! use fhir_match::criteria::Criteria;
 //! let criteria = Criteria::parse("Observation?status=final&code=http://loinc.org|8867-4").unwrap();
 //! let obs = serde_json::json!({"resourceType": "Observation", "status": "preliminary",
 //!     "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}});

@@ -2,7 +2,7 @@
 //! the reference spec), number/quantity parameters (beyond Medplum), unsupported constructs and parse
 //! errors.
 
-use fhir_outbox::criteria::{Criteria, CriteriaError};
+use fhir_match::criteria::{Criteria, CriteriaError};
 use serde_json::{Value, json};
 
 fn matches(criteria: &str, resource: &Value) -> bool {
