@@ -4,10 +4,10 @@
 use super::BenchError;
 use super::receiver::Receiver;
 use super::system;
-use crate::capture::{self, WriteContext};
-use crate::db;
-use crate::dispatch::{DispatchConfig, Dispatcher};
-use crate::pgtemp::{Durability, TempCluster};
+use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::db;
+use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
+use fhir_outbox::pgtemp::{Durability, TempCluster};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -246,7 +246,7 @@ pub async fn project_with_subscriptions(
     endpoint: &str,
     subscriptions: usize,
 ) -> Result<Uuid, BenchError> {
-    let project = crate::project::create_project(pool, "bench").await?;
+    let project = fhir_outbox::project::create_project(pool, "bench").await?;
     for _ in 0..subscriptions {
         capture::create(
             pool,

@@ -2,7 +2,7 @@
 //! otherwise) and the numbers it reads for it.
 
 use super::writes::{Done, WriteCounts, short};
-use crate::operations::receiver::{Counts, Event};
+use crate::cli::receiver::{Counts, Event};
 use sqlx::PgPool;
 use std::io::Write;
 use std::time::Duration;
