@@ -2,9 +2,9 @@
 //!
 //! The pipeline, one module per stage (see ARCHITECTURE.md):
 //! [`capture`] (the versioned store and its same-transaction outbox) → [`dispatch`] (subscription
-//! matching, delivery rows) → delivery → audit → operations. Supporting modules: [`db`] (pool, migrations), [`project`] (tenants), [`pgtemp`]
-//! (throwaway PostgreSQL clusters for the demo, tests and benchmarks), [`fhir`], [`fhirpath`] and
-//! [`criteria`] (FHIR data, FHIRPath and search criteria for subscription matching).
+//! matching, delivery rows) → [`delivery`] → [`audit`] → [`operations`]. Supporting modules: [`db`]
+//! (pool, migrations), [`project`] (tenants), [`fhir`], [`fhirpath`] and [`criteria`] (FHIR data,
+//! FHIRPath and search criteria for subscription matching).
 
 pub mod audit;
 pub mod bots;
@@ -17,6 +17,5 @@ pub mod fhir;
 pub mod fhirpath;
 pub mod metrics;
 pub mod operations;
-pub mod pgtemp;
 pub mod project;
 pub mod subscription;

@@ -25,7 +25,7 @@ pub use system::Machine;
 pub enum BenchError {
     /// The throwaway cluster could not be started.
     #[error(transparent)]
-    Cluster(#[from] fhir_outbox::pgtemp::TempClusterError),
+    Cluster(#[from] pgtemp::TempClusterError),
     /// Connecting or migrating failed.
     #[error(transparent)]
     Db(#[from] fhir_outbox::db::DbError),

@@ -7,7 +7,7 @@ use super::system;
 use fhir_outbox::capture::{self, WriteContext};
 use fhir_outbox::db;
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
-use fhir_outbox::pgtemp::{Durability, TempCluster};
+use pgtemp::{Durability, TempCluster};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
