@@ -5,7 +5,8 @@
 //! Everything measured is real: writes go through the store's SQL functions, dispatch is the
 //! [`Dispatcher`](fhir_outbox::dispatch::Dispatcher), and end-to-end delivery and latency run the real
 //! `fhir-outbox run` binary as a child process (so its peak RSS and CPU time are its own) against a
-//! receiver in this process. Figures depend on the machine and on what else runs on it: the JSON
+//! receiver in this process (the bench lives in the binary, so that child is this executable, found
+//! with `current_exe()`). Figures depend on the machine and on what else runs on it: the JSON
 //! carries the machine facts and the load average before and after.
 
 mod fhirpath;

@@ -319,7 +319,10 @@ pub async fn dispatch_all(pool: &PgPool) -> Result<(u64, u64, Duration), BenchEr
     Ok((changes, deliveries, start.elapsed()))
 }
 
-/// `fhir-outbox run` as a child process (this executable), so that its memory and CPU are its own.
+/// `fhir-outbox run` as a child process, so that its memory and CPU are its own. The bench is part of
+/// the `fhir-outbox` binary, so the worker it measures is this very executable
+/// (`std::env::current_exe()`) with the `run` subcommand: the same build, the same code as in
+/// production, and no dependency of the library on its command line.
 pub struct WorkerProcess {
     child: tokio::process::Child,
     /// Its PID.
