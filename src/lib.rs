@@ -2,10 +2,13 @@
 //!
 //! The pipeline, one module per stage (see ARCHITECTURE.md):
 //! [`capture`] (the versioned store and its same-transaction outbox) → [`dispatch`] (subscription
-//! matching, delivery rows) → delivery → audit → operations, all started together by [`pipeline`].
-//! Supporting modules: [`db`] (pool, migrations), [`project`] (tenants), [`pgtemp`]
-//! (throwaway PostgreSQL clusters for the demo, tests and benchmarks), [`fhir`], [`fhirpath`] and
-//! [`criteria`] (FHIR data, FHIRPath and search criteria for subscription matching).
+//! matching, delivery rows) → [`delivery`] → [`audit`] → [`operations`], all started together by
+//! [`pipeline`]. Supporting modules: [`db`] (pool, migrations), [`project`] (tenants and their
+//! settings), [`fhir`], [`fhirpath`] and [`criteria`] (FHIR data, FHIRPath and search criteria for
+//! subscription matching; the last two from the `fhir-match` crate).
+
+#![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod audit;
 pub mod bots;
@@ -16,7 +19,6 @@ pub mod dispatch;
 pub mod fhir;
 pub mod metrics;
 pub mod operations;
-pub mod pgtemp;
 pub mod pipeline;
 pub mod project;
 pub mod subscription;

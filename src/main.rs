@@ -1,18 +1,20 @@
 //! The `fhir-outbox` command line.
 
+mod cli;
+
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
+use cli::table::Table;
 use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::Backoff;
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
-use fhir_outbox::operations::Table;
 use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
 use fhir_outbox::operations::retention::{self, Retention};
-use fhir_outbox::pgtemp::{Durability, TempCluster};
 use fhir_outbox::pipeline::Pipeline;
 use fhir_outbox::{db, operations};
+use pgtemp::{Durability, TempCluster};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -205,7 +207,7 @@ enum Command {
         /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim, fhirpath
         /// (hostile FHIRPath criteria against the evaluation budget; no database).
         #[arg(long, value_delimiter = ',')]
-        only: Vec<operations::bench::Scenario>,
+        only: Vec<cli::bench::Scenario>,
         /// Load pg_stat_statements and report the statements that took the most database time in
         /// each end-to-end run (a diagnosis: it costs a little throughput).
         #[arg(long)]
@@ -370,11 +372,11 @@ async fn main() -> Result<()> {
             duration_seconds,
             writes_per_second,
         } => {
-            let options = operations::demo::DemoOptions {
+            let options = cli::demo::DemoOptions {
                 duration: Duration::from_secs(duration_seconds),
                 writes_per_second,
                 keep_running,
-                ..operations::demo::DemoOptions::default()
+                ..cli::demo::DemoOptions::default()
             };
             demo(cli.database_url, options).await
         }
@@ -711,10 +713,10 @@ async fn dev_db(url_file: Option<std::path::PathBuf>) -> Result<()> {
 async fn bench(
     quick: bool,
     json: Option<std::path::PathBuf>,
-    only: Vec<operations::bench::Scenario>,
+    only: Vec<cli::bench::Scenario>,
     statements: bool,
 ) -> Result<()> {
-    use operations::bench::{BenchOptions, Sizes};
+    use cli::bench::{BenchOptions, Sizes};
     let sizes = if quick { Sizes::quick() } else { Sizes::full() };
     let options = BenchOptions {
         sizes,
@@ -723,7 +725,7 @@ async fn bench(
         statements,
     };
     let report = tokio::select! {
-        report = operations::bench::run(&options) => report?,
+        report = cli::bench::run(&options) => report?,
         _ = shutdown_signal() => anyhow::bail!("interrupted"),
     };
     let text = serde_json::to_string_pretty(&report)?;
@@ -749,10 +751,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn demo(
-    database_url: Option<String>,
-    mut options: operations::demo::DemoOptions,
-) -> Result<()> {
+async fn demo(database_url: Option<String>, mut options: cli::demo::DemoOptions) -> Result<()> {
     use std::io::IsTerminal;
     // The cluster lives here, outside the tour, so that Ctrl-C (which ends the tour early) still stops
     // it and removes its directory when it is dropped.
@@ -807,7 +806,7 @@ async fn demo(
             .map_err(anyhow::Error::from)
             .and_then(|runtime| {
                 runtime
-                    .block_on(operations::demo::run(
+                    .block_on(cli::demo::run(
                         &url,
                         &options,
                         tour_shutdown,

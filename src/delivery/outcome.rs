@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// What one execution of a delivery came to.
 #[derive(Debug, Clone)]
-pub enum Execution {
+pub(super) enum Execution {
     /// The preamble stopped it: no request.
     Stopped(Stop),
     /// Database trouble before any request: retried on the preamble's own budget.
@@ -23,7 +23,7 @@ pub enum Execution {
 
 /// The new state of a delivery after one execution.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Completion {
+pub(super) struct Completion {
     /// `pending` (retry later), `succeeded`, `skipped` or `failed`.
     pub state: DeliveryState,
     /// HTTP attempts made, this one included.
@@ -40,7 +40,7 @@ pub struct Completion {
 
 /// How a completion counts for auto-disable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinalFailure {
+pub(super) enum FinalFailure {
     /// Not a final failure of an attempt.
     No,
     /// A final failure: counts towards the subscription's auto-disable triggers.
@@ -51,7 +51,7 @@ pub enum FinalFailure {
 
 /// What to record of an execution.
 #[derive(Debug, Clone)]
-pub struct Decision {
+pub(super) struct Decision {
     /// The delivery's new state.
     pub completion: Completion,
     /// The attempt's log row, if a request was made (or a bot ran).
@@ -62,7 +62,7 @@ pub struct Decision {
 
 /// Decides what `execution` of `delivery` comes to under `rules` (the subscription's; any for a
 /// stop or a preamble failure) and `backoff`, at `now`.
-pub fn decide(
+pub(super) fn decide(
     delivery: &ClaimedDelivery,
     execution: &Execution,
     rules: &Rules,

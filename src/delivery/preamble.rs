@@ -20,7 +20,7 @@ use std::sync::Arc;
 /// A subscription as it stands now, compiled once per batch for the deliveries of the batch to it:
 /// what the preamble checks and what every request to it needs.
 #[derive(Debug)]
-pub struct Target {
+pub(super) struct Target {
     /// Why the subscription (or its project's settings) could not be decoded.
     pub undecodable: Option<String>,
     /// The subscription; `None` when it was deleted.
@@ -46,7 +46,10 @@ pub struct Target {
 impl Target {
     /// Compiles a subscription as read by the claim. Also returns what is wrong with one of its
     /// extensions (the default applies), for the caller to report once.
-    pub fn compile(now: &SubscriptionNow, config: &DeliveryConfig) -> (Target, Option<String>) {
+    pub(super) fn compile(
+        now: &SubscriptionNow,
+        config: &DeliveryConfig,
+    ) -> (Target, Option<String>) {
         let subscription = now.content.clone();
         let content = subscription.as_deref().unwrap_or(&Value::Null);
         let (rules, problem) = match &subscription {
@@ -72,14 +75,14 @@ impl Target {
     }
 
     /// The subscription (`null` when it was deleted).
-    pub fn content(&self) -> &Value {
+    pub(super) fn content(&self) -> &Value {
         self.subscription.as_deref().unwrap_or(&Value::Null)
     }
 }
 
 /// Why the preamble sends nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stop {
+pub(super) enum Stop {
     /// Nothing to send any more (no request, no AuditEvent, as Medplum).
     Skipped(SkipReason),
     /// Nothing to send and nothing wrong: the endpoint was removed after matching.
@@ -89,7 +92,7 @@ pub enum Stop {
 }
 
 /// What the preamble came to.
-pub enum Prepared {
+pub(super) enum Prepared {
     /// No request.
     Stop(Stop),
     /// A request to make.
@@ -98,7 +101,7 @@ pub enum Prepared {
 
 /// Everything needed to send one delivery (its headers are built when it is sent, for their
 /// timestamp).
-pub struct Request {
+pub(super) struct Request {
     /// The subscription it goes to.
     pub target: Arc<Target>,
     /// `channel.endpoint`.
@@ -113,7 +116,7 @@ pub struct Request {
 
 impl Request {
     /// The request's headers, signed with `timestamp`.
-    pub fn headers(&self, delivery: &ClaimedDelivery, timestamp: i64) -> HeaderMap {
+    pub(super) fn headers(&self, delivery: &ClaimedDelivery, timestamp: i64) -> HeaderMap {
         let webhook_id = delivery.webhook_id.to_string();
         let deleted = format!("{}/{}", delivery.resource_type, delivery.resource_id);
         let custom = match &self.target.custom_headers {
@@ -138,7 +141,7 @@ impl Request {
 /// Medplum's preamble, then everything needed to send, from what was read for the whole batch: the
 /// subscription as it is now (`None`: not read, as deleted) and the resource. Reads the database
 /// only for a `Bot/` endpoint; an error is database trouble (retried on the preamble's budget).
-pub async fn prepare(
+pub(super) async fn prepare(
     pool: &PgPool,
     delivery: &ClaimedDelivery,
     target: Option<&Arc<Target>>,

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 /// A delivery claimed by this worker, with its lease.
 #[derive(Debug, Clone)]
-pub struct ClaimedDelivery {
+pub(super) struct ClaimedDelivery {
     pub id: i64,
     pub webhook_id: Uuid,
     pub project_id: Uuid,
@@ -30,7 +30,7 @@ pub struct ClaimedDelivery {
 
 /// A claimed delivery, with what its preamble needs, read in the claim's own statement.
 #[derive(Debug)]
-pub struct Claimed {
+pub(super) struct Claimed {
     pub delivery: ClaimedDelivery,
     pub resource: ResourceNow,
     /// Its subscription as it stands now: on the first delivery of each subscription in the batch
@@ -41,7 +41,7 @@ pub struct Claimed {
 /// A subscription as it stands now, with its project's settings: shared by the deliveries of a
 /// batch to it.
 #[derive(Debug)]
-pub struct SubscriptionNow {
+pub(super) struct SubscriptionNow {
     /// `None` when the subscription was deleted (or never existed).
     pub content: Option<std::sync::Arc<serde_json::Value>>,
     /// The project's settings (`{}` when it has none).
@@ -52,7 +52,7 @@ pub struct SubscriptionNow {
 
 /// Where a delivery's resource stands now, and the content of the version it needs.
 #[derive(Debug)]
-pub struct ResourceNow {
+pub(super) struct ResourceNow {
     /// The resource's newest version (its tombstone when deleted); `None` if it never existed.
     pub current_version: Option<i64>,
     pub deleted: bool,
@@ -92,7 +92,7 @@ struct ClaimRow {
 /// what the preamble needs (each subscription once, each resource), so that a claim is one round
 /// trip. The JSON travels as text and is decoded row by row: one that cannot be decoded stops its
 /// own deliveries (see `ResourceNow::undecodable`), never the claim.
-pub async fn claim(
+pub(super) async fn claim(
     conn: &mut PgConnection,
     limit: i64,
     lease_seconds: f64,
@@ -227,7 +227,7 @@ fn subscription_now(subscription: Option<String>, settings: Option<String>) -> S
 /// Extends the leases of deliveries this worker is still working on. Rows locked by someone else
 /// are skipped rather than waited for: they are being recorded (by this worker's recorder) or taken
 /// over, and waiting on them would delay the renewal of all the others past their expiry.
-pub async fn renew_leases(
+pub(super) async fn renew_leases(
     conn: &mut PgConnection,
     tokens: &[Uuid],
     lease_seconds: f64,
@@ -246,7 +246,7 @@ pub async fn renew_leases(
 }
 
 /// Gives deliveries back (on shutdown): due again at once, for any worker.
-pub async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<u64, sqlx::Error> {
+pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(
         "UPDATE fhir_outbox.delivery
          SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL
@@ -261,7 +261,7 @@ pub async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<u64, sq
 /// Writes each completion if, and only if, this worker still holds that delivery's lease, in one
 /// statement. Returns the ids written; a delivery missing from it lost its lease (another worker took
 /// it over), so nothing else about it may be recorded.
-pub async fn complete(
+pub(super) async fn complete(
     conn: &mut PgConnection,
     completions: &[(i64, Uuid, &Completion)],
 ) -> Result<Vec<i64>, sqlx::Error> {
@@ -313,7 +313,7 @@ pub async fn complete(
 
 /// One HTTP attempt, for the attempt log.
 #[derive(Debug, Clone)]
-pub struct AttemptRecord {
+pub(super) struct AttemptRecord {
     pub attempt: i32,
     pub started_at: DateTime<Utc>,
     pub duration_ms: i32,
@@ -324,7 +324,7 @@ pub struct AttemptRecord {
 }
 
 /// Appends to the attempt log, with the id of each attempt's stored AuditEvent (if any).
-pub async fn insert_attempts(
+pub(super) async fn insert_attempts(
     conn: &mut PgConnection,
     attempts: &[(&ClaimedDelivery, &AttemptRecord, Option<&str>)],
 ) -> Result<(), sqlx::Error> {
@@ -373,7 +373,7 @@ pub async fn insert_attempts(
 
 /// Stores AuditEvents (`fhir_outbox.create_audit_events`: stamped as `create_resource` stamps, no
 /// outbox rows), each in its project. Returns their ids in the order given.
-pub async fn create_audit_events(
+pub(super) async fn create_audit_events(
     conn: &mut PgConnection,
     events: &[(Uuid, &serde_json::Value)],
 ) -> Result<Vec<String>, sqlx::Error> {

@@ -21,10 +21,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 /// Most executions recorded in one transaction.
-pub const MAX_RECORD_BATCH: usize = 1000;
+pub(super) const MAX_RECORD_BATCH: usize = 1000;
 
 /// An executed and decided delivery, waiting to be recorded.
-pub struct Executed {
+pub(super) struct Executed {
     pub delivery: ClaimedDelivery,
     pub decision: Decision,
     /// For an attempt: what its AuditEvents need.
@@ -36,7 +36,7 @@ pub struct Executed {
 }
 
 /// What the AuditEvents of an attempt need besides its record.
-pub struct AuditInput {
+pub(super) struct AuditInput {
     /// The subscription, compiled for its batch.
     pub target: Arc<Target>,
     /// The resource's display.
@@ -46,7 +46,7 @@ pub struct AuditInput {
 }
 
 /// A bot run, for its `execute` AuditEvent.
-pub struct BotRun {
+pub(super) struct BotRun {
     pub bot: Value,
     pub input: Value,
     pub output: String,
@@ -73,7 +73,7 @@ struct Events {
 }
 
 /// Writes completions.
-pub struct Recorder {
+pub(super) struct Recorder {
     pub pool: PgPool,
     /// Write AuditEvents whose destination includes `log` as JSON log lines.
     pub log_audit_events: bool,
@@ -88,7 +88,7 @@ impl Recorder {
     /// that cannot be written does not hold back the others. An execution that cannot be recorded
     /// at all is retried when its lease expires. Then metrics and logged AuditEvents. Returns the
     /// lease tokens of every execution given (recorded or not: this process is done with them).
-    pub async fn record(&self, executed: Vec<Executed>) -> Vec<Uuid> {
+    pub(super) async fn record(&self, executed: Vec<Executed>) -> Vec<Uuid> {
         if executed.is_empty() {
             return Vec::new();
         }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// Makes requests.
-pub struct Transport {
+pub(super) struct Transport {
     /// The HTTP client (public-only DNS unless unsafe outbound is allowed).
     pub client: reqwest::Client,
     /// Allow `http` and non-public endpoints.
@@ -26,7 +26,7 @@ pub struct Transport {
 
 /// One attempt, as it happened.
 #[derive(Debug, Clone)]
-pub struct Performed {
+pub(super) struct Performed {
     /// When it started.
     pub started_at: DateTime<Utc>,
     /// How long it took.
@@ -37,7 +37,7 @@ pub struct Performed {
 
 /// What came of an attempt.
 #[derive(Debug, Clone)]
-pub enum Happened {
+pub(super) enum Happened {
     /// The endpoint answered.
     Response(Response),
     /// No answer: refused URL, connection refused, TLS, timeout… (the error and its causes).
@@ -55,7 +55,7 @@ pub enum Happened {
 
 /// An HTTP response.
 #[derive(Debug, Clone)]
-pub struct Response {
+pub(super) struct Response {
     /// Its status.
     pub status: u16,
     /// Its `Retry-After` header.
@@ -67,7 +67,11 @@ pub struct Response {
 impl Transport {
     /// Performs one attempt of `request` (its body is taken: sent, not kept). Never fails: every
     /// problem is in what happened.
-    pub async fn perform(&self, delivery: &ClaimedDelivery, request: &mut Request) -> Performed {
+    pub(super) async fn perform(
+        &self,
+        delivery: &ClaimedDelivery,
+        request: &mut Request,
+    ) -> Performed {
         let started_at = Utc::now();
         let clock = Instant::now();
         let headers = request.headers(delivery, started_at.timestamp());

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 /// An outbox row claimed for dispatch, with the contents it is evaluated on.
 #[derive(Debug)]
-pub struct ClaimedChange {
+pub(crate) struct ClaimedChange {
     pub seq: i64,
     pub project_id: Uuid,
     pub resource_type: String,
@@ -49,7 +49,7 @@ struct ClaimRow {
 /// Locks up to `limit` of the oldest undispatched outbox rows that no other dispatcher holds.
 /// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
 /// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
-pub async fn claim_changes(
+pub(crate) async fn claim_changes(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<ClaimedChange>, sqlx::Error> {
@@ -118,14 +118,14 @@ fn decode_change(row: ClaimRow) -> ClaimedChange {
 }
 
 /// A project's subscription epoch (bumped by every Subscription write).
-pub struct ProjectEpoch {
+pub(crate) struct ProjectEpoch {
     pub id: Uuid,
     pub subscription_epoch: i64,
     pub server_scope: bool,
 }
 
 /// The epochs of these projects, and of every server-scope project when `with_server_scope`.
-pub async fn project_epochs(
+pub(crate) async fn project_epochs(
     conn: &mut PgConnection,
     projects: &[Uuid],
     with_server_scope: bool,
@@ -142,7 +142,7 @@ pub async fn project_epochs(
 }
 
 /// An active Subscription, as loaded for matching.
-pub struct ActiveSubscription {
+pub(crate) struct ActiveSubscription {
     pub project_id: Uuid,
     pub id: String,
     pub version_id: i64,
@@ -156,7 +156,7 @@ pub struct ActiveSubscription {
 
 /// The current, active Subscriptions of these projects, each decoded on its own (one that cannot
 /// be decoded never keeps the others from loading).
-pub async fn active_subscriptions(
+pub(crate) async fn active_subscriptions(
     conn: &mut PgConnection,
     projects: &[Uuid],
 ) -> Result<Vec<ActiveSubscription>, sqlx::Error> {
@@ -199,7 +199,7 @@ pub async fn active_subscriptions(
 
 /// Delivery rows to insert, as parallel columns (one `UNNEST` insert per batch).
 #[derive(Default)]
-pub struct NewDeliveries {
+pub(crate) struct NewDeliveries {
     pub project_id: Vec<Uuid>,
     pub subscription_id: Vec<String>,
     pub outbox_seq: Vec<i64>,
@@ -216,14 +216,14 @@ pub struct NewDeliveries {
 }
 
 impl NewDeliveries {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.outbox_seq.len()
     }
 }
 
 /// Inserts the deliveries (a delivery that exists already is left alone) and wakes delivery workers.
 /// Returns how many were new.
-pub async fn insert_deliveries(
+pub(crate) async fn insert_deliveries(
     conn: &mut PgConnection,
     rows: &NewDeliveries,
 ) -> Result<u64, sqlx::Error> {
@@ -265,7 +265,7 @@ pub async fn insert_deliveries(
 /// `backend_pid`: the next commit that carries outbox rows takes the row and notifies
 /// `fhir_outbox_change` (migration 7). The table is unlogged, so this commit does not wait for a
 /// WAL flush.
-pub async fn register_waiting(
+pub(crate) async fn register_waiting(
     executor: impl PgExecutor<'_>,
     listener: Uuid,
     backend_pid: i32,
@@ -282,7 +282,7 @@ pub async fn register_waiting(
 }
 
 /// Withdraws the wake-up request of this dispatch loop (if no writer has taken it).
-pub async fn unregister_waiting(
+pub(crate) async fn unregister_waiting(
     executor: impl PgExecutor<'_>,
     listener: Uuid,
 ) -> Result<(), sqlx::Error> {
@@ -298,7 +298,9 @@ pub async fn unregister_waiting(
 /// Removes the wake-up requests whose LISTEN backend is gone (a dispatcher that crashed or lost
 /// its connection): nobody receives their wake-ups, and each would cost a needless notification.
 /// Returns how many were removed.
-pub async fn remove_stale_waiting(executor: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
+pub(crate) async fn remove_stale_waiting(
+    executor: impl PgExecutor<'_>,
+) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(
         "DELETE FROM fhir_outbox.dispatcher_waiting w
          WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid)"
@@ -309,7 +311,7 @@ pub async fn remove_stale_waiting(executor: impl PgExecutor<'_>) -> Result<u64, 
 }
 
 /// Marks outbox rows dispatched, each with its error if it could not be dispatched.
-pub async fn mark_dispatched(
+pub(crate) async fn mark_dispatched(
     conn: &mut PgConnection,
     seqs: &[i64],
     errors: &[Option<String>],
@@ -327,7 +329,7 @@ pub async fn mark_dispatched(
 }
 
 /// One subscription problem to record.
-pub struct Issue {
+pub(crate) struct Issue {
     pub project_id: Uuid,
     pub subscription_id: String,
     pub subscription_version: i64,
@@ -338,7 +340,7 @@ pub struct Issue {
 
 /// Records problems found when a subscription version is compiled. Each is recorded once, however
 /// many dispatchers compile that version; returns the ones that were new (to log them once).
-pub async fn record_new_issues(
+pub(crate) async fn record_new_issues(
     conn: &mut PgConnection,
     issues: &[Issue],
 ) -> Result<Vec<(String, String)>, sqlx::Error> {
@@ -367,7 +369,7 @@ pub async fn record_new_issues(
 }
 
 /// Counts evaluation errors (the caller merges duplicates: one row per key and batch).
-pub async fn count_evaluation_errors(
+pub(crate) async fn count_evaluation_errors(
     conn: &mut PgConnection,
     issues: &[Issue],
 ) -> Result<(), sqlx::Error> {
@@ -409,7 +411,7 @@ fn columns(issues: &[Issue]) -> IssueColumns {
 
 /// Sets one change aside: marks it dispatched with `error`, unless a dispatcher has dispatched it
 /// meanwhile (then it was not the problem, and its outcome stands). Returns whether it was marked.
-pub async fn set_aside(
+pub(crate) async fn set_aside(
     executor: impl PgExecutor<'_>,
     seq: i64,
     error: &str,

@@ -1,6 +1,6 @@
 //! The test harness: one throwaway PostgreSQL cluster per test run, a fresh database per test.
 
-use fhir_outbox::pgtemp::{Durability, TempCluster};
+use pgtemp::{Durability, TempCluster};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use std::sync::LazyLock;

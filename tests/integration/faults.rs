@@ -8,7 +8,7 @@ use crate::common::TestDb;
 use crate::delivery::{create, fast_config, hook, pipeline, with_extensions};
 use crate::receiver::{Receiver, Reply};
 use fhir_outbox::delivery::DeliveryConfig;
-use fhir_outbox::pgtemp::{Durability, TempCluster};
+use pgtemp::{Durability, TempCluster};
 use rand::Rng;
 use serde_json::json;
 use sqlx::PgPool;

@@ -4,10 +4,10 @@
 use super::BenchError;
 use super::receiver::Receiver;
 use super::system;
-use crate::capture::{self, WriteContext};
-use crate::db;
-use crate::dispatch::{DispatchConfig, Dispatcher};
-use crate::pgtemp::{Durability, TempCluster};
+use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::db;
+use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
+use pgtemp::{Durability, TempCluster};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -246,7 +246,7 @@ pub async fn project_with_subscriptions(
     endpoint: &str,
     subscriptions: usize,
 ) -> Result<Uuid, BenchError> {
-    let project = crate::project::create_project(pool, "bench").await?;
+    let project = fhir_outbox::project::create_project(pool, "bench").await?;
     for _ in 0..subscriptions {
         capture::create(
             pool,
@@ -319,7 +319,10 @@ pub async fn dispatch_all(pool: &PgPool) -> Result<(u64, u64, Duration), BenchEr
     Ok((changes, deliveries, start.elapsed()))
 }
 
-/// `fhir-outbox run` as a child process (this executable), so that its memory and CPU are its own.
+/// `fhir-outbox run` as a child process, so that its memory and CPU are its own. The bench is part of
+/// the `fhir-outbox` binary, so the worker it measures is this very executable
+/// (`std::env::current_exe()`) with the `run` subcommand: the same build, the same code as in
+/// production, and no dependency of the library on its command line.
 pub struct WorkerProcess {
     child: tokio::process::Child,
     /// Its PID.

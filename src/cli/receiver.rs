@@ -7,7 +7,7 @@
 //! stays readable as an example. Each endpoint is a path with its own secret; an endpoint can be told
 //! to fail its first requests for every `webhook-id` with 503, so that retries can be seen.
 
-use crate::delivery::signature;
+use fhir_outbox::delivery::signature;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -59,10 +59,6 @@ pub struct Event {
     pub interaction: String,
     /// `Type/id` of the resource (from the body, or `X-Medplum-Deleted-Resource` for a delete).
     pub resource: String,
-    /// The `webhook-id` header.
-    pub webhook_id: String,
-    /// Both signatures were present and valid, and the timestamp recent.
-    pub verified: bool,
     /// The status answered.
     pub status: u16,
     /// Why it was answered this way, in a few words.
@@ -280,7 +276,7 @@ fn answer(
         Ok(()) => {
             counts.verified += 1;
             let fail_first = endpoints.get(&request.path).map_or(0, |e| e.fail_first);
-            let (seen, accepted) = ids.entry(webhook_id.clone()).or_insert((0, false));
+            let (seen, accepted) = ids.entry(webhook_id).or_insert((0, false));
             *seen += 1;
             if *seen <= fail_first {
                 counts.planned_failures += 1;
@@ -317,8 +313,6 @@ fn answer(
             .unwrap_or("?")
             .to_owned(),
         resource: resource_of(request),
-        webhook_id,
-        verified: answer.status != 401,
         status: answer.status,
         note: answer.note.clone(),
     });

@@ -1,7 +1,7 @@
 //! The tour's stream of writes: a fixed cycle of creates, updates and deletes, chosen so that each
 //! subscription has something to match and something to ignore.
 
-use crate::capture::{self, StoreError, WriteContext};
+use fhir_outbox::capture::{self, StoreError, WriteContext};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::collections::VecDeque;

@@ -3,9 +3,10 @@
 //! their targets, as a table and as JSON. See docs/performance.md for what each figure means.
 //!
 //! Everything measured is real: writes go through the store's SQL functions, dispatch is the
-//! [`Dispatcher`](crate::dispatch::Dispatcher), and end-to-end delivery and latency run the real
+//! [`Dispatcher`](fhir_outbox::dispatch::Dispatcher), and end-to-end delivery and latency run the real
 //! `fhir-outbox run` binary as a child process (so its peak RSS and CPU time are its own) against a
-//! receiver in this process. Figures depend on the machine and on what else runs on it: the JSON
+//! receiver in this process (the bench lives in the binary, so that child is this executable, found
+//! with `current_exe()`). Figures depend on the machine and on what else runs on it: the JSON
 //! carries the machine facts and the load average before and after.
 
 mod fhirpath;
@@ -25,19 +26,19 @@ pub use system::Machine;
 pub enum BenchError {
     /// The throwaway cluster could not be started.
     #[error(transparent)]
-    Cluster(#[from] crate::pgtemp::TempClusterError),
+    Cluster(#[from] pgtemp::TempClusterError),
     /// Connecting or migrating failed.
     #[error(transparent)]
-    Db(#[from] crate::db::DbError),
+    Db(#[from] fhir_outbox::db::DbError),
     /// A query failed.
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
     /// A write through the store failed.
     #[error(transparent)]
-    Store(#[from] crate::capture::StoreError),
+    Store(#[from] fhir_outbox::capture::StoreError),
     /// A dispatch batch failed.
     #[error(transparent)]
-    Dispatch(#[from] crate::dispatch::DispatchError),
+    Dispatch(#[from] fhir_outbox::dispatch::DispatchError),
     /// An I/O error (receiver, child process, files).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -300,7 +301,7 @@ pub struct Report {
 impl Report {
     /// The figures as a terminal table, then the CPU split.
     pub fn table(&self) -> String {
-        let mut table = super::Table::new(["figure", "measured", "target", "", "note"]);
+        let mut table = crate::cli::table::Table::new(["figure", "measured", "target", "", "note"]);
         for figure in &self.figures {
             table.row([
                 figure.label.clone(),
@@ -337,7 +338,7 @@ impl Report {
         );
         let _ = writeln!(out, "{table}");
         if !self.cpu.is_empty() {
-            let mut cpu = super::Table::new([
+            let mut cpu = crate::cli::table::Table::new([
                 "run (CPU seconds, share of total)",
                 "wall s",
                 "postgres",

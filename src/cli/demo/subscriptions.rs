@@ -1,7 +1,7 @@
 //! The tour's subscriptions: each one shows one way a subscription chooses its changes.
 
-use crate::operations::receiver::Endpoint;
-use crate::subscription::extension;
+use crate::cli::receiver::Endpoint;
+use fhir_outbox::subscription::extension;
 use serde_json::{Value, json};
 
 /// Requests of each notification the flaky endpoint answers 503 before accepting one.

@@ -2,7 +2,7 @@
 
 use super::fixtures::{self, Env, WorkerProcess, patient};
 use super::{BenchError, CpuProfile, Figure, Scenario, Sizes, Target};
-use crate::capture::{self, WriteContext};
+use fhir_outbox::capture::{self, WriteContext};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
@@ -341,7 +341,7 @@ struct VariantTotals {
 async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let url = env.create_db("bench_capture").await?;
     let pool = fixtures::connect(&url, sizes.capture_writers as u32 + 2).await?;
-    let project = crate::project::create_project(&pool, "bench").await?;
+    let project = fhir_outbox::project::create_project(&pool, "bench").await?;
     install_variants(&pool).await?;
     // The dispatcher of production. No subscriptions: it claims the rows, finds no candidates and
     // marks them dispatched, which is the work (and the wake-up protocol) every write causes.
@@ -1025,7 +1025,7 @@ async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> 
             while claimed.load(Ordering::Relaxed) < rows {
                 let clock = Instant::now();
                 let batch = sqlx::query(CLAIM_SQL)
-                    .bind(crate::delivery::DeliveryConfig::default().claim_batch as i64)
+                    .bind(fhir_outbox::delivery::DeliveryConfig::default().claim_batch as i64)
                     .bind(30.0f64)
                     .fetch_all(&pool)
                     .await?;
@@ -1117,7 +1117,7 @@ async fn claim(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), Be
         format!(
             "claim+complete, only {} pending rows (4 loops × {}; mean claim {:.2} ms)",
             small.1,
-            crate::delivery::DeliveryConfig::default().claim_batch,
+            fhir_outbox::delivery::DeliveryConfig::default().claim_batch,
             small.3
         ),
         small.2,

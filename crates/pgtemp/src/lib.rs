@@ -9,6 +9,8 @@
 //! `initdb` refuses to run as root; when we are root, the server runs as the `postgres` system user
 //! (or `nobody`), which owns the temporary directory.
 
+#![warn(missing_docs, unreachable_pub)]
+
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::scenarios::Results;
 use super::{BenchError, Figure, Scenario, Target};
-use crate::fhirpath::{Environment, Expression, Limits, hostile};
+use fhir_outbox::fhirpath::{Environment, Expression, Limits, hostile};
 
 /// The store's resource size limit, less room for the envelope.
 const RESOURCE_BYTES: usize = 4_100_000;

@@ -9,16 +9,16 @@ mod subscriptions;
 mod view;
 mod writes;
 
-use crate::capture::{self, StoreError, WriteContext};
-use crate::delivery::policy::Backoff;
-use crate::delivery::{DeliveryConfig, DeliveryError, DeliveryState, DeliveryWorker};
-use crate::dispatch::{DispatchConfig, Dispatcher};
-use crate::operations::Table;
-use crate::operations::receiver::{Receiver, ReceiverError};
-use crate::{db, project};
+use crate::cli::receiver::{Receiver, ReceiverError};
+use crate::cli::table::Table;
+use fhir_outbox::capture::{self, StoreError, WriteContext};
+use fhir_outbox::delivery::policy::Backoff;
+use fhir_outbox::delivery::{DeliveryConfig, DeliveryState};
+use fhir_outbox::dispatch::DispatchConfig;
+use fhir_outbox::pipeline::{Pipeline, PipelineError};
+use fhir_outbox::{db, project};
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -44,9 +44,9 @@ pub enum DemoError {
     /// The built-in receiver could not start.
     #[error(transparent)]
     Receiver(#[from] ReceiverError),
-    /// The delivery worker could not start.
+    /// The pipeline could not start.
     #[error(transparent)]
-    Delivery(#[from] DeliveryError),
+    Pipeline(#[from] PipelineError),
     /// The dispatcher or the worker panicked.
     #[error("a pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -111,34 +111,6 @@ fn demo_dispatch_config() -> DispatchConfig {
         poll_interval: Duration::from_millis(250),
         allow_unsafe_outbound: true,
         ..DispatchConfig::default()
-    }
-}
-
-/// The running dispatcher and worker.
-struct Pipeline {
-    stop: CancellationToken,
-    dispatching: tokio::task::JoinHandle<()>,
-    delivering: tokio::task::JoinHandle<()>,
-}
-
-impl Pipeline {
-    fn start(pool: &sqlx::PgPool) -> Result<Pipeline, DemoError> {
-        let stop = CancellationToken::new();
-        let dispatcher = Arc::new(Dispatcher::new(pool.clone(), demo_dispatch_config()));
-        let worker = Arc::new(DeliveryWorker::new(pool.clone(), demo_delivery_config())?);
-        Ok(Pipeline {
-            dispatching: tokio::spawn(dispatcher.run(stop.clone())),
-            delivering: tokio::spawn(worker.run(stop.clone())),
-            stop,
-        })
-    }
-
-    /// Stops claiming; requests in flight finish (or are released) within the grace period.
-    async fn stop(self) -> Result<(), DemoError> {
-        self.stop.cancel();
-        self.dispatching.await?;
-        self.delivering.await?;
-        Ok(())
     }
 }
 
@@ -216,7 +188,11 @@ pub async fn run(
     )?;
 
     section(out, "4. The pipeline")?;
-    let pipeline = Pipeline::start(&pool)?;
+    let pipeline = Pipeline::builder(pool.clone())
+        .dispatch(demo_dispatch_config())
+        .delivery(demo_delivery_config())
+        .start()
+        .await?;
     writeln!(
         out,
         "Started in this process, as `fhir-outbox run` would (any number of them can share a database):\n\
@@ -266,7 +242,7 @@ pub async fn run(
     let pipeline = if options.keep_running && !interrupted {
         Some(pipeline)
     } else {
-        pipeline.stop().await?;
+        pipeline.shutdown().await;
         None
     };
     section(out, "6. What happened")?;
@@ -276,7 +252,7 @@ pub async fn run(
 
     if let Some(pipeline) = pipeline {
         keep_running(project, &receiver, &shutdown, out).await?;
-        pipeline.stop().await?;
+        pipeline.shutdown().await;
     }
     receiver.stop();
     pool.close().await;

@@ -2,7 +2,7 @@
 //! otherwise) and the numbers it reads for it.
 
 use super::writes::{Done, WriteCounts, short};
-use crate::operations::receiver::{Counts, Event};
+use crate::cli::receiver::{Counts, Event};
 use sqlx::PgPool;
 use std::io::Write;
 use std::time::Duration;
@@ -56,7 +56,7 @@ pub struct DeliveryRow {
     /// The changed version.
     pub version_id: i64,
     /// The delivery state.
-    pub state: crate::delivery::DeliveryState,
+    pub state: fhir_outbox::delivery::DeliveryState,
     /// HTTP attempts made.
     pub attempts: i32,
     /// Status of the last response.

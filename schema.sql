@@ -1,0 +1,935 @@
+--
+-- PostgreSQL database dump
+--
+
+--
+-- Name: fhir_outbox; Type: SCHEMA; Schema: -; Owner: -
+--
+
+CREATE SCHEMA fhir_outbox;
+
+--
+-- Name: checked_content(uuid, jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.checked_content(p_project uuid, p_resource jsonb) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $_$
+DECLARE
+    v_text  text;
+    v_limit bigint := coalesce(nullif(current_setting('fhir_outbox.max_resource_bytes', true), '')::bigint, 4194304);
+    v_type  text;
+BEGIN
+    IF p_resource IS NULL OR jsonb_typeof(p_resource) <> 'object' THEN
+        RAISE EXCEPTION 'resource must be a JSON object, got %', coalesce(jsonb_typeof(p_resource), 'nothing')
+            USING ERRCODE = 'OB001';
+    END IF;
+    v_text := p_resource::text;
+    IF octet_length(v_text) > v_limit THEN
+        RAISE EXCEPTION 'resource is % bytes, over the limit of % bytes (setting fhir_outbox.max_resource_bytes)',
+            octet_length(v_text), v_limit
+            USING ERRCODE = 'OB006', DETAIL = octet_length(v_text) || ' ' || v_limit;
+    END IF;
+    -- `.**{100}` reaches what lies 100 steps below the resource object, so an array or object
+    -- there is level 101 as serde_json counts. Strict mode, because lax mode unwraps arrays and
+    -- would not count them as levels. One C-implemented walk, no deeper than the limit.
+    IF jsonb_path_exists(p_resource, 'strict $.**{100} ? (@.type() == "object" || @.type() == "array")') THEN
+        RAISE EXCEPTION 'resource is nested too deeply: more than 100 levels of objects and arrays'
+            USING ERRCODE = 'OB001';
+    END IF;
+    IF jsonb_typeof(p_resource -> 'resourceType') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION 'resource has no resourceType string' USING ERRCODE = 'OB001';
+    END IF;
+    v_type := p_resource ->> 'resourceType';
+    IF NOT EXISTS (SELECT 1 FROM fhir_outbox.resource_type WHERE name = v_type) THEN
+        RAISE EXCEPTION 'unknown resourceType "%"', left(v_type, 100) USING ERRCODE = 'OB002';
+    END IF;
+    IF p_resource ? 'meta' AND jsonb_typeof(p_resource -> 'meta') <> 'object' THEN
+        RAISE EXCEPTION 'meta must be a JSON object, got %', jsonb_typeof(p_resource -> 'meta')
+            USING ERRCODE = 'OB001';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM fhir_outbox.project WHERE id = p_project) THEN
+        RAISE EXCEPTION 'unknown project %', coalesce(p_project::text, 'NULL') USING ERRCODE = 'OB005';
+    END IF;
+    -- The full recursive pass is only needed when something could be empty; jsonb_strip_nulls is cheap.
+    IF v_text ~ '""|\{\}|\[\]' THEN
+        -- The recursive pass can exhaust the stack on absurdly deep input: name the problem.
+        BEGIN
+            RETURN fhir_outbox.strip_empty(jsonb_strip_nulls(p_resource));
+        EXCEPTION WHEN statement_too_complex THEN
+            RAISE EXCEPTION 'resource is nested too deeply' USING ERRCODE = 'OB001';
+        END;
+    END IF;
+    RETURN jsonb_strip_nulls(p_resource);
+END
+$_$;
+
+--
+-- Name: checked_context(text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.checked_context(p_request_id text, p_trace_id text, OUT request_id text, OUT trace_id text) RETURNS record
+    LANGUAGE plpgsql
+    AS $_$
+BEGIN
+    request_id := coalesce(p_request_id, gen_random_uuid()::text);
+    IF request_id = '' OR length(request_id) > 200 THEN
+        RAISE EXCEPTION 'request id must be 1 to 200 characters' USING ERRCODE = 'OB010';
+    END IF;
+    trace_id := coalesce(p_trace_id, gen_random_uuid()::text);
+    IF trace_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       AND trace_id !~* '^([0-9a-f]{2}-)?[0-9a-f]{32}-[0-9a-f]{16}(-[0-9a-f]{1,2})?$' THEN
+        RAISE EXCEPTION 'trace id "%" is neither a UUID nor a W3C traceparent', left(trace_id, 100)
+            USING ERRCODE = 'OB010';
+    END IF;
+END
+$_$;
+
+--
+-- Name: create_audit_events(uuid[], jsonb[]); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.create_audit_events(p_projects uuid[], p_events jsonb[]) RETURNS TABLE(ordinal bigint, audit_event_id text)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_at timestamptz := clock_timestamp();
+BEGIN
+    IF cardinality(p_projects) IS DISTINCT FROM cardinality(p_events) THEN
+        RAISE EXCEPTION 'create_audit_events needs one project per event (% projects, % events)',
+            cardinality(p_projects), cardinality(p_events) USING ERRCODE = 'OB001';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(p_events) AS e(event)
+               WHERE event IS NULL OR jsonb_typeof(event) <> 'object'
+                  OR event ->> 'resourceType' IS DISTINCT FROM 'AuditEvent') THEN
+        RAISE EXCEPTION 'create_audit_events writes AuditEvent objects only' USING ERRCODE = 'OB001';
+    END IF;
+    RETURN QUERY
+    WITH input AS MATERIALIZED (
+        SELECT e.n, e.project_id, gen_random_uuid()::text AS new_id,
+               CASE WHEN e.event::text ~ '""|\{\}|\[\]'
+                    THEN fhir_outbox.strip_empty(jsonb_strip_nulls(e.event))
+                    ELSE jsonb_strip_nulls(e.event) END AS content
+        FROM unnest(p_projects, p_events) WITH ORDINALITY AS e(project_id, event, n)),
+    resources AS (
+        INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id,
+                                          deleted, last_updated)
+        SELECT i.project_id, 'AuditEvent', i.new_id, 1, 1, false, v_at FROM input i),
+    versions AS (
+        INSERT INTO fhir_outbox.resource_version (project_id, resource_type, id, version_id, deleted,
+                                                  content, last_updated, author)
+        SELECT i.project_id, 'AuditEvent', i.new_id, 1, false,
+               fhir_outbox.stamped(i.content, i.project_id, i.new_id, 1, v_at, NULL), v_at, NULL
+        FROM input i)
+    SELECT i.n, i.new_id FROM input i ORDER BY i.n;
+END
+$$;
+
+--
+-- Name: create_resource(uuid, jsonb, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.create_resource(p_project uuid, p_resource jsonb, p_author text DEFAULT NULL::text, p_request_id text DEFAULT NULL::text, p_trace_id text DEFAULT NULL::text, OUT outcome text, OUT resource jsonb, OUT version_id bigint) RETURNS record
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_content jsonb := fhir_outbox.checked_content(p_project, p_resource);
+    v_ctx     record := fhir_outbox.checked_context(p_request_id, p_trace_id);
+    v_type    text := v_content ->> 'resourceType';
+    v_id      text := gen_random_uuid()::text;
+    v_at      timestamptz := clock_timestamp();
+BEGIN
+    resource := fhir_outbox.stamped(v_content, p_project, v_id, 1, v_at, p_author);
+    INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id, deleted, last_updated)
+    VALUES (p_project, v_type, v_id, 1, 1, false, v_at);
+    PERFORM fhir_outbox.write_version(p_project, v_type, v_id, 1, NULL, 'create', resource, v_at,
+                                      p_author, v_ctx.request_id, v_ctx.trace_id);
+    outcome := 'created';
+    version_id := 1;
+END
+$$;
+
+--
+-- Name: delete_resource(uuid, text, text, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.delete_resource(p_project uuid, p_resource_type text, p_id text, p_author text DEFAULT NULL::text, p_request_id text DEFAULT NULL::text, p_trace_id text DEFAULT NULL::text, OUT outcome text, OUT version_id bigint) RETURNS record
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_ctx     record := fhir_outbox.checked_context(p_request_id, p_trace_id);
+    v_current record;
+    v_at      timestamptz;
+BEGIN
+    SELECT r.version_id, r.deleted INTO v_current
+    FROM fhir_outbox.resource r
+    WHERE r.project_id = p_project AND r.resource_type = p_resource_type AND r.id = p_id
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '%/% not found', left(p_resource_type, 100), left(p_id, 100) USING ERRCODE = 'OB008';
+    END IF;
+    IF v_current.deleted THEN
+        outcome := 'already_deleted';
+        version_id := v_current.version_id;
+        RETURN;
+    END IF;
+    version_id := v_current.version_id + 1;
+    v_at := clock_timestamp();
+    UPDATE fhir_outbox.resource r
+    SET version_id = delete_resource.version_id, deleted = true, last_updated = v_at
+    WHERE r.project_id = p_project AND r.resource_type = p_resource_type AND r.id = p_id;
+    PERFORM fhir_outbox.write_version(p_project, p_resource_type, p_id, delete_resource.version_id,
+                                      v_current.version_id, 'delete', NULL, v_at, p_author,
+                                      v_ctx.request_id, v_ctx.trace_id);
+    outcome := 'deleted';
+END
+$$;
+
+--
+-- Name: forbid_version_update(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.forbid_version_update() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'resource versions are immutable (%/% version %)', OLD.resource_type, OLD.id, OLD.version_id
+        USING ERRCODE = 'OB011';
+END
+$$;
+
+--
+-- Name: read_resource(uuid, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.read_resource(p_project uuid, p_resource_type text, p_id text) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_current record;
+BEGIN
+    SELECT r.deleted, v.content INTO v_current
+    FROM fhir_outbox.resource r
+    JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+    WHERE r.project_id = p_project AND r.resource_type = p_resource_type AND r.id = p_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '%/% not found', left(p_resource_type, 100), left(p_id, 100) USING ERRCODE = 'OB008';
+    END IF;
+    IF v_current.deleted THEN
+        RAISE EXCEPTION '%/% is deleted', p_resource_type, p_id USING ERRCODE = 'OB009';
+    END IF;
+    RETURN v_current.content;
+END
+$$;
+
+--
+-- Name: resource_history(uuid, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.resource_history(p_project uuid, p_resource_type text, p_id text) RETURNS TABLE(version_id bigint, deleted boolean, last_updated timestamp with time zone, author text, resource jsonb)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT v.version_id, v.deleted, v.last_updated, v.author, v.content
+    FROM fhir_outbox.resource_version v
+    WHERE v.project_id = p_project AND v.resource_type = p_resource_type AND v.id = p_id
+    ORDER BY v.version_id DESC
+$$;
+
+--
+-- Name: stamped(jsonb, uuid, text, bigint, timestamp with time zone, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.stamped(p_content jsonb, p_project uuid, p_id text, p_version bigint, p_at timestamp with time zone, p_author text) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT jsonb_set(p_content, '{id}', to_jsonb(p_id)) || jsonb_build_object('meta',
+        (coalesce(p_content -> 'meta', '{}'::jsonb) - '{versionId,lastUpdated,project,author}'::text[])
+        || jsonb_build_object(
+            'versionId', p_version::text,
+            'lastUpdated', to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+            'project', p_project::text)
+        || CASE WHEN p_author IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('author', jsonb_build_object('reference', p_author)) END)
+$$;
+
+--
+-- Name: strip_empty(jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.strip_empty(v jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE jsonb_typeof(v)
+        WHEN 'object' THEN (
+            SELECT coalesce(jsonb_object_agg(key, stripped), '{}'::jsonb)
+            FROM (SELECT key, fhir_outbox.strip_empty(value) AS stripped FROM jsonb_each(v)) members
+            WHERE stripped NOT IN ('null'::jsonb, '""'::jsonb, '{}'::jsonb, '[]'::jsonb))
+        WHEN 'array' THEN (
+            SELECT jsonb_agg(fhir_outbox.strip_empty(value) ORDER BY ordinality)
+            FROM jsonb_array_elements(v) WITH ORDINALITY)
+        ELSE v
+    END
+$$;
+
+--
+-- Name: update_resource(uuid, text, text, jsonb, bigint, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.update_resource(p_project uuid, p_resource_type text, p_id text, p_resource jsonb, p_if_match bigint DEFAULT NULL::bigint, p_author text DEFAULT NULL::text, p_request_id text DEFAULT NULL::text, p_trace_id text DEFAULT NULL::text, OUT outcome text, OUT resource jsonb, OUT version_id bigint) RETURNS record
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_content jsonb := fhir_outbox.checked_content(p_project, p_resource);
+    v_ctx     record := fhir_outbox.checked_context(p_request_id, p_trace_id);
+    v_current record;
+    v_old     jsonb;
+    v_at      timestamptz;
+    v_version bigint;
+    v_previous bigint;
+BEGIN
+    IF v_content ->> 'resourceType' <> p_resource_type THEN
+        RAISE EXCEPTION 'resourceType "%" in the body does not match "%"', v_content ->> 'resourceType',
+            left(p_resource_type, 100) USING ERRCODE = 'OB003';
+    END IF;
+    IF p_id IS NULL OR p_id !~ '^[A-Za-z0-9\-\.]{1,64}$' THEN
+        RAISE EXCEPTION 'invalid resource id "%": 1 to 64 of A-Z a-z 0-9 - .', left(p_id, 100)
+            USING ERRCODE = 'OB004';
+    END IF;
+    IF NOT v_content ? 'id' THEN
+        RAISE EXCEPTION 'resource has no id; an update must carry id "%"', p_id USING ERRCODE = 'OB003';
+    END IF;
+    IF v_content ->> 'id' IS DISTINCT FROM p_id THEN
+        RAISE EXCEPTION 'resource id "%" does not match the id "%" it is written to',
+            left(v_content ->> 'id', 100), p_id USING ERRCODE = 'OB003';
+    END IF;
+
+    -- Lock the resource row; create it if it does not exist yet. A concurrent create of the same id makes
+    -- the insert do nothing, and the next lock attempt then waits for that transaction.
+    LOOP
+        SELECT r.version_id, r.live_version_id, r.deleted INTO v_current
+        FROM fhir_outbox.resource r
+        WHERE r.project_id = p_project AND r.resource_type = p_resource_type AND r.id = p_id
+        FOR UPDATE;
+        EXIT WHEN FOUND;
+        IF p_if_match IS NOT NULL THEN
+            RAISE EXCEPTION 'version conflict on %/%: If-Match % but the resource does not exist',
+                p_resource_type, p_id, p_if_match USING ERRCODE = 'OB007', DETAIL = '';
+        END IF;
+        v_at := clock_timestamp();
+        INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id, deleted, last_updated)
+        VALUES (p_project, p_resource_type, p_id, 1, 1, false, v_at)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            resource := fhir_outbox.stamped(v_content, p_project, p_id, 1, v_at, p_author);
+            PERFORM fhir_outbox.write_version(p_project, p_resource_type, p_id, 1, NULL, 'update', resource,
+                                              v_at, p_author, v_ctx.request_id, v_ctx.trace_id);
+            outcome := 'created';
+            version_id := 1;
+            RETURN;
+        END IF;
+    END LOOP;
+
+    IF p_if_match IS NOT NULL AND p_if_match <> v_current.version_id THEN
+        RAISE EXCEPTION 'version conflict on %/%: If-Match % but the current version is %',
+            p_resource_type, p_id, p_if_match, v_current.version_id
+            USING ERRCODE = 'OB007', DETAIL = v_current.version_id::text;
+    END IF;
+
+    IF NOT v_current.deleted THEN
+        SELECT v.content INTO v_old FROM fhir_outbox.resource_version v
+        WHERE v.project_id = p_project AND v.resource_type = p_resource_type AND v.id = p_id
+          AND v.version_id = v_current.version_id;
+        IF fhir_outbox.without_server_meta(v_old) = fhir_outbox.without_server_meta(v_content) THEN
+            outcome := 'unchanged';
+            resource := v_old;
+            version_id := v_current.version_id;
+            RETURN;
+        END IF;
+        v_previous := v_current.version_id;
+    END IF;
+
+    v_version := v_current.version_id + 1;
+    v_at := clock_timestamp();
+    resource := fhir_outbox.stamped(v_content, p_project, p_id, v_version, v_at, p_author);
+    UPDATE fhir_outbox.resource r
+    SET version_id = v_version, live_version_id = v_version, deleted = false, last_updated = v_at
+    WHERE r.project_id = p_project AND r.resource_type = p_resource_type AND r.id = p_id;
+    PERFORM fhir_outbox.write_version(p_project, p_resource_type, p_id, v_version, v_previous, 'update',
+                                      resource, v_at, p_author, v_ctx.request_id, v_ctx.trace_id);
+    outcome := CASE WHEN v_current.deleted THEN 'restored' ELSE 'updated' END;
+    version_id := v_version;
+END
+$_$;
+
+--
+-- Name: vread_resource(uuid, text, text, bigint); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.vread_resource(p_project uuid, p_resource_type text, p_id text, p_version_id bigint) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_version record;
+BEGIN
+    SELECT v.deleted, v.content INTO v_version
+    FROM fhir_outbox.resource_version v
+    WHERE v.project_id = p_project AND v.resource_type = p_resource_type AND v.id = p_id
+      AND v.version_id = p_version_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '%/%/_history/% not found', left(p_resource_type, 100), left(p_id, 100), p_version_id
+            USING ERRCODE = 'OB008';
+    END IF;
+    IF v_version.deleted THEN
+        RAISE EXCEPTION '%/%/_history/% is a deletion', p_resource_type, p_id, p_version_id
+            USING ERRCODE = 'OB009';
+    END IF;
+    RETURN v_version.content;
+END
+$$;
+
+--
+-- Name: wake_waiting_dispatchers(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.wake_waiting_dispatchers() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_taken bigint;
+BEGIN
+    IF current_setting('fhir_outbox.wakeup_checked', true) IS DISTINCT FROM 'on' THEN
+        PERFORM set_config('fhir_outbox.wakeup_checked', 'on', true);
+        IF coalesce(current_query(), '') ~* '\mprepare\s+transaction\M' THEN
+            RETURN NULL;
+        END IF;
+        IF current_setting('transaction_isolation') IN ('read committed', 'read uncommitted') THEN
+            WITH taken AS (
+                SELECT listener FROM fhir_outbox.dispatcher_waiting FOR UPDATE SKIP LOCKED)
+            DELETE FROM fhir_outbox.dispatcher_waiting w USING taken WHERE w.listener = taken.listener;
+            GET DIAGNOSTICS v_taken = ROW_COUNT;
+        ELSE
+            -- Locking a row that was deleted after this transaction's snapshot would fail the
+            -- writer's COMMIT with a serialisation error: only look.
+            SELECT count(*) INTO v_taken FROM fhir_outbox.dispatcher_waiting;
+        END IF;
+        IF v_taken > 0 THEN
+            PERFORM pg_notify('fhir_outbox_change', '');
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+--
+-- Name: without_server_meta(jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.without_server_meta(r jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE WHEN m = '{}'::jsonb THEN r - 'meta' ELSE jsonb_set(r, '{meta}', m) END
+    FROM (SELECT coalesce(r -> 'meta', '{}'::jsonb) - '{versionId,lastUpdated,project,author}'::text[] AS m) x
+$$;
+
+--
+-- Name: write_version(uuid, text, text, bigint, bigint, text, jsonb, timestamp with time zone, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.write_version(p_project uuid, p_type text, p_id text, p_version bigint, p_previous bigint, p_interaction text, p_content jsonb, p_at timestamp with time zone, p_author text, p_request_id text, p_trace_id text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO fhir_outbox.resource_version
+        (project_id, resource_type, id, version_id, deleted, content, last_updated, author)
+    VALUES (p_project, p_type, p_id, p_version, p_content IS NULL, p_content, p_at, p_author);
+    IF p_type = 'Subscription' THEN
+        UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1 WHERE id = p_project;
+    END IF;
+    -- AuditEvents never trigger subscriptions (delivery itself writes them, this prevents loops).
+    IF p_type <> 'AuditEvent' THEN
+        INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
+                                        previous_version_id, interaction, changed_at, request_id, trace_id)
+        VALUES (p_project, p_type, p_id, p_version, p_previous, p_interaction, p_at, p_request_id, p_trace_id);
+    END IF;
+END
+$$;
+
+--
+-- Name: delivery; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.delivery (
+    id bigint NOT NULL,
+    webhook_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    outbox_seq bigint NOT NULL,
+    resource_project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    resource_id text NOT NULL,
+    version_id bigint NOT NULL,
+    previous_version_id bigint,
+    interaction text NOT NULL,
+    changed_at timestamp with time zone NOT NULL,
+    request_id text NOT NULL,
+    trace_id text NOT NULL,
+    matched_at timestamp with time zone NOT NULL,
+    state text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone,
+    reason text,
+    lease_token uuid,
+    lease_expires_at timestamp with time zone,
+    claims integer DEFAULT 0 NOT NULL,
+    preamble_failures integer DEFAULT 0 NOT NULL,
+    last_status integer,
+    CONSTRAINT delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text, 'succeeded'::text, 'skipped'::text, 'failed'::text])))
+);
+
+--
+-- Name: delivery_attempt; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.delivery_attempt (
+    id bigint NOT NULL,
+    delivery_id bigint NOT NULL,
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    attempt integer NOT NULL,
+    started_at timestamp with time zone NOT NULL,
+    duration_ms integer NOT NULL,
+    succeeded boolean NOT NULL,
+    status integer,
+    error text,
+    response_body text,
+    audit_event_id text
+);
+
+--
+-- Name: delivery_attempt_id_seq; Type: SEQUENCE; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE fhir_outbox.delivery_attempt ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME fhir_outbox.delivery_attempt_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+--
+-- Name: delivery_attempt_log; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.delivery_attempt_log AS
+ SELECT a.id AS attempt_id,
+    a.delivery_id,
+    a.project_id,
+    a.subscription_id,
+    d.resource_type,
+    d.resource_id,
+    d.version_id,
+    d.interaction,
+    d.webhook_id,
+    a.attempt,
+    a.started_at,
+    a.duration_ms,
+    a.succeeded,
+    a.status,
+    a.error,
+    a.response_body,
+    a.audit_event_id
+   FROM (fhir_outbox.delivery_attempt a
+     JOIN fhir_outbox.delivery d ON ((d.id = a.delivery_id)));
+
+--
+-- Name: delivery_id_seq; Type: SEQUENCE; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE fhir_outbox.delivery ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME fhir_outbox.delivery_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+--
+-- Name: dispatcher_waiting; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE UNLOGGED TABLE fhir_outbox.dispatcher_waiting (
+    listener uuid NOT NULL,
+    backend_pid integer NOT NULL,
+    since timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
+-- Name: outbox; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.outbox (
+    seq bigint NOT NULL,
+    project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    resource_id text NOT NULL,
+    version_id bigint NOT NULL,
+    previous_version_id bigint,
+    interaction text NOT NULL,
+    changed_at timestamp with time zone NOT NULL,
+    request_id text NOT NULL,
+    trace_id text NOT NULL,
+    dispatched_at timestamp with time zone,
+    dispatch_error text,
+    resend boolean DEFAULT false NOT NULL,
+    resend_subscription_id text,
+    CONSTRAINT outbox_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text])))
+);
+
+--
+-- Name: outbox_backlog; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.outbox_backlog AS
+ SELECT outbox.project_id,
+    count(*) AS undispatched,
+    min(outbox.changed_at) AS oldest_changed_at,
+    (now() - min(outbox.changed_at)) AS dispatch_lag
+   FROM fhir_outbox.outbox
+  WHERE (outbox.dispatched_at IS NULL)
+  GROUP BY outbox.project_id;
+
+--
+-- Name: outbox_dispatch_error; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.outbox_dispatch_error AS
+ SELECT outbox.seq,
+    outbox.project_id,
+    outbox.resource_type,
+    outbox.resource_id,
+    outbox.version_id,
+    outbox.interaction,
+    outbox.changed_at,
+    outbox.dispatched_at,
+    outbox.dispatch_error
+   FROM fhir_outbox.outbox
+  WHERE (outbox.dispatch_error IS NOT NULL);
+
+--
+-- Name: outbox_seq_seq; Type: SEQUENCE; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE fhir_outbox.outbox ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME fhir_outbox.outbox_seq_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+--
+-- Name: project; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.project (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    name text NOT NULL,
+    settings jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    server_scope boolean DEFAULT false NOT NULL,
+    subscription_epoch bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT project_name_check CHECK ((name <> ''::text)),
+    CONSTRAINT project_settings_check CHECK ((jsonb_typeof(settings) = 'object'::text))
+);
+
+--
+-- Name: resource; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.resource (
+    project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    id text NOT NULL,
+    version_id bigint NOT NULL,
+    live_version_id bigint,
+    deleted boolean NOT NULL,
+    last_updated timestamp with time zone NOT NULL
+);
+
+--
+-- Name: resource_type; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.resource_type (
+    name text NOT NULL
+);
+
+--
+-- Name: resource_version; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.resource_version (
+    project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    id text NOT NULL,
+    version_id bigint NOT NULL,
+    deleted boolean NOT NULL,
+    content jsonb,
+    last_updated timestamp with time zone NOT NULL,
+    author text,
+    CONSTRAINT resource_version_check CHECK (((content IS NULL) = deleted))
+);
+
+--
+-- Name: subscription_issue; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.subscription_issue (
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    subscription_version bigint NOT NULL,
+    kind text NOT NULL,
+    message text NOT NULL,
+    occurrences bigint DEFAULT 1 NOT NULL,
+    first_seen timestamp with time zone DEFAULT now() NOT NULL,
+    last_seen timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT subscription_issue_kind_check CHECK ((kind = ANY (ARRAY['unsupported'::text, 'invalid'::text, 'evaluation_error'::text, 'budget_exhausted'::text])))
+);
+
+--
+-- Name: subscription_pause; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.subscription_pause (
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    paused_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
+-- Name: subscription_delivery_status; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.subscription_delivery_status AS
+ SELECT r.project_id,
+    r.id AS subscription_id,
+    (v.content ->> 'status'::text) AS status,
+    ((v.content -> 'channel'::text) ->> 'type'::text) AS channel_type,
+    (v.content ->> 'criteria'::text) AS criteria,
+    (p.subscription_id IS NOT NULL) AS paused,
+    COALESCE(d.pending, (0)::bigint) AS pending,
+    COALESCE(d.in_flight, (0)::bigint) AS in_flight,
+    COALESCE(d.succeeded, (0)::bigint) AS succeeded,
+    COALESCE(d.skipped, (0)::bigint) AS skipped,
+    COALESCE(d.failed, (0)::bigint) AS failed,
+    d.oldest_undelivered_at,
+    (now() - d.oldest_undelivered_at) AS oldest_undelivered_age,
+    d.last_error,
+    d.last_skip_reason,
+    d.last_finished_at,
+    COALESCE(i.issues, (0)::bigint) AS issues,
+    i.suspended_reason
+   FROM ((((fhir_outbox.resource r
+     JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id))
+     LEFT JOIN fhir_outbox.subscription_pause p ON (((p.project_id = r.project_id) AND (p.subscription_id = r.id))))
+     LEFT JOIN LATERAL ( SELECT count(*) FILTER (WHERE (x.state = 'pending'::text)) AS pending,
+            count(*) FILTER (WHERE (x.state = 'in_flight'::text)) AS in_flight,
+            count(*) FILTER (WHERE (x.state = 'succeeded'::text)) AS succeeded,
+            count(*) FILTER (WHERE (x.state = 'skipped'::text)) AS skipped,
+            count(*) FILTER (WHERE (x.state = 'failed'::text)) AS failed,
+            min(x.changed_at) FILTER (WHERE (x.state = ANY (ARRAY['pending'::text, 'in_flight'::text]))) AS oldest_undelivered_at,
+            (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE ((x.state = ANY (ARRAY['failed'::text, 'pending'::text])) AND (x.reason IS NOT NULL))))[1] AS last_error,
+            (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE (x.state = 'skipped'::text)))[1] AS last_skip_reason,
+            max(x.finished_at) AS last_finished_at
+           FROM fhir_outbox.delivery x
+          WHERE ((x.project_id = r.project_id) AND (x.subscription_id = r.id))) d ON (true))
+     LEFT JOIN LATERAL ( SELECT count(*) AS issues,
+            min(s.message) FILTER (WHERE (s.kind = 'budget_exhausted'::text)) AS suspended_reason
+           FROM fhir_outbox.subscription_issue s
+          WHERE ((s.project_id = r.project_id) AND (s.subscription_id = r.id) AND (s.subscription_version = r.version_id))) i ON (true))
+  WHERE ((r.resource_type = 'Subscription'::text) AND (NOT r.deleted));
+
+--
+-- Name: subscription_failure; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.subscription_failure (
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    failed_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
+-- Name: delivery_attempt delivery_attempt_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.delivery_attempt
+    ADD CONSTRAINT delivery_attempt_pkey PRIMARY KEY (id);
+
+--
+-- Name: delivery delivery_outbox_seq_project_id_subscription_id_key; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.delivery
+    ADD CONSTRAINT delivery_outbox_seq_project_id_subscription_id_key UNIQUE (outbox_seq, project_id, subscription_id);
+
+--
+-- Name: delivery delivery_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.delivery
+    ADD CONSTRAINT delivery_pkey PRIMARY KEY (id);
+
+--
+-- Name: dispatcher_waiting dispatcher_waiting_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.dispatcher_waiting
+    ADD CONSTRAINT dispatcher_waiting_pkey PRIMARY KEY (listener);
+
+--
+-- Name: outbox outbox_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.outbox
+    ADD CONSTRAINT outbox_pkey PRIMARY KEY (seq);
+
+--
+-- Name: project project_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.project
+    ADD CONSTRAINT project_pkey PRIMARY KEY (id);
+
+--
+-- Name: resource resource_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.resource
+    ADD CONSTRAINT resource_pkey PRIMARY KEY (project_id, resource_type, id);
+
+--
+-- Name: resource_type resource_type_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.resource_type
+    ADD CONSTRAINT resource_type_pkey PRIMARY KEY (name);
+
+--
+-- Name: resource_version resource_version_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.resource_version
+    ADD CONSTRAINT resource_version_pkey PRIMARY KEY (project_id, resource_type, id, version_id);
+
+--
+-- Name: subscription_issue subscription_issue_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.subscription_issue
+    ADD CONSTRAINT subscription_issue_pkey PRIMARY KEY (project_id, subscription_id, subscription_version, kind, message);
+
+--
+-- Name: subscription_pause subscription_pause_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.subscription_pause
+    ADD CONSTRAINT subscription_pause_pkey PRIMARY KEY (project_id, subscription_id);
+
+--
+-- Name: delivery_attempt_by_delivery; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_attempt_by_delivery ON fhir_outbox.delivery_attempt USING btree (delivery_id);
+
+--
+-- Name: delivery_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_by_subscription ON fhir_outbox.delivery USING btree (project_id, subscription_id, id);
+
+--
+-- Name: delivery_due; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_due ON fhir_outbox.delivery USING btree (next_attempt_at) WHERE (state = 'pending'::text);
+
+--
+-- Name: delivery_finished; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_finished ON fhir_outbox.delivery USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+
+--
+-- Name: delivery_leased; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_leased ON fhir_outbox.delivery USING btree (lease_expires_at) WHERE (state = 'in_flight'::text);
+
+--
+-- Name: outbox_dispatched; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX outbox_dispatched ON fhir_outbox.outbox USING btree (dispatched_at) WHERE (dispatched_at IS NOT NULL);
+
+--
+-- Name: outbox_undispatched; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX outbox_undispatched ON fhir_outbox.outbox USING btree (seq) WHERE (dispatched_at IS NULL);
+
+--
+-- Name: outbox_with_dispatch_error; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX outbox_with_dispatch_error ON fhir_outbox.outbox USING btree (seq) WHERE (dispatch_error IS NOT NULL);
+
+--
+-- Name: resource_version_audit_event_age; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX resource_version_audit_event_age ON fhir_outbox.resource_version USING btree (last_updated) WHERE (resource_type = 'AuditEvent'::text);
+
+--
+-- Name: subscription_failure_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX subscription_failure_by_subscription ON fhir_outbox.subscription_failure USING btree (project_id, subscription_id, failed_at);
+
+--
+-- Name: outbox outbox_wake_waiting_dispatchers; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE CONSTRAINT TRIGGER outbox_wake_waiting_dispatchers AFTER INSERT ON fhir_outbox.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fhir_outbox.wake_waiting_dispatchers();
+
+--
+-- Name: resource_version resource_version_immutable; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER resource_version_immutable BEFORE UPDATE ON fhir_outbox.resource_version FOR EACH ROW EXECUTE FUNCTION fhir_outbox.forbid_version_update();
+
+--
+-- Name: resource resource_project_id_fkey; Type: FK CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.resource
+    ADD CONSTRAINT resource_project_id_fkey FOREIGN KEY (project_id) REFERENCES fhir_outbox.project(id);
+
+--
+-- PostgreSQL database dump complete
+--
+
