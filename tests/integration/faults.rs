@@ -24,16 +24,22 @@ fn setting(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A worker process with 1 s leases (so that takeovers after a kill happen within the test), unless
+/// `extra` sets `--lease-seconds`.
 fn spawn_worker(database_url: &str, extra: &[&str]) -> Child {
+    let lease: &[&str] = if extra.contains(&"--lease-seconds") {
+        &[]
+    } else {
+        &["--lease-seconds", "1"]
+    };
     crate::common::binary()
         .args([
             "run",
             "--database-url",
             database_url,
             "--allow-unsafe-outbound",
-            "--lease-seconds",
-            "1",
         ])
+        .args(lease)
         .args(["--retry-base-ms", "50", "--retry-cap-ms", "200"])
         .args(extra)
         .spawn()
@@ -274,7 +280,11 @@ async fn two_and_four_workers_deliver_exactly_once_without_faults() {
         }
         let changes = setting("FHIR_OUTBOX_FAULT_DELIVERIES", 1000) / 3;
         write_patients(&db.pool, project, changes).await;
-        let running: Vec<Child> = (0..workers).map(|_| spawn_worker(&db.url, &[])).collect();
+        // A lease that expires because a loaded machine stalled its renewal for a second is a
+        // fault (a takeover, a possible duplicate): without faults, leases outlast any stall.
+        let running: Vec<Child> = (0..workers)
+            .map(|_| spawn_worker(&db.url, &["--lease-seconds", "30"]))
+            .collect();
         wait_delivered(&db.pool, (changes * 3) as i64, Duration::from_secs(180)).await;
         running.into_iter().for_each(terminate);
         let duplicates = check_none_lost(&db.pool, &receiver).await;
