@@ -1,5 +1,5 @@
 //! Audit: the AuditEvents fhir-outbox records, built exactly as Medplum's `auditevent.ts` builds them
-//! (spec §1.10), so tools that read Medplum's AuditEvents read ours. [`application`] is the same for
+//! (docs/medplum-rest-hook.md §1.10), so tools that read Medplum's AuditEvents read ours. [`application`] is the same for
 //! the login, logout and REST events of applications sharing the store.
 
 pub mod application;

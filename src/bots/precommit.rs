@@ -1,4 +1,4 @@
-//! Pre-commit subscriptions (spec §1.18): a Subscription with the `pre-commit-bot` extension whose
+//! Pre-commit subscriptions (docs/medplum-rest-hook.md §1.18): a Subscription with the `pre-commit-bot` extension whose
 //! endpoint is `Bot/<id>` runs its bot inside the write's transaction, before anything is stored. The
 //! bot can reject the write (nothing is written or captured) or replace the resource being written
 //! (the replacement is what is stored and captured). As in Medplum: active only when the server

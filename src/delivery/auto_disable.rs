@@ -1,4 +1,4 @@
-//! Auto-disable (spec §1.11), kept in PostgreSQL: after N final failures (deliveries that exhausted
+//! Auto-disable (docs/medplum-rest-hook.md §1.11), kept in PostgreSQL: after N final failures (deliveries that exhausted
 //! their attempts) within W seconds, a subscription is set to `off` with an `error` saying why, and an
 //! AuditEvent with outcome 8 records it. Any success clears the count. The change is guarded: it only
 //! applies to a subscription that is still `active`, so it never overrides an administrator.

@@ -1,4 +1,4 @@
-//! The request headers of a notification (spec §1.7), plus the Standard Webhooks headers.
+//! The request headers of a notification (docs/medplum-rest-hook.md §1.7), plus the Standard Webhooks headers.
 
 use crate::capture::Interaction;
 use regex::Regex;

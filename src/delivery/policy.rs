@@ -92,7 +92,7 @@ impl Rules {
     }
 }
 
-/// Whether `status` is a success for this subscription (spec §1.8).
+/// Whether `status` is a success for this subscription (docs/medplum-rest-hook.md §1.8).
 ///
 /// Without the success-codes extension: 200–399. With it: spaces removed, split on `,`, each token
 /// `N` or `A-B` (inclusive); the first token that matches decides success; the first token that is
@@ -137,7 +137,7 @@ pub fn is_success_code(codes: Option<&str>, status: u16) -> bool {
 
 /// The subscription's total HTTP attempts, or why its `subscription-max-attempts` is not usable.
 ///
-/// We count total attempts, the documented meaning (Medplum's code allows one more: see spec §1.9
+/// We count total attempts, the documented meaning (Medplum's code allows one more: see docs/medplum-rest-hook.md §1.9
 /// item 47); an invalid value is reported rather than guessed at, and the default applies.
 pub fn max_attempts(subscription: &Value) -> Result<u32, String> {
     let Some(value) =

@@ -1,4 +1,4 @@
-//! Medplum's preamble (spec §1.5), then everything needed to send: from a claimed delivery, its
+//! Medplum's preamble (docs/medplum-rest-hook.md §1.5), then everything needed to send: from a claimed delivery, its
 //! subscription as compiled for the batch ([`Target`]) and its resource as read with the claim, a
 //! prepared [`Request`] or a [`Stop`]. Decides nothing about retries.
 
@@ -207,7 +207,7 @@ pub(super) async fn prepare(
             return stop(Stop::Skipped(SkipReason::ResourceDeleted));
         }
         // Only a retry of a recorded, failed attempt may give up on a superseded version (as
-        // Medplum does, spec §1.5): a claim taken over from a worker that died before its attempt
+        // Medplum does, docs/medplum-rest-hook.md §1.5): a claim taken over from a worker that died before its attempt
         // was recorded is still a first attempt, and state-transition notifications depend on
         // every version being sent once.
         if delivery.attempts > 0 && resource.current_version != Some(delivery.version_id) {

@@ -1,7 +1,7 @@
 //! Does a change match a subscription? The one implementation of that decision, used by the
 //! dispatcher (fast, no explanations) and by `fhir-outbox explain` (every reason spelled out).
 //!
-//! The checks follow Medplum's `resourceMatchesSubscriptionCriteria` (spec §1.3–1.4), cheapest first;
+//! The checks follow Medplum's `resourceMatchesSubscriptionCriteria` (docs/medplum-rest-hook.md §1.3–1.4), cheapest first;
 //! the verdict does not depend on their order.
 
 use crate::capture::Interaction;
@@ -225,7 +225,7 @@ pub enum Rejection {
     ChannelType(String),
     /// A rest-hook channel without an endpoint.
     NoEndpoint,
-    /// The endpoint fails the outbound URL safety check (spec §1.16: never enqueued).
+    /// The endpoint fails the outbound URL safety check (docs/medplum-rest-hook.md §1.16: never enqueued).
     UnsafeEndpoint(String),
     /// A pre-commit subscription: run synchronously by the write, not by this worker.
     PreCommit,

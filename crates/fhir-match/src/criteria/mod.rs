@@ -1,7 +1,7 @@
 //! FHIR search criteria: parsing a Subscription criteria string and matching it against a resource.
 //!
 //! This re-implements Medplum's `parseSearchRequest` + `matchesSearchRequest` (newest semantics, see
-//! `shared/spec/medplum-rest-hook.md` §2), with these deliberate differences, each explained where it
+//! `docs/medplum-rest-hook.md` §2 at the repository root), with these deliberate differences, each explained where it
 //! is implemented:
 //! - `number` and `quantity` parameters are matched (Medplum never matches them), with every prefix;
 //!   `ap` means "within 10%" for them ([`quantity`]).
