@@ -16,6 +16,7 @@
 
 pub mod auto_disable;
 pub mod headers;
+pub mod lease;
 pub mod outbound;
 mod outcome;
 pub mod policy;

@@ -3,6 +3,7 @@
 use super::fixtures::{self, Env, WorkerProcess, patient};
 use super::{BenchError, CpuProfile, Figure, Scenario, Sizes, Target};
 use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::delivery::{DeliveryConfig, lease};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
@@ -942,39 +943,6 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
 // ---------------------------------------------------------------------------------------------
 // Claim rate
 
-/// The worker's claim query (`src/delivery/queries.rs`, `claim`), copied as runtime SQL without the
-/// preamble's reads that the worker joins to it (they do not depend on the size of the delivery
-/// table): the bench must not touch the module's private API nor `.sqlx/`. Keep it in step.
-const CLAIM_SQL: &str = "WITH pending AS (
-       SELECT id FROM fhir_outbox.delivery d
-       WHERE state = 'pending' AND next_attempt_at <= now()
-         AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                         WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
-       ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED),
-   expired AS (
-       SELECT id FROM fhir_outbox.delivery d
-       WHERE state = 'in_flight' AND lease_expires_at < now()
-         AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                         WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
-       ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),
-   due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1)
-   UPDATE fhir_outbox.delivery d
-   SET state = 'in_flight', lease_token = gen_random_uuid(),
-       lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
-   FROM due WHERE d.id = due.id
-   RETURNING d.id, d.webhook_id, d.project_id, d.subscription_id, d.resource_project_id,
-             d.resource_type, d.resource_id, d.version_id, d.interaction, d.changed_at, d.request_id,
-             d.trace_id, d.attempts, d.preamble_failures, d.claims, d.lease_token";
-
-/// The worker's fenced completion of a batch (`queries::complete`), all successes, as runtime SQL.
-const COMPLETE_SQL: &str = "UPDATE fhir_outbox.delivery d
-    SET state = 'succeeded', attempts = 1, preamble_failures = 0,
-        next_attempt_at = d.next_attempt_at, finished_at = now(), reason = NULL, last_status = 200,
-        lease_token = NULL, lease_expires_at = NULL
-    FROM unnest($1::int8[], $2::uuid[]) AS c(id, lease_token)
-    WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
-    RETURNING d.id";
-
 /// Inserts delivery rows `from..=to` in `state` (rows as dispatch writes them; finished ones as a
 /// success leaves them).
 async fn insert_deliveries(
@@ -1024,27 +992,20 @@ async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> 
         tasks.spawn(async move {
             while claimed.load(Ordering::Relaxed) < rows {
                 let clock = Instant::now();
-                let batch = sqlx::query(CLAIM_SQL)
-                    .bind(fhir_outbox::delivery::DeliveryConfig::default().claim_batch as i64)
-                    .bind(30.0f64)
-                    .fetch_all(&pool)
-                    .await?;
+                let mut conn = pool.acquire().await?;
+                // The worker's own claim and completion statements (`delivery::lease`).
+                let batch = lease::lease_due(
+                    &mut conn,
+                    DeliveryConfig::default().claim_batch as i64,
+                    Duration::from_secs(30),
+                )
+                .await?;
                 claim_micros.fetch_add(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
                 claims.fetch_add(1, Ordering::Relaxed);
                 if batch.is_empty() {
                     break;
                 }
-                let mut ids = Vec::with_capacity(batch.len());
-                let mut tokens = Vec::with_capacity(batch.len());
-                for row in &batch {
-                    ids.push(row.try_get::<i64, _>("id")?);
-                    tokens.push(row.try_get::<Uuid, _>("lease_token")?);
-                }
-                sqlx::query(COMPLETE_SQL)
-                    .bind(&ids)
-                    .bind(&tokens)
-                    .execute(&pool)
-                    .await?;
+                lease::complete_succeeded(&mut conn, &batch, 200).await?;
                 claimed.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             Ok::<_, BenchError>(())
