@@ -573,6 +573,7 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 "interaction",
                 "state",
                 "attempts",
+                "last status",
                 "changed at",
                 "reason",
             ]);
@@ -585,6 +586,7 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                     d.interaction.clone(),
                     d.state.to_string(),
                     d.attempts.to_string(),
+                    d.last_status.map(|s| s.to_string()).unwrap_or_default(),
                     d.changed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                     d.reason.clone().unwrap_or_default(),
                 ]);

@@ -163,6 +163,8 @@ pub async fn set_aside(
 pub struct DeliveryRow {
     /// Delivery id.
     pub id: i64,
+    /// The `webhook-id` header its requests carry (the same on every retry): what a receiver logs.
+    pub webhook_id: Uuid,
     /// Project.
     pub project_id: Uuid,
     /// Subscription id.
@@ -177,6 +179,9 @@ pub struct DeliveryRow {
     pub state: DeliveryState,
     /// HTTP attempts made.
     pub attempts: i32,
+    /// The HTTP status of the last attempt that got a response (none yet, or only network errors:
+    /// `None`).
+    pub last_status: Option<i32>,
     /// When the change was made.
     pub changed_at: DateTime<Utc>,
     /// Next attempt (pending) .
@@ -207,9 +212,10 @@ pub async fn deliveries(
 ) -> Result<Vec<DeliveryRow>, ControlError> {
     Ok(sqlx::query_as!(
         DeliveryRow,
-        r#"SELECT id, project_id, subscription_id, resource_type || '/' || resource_id AS "resource!",
-                  version_id, interaction, state AS "state: DeliveryState", attempts, changed_at,
-                  next_attempt_at, reason
+        r#"SELECT id, webhook_id, project_id, subscription_id,
+                  resource_type || '/' || resource_id AS "resource!", version_id, interaction,
+                  state AS "state: DeliveryState", attempts, last_status, changed_at, next_attempt_at,
+                  reason
            FROM fhir_outbox.delivery
            WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2::text IS NULL OR subscription_id = $2)

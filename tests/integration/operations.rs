@@ -223,6 +223,27 @@ async fn find_a_failed_delivery_in_sql_and_retry_it_from_the_cli() {
     assert!(ok, "{text}");
     let rows: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(rows[0]["id"], failed_id);
+    // What a receiver logs (webhook-id), what it answered last, and how often it was tried.
+    assert_eq!(
+        rows[0]["webhook_id"].as_str(),
+        receiver.received()[0].header("webhook-id"),
+        "{text}"
+    );
+    assert_eq!(rows[0]["last_status"], 500, "{text}");
+    assert_eq!(rows[0]["attempts"], 1, "{text}");
+    let (ok, text) = cli(&[
+        "deliveries",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project,
+        "--state",
+        "failed",
+    ]);
+    assert!(
+        ok && text.contains("last status") && text.contains("500"),
+        "{text}"
+    );
 
     let (ok, text) = cli(&[
         "retry",
