@@ -18,6 +18,21 @@ pub const FAILED_EXECUTION_DURATION: &str =
     "fhir_outbox_subscription_failed_execution_duration_seconds";
 /// The HTTP request alone.
 pub const FETCH_DURATION: &str = "fhir_outbox_subscription_rest_hook_fetch_duration_seconds";
+/// The latency metrics, exported as Prometheus histograms (with [`LATENCY_BUCKETS`]), so they can
+/// be aggregated across workers.
+pub const LATENCY_HISTOGRAMS: [&str; 5] = [
+    QUEUED_DURATION,
+    EXECUTION_DURATION,
+    TOTAL_DURATION,
+    FAILED_EXECUTION_DURATION,
+    FETCH_DURATION,
+];
+/// Bucket bounds (seconds) of the latency histograms: 5 ms to the 120 s request timeout for a
+/// request, then 10 min, 1 h and 8 h (the longest retry delay) for the durations from a change.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0,
+    3600.0, 28800.0,
+];
 /// HTTP attempts, by `outcome` (`succeeded`, `failed`).
 pub const ATTEMPTS: &str = "fhir_outbox_delivery_attempts_total";
 /// Deliveries that reached a final state, by `state`.

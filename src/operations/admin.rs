@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -44,7 +44,18 @@ pub async fn serve(
     address: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
-    let metrics = PrometheusBuilder::new()
+    let mut builder = PrometheusBuilder::new();
+    // Histograms (`_bucket` series), not the exporter's default summaries: quantiles computed per
+    // process cannot be aggregated across workers.
+    for name in crate::metrics::LATENCY_HISTOGRAMS {
+        builder = builder
+            .set_buckets_for_metric(
+                Matcher::Full(name.to_owned()),
+                crate::metrics::LATENCY_BUCKETS,
+            )
+            .map_err(|error| AdminError::Recorder(error.to_string()))?;
+    }
+    let metrics = builder
         .install_recorder()
         .map_err(|error| AdminError::Recorder(error.to_string()))?;
     crate::metrics::describe();

@@ -80,6 +80,11 @@ async fn metrics_move_and_readiness_reports_the_schema() {
             "fhir_outbox_delivery_attempts_total",
             Some("succeeded"),
         ) >= 1.0
+            && metric(
+                &text,
+                "fhir_outbox_subscription_total_duration_seconds_count",
+                None,
+            ) >= 1.0
         {
             break;
         }
@@ -111,6 +116,30 @@ async fn metrics_move_and_readiness_reports_the_schema() {
         text.contains("fhir_outbox_subscription_rest_hook_fetch_duration_seconds"),
         "{text}"
     );
+    // The latency metrics are histograms (aggregatable across workers), with buckets for webhooks.
+    for name in [
+        "fhir_outbox_subscription_queued_duration_seconds",
+        "fhir_outbox_subscription_execution_duration_seconds",
+        "fhir_outbox_subscription_total_duration_seconds",
+        "fhir_outbox_subscription_failed_execution_duration_seconds",
+        "fhir_outbox_subscription_rest_hook_fetch_duration_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram")),
+            "{name} is a histogram: {text}"
+        );
+        for le in ["0.005", "120", "+Inf"] {
+            assert!(
+                text.contains(&format!("{name}_bucket{{le=\"{le}\"}}")),
+                "{name} has the bucket le={le}: {text}"
+            );
+        }
+        assert!(
+            metric(&text, &format!("{name}_count"), None) >= 1.0,
+            "{text}"
+        );
+    }
+    assert!(!text.contains("quantile="), "no summaries: {text}");
     assert!(
         !text.contains(&project.to_string()),
         "no tenant appears in metrics"
