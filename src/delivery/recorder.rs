@@ -158,6 +158,9 @@ impl Recorder {
             if state.is_final() {
                 crate::metrics::finished(state);
             }
+            if state == DeliveryState::Failed {
+                log_given_up(&delivery, &decision);
+            }
         }
         leases
     }
@@ -347,6 +350,29 @@ impl Recorder {
         tx.commit().await?;
         Ok(written)
     }
+}
+
+/// A delivery that was given up says so once, at `warn`, on one line with what an operator needs to
+/// find it (the delivery, its `webhook-id`, subscription, resource and attempts) and why; never the
+/// endpoint or headers (the reason names neither).
+fn log_given_up(delivery: &ClaimedDelivery, decision: &Decision) {
+    let completion = &decision.completion;
+    let reason = completion
+        .reason
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    tracing::warn!(
+        delivery = delivery.id,
+        webhook_id = %delivery.webhook_id,
+        subscription = %delivery.subscription_id,
+        resource = %format_args!("{}/{}", delivery.resource_type, delivery.resource_id),
+        version = delivery.version_id,
+        attempts = completion.attempts,
+        last_status = completion.last_status,
+        %reason,
+        "delivery failed for good; no more attempts"
+    );
 }
 
 /// A final failure counts towards auto-disable (and may disable the subscription); a `410 Gone`
