@@ -224,6 +224,31 @@ fn subscription_now(subscription: Option<String>, settings: Option<String>) -> S
     }
 }
 
+/// When the claimer should look again: the earliest `next_attempt_at` later than `after` among
+/// pending deliveries of subscriptions not paused (as the claim excludes them), as seconds from the
+/// database's clock now (`None`: nothing is scheduled), and that clock. Uses the `delivery_due` index
+/// and starts past `after`, the clock of the previous look: a due row that the claim since then could
+/// not take (locked by another worker's claim) is returned once, never in a loop.
+pub(super) async fn next_due(
+    conn: &mut PgConnection,
+    after: DateTime<Utc>,
+) -> Result<(Option<f64>, DateTime<Utc>), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT clock_timestamp() AS "now!",
+                  extract(epoch FROM (
+                      SELECT d.next_attempt_at FROM fhir_outbox.delivery d
+                      WHERE d.state = 'pending' AND d.next_attempt_at > $1
+                        AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                                        WHERE p.project_id = d.project_id
+                                          AND p.subscription_id = d.subscription_id)
+                      ORDER BY d.next_attempt_at LIMIT 1) - clock_timestamp())::float8 AS "wait?""#,
+        after
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.wait, row.now))
+}
+
 /// Extends the leases of deliveries this worker is still working on. Rows locked by someone else
 /// are skipped rather than waited for: they are being recorded (by this worker's recorder) or taken
 /// over, and waiting on them would delay the renewal of all the others past their expiry.

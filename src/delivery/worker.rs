@@ -9,12 +9,12 @@ use super::preamble::{self, Prepared, Target};
 use super::queries::{self, ClaimedDelivery};
 use super::recorder::{self, AuditInput, BotRun, Executed, Recorder};
 use super::transport::{Happened, Transport};
-use super::{DeliveryConfig, DeliveryError, outbound};
-use chrono::Utc;
+use super::{DeliveryConfig, DeliveryError, DeliveryState, outbound};
+use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::sync::{Semaphore, mpsc, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -33,6 +33,9 @@ pub struct DeliveryWorker {
     leases: Mutex<HashSet<Uuid>>,
     /// (project, subscription, version) whose bad extension was reported: once each.
     warned: Mutex<HashSet<(Uuid, String, String)>>,
+    /// Signalled when the recorder wrote a retry (a `next_attempt_at` of its own), so that a
+    /// claimer sleeping until a later one looks again.
+    retry_recorded: Notify,
 }
 
 /// A claimed delivery whose preamble has run: what to do with it.
@@ -71,6 +74,7 @@ impl DeliveryWorker {
             config,
             leases: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
+            retry_recorded: Notify::new(),
         })
     }
 
@@ -246,7 +250,9 @@ impl DeliveryWorker {
     }
 
     /// The claimer: claims a batch whenever half a batch fits in the queue of claimed deliveries,
-    /// and when a claim finds less than it asked for, waits for a notification or the poll interval.
+    /// and when a claim finds less than it asked for, sleeps until the earliest scheduled delivery
+    /// is due (so a retry goes out on time, not on the next poll), a notification, a retry this
+    /// process recorded, or the poll interval at most.
     async fn claim_continuously(
         self: Arc<Self>,
         to_start: mpsc::Sender<Job>,
@@ -255,6 +261,8 @@ impl DeliveryWorker {
     ) {
         let half = (self.claim_size() / 2).max(1);
         let mut failures = 0u32;
+        // The database's clock at the previous look for the next due delivery.
+        let mut looked = DateTime::<Utc>::UNIX_EPOCH;
         while !shutdown.is_cancelled() {
             woken.borrow_and_update();
             let room = tokio::select! {
@@ -287,10 +295,35 @@ impl DeliveryWorker {
                     }
                 }
             }
+            let sleep = self.until_due(&mut looked).await;
             tokio::select! {
                 _ = woken.changed() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = self.retry_recorded.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// How long the claimer may sleep: until the earliest scheduled delivery (after `looked`, the
+    /// previous look) is due, at most the poll interval, which also bounds what this cannot see
+    /// (leases of dead workers expiring).
+    async fn until_due(&self, looked: &mut DateTime<Utc>) -> Duration {
+        let poll = self.config.poll_interval;
+        let next = async {
+            let mut conn = self.pool.acquire().await?;
+            queries::next_due(&mut conn, *looked).await
+        };
+        match next.await {
+            Ok((wait, now)) => {
+                *looked = now;
+                wait.map_or(poll, |seconds| {
+                    Duration::try_from_secs_f64(seconds.max(0.0)).map_or(poll, |due| due.min(poll))
+                })
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot look up the next due delivery; polling");
+                poll
             }
         }
     }
@@ -404,12 +437,21 @@ impl DeliveryWorker {
         }
     }
 
-    /// Records a batch, then lets go of its leases.
+    /// Records a batch, then lets go of its leases; wakes the claimer if a retry was scheduled.
     async fn record(&self, executed: Vec<Executed>) {
+        let retries = executed.iter().any(|executed| {
+            let completion = &executed.decision.completion;
+            completion.state == DeliveryState::Pending && completion.next_attempt_at.is_some()
+        });
         let done = self.recorder.record(executed).await;
-        let mut held = self.leases.lock().expect("lease lock");
-        for token in done {
-            held.remove(&token);
+        {
+            let mut held = self.leases.lock().expect("lease lock");
+            for token in done {
+                held.remove(&token);
+            }
+        }
+        if retries {
+            self.retry_recorded.notify_one();
         }
     }
 }

@@ -15,6 +15,8 @@ pub struct Received {
     /// Header names lower-cased.
     pub headers: BTreeMap<String, String>,
     pub body: Vec<u8>,
+    /// When the whole request had arrived.
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Received {
@@ -144,6 +146,7 @@ async fn serve(
         path,
         headers,
         body,
+        at: chrono::Utc::now(),
     });
     let reply = script.lock().unwrap().pop_front().unwrap_or_else(|| {
         if latency.is_zero() {
