@@ -21,4 +21,5 @@ mod precommit;
 mod receiver;
 mod roles;
 mod sql_interface;
+mod strict;
 mod wakeup;
