@@ -313,8 +313,8 @@ fn is_resource_type(name: &str) -> bool {
 
 /// The modifiers FHIR R4 defines for a parameter type (besides `missing`, handled before, and
 /// `present`, Medplum's), with the ones we evaluate exactly or approximate. Anything else is
-/// unknown: a filter with an unknown modifier never matches (FHIR: a server "SHALL reject" a
-/// search parameter it does not understand rather than ignore it).
+/// unknown: a filter with an unknown modifier never matches (FHIR R4 search: servers "SHALL reject"
+/// a search parameter with an unsupported modifier; Medplum silently uses plain equality).
 fn unknown_modifier(kind: ParamType, modifier: &str) -> bool {
     let known: &[&str] = match kind {
         ParamType::String => &["not", "exact", "contains", "text"],
