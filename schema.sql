@@ -707,7 +707,7 @@ CREATE TABLE fhir_outbox.subscription_issue (
     occurrences bigint DEFAULT 1 NOT NULL,
     first_seen timestamp with time zone DEFAULT now() NOT NULL,
     last_seen timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT subscription_issue_kind_check CHECK ((kind = ANY (ARRAY['unsupported'::text, 'invalid'::text, 'evaluation_error'::text, 'budget_exhausted'::text])))
+    CONSTRAINT subscription_issue_kind_check CHECK ((kind = ANY (ARRAY['unsupported'::text, 'invalid'::text, 'evaluation_error'::text, 'budget_exhausted'::text, 'endpoint_refused'::text])))
 );
 
 --

@@ -33,8 +33,13 @@ pub struct CompiledSubscription {
     status: String,
     channel_type: String,
     has_endpoint: bool,
-    /// Why the endpoint may not be called (outbound URL safety), if it may not.
+    /// Why the endpoint may not be called (outbound URL safety, with the current setting), if it
+    /// may not: a change that matches becomes a `skipped` delivery with this reason.
     unsafe_endpoint: Option<String>,
+    /// Whether the endpoint is refused whatever the setting (not a usable http(s) URL).
+    malformed_endpoint: bool,
+    /// Why `subscription-max-attempts` is not usable (the default applies meanwhile).
+    max_attempts_problem: Option<String>,
     pre_commit: bool,
     /// `None`: every interaction (no extension).
     interactions: Option<Vec<String>>,
@@ -58,6 +63,10 @@ pub enum IssueKind {
     /// An evaluation exhausted its budget (work or memory): this subscription version is suspended
     /// and never matches; writing a new version of the subscription lifts it.
     BudgetExhausted,
+    /// The endpoint is refused by the outbound URL check with the current setting (`http`, a
+    /// private address): matching changes become `skipped` deliveries, which an operator can
+    /// `retry` once the setting allows the endpoint.
+    EndpointRefused,
 }
 
 impl IssueKind {
@@ -68,6 +77,7 @@ impl IssueKind {
             IssueKind::Invalid => "invalid",
             IssueKind::EvaluationError => "evaluation_error",
             IssueKind::BudgetExhausted => "budget_exhausted",
+            IssueKind::EndpointRefused => "endpoint_refused",
         }
     }
 }
@@ -94,6 +104,13 @@ impl CompiledSubscription {
             }
             _ => Err("the subscription has no criteria".to_owned()),
         };
+        let endpoint =
+            subscription::endpoint(resource).filter(|endpoint| !endpoint.starts_with("Bot/"));
+        let unsafe_endpoint = endpoint
+            .and_then(|endpoint| outbound::check_url(endpoint, allow_unsafe_outbound).err())
+            .map(|error| error.to_string());
+        let malformed_endpoint =
+            endpoint.is_some_and(|endpoint| outbound::check_url(endpoint, true).is_err());
         let fhirpath =
             subscription::extension_value(resource, extension::FHIRPATH_CRITERIA, "valueString")
                 .and_then(Value::as_str)
@@ -112,10 +129,9 @@ impl CompiledSubscription {
             status: subscription::status(resource).to_owned(),
             channel_type: subscription::channel_type(resource).to_owned(),
             has_endpoint: subscription::endpoint(resource).is_some(),
-            unsafe_endpoint: subscription::endpoint(resource)
-                .filter(|endpoint| !endpoint.starts_with("Bot/"))
-                .and_then(|endpoint| outbound::check_url(endpoint, allow_unsafe_outbound).err())
-                .map(|error| error.to_string()),
+            unsafe_endpoint,
+            malformed_endpoint,
+            max_attempts_problem: crate::delivery::policy::max_attempts(resource).err(),
             pre_commit: subscription::extension_value(
                 resource,
                 extension::PRE_COMMIT,
@@ -143,10 +159,34 @@ impl CompiledSubscription {
         self.suspended.get().map(String::as_str)
     }
 
-    /// The problems to report once for this version: unparsable criteria or FHIRPath, and criteria
-    /// constructs that are not supported.
+    /// The problems to report once for this version: unparsable criteria or FHIRPath, criteria
+    /// constructs that are not supported, a missing, malformed or refused endpoint, an unusable
+    /// `subscription-max-attempts`.
     pub fn issues(&self) -> Vec<(IssueKind, String)> {
         let mut issues = Vec::new();
+        if self.channel_type == "rest-hook" && !self.has_endpoint {
+            issues.push((
+                IssueKind::Invalid,
+                "rest-hook channel has no endpoint (channel.endpoint); nothing is delivered"
+                    .to_owned(),
+            ));
+        }
+        if let Some(reason) = &self.unsafe_endpoint {
+            issues.push(if self.malformed_endpoint {
+                (
+                    IssueKind::Invalid,
+                    format!("malformed endpoint: {reason}; matching changes are recorded as skipped deliveries"),
+                )
+            } else {
+                (
+                    IssueKind::EndpointRefused,
+                    format!("{reason}, refused without the allow-unsafe-outbound setting; matching changes are recorded as skipped deliveries (`retry` them once it is allowed)"),
+                )
+            });
+        }
+        if let Some(problem) = &self.max_attempts_problem {
+            issues.push((IssueKind::Invalid, problem.clone()));
+        }
         match &self.criteria {
             Ok(criteria) => issues.extend(criteria.unsupported().map(|unsupported| {
                 (
@@ -187,9 +227,6 @@ impl CompiledSubscription {
         if !self.has_endpoint {
             return Some(Rejection::NoEndpoint);
         }
-        if let Some(reason) = &self.unsafe_endpoint {
-            return Some(Rejection::UnsafeEndpoint(reason.clone()));
-        }
         if self.pre_commit != pre_commit {
             return Some(if pre_commit {
                 Rejection::NotPreCommit
@@ -225,8 +262,6 @@ pub enum Rejection {
     ChannelType(String),
     /// A rest-hook channel without an endpoint.
     NoEndpoint,
-    /// The endpoint fails the outbound URL safety check (docs/medplum-rest-hook.md §1.16: never enqueued).
-    UnsafeEndpoint(String),
     /// A pre-commit subscription: run synchronously by the write, not by this worker.
     PreCommit,
     /// Not a pre-commit subscription (when evaluating for the write path).
@@ -284,10 +319,6 @@ impl fmt::Display for Rejection {
             ),
             Rejection::NoEndpoint => write!(f, "rest-hook channel has no endpoint"),
             Rejection::NotPreCommit => write!(f, "not a pre-commit subscription"),
-            Rejection::UnsafeEndpoint(reason) => write!(
-                f,
-                "{reason} (allowed only with the allow-unsafe-outbound setting)"
-            ),
             Rejection::PreCommit => write!(
                 f,
                 "a pre-commit subscription (extension {}) runs inside the write, not in this worker",
@@ -342,6 +373,10 @@ pub enum Verdict {
     Matched,
     /// Do not; here is why.
     Rejected(Rejection),
+    /// The change matches, but the endpoint is refused by the outbound URL check: record a
+    /// `skipped` delivery with this reason (Medplum enqueues nothing and logs nothing,
+    /// docs/medplum-rest-hook.md §1.16; we leave a trace that an operator can `retry`).
+    Refused(String),
     /// Evaluating failed (a FHIRPath runtime error, …): not delivered, and reported to operators.
     Failed(String),
     /// Evaluating exhausted its budget of work or memory: not delivered, and the caller suspends
@@ -371,6 +406,25 @@ pub fn evaluate_pre_commit(
 }
 
 fn evaluate_as(
+    subscription: &CompiledSubscription,
+    change: &ChangeView<'_>,
+    explain: bool,
+    pre_commit: bool,
+) -> Verdict {
+    match evaluate_filters(subscription, change, explain, pre_commit) {
+        Verdict::Matched => match &subscription.unsafe_endpoint {
+            Some(reason) => Verdict::Refused(format!("{ENDPOINT_REFUSED}{reason}")),
+            None => Verdict::Matched,
+        },
+        verdict => verdict,
+    }
+}
+
+/// The start of the `reason` of a delivery skipped because its endpoint is refused (`retry` of a
+/// subscription re-queues these too).
+pub const ENDPOINT_REFUSED: &str = "endpoint refused by the outbound URL check: ";
+
+fn evaluate_filters(
     subscription: &CompiledSubscription,
     change: &ChangeView<'_>,
     explain: bool,

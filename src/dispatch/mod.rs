@@ -592,8 +592,16 @@ fn evaluate_batch(
             }
             match matching::evaluate(subscription, &view, false) {
                 Verdict::Matched => {
-                    push_delivery(&mut deliveries, change, subscription, matched_at)
+                    push_delivery(&mut deliveries, change, subscription, matched_at, None)
                 }
+                // Logged and recorded as an issue once per version, when it was compiled.
+                Verdict::Refused(reason) => push_delivery(
+                    &mut deliveries,
+                    change,
+                    subscription,
+                    matched_at,
+                    Some(reason),
+                ),
                 Verdict::Rejected(_) => {}
                 Verdict::Failed(message) => {
                     report.evaluation_errors += 1;
@@ -694,6 +702,7 @@ fn push_delivery(
     change: &ClaimedChange,
     subscription: &CompiledSubscription,
     matched_at: chrono::DateTime<Utc>,
+    skipped: Option<String>,
 ) {
     rows.project_id.push(subscription.project_id);
     rows.subscription_id.push(subscription.id.clone());
@@ -709,4 +718,13 @@ fn push_delivery(
     rows.request_id.push(change.request_id.clone());
     rows.trace_id.push(change.trace_id.clone());
     rows.matched_at.push(matched_at);
+    rows.state.push(
+        if skipped.is_some() {
+            "skipped"
+        } else {
+            "pending"
+        }
+        .to_owned(),
+    );
+    rows.reason.push(skipped);
 }

@@ -213,6 +213,10 @@ pub(crate) struct NewDeliveries {
     pub request_id: Vec<String>,
     pub trace_id: Vec<String>,
     pub matched_at: Vec<DateTime<Utc>>,
+    /// `pending`, or `skipped` (finished at once) with its reason: a matching change whose
+    /// endpoint is refused by the outbound URL check.
+    pub state: Vec<String>,
+    pub reason: Vec<Option<String>>,
 }
 
 impl NewDeliveries {
@@ -233,10 +237,15 @@ pub(crate) async fn insert_deliveries(
     let inserted = sqlx::query!(
         "INSERT INTO fhir_outbox.delivery
              (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
-              version_id, previous_version_id, interaction, changed_at, request_id, trace_id, matched_at)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text[],
-                              $7::int8[], $8::int8[], $9::text[], $10::timestamptz[], $11::text[],
-                              $12::text[], $13::timestamptz[])
+              version_id, previous_version_id, interaction, changed_at, request_id, trace_id, matched_at,
+              state, reason, finished_at)
+         SELECT d.*, CASE WHEN d.state = 'skipped' THEN now() END
+         FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text[],
+                     $7::int8[], $8::int8[], $9::text[], $10::timestamptz[], $11::text[],
+                     $12::text[], $13::timestamptz[], $14::text[], $15::text[])
+              AS d(project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+                   resource_id, version_id, previous_version_id, interaction, changed_at,
+                   request_id, trace_id, matched_at, state, reason)
          ON CONFLICT (outbox_seq, project_id, subscription_id) DO NOTHING",
         &rows.project_id,
         &rows.subscription_id,
@@ -251,6 +260,8 @@ pub(crate) async fn insert_deliveries(
         &rows.request_id,
         &rows.trace_id,
         &rows.matched_at,
+        &rows.state,
+        &rows.reason as &[Option<String>],
     )
     .execute(&mut *conn)
     .await?

@@ -233,7 +233,9 @@ pub async fn deliveries(
     .await?)
 }
 
-/// Which failed deliveries to retry.
+/// Which failed deliveries to retry. Besides failed ones, every scope takes the deliveries skipped
+/// because the endpoint was refused by the outbound URL check (`http`, a private address, before
+/// the allow-unsafe-outbound setting was turned on).
 #[derive(Debug, Clone)]
 pub enum RetryScope {
     /// One delivery (failed or skipped).
@@ -244,8 +246,8 @@ pub enum RetryScope {
     FailedSince(DateTime<Utc>),
 }
 
-/// Puts failed deliveries back to pending with a fresh attempt budget; they keep their `webhook-id`.
-/// Returns the ids retried.
+/// Puts failed deliveries (and those skipped for a refused endpoint) back to pending with a fresh
+/// attempt budget; they keep their `webhook-id`. Returns the ids retried.
 pub async fn retry(
     pool: &PgPool,
     project: Uuid,
@@ -262,7 +264,8 @@ pub async fn retry(
          SET state = 'pending', next_attempt_at = now(), attempts = 0, preamble_failures = 0, claims = 0,
              finished_at = NULL, reason = 'retried by an operator'
          WHERE project_id = $1
-           AND (state = 'failed' OR ($2::bigint IS NOT NULL AND state = 'skipped'))
+           AND (state = 'failed'
+                OR (state = 'skipped' AND ($2::bigint IS NOT NULL OR starts_with(reason, $5))))
            AND ($2::bigint IS NULL OR id = $2)
            AND ($3::text IS NULL OR subscription_id = $3)
            AND ($4::timestamptz IS NULL OR changed_at >= $4)
@@ -270,7 +273,8 @@ pub async fn retry(
         project,
         delivery,
         subscription,
-        since
+        since,
+        crate::dispatch::matching::ENDPOINT_REFUSED
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -60,9 +60,9 @@ pub struct Explanation {
     pub resource: String,
     /// The interaction evaluated.
     pub interaction: Interaction,
-    /// Whether a delivery would be enqueued.
+    /// Whether a delivery would be recorded (with a `reason`: as `skipped`, never sent).
     pub matched: bool,
-    /// Why not, or the evaluation error.
+    /// Why not, the evaluation error, or why a matching change is not sent.
     pub reason: Option<String>,
     /// Problems with the subscription that operators should know about (unsupported criteria, …).
     pub subscription_issues: Vec<String>,
@@ -76,7 +76,11 @@ impl std::fmt::Display for Explanation {
             self.subscription, self.resource, self.interaction
         )?;
         match (&self.matched, &self.reason) {
-            (true, _) => writeln!(f, "MATCH: a delivery would be enqueued")?,
+            (true, Some(reason)) => writeln!(
+                f,
+                "MATCH, NOT SENT: {reason}; dispatch records a `skipped` delivery"
+            )?,
+            (true, None) => writeln!(f, "MATCH: a delivery would be enqueued")?,
             (false, Some(reason)) => writeln!(f, "NO MATCH: {reason}")?,
             (false, None) => writeln!(f, "NO MATCH")?,
         }
@@ -194,6 +198,7 @@ pub async fn explain(
     let (matched, reason) = match matching::evaluate(&compiled, &view, true) {
         Verdict::Matched => (true, None),
         Verdict::Rejected(rejection) => (false, Some(rejection.to_string())),
+        Verdict::Refused(reason) => (true, Some(reason)),
         Verdict::Failed(message) => (false, Some(format!("evaluation failed: {message}"))),
         Verdict::OverBudget(message) => (
             false,

@@ -724,7 +724,7 @@ async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
 }
 
 #[tokio::test]
-async fn unsafe_endpoints_are_never_enqueued_unless_allowed() {
+async fn unsafe_endpoints_are_skipped_with_the_reason_unless_allowed() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let endpoint = |url: &str| json!({ "type": "rest-hook", "endpoint": url });
@@ -748,12 +748,28 @@ async fn unsafe_endpoints_are_never_enqueued_unless_allowed() {
     settle(&db.pool, &dispatcher(&db.pool)).await;
     create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
     dispatch_all(&dispatcher(&db.pool)).await;
-    let got: Vec<String> = deliveries(&db.pool)
-        .await
-        .into_iter()
-        .map(|d| d.0)
-        .collect();
-    assert_eq!(got, [safe]);
+    // Only the safe one is pending; each unsafe one is a skipped delivery saying why.
+    let got: Vec<(String, String)> = sqlx::query_as(
+        "SELECT subscription_id, state FROM fhir_outbox.delivery WHERE state <> 'skipped'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(got, [(safe, "pending".to_owned())]);
+    let skipped: Vec<(String, String)> = sqlx::query_as(
+        "SELECT subscription_id, reason FROM fhir_outbox.delivery WHERE state = 'skipped' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(skipped.len(), unsafe_ones.len(), "{skipped:?}");
+    for (subscription, reason) in &skipped {
+        assert!(unsafe_ones.contains(subscription));
+        assert!(
+            reason.starts_with("endpoint refused by the outbound URL check: "),
+            "{reason}"
+        );
+    }
 
     let permissive = Dispatcher::new(
         db.pool.clone(),
@@ -764,5 +780,8 @@ async fn unsafe_endpoints_are_never_enqueued_unless_allowed() {
     );
     create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
     dispatch_all(&permissive).await;
-    assert_eq!(deliveries(&db.pool).await.len(), 1 + 1 + unsafe_ones.len());
+    assert_eq!(
+        deliveries(&db.pool).await.len(),
+        1 + unsafe_ones.len() + 1 + unsafe_ones.len()
+    );
 }

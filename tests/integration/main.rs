@@ -21,5 +21,6 @@ mod precommit;
 mod receiver;
 mod roles;
 mod sql_interface;
+mod strict;
 mod timing;
 mod wakeup;

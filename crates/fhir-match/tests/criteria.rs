@@ -1016,3 +1016,91 @@ fn never_panics_on_garbage() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the matcher does not understand never matches, and says why
+
+#[test]
+fn unknown_modifiers_never_match() {
+    let patient = json!({"resourceType": "Patient", "name": [{"family": "foo"}],
+        "gender": "male", "generalPractitioner": [{"reference": "Practitioner/1"}],
+        "meta": {"profile": ["http://example.org/p"]}});
+    let cases = [
+        (
+            "Patient?name:badmod=foo",
+            "unknown modifier `:badmod` on string parameter `name`",
+        ),
+        (
+            "Patient?gender:badmod=male",
+            "unknown modifier `:badmod` on token parameter `gender`",
+        ),
+        (
+            "Patient?general-practitioner:Practitionr=1",
+            "unknown modifier `:Practitionr` on reference parameter `general-practitioner`",
+        ),
+        (
+            "Patient?_profile:sideways=http://example.org/p",
+            "unknown modifier `:sideways` on uri parameter `_profile`",
+        ),
+    ];
+    for (criteria, reason) in cases {
+        let c = Criteria::parse(criteria).unwrap();
+        let u: Vec<_> = c.unsupported().collect();
+        assert_eq!(u.len(), 1, "{criteria}");
+        assert_eq!(u[0].reason, reason, "{criteria}");
+        assert!(!matches(criteria, &patient), "{criteria}");
+        assert!(explain(criteria, &patient).contains(reason), "{criteria}");
+    }
+    // Without the modifier (or with a defined one) the same filters match.
+    for criteria in [
+        "Patient?name=foo",
+        "Patient?name:exact=foo",
+        "Patient?gender:not=female",
+        "Patient?general-practitioner:Practitioner=Practitioner/1",
+    ] {
+        assert!(matches(criteria, &patient), "{criteria}");
+    }
+}
+
+#[test]
+fn unknown_parameters_never_match() {
+    let patient = json!({"resourceType": "Patient", "name": [{"family": "foo"}]});
+    let c = Criteria::parse("Patient?nmae=foo").unwrap();
+    assert_eq!(
+        c.unsupported().next().unwrap().reason,
+        "`nmae` is not a search parameter of `Patient`"
+    );
+    assert!(!matches("Patient?nmae=foo", &patient));
+    assert!(!matches("Patient?name=foo&nmae=foo", &patient));
+}
+
+#[test]
+fn unknown_resource_types_are_refused() {
+    assert_eq!(
+        Criteria::parse("Patinet?name=foo").unwrap_err(),
+        CriteriaError::UnknownResourceType("Patinet".into())
+    );
+    assert_eq!(
+        Criteria::parse("Patinet").unwrap_err().to_string(),
+        "`Patinet` is not a FHIR R4 resource type (nor one of Medplum's own)"
+    );
+    // Abstract types and data types are no resource's type either.
+    for criteria in ["Resource?_id=1", "DomainResource", "HumanName?x=1"] {
+        assert!(
+            matches!(
+                Criteria::parse(criteria).unwrap_err(),
+                CriteriaError::UnknownResourceType(_)
+            ),
+            "{criteria}"
+        );
+    }
+    // FHIR R4's and Medplum's own types are fine.
+    for criteria in [
+        "Patient",
+        "Observation?status=final",
+        "Bot",
+        "ProjectMembership",
+    ] {
+        assert!(Criteria::parse(criteria).is_ok(), "{criteria}");
+    }
+}

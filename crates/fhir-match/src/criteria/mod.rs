@@ -78,6 +78,10 @@ pub enum CriteriaError {
     /// The resource type part contains characters a FHIR type name cannot have.
     #[error("`{0}` is not a valid resource type")]
     InvalidResourceType(String),
+    /// The resource type is a well-formed name but no FHIR R4 resource type (nor one of Medplum's
+    /// own): a misspelling such as `Patinet` would otherwise silently never match.
+    #[error("`{0}` is not a FHIR R4 resource type (nor one of Medplum's own)")]
+    UnknownResourceType(String),
     /// The criteria exceeds [`MAX_CRITERIA_LEN`].
     #[error("criteria is too long ({len} bytes, at most {max})")]
     TooLong {

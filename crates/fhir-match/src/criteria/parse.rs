@@ -194,6 +194,13 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
         )));
     }
 
+    if !is_resource_type(resource_type) {
+        return Err(CriteriaError::UnknownResourceType(truncate(
+            resource_type,
+            MAX_DISPLAY,
+        )));
+    }
+
     let mut criteria = Criteria {
         source: criteria.to_string(),
         resource_type: resource_type.to_string(),
@@ -272,6 +279,57 @@ pub(super) fn parse(criteria: &str) -> Result<Criteria, CriteriaError> {
     Ok(criteria)
 }
 
+/// Medplum's own resource types (not in FHIR R4), which Medplum subscriptions may be about.
+const MEDPLUM_RESOURCE_TYPES: &[&str] = &[
+    "AccessPolicy",
+    "Agent",
+    "AsyncJob",
+    "Bot",
+    "BulkDataExport",
+    "ClientApplication",
+    "DomainConfiguration",
+    "IdentityProvider",
+    "JsonWebKey",
+    "Login",
+    "PasswordChangeRequest",
+    "Project",
+    "ProjectMembership",
+    "SmartAppLaunch",
+    "User",
+    "UserConfiguration",
+    "UserSecurityRequest",
+];
+
+/// Whether `name` is a concrete resource type: of FHIR R4 (not the abstract `Resource` and
+/// `DomainResource`, which no resource has as its `resourceType`) or of Medplum.
+fn is_resource_type(name: &str) -> bool {
+    use crate::fhir::elements::{Kind, model};
+    MEDPLUM_RESOURCE_TYPES.contains(&name)
+        || !matches!(name, "Resource" | "DomainResource")
+            && model()
+                .get(name)
+                .is_some_and(|def| def.kind == Kind::Resource)
+}
+
+/// The modifiers FHIR R4 defines for a parameter type (besides `missing`, handled before, and
+/// `present`, Medplum's), with the ones we evaluate exactly or approximate. Anything else is
+/// unknown: a filter with an unknown modifier never matches (FHIR R4 search: servers "SHALL reject"
+/// a search parameter with an unsupported modifier; Medplum silently uses plain equality).
+fn unknown_modifier(kind: ParamType, modifier: &str) -> bool {
+    let known: &[&str] = match kind {
+        ParamType::String => &["not", "exact", "contains", "text"],
+        ParamType::Uri => &["not", "exact", "contains", "above", "below"],
+        ParamType::Token => &["not", "text", "in", "not-in", "above", "below", "of-type"],
+        // `:[type]` (a resource type name, `subject:Patient`) as well.
+        ParamType::Reference => {
+            return !matches!(modifier, "not" | "identifier" | "above" | "below" | "text")
+                && !is_resource_type(modifier);
+        }
+        _ => &[],
+    };
+    !known.contains(&modifier)
+}
+
 fn build_test(
     resource_type: &str,
     key: &str,
@@ -311,6 +369,17 @@ fn build_test(
         return Ok(Test::Presence { want_exists });
     }
     let kind = param.kind;
+    if let Some(m) = modifier.filter(|m| unknown_modifier(kind, m)) {
+        if matches!(
+            kind,
+            ParamType::Reference | ParamType::String | ParamType::Uri | ParamType::Token
+        ) {
+            return unsupported(format!(
+                "unknown modifier `:{m}` on {} parameter `{code}`",
+                kind.as_str()
+            ));
+        }
+    }
     match kind {
         ParamType::Composite => unsupported("composite parameters are not supported".into()),
         ParamType::Special => unsupported(format!(

@@ -76,8 +76,10 @@ fn lex(src: &str) -> Result<Vec<Token>> {
             let (text, j) = quoted(src, i, b'`')?;
             i = j;
             Tok::Quoted(text)
-        } else if c == b'\'' {
-            let (text, j) = quoted(src, i, b'\'')?;
+        } else if c == b'\'' || c == b'"' {
+            // Medplum's lexer also reads double-quoted strings (its own tests write
+            // `%current.status = "completed"`); same escapes as single-quoted ones.
+            let (text, j) = quoted(src, i, c)?;
             i = j;
             Tok::Str(text)
         } else if c.is_ascii_digit() {

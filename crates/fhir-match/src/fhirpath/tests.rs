@@ -799,3 +799,59 @@ fn ordinary_expressions_fit_the_budget_on_a_large_resource() {
         );
     }
 }
+
+/// Medplum's lexer reads double-quoted strings and backtick-quoted identifiers; its own
+/// subscription tests write criteria so (docs/medplum-rest-hook.md).
+#[test]
+fn medplum_lexer_double_quotes_and_backticks() {
+    let cur = json!({"resourceType": "Encounter", "status": "completed",
+        "name": [{"given": ["Bob", "Rob"]}]});
+    let prev = json!({"resourceType": "Encounter", "status": "in-progress"});
+    let env = Environment::new()
+        .with_variable("current", &cur)
+        .with_variable("previous", &prev);
+    let t = |src: &str, env: &Environment| {
+        compile(src)
+            .unwrap_or_else(|e| panic!("{src}: {e}"))
+            .evaluate_bool(&cur, env)
+            .unwrap_or_else(|e| panic!("{src}: {e}"))
+    };
+    assert_eq!(
+        t(
+            r#"%previous.status = "in-progress" and %current.status = "completed""#,
+            &env
+        ),
+        Some(true)
+    );
+    assert_eq!(
+        t(r#"%current.name.given.first() = "Bob""#, &env),
+        Some(true)
+    );
+    assert_eq!(
+        t(r#"%current.name.given.first() = "Rob""#, &env),
+        Some(false)
+    );
+    assert_eq!(t("%current.name.`given`.first() = 'Bob'", &env), Some(true));
+    assert_eq!(
+        t(r#"%current.`name`.`given`.last() = "Rob""#, &env),
+        Some(true)
+    );
+    assert_eq!(t(r#"%current.`status` = "completed""#, &env), Some(true));
+    // Same escapes as single-quoted strings; a single quote needs none inside double quotes.
+    assert_eq!(eval(r#""a\"b\u0041\n""#), vec![json!("a\"bA\n")]);
+    assert_eq!(eval(r#""it's" = 'it\'s'"#), vec![json!(true)]);
+    assert_eq!(eval(r#"'say "hi"' = "say \"hi\"""#), vec![json!(true)]);
+    // The other side of the transition does not pass.
+    let back = Environment::new()
+        .with_variable("current", &prev)
+        .with_variable("previous", &cur);
+    assert_eq!(
+        compile(r#"%previous.status = "in-progress" and %current.status = "completed""#)
+            .unwrap()
+            .evaluate_bool(&prev, &back)
+            .unwrap(),
+        Some(false)
+    );
+    assert!(compile(r#"%current.status = "unterminated"#).is_err());
+    assert!(compile(r#""bad \q escape""#).is_err());
+}
