@@ -18,6 +18,7 @@ mod nesting;
 mod operations;
 mod pipeline;
 mod precommit;
+mod readme;
 mod receiver;
 mod roles;
 mod sql_interface;
