@@ -16,6 +16,7 @@ mod logs;
 mod migrations;
 mod nesting;
 mod operations;
+mod operator_errors;
 mod pipeline;
 mod precommit;
 mod readme;
