@@ -127,6 +127,31 @@ END
 $$;
 
 --
+-- Name: create_project(text, jsonb, boolean); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.create_project(p_name text, p_settings jsonb DEFAULT '{}'::jsonb, p_server_scope boolean DEFAULT false) RETURNS uuid
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    IF p_name IS NULL OR btrim(p_name) = '' THEN
+        RAISE EXCEPTION 'invalid project: the name is empty' USING ERRCODE = 'OB012';
+    END IF;
+    IF p_settings IS NULL OR jsonb_typeof(p_settings) <> 'object' THEN
+        RAISE EXCEPTION 'invalid project: settings must be a JSON object, not %',
+            coalesce(jsonb_typeof(p_settings), 'NULL') USING ERRCODE = 'OB012';
+    END IF;
+    INSERT INTO fhir_outbox.project (name, settings, server_scope)
+    VALUES (p_name, p_settings, coalesce(p_server_scope, false))
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+--
 -- Name: create_resource(uuid, jsonb, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 

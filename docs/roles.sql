@@ -13,6 +13,8 @@
 --   CREATE ROLE billing_app LOGIN PASSWORD '…' IN ROLE fhir_outbox_writer;
 --   CREATE ROLE outbox_worker LOGIN PASSWORD '…' IN ROLE fhir_outbox_worker;
 -- Migrations keep running as the owner (`fhir-outbox migrate` with the owner's DATABASE_URL).
+-- Projects are created by the owner too (`fhir_outbox.create_project`, `fhir-outbox project create`):
+-- neither role may create one, since a server-scope project's subscriptions see every project.
 
 DO $$
 BEGIN

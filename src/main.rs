@@ -10,9 +10,10 @@ use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::Backoff;
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
+use fhir_outbox::operations::admin::AdminError;
 use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
 use fhir_outbox::operations::retention::{self, Retention};
-use fhir_outbox::pipeline::Pipeline;
+use fhir_outbox::pipeline::{Pipeline, PipelineError};
 use fhir_outbox::{db, operations};
 use pgtemp::{Durability, TempCluster};
 use std::time::Duration;
@@ -183,6 +184,11 @@ enum Command {
         #[arg(long)]
         subscription: String,
     },
+    /// Create, list and configure projects (the tenants).
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
     /// Delete what is past its retention now (`run` also does it periodically).
     Prune {
         #[command(flatten)]
@@ -212,6 +218,41 @@ enum Command {
         /// each end-to-end run (a diagnosis: it costs a little throughput).
         #[arg(long)]
         statements: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectCommand {
+    /// Create a project and print its id.
+    Create {
+        /// Its name.
+        name: String,
+        /// Its settings, a JSON object, e.g. `{"redactAuditEvents": true}`.
+        #[arg(long)]
+        settings: Option<String>,
+        /// Its subscriptions apply to every project's changes when `run` has
+        /// `--server-scoped-subscriptions`.
+        #[arg(long)]
+        server_scope: bool,
+    },
+    /// List the projects: id, name, server scope, creation time.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one project, settings included (JSON).
+    Show {
+        /// The project id.
+        id: Uuid,
+    },
+    /// Print a project's settings, or replace them with `--set`.
+    Settings {
+        /// The project id.
+        id: Uuid,
+        /// The new settings, a JSON object (they replace the old ones whole).
+        #[arg(long)]
+        set: Option<String>,
     },
 }
 
@@ -355,10 +396,78 @@ fn require_url(url: Option<String>) -> Result<String> {
     url.context("no database: set DATABASE_URL or pass --database-url (postgres://user@host/db)")
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// Connects, and refuses a database whose schema lacks migrations of this build, saying what to do.
+async fn connect_migrated(url: &str, max_connections: u32) -> Result<sqlx::PgPool> {
+    let pool = db::connect(url, max_connections).await?;
+    let current = match db::migrations_current(&pool).await {
+        Ok(current) => current,
+        // No `_sqlx_migrations` table: never migrated.
+        Err(error)
+            if error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| code == "42P01") =>
+        {
+            false
+        }
+        Err(error) => return Err(error).context("cannot read the schema's migrations"),
+    };
+    if !current {
+        pool.close().await;
+        anyhow::bail!(
+            "the database has no fhir-outbox schema, or an older one than this fhir-outbox: \
+             run `fhir-outbox migrate` first"
+        );
+    }
+    Ok(pool)
+}
+
+/// An error naming an unknown project.
+fn unknown_project(project: Uuid) -> anyhow::Error {
+    anyhow::anyhow!("unknown project {project} (`fhir-outbox project list` shows the projects)")
+}
+
+/// Fails unless the project exists.
+async fn require_project(pool: &sqlx::PgPool, project: Uuid) -> Result<()> {
+    if fhir_outbox::project::exists(pool, project).await? {
+        Ok(())
+    } else {
+        Err(unknown_project(project))
+    }
+}
+
+/// The message of an error and of those of its causes that it does not already quote, on one line.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(execute(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, never a backtrace (anyhow's Debug form adds one under RUST_BACKTRACE).
+            eprintln!("error: {}", one_line(&error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Migrate => {
             let url = require_url(cli.database_url)?;
@@ -393,8 +502,11 @@ async fn main() -> Result<()> {
         | Command::Resend { .. }
         | Command::Pause { .. }
         | Command::Resume { .. }) => operate(cli.database_url, command).await,
+        Command::Project { command } => {
+            project_command(&require_url(cli.database_url)?, command).await
+        }
         Command::Prune { retention } => {
-            let pool = db::connect(&require_url(cli.database_url)?, 2).await?;
+            let pool = connect_migrated(&require_url(cli.database_url)?, 2).await?;
             let pruned = retention::prune(&pool, retention.retention()).await?;
             println!(
                 "Pruned {} deliveries, {} attempts, {} outbox rows, {} AuditEvents.",
@@ -440,9 +552,12 @@ async fn main() -> Result<()> {
             json,
         } => {
             let pool = match &cli.database_url {
-                Some(url) => Some(db::connect(url, 2).await?),
+                Some(url) => Some(connect_migrated(url, 2).await?),
                 None => None,
             };
+            if let (Some(pool), Some(project)) = (&pool, project) {
+                require_project(pool, project).await?;
+            }
             let source = operations::explain::Source {
                 pool: pool.as_ref(),
                 project,
@@ -466,8 +581,78 @@ async fn main() -> Result<()> {
     }
 }
 
+async fn project_command(url: &str, command: ProjectCommand) -> Result<()> {
+    use fhir_outbox::project;
+    let pool = connect_migrated(url, 2).await?;
+    match command {
+        ProjectCommand::Create {
+            name,
+            settings,
+            server_scope,
+        } => {
+            let settings = match settings {
+                Some(text) => project::parse_settings(&text)?,
+                None => project::ProjectSettings::default(),
+            };
+            let id = project::create_project_with(&pool, &name, &settings, server_scope).await?;
+            println!("{id}");
+        }
+        ProjectCommand::List { json } => {
+            let projects = project::list(&pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&projects)?);
+            } else {
+                let mut table = Table::new(["id", "name", "server scope", "created"]);
+                for p in &projects {
+                    table.row([
+                        p.id.to_string(),
+                        p.name.clone(),
+                        p.server_scope.to_string(),
+                        p.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+        ProjectCommand::Show { id } => {
+            let project = match project::get(&pool, id).await {
+                Err(project::ProjectError::Unknown(id)) => return Err(unknown_project(id)),
+                other => other?,
+            };
+            println!("{}", serde_json::to_string_pretty(&project)?);
+        }
+        ProjectCommand::Settings { id, set } => {
+            if let Some(text) = set {
+                let settings = project::parse_settings(&text)?;
+                match project::set_settings(&pool, id, &settings).await {
+                    Err(project::ProjectError::Unknown(id)) => return Err(unknown_project(id)),
+                    other => other?,
+                }
+            }
+            let stored = match project::get(&pool, id).await {
+                Err(project::ProjectError::Unknown(id)) => return Err(unknown_project(id)),
+                other => other?,
+            };
+            println!("{}", serde_json::to_string_pretty(&stored.settings)?);
+        }
+    }
+    pool.close().await;
+    Ok(())
+}
+
 async fn operate(url: Option<String>, command: Command) -> Result<()> {
-    let pool = db::connect(&require_url(url)?, 2).await?;
+    let pool = connect_migrated(&require_url(url)?, 2).await?;
+    let project = match &command {
+        Command::Status { project, .. } | Command::Deliveries { project, .. } => *project,
+        Command::Retry { project, .. }
+        | Command::Resend { project, .. }
+        | Command::Pause { project, .. }
+        | Command::Resume { project, .. } => Some(*project),
+        _ => None,
+    };
+    if let Some(project) = project {
+        require_project(&pool, project).await?;
+    }
     match command {
         Command::Status { project, json } => {
             let subscriptions = control::subscription_status(&pool, project).await?;
@@ -553,6 +738,9 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             limit,
             json,
         } => {
+            if let (Some(project), Some(subscription)) = (project, &subscription) {
+                control::require_known_subscription(&pool, project, subscription).await?;
+            }
             let filter = DeliveryFilter {
                 project,
                 subscription,
@@ -672,7 +860,7 @@ async fn run(
     (retention, prune_every): (Retention, Duration),
     admin: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    let pool = db::connect(&url, Pipeline::connections(&dispatch, &delivery)).await?;
+    let pool = connect_migrated(&url, Pipeline::connections(&dispatch, &delivery)).await?;
     let mut builder = Pipeline::builder(pool.clone())
         .dispatch(dispatch)
         .delivery(delivery)
@@ -680,8 +868,20 @@ async fn run(
     if let Some(address) = admin {
         builder = builder.admin(address);
     }
-    let running = builder.start().await?;
-    tracing::info!("running: dispatch and delivery");
+    let running = builder.start().await.map_err(|error| match error {
+        PipelineError::Admin(AdminError::Bind { address, source }) => anyhow::anyhow!(
+            "the admin endpoint cannot listen on {address}: {source} (is another `fhir-outbox \
+             run` on this host?); choose another address with --admin-addr or \
+             FHIR_OUTBOX_ADMIN_ADDR (`127.0.0.1:0` takes any free port), or `off`"
+        ),
+        other => other.into(),
+    })?;
+    match running.admin_address() {
+        Some(address) => tracing::info!(
+            "running: dispatch and delivery; admin endpoint on http://{address}/ (/metrics, /healthz, /readyz)"
+        ),
+        None => tracing::info!("running: dispatch and delivery"),
+    }
     shutdown_signal().await;
     tracing::info!("shutting down: no new claims; finishing requests in flight");
     running.shutdown().await;
@@ -799,6 +999,7 @@ async fn demo(database_url: Option<String>, mut options: cli::demo::DemoOptions)
             EnvFilter::try_from_env("FHIR_OUTBOX_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
         let quiet = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .finish();
         let _guard = tracing::subscriber::set_default(quiet);
@@ -836,8 +1037,10 @@ async fn demo(database_url: Option<String>, mut options: cli::demo::DemoOptions)
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("FHIR_OUTBOX_LOG")
         .unwrap_or_else(|_| EnvFilter::new("fhir_outbox=info,warn"));
+    // Colours only for a terminal: a log written to a file or a pipe gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -6,14 +6,96 @@ use serde_json::{Map, Value};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-/// Creates a project and returns its id.
+/// Creates a project with no settings, not server-scope, and returns its id (SQL:
+/// `fhir_outbox.create_project(name)`).
 pub async fn create_project<'e>(db: impl PgExecutor<'e>, name: &str) -> Result<Uuid, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT fhir_outbox.create_project($1) AS "id!""#, name)
+        .fetch_one(db)
+        .await
+}
+
+/// Creates a project with settings (checked as [`ProjectSettings`] first), server-scope or not, and
+/// returns its id. A server-scope project's subscriptions apply to every project's changes when the
+/// dispatcher runs with `server_scoped_subscriptions`.
+pub async fn create_project_with<'e>(
+    db: impl PgExecutor<'e>,
+    name: &str,
+    settings: &ProjectSettings,
+    server_scope: bool,
+) -> Result<Uuid, ProjectError> {
+    let value =
+        serde_json::to_value(settings).map_err(|error| ProjectError::Invalid(error.to_string()))?;
     sqlx::query_scalar!(
-        "INSERT INTO fhir_outbox.project (name) VALUES ($1) RETURNING id",
-        name
+        r#"SELECT fhir_outbox.create_project($1, $2, $3) AS "id!""#,
+        name,
+        value,
+        server_scope
     )
     .fetch_one(db)
     .await
+    .map_err(ProjectError::from_database)
+}
+
+/// Parses settings given as JSON text (the CLI's `--settings`), naming the problem when they are
+/// not valid.
+pub fn parse_settings(text: &str) -> Result<ProjectSettings, ProjectError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|error| ProjectError::Invalid(format!("settings are not JSON: {error}")))?;
+    if !value.is_object() {
+        return Err(ProjectError::Invalid(
+            "settings must be a JSON object".to_owned(),
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|error| ProjectError::Invalid(format!("invalid settings: {error}")))
+}
+
+/// A project, as `fhir-outbox project list` and `show` print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Project {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Whether its subscriptions may apply to every project (see [`create_project_with`]).
+    pub server_scope: bool,
+    /// When it was created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Its settings, as stored.
+    pub settings: Value,
+}
+
+/// Every project, oldest first.
+pub async fn list<'e>(db: impl PgExecutor<'e>) -> Result<Vec<Project>, ProjectError> {
+    Ok(sqlx::query_as!(
+        Project,
+        "SELECT id, name, server_scope, created_at, settings FROM fhir_outbox.project
+         ORDER BY created_at, id"
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// One project.
+pub async fn get<'e>(db: impl PgExecutor<'e>, project: Uuid) -> Result<Project, ProjectError> {
+    sqlx::query_as!(
+        Project,
+        "SELECT id, name, server_scope, created_at, settings FROM fhir_outbox.project WHERE id = $1",
+        project
+    )
+    .fetch_optional(db)
+    .await?
+    .ok_or(ProjectError::Unknown(project))
+}
+
+/// Whether a project exists.
+pub async fn exists<'e>(db: impl PgExecutor<'e>, project: Uuid) -> Result<bool, ProjectError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.project WHERE id = $1) AS "exists!""#,
+        project
+    )
+    .fetch_one(db)
+    .await?)
 }
 
 /// A project's settings (the `settings` column), typed. Settings this version does not know are
@@ -67,9 +149,23 @@ pub enum ProjectError {
         /// What is wrong.
         message: String,
     },
+    /// A new project's name or settings are not valid (SQLSTATE `OB012`, or refused before).
+    #[error("{0}")]
+    Invalid(String),
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+impl ProjectError {
+    fn from_database(error: sqlx::Error) -> Self {
+        match error.as_database_error() {
+            Some(db_error) if db_error.code().as_deref() == Some("OB012") => {
+                ProjectError::Invalid(db_error.message().to_owned())
+            }
+            _ => ProjectError::Database(error),
+        }
+    }
 }
 
 /// Reads a project's settings.

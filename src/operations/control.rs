@@ -17,6 +17,9 @@ pub enum ControlError {
     /// The subscription does not exist in the project.
     #[error("Subscription/{0} not found in this project")]
     UnknownSubscription(String),
+    /// The delivery does not exist in the project.
+    #[error("delivery {0} not found in this project")]
+    UnknownDelivery(i64),
     /// The resource cannot be resent.
     #[error("cannot resend {reference}: {reason}")]
     Resend {
@@ -282,7 +285,59 @@ pub async fn retry(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    if ids.is_empty() {
+        // Nothing to retry is an answer; an id that names nothing is an error.
+        match scope {
+            RetryScope::Delivery(id) => {
+                let exists = sqlx::query_scalar!(
+                    r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.delivery
+                                      WHERE project_id = $1 AND id = $2) AS "exists!""#,
+                    project,
+                    id
+                )
+                .fetch_one(pool)
+                .await?;
+                if !exists {
+                    return Err(ControlError::UnknownDelivery(*id));
+                }
+            }
+            RetryScope::Subscription(subscription) => {
+                require_known_subscription(pool, project, subscription).await?;
+            }
+            RetryScope::FailedSince(_) => {}
+        }
+    }
     Ok(ids)
+}
+
+/// Fails unless the subscription exists in the project, or did and still has deliveries or a
+/// pause (a deleted subscription's deliveries can still be listed, retried or resumed).
+pub async fn require_known_subscription(
+    pool: &PgPool,
+    project: Uuid,
+    subscription: &str,
+) -> Result<(), ControlError> {
+    if require_subscription(pool, project, subscription)
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let known = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.delivery
+                          WHERE project_id = $1 AND subscription_id = $2)
+               OR EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause
+                          WHERE project_id = $1 AND subscription_id = $2) AS "known!""#,
+        project,
+        subscription
+    )
+    .fetch_one(pool)
+    .await?;
+    if known {
+        Ok(())
+    } else {
+        Err(ControlError::UnknownSubscription(subscription.to_owned()))
+    }
 }
 
 async fn require_subscription(
@@ -315,12 +370,14 @@ pub async fn pause(pool: &PgPool, project: Uuid, subscription: &str) -> Result<b
     Ok(inserted == 1)
 }
 
-/// Resumes a paused subscription; its waiting deliveries go out. Returns false if it was not paused.
+/// Resumes a paused subscription; its waiting deliveries go out. Returns false if it was not paused,
+/// and fails if the project has no such subscription.
 pub async fn resume(
     pool: &PgPool,
     project: Uuid,
     subscription: &str,
 ) -> Result<bool, ControlError> {
+    require_known_subscription(pool, project, subscription).await?;
     let mut tx = pool.begin().await?;
     let deleted = sqlx::query!(
         "DELETE FROM fhir_outbox.subscription_pause WHERE project_id = $1 AND subscription_id = $2",

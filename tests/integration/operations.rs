@@ -315,7 +315,17 @@ async fn find_a_failed_delivery_in_sql_and_retry_it_from_the_cli() {
         "--delivery",
         &failed_id.to_string(),
     ]);
-    assert!(ok && text.contains("Nothing to retry"), "{text}");
+    // Another project's delivery is unknown here: an error, and it is left as it is.
+    assert!(
+        !ok && text.contains(&format!("delivery {failed_id} not found in this project")),
+        "{text}"
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM fhir_outbox.delivery WHERE id = $1")
+        .bind(failed_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "failed");
 }
 
 #[tokio::test]
