@@ -9,6 +9,56 @@
 CREATE SCHEMA fhir_outbox;
 
 --
+-- Name: check_project_settings(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.check_project_settings() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+    v_triggers jsonb := NEW.settings -> 'subscriptionAutoDisable';
+    v_trigger  jsonb;
+    v_name     text;
+BEGIN
+    FOREACH v_name IN ARRAY ARRAY['redactAuditEvents', 'preCommitSubscriptionsEnabled'] LOOP
+        IF NEW.settings ? v_name AND jsonb_typeof(NEW.settings -> v_name) <> 'boolean' THEN
+            RAISE EXCEPTION 'invalid project settings: % must be true or false, not %',
+                v_name, NEW.settings -> v_name USING ERRCODE = 'OB012';
+        END IF;
+    END LOOP;
+    IF v_triggers IS NULL THEN
+        RETURN NEW;
+    END IF;
+    IF jsonb_typeof(v_triggers) = 'string' THEN
+        BEGIN
+            v_triggers := (v_triggers #>> '{}')::jsonb;
+        EXCEPTION WHEN invalid_text_representation THEN
+            RAISE EXCEPTION 'invalid project settings: subscriptionAutoDisable is a string that is not JSON'
+                USING ERRCODE = 'OB012';
+        END;
+    END IF;
+    IF jsonb_typeof(v_triggers) <> 'array' THEN
+        RAISE EXCEPTION 'invalid project settings: subscriptionAutoDisable must be an array of {maxConsecutiveFailures, timeWindowSeconds}, not %',
+            jsonb_typeof(v_triggers) USING ERRCODE = 'OB012';
+    END IF;
+    FOR v_trigger IN SELECT jsonb_array_elements(v_triggers) LOOP
+        IF jsonb_typeof(v_trigger) <> 'object'
+           OR (SELECT count(*) FROM jsonb_object_keys(v_trigger) k
+               WHERE k NOT IN ('maxConsecutiveFailures', 'timeWindowSeconds')) > 0
+           OR jsonb_typeof(v_trigger -> 'maxConsecutiveFailures') IS DISTINCT FROM 'number'
+           OR jsonb_typeof(v_trigger -> 'timeWindowSeconds') IS DISTINCT FROM 'number'
+           OR (v_trigger ->> 'maxConsecutiveFailures') !~ '^[1-9][0-9]{0,8}$'
+           OR (v_trigger ->> 'timeWindowSeconds') !~ '^[1-9][0-9]{0,8}$' THEN
+            RAISE EXCEPTION 'invalid project settings: subscriptionAutoDisable entry % must be {"maxConsecutiveFailures": n, "timeWindowSeconds": n} with whole numbers above 0',
+                v_trigger USING ERRCODE = 'OB012';
+        END IF;
+    END LOOP;
+    RETURN NEW;
+END
+$_$;
+
+--
 -- Name: checked_content(uuid, jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -940,6 +990,12 @@ CREATE INDEX subscription_failure_by_subscription ON fhir_outbox.subscription_fa
 --
 
 CREATE CONSTRAINT TRIGGER outbox_wake_waiting_dispatchers AFTER INSERT ON fhir_outbox.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fhir_outbox.wake_waiting_dispatchers();
+
+--
+-- Name: project project_settings_checked; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER project_settings_checked BEFORE INSERT OR UPDATE OF settings ON fhir_outbox.project FOR EACH ROW EXECUTE FUNCTION fhir_outbox.check_project_settings();
 
 --
 -- Name: resource_version resource_version_immutable; Type: TRIGGER; Schema: fhir_outbox; Owner: -

@@ -203,7 +203,8 @@ pub async fn set_settings<'e>(
         value
     )
     .execute(db)
-    .await?
+    .await
+    .map_err(ProjectError::from_database)?
     .rows_affected();
     if updated == 0 {
         return Err(ProjectError::Unknown(project));

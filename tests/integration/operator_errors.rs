@@ -321,3 +321,72 @@ async fn a_taken_admin_address_says_how_to_choose_another_and_port_0_logs_the_on
     let port: u16 = logged.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0, "{logged}");
 }
+
+/// Settings the pipeline reads are checked when written, by any writer (a plain UPDATE included):
+/// an invalid `subscriptionAutoDisable` used to be ignored at delivery time in favour of the
+/// server's triggers, silently.
+#[tokio::test]
+async fn invalid_project_settings_are_refused_by_every_writer() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let update = |settings: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("UPDATE fhir_outbox.project SET settings = $2::jsonb WHERE id = $1")
+                .bind(project)
+                .bind(settings)
+                .execute(&pool)
+                .await
+        }
+    };
+    for (settings, problem) in [
+        (
+            r#"{"subscriptionAutoDisable": [{"maxConsecutiveFailures": 0, "timeWindowSeconds": 60}]}"#,
+            "whole numbers above 0",
+        ),
+        (
+            r#"{"subscriptionAutoDisable": [{"maxConsecutiveFailures": 2}]}"#,
+            "whole numbers above 0",
+        ),
+        (
+            r#"{"subscriptionAutoDisable": [{"maxConsecutiveFailures": 2, "timeWindowSeconds": 60, "x": 1}]}"#,
+            "whole numbers above 0",
+        ),
+        (
+            r#"{"subscriptionAutoDisable": {"maxConsecutiveFailures": 2}}"#,
+            "must be an array",
+        ),
+        (r#"{"subscriptionAutoDisable": "not json"}"#, "not JSON"),
+        (
+            r#"{"redactAuditEvents": "yes"}"#,
+            "redactAuditEvents must be true or false",
+        ),
+    ] {
+        let error = update(settings).await.expect_err(settings);
+        let db_error = error.as_database_error().expect("a database error");
+        assert_eq!(db_error.code().as_deref(), Some("OB012"), "{settings}");
+        assert!(
+            db_error.message().contains(problem),
+            "{settings}: {}",
+            db_error.message()
+        );
+    }
+    for settings in [
+        r#"{"subscriptionAutoDisable": []}"#,
+        r#"{"subscriptionAutoDisable": "[{\"maxConsecutiveFailures\": 3, \"timeWindowSeconds\": 60}]"}"#,
+        r#"{"redactAuditEvents": true, "somethingElse": {"kept": 1}}"#,
+    ] {
+        update(settings).await.expect(settings);
+    }
+    let invalid = fhir_outbox::project::ProjectSettings {
+        other: serde_json::from_str(r#"{"redactAuditEvents": 1}"#).unwrap(),
+        ..Default::default()
+    };
+    let refused = fhir_outbox::project::set_settings(&db.pool, project, &invalid)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(refused, fhir_outbox::project::ProjectError::Invalid(_)),
+        "{refused}"
+    );
+}
