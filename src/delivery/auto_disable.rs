@@ -33,7 +33,8 @@ pub fn parse_triggers(json: &Value) -> Result<Vec<Trigger>, String> {
         .find(|t| t.max_consecutive_failures == 0 || t.time_window_seconds == 0)
     {
         return Err(format!(
-            "subscriptionAutoDisable values must be greater than 0, got {bad:?}"
+            "subscriptionAutoDisable values must be greater than 0, got {}",
+            serde_json::to_string(bad).unwrap_or_default()
         ));
     }
     Ok(triggers)
