@@ -21,7 +21,17 @@ pub enum DbError {
     /// A migration failed to apply.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database lacks migrations this build has.
+    #[error("{}", SCHEMA_OUTDATED)]
+    SchemaOutdated,
+    /// The applied migrations could not be read.
+    #[error("cannot read the schema's migrations: {0}")]
+    Query(#[source] sqlx::Error),
 }
+
+/// What every entry point says when the schema lacks migrations this build has.
+pub const SCHEMA_OUTDATED: &str = "the database has no fhir-outbox schema, or an older one than this \
+                                   fhir-outbox: run `fhir-outbox migrate` first";
 
 /// Opens a connection pool of at most `max_connections`.
 pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, DbError> {
@@ -149,15 +159,37 @@ async fn backend_pid(
     Ok(Some(pid))
 }
 
-/// Whether every embedded migration has been applied successfully.
+/// Whether every embedded migration has been applied successfully (`false` on a database that was
+/// never migrated).
 pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    let applied: Vec<i64> =
-        sqlx::query_scalar!("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(pool)
-            .await?;
+    let applied: Vec<i64> = match sqlx::query_scalar!(
+        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version"
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(applied) => applied,
+        // undefined_table: no migration ever ran here.
+        Err(error)
+            if error.as_database_error().and_then(|e| e.code()).as_deref() == Some("42P01") =>
+        {
+            return Ok(false);
+        }
+        Err(error) => return Err(error),
+    };
     Ok(MIGRATOR
         .iter()
         .all(|migration| applied.binary_search(&migration.version).is_ok()))
+}
+
+/// Fails with [`DbError::SchemaOutdated`] unless every embedded migration has been applied: what
+/// every command but `migrate` checks first.
+pub async fn require_migrated(pool: &PgPool) -> Result<(), DbError> {
+    match migrations_current(pool).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(DbError::SchemaOutdated),
+        Err(error) => Err(DbError::Query(error)),
+    }
 }
 
 /// The backlog figures behind the metrics gauges, from bounded index scans.

@@ -399,25 +399,9 @@ fn require_url(url: Option<String>) -> Result<String> {
 /// Connects, and refuses a database whose schema lacks migrations of this build, saying what to do.
 async fn connect_migrated(url: &str, max_connections: u32) -> Result<sqlx::PgPool> {
     let pool = db::connect(url, max_connections).await?;
-    let current = match db::migrations_current(&pool).await {
-        Ok(current) => current,
-        // No `_sqlx_migrations` table: never migrated.
-        Err(error)
-            if error
-                .as_database_error()
-                .and_then(|e| e.code())
-                .is_some_and(|code| code == "42P01") =>
-        {
-            false
-        }
-        Err(error) => return Err(error).context("cannot read the schema's migrations"),
-    };
-    if !current {
+    if let Err(error) = db::require_migrated(&pool).await {
         pool.close().await;
-        anyhow::bail!(
-            "the database has no fhir-outbox schema, or an older one than this fhir-outbox: \
-             run `fhir-outbox migrate` first"
-        );
+        return Err(error.into());
     }
     Ok(pool)
 }
@@ -860,7 +844,8 @@ async fn run(
     (retention, prune_every): (Retention, Duration),
     admin: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    let pool = connect_migrated(&url, Pipeline::connections(&dispatch, &delivery)).await?;
+    // The pipeline checks the schema itself when it starts.
+    let pool = db::connect(&url, Pipeline::connections(&dispatch, &delivery)).await?;
     let mut builder = Pipeline::builder(pool.clone())
         .dispatch(dispatch)
         .delivery(delivery)

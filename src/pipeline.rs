@@ -31,9 +31,12 @@ use tokio_util::sync::CancellationToken;
 /// Why the pipeline did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// The database schema lacks migrations this build has (or cannot be read).
-    #[error("the database schema is not up to date: run `fhir-outbox migrate` first")]
+    /// The database schema lacks migrations this build has.
+    #[error("{}", db::SCHEMA_OUTDATED)]
     SchemaOutdated,
+    /// The schema's migrations could not be read (the database is unreachable, say).
+    #[error(transparent)]
+    Db(db::DbError),
     /// The delivery worker's configuration is unusable.
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
@@ -110,8 +113,10 @@ impl PipelineBuilder {
 
     /// Checks the schema, then starts every chosen stage.
     pub async fn start(self) -> Result<RunningPipeline, PipelineError> {
-        if !db::migrations_current(&self.pool).await.unwrap_or(false) {
-            return Err(PipelineError::SchemaOutdated);
+        match db::require_migrated(&self.pool).await {
+            Ok(()) => {}
+            Err(db::DbError::SchemaOutdated) => return Err(PipelineError::SchemaOutdated),
+            Err(error) => return Err(PipelineError::Db(error)),
         }
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();

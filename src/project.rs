@@ -125,12 +125,7 @@ pub struct ProjectSettings {
 fn auto_disable_setting<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<Vec<Trigger>>, D::Error> {
-    let value = Value::deserialize(deserializer)?;
-    let value = match value {
-        Value::String(text) => serde_json::from_str(&text).map_err(serde::de::Error::custom)?,
-        other => other,
-    };
-    auto_disable::parse_triggers(&value)
+    auto_disable::parse_setting(&Value::deserialize(deserializer)?)
         .map(Some)
         .map_err(serde::de::Error::custom)
 }
@@ -173,16 +168,11 @@ pub async fn settings<'e>(
     db: impl PgExecutor<'e>,
     project: Uuid,
 ) -> Result<ProjectSettings, ProjectError> {
-    let stored = sqlx::query_scalar!(
-        "SELECT settings FROM fhir_outbox.project WHERE id = $1",
-        project
-    )
-    .fetch_optional(db)
-    .await?
-    .ok_or(ProjectError::Unknown(project))?;
-    serde_json::from_value(stored).map_err(|error| ProjectError::InvalidSettings {
-        project,
-        message: error.to_string(),
+    serde_json::from_value(get(db, project).await?.settings).map_err(|error| {
+        ProjectError::InvalidSettings {
+            project,
+            message: error.to_string(),
+        }
     })
 }
 

@@ -40,6 +40,17 @@ pub fn parse_triggers(json: &Value) -> Result<Vec<Trigger>, String> {
     Ok(triggers)
 }
 
+/// Parses a project's `subscriptionAutoDisable` setting: an array of triggers, or Medplum's form, a
+/// string holding one.
+pub fn parse_setting(setting: &Value) -> Result<Vec<Trigger>, String> {
+    match setting {
+        Value::String(text) => serde_json::from_str::<Value>(text)
+            .map_err(|error| format!("subscriptionAutoDisable is not JSON: {error}"))
+            .and_then(|value| parse_triggers(&value)),
+        other => parse_triggers(other),
+    }
+}
+
 /// The triggers in force for a project: its setting `subscriptionAutoDisable` (an array, or a string
 /// holding one; an empty array turns the feature off for the project) overrides the server's. An
 /// invalid project setting is reported and the server's triggers apply.
@@ -47,13 +58,7 @@ pub fn project_triggers(project_settings: &Value, server: &[Trigger]) -> Vec<Tri
     let Some(setting) = project_settings.get("subscriptionAutoDisable") else {
         return server.to_vec();
     };
-    let parsed = match setting {
-        Value::String(text) => serde_json::from_str::<Value>(text)
-            .map_err(|error| format!("subscriptionAutoDisable is not JSON: {error}"))
-            .and_then(|value| parse_triggers(&value)),
-        other => parse_triggers(other),
-    };
-    parsed.unwrap_or_else(|problem| {
+    parse_setting(setting).unwrap_or_else(|problem| {
         tracing::warn!("project setting ignored, using the server's: {problem}");
         server.to_vec()
     })

@@ -159,11 +159,14 @@ pub(super) async fn claim(
                 .first_of_subscription
                 .then(|| subscription_now(row.subscription, row.settings)),
             resource: {
-                let (content, undecodable) = match row.content.as_deref().map(decode) {
-                    None => (None, None),
-                    Some(Ok(content)) => (Some(content), None),
-                    Some(Err(error)) => (None, Some(format!("cannot decode resource: {error}"))),
-                };
+                let (content, undecodable) =
+                    match row.content.as_deref().map(crate::fhir::decode_stored) {
+                        None => (None, None),
+                        Some(Ok(content)) => (Some(content), None),
+                        Some(Err(error)) => {
+                            (None, Some(format!("cannot decode resource: {error}")))
+                        }
+                    };
                 ResourceNow {
                     current_version: row.current_version,
                     deleted: row.deleted,
@@ -192,20 +195,16 @@ pub(super) async fn claim(
         .collect())
 }
 
-fn decode(text: &str) -> Result<serde_json::Value, String> {
-    crate::fhir::decode_stored(text)
-}
-
 fn subscription_now(subscription: Option<String>, settings: Option<String>) -> SubscriptionNow {
     let decoded = subscription
         .as_deref()
-        .map(decode)
+        .map(crate::fhir::decode_stored)
         .transpose()
         .map_err(|error| format!("cannot decode subscription: {error}"))
         .and_then(|content| {
             let settings = settings
                 .as_deref()
-                .map(decode)
+                .map(crate::fhir::decode_stored)
                 .transpose()
                 .map_err(|error| format!("cannot decode project settings: {error}"))?;
             Ok((content, settings))

@@ -317,11 +317,9 @@ pub async fn require_known_subscription(
     project: Uuid,
     subscription: &str,
 ) -> Result<(), ControlError> {
-    if require_subscription(pool, project, subscription)
-        .await
-        .is_ok()
-    {
-        return Ok(());
+    match require_subscription(pool, project, subscription).await {
+        Err(ControlError::UnknownSubscription(_)) => {}
+        other => return other,
     }
     let known = sqlx::query_scalar!(
         r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.delivery
