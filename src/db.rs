@@ -202,6 +202,8 @@ pub struct BacklogGauges {
     pub pending: i64,
     /// Age of the oldest change among the next 1,000 due deliveries, in seconds (0 when none).
     pub oldest_pending_seconds: f64,
+    /// Endpoints whose circuit is open or half-open.
+    pub open_circuits: i64,
 }
 
 /// Reads [`BacklogGauges`]. Every part is bounded, so a scrape never costs a scan of a big table.
@@ -217,7 +219,9 @@ pub async fn backlog_gauges(pool: &PgPool) -> Result<BacklogGauges, sqlx::Error>
                                     LIMIT 100000) p) AS "pending!",
              coalesce((SELECT extract(epoch FROM now() - min(changed_at))::float8 FROM
                          (SELECT changed_at FROM fhir_outbox.delivery WHERE state = 'pending'
-                          ORDER BY next_attempt_at LIMIT 1000) d), 0) AS "oldest_pending_seconds!""#
+                          ORDER BY next_attempt_at LIMIT 1000) d), 0) AS "oldest_pending_seconds!",
+             (SELECT count(*) FROM fhir_outbox.endpoint_circuit WHERE state <> 'closed')
+                 AS "open_circuits!""#
     )
     .fetch_one(pool)
     .await

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use cli::table::Table;
 use fhir_outbox::capture::Interaction;
-use fhir_outbox::delivery::policy::Backoff;
+use fhir_outbox::delivery::policy::{Backoff, CircuitBreaker};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::operations::admin::AdminError;
@@ -313,11 +313,25 @@ impl RetentionArgs {
 /// Settings of the delivery stage.
 #[derive(Debug, clap::Args)]
 struct DeliveryArgs {
-    /// Requests in flight at once in this process.
-    #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// Requests in flight at once in this process. High by default: a slow receiver holds a slot
+    /// for up to the request timeout, and a slot costs a task and a connection, not a thread.
+    #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_concurrency: u16,
-    /// Deliveries claimed per claim query; they wait in this process, leased, for a request slot.
-    /// Lower it when receivers are slow and several workers share the backlog.
+    /// Requests in flight at once to one endpoint (a project's scheme, host and port), counted
+    /// across every worker sharing the database.
+    #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    endpoint_concurrency: u16,
+    /// Consecutive failing attempts (no answer, or a 5xx) that open an endpoint's circuit.
+    #[arg(long, env = "FHIR_OUTBOX_CIRCUIT_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    circuit_failures: u32,
+    /// An open circuit's first cool-down before its probe, in milliseconds (doubles with each
+    /// opening, ±20% jitter).
+    #[arg(long, env = "FHIR_OUTBOX_CIRCUIT_COOL_DOWN_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    circuit_cool_down_ms: u64,
+    /// The longest cool-down of an open circuit, in milliseconds.
+    #[arg(long, env = "FHIR_OUTBOX_CIRCUIT_MAX_COOL_DOWN_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    circuit_max_cool_down_ms: u64,
+    /// Most deliveries claimed per claim query (a claim takes as many as request slots are free).
     #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CLAIM_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_claim_batch: u16,
     /// Seconds a claim holds a delivery; an expired lease is claimed again by any worker.
@@ -368,9 +382,22 @@ impl DeliveryArgs {
                     .map_err(|problem| anyhow::anyhow!("--auto-disable: {problem}"))?
             }
         };
+        if self.circuit_cool_down_ms > self.circuit_max_cool_down_ms {
+            anyhow::bail!(
+                "--circuit-cool-down-ms ({}) is larger than --circuit-max-cool-down-ms ({})",
+                self.circuit_cool_down_ms,
+                self.circuit_max_cool_down_ms
+            );
+        }
         Ok(DeliveryConfig {
             auto_disable,
             concurrency: usize::from(self.delivery_concurrency),
+            endpoint_concurrency: usize::from(self.endpoint_concurrency),
+            circuit: CircuitBreaker {
+                failures: self.circuit_failures,
+                cool_down: Duration::from_millis(self.circuit_cool_down_ms),
+                max_cool_down: Duration::from_millis(self.circuit_max_cool_down_ms),
+            },
             claim_batch: usize::from(self.delivery_claim_batch),
             lease: Duration::from_secs(self.lease_seconds),
             backoff: Backoff {

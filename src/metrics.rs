@@ -52,6 +52,12 @@ pub const PENDING: &str = "fhir_outbox_deliveries_pending";
 /// Age of the oldest change among the next 1,000 due deliveries.
 pub const OLDEST_PENDING_AGE: &str = "fhir_outbox_oldest_pending_delivery_age_seconds";
 
+/// Endpoints whose circuit is open or half-open, in every project (no endpoint label: the state of
+/// each is in `fhir_outbox.endpoint_health`).
+pub const OPEN_CIRCUITS: &str = "fhir_outbox_open_circuits";
+/// Circuit state changes, by the state entered (`open`, `half_open`, `closed`).
+pub const CIRCUIT_TRANSITIONS: &str = "fhir_outbox_circuit_transitions_total";
+
 /// Describes every metric (HELP lines).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
@@ -99,6 +105,14 @@ pub fn describe() {
         OLDEST_PENDING_AGE,
         metrics::Unit::Seconds,
         "Age of the oldest change among the next 1000 due deliveries."
+    );
+    describe_gauge!(
+        OPEN_CIRCUITS,
+        "Endpoints whose circuit is open or half-open (details in fhir_outbox.endpoint_health)."
+    );
+    describe_counter!(
+        CIRCUIT_TRANSITIONS,
+        "Endpoint circuit state changes, by the state entered."
     );
 }
 
@@ -149,9 +163,20 @@ pub fn undispatchable(changes: usize) {
 }
 
 /// The periodic state gauges.
-pub fn backlog(undispatched: i64, oldest_undispatched: f64, pending: i64, oldest_pending: f64) {
-    metrics::gauge!(BACKLOG).set(undispatched as f64);
-    metrics::gauge!(OLDEST_UNDISPATCHED_AGE).set(oldest_undispatched);
-    metrics::gauge!(PENDING).set(pending as f64);
-    metrics::gauge!(OLDEST_PENDING_AGE).set(oldest_pending);
+pub fn backlog(gauges: &crate::db::BacklogGauges) {
+    metrics::gauge!(BACKLOG).set(gauges.undispatched as f64);
+    metrics::gauge!(OLDEST_UNDISPATCHED_AGE).set(gauges.oldest_undispatched_seconds);
+    metrics::gauge!(PENDING).set(gauges.pending as f64);
+    metrics::gauge!(OLDEST_PENDING_AGE).set(gauges.oldest_pending_seconds);
+    metrics::gauge!(OPEN_CIRCUITS).set(gauges.open_circuits as f64);
+}
+
+/// A circuit entered state `to` (the claim makes it `half_open`, the recorder the others).
+pub fn circuit_transition(to: &str) {
+    let to = match to {
+        "open" => "open",
+        "half_open" => "half_open",
+        _ => "closed",
+    };
+    metrics::counter!(CIRCUIT_TRANSITIONS, "to" => to).increment(1);
 }

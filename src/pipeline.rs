@@ -61,11 +61,12 @@ impl Pipeline {
         }
     }
 
-    /// The connections a pool needs for these stages: one per dispatch loop and per request in
-    /// flight (the recorder and claimer use them between requests), plus the LISTEN connections,
-    /// lease renewal and retention.
-    pub fn connections(dispatch: &DispatchConfig, delivery: &DeliveryConfig) -> u32 {
-        dispatch.workers as u32 + delivery.concurrency as u32 + 4
+    /// The connections a pool needs for these stages: one per dispatch loop, and for delivery the
+    /// claimer, the recorder, lease renewal, a bot's reads and the LISTEN connections, plus
+    /// retention and the gauges. A request in flight holds none, so this does not grow with the
+    /// delivery concurrency.
+    pub fn connections(dispatch: &DispatchConfig, _delivery: &DeliveryConfig) -> u32 {
+        dispatch.workers as u32 + 8
     }
 }
 

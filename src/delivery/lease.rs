@@ -17,14 +17,22 @@ pub struct Leased {
     pub lease_token: Uuid,
 }
 
-/// Leases up to `limit` due deliveries (or ones whose lease expired) for `lease`, with the worker's
-/// own claim statement, including the reads of resources, subscriptions and settings it joins.
+/// Leases up to `limit` due deliveries (or ones whose lease expired) for `lease`, at most
+/// `endpoint_concurrency` in flight per endpoint, with the worker's own claim statement, including
+/// the reads of resources, subscriptions and settings it joins.
 pub async fn lease_due(
     conn: &mut PgConnection,
     limit: i64,
     lease: Duration,
+    endpoint_concurrency: i64,
 ) -> Result<Vec<Leased>, sqlx::Error> {
-    Ok(queries::claim(conn, limit, lease.as_secs_f64())
+    let limits = queries::ClaimLimits {
+        limit,
+        lease_seconds: lease.as_secs_f64(),
+        endpoint_concurrency,
+        probe_seconds: lease.as_secs_f64(),
+    };
+    Ok(queries::claim(conn, limits)
         .await?
         .into_iter()
         .map(|claimed| Leased {

@@ -37,12 +37,16 @@ use std::time::Duration;
 /// How a delivery worker works.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
-    /// Requests in flight at once in this process.
+    /// Requests in flight at once in this process (each is a task and, for HTTP, a connection:
+    /// cheap, since the I/O is asynchronous). Deliveries are claimed only into free slots.
     pub concurrency: usize,
-    /// Deliveries claimed per claim query (at least `concurrency` are). Claimed deliveries wait in
-    /// this process, leased, for a request slot; a new batch is claimed when fewer than half a batch
-    /// wait. Larger batches cost the database less per delivery; smaller ones leave more of the
-    /// backlog to other workers when receivers are slow.
+    /// Requests in flight at once to one endpoint (a project's scheme, host and port), across every
+    /// worker: the claim counts the live leases of all of them in the database.
+    pub endpoint_concurrency: usize,
+    /// The endpoints' circuit breaker.
+    pub circuit: policy::CircuitBreaker,
+    /// Most deliveries claimed per claim query (as many as slots are free, up to this). Larger
+    /// batches cost the database less per delivery.
     pub claim_batch: usize,
     /// How long a claim holds a delivery without renewal; an expired lease is claimed again.
     pub lease: Duration,
@@ -75,7 +79,9 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            concurrency: 10,
+            concurrency: 512,
+            endpoint_concurrency: 16,
+            circuit: policy::CircuitBreaker::default(),
             claim_batch: 100,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),

@@ -2,7 +2,7 @@
 //! the completion to record. A pure function (only the backoff's jitter is random), with every rule
 //! taken from [`super::policy`]; the recorder writes what it decides and decides nothing.
 
-use super::policy::{self, Backoff, Rules};
+use super::policy::{self, Backoff, EndpointSignal, Rules};
 use super::preamble::Stop;
 use super::queries::{AttemptRecord, ClaimedDelivery};
 use super::state::{DeliveryState, FailureReason, Reason};
@@ -58,6 +58,8 @@ pub(super) struct Decision {
     pub attempt: Option<AttemptRecord>,
     /// Whether it is a final failure for auto-disable.
     pub final_failure: FinalFailure,
+    /// What it says of the endpoint, for its circuit breaker.
+    pub endpoint: EndpointSignal,
 }
 
 /// Decides what `execution` of `delivery` comes to under `rules` (the subscription's; any for a
@@ -83,6 +85,7 @@ pub(super) fn decide(
         completion,
         attempt: None,
         final_failure: FinalFailure::No,
+        endpoint: EndpointSignal::Silent,
     };
     let performed = match execution {
         Execution::Stopped(Stop::Skipped(reason)) => {
@@ -141,6 +144,11 @@ pub(super) fn decide(
         response_body: None,
     };
     let mut retry_after = None;
+    let endpoint = match &performed.happened {
+        Happened::Response(response) => policy::endpoint_signal(Some(response.status)),
+        Happened::Error(_) => policy::endpoint_signal(None),
+        Happened::Bot { .. } => EndpointSignal::Silent,
+    };
     match &performed.happened {
         Happened::Response(response) => {
             record.status = Some(i32::from(response.status));
@@ -211,6 +219,7 @@ pub(super) fn decide(
         },
         attempt: Some(record),
         final_failure,
+        endpoint,
     }
 }
 
@@ -242,6 +251,8 @@ mod tests {
             preamble_failures,
             claims,
             lease_token: Uuid::nil(),
+            endpoint: "https://example.org:443".into(),
+            probe: false,
         }
     }
 
@@ -749,6 +760,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn what_an_execution_says_of_its_endpoint() {
+        let signal = |execution: Execution| {
+            decide(
+                &delivery(0, 0, 1),
+                &execution,
+                &Rules::default(),
+                &Backoff::default(),
+                Utc::now(),
+            )
+            .endpoint
+        };
+        assert_eq!(signal(status(200, None)), EndpointSignal::Healthy);
+        // A failed delivery, from an endpoint that is up.
+        assert_eq!(signal(status(404, None)), EndpointSignal::Healthy);
+        assert_eq!(signal(status(500, None)), EndpointSignal::Failing);
+        assert_eq!(signal(status(503, Some("5"))), EndpointSignal::Failing);
+        assert_eq!(signal(error("operation timed out")), EndpointSignal::Failing);
+        assert_eq!(signal(bot(Err("boom"))), EndpointSignal::Silent);
+        assert_eq!(
+            signal(Execution::PreambleFailed("pool timed out".into())),
+            EndpointSignal::Silent
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Every retry rule of delivery: what counts as success, how many attempts a delivery gets, when to
 //! try again (backoff, `Retry-After` on 429/503), what gives up at once (410 Gone), the preamble's
-//! own budget for database trouble, and the backoff of a worker loop whose database calls fail.
+//! own budget for database trouble, the backoff of a worker loop whose database calls fail, and
+//! the circuit breaker of an endpoint ([`CircuitBreaker`], [`EndpointSignal`]).
 //! [`super::outcome::decide`] applies them; nothing else decides a retry.
 
 use crate::subscription::{self, extension};
@@ -197,6 +198,73 @@ impl Backoff {
     }
 }
 
+/// What an attempt says of its endpoint's health, for the circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointSignal {
+    /// It answered with anything but a server error (a 4xx is the receiver's verdict on this
+    /// notification, not a sign that the receiver is down).
+    Healthy,
+    /// No answer (connection refused or reset, TLS, timeout) or a server error (5xx).
+    Failing,
+    /// Nothing about the endpoint: no request was made, or it was a bot run.
+    Silent,
+}
+
+/// What an HTTP attempt that got `status` (or no answer, `None`) says of its endpoint.
+pub fn endpoint_signal(status: Option<u16>) -> EndpointSignal {
+    match status {
+        Some(500..=599) | None => EndpointSignal::Failing,
+        Some(_) => EndpointSignal::Healthy,
+    }
+}
+
+/// The circuit breaker of an endpoint (a project's scheme, host and port): after `failures`
+/// consecutive failing attempts its circuit opens and its deliveries wait, without spending their
+/// attempts, for a cool-down that doubles with each opening since it last closed (with ±20%
+/// jitter, so that circuits opened together do not probe together), up to `max_cool_down`. Then one
+/// probe goes: an answer closes the circuit, a failure opens it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Consecutive failing attempts that open the circuit.
+    pub failures: u32,
+    /// The first cool-down.
+    pub cool_down: Duration,
+    /// The longest cool-down.
+    pub max_cool_down: Duration,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            failures: 5,
+            cool_down: Duration::from_secs(10),
+            max_cool_down: Duration::from_secs(600),
+        }
+    }
+}
+
+impl CircuitBreaker {
+    /// Openings whose cool-downs differ; later ones wait as long as the last.
+    pub const SCHEDULE_LENGTH: u32 = 16;
+
+    /// The cool-down after the `opening`th opening since the circuit last closed (1 for the first).
+    pub fn cool_down(&self, opening: u32) -> Duration {
+        let exponent = opening.saturating_sub(1).min(30);
+        let nominal = self.cool_down.as_secs_f64() * 2f64.powi(exponent as i32);
+        let jittered =
+            nominal.min(self.max_cool_down.as_secs_f64()) * rand::rng().random_range(0.8..=1.2);
+        Duration::from_secs_f64(jittered)
+    }
+
+    /// The cool-downs of openings 1 to [`Self::SCHEDULE_LENGTH`] in seconds, drawn now: what the
+    /// recorder hands to the statement that opens circuits.
+    pub fn schedule(&self) -> Vec<f64> {
+        (1..=Self::SCHEDULE_LENGTH)
+            .map(|opening| self.cool_down(opening).as_secs_f64())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +311,31 @@ mod tests {
             );
         }
         assert_eq!(backoff.delay(30), backoff.cap);
+    }
+
+    #[test]
+    fn server_errors_and_silence_fail_an_endpoint_other_answers_do_not() {
+        assert_eq!(endpoint_signal(None), EndpointSignal::Failing);
+        assert_eq!(endpoint_signal(Some(500)), EndpointSignal::Failing);
+        assert_eq!(endpoint_signal(Some(503)), EndpointSignal::Failing);
+        assert_eq!(endpoint_signal(Some(200)), EndpointSignal::Healthy);
+        assert_eq!(endpoint_signal(Some(404)), EndpointSignal::Healthy);
+        assert_eq!(endpoint_signal(Some(429)), EndpointSignal::Healthy);
+    }
+
+    #[test]
+    fn circuit_cool_downs_double_with_jitter_up_to_the_longest() {
+        let breaker = CircuitBreaker::default();
+        for (opening, nominal) in [(1, 10.0), (2, 20.0), (3, 40.0), (7, 600.0), (40, 600.0)] {
+            let cool_down = breaker.cool_down(opening).as_secs_f64();
+            assert!(
+                cool_down >= nominal * 0.8 && cool_down <= nominal * 1.2,
+                "{opening}: {cool_down}"
+            );
+        }
+        let schedule = breaker.schedule();
+        assert_eq!(schedule.len(), CircuitBreaker::SCHEDULE_LENGTH as usize);
+        assert!(schedule[0] < schedule[2]);
     }
 
     #[test]

@@ -26,6 +26,11 @@ pub(super) struct ClaimedDelivery {
     /// Claims including this one.
     pub claims: i32,
     pub lease_token: Uuid,
+    /// The endpoint (`scheme://host:port`, as `fhir_outbox.endpoint_origin` writes it) of its
+    /// subscription when claimed: whose circuit its outcome counts for.
+    pub endpoint: String,
+    /// Whether this delivery is the probe of an open circuit.
+    pub probe: bool,
 }
 
 /// A claimed delivery, with what its preamble needs, read in the claim's own statement.
@@ -79,6 +84,8 @@ struct ClaimRow {
     preamble_failures: i32,
     claims: i32,
     lease_token: Uuid,
+    endpoint: String,
+    probe: bool,
     current_version: Option<i64>,
     deleted: bool,
     content: Option<String>,
@@ -87,44 +94,145 @@ struct ClaimRow {
     settings: Option<String>,
 }
 
-/// Claims up to `limit` deliveries that are due, or whose lease expired (their worker died), and
-/// takes a fresh lease on each. Deliveries of paused subscriptions wait. The same statement reads
-/// what the preamble needs (each subscription once, each resource), so that a claim is one round
-/// trip. The JSON travels as text and is decoded row by row: one that cannot be decoded stops its
-/// own deliveries (see `ResourceNow::undecodable`), never the claim.
+/// How a claim shares out work: the in-flight allowance of each endpoint and how long a circuit
+/// probe holds its endpoint.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ClaimLimits {
+    /// Most deliveries claimed.
+    pub limit: i64,
+    /// The lease taken on each.
+    pub lease_seconds: f64,
+    /// Most deliveries in flight at once per endpoint, across every worker.
+    pub endpoint_concurrency: i64,
+    /// How long a probe of an open circuit keeps other probes away, should its worker die.
+    pub probe_seconds: f64,
+}
+
+/// Claims due deliveries (and those whose lease expired: their worker died), fairly, and takes a
+/// fresh lease on each:
+/// - the subscriptions with pending deliveries are found with a skip scan of `delivery_queue`,
+///   and each offers its first due deliveries, so a claim costs the number of busy queues, not the
+///   size of the backlog;
+/// - projects take turns, and within a project its subscriptions (ties are drawn at random, so
+///   that no queue is always last), so a project with a million pending deliveries cannot starve
+///   one with ten;
+/// - an endpoint (a project's scheme, host and port) gets no more than `endpoint_concurrency`
+///   in flight, counting every worker's live leases; a saturated endpoint's backlog stays pending
+///   in the table, not leased;
+/// - an endpoint whose circuit is open gets nothing until its probe is due, then one delivery,
+///   the probe (the circuit becomes `half_open`).
+///
+/// Deliveries of paused subscriptions wait. Claims are serialised by an advisory lock, so that two
+/// workers see each other's leases when they count an endpoint's load. The same statement reads
+/// what the preamble needs (each subscription once, each resource). The JSON travels as text and is
+/// decoded row by row: one that cannot be decoded stops its own deliveries (see
+/// `ResourceNow::undecodable`), never the claim.
 pub(super) async fn claim(
     conn: &mut PgConnection,
-    limit: i64,
-    lease_seconds: f64,
+    limits: ClaimLimits,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim'))")
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query_as!(
         ClaimRow,
-        r#"WITH pending AS (
-               SELECT id FROM fhir_outbox.delivery d
-               WHERE state = 'pending' AND next_attempt_at <= now()
-                 AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                                 WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
-               ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED),
+        r#"WITH RECURSIVE queues AS (
+               (SELECT project_id, subscription_id FROM fhir_outbox.delivery
+                WHERE state = 'pending' ORDER BY project_id, subscription_id LIMIT 1)
+               UNION ALL
+               SELECT n.project_id, n.subscription_id FROM queues q CROSS JOIN LATERAL (
+                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
+                   WHERE d.state = 'pending'
+                     AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
+                   ORDER BY d.project_id, d.subscription_id LIMIT 1) n),
+           busy AS (
+               SELECT project_id, subscription_id, count(*) AS in_flight FROM fhir_outbox.delivery
+               WHERE state = 'in_flight' AND lease_expires_at >= now()
+               GROUP BY project_id, subscription_id),
            expired AS (
-               SELECT id FROM fhir_outbox.delivery d
+               SELECT id, project_id, subscription_id FROM fhir_outbox.delivery
                WHERE state = 'in_flight' AND lease_expires_at < now()
-                 AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                                 WHERE p.project_id = d.project_id AND p.subscription_id = d.subscription_id)
-               ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED),
-           due AS (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT $1),
+               ORDER BY lease_expires_at LIMIT $1),
+           subscriptions AS (
+               SELECT s.project_id, s.subscription_id,
+                      coalesce(fhir_outbox.endpoint_origin(v.content #>> '{channel,endpoint}'),
+                               'Subscription/' || s.subscription_id) AS endpoint
+               FROM (SELECT project_id, subscription_id FROM queues
+                     UNION SELECT project_id, subscription_id FROM busy
+                     UNION SELECT project_id, subscription_id FROM expired) s
+               LEFT JOIN fhir_outbox.resource r
+                      ON r.project_id = s.project_id AND r.resource_type = 'Subscription'
+                     AND r.id = s.subscription_id AND NOT r.deleted
+               LEFT JOIN fhir_outbox.resource_version v
+                      ON v.project_id = r.project_id AND v.resource_type = r.resource_type
+                     AND v.id = r.id AND v.version_id = r.version_id),
+           endpoint_load AS (
+               SELECT s.project_id, s.endpoint, sum(b.in_flight) AS in_flight
+               FROM subscriptions s JOIN busy b USING (project_id, subscription_id)
+               GROUP BY s.project_id, s.endpoint),
+           -- Enough from each queue to fill the claim if every queue is busy, never more than an
+           -- endpoint may take.
+           per_queue AS (
+               SELECT greatest(1, least($3::int8, ceil(2.0 * $1 / greatest(1, count(*)))::int8)) AS k
+               FROM queues),
+           candidates AS (
+               SELECT e.id, e.project_id, e.subscription_id, 0::int8 AS turn FROM expired e
+               UNION ALL
+               SELECT c.id, q.project_id, q.subscription_id, c.turn
+               FROM queues q CROSS JOIN per_queue CROSS JOIN LATERAL (
+                   SELECT f.id, row_number() OVER (ORDER BY f.next_attempt_at, f.id) AS turn
+                   FROM (SELECT d.id, d.next_attempt_at FROM fhir_outbox.delivery d
+                         WHERE d.project_id = q.project_id AND d.subscription_id = q.subscription_id
+                           AND d.state = 'pending' AND d.next_attempt_at <= now()
+                         ORDER BY d.next_attempt_at, d.id LIMIT per_queue.k) f) c),
+           ranked AS (
+               SELECT c.id, c.project_id, s.endpoint,
+                      row_number() OVER (PARTITION BY c.project_id, s.endpoint
+                                         ORDER BY c.turn, c.id) AS endpoint_turn,
+                      row_number() OVER (PARTITION BY c.project_id
+                                         ORDER BY c.turn, random()) AS project_turn
+               FROM candidates c JOIN subscriptions s USING (project_id, subscription_id)
+               WHERE NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                                 WHERE p.project_id = c.project_id
+                                   AND p.subscription_id = c.subscription_id)),
+           allowed AS (
+               SELECT r.id, r.project_id, r.endpoint, r.project_turn,
+                      coalesce(ec.state, 'closed') <> 'closed' AS probe
+               FROM ranked r
+               LEFT JOIN endpoint_load l USING (project_id, endpoint)
+               LEFT JOIN fhir_outbox.endpoint_circuit ec USING (project_id, endpoint)
+               WHERE CASE WHEN coalesce(ec.state, 'closed') = 'closed'
+                          THEN r.endpoint_turn <= $3 - coalesce(l.in_flight, 0)
+                          ELSE ec.next_probe_at <= now() AND r.endpoint_turn = 1
+                               AND coalesce(l.in_flight, 0) = 0 END),
+           picked AS (
+               SELECT d.id FROM fhir_outbox.delivery d
+               JOIN (SELECT id FROM allowed ORDER BY project_turn, random() LIMIT $1) a USING (id)
+               WHERE d.state = 'pending' OR (d.state = 'in_flight' AND d.lease_expires_at < now())
+               FOR UPDATE OF d SKIP LOCKED),
+           probing AS (
+               UPDATE fhir_outbox.endpoint_circuit ec
+               SET state = 'half_open', next_probe_at = now() + make_interval(secs => $4),
+                   updated_at = now()
+               FROM allowed a JOIN picked USING (id)
+               WHERE a.probe AND ec.project_id = a.project_id AND ec.endpoint = a.endpoint
+               RETURNING ec.endpoint),
            claimed AS (
                UPDATE fhir_outbox.delivery d
                SET state = 'in_flight', lease_token = gen_random_uuid(),
                    lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
-               FROM due WHERE d.id = due.id
+               FROM picked WHERE d.id = picked.id
                RETURNING d.*),
            numbered AS (
-               SELECT c.*, row_number() OVER (PARTITION BY c.project_id, c.subscription_id ORDER BY c.id) = 1
+               SELECT c.*, a.endpoint, a.probe,
+                      row_number() OVER (PARTITION BY c.project_id, c.subscription_id ORDER BY c.id) = 1
                           AS first_of_subscription
-               FROM claimed c)
+               FROM claimed c JOIN allowed a USING (id))
            SELECT c.id, c.webhook_id, c.project_id, c.subscription_id, c.resource_type, c.resource_id, c.version_id,
                   c.interaction AS "interaction!: Interaction", c.changed_at, c.request_id, c.trace_id,
                   c.attempts, c.preamble_failures, c.claims, c.lease_token AS "lease_token!",
+                  c.endpoint AS "endpoint!", c.probe AS "probe!",
                   r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
                   v.content::text AS "content?", c.first_of_subscription AS "first_of_subscription!",
                   sv.content::text AS "subscription?",
@@ -147,11 +255,14 @@ pub(super) async fn claim(
                  AND sv.id = sr.id AND sv.version_id = sr.version_id
            LEFT JOIN fhir_outbox.project p ON c.first_of_subscription AND p.id = c.project_id
            ORDER BY c.id"#,
-        limit,
-        lease_seconds
+        limits.limit,
+        limits.lease_seconds,
+        limits.endpoint_concurrency,
+        limits.probe_seconds,
     )
-    .fetch_all(conn)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(rows
         .into_iter()
         .map(|row| Claimed {
@@ -190,6 +301,8 @@ pub(super) async fn claim(
                 preamble_failures: row.preamble_failures,
                 claims: row.claims,
                 lease_token: row.lease_token,
+                endpoint: row.endpoint,
+                probe: row.probe,
             },
         })
         .collect())
@@ -407,6 +520,123 @@ pub(super) async fn create_audit_events(
         r#"SELECT audit_event_id AS "id!" FROM fhir_outbox.create_audit_events($1, $2) ORDER BY ordinal"#,
         &projects,
         &bodies as &[&serde_json::Value],
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// What a recorded batch says of one endpoint's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct EndpointResult {
+    pub project_id: Uuid,
+    pub endpoint: String,
+    /// Whether it answered healthily (not 5xx) at least once in the batch.
+    pub healthy: bool,
+    /// Failures after its last healthy answer in the batch (all of them if it had none).
+    pub failures: i32,
+    /// The last failure's error.
+    pub last_failure: Option<String>,
+}
+
+/// A circuit that changed state.
+#[derive(Debug, Clone)]
+pub(super) struct CircuitTransition {
+    pub project_id: Uuid,
+    pub endpoint: String,
+    pub from: String,
+    pub to: String,
+    pub consecutive_failures: i32,
+    pub next_probe_at: Option<DateTime<Utc>>,
+}
+
+/// Applies a batch's results to the endpoints' circuits (in the recorder's transaction), with the
+/// rules of `policy::CircuitBreaker`: `threshold` consecutive failures open a closed circuit; a
+/// failed probe opens a half-open one again; an answer closes it. An opening waits
+/// `cool_downs[openings]` seconds (the last one once they run out) before its probe. Returns the
+/// transitions. Healthy endpoints with nothing to reset are not written.
+pub(super) async fn record_endpoint_results(
+    conn: &mut PgConnection,
+    results: &[EndpointResult],
+    threshold: i32,
+    cool_downs: &[f64],
+) -> Result<Vec<CircuitTransition>, sqlx::Error> {
+    let projects: Vec<Uuid> = results.iter().map(|r| r.project_id).collect();
+    let endpoints: Vec<&str> = results.iter().map(|r| r.endpoint.as_str()).collect();
+    let healthy: Vec<bool> = results.iter().map(|r| r.healthy).collect();
+    let failures: Vec<i32> = results.iter().map(|r| r.failures).collect();
+    let last_failures: Vec<Option<&str>> =
+        results.iter().map(|r| r.last_failure.as_deref()).collect();
+    sqlx::query!(
+        "INSERT INTO fhir_outbox.endpoint_circuit (project_id, endpoint)
+         SELECT project_id, endpoint FROM unnest($1::uuid[], $2::text[], $3::int4[])
+                AS r(project_id, endpoint, failures)
+         WHERE failures > 0
+         ORDER BY project_id, endpoint
+         ON CONFLICT DO NOTHING",
+        &projects,
+        &endpoints as &[&str],
+        &failures,
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_as!(
+        CircuitTransition,
+        r#"WITH r AS (
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[])
+                   AS r(project_id, endpoint, healthy, failures, last_failure)),
+           old AS (
+               SELECT ec.project_id, ec.endpoint, ec.state, ec.consecutive_failures, ec.openings
+               FROM fhir_outbox.endpoint_circuit ec JOIN r USING (project_id, endpoint)
+               WHERE r.failures > 0 OR ec.state <> 'closed' OR ec.consecutive_failures > 0
+               -- Locked in one order by every recorder, so that two never deadlock.
+               ORDER BY ec.project_id, ec.endpoint
+               FOR UPDATE OF ec),
+           counted AS (
+               SELECT o.*, r.healthy, r.failures, r.last_failure,
+                      CASE WHEN r.healthy THEN r.failures
+                           ELSE o.consecutive_failures + r.failures END AS consecutive
+               FROM old o JOIN r USING (project_id, endpoint)),
+           decided AS (
+               SELECT c.*, CASE
+                   WHEN c.state <> 'open' AND c.failures > 0
+                        AND (c.consecutive >= $6 OR c.state = 'half_open') THEN 'open'
+                   WHEN c.healthy AND c.consecutive < $6 THEN 'closed'
+                   ELSE c.state END AS new_state
+               FROM counted c),
+           updated AS (
+               UPDATE fhir_outbox.endpoint_circuit ec
+               SET state = d.new_state,
+                   consecutive_failures = d.consecutive,
+                   openings = CASE WHEN d.new_state = 'closed' THEN 0
+                                   WHEN d.new_state = 'open' AND d.state <> 'open' THEN ec.openings + 1
+                                   ELSE ec.openings END,
+                   opened_at = CASE WHEN d.new_state = 'closed' THEN NULL
+                                    WHEN d.state = 'closed' AND d.new_state = 'open' THEN now()
+                                    ELSE ec.opened_at END,
+                   next_probe_at = CASE
+                       WHEN d.new_state = 'closed' THEN NULL
+                       WHEN d.new_state = 'open' AND d.state <> 'open'
+                           THEN now() + make_interval(secs => ($7::float8[])[
+                                    least(ec.openings + 1, cardinality($7::float8[]))])
+                       ELSE ec.next_probe_at END,
+                   last_failure = coalesce(d.last_failure, ec.last_failure),
+                   last_failure_at = CASE WHEN d.failures > 0 THEN now() ELSE ec.last_failure_at END,
+                   updated_at = now()
+               FROM decided d
+               WHERE ec.project_id = d.project_id AND ec.endpoint = d.endpoint
+               RETURNING ec.project_id, ec.endpoint, d.state AS from_state, ec.state AS to_state,
+                         ec.consecutive_failures, ec.next_probe_at)
+           SELECT project_id AS "project_id!", endpoint AS "endpoint!", from_state AS "from!",
+                  to_state AS "to!", consecutive_failures AS "consecutive_failures!",
+                  next_probe_at
+           FROM updated WHERE from_state <> to_state"#,
+        &projects,
+        &endpoints as &[&str],
+        &healthy,
+        &failures,
+        &last_failures as &[Option<&str>],
+        threshold,
+        cool_downs,
     )
     .fetch_all(conn)
     .await

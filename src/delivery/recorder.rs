@@ -6,15 +6,16 @@
 
 use super::auto_disable::{self, Trigger};
 use super::outcome::{Decision, FinalFailure};
+use super::policy::{CircuitBreaker, EndpointSignal};
 use super::preamble::Target;
-use super::queries::{self, AttemptRecord, ClaimedDelivery};
+use super::queries::{self, AttemptRecord, CircuitTransition, ClaimedDelivery, EndpointResult};
 use super::state::DeliveryState;
 use crate::audit::{self, Outcome, TransmitAttempt};
 use crate::capture::{StoreError, WriteContext};
 use chrono::Utc;
 use serde_json::Value;
 use sqlx::PgPool;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -81,6 +82,8 @@ pub(super) struct Recorder {
     pub bot_output_limit_resource: usize,
     /// Bytes of a bot's output kept in a logged AuditEvent.
     pub bot_output_limit_log: usize,
+    /// The rules of the endpoints' circuits.
+    pub circuit: CircuitBreaker,
 }
 
 impl Recorder {
@@ -102,8 +105,12 @@ impl Recorder {
                 tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
             })
         };
+        let mut transitions = Vec::new();
         let written = match self.write(&records).await {
-            Ok(written) => written,
+            Ok((written, changed)) => {
+                transitions = changed;
+                written
+            }
             Err(error) if records.len() == 1 => {
                 unrecorded(&records[0], &error);
                 HashSet::new()
@@ -113,13 +120,19 @@ impl Recorder {
                 let mut written = HashSet::new();
                 for record in &records {
                     match self.write(std::slice::from_ref(record)).await {
-                        Ok(one) => written.extend(one),
+                        Ok((one, changed)) => {
+                            written.extend(one);
+                            transitions.extend(changed);
+                        }
                         Err(error) => unrecorded(record, &error),
                     }
                 }
                 written
             }
         };
+        for transition in &transitions {
+            log_transition(transition);
+        }
         let mut leases = Vec::with_capacity(records.len());
         for record in records {
             let Record {
@@ -269,9 +282,13 @@ impl Recorder {
     }
 
     /// Writes records in one transaction: the fenced completions, then, for those whose lease still
-    /// held, the stored AuditEvents, the attempt rows and the auto-disable bookkeeping. Returns the
-    /// ids of the deliveries written; the others lost their lease and nothing of them was written.
-    async fn write(&self, records: &[Record]) -> Result<HashSet<i64>, StoreError> {
+    /// held, the stored AuditEvents, the attempt rows, the auto-disable bookkeeping and the
+    /// endpoints' circuits. Returns the ids of the deliveries written (the others lost their lease
+    /// and nothing of them was written) and the circuits that changed state.
+    async fn write(
+        &self,
+        records: &[Record],
+    ) -> Result<(HashSet<i64>, Vec<CircuitTransition>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let completions: Vec<_> = records
             .iter()
@@ -347,8 +364,90 @@ impl Recorder {
                     .await?;
             }
         }
+        let results = endpoint_results(
+            records
+                .iter()
+                .filter(|record| written.contains(&record.delivery.id)),
+        );
+        let transitions = if results.is_empty() {
+            Vec::new()
+        } else {
+            queries::record_endpoint_results(
+                &mut tx,
+                &results,
+                self.circuit.failures.min(i32::MAX as u32) as i32,
+                &self.circuit.schedule(),
+            )
+            .await?
+        };
         tx.commit().await?;
-        Ok(written)
+        Ok((written, transitions))
+    }
+}
+
+/// What recorded attempts say of their endpoints, in the order they were recorded: for each
+/// endpoint, whether it answered healthily and the failures after its last healthy answer. In key
+/// order (the order the circuits are locked in).
+fn endpoint_results<'a>(records: impl Iterator<Item = &'a Record>) -> Vec<EndpointResult> {
+    let mut results: BTreeMap<(Uuid, &str), EndpointResult> = BTreeMap::new();
+    for record in records {
+        let delivery = &record.delivery;
+        let signal = record.decision.endpoint;
+        if signal == EndpointSignal::Silent {
+            continue;
+        }
+        let result = results
+            .entry((delivery.project_id, delivery.endpoint.as_str()))
+            .or_insert_with(|| EndpointResult {
+                project_id: delivery.project_id,
+                endpoint: delivery.endpoint.clone(),
+                healthy: false,
+                failures: 0,
+                last_failure: None,
+            });
+        if signal == EndpointSignal::Healthy {
+            result.healthy = true;
+            result.failures = 0;
+        } else {
+            result.failures += 1;
+            result.last_failure = record
+                .decision
+                .attempt
+                .as_ref()
+                .and_then(|attempt| attempt.error.clone());
+        }
+    }
+    results.into_values().collect()
+}
+
+/// Each change of a circuit's state is one log line (the endpoint is scheme, host and port only:
+/// no path, query or credentials) and counts in the metrics.
+fn log_transition(transition: &CircuitTransition) {
+    let CircuitTransition {
+        project_id,
+        endpoint,
+        from,
+        to,
+        consecutive_failures,
+        next_probe_at,
+    } = transition;
+    crate::metrics::circuit_transition(to);
+    match to.as_str() {
+        "open" => tracing::warn!(
+            project = %project_id,
+            endpoint,
+            from = from.as_str(),
+            consecutive_failures,
+            next_probe_at = next_probe_at.map(|at| at.to_rfc3339()),
+            "endpoint circuit opened: its deliveries wait until the probe"
+        ),
+        _ => tracing::info!(
+            project = %project_id,
+            endpoint,
+            from = from.as_str(),
+            to = to.as_str(),
+            "endpoint circuit {to}"
+        ),
     }
 }
 

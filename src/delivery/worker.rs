@@ -1,15 +1,16 @@
 //! The worker loop: claims deliveries with leases (and what their preamble needs, each
-//! subscription compiled once per batch), renews the leases, and runs three tasks joined by bounded
-//! queues: the claimer, the executor (preamble → transport → outcome, at most `concurrency` at
-//! once) and the recorder. On shutdown it records what finished and releases the rest.
+//! subscription compiled once per batch) as request slots free up, runs each (preamble → transport
+//! → outcome) in its slot, at most `concurrency` at once, and hands the outcomes to the recorder
+//! task through a bounded queue; renews the leases. On shutdown it records what finished and
+//! releases the rest.
 
 use super::outcome::{self, Execution};
 use super::policy::{self, Rules};
 use super::preamble::{self, Prepared, Target};
-use super::queries::{self, ClaimedDelivery};
+use super::queries::{self, ClaimLimits, ClaimedDelivery};
 use super::recorder::{self, AuditInput, BotRun, Executed, Recorder};
 use super::transport::{Happened, Transport};
-use super::{DeliveryConfig, DeliveryError, DeliveryState, outbound};
+use super::{DeliveryConfig, DeliveryError, outbound};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -33,9 +34,9 @@ pub struct DeliveryWorker {
     leases: Mutex<HashSet<Uuid>>,
     /// (project, subscription, version) whose bad extension was reported: once each.
     warned: Mutex<HashSet<(Uuid, String, String)>>,
-    /// Signalled when the recorder wrote a retry (a `next_attempt_at` of its own), so that a
-    /// claimer sleeping until a later one looks again.
-    retry_recorded: Notify,
+    /// Signalled when the recorder wrote a batch: a retry may be due before the claimer's next look,
+    /// and the deliveries written no longer count against their endpoints' allowance.
+    recorded: Notify,
 }
 
 /// A claimed delivery whose preamble has run: what to do with it.
@@ -69,12 +70,13 @@ impl DeliveryWorker {
                 log_audit_events: config.log_audit_events,
                 bot_output_limit_resource: config.bot_output_limit_resource,
                 bot_output_limit_log: config.bot_output_limit_log,
+                circuit: config.circuit,
             },
             pool,
             config,
             leases: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
-            retry_recorded: Notify::new(),
+            recorded: Notify::new(),
         })
     }
 
@@ -88,9 +90,20 @@ impl DeliveryWorker {
         self.config.lease.as_secs_f64()
     }
 
-    /// Deliveries claimed per claim query.
+    /// Most deliveries claimed per claim query.
     fn claim_size(&self) -> usize {
-        self.config.claim_batch.max(self.config.concurrency).max(1)
+        self.config.claim_batch.max(1)
+    }
+
+    /// A claim of up to `limit` deliveries under this worker's settings. A probe holds its circuit
+    /// for as long as its request may take and its lease may outlive a dead worker.
+    fn claim_limits(&self, limit: usize) -> ClaimLimits {
+        ClaimLimits {
+            limit: limit as i64,
+            lease_seconds: self.lease_seconds(),
+            endpoint_concurrency: self.config.endpoint_concurrency.max(1) as i64,
+            probe_seconds: (self.config.request_timeout + 2 * self.config.lease).as_secs_f64(),
+        }
     }
 
     /// Claims up to `concurrency` due deliveries, executes them all and records them as one batch;
@@ -116,7 +129,7 @@ impl DeliveryWorker {
     async fn claim(&self, limit: usize) -> Result<Vec<Job>, sqlx::Error> {
         let claimed = {
             let mut conn = self.pool.acquire().await?;
-            queries::claim(&mut conn, limit as i64, self.lease_seconds()).await?
+            queries::claim(&mut conn, self.claim_limits(limit)).await?
         };
         self.leases
             .lock()
@@ -126,6 +139,15 @@ impl DeliveryWorker {
         let mut jobs = Vec::with_capacity(claimed.len());
         for claimed in claimed {
             let delivery = claimed.delivery;
+            if delivery.probe {
+                crate::metrics::circuit_transition("half_open");
+                tracing::info!(
+                    project = %delivery.project_id,
+                    endpoint = delivery.endpoint,
+                    delivery = delivery.id,
+                    "endpoint circuit half_open: probing with one delivery"
+                );
+            }
             let key = (delivery.project_id, delivery.subscription_id.clone());
             if let Some(now) = claimed.subscription {
                 let (target, problem) = Target::compile(&now, &self.config);
@@ -167,11 +189,12 @@ impl DeliveryWorker {
         tracing::warn!(subscription = %delivery.subscription_id, "{problem}");
     }
 
-    /// Runs until `shutdown`: claims due deliveries in batches whenever fewer than half a batch
-    /// wait, starts them as request slots free up, records outcomes in batches (a recorder task),
-    /// wakes on LISTEN `fhir_outbox_delivery` or every poll interval, renews leases, and on shutdown
-    /// stops claiming, lets requests in flight finish within the grace period, records them, and
-    /// releases the rest.
+    /// Runs until `shutdown`: claims due deliveries whenever a request slot is free (as many as
+    /// are free, up to a claim batch, so that nothing is leased that cannot start at once), runs
+    /// each in its slot, records outcomes in batches (a recorder task), wakes on LISTEN
+    /// `fhir_outbox_delivery`, a recorded batch, the next scheduled delivery or the poll interval,
+    /// renews leases, and on shutdown stops claiming, lets requests in flight finish within the
+    /// grace period, records them, and releases the rest.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (wake, woken) = watch::channel(0u64);
         let listener = tokio::spawn(crate::db::listen(
@@ -181,45 +204,13 @@ impl DeliveryWorker {
             shutdown.clone(),
         ));
         let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
-        let claim_size = self.claim_size();
         // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
         // of piling up executed-but-unrecorded work, which a crash would send again.
-        let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
+        let (executed, to_record) = mpsc::channel::<Executed>(self.claim_size());
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
-        // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
-        // the requests of the previous batch.
-        let (to_start, mut claimed) = mpsc::channel::<Job>(claim_size);
-        let claimer = tokio::spawn(self.clone().claim_continuously(
-            to_start,
-            woken,
-            shutdown.clone(),
-        ));
-        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            let job = tokio::select! {
-                job = claimed.recv() => job,
-                _ = shutdown.cancelled() => None,
-            };
-            let Some(job) = job else { break };
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                // The job is dropped; its lease is released below.
-                _ = shutdown.cancelled() => break,
-            };
-            while tasks.try_join_next().is_some() {}
-            let worker = self.clone();
-            let executed = executed.clone();
-            tasks.spawn(async move {
-                let done = worker.execute(job).await;
-                // The slot is held until the recorder accepts it (backpressure).
-                let _ = executed.send(done).await;
-                drop(slot);
-            });
-        }
-        // Unblocks a claimer waiting for room, so that it sees the shutdown.
-        drop(claimed);
-        let _ = claimer.await;
+        self.claim_continuously(&mut tasks, &executed, woken, &shutdown)
+            .await;
         let finished = tokio::time::timeout(self.config.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -249,43 +240,57 @@ impl DeliveryWorker {
         listener.abort();
     }
 
-    /// The claimer: claims a batch whenever half a batch fits in the queue of claimed deliveries,
-    /// and when a claim finds less than it asked for, sleeps until the earliest scheduled delivery
-    /// is due (so a retry goes out on time, not on the next poll), a notification, a retry this
-    /// process recorded, or the poll interval at most.
+    /// The claimer, until `shutdown`: waits for a free request slot, claims as many deliveries as
+    /// slots are free (a claim batch at most) and starts each in its slot, which it holds until the
+    /// recorder has taken its outcome. When a claim finds less than it asked for (nothing due, or
+    /// the endpoints with due work are saturated or their circuits open), it sleeps until the
+    /// earliest scheduled delivery is due (so a retry goes out on time, not on the next poll), a
+    /// notification, a recorded batch (which frees endpoints' allowances), or the poll interval.
     async fn claim_continuously(
-        self: Arc<Self>,
-        to_start: mpsc::Sender<Job>,
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        executed: &mpsc::Sender<Executed>,
         mut woken: watch::Receiver<u64>,
-        shutdown: CancellationToken,
+        shutdown: &CancellationToken,
     ) {
-        let half = (self.claim_size() / 2).max(1);
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut failures = 0u32;
         // The database's clock at the previous look for the next due delivery.
         let mut looked = DateTime::<Utc>::UNIX_EPOCH;
         while !shutdown.is_cancelled() {
             woken.borrow_and_update();
-            let room = tokio::select! {
-                room = to_start.reserve_many(half) => match room {
-                    Ok(_) => to_start.capacity(),
-                    Err(_) => return,
-                },
+            let mut free = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                 _ = shutdown.cancelled() => return,
             };
+            let more = slots.available_permits().min(self.claim_size() - 1);
+            if let Ok(extra) = slots.clone().try_acquire_many_owned(more as u32) {
+                free.merge(extra);
+            }
+            let room = free.num_permits();
             match self.claim(room).await {
                 Ok(jobs) => {
                     failures = 0;
                     let drained = jobs.len() < room;
                     for job in jobs {
-                        if to_start.send(job).await.is_err() {
-                            return;
-                        }
+                        let slot = free.split(1).expect("one slot per claimed delivery");
+                        let worker = self.clone();
+                        let executed = executed.clone();
+                        tasks.spawn(async move {
+                            let done = worker.execute(job).await;
+                            // The slot is held until the recorder accepts it (backpressure).
+                            let _ = executed.send(done).await;
+                            drop(slot);
+                        });
                     }
+                    drop(free);
+                    while tasks.try_join_next().is_some() {}
                     if !drained {
                         continue;
                     }
                 }
                 Err(error) => {
+                    drop(free);
                     failures += 1;
                     tracing::warn!(%error, "cannot claim deliveries; retrying");
                     let backoff = policy::database_backoff(failures);
@@ -298,7 +303,7 @@ impl DeliveryWorker {
             let sleep = self.until_due(&mut looked).await;
             tokio::select! {
                 _ = woken.changed() => {}
-                _ = self.retry_recorded.notified() => {}
+                _ = self.recorded.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.cancelled() => return,
             }
@@ -437,12 +442,8 @@ impl DeliveryWorker {
         }
     }
 
-    /// Records a batch, then lets go of its leases; wakes the claimer if a retry was scheduled.
+    /// Records a batch, then lets go of its leases and wakes the claimer.
     async fn record(&self, executed: Vec<Executed>) {
-        let retries = executed.iter().any(|executed| {
-            let completion = &executed.decision.completion;
-            completion.state == DeliveryState::Pending && completion.next_attempt_at.is_some()
-        });
         let done = self.recorder.record(executed).await;
         {
             let mut held = self.leases.lock().expect("lease lock");
@@ -450,9 +451,7 @@ impl DeliveryWorker {
                 held.remove(&token);
             }
         }
-        if retries {
-            self.retry_recorded.notify_one();
-        }
+        self.recorded.notify_one();
     }
 }
 

@@ -116,12 +116,7 @@ async fn ready(State(state): State<AdminState>) -> (StatusCode, String) {
 async fn refresh_gauges(pool: PgPool, shutdown: CancellationToken) {
     loop {
         match db::backlog_gauges(&pool).await {
-            Ok(g) => crate::metrics::backlog(
-                g.undispatched,
-                g.oldest_undispatched_seconds,
-                g.pending,
-                g.oldest_pending_seconds,
-            ),
+            Ok(gauges) => crate::metrics::backlog(&gauges),
             Err(error) => tracing::debug!(%error, "cannot refresh the backlog gauges"),
         }
         tokio::select! {

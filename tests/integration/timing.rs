@@ -11,8 +11,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How late after its `next_attempt_at` a retry may arrive.
-const ON_TIME: Duration = Duration::from_millis(50);
+/// How late after its `next_attempt_at` a retry may arrive: far below the poll interval (1 s) that
+/// retries waited for before, with room for a machine busy running the other tests.
+const ON_TIME: Duration = Duration::from_millis(200);
 
 /// (attempts made, when the next one is due), as the delivery row said.
 type Due = (i32, DateTime<Utc>);
@@ -113,7 +114,7 @@ async fn retries_go_out_when_due_and_a_final_failure_is_logged_once() {
     let received = receiver.received();
     assert_eq!(received.len(), 4, "four attempts (the default)");
 
-    // Gaps between attempts: base × 2^(n−1) with its ±10 % jitter, plus at most 50 ms.
+    // Gaps between attempts: base × 2^(n−1) with its ±10 % jitter, plus at most ON_TIME.
     let gaps: Vec<f64> = received
         .windows(2)
         .map(|pair| (pair[1].at - pair[0].at).as_seconds_f64())
@@ -121,11 +122,12 @@ async fn retries_go_out_when_due_and_a_final_failure_is_logged_once() {
     eprintln!("gaps between attempts (s): {gaps:?}");
     for (gap, nominal) in gaps.iter().zip([0.3, 0.6, 1.2]) {
         assert!(
-            *gap >= nominal * 0.9 - 0.05 && *gap <= nominal * 1.1 + 0.05,
+            *gap >= nominal * 0.9 - ON_TIME.as_secs_f64()
+                && *gap <= nominal * 1.1 + ON_TIME.as_secs_f64(),
             "gap {gap} s for a nominal {nominal} s: {gaps:?}"
         );
     }
-    // And each retry arrived within 50 ms after the time its row said it was due.
+    // And each retry arrived within ON_TIME after the time its row said it was due.
     let due = due.lock().unwrap().clone();
     assert_eq!(
         due.iter()

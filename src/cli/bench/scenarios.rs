@@ -944,7 +944,7 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
 // Claim rate
 
 /// Inserts delivery rows `from..=to` in `state` (rows as dispatch writes them; finished ones as a
-/// success leaves them).
+/// success leaves them), for 100 subscriptions of one project.
 async fn insert_deliveries(
     pool: &PgPool,
     state: &str,
@@ -956,7 +956,7 @@ async fn insert_deliveries(
              (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
               version_id, interaction, changed_at, request_id, trace_id, matched_at, state, attempts,
               next_attempt_at, finished_at, last_status, claims)
-         SELECT p, 'bench-subscription', g, p, 'Patient', 'p' || g, 1, 'create', now(), 'bench',
+         SELECT p, 'bench-subscription-' || g % 100, g, p, 'Patient', 'p' || g, 1, 'create', now(), 'bench',
                 gen_random_uuid()::text, now(), $1,
                 CASE WHEN $1 = 'succeeded' THEN 1 ELSE 0 END,
                 now() - interval '1 hour' + g * interval '1 microsecond',
@@ -998,6 +998,7 @@ async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> 
                     &mut conn,
                     DeliveryConfig::default().claim_batch as i64,
                     Duration::from_secs(30),
+                    DeliveryConfig::default().endpoint_concurrency as i64,
                 )
                 .await?;
                 claim_micros.fetch_add(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
