@@ -12,6 +12,7 @@ mod dispatch;
 mod explain;
 mod faults;
 mod hostile;
+mod isolation;
 mod logs;
 mod migrations;
 mod nesting;

@@ -1,0 +1,267 @@
+//! Endpoint isolation: a hanging or failing receiver never delays anyone else's notifications.
+//! Each test asserts on what happened (requests that arrived, rows), never on how fast.
+
+use crate::common::TestDb;
+use crate::delivery::{create, fast_config, hook};
+use crate::receiver::{Receiver, Reply};
+use chrono::{DateTime, Utc};
+use fhir_outbox::delivery::policy::CircuitBreaker;
+use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker};
+use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A dispatcher and a delivery worker running until dropped.
+struct Running {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(pool: &PgPool, config: DeliveryConfig) -> Running {
+        let shutdown = CancellationToken::new();
+        let dispatcher = Arc::new(Dispatcher::new(
+            pool.clone(),
+            DispatchConfig {
+                allow_unsafe_outbound: true,
+                poll_interval: Duration::from_millis(50),
+                ..DispatchConfig::default()
+            },
+        ));
+        let worker = Arc::new(DeliveryWorker::new(pool.clone(), config).unwrap());
+        let tasks = vec![
+            tokio::spawn(dispatcher.run(shutdown.clone())),
+            tokio::spawn(worker.run(shutdown.clone())),
+        ];
+        Running { shutdown, tasks }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// Waits until `done`, or panics after `seconds`.
+async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, seconds: u64, mut done: F) {
+    for _ in 0..seconds * 20 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn count(pool: &PgPool, sql: &str, subscription: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(subscription)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn subscribe(pool: &PgPool, project: Uuid, url: &str) -> String {
+    create(pool, project, &hook(url, "Patient"), None).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn patients(pool: &PgPool, project: Uuid, how_many: usize) {
+    for _ in 0..how_many {
+        create(pool, project, &json!({ "resourceType": "Patient" }), None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoint_never_delays_a_healthy_one() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    // Accepts every request and never answers (within the test).
+    let hanging = Receiver::start(vec![Reply::Stall(Duration::from_secs(3600)); 100]).await;
+    let healthy = Receiver::start(vec![]).await;
+    let hanging_id = subscribe(&db.pool, project, &hanging.url).await;
+    let healthy_id = subscribe(&db.pool, project, &healthy.url).await;
+    // 16 request slots in all, 4 per endpoint: without the per-endpoint cap, the hanging endpoint
+    // would take every slot and the healthy one would wait for the request timeout.
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 16,
+            endpoint_concurrency: 4,
+            request_timeout: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_millis(100),
+            ..fast_config()
+        },
+    );
+    patients(&db.pool, project, 50).await;
+    wait_for("the healthy endpoint's 50 deliveries", 60, async || {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
+            &healthy_id,
+        )
+        .await
+            == 50
+    })
+    .await;
+    // Meanwhile the hanging endpoint holds exactly its allowance, in flight; the rest of its
+    // backlog waits in the table, pending, not leased.
+    assert_eq!(healthy.received().len(), 50);
+    assert_eq!(hanging.received().len(), 4);
+    let in_flight = "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'in_flight'";
+    let pending = "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'pending'";
+    assert_eq!(count(&db.pool, in_flight, &hanging_id).await, 4);
+    assert_eq!(count(&db.pool, pending, &hanging_id).await, 46);
+    let health: (i64, i64) = sqlx::query_as(
+        "SELECT in_flight, pending FROM fhir_outbox.endpoint_health WHERE project_id = $1 AND endpoint = fhir_outbox.endpoint_origin($2)",
+    )
+    .bind(project)
+    .bind(&hanging.url)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(health, (4, 46));
+    running.stop().await;
+}
+
+/// (state, openings, next probe) of an endpoint's circuit; closed when it has none.
+async fn circuit(
+    pool: &PgPool,
+    project: Uuid,
+    url: &str,
+) -> (String, i32, Option<DateTime<Utc>>) {
+    sqlx::query_as(
+        "SELECT state, openings, next_probe_at FROM fhir_outbox.endpoint_health
+         WHERE project_id = $1 AND endpoint = fhir_outbox.endpoint_origin($2)",
+    )
+    .bind(project)
+    .bind(url)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_sends_nothing_before_its_probe_and_spends_no_attempts() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    // Three failures open the circuit; the first probe fails too; the second succeeds.
+    let receiver = Receiver::start(vec![Reply::Status(500, None); 4]).await;
+    let subscription = subscribe(&db.pool, project, &receiver.url).await;
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            // One at a time, so that exactly `failures` requests go before the circuit opens.
+            endpoint_concurrency: 1,
+            circuit: CircuitBreaker {
+                failures: 3,
+                cool_down: Duration::from_millis(800),
+                max_cool_down: Duration::from_secs(5),
+            },
+            ..fast_config()
+        },
+    );
+    patients(&db.pool, project, 10).await;
+    // Every distinct (state, openings, next probe) the circuit goes through.
+    let mut seen: Vec<(String, i32, Option<DateTime<Utc>>)> = Vec::new();
+    wait_for("all ten deliveries", 60, async || {
+        let now = circuit(&db.pool, project, &receiver.url).await;
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        count(
+            &db.pool,
+            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
+            &subscription,
+        )
+        .await
+            == 10
+    })
+    .await;
+    running.stop().await;
+
+    let opened: Vec<&(String, i32, Option<DateTime<Utc>>)> =
+        seen.iter().filter(|(state, ..)| state == "open").collect();
+    assert_eq!(opened.len(), 2, "opened, probed, opened again: {seen:?}");
+    assert_eq!(opened[0].1, 1);
+    assert_eq!(opened[1].1, 2, "{seen:?}");
+    let first_probe = opened[0].2.unwrap();
+    let second_probe = opened[1].2.unwrap();
+    assert_eq!(circuit(&db.pool, project, &receiver.url).await.0, "closed");
+
+    // Three requests, then nothing until the probe was due; the failed probe, then nothing until
+    // the second one (after a longer cool-down); then the rest.
+    let arrivals: Vec<DateTime<Utc>> = receiver.received().iter().map(|r| r.at).collect();
+    assert_eq!(arrivals.len(), 3 + 1 + 10);
+    assert!(arrivals[3] >= first_probe, "{arrivals:?} {seen:?}");
+    assert!(arrivals[4] >= second_probe, "{arrivals:?} {seen:?}");
+    assert!(
+        second_probe - arrivals[3] > chrono::Duration::milliseconds(1200),
+        "the second cool-down doubles the first (800 ms ± 20 %): {seen:?}"
+    );
+    // An open circuit spends no attempts: 4 failures and 10 successes, no delivery given up, and
+    // no delivery tried more than twice.
+    let (attempts, failed, most): (i64, i64, i32) = sqlx::query_as(
+        "SELECT sum(attempts), count(*) FILTER (WHERE state = 'failed'), max(attempts)
+         FROM fhir_outbox.delivery WHERE subscription_id = $1",
+    )
+    .bind(&subscription)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((attempts, failed, most), (14, 0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_with_a_big_backlog_does_not_starve_a_small_one() {
+    let db = TestDb::new().await;
+    let (big, small) = (db.project().await, db.project().await);
+    let big_receiver = Receiver::start_with_latency(vec![], Duration::from_millis(20)).await;
+    let small_receiver = Receiver::start_with_latency(vec![], Duration::from_millis(20)).await;
+    subscribe(&db.pool, big, &big_receiver.url).await;
+    subscribe(&db.pool, small, &small_receiver.url).await;
+    // The big backlog is older: it would all go first in order of due time.
+    patients(&db.pool, big, 200).await;
+    patients(&db.pool, small, 10).await;
+    let dispatcher = Dispatcher::new(
+        db.pool.clone(),
+        DispatchConfig {
+            allow_unsafe_outbound: true,
+            ..DispatchConfig::default()
+        },
+    );
+    while dispatcher.dispatch_once().await.unwrap().changes > 0 {}
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 8,
+            endpoint_concurrency: 8,
+            ..fast_config()
+        },
+    );
+    wait_for("the small project's deliveries", 60, async || {
+        small_receiver.received().len() == 10
+    })
+    .await;
+    running.stop().await;
+    // Projects take turns: the small project's ten went out among the first of the big one's.
+    let last_small = small_receiver.received().last().unwrap().at;
+    let big_before = big_receiver
+        .received()
+        .iter()
+        .filter(|request| request.at < last_small)
+        .count();
+    eprintln!("big project's deliveries before the small project's last: {big_before}");
+    assert!(
+        big_before <= 30,
+        "{big_before} of the big project's deliveries went before the small project's last"
+    );
+}
