@@ -184,6 +184,29 @@ enum Command {
         #[arg(long)]
         subscription: String,
     },
+    /// Endpoints (a project's scheme://host:port) whose circuit is open or half-open or that have
+    /// failed since their last healthy answer, with their load and next probe.
+    Endpoints {
+        /// Only this project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Option<Uuid>,
+        /// Every endpoint in use, healthy ones too.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close an endpoint's circuit now (once its receiver is fixed): its waiting deliveries go out
+    /// without waiting for the probe.
+    ResetEndpoint {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The endpoint: `scheme://host:port`, or any URL on it (only those parts count).
+        #[arg(long)]
+        endpoint: String,
+    },
     /// Create, list and configure projects (the tenants).
     Project {
         #[command(subcommand)]
@@ -434,6 +457,36 @@ async fn connect_migrated(url: &str, max_connections: u32) -> Result<sqlx::PgPoo
 }
 
 /// An error naming an unknown project.
+/// Endpoints and their circuits, as `status` and `endpoints` print them.
+fn endpoint_table(endpoints: &[control::EndpointHealth]) -> Table {
+    let mut table = Table::new([
+        "project",
+        "endpoint",
+        "circuit",
+        "failures",
+        "next probe",
+        "in flight",
+        "pending",
+        "last failure",
+    ]);
+    for e in endpoints {
+        table.row([
+            e.project_id.to_string(),
+            e.endpoint.clone(),
+            e.state.clone(),
+            e.consecutive_failures.to_string(),
+            e.next_probe_at.map_or_else(
+                || "-".to_owned(),
+                |at| format!("in {}s", (at - Utc::now()).num_seconds().max(0)),
+            ),
+            e.in_flight.to_string(),
+            e.pending.to_string(),
+            e.last_failure.clone().unwrap_or_default(),
+        ]);
+    }
+    table
+}
+
 fn unknown_project(project: Uuid) -> anyhow::Error {
     anyhow::anyhow!("unknown project {project} (`fhir-outbox project list` shows the projects)")
 }
@@ -512,7 +565,9 @@ async fn execute(cli: Cli) -> Result<()> {
         | Command::Retry { .. }
         | Command::Resend { .. }
         | Command::Pause { .. }
-        | Command::Resume { .. }) => operate(cli.database_url, command).await,
+        | Command::Resume { .. }
+        | Command::Endpoints { .. }
+        | Command::ResetEndpoint { .. }) => operate(cli.database_url, command).await,
         Command::Project { command } => {
             project_command(&require_url(cli.database_url)?, command).await
         }
@@ -654,11 +709,14 @@ async fn project_command(url: &str, command: ProjectCommand) -> Result<()> {
 async fn operate(url: Option<String>, command: Command) -> Result<()> {
     let pool = connect_migrated(&require_url(url)?, 2).await?;
     let project = match &command {
-        Command::Status { project, .. } | Command::Deliveries { project, .. } => *project,
+        Command::Status { project, .. }
+        | Command::Deliveries { project, .. }
+        | Command::Endpoints { project, .. } => *project,
         Command::Retry { project, .. }
         | Command::Resend { project, .. }
         | Command::Pause { project, .. }
-        | Command::Resume { project, .. } => Some(*project),
+        | Command::Resume { project, .. }
+        | Command::ResetEndpoint { project, .. } => Some(*project),
         _ => None,
     };
     if let Some(project) = project {
@@ -669,9 +727,10 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             let subscriptions = control::subscription_status(&pool, project).await?;
             let backlog = control::backlog(&pool, project).await?;
             let set_aside = control::set_aside(&pool, project, 20).await?;
+            let endpoints = control::endpoint_health(&pool, project, false).await?;
             if json {
                 let value = serde_json::json!({ "subscriptions": subscriptions, "outbox_backlog": backlog,
-                                                "set_aside": set_aside });
+                                                "set_aside": set_aside, "endpoints": endpoints });
                 println!("{}", serde_json::to_string_pretty(&value)?);
                 return Ok(());
             }
@@ -723,6 +782,13 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 ]);
             }
             println!("Outbox backlog:\n{table}");
+            if !endpoints.is_empty() {
+                println!(
+                    "Endpoints failing or with an open circuit (all in fhir_outbox.endpoint_health; \
+                     `fhir-outbox reset-endpoint` closes one):\n{}",
+                    endpoint_table(&endpoints)
+                );
+            }
             if !set_aside.is_empty() {
                 let mut table = Table::new(["seq", "project", "resource", "version", "error"]);
                 for s in &set_aside {
@@ -856,6 +922,29 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             println!(
                 "Subscription/{subscription} {}.",
                 if changed { "resumed" } else { "was not paused" }
+            );
+        }
+        Command::Endpoints { project, all, json } => {
+            let endpoints = control::endpoint_health(&pool, project, all).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&endpoints)?);
+            } else if endpoints.is_empty() {
+                println!(
+                    "No endpoint is failing or has an open circuit (`--all` lists every one)."
+                );
+            } else {
+                println!("{}", endpoint_table(&endpoints));
+            }
+        }
+        Command::ResetEndpoint { project, endpoint } => {
+            let closed = control::reset_endpoint(&pool, project, &endpoint).await?;
+            println!(
+                "{}",
+                if closed {
+                    "Circuit closed: the endpoint's waiting deliveries go out now."
+                } else {
+                    "The endpoint's circuit was closed already."
+                }
             );
         }
         _ => unreachable!("not an operator command"),

@@ -779,7 +779,10 @@ mod tests {
         assert_eq!(signal(status(404, None)), EndpointSignal::Healthy);
         assert_eq!(signal(status(500, None)), EndpointSignal::Failing);
         assert_eq!(signal(status(503, Some("5"))), EndpointSignal::Failing);
-        assert_eq!(signal(error("operation timed out")), EndpointSignal::Failing);
+        assert_eq!(
+            signal(error("operation timed out")),
+            EndpointSignal::Failing
+        );
         assert_eq!(signal(bot(Err("boom"))), EndpointSignal::Silent);
         assert_eq!(
             signal(Execution::PreambleFailed("pool timed out".into())),

@@ -1,5 +1,5 @@
 //! What operators read and steer: delivery status, the delivery list, retry, resend, pause and
-//! resume. The CLI prints these; the SQL is here, over the public views of `migrations/`.
+//! resume, endpoints' health and the reset of a circuit. The CLI prints these; the SQL is here, over the public views of `migrations/`.
 //!
 //! Every write action names its project: an operator acting on project A can never touch B's
 //! deliveries or resources.
@@ -20,6 +20,11 @@ pub enum ControlError {
     /// The delivery does not exist in the project.
     #[error("delivery {0} not found in this project")]
     UnknownDelivery(i64),
+    /// No subscription of the project delivers to the endpoint, and it has no circuit.
+    #[error(
+        "no subscription of this project delivers to {0} (endpoints are scheme://host:port; `fhir-outbox endpoints --all` lists them)"
+    )]
+    UnknownEndpoint(String),
     /// The resource cannot be resent.
     #[error("cannot resend {reference}: {reason}")]
     Resend {
@@ -457,4 +462,92 @@ pub async fn resend(
         .await?;
     tx.commit().await?;
     Ok(seq)
+}
+
+/// One row of `fhir_outbox.endpoint_health`: an endpoint (a project's scheme, host and port), its
+/// circuit and its load.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EndpointHealth {
+    /// Project.
+    pub project_id: Uuid,
+    /// `scheme://host:port`.
+    pub endpoint: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+    /// Failing attempts since its last healthy answer.
+    pub consecutive_failures: i32,
+    /// Openings since it last closed (each doubles the cool-down).
+    pub openings: i32,
+    /// When its circuit opened.
+    pub opened_at: Option<DateTime<Utc>>,
+    /// When its probe goes (open), or until when the probe in flight holds it (half-open).
+    pub next_probe_at: Option<DateTime<Utc>>,
+    /// The last failure's error.
+    pub last_failure: Option<String>,
+    /// When it last failed.
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Its deliveries in flight.
+    pub in_flight: i64,
+    /// Its deliveries waiting.
+    pub pending: i64,
+}
+
+/// Endpoints from `fhir_outbox.endpoint_health`: those with an open or half-open circuit or
+/// recent failures, or every one with `all`.
+pub async fn endpoint_health(
+    pool: &PgPool,
+    project: Option<Uuid>,
+    all: bool,
+) -> Result<Vec<EndpointHealth>, ControlError> {
+    Ok(sqlx::query_as!(
+        EndpointHealth,
+        r#"SELECT project_id AS "project_id!", endpoint AS "endpoint!", state AS "state!",
+                  consecutive_failures AS "consecutive_failures!", openings AS "openings!",
+                  opened_at, next_probe_at, last_failure, last_failure_at,
+                  in_flight AS "in_flight!", pending AS "pending!"
+           FROM fhir_outbox.endpoint_health
+           WHERE ($1::uuid IS NULL OR project_id = $1)
+             AND ($2 OR state <> 'closed' OR consecutive_failures > 0)
+           ORDER BY project_id, state <> 'closed' DESC, endpoint"#,
+        project,
+        all
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Closes an endpoint's circuit now (`fhir_outbox.reset_endpoint`), and wakes the workers so that
+/// its waiting deliveries go out. `endpoint` may be any URL of it (only scheme, host and port
+/// count). Returns false if its circuit was closed already; fails if the project has no such
+/// endpoint.
+pub async fn reset_endpoint(
+    pool: &PgPool,
+    project: Uuid,
+    endpoint: &str,
+) -> Result<bool, ControlError> {
+    let mut tx = pool.begin().await?;
+    let known = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.endpoint_health
+                          WHERE project_id = $1 AND endpoint = fhir_outbox.endpoint_origin($2))
+               AS "known!""#,
+        project,
+        endpoint
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if !known {
+        return Err(ControlError::UnknownEndpoint(endpoint.to_owned()));
+    }
+    let reset = sqlx::query_scalar!(
+        r#"SELECT fhir_outbox.reset_endpoint($1, $2) AS "reset!""#,
+        project,
+        endpoint
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(reset)
 }

@@ -133,11 +133,7 @@ async fn a_hanging_endpoint_never_delays_a_healthy_one() {
 }
 
 /// (state, openings, next probe) of an endpoint's circuit; closed when it has none.
-async fn circuit(
-    pool: &PgPool,
-    project: Uuid,
-    url: &str,
-) -> (String, i32, Option<DateTime<Utc>>) {
+async fn circuit(pool: &PgPool, project: Uuid, url: &str) -> (String, i32, Option<DateTime<Utc>>) {
     sqlx::query_as(
         "SELECT state, openings, next_probe_at FROM fhir_outbox.endpoint_health
          WHERE project_id = $1 AND endpoint = fhir_outbox.endpoint_origin($2)",
@@ -264,4 +260,128 @@ async fn a_project_with_a_big_backlog_does_not_starve_a_small_one() {
         big_before <= 30,
         "{big_before} of the big project's deliveries went before the small project's last"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_an_open_circuit_and_reset_it() {
+    use std::io::Read;
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![Reply::Status(503, None); 2]).await;
+    // A token in the endpoint: no log line or table may show it.
+    let url = format!("{}?token=URL-SECRET-77", receiver.url);
+    let subscription = subscribe(&db.pool, project, &url).await;
+    let mut worker = crate::common::binary()
+        .args([
+            "run",
+            "--database-url",
+            &db.url,
+            "--allow-unsafe-outbound",
+            "--admin-addr",
+            "off",
+            "--retry-base-ms",
+            "10",
+            "--endpoint-concurrency",
+            "1",
+            "--circuit-failures",
+            "2",
+            // Far beyond the test: only the reset can close it.
+            "--circuit-cool-down-ms",
+            "3600000",
+            "--circuit-max-cool-down-ms",
+            "3600000",
+            "--log-format",
+            "json",
+        ])
+        .env("FHIR_OUTBOX_LOG", "fhir_outbox=info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    patients(&db.pool, project, 3).await;
+    wait_for("the circuit to open", 60, async || {
+        circuit(&db.pool, project, &url).await.0 == "open"
+    })
+    .await;
+    let project_arg = project.to_string();
+    let (ok, text) = crate::common::cli(&[
+        "endpoints",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_arg,
+    ]);
+    assert!(ok, "{text}");
+    let origin = receiver.url.trim_end_matches("/hook");
+    assert!(text.contains(origin) && text.contains("open"), "{text}");
+    assert!(text.contains("Received status 503"), "{text}");
+    let (ok, text) = crate::common::cli(&["status", "--database-url", &db.url]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("Endpoints failing or with an open circuit"),
+        "{text}"
+    );
+    assert!(!text.contains("URL-SECRET-77"), "{text}");
+    // Nothing goes out while it is open.
+    assert_eq!(receiver.received().len(), 2);
+
+    // An endpoint the project does not use is an error that says what endpoints are.
+    let (ok, text) = crate::common::cli(&[
+        "reset-endpoint",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_arg,
+        "--endpoint",
+        "https://elsewhere.example/hook",
+    ]);
+    assert!(!ok);
+    assert!(
+        text.contains("no subscription of this project delivers to"),
+        "{text}"
+    );
+    // Any URL on the endpoint names it.
+    let (ok, text) = crate::common::cli(&[
+        "reset-endpoint",
+        "--database-url",
+        &db.url,
+        "--project",
+        &project_arg,
+        "--endpoint",
+        &url,
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("Circuit closed"), "{text}");
+    wait_for("the waiting deliveries", 60, async || {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
+            &subscription,
+        )
+        .await
+            == 3
+    })
+    .await;
+
+    crate::common::sigterm(&worker);
+    worker.wait().unwrap();
+    let mut logs = String::new();
+    worker
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(!logs.contains("URL-SECRET-77"), "{logs}");
+    let opened: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|line: &serde_json::Value| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("endpoint circuit opened"))
+        })
+        .collect();
+    assert_eq!(opened.len(), 1, "{logs}");
+    assert_eq!(opened[0]["fields"]["endpoint"], origin);
+    assert_eq!(opened[0]["level"], "WARN");
 }
