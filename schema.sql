@@ -264,6 +264,25 @@ END
 $$;
 
 --
+-- Name: endpoint_origin(text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.endpoint_origin(endpoint text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN m IS NULL AND endpoint LIKE 'Bot/%' THEN endpoint
+        WHEN m IS NULL THEN 'unparsed:' || md5(endpoint)
+        ELSE lower(m[1]) || '://' || lower(m[2]) || ':' ||
+             coalesce(nullif(m[3], ''),
+                      CASE lower(m[1]) WHEN 'https' THEN '443' WHEN 'http' THEN '80' ELSE '' END)
+    END
+    FROM (SELECT regexp_match(endpoint,
+                 '^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#]*@)?(\[[^]/?#]*\]|[^:/?#]*)(?::([0-9]*))?')
+                 AS m) parsed
+$$;
+
+--
 -- Name: forbid_version_update(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -299,6 +318,21 @@ BEGIN
     END IF;
     RETURN v_current.content;
 END
+$$;
+
+--
+-- Name: reset_endpoint(uuid, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.reset_endpoint(p_project_id uuid, p_endpoint text) RETURNS boolean
+    LANGUAGE sql
+    AS $$
+    WITH removed AS (
+        DELETE FROM fhir_outbox.endpoint_circuit
+        WHERE project_id = p_project_id
+          AND endpoint = fhir_outbox.endpoint_origin(p_endpoint)
+        RETURNING 1)
+    SELECT count(*) > 0 FROM removed
 $$;
 
 --
@@ -652,6 +686,108 @@ CREATE UNLOGGED TABLE fhir_outbox.dispatcher_waiting (
 );
 
 --
+-- Name: endpoint_circuit; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.endpoint_circuit (
+    project_id uuid NOT NULL,
+    endpoint text NOT NULL,
+    state text DEFAULT 'closed'::text NOT NULL,
+    consecutive_failures integer DEFAULT 0 NOT NULL,
+    openings integer DEFAULT 0 NOT NULL,
+    opened_at timestamp with time zone,
+    next_probe_at timestamp with time zone,
+    last_failure text,
+    last_failure_at timestamp with time zone,
+    last_success_at timestamp with time zone,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT endpoint_circuit_state_check CHECK ((state = ANY (ARRAY['closed'::text, 'open'::text, 'half_open'::text])))
+);
+
+--
+-- Name: resource; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.resource (
+    project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    id text NOT NULL,
+    version_id bigint NOT NULL,
+    live_version_id bigint,
+    deleted boolean NOT NULL,
+    last_updated timestamp with time zone NOT NULL
+);
+
+--
+-- Name: resource_version; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.resource_version (
+    project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    id text NOT NULL,
+    version_id bigint NOT NULL,
+    deleted boolean NOT NULL,
+    content jsonb,
+    last_updated timestamp with time zone NOT NULL,
+    author text,
+    CONSTRAINT resource_version_check CHECK (((content IS NULL) = deleted))
+);
+
+--
+-- Name: subscription_endpoint; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.subscription_endpoint AS
+ SELECT r.project_id,
+    r.id AS subscription_id,
+    fhir_outbox.endpoint_origin((v.content #>> '{channel,endpoint}'::text[])) AS endpoint
+   FROM (fhir_outbox.resource r
+     JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id))
+  WHERE ((r.resource_type = 'Subscription'::text) AND (NOT r.deleted));
+
+--
+-- Name: endpoint_health; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.endpoint_health AS
+ WITH endpoints AS (
+         SELECT DISTINCT subscription_endpoint.project_id,
+            subscription_endpoint.endpoint
+           FROM fhir_outbox.subscription_endpoint
+          WHERE (subscription_endpoint.endpoint IS NOT NULL)
+        UNION
+         SELECT endpoint_circuit.project_id,
+            endpoint_circuit.endpoint
+           FROM fhir_outbox.endpoint_circuit
+        ), load AS (
+         SELECT e_1.project_id,
+            e_1.endpoint,
+            count(*) FILTER (WHERE (d.state = 'in_flight'::text)) AS in_flight,
+            count(*) FILTER (WHERE (d.state = 'pending'::text)) AS pending,
+            count(DISTINCT d.subscription_id) AS subscriptions_waiting
+           FROM (fhir_outbox.delivery d
+             JOIN fhir_outbox.subscription_endpoint e_1 USING (project_id, subscription_id))
+          WHERE (d.state = ANY (ARRAY['pending'::text, 'in_flight'::text]))
+          GROUP BY e_1.project_id, e_1.endpoint
+        )
+ SELECT e.project_id,
+    e.endpoint,
+    COALESCE(c.state, 'closed'::text) AS state,
+    COALESCE(c.consecutive_failures, 0) AS consecutive_failures,
+    COALESCE(c.openings, 0) AS openings,
+    c.opened_at,
+    c.next_probe_at,
+    c.last_failure,
+    c.last_failure_at,
+    c.last_success_at,
+    COALESCE(l.in_flight, (0)::bigint) AS in_flight,
+    COALESCE(l.pending, (0)::bigint) AS pending
+   FROM ((endpoints e
+     LEFT JOIN fhir_outbox.endpoint_circuit c USING (project_id, endpoint))
+     LEFT JOIN load l USING (project_id, endpoint));
+
+--
 -- Name: outbox; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
@@ -732,41 +868,11 @@ CREATE TABLE fhir_outbox.project (
 );
 
 --
--- Name: resource; Type: TABLE; Schema: fhir_outbox; Owner: -
---
-
-CREATE TABLE fhir_outbox.resource (
-    project_id uuid NOT NULL,
-    resource_type text NOT NULL,
-    id text NOT NULL,
-    version_id bigint NOT NULL,
-    live_version_id bigint,
-    deleted boolean NOT NULL,
-    last_updated timestamp with time zone NOT NULL
-);
-
---
 -- Name: resource_type; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
 CREATE TABLE fhir_outbox.resource_type (
     name text NOT NULL
-);
-
---
--- Name: resource_version; Type: TABLE; Schema: fhir_outbox; Owner: -
---
-
-CREATE TABLE fhir_outbox.resource_version (
-    project_id uuid NOT NULL,
-    resource_type text NOT NULL,
-    id text NOT NULL,
-    version_id bigint NOT NULL,
-    deleted boolean NOT NULL,
-    content jsonb,
-    last_updated timestamp with time zone NOT NULL,
-    author text,
-    CONSTRAINT resource_version_check CHECK (((content IS NULL) = deleted))
 );
 
 --
@@ -877,6 +983,13 @@ ALTER TABLE ONLY fhir_outbox.dispatcher_waiting
     ADD CONSTRAINT dispatcher_waiting_pkey PRIMARY KEY (listener);
 
 --
+-- Name: endpoint_circuit endpoint_circuit_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.endpoint_circuit
+    ADD CONSTRAINT endpoint_circuit_pkey PRIMARY KEY (project_id, endpoint);
+
+--
 -- Name: outbox outbox_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
 --
 
@@ -954,6 +1067,12 @@ CREATE INDEX delivery_finished ON fhir_outbox.delivery USING btree (finished_at)
 --
 
 CREATE INDEX delivery_leased ON fhir_outbox.delivery USING btree (lease_expires_at) WHERE (state = 'in_flight'::text);
+
+--
+-- Name: delivery_queue; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_queue ON fhir_outbox.delivery USING btree (project_id, subscription_id, next_attempt_at, id) WHERE (state = 'pending'::text);
 
 --
 -- Name: outbox_dispatched; Type: INDEX; Schema: fhir_outbox; Owner: -

@@ -33,12 +33,11 @@ JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, versio
 WHERE r.resource_type = 'Subscription' AND NOT r.deleted;
 
 -- The claim visits each (project, subscription) that has pending deliveries with a skip scan of
--- this index, and takes the first due ones of each.
-CREATE INDEX delivery_queue ON fhir_outbox.delivery (project_id, subscription_id, next_attempt_at)
+-- this index, and takes the first due ones of each in order. (The in-flight load it counts comes
+-- from `delivery_leased`: in-flight rows are few, at most every worker's request slots.)
+CREATE INDEX delivery_queue
+    ON fhir_outbox.delivery (project_id, subscription_id, next_attempt_at, id)
     WHERE state = 'pending';
--- The in-flight load per subscription, read by every claim.
-CREATE INDEX delivery_in_flight ON fhir_outbox.delivery (project_id, subscription_id)
-    WHERE state = 'in_flight';
 
 -- The circuit breaker of each endpoint that has failed. No row: closed, with no failure since its
 -- last success. `open`: its deliveries wait until `next_probe_at`, when one probe is claimed and the

@@ -132,9 +132,15 @@ pub(super) async fn claim(
     limits: ClaimLimits,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(conn).await?;
-    sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim'))")
-        .execute(&mut *tx)
-        .await?;
+    // Planning this statement costs more than running it; its plan does not depend on the values
+    // of its parameters (index lookups per busy subscription), so the prepared statement's generic
+    // plan is kept instead of planning each claim afresh.
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim')),
+                set_config('plan_cache_mode', 'force_generic_plan', true)"
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     let rows = sqlx::query_as!(
         ClaimRow,
         r#"WITH RECURSIVE queues AS (
