@@ -343,8 +343,8 @@ fn subscription_now(subscription: Option<String>, settings: Option<String>) -> S
 }
 
 /// When the claimer should look again: the earliest `next_attempt_at` later than `after` among
-/// pending deliveries of subscriptions not paused (as the claim excludes them), as seconds from the
-/// database's clock now (`None`: nothing is scheduled), and that clock. Uses the `delivery_due` index
+/// pending deliveries of subscriptions not paused (as the claim excludes them), or the earliest
+/// probe of an open circuit if sooner, as seconds from the database's clock now (`None`: nothing is scheduled), and that clock. Uses the `delivery_due` index
 /// and starts past `after`, the clock of the previous look: a due row that the claim since then could
 /// not take (locked by another worker's claim) is returned once, never in a loop.
 pub(super) async fn next_due(
@@ -353,13 +353,16 @@ pub(super) async fn next_due(
 ) -> Result<(Option<f64>, DateTime<Utc>), sqlx::Error> {
     let row = sqlx::query!(
         r#"SELECT clock_timestamp() AS "now!",
-                  extract(epoch FROM (
-                      SELECT d.next_attempt_at FROM fhir_outbox.delivery d
-                      WHERE d.state = 'pending' AND d.next_attempt_at > $1
-                        AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                                        WHERE p.project_id = d.project_id
-                                          AND p.subscription_id = d.subscription_id)
-                      ORDER BY d.next_attempt_at LIMIT 1) - clock_timestamp())::float8 AS "wait?""#,
+                  extract(epoch FROM least(
+                      (SELECT d.next_attempt_at FROM fhir_outbox.delivery d
+                       WHERE d.state = 'pending' AND d.next_attempt_at > $1
+                         AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                                         WHERE p.project_id = d.project_id
+                                           AND p.subscription_id = d.subscription_id)
+                       ORDER BY d.next_attempt_at LIMIT 1),
+                      (SELECT min(next_probe_at) FROM fhir_outbox.endpoint_circuit
+                       WHERE state <> 'closed' AND next_probe_at > $1)
+                  ) - clock_timestamp())::float8 AS "wait?""#,
         after
     )
     .fetch_one(conn)
