@@ -39,6 +39,17 @@ CREATE INDEX delivery_queue
     ON fhir_outbox.delivery (project_id, subscription_id, next_attempt_at, id)
     WHERE state = 'pending';
 
+-- Where the previous claim stopped in its round of the subscriptions with pending deliveries: the
+-- next claim goes on from there, so each claim visits a bounded number of them and every one gets
+-- its turn. One row; unlogged, since losing it in a crash only restarts the round.
+CREATE UNLOGGED TABLE fhir_outbox.claim_cursor (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL
+);
+INSERT INTO fhir_outbox.claim_cursor (project_id, subscription_id)
+VALUES ('00000000-0000-0000-0000-000000000000', '');
+
 -- The circuit breaker of each endpoint that has failed. No row: closed, with no failure since its
 -- last success. `open`: its deliveries wait until `next_probe_at`, when one probe is claimed and the
 -- circuit is `half_open` until the probe's outcome is recorded (or, if its worker dies, until

@@ -31,6 +31,7 @@ pub async fn lease_due(
         lease_seconds: lease.as_secs_f64(),
         endpoint_concurrency,
         probe_seconds: lease.as_secs_f64(),
+        queues_per_claim: 2 * limit,
     };
     Ok(queries::claim(conn, limits)
         .await?

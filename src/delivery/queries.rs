@@ -106,16 +106,21 @@ pub(super) struct ClaimLimits {
     pub endpoint_concurrency: i64,
     /// How long a probe of an open circuit keeps other probes away, should its worker die.
     pub probe_seconds: f64,
+    /// Most subscriptions with pending deliveries one claim visits (the round of them goes on at
+    /// the next claim): bounds a claim's cost whatever the number of busy subscriptions.
+    pub queues_per_claim: i64,
 }
 
 /// Claims due deliveries (and those whose lease expired: their worker died), fairly, and takes a
 /// fresh lease on each:
-/// - the subscriptions with pending deliveries are found with a skip scan of `delivery_queue`,
-///   and each offers its first due deliveries, so a claim costs the number of busy queues, not the
-///   size of the backlog;
-/// - projects take turns, and within a project its subscriptions (ties are drawn at random, so
-///   that no queue is always last), so a project with a million pending deliveries cannot starve
-///   one with ten;
+/// - the subscriptions with pending deliveries are visited in a round (a skip scan of
+///   `delivery_queue` from where the previous claim stopped, `claim_cursor`, at most
+///   `queues_per_claim` of them), and each offers its first due deliveries: a claim's cost is
+///   bounded whatever the backlog and the number of busy subscriptions, and every subscription is
+///   visited once per round;
+/// - among those, projects take turns, and within a project its subscriptions (ties are drawn at
+///   random, so that none is always last), so a project with a million pending deliveries cannot
+///   starve one with ten;
 /// - an endpoint (a project's scheme, host and port) gets no more than `endpoint_concurrency`
 ///   in flight, counting every worker's live leases; a saturated endpoint's backlog stays pending
 ///   in the table, not leased;
@@ -143,15 +148,52 @@ pub(super) async fn claim(
     .await?;
     let rows = sqlx::query_as!(
         ClaimRow,
-        r#"WITH RECURSIVE queues AS (
-               (SELECT project_id, subscription_id FROM fhir_outbox.delivery
-                WHERE state = 'pending' ORDER BY project_id, subscription_id LIMIT 1)
+        r#"WITH RECURSIVE
+           -- The round goes on after the cursor… (its values are init-plan parameters, so that
+           -- both bounds of each step are index conditions, never filters)
+           ahead AS (
+               (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.delivery d
+                WHERE d.state = 'pending'
+                  AND (d.project_id, d.subscription_id)
+                      > ((SELECT project_id FROM fhir_outbox.claim_cursor),
+                         (SELECT subscription_id FROM fhir_outbox.claim_cursor))
+                ORDER BY d.project_id, d.subscription_id LIMIT 1)
                UNION ALL
-               SELECT n.project_id, n.subscription_id FROM queues q CROSS JOIN LATERAL (
+               SELECT x.project_id, x.subscription_id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
                    SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
                    WHERE d.state = 'pending'
                      AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
-                   ORDER BY d.project_id, d.subscription_id LIMIT 1) n),
+                   ORDER BY d.project_id, d.subscription_id LIMIT 1) x
+               WHERE q.n < $5),
+           -- …and starts again from the first, up to the cursor, while the window has room.
+           behind AS (
+               (SELECT d.project_id, d.subscription_id, (SELECT count(*) FROM ahead) + 1 AS n
+                FROM fhir_outbox.delivery d
+                WHERE d.state = 'pending'
+                  AND (d.project_id, d.subscription_id)
+                      <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
+                          (SELECT subscription_id FROM fhir_outbox.claim_cursor))
+                ORDER BY d.project_id, d.subscription_id LIMIT 1)
+               UNION ALL
+               SELECT x.project_id, x.subscription_id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
+                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
+                   WHERE d.state = 'pending'
+                     AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
+                     AND (d.project_id, d.subscription_id)
+                         <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
+                             (SELECT subscription_id FROM fhir_outbox.claim_cursor))
+                   ORDER BY d.project_id, d.subscription_id LIMIT 1) x
+               WHERE q.n < $5),
+           visited AS (
+               SELECT project_id, subscription_id, n FROM ahead
+               UNION ALL
+               SELECT project_id, subscription_id, n FROM behind WHERE n <= $5),
+           advanced AS (
+               UPDATE fhir_outbox.claim_cursor k
+               SET project_id = last.project_id, subscription_id = last.subscription_id
+               FROM (SELECT project_id, subscription_id FROM visited ORDER BY n DESC LIMIT 1) last
+               RETURNING 1),
+           queues AS (SELECT project_id, subscription_id FROM visited),
            busy AS (
                SELECT project_id, subscription_id, count(*) AS in_flight FROM fhir_outbox.delivery
                WHERE state = 'in_flight' AND lease_expires_at >= now()
@@ -265,6 +307,7 @@ pub(super) async fn claim(
         limits.lease_seconds,
         limits.endpoint_concurrency,
         limits.probe_seconds,
+        limits.queues_per_claim,
     )
     .fetch_all(&mut *tx)
     .await?;

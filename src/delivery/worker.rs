@@ -103,6 +103,7 @@ impl DeliveryWorker {
             lease_seconds: self.lease_seconds(),
             endpoint_concurrency: self.config.endpoint_concurrency.max(1) as i64,
             probe_seconds: (self.config.request_timeout + 2 * self.config.lease).as_secs_f64(),
+            queues_per_claim: 2 * self.claim_size() as i64,
         }
     }
 

@@ -385,3 +385,74 @@ async fn operators_see_an_open_circuit_and_reset_it() {
     assert_eq!(opened[0]["fields"]["endpoint"], origin);
     assert_eq!(opened[0]["level"], "WARN");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_busy_subscription_gets_its_turn_when_there_are_more_than_a_claim_visits() {
+    use fhir_outbox::capture::{self, WriteContext};
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let busy = Receiver::start(vec![]).await;
+    let last = Receiver::start(vec![]).await;
+    let put = async |id: &str, url: &str, criteria: &str| {
+        let mut subscription = hook(url, criteria);
+        subscription["id"] = json!(id);
+        capture::update(
+            &db.pool,
+            project,
+            "Subscription",
+            id,
+            &subscription,
+            None,
+            &WriteContext::default(),
+        )
+        .await
+        .unwrap();
+    };
+    // Ten subscriptions with a big backlog come first in the claim's order; the last one, with a
+    // single delivery, comes after them all.
+    for n in 0..10 {
+        put(&format!("a{n:02}"), &busy.url, "Patient").await;
+    }
+    put("zzz", &last.url, "Observation").await;
+    patients(&db.pool, project, 50).await;
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Observation", "status": "final",
+                 "code": { "text": "x" } }),
+        None,
+    )
+    .await;
+    let dispatcher = Dispatcher::new(
+        db.pool.clone(),
+        DispatchConfig {
+            allow_unsafe_outbound: true,
+            ..DispatchConfig::default()
+        },
+    );
+    while dispatcher.dispatch_once().await.unwrap().changes > 0 {}
+    // A claim of 4 visits 8 subscriptions: fewer than there are busy.
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 4,
+            claim_batch: 4,
+            ..fast_config()
+        },
+    );
+    wait_for("the last subscription's delivery", 60, async || {
+        last.received().len() == 1
+    })
+    .await;
+    running.stop().await;
+    let before = busy
+        .received()
+        .iter()
+        .filter(|request| request.at < last.received()[0].at)
+        .count();
+    eprintln!("deliveries of the busy subscriptions before the last one's: {before}");
+    assert!(
+        before <= 50,
+        "{before} of the 500 other deliveries went first: the round did not reach the last subscription"
+    );
+}
