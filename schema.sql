@@ -572,6 +572,17 @@ END
 $$;
 
 --
+-- Name: claim_cursor; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE UNLOGGED TABLE fhir_outbox.claim_cursor (
+    only_row boolean DEFAULT true NOT NULL,
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    CONSTRAINT claim_cursor_only_row_check CHECK (only_row)
+);
+
+--
 -- Name: delivery; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
@@ -953,6 +964,13 @@ CREATE TABLE fhir_outbox.subscription_failure (
     subscription_id text NOT NULL,
     failed_at timestamp with time zone DEFAULT now() NOT NULL
 );
+
+--
+-- Name: claim_cursor claim_cursor_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.claim_cursor
+    ADD CONSTRAINT claim_cursor_pkey PRIMARY KEY (only_row);
 
 --
 -- Name: delivery_attempt delivery_attempt_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
