@@ -154,6 +154,22 @@ pub fn cli(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Stops a running binary gracefully (SIGTERM), waits for it, and returns its standard error (it
+/// must have been spawned with `stderr(Stdio::piped())`).
+pub fn stop_and_read_logs(mut child: std::process::Child) -> String {
+    use std::io::Read;
+    sigterm(&child);
+    child.wait().unwrap();
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    logs
+}
+
 /// Asks a running binary to shut down gracefully (SIGTERM).
 pub fn sigterm(child: &std::process::Child) {
     let status = std::process::Command::new("kill")

@@ -4,7 +4,6 @@ use crate::common::TestDb;
 use crate::delivery::{create, hook, states, with_extensions};
 use crate::receiver::{Receiver, Reply};
 use serde_json::{Value, json};
-use std::io::Read;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -32,7 +31,7 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
     )
     .await;
 
-    let mut worker = crate::common::binary()
+    let worker = crate::common::binary()
         .args([
             "run",
             "--database-url",
@@ -60,15 +59,7 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    crate::common::sigterm(&worker);
-    worker.wait().unwrap();
-    let mut logs = String::new();
-    worker
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = crate::common::stop_and_read_logs(worker);
     assert_eq!(states(&db.pool, &sub).await[0].0, "succeeded");
 
     let recorded: String = sqlx::query_scalar(

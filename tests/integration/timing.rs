@@ -6,7 +6,6 @@ use crate::delivery::{create, hook, states};
 use crate::receiver::{Receiver, Reply};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use std::io::Read;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +32,7 @@ async fn retries_go_out_when_due_and_a_final_failure_is_logged_once() {
     .await;
     let sub_id = sub["id"].as_str().unwrap().to_owned();
 
-    let mut worker = crate::common::binary()
+    let worker = crate::common::binary()
         .args([
             "run",
             "--database-url",
@@ -95,15 +94,7 @@ async fn retries_go_out_when_due_and_a_final_failure_is_logged_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     watcher.abort();
-    crate::common::sigterm(&worker);
-    worker.wait().unwrap();
-    let mut logs = String::new();
-    worker
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = crate::common::stop_and_read_logs(worker);
 
     let state = states(&db.pool, &sub).await;
     assert_eq!(
