@@ -150,20 +150,22 @@ pub(super) async fn claim(
         ClaimRow,
         r#"WITH RECURSIVE
            -- The round goes on after the cursor… (its values are init-plan parameters, so that
-           -- both bounds of each step are index conditions, never filters)
+           -- both bounds of each step are index conditions, never filters; the order includes
+           -- the due time so that only `delivery_queue`, which holds pending rows alone, serves it,
+           -- never an index that also holds the finished history)
            ahead AS (
                (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.delivery d
                 WHERE d.state = 'pending'
                   AND (d.project_id, d.subscription_id)
                       > ((SELECT project_id FROM fhir_outbox.claim_cursor),
                          (SELECT subscription_id FROM fhir_outbox.claim_cursor))
-                ORDER BY d.project_id, d.subscription_id LIMIT 1)
+                ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
                UNION ALL
                SELECT x.project_id, x.subscription_id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
                    SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
                    WHERE d.state = 'pending'
                      AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
-                   ORDER BY d.project_id, d.subscription_id LIMIT 1) x
+                   ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
                WHERE q.n < $5),
            -- …and starts again from the first, up to the cursor, while the window has room.
            behind AS (
@@ -173,7 +175,7 @@ pub(super) async fn claim(
                   AND (d.project_id, d.subscription_id)
                       <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
                           (SELECT subscription_id FROM fhir_outbox.claim_cursor))
-                ORDER BY d.project_id, d.subscription_id LIMIT 1)
+                ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
                UNION ALL
                SELECT x.project_id, x.subscription_id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
                    SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
@@ -182,7 +184,7 @@ pub(super) async fn claim(
                      AND (d.project_id, d.subscription_id)
                          <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
                              (SELECT subscription_id FROM fhir_outbox.claim_cursor))
-                   ORDER BY d.project_id, d.subscription_id LIMIT 1) x
+                   ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
                WHERE q.n < $5),
            visited AS (
                SELECT project_id, subscription_id, n FROM ahead
