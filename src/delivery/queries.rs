@@ -139,10 +139,13 @@ pub(super) async fn claim(
     let mut tx = sqlx::Connection::begin(conn).await?;
     // Planning this statement costs more than running it; its plan does not depend on the values
     // of its parameters (index lookups per busy subscription), so the prepared statement's generic
-    // plan is kept instead of planning each claim afresh.
+    // plan is kept instead of planning each claim afresh. JIT compilation would be paid on every
+    // claim once a big backlog inflates the plan's estimated cost, for a statement that reads a
+    // few hundred rows.
     sqlx::query!(
         "SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim')),
-                set_config('plan_cache_mode', 'force_generic_plan', true)"
+                set_config('plan_cache_mode', 'force_generic_plan', true) AS plan_cache_mode,
+                set_config('jit', 'off', true) AS jit"
     )
     .fetch_one(&mut *tx)
     .await?;
