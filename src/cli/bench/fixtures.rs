@@ -344,8 +344,11 @@ impl WorkerProcess {
             .path()
             .join(format!("worker-{concurrency}-{}.log", Uuid::new_v4()));
         let file = std::fs::File::create(&log)?;
+        // The admin endpoint runs as in production (its gauge refresher queries the database), on
+        // a free port, so that a bench never collides with another `fhir-outbox run` on the host.
         let child = tokio::process::Command::new(exe)
-            .args(["--allow-unsafe-outbound", "run", "--delivery-concurrency"])
+            .args(["--allow-unsafe-outbound", "run", "--admin-addr", "127.0.0.1:0"])
+            .arg("--delivery-concurrency")
             .arg(concurrency.to_string())
             .env("DATABASE_URL", url)
             .stdin(Stdio::null())
