@@ -420,54 +420,21 @@ async fn noisy_run(
         "top_statements": backlog_statements,
     });
 
-    // Phase 2: a steady stream, for the latency. Only the healthy receivers start afresh; the bad
-    // ones keep counting, so their totals cover the whole run.
-    for receiver in endpoints.of(Kind::Healthy) {
-        receiver.reset();
-        receiver.set_recording(true);
-    }
-    let (rate, seconds) = (sizes.noisy_rate, sizes.noisy_seconds);
-    let steady_expected = rate * seconds * HEALTHY_ENDPOINTS as u64;
-    eprintln!("bench: noisy, {label}: {rate} changes/s for {seconds} s with the worker running…");
-    let cpu2 = Cpu::now(env, &worker);
-    let steady_started = Instant::now();
-    let (commits, steady_write_s) =
-        fixtures::steady_writes(&pool, project, rate, seconds, changes).await?;
-    let steady_complete = until_received(
-        &endpoints,
-        Kind::Healthy,
-        steady_expected,
-        &mut worker,
-        Instant::now() + STEADY_WAIT,
-    )
-    .await?;
-    let steady_done = Instant::now();
-    let cpu3 = Cpu::now(env, &worker);
-    let mut recorded = Vec::new();
-    for receiver in endpoints.of(Kind::Healthy) {
-        receiver.set_recording(false);
-        recorded.extend(receiver.take_recorded());
-    }
-    let (latencies, before_commit_returned) = commit_to_arrival_ms(&commits, &recorded);
-    results.cpu.push(cpu2.profile(
-        cpu3,
-        format!("noisy, {label}: {rate} changes/s for {seconds} s (writer in the bench process)"),
-        steady_done - steady_started,
-    ));
-    let latency_note = (latencies.len() as u64 != steady_expected).then(|| {
-        format!(
-            "{} of {steady_expected} healthy deliveries arrived and matched",
-            latencies.len()
-        )
-    });
-    let steady = json!({
-        "changes": commits.len(), "changes_per_s_achieved": commits.len() as f64 / steady_write_s,
-        "healthy_expected": steady_expected, "healthy_matched": latencies.len(),
-        "arrived_before_commit_returned": before_commit_returned, "cut_short": !steady_complete,
-        "p50_ms": percentile(&latencies, 50.0), "p95_ms": percentile(&latencies, 95.0),
-        "p99_ms": percentile(&latencies, 99.0), "max_ms": latencies.last(),
-        "healthy_max_in_flight_per_endpoint": endpoints.max_in_flight(Kind::Healthy).0,
-    });
+    // Phase 2, only after a drained backlog: the new deliveries would otherwise queue behind what
+    // is left of it, and their latency would only say how much was left.
+    let (latencies, latency_note, steady) = if complete {
+        let run = RunOf {
+            env,
+            pool: &pool,
+            project,
+            endpoints: &endpoints,
+            label,
+        };
+        steady_phase(&run, sizes, &mut worker, results).await?
+    } else {
+        let note = "not measured: the backlog phase was cut short".to_owned();
+        (Vec::new(), Some(note.clone()), json!({ "skipped": note }))
+    };
 
     // The end state while the worker still runs: circuits, and what it holds, as an operator sees
     // them.
@@ -502,6 +469,87 @@ async fn noisy_run(
         latencies,
         latency_note,
     })
+}
+
+/// What a phase of a noisy-neighbour run works on.
+#[derive(Clone, Copy)]
+struct RunOf<'a> {
+    env: &'a Env,
+    pool: &'a PgPool,
+    project: Uuid,
+    endpoints: &'a Endpoints,
+    /// `baseline` or `with bad endpoints`, for progress and CPU rows.
+    label: &'a str,
+}
+
+/// Phase 2 of a noisy-neighbour run (see [`noisy_run`]): `noisy_rate` changes per second for
+/// `noisy_seconds` with the worker running; returns the healthy deliveries' commit-to-arrival times
+/// (ms, sorted), why they are qualified if they are, and the details.
+async fn steady_phase(
+    run: &RunOf<'_>,
+    sizes: &Sizes,
+    worker: &mut WorkerProcess,
+    results: &mut Results,
+) -> Result<(Vec<f64>, Option<String>, Value), BenchError> {
+    let RunOf {
+        env,
+        pool,
+        project,
+        endpoints,
+        label,
+    } = *run;
+    // Only the healthy receivers start afresh; the bad ones keep counting, so that their totals
+    // cover the whole run.
+    for receiver in endpoints.of(Kind::Healthy) {
+        receiver.reset();
+        receiver.set_recording(true);
+    }
+    let (rate, seconds) = (sizes.noisy_rate, sizes.noisy_seconds);
+    let steady_expected = rate * seconds * HEALTHY_ENDPOINTS as u64;
+    eprintln!("bench: noisy, {label}: {rate} changes/s for {seconds} s with the worker running…");
+    reset_statements(env, pool).await?;
+    let cpu2 = Cpu::now(env, worker);
+    let steady_started = Instant::now();
+    let (commits, steady_write_s) =
+        fixtures::steady_writes(pool, project, rate, seconds, sizes.noisy_changes).await?;
+    let steady_complete = until_received(
+        endpoints,
+        Kind::Healthy,
+        steady_expected,
+        worker,
+        Instant::now() + STEADY_WAIT,
+    )
+    .await?;
+    let steady_done = Instant::now();
+    let cpu3 = Cpu::now(env, worker);
+    let mut recorded = Vec::new();
+    for receiver in endpoints.of(Kind::Healthy) {
+        receiver.set_recording(false);
+        recorded.extend(receiver.take_recorded());
+    }
+    let (latencies, before_commit_returned) = commit_to_arrival_ms(&commits, &recorded);
+    let statements = phase_statements(env, pool, &format!("noisy, {label}, steady")).await?;
+    results.cpu.push(cpu2.profile(
+        cpu3,
+        format!("noisy, {label}: {rate} changes/s for {seconds} s (writer in the bench process)"),
+        steady_done - steady_started,
+    ));
+    let latency_note = (latencies.len() as u64 != steady_expected).then(|| {
+        format!(
+            "{} of {steady_expected} healthy deliveries arrived and matched",
+            latencies.len()
+        )
+    });
+    let steady = json!({
+        "changes": commits.len(), "changes_per_s_achieved": commits.len() as f64 / steady_write_s,
+        "healthy_expected": steady_expected, "healthy_matched": latencies.len(),
+        "arrived_before_commit_returned": before_commit_returned, "cut_short": !steady_complete,
+        "p50_ms": percentile(&latencies, 50.0), "p95_ms": percentile(&latencies, 95.0),
+        "p99_ms": percentile(&latencies, 99.0), "max_ms": latencies.last(),
+        "healthy_max_in_flight_per_endpoint": endpoints.max_in_flight(Kind::Healthy).0,
+        "top_statements": statements,
+    });
+    Ok((latencies, latency_note, steady))
 }
 
 /// The noisy-neighbour scenario: the baseline run, the run with bad endpoints, and their ratios.
