@@ -246,3 +246,81 @@ async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUEST: &[u8] = b"POST /hook HTTP/1.1\r\nhost: bench\r\ncontent-length: 2\r\n\r\n{}";
+
+    /// Sends one request on a new connection; returns the first bytes of the answer (or the timeout).
+    async fn send(
+        receiver: &Receiver,
+        wait: Duration,
+    ) -> Result<Vec<u8>, tokio::time::error::Elapsed> {
+        let address = receiver
+            .url
+            .trim_start_matches("http://")
+            .trim_end_matches("/hook")
+            .to_owned();
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream.write_all(REQUEST).await.expect("write");
+        let mut answer = vec![0u8; 64];
+        tokio::time::timeout(wait, async {
+            let n = stream.read(&mut answer).await.expect("read");
+            answer.truncate(n);
+            answer
+        })
+        .await
+    }
+
+    #[test]
+    fn delays_cover_the_range_once_per_span_in_a_scrambled_order() {
+        let behaviour = Behaviour::Delay {
+            min_ms: 50,
+            max_ms: 200,
+        };
+        let delays: Vec<u128> = (0..151).map(|n| behaviour.delay(n).as_millis()).collect();
+        let mut sorted = delays.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (50..=200).collect::<Vec<u128>>());
+        assert!(delays.windows(2).all(|pair| pair[0].abs_diff(pair[1]) > 1));
+        assert_eq!(Behaviour::Immediate.delay(7), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn answers_as_its_behaviour_says() {
+        let immediate = Receiver::start().await.expect("receiver");
+        let answer = send(&immediate, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+
+        let failing = Receiver::start_with(Behaviour::ServerError)
+            .await
+            .expect("receiver");
+        let answer = send(&failing, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert!(answer.starts_with(b"HTTP/1.1 500"));
+
+        let slow = Receiver::start_with(Behaviour::Delay {
+            min_ms: 150,
+            max_ms: 150,
+        })
+        .await
+        .expect("receiver");
+        let clock = Instant::now();
+        let answer = send(&slow, Duration::from_secs(5)).await.expect("answer");
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert!(clock.elapsed() >= Duration::from_millis(150));
+        assert_eq!(slow.max_in_flight(), 1);
+
+        let hanging = Receiver::start_with(Behaviour::Hang)
+            .await
+            .expect("receiver");
+        assert!(send(&hanging, Duration::from_millis(300)).await.is_err());
+        assert_eq!(hanging.count(), 1);
+        assert_eq!(hanging.max_in_flight(), 1);
+    }
+}
