@@ -11,9 +11,11 @@ use pgtemp::{Durability, TempCluster};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -262,6 +264,68 @@ pub async fn project_with_subscriptions(
     Ok(project)
 }
 
+/// Creates a project with one subscription per endpoint (in that order); returns the project and
+/// the subscriptions' ids, in the same order.
+pub async fn project_with_endpoints(
+    pool: &PgPool,
+    endpoints: &[String],
+) -> Result<(Uuid, Vec<String>), BenchError> {
+    let project = fhir_outbox::project::create_project(pool, "bench").await?;
+    let mut ids = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let written = capture::create(
+            pool,
+            project,
+            &subscription(endpoint),
+            &WriteContext::default(),
+        )
+        .await?;
+        ids.push(resource_id(&written.resource));
+    }
+    // As in `project_with_subscriptions`: only the Patient changes are measured.
+    dispatch_all(pool).await?;
+    Ok((project, ids))
+}
+
+/// The `id` of a stored resource.
+pub fn resource_id(resource: &Value) -> String {
+    resource["id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Writes Patients `first..first + rate * seconds` at a steady rate, each in its own transaction and
+/// its own task (so a slow commit never delays the next write); returns when each one's COMMIT
+/// returned, by resource id, and the seconds the writing took.
+pub async fn steady_writes(
+    pool: &PgPool,
+    project: Uuid,
+    rate: u64,
+    seconds: u64,
+    first: u64,
+) -> Result<(HashMap<String, Instant>, f64), BenchError> {
+    let commits: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    let started = Instant::now();
+    let mut writes = tokio::task::JoinSet::new();
+    for n in first..first + rate * seconds {
+        ticker.tick().await;
+        let (pool, commits) = (pool.clone(), commits.clone());
+        writes.spawn(async move {
+            let written =
+                capture::create(&pool, project, &patient(n), &WriteContext::default()).await?;
+            let committed = Instant::now();
+            let id = resource_id(&written.resource);
+            commits.lock().expect("commit lock").insert(id, committed);
+            Ok::<_, BenchError>(())
+        });
+    }
+    while let Some(result) = writes.join_next().await {
+        result.map_err(|error| BenchError::Other(format!("write task: {error}")))??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let commits = std::mem::take(&mut *commits.lock().expect("commit lock"));
+    Ok((commits, secs))
+}
+
 /// Writes `count` Patients (real creates through the store, so real outbox rows), 100 per
 /// transaction from `writers` concurrent connections.
 pub async fn prefill(
@@ -338,15 +402,34 @@ impl WorkerProcess {
         url: &str,
         concurrency: usize,
     ) -> Result<WorkerProcess, BenchError> {
+        WorkerProcess::start_with(env, url, concurrency, &[]).await
+    }
+
+    /// [`WorkerProcess::start`] with more options of `run` (`["--shutdown-grace-seconds", "1"]`).
+    pub async fn start_with(
+        env: &Env,
+        url: &str,
+        concurrency: usize,
+        extra: &[&str],
+    ) -> Result<WorkerProcess, BenchError> {
         let exe = std::env::current_exe()?;
         let log = env
             .scratch
             .path()
             .join(format!("worker-{concurrency}-{}.log", Uuid::new_v4()));
         let file = std::fs::File::create(&log)?;
+        // The admin endpoint runs as in production (its gauge refresher queries the database), on
+        // a free port, so that a bench never collides with another `fhir-outbox run` on the host.
         let child = tokio::process::Command::new(exe)
-            .args(["--allow-unsafe-outbound", "run", "--delivery-concurrency"])
+            .args([
+                "--allow-unsafe-outbound",
+                "run",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--delivery-concurrency")
             .arg(concurrency.to_string())
+            .args(extra)
             .env("DATABASE_URL", url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -7,8 +7,8 @@ use fhir_outbox::delivery::{DeliveryConfig, lease};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -33,11 +33,14 @@ pub async fn run(
         Scenario::E2e => end_to_end(env, sizes, results).await,
         Scenario::Latency => latency(env, sizes, results).await,
         Scenario::Claim => claim(env, sizes, results).await,
+        Scenario::Noisy => super::isolation::noisy_neighbour(env, sizes, results).await,
+        Scenario::Slow => super::isolation::slow_receivers(env, sizes, results).await,
         Scenario::Fhirpath => super::fhirpath::run(results),
     }
 }
 
-fn other(error: impl std::fmt::Display) -> BenchError {
+/// An error said in words.
+pub(super) fn other(error: impl std::fmt::Display) -> BenchError {
     BenchError::Other(error.to_string())
 }
 
@@ -560,7 +563,8 @@ async fn dispatch(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(),
 // ---------------------------------------------------------------------------------------------
 // End to end
 
-async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
+/// Deliveries not finished yet (pending or in flight).
+pub(super) async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM fhir_outbox.delivery WHERE state IN ('pending', 'in_flight')",
     )
@@ -570,7 +574,7 @@ async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
 
 /// The statements of this database that took the most execution time since the last reset
 /// (pg_stat_statements, `--statements`), printed to standard error and returned for the report.
-async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value>, BenchError> {
+pub(super) async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value>, BenchError> {
     let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(
         "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, rows
          FROM pg_stat_statements
@@ -752,7 +756,35 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
 // ---------------------------------------------------------------------------------------------
 // Latency
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Commit-to-arrival times of recorded requests whose body is a resource written by the bench
+/// (`commits`: when each one's COMMIT returned, by id), in ms and sorted, and how many arrived
+/// before their COMMIT returned.
+pub(super) fn commit_to_arrival_ms(
+    commits: &HashMap<String, Instant>,
+    recorded: &[(Instant, Vec<u8>)],
+) -> (Vec<f64>, u64) {
+    let mut latencies = Vec::with_capacity(recorded.len());
+    let mut before_commit_returned = 0u64;
+    for (arrived, body) in recorded {
+        let Ok(resource) = serde_json::from_slice::<Value>(body) else {
+            continue;
+        };
+        let Some(committed) = resource["id"].as_str().and_then(|id| commits.get(id)) else {
+            continue;
+        };
+        // A delivery can arrive before the writer has seen its COMMIT acknowledged (the change is
+        // visible to the dispatcher first): that counts as 0 ms, and is counted.
+        if arrived < committed {
+            before_commit_returned += 1;
+        }
+        latencies.push(arrived.saturating_duration_since(*committed).as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (latencies, before_commit_returned)
+}
+
+/// The `p`th percentile (nearest rank) of sorted values; NaN when there are none.
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -780,33 +812,12 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.receiver.reset();
     env.receiver.set_recording(true);
-    let commits: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let total = sizes.latency_rate * sizes.latency_seconds;
-    let mut ticker =
-        tokio::time::interval(Duration::from_secs_f64(1.0 / sizes.latency_rate as f64));
     let (pg0, own0, worker0) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
     let started = Instant::now();
-    let mut writes = tokio::task::JoinSet::new();
-    for n in 0..total {
-        ticker.tick().await;
-        let (pool, commits) = (pool.clone(), commits.clone());
-        // One task per write, so a slow commit never delays the next write (a steady arrival rate).
-        writes.spawn(async move {
-            let written =
-                capture::create(&pool, project, &patient(n + 1), &WriteContext::default()).await?;
-            let committed = Instant::now();
-            let id = written.resource["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            commits.lock().expect("commit lock").insert(id, committed);
-            Ok::<_, BenchError>(())
-        });
-    }
-    while let Some(result) = writes.join_next().await {
-        result.map_err(other)??;
-    }
-    let write_secs = started.elapsed().as_secs_f64();
+    let (commits, write_secs) =
+        fixtures::steady_writes(&pool, project, sizes.latency_rate, sizes.latency_seconds, 1)
+            .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while env.receiver.count() < total && Instant::now() < deadline {
         worker.check_alive()?;
@@ -834,24 +845,7 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     pool.close().await;
     env.drop_db(name).await?;
     let recorded = env.receiver.take_recorded();
-    let commits = std::mem::take(&mut *commits.lock().expect("commit lock"));
-    let mut latencies = Vec::with_capacity(recorded.len());
-    let mut before_commit_returned = 0u64;
-    for (arrived, body) in &recorded {
-        let Ok(resource) = serde_json::from_slice::<Value>(body) else {
-            continue;
-        };
-        let Some(committed) = resource["id"].as_str().and_then(|id| commits.get(id)) else {
-            continue;
-        };
-        // A delivery can arrive before the writer has seen its COMMIT acknowledged (the change is
-        // visible to the dispatcher first): that counts as 0 ms, and is counted.
-        if arrived < committed {
-            before_commit_returned += 1;
-        }
-        latencies.push(arrived.saturating_duration_since(*committed).as_secs_f64() * 1000.0);
-    }
-    latencies.sort_by(|a, b| a.total_cmp(b));
+    let (latencies, before_commit_returned) = commit_to_arrival_ms(&commits, &recorded);
     let s = Scenario::Latency;
     let rate = sizes.latency_rate;
     let note = (latencies.len() as u64 != total).then(|| {
