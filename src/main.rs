@@ -341,9 +341,9 @@ struct DeliveryArgs {
     /// for up to the request timeout, and a slot costs a task and a connection, not a thread.
     #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_concurrency: u16,
-    /// Requests in flight at once to one endpoint (a project's scheme, host and port), counted
-    /// across every worker sharing the database.
-    #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    /// Deliveries in progress at once to one endpoint (a project's scheme, host and port), from
+    /// claim until their outcome is recorded, counted across every worker sharing the database.
+    #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     endpoint_concurrency: u16,
     /// Consecutive failing attempts (no answer, or a 5xx) that open an endpoint's circuit.
     #[arg(long, env = "FHIR_OUTBOX_CIRCUIT_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -355,7 +355,8 @@ struct DeliveryArgs {
     /// The longest cool-down of an open circuit, in milliseconds.
     #[arg(long, env = "FHIR_OUTBOX_CIRCUIT_MAX_COOL_DOWN_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
     circuit_max_cool_down_ms: u64,
-    /// Most deliveries claimed per claim query (a claim takes as many as request slots are free).
+    /// Deliveries claimed per claim query, ahead of the request slots; one that waits 1 s for a
+    /// slot goes back to the table for any worker.
     #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CLAIM_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_claim_batch: u16,
     /// Seconds a claim holds a delivery; an expired lease is claimed again by any worker.

@@ -38,15 +38,16 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
     /// Requests in flight at once in this process (each is a task and, for HTTP, a connection:
-    /// cheap, since the I/O is asynchronous). Deliveries are claimed only into free slots.
+    /// cheap, since the I/O is asynchronous). Claimed deliveries wait for a slot 1 s at most.
     pub concurrency: usize,
-    /// Requests in flight at once to one endpoint (a project's scheme, host and port), across every
-    /// worker: the claim counts the live leases of all of them in the database.
+    /// Deliveries in progress at once to one endpoint (a project's scheme, host and port), from
+    /// claim until their outcome is recorded, across every worker: the claim counts the live leases
+    /// of all of them in the database. Requests in flight to it are at most as many.
     pub endpoint_concurrency: usize,
     /// The endpoints' circuit breaker.
     pub circuit: policy::CircuitBreaker,
-    /// Most deliveries claimed per claim query (as many as slots are free, up to this). Larger
-    /// batches cost the database less per delivery.
+    /// Deliveries claimed per claim query, ahead of the request slots (a new batch is claimed when
+    /// fewer than half a batch wait). Larger batches cost the database less per delivery.
     pub claim_batch: usize,
     /// How long a claim holds a delivery without renewal; an expired lease is claimed again.
     pub lease: Duration,
@@ -80,7 +81,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             concurrency: 512,
-            endpoint_concurrency: 16,
+            endpoint_concurrency: 32,
             circuit: policy::CircuitBreaker::default(),
             claim_batch: 100,
             lease: Duration::from_secs(30),

@@ -439,11 +439,14 @@ pub(super) async fn renew_leases(
     .rows_affected())
 }
 
-/// Gives deliveries back (on shutdown): due again at once, for any worker.
+/// Gives deliveries back unattempted (no slot came free for them, or on shutdown): due again at
+/// once, for any worker. Their claim is undone too, so that the hard cap on claims keeps counting
+/// only claims that may have ended in a request.
 pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(
         "UPDATE fhir_outbox.delivery
-         SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL
+         SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL,
+             claims = greatest(claims - 1, 0)
          WHERE state = 'in_flight' AND lease_token = ANY($1)",
         tokens
     )

@@ -1,8 +1,8 @@
 //! The worker loop: claims deliveries with leases (and what their preamble needs, each
-//! subscription compiled once per batch) as request slots free up, runs each (preamble → transport
-//! → outcome) in its slot, at most `concurrency` at once, and hands the outcomes to the recorder
-//! task through a bounded queue; renews the leases. On shutdown it records what finished and
-//! releases the rest.
+//! subscription compiled once per batch) a batch ahead, runs each (preamble → transport → outcome)
+//! in a request slot, at most `concurrency` at once, gives back what waited too long for a slot,
+//! and hands the outcomes to the recorder task through a bounded queue; renews the leases. On
+//! shutdown it records what finished and releases the rest.
 
 use super::outcome::{self, Execution};
 use super::policy::{self, Rules};
@@ -19,6 +19,11 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
+
+/// How long a claimed delivery waits in this process for a request slot before it is given back to
+/// the table: when every slot is held by slow requests, another worker may have room, and claimed
+/// work must not sit leased behind them.
+const MAX_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// Subscription versions whose bad extensions were reported, remembered up to this many.
 const WARNED_LIMIT: usize = 10_000;
@@ -42,6 +47,8 @@ pub struct DeliveryWorker {
 /// A claimed delivery whose preamble has run: what to do with it.
 struct Job {
     delivery: ClaimedDelivery,
+    /// When it was claimed: it waits for a slot [`MAX_SLOT_WAIT`] at most.
+    claimed_at: Instant,
     /// The preamble's decision, or why it could not be made (database trouble).
     prepared: Result<Prepared, String>,
 }
@@ -136,6 +143,7 @@ impl DeliveryWorker {
             .lock()
             .expect("lease lock")
             .extend(claimed.iter().map(|claimed| claimed.delivery.lease_token));
+        let claimed_at = Instant::now();
         let mut targets: HashMap<(Uuid, String), Arc<Target>> = HashMap::new();
         let mut jobs = Vec::with_capacity(claimed.len());
         for claimed in claimed {
@@ -161,7 +169,11 @@ impl DeliveryWorker {
                 preamble::prepare(&self.pool, &delivery, targets.get(&key), claimed.resource)
                     .await
                     .map_err(|error| error.to_string());
-            jobs.push(Job { delivery, prepared });
+            jobs.push(Job {
+                delivery,
+                claimed_at,
+                prepared,
+            });
         }
         Ok(jobs)
     }
@@ -190,9 +202,10 @@ impl DeliveryWorker {
         tracing::warn!(subscription = %delivery.subscription_id, "{problem}");
     }
 
-    /// Runs until `shutdown`: claims due deliveries whenever a request slot is free (as many as
-    /// are free, up to a claim batch, so that nothing is leased that cannot start at once), runs
-    /// each in its slot, records outcomes in batches (a recorder task), wakes on LISTEN
+    /// Runs until `shutdown`: claims due deliveries in batches whenever fewer than half a batch
+    /// wait, starts them as request slots free up, gives back to the table any that waited
+    /// [`MAX_SLOT_WAIT`] for a slot (every slot is held by slow requests: another worker may have
+    /// room), records outcomes in batches (a recorder task), wakes on LISTEN
     /// `fhir_outbox_delivery`, a recorded batch, the next scheduled delivery or the poll interval,
     /// renews leases, and on shutdown stops claiming, lets requests in flight finish within the
     /// grace period, records them, and releases the rest.
@@ -205,13 +218,57 @@ impl DeliveryWorker {
             shutdown.clone(),
         ));
         let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        let claim_size = self.claim_size();
         // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
         // of piling up executed-but-unrecorded work, which a crash would send again.
-        let (executed, to_record) = mpsc::channel::<Executed>(self.claim_size());
+        let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
+        // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
+        // the requests of the previous batch; what it claims waits here for a slot, and counts
+        // against its endpoint's allowance meanwhile.
+        let (to_start, mut claimed) = mpsc::channel::<Job>(claim_size);
+        let claimer = tokio::spawn(self.clone().claim_continuously(
+            to_start,
+            woken,
+            shutdown.clone(),
+        ));
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        self.claim_continuously(&mut tasks, &executed, woken, &shutdown)
-            .await;
+        'jobs: loop {
+            let job = tokio::select! {
+                job = claimed.recv() => job,
+                _ = shutdown.cancelled() => None,
+            };
+            let Some(job) = job else { break };
+            let deadline = tokio::time::Instant::from_std(job.claimed_at + MAX_SLOT_WAIT);
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Every slot is held by requests slower than this wait: this job and those
+                    // queued after it go back to the table for any worker with room.
+                    let mut stale = vec![job.delivery.lease_token];
+                    while let Ok(queued) = claimed.try_recv() {
+                        stale.push(queued.delivery.lease_token);
+                    }
+                    self.give_back(stale).await;
+                    continue 'jobs;
+                }
+                // The job is dropped; its lease is released below.
+                _ = shutdown.cancelled() => break,
+            };
+            while tasks.try_join_next().is_some() {}
+            let worker = self.clone();
+            let executed = executed.clone();
+            tasks.spawn(async move {
+                let done = worker.execute(job).await;
+                // The slot is held until the recorder accepts it (backpressure).
+                let _ = executed.send(done).await;
+                drop(slot);
+            });
+        }
+        // Unblocks a claimer waiting for room, so that it sees the shutdown.
+        drop(claimed);
+        let _ = claimer.await;
         let finished = tokio::time::timeout(self.config.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -224,74 +281,86 @@ impl DeliveryWorker {
         drop(executed);
         let _ = recorder.await;
         let unfinished: Vec<Uuid> = self.leases.lock().expect("lease lock").drain().collect();
-        if !unfinished.is_empty() {
-            match self.pool.acquire().await {
-                Ok(mut conn) => match queries::release(&mut conn, &unfinished).await {
-                    Ok(released) => tracing::info!(released, "released unfinished deliveries"),
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot release deliveries; their leases will expire")
-                    }
-                },
-                Err(error) => {
-                    tracing::warn!(%error, "cannot release deliveries; their leases will expire")
-                }
-            }
+        let released = self.release(&unfinished).await;
+        if released > 0 {
+            tracing::info!(released, "released unfinished deliveries");
         }
         renewer.abort();
         listener.abort();
     }
 
-    /// The claimer, until `shutdown`: waits for a free request slot, claims as many deliveries as
-    /// slots are free (a claim batch at most) and starts each in its slot, which it holds until the
-    /// recorder has taken its outcome. When a claim finds less than it asked for (nothing due, or
-    /// the endpoints with due work are saturated or their circuits open), it sleeps until the
-    /// earliest scheduled delivery is due (so a retry goes out on time, not on the next poll), a
-    /// notification, a recorded batch (which frees endpoints' allowances), or the poll interval.
+    /// Gives claimed deliveries back to the table, due at once, unattempted (their leases end).
+    async fn give_back(&self, tokens: Vec<Uuid>) {
+        {
+            let mut held = self.leases.lock().expect("lease lock");
+            for token in &tokens {
+                held.remove(token);
+            }
+        }
+        let released = self.release(&tokens).await;
+        tracing::info!(
+            released,
+            "gave claimed deliveries back: no request slot free within {MAX_SLOT_WAIT:?}"
+        );
+    }
+
+    /// Releases leases (`queries::release`); returns how many. A failure is logged: the leases
+    /// then expire, and the deliveries are claimed again after the lease time.
+    async fn release(&self, tokens: &[Uuid]) -> u64 {
+        if tokens.is_empty() {
+            return 0;
+        }
+        let released = async {
+            let mut conn = self.pool.acquire().await?;
+            queries::release(&mut conn, tokens).await
+        };
+        match released.await {
+            Ok(released) => released,
+            Err(error) => {
+                tracing::warn!(%error, "cannot release deliveries; their leases will expire");
+                0
+            }
+        }
+    }
+
+    /// The claimer: claims a batch whenever half a batch fits in the queue of claimed deliveries,
+    /// and when a claim finds less than it asked for (nothing due, or the endpoints with due work
+    /// are saturated or their circuits open), sleeps until the earliest scheduled delivery or
+    /// probe is due (so a retry goes out on time, not on the next poll), a notification, a
+    /// recorded batch (which frees endpoints' allowances), or the poll interval at most.
     async fn claim_continuously(
-        self: &Arc<Self>,
-        tasks: &mut tokio::task::JoinSet<()>,
-        executed: &mpsc::Sender<Executed>,
+        self: Arc<Self>,
+        to_start: mpsc::Sender<Job>,
         mut woken: watch::Receiver<u64>,
-        shutdown: &CancellationToken,
+        shutdown: CancellationToken,
     ) {
-        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let half = (self.claim_size() / 2).max(1);
         let mut failures = 0u32;
         // The database's clock at the previous look for the next due delivery.
         let mut looked = DateTime::<Utc>::UNIX_EPOCH;
         while !shutdown.is_cancelled() {
             woken.borrow_and_update();
-            let mut free = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            let room = tokio::select! {
+                room = to_start.reserve_many(half) => match room {
+                    Ok(_) => to_start.capacity(),
+                    Err(_) => return,
+                },
                 _ = shutdown.cancelled() => return,
             };
-            let more = slots.available_permits().min(self.claim_size() - 1);
-            if let Ok(extra) = slots.clone().try_acquire_many_owned(more as u32) {
-                free.merge(extra);
-            }
-            let room = free.num_permits();
             match self.claim(room).await {
                 Ok(jobs) => {
                     failures = 0;
                     let drained = jobs.len() < room;
                     for job in jobs {
-                        let slot = free.split(1).expect("one slot per claimed delivery");
-                        let worker = self.clone();
-                        let executed = executed.clone();
-                        tasks.spawn(async move {
-                            let done = worker.execute(job).await;
-                            // The slot is held until the recorder accepts it (backpressure).
-                            let _ = executed.send(done).await;
-                            drop(slot);
-                        });
+                        if to_start.send(job).await.is_err() {
+                            return;
+                        }
                     }
-                    drop(free);
-                    while tasks.try_join_next().is_some() {}
                     if !drained {
                         continue;
                     }
                 }
                 Err(error) => {
-                    drop(free);
                     failures += 1;
                     tracing::warn!(%error, "cannot claim deliveries; retrying");
                     let backoff = policy::database_backoff(failures);

@@ -446,3 +446,50 @@ async fn every_busy_subscription_gets_its_turn_when_there_are_more_than_a_claim_
         "{before} of the 500 other deliveries went first: the round did not reach the last subscription"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_deliveries_without_a_free_slot_go_back_to_the_table() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let hanging = Receiver::start(vec![Reply::Stall(Duration::from_secs(3600)); 10]).await;
+    let subscription = subscribe(&db.pool, project, &hanging.url).await;
+    // One slot, held by the first request for good; the endpoint's allowance does not bind.
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 1,
+            endpoint_concurrency: 100,
+            request_timeout: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_millis(100),
+            ..fast_config()
+        },
+    );
+    patients(&db.pool, project, 5).await;
+    wait_for("the first request", 30, async || {
+        hanging.received().len() == 1
+    })
+    .await;
+    // Long enough for the others to be claimed, wait for the slot, and go back more than once.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let first = hanging.received()[0].at;
+    let (attempted, most_claims, given_back): (i64, i32, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts > 0), max(claims),
+                count(*) FILTER (WHERE next_attempt_at >= $2)
+         FROM fhir_outbox.delivery WHERE subscription_id = $1",
+    )
+    .bind(&subscription)
+    .bind(first + chrono::Duration::milliseconds(900))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    running.stop().await;
+    assert_eq!(hanging.received().len(), 1);
+    assert_eq!(
+        attempted, 0,
+        "nothing was attempted but the hanging request"
+    );
+    // The four others went back to the table (due again when given back, a second or more after
+    // they were claimed), unattempted, and their claims were undone each time.
+    assert_eq!(given_back, 4);
+    assert_eq!(most_claims, 1);
+}
