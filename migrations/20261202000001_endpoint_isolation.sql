@@ -10,18 +10,25 @@
 -- credentials, path or query; the default port made explicit. A `Bot/<id>` endpoint is itself;
 -- anything else unparsable is `unparsed:` and its MD5 (it may hold a secret; it is logged).
 CREATE FUNCTION fhir_outbox.endpoint_origin(endpoint text) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+-- PL/pgSQL rather than SQL: every claim calls it once per busy subscription, and a SQL function
+-- with a FROM clause cannot be inlined, so it would be run as a query of its own each time.
 AS $$
-    SELECT CASE
-        WHEN m IS NULL AND endpoint LIKE 'Bot/%' THEN endpoint
-        WHEN m IS NULL THEN 'unparsed:' || md5(endpoint)
-        ELSE lower(m[1]) || '://' || lower(m[2]) || ':' ||
-             coalesce(nullif(m[3], ''),
-                      CASE lower(m[1]) WHEN 'https' THEN '443' WHEN 'http' THEN '80' ELSE '' END)
-    END
-    FROM (SELECT regexp_match(endpoint,
-                 '^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#]*@)?(\[[^]/?#]*\]|[^:/?#]*)(?::([0-9]*))?')
-                 AS m) parsed
+DECLARE
+    m text[];
+BEGIN
+    IF endpoint IS NULL THEN
+        RETURN NULL;
+    END IF;
+    m := regexp_match(endpoint,
+        '^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#]*@)?(\[[^]/?#]*\]|[^:/?#]*)(?::([0-9]*))?');
+    IF m IS NULL THEN
+        RETURN CASE WHEN endpoint LIKE 'Bot/%' THEN endpoint ELSE 'unparsed:' || md5(endpoint) END;
+    END IF;
+    RETURN lower(m[1]) || '://' || lower(m[2]) || ':' ||
+           coalesce(nullif(m[3], ''),
+                    CASE lower(m[1]) WHEN 'https' THEN '443' WHEN 'http' THEN '80' ELSE '' END);
+END
 $$;
 
 -- The endpoint every current subscription delivers to (NULL for a subscription without one).
