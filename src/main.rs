@@ -357,7 +357,7 @@ struct DeliveryArgs {
     circuit_max_cool_down_ms: u64,
     /// Deliveries claimed per claim query, ahead of the request slots; one that waits 1 s for a
     /// slot goes back to the table for any worker.
-    #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CLAIM_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CLAIM_BATCH", default_value_t = 400, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_claim_batch: u16,
     /// Seconds a claim holds a delivery; an expired lease is claimed again by any worker.
     #[arg(long, env = "FHIR_OUTBOX_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -83,7 +83,7 @@ impl Default for DeliveryConfig {
             concurrency: 512,
             endpoint_concurrency: 32,
             circuit: policy::CircuitBreaker::default(),
-            claim_batch: 100,
+            claim_batch: 400,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             backoff: Backoff::default(),

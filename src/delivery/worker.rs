@@ -25,6 +25,10 @@ use uuid::Uuid;
 /// work must not sit leased behind them.
 const MAX_SLOT_WAIT: Duration = Duration::from_secs(1);
 
+/// Executed deliveries waiting for the recorder, at most: with the requests in flight, what a
+/// worker that dies may have sent without recording it (the duplicate bound README states).
+const RECORD_QUEUE: usize = 100;
+
 /// Subscription versions whose bad extensions were reported, remembered up to this many.
 const WARNED_LIMIT: usize = 10_000;
 
@@ -221,7 +225,7 @@ impl DeliveryWorker {
         let claim_size = self.claim_size();
         // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
         // of piling up executed-but-unrecorded work, which a crash would send again.
-        let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
+        let (executed, to_record) = mpsc::channel::<Executed>(RECORD_QUEUE);
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
         // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
         // the requests of the previous batch; what it claims waits here for a slot, and counts
