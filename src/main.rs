@@ -930,6 +930,8 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             let endpoints = control::endpoint_health(&pool, project, all).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&endpoints)?);
+            } else if endpoints.is_empty() && all {
+                println!("No endpoints: no current subscription has a channel endpoint.");
             } else if endpoints.is_empty() {
                 println!(
                     "No endpoint is failing or has an open circuit (`--all` lists every one)."
