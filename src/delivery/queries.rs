@@ -207,19 +207,14 @@ pub(super) async fn claim(
                SELECT id, project_id, subscription_id FROM fhir_outbox.delivery
                WHERE state = 'in_flight' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT $1),
+           -- A deleted subscription (or one without an endpoint) is an endpoint of its own.
            subscriptions AS (
                SELECT s.project_id, s.subscription_id,
-                      coalesce(fhir_outbox.endpoint_origin(v.content #>> '{channel,endpoint}'),
-                               'Subscription/' || s.subscription_id) AS endpoint
+                      coalesce(e.endpoint, 'Subscription/' || s.subscription_id) AS endpoint
                FROM (SELECT project_id, subscription_id FROM queues
                      UNION SELECT project_id, subscription_id FROM busy
                      UNION SELECT project_id, subscription_id FROM expired) s
-               LEFT JOIN fhir_outbox.resource r
-                      ON r.project_id = s.project_id AND r.resource_type = 'Subscription'
-                     AND r.id = s.subscription_id AND NOT r.deleted
-               LEFT JOIN fhir_outbox.resource_version v
-                      ON v.project_id = r.project_id AND v.resource_type = r.resource_type
-                     AND v.id = r.id AND v.version_id = r.version_id),
+               LEFT JOIN fhir_outbox.subscription_endpoint e USING (project_id, subscription_id)),
            endpoint_load AS (
                SELECT s.project_id, s.endpoint, sum(b.in_flight) AS in_flight
                FROM subscriptions s JOIN busy b USING (project_id, subscription_id)
