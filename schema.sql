@@ -588,6 +588,23 @@ CREATE UNLOGGED TABLE fhir_outbox.claim_cursor (
 );
 
 --
+-- Name: console_token; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.console_token (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    name text NOT NULL,
+    role text NOT NULL,
+    project_id uuid,
+    secret_sha256 bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    revoked_at timestamp with time zone,
+    last_used_at timestamp with time zone,
+    CONSTRAINT console_token_name_check CHECK (((name <> ''::text) AND (length(name) <= 100))),
+    CONSTRAINT console_token_role_check CHECK ((role = ANY (ARRAY['viewer'::text, 'operator'::text])))
+);
+
+--
 -- Name: delivery; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
@@ -617,8 +634,9 @@ CREATE TABLE fhir_outbox.delivery (
     claims integer DEFAULT 0 NOT NULL,
     preamble_failures integer DEFAULT 0 NOT NULL,
     last_status integer,
+    replay boolean DEFAULT false NOT NULL,
     CONSTRAINT delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
-    CONSTRAINT delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text, 'succeeded'::text, 'skipped'::text, 'failed'::text])))
+    CONSTRAINT delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text, 'succeeded'::text, 'skipped'::text, 'failed'::text, 'cancelled'::text])))
 );
 
 --
@@ -939,7 +957,8 @@ CREATE VIEW fhir_outbox.subscription_delivery_status AS
     d.last_skip_reason,
     d.last_finished_at,
     COALESCE(i.issues, (0)::bigint) AS issues,
-    i.suspended_reason
+    i.suspended_reason,
+    COALESCE(d.cancelled, (0)::bigint) AS cancelled
    FROM ((((fhir_outbox.resource r
      JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id))
      LEFT JOIN fhir_outbox.subscription_pause p ON (((p.project_id = r.project_id) AND (p.subscription_id = r.id))))
@@ -948,6 +967,7 @@ CREATE VIEW fhir_outbox.subscription_delivery_status AS
             count(*) FILTER (WHERE (x.state = 'succeeded'::text)) AS succeeded,
             count(*) FILTER (WHERE (x.state = 'skipped'::text)) AS skipped,
             count(*) FILTER (WHERE (x.state = 'failed'::text)) AS failed,
+            count(*) FILTER (WHERE (x.state = 'cancelled'::text)) AS cancelled,
             min(x.changed_at) FILTER (WHERE (x.state = ANY (ARRAY['pending'::text, 'in_flight'::text]))) AS oldest_undelivered_at,
             (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE ((x.state = ANY (ARRAY['failed'::text, 'pending'::text])) AND (x.reason IS NOT NULL))))[1] AS last_error,
             (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE (x.state = 'skipped'::text)))[1] AS last_skip_reason,
@@ -976,6 +996,20 @@ CREATE TABLE fhir_outbox.subscription_failure (
 
 ALTER TABLE ONLY fhir_outbox.claim_cursor
     ADD CONSTRAINT claim_cursor_pkey PRIMARY KEY (only_row);
+
+--
+-- Name: console_token console_token_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.console_token
+    ADD CONSTRAINT console_token_pkey PRIMARY KEY (id);
+
+--
+-- Name: console_token console_token_secret_sha256_key; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.console_token
+    ADD CONSTRAINT console_token_secret_sha256_key UNIQUE (secret_sha256);
 
 --
 -- Name: delivery_attempt delivery_attempt_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
@@ -1068,6 +1102,24 @@ ALTER TABLE ONLY fhir_outbox.subscription_pause
 CREATE INDEX delivery_attempt_by_delivery ON fhir_outbox.delivery_attempt USING btree (delivery_id);
 
 --
+-- Name: delivery_attempt_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_attempt_by_subscription ON fhir_outbox.delivery_attempt USING btree (project_id, subscription_id, started_at) INCLUDE (succeeded, duration_ms);
+
+--
+-- Name: delivery_attempt_recent; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_attempt_recent ON fhir_outbox.delivery_attempt USING btree (started_at) INCLUDE (project_id, succeeded, duration_ms);
+
+--
+-- Name: delivery_by_resource; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_by_resource ON fhir_outbox.delivery USING btree (project_id, resource_type, resource_id, id);
+
+--
 -- Name: delivery_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
@@ -1144,6 +1196,13 @@ CREATE TRIGGER project_settings_checked BEFORE INSERT OR UPDATE OF settings ON f
 --
 
 CREATE TRIGGER resource_version_immutable BEFORE UPDATE ON fhir_outbox.resource_version FOR EACH ROW EXECUTE FUNCTION fhir_outbox.forbid_version_update();
+
+--
+-- Name: console_token console_token_project_id_fkey; Type: FK CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.console_token
+    ADD CONSTRAINT console_token_project_id_fkey FOREIGN KEY (project_id) REFERENCES fhir_outbox.project(id);
 
 --
 -- Name: resource resource_project_id_fkey; Type: FK CONSTRAINT; Schema: fhir_outbox; Owner: -

@@ -10,8 +10,9 @@ use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::{Backoff, CircuitBreaker};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
+use fhir_outbox::operations::actions::{self, Action, Actor, RetryScope};
 use fhir_outbox::operations::admin::AdminError;
-use fhir_outbox::operations::control::{self, DeliveryFilter, RetryScope};
+use fhir_outbox::operations::control::{self, DeliveryFilter};
 use fhir_outbox::operations::retention::{self, Retention};
 use fhir_outbox::pipeline::{Pipeline, PipelineError};
 use fhir_outbox::{db, operations};
@@ -745,6 +746,7 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 "succeeded",
                 "skipped",
                 "failed",
+                "cancelled",
                 "oldest undelivered",
                 "issues",
                 "last error",
@@ -766,6 +768,7 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                     s.succeeded.to_string(),
                     s.skipped.to_string(),
                     s.failed.to_string(),
+                    s.cancelled.to_string(),
                     s.oldest_undelivered_at.map_or_else(
                         || "-".to_owned(),
                         |at| format!("{}s ago", (Utc::now() - at).num_seconds()),
@@ -818,7 +821,8 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             json,
         } => {
             if let (Some(project), Some(subscription)) = (project, &subscription) {
-                control::require_known_subscription(&pool, project, subscription).await?;
+                let mut conn = pool.acquire().await?;
+                actions::require_known_subscription(&mut conn, project, subscription).await?;
             }
             let filter = DeliveryFilter {
                 project,
@@ -873,7 +877,14 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 (_, _, Some(since)) => RetryScope::FailedSince(since),
                 _ => unreachable!("clap requires one scope"),
             };
-            let ids = control::retry(&pool, project, &scope).await?;
+            let ids = actions::act(
+                &pool,
+                project,
+                &Actor::command_line(),
+                &Action::Retry(scope),
+            )
+            .await?
+            .deliveries;
             if json {
                 println!("{}", serde_json::json!({ "retried": ids }));
             } else if ids.is_empty() {
@@ -891,22 +902,26 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             let (resource_type, id) = resource
                 .split_once('/')
                 .context("--resource must be Type/id, e.g. Patient/123")?;
-            let seq = control::resend(
-                &pool,
-                project,
-                resource_type,
-                id,
-                subscription.as_deref(),
+            let action = Action::Resend {
+                resource_type: resource_type.to_owned(),
+                id: id.to_owned(),
+                subscription,
                 interaction,
-            )
-            .await?;
+            };
+            let seq = actions::act(&pool, project, &Actor::command_line(), &action)
+                .await?
+                .outbox_seq
+                .unwrap_or_default();
             println!("Resent {resource} as `{interaction}` (outbox row {seq}).");
         }
         Command::Pause {
             project,
             subscription,
         } => {
-            let changed = control::pause(&pool, project, &subscription).await?;
+            let action = Action::Pause(subscription.clone());
+            let changed = actions::act(&pool, project, &Actor::command_line(), &action)
+                .await?
+                .changed;
             println!(
                 "Subscription/{subscription} {}.",
                 if changed {
@@ -920,7 +935,10 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             project,
             subscription,
         } => {
-            let changed = control::resume(&pool, project, &subscription).await?;
+            let action = Action::Resume(subscription.clone());
+            let changed = actions::act(&pool, project, &Actor::command_line(), &action)
+                .await?
+                .changed;
             println!(
                 "Subscription/{subscription} {}.",
                 if changed { "resumed" } else { "was not paused" }
@@ -941,7 +959,10 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             }
         }
         Command::ResetEndpoint { project, endpoint } => {
-            let closed = control::reset_endpoint(&pool, project, &endpoint).await?;
+            let action = Action::ResetEndpoint(endpoint);
+            let closed = actions::act(&pool, project, &Actor::command_line(), &action)
+                .await?
+                .changed;
             println!(
                 "{}",
                 if closed {

@@ -20,6 +20,7 @@ use crate::db;
 use crate::delivery::{DeliveryConfig, DeliveryError, DeliveryWorker};
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::operations::admin::{self, AdminError};
+use crate::operations::console::{self, ConsoleError};
 use crate::operations::retention::{self, Retention};
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -43,6 +44,9 @@ pub enum PipelineError {
     /// The admin endpoint could not start.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The console could not start.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
 }
 
 /// Namespace of the pipeline's entry points.
@@ -57,6 +61,7 @@ impl Pipeline {
             delivery: None,
             retention: None,
             admin: None,
+            console: None,
             bots: None,
         }
     }
@@ -77,6 +82,7 @@ pub struct PipelineBuilder {
     delivery: Option<DeliveryConfig>,
     retention: Option<(Retention, Duration)>,
     admin: Option<SocketAddr>,
+    console: Option<SocketAddr>,
     bots: Option<BotRegistry>,
 }
 
@@ -103,6 +109,13 @@ impl PipelineBuilder {
     /// [`RunningPipeline::admin_address`]).
     pub fn admin(mut self, address: SocketAddr) -> Self {
         self.admin = Some(address);
+        self
+    }
+
+    /// Serve the operator console and its API on `address` (see [`crate::operations::console`];
+    /// [`RunningPipeline::console_address`] gives the bound address).
+    pub fn console(mut self, address: SocketAddr) -> Self {
+        self.console = Some(address);
         self
     }
 
@@ -142,6 +155,15 @@ impl PipelineBuilder {
             }
             None => None,
         };
+        let console_address = match self.console {
+            Some(address) => {
+                let (bound, task) =
+                    console::serve(self.pool.clone(), address, shutdown.clone()).await?;
+                tasks.push(task);
+                Some(bound)
+            }
+            None => None,
+        };
         if let Some(config) = self.dispatch {
             let dispatcher = Arc::new(Dispatcher::new(self.pool.clone(), config));
             tasks.push(tokio::spawn(dispatcher.run(shutdown.clone())));
@@ -161,6 +183,7 @@ impl PipelineBuilder {
             shutdown,
             tasks,
             admin_address,
+            console_address,
         })
     }
 }
@@ -170,12 +193,18 @@ pub struct RunningPipeline {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     admin_address: Option<SocketAddr>,
+    console_address: Option<SocketAddr>,
 }
 
 impl RunningPipeline {
     /// The address the admin endpoint listens on, when it runs.
     pub fn admin_address(&self) -> Option<SocketAddr> {
         self.admin_address
+    }
+
+    /// The address the console listens on, when it runs.
+    pub fn console_address(&self) -> Option<SocketAddr> {
+        self.console_address
     }
 
     /// Stops every stage: no new claims; requests in flight finish and are recorded, the rest is

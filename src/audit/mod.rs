@@ -233,6 +233,56 @@ pub fn disable_event(
     event
 }
 
+/// Who performed an operator action, as its AuditEvent names them.
+pub struct OperatorAgent<'a> {
+    /// The name shown (a console token's name, or the command line's user).
+    pub name: &'a str,
+    /// A console token's id, when the action came through the console or its API.
+    pub token_id: Option<uuid::Uuid>,
+    /// `viewer` or `operator` (tokens), or `command line`.
+    pub role: &'a str,
+}
+
+/// The AuditEvent of an operator action (retry, replay, cancel, pause, …): type `rest`, a subtype
+/// naming the action, the operator as requesting agent, the subscription, resource or delivery acted
+/// on as entities, and what it did as `outcomeDesc`.
+pub fn operator_action_event(
+    action: &str,
+    agent: &OperatorAgent<'_>,
+    entities: Vec<Value>,
+    summary: &str,
+    at: DateTime<Utc>,
+) -> Value {
+    let mut who = json!({ "display": agent.name });
+    if let Some(token) = agent.token_id {
+        who["identifier"] = json!({ "system": CONSOLE_TOKEN_SYSTEM, "value": token.to_string() });
+    }
+    json!({
+        "resourceType": "AuditEvent",
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation"
+        },
+        "subtype": [{ "system": OPERATOR_ACTION_SYSTEM, "code": action }],
+        "action": "E",
+        "period": { "start": instant(at), "end": instant(at) },
+        "recorded": instant(at),
+        "outcome": Outcome::Success.code(),
+        "outcomeDesc": summary,
+        "agent": [{ "type": { "text": agent.role }, "who": who, "requestor": true }],
+        "source": { "observer": { "display": "fhir-outbox operations" } },
+        "entity": entities
+    })
+}
+
+/// The code system of operator actions in AuditEvent `subtype`.
+pub const OPERATOR_ACTION_SYSTEM: &str = "https://fhir-outbox.dev/operator-action";
+/// The identifier system of console tokens in AuditEvent `agent.who`.
+pub const CONSOLE_TOKEN_SYSTEM: &str = "https://fhir-outbox.dev/console-token";
+/// The identifier system of deliveries (their `delivery.id`) in AuditEvent `entity.what`.
+pub const DELIVERY_SYSTEM: &str = "https://fhir-outbox.dev/delivery";
+
 #[cfg(test)]
 mod tests {
     use super::*;

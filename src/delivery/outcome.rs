@@ -253,6 +253,7 @@ mod tests {
             lease_token: Uuid::nil(),
             endpoint: "https://example.org:443".into(),
             probe: false,
+            replay: false,
         }
     }
 

@@ -203,14 +203,18 @@ pub(super) async fn prepare(
             None => None,
         }
     } else {
-        if resource.current_version.is_none() || resource.deleted {
+        // A replay sends what was sent before, whatever became of the resource since.
+        if !delivery.replay && (resource.current_version.is_none() || resource.deleted) {
             return stop(Stop::Skipped(SkipReason::ResourceDeleted));
         }
         // Only a retry of a recorded, failed attempt may give up on a superseded version (as
         // Medplum does, docs/medplum-rest-hook.md §1.5): a claim taken over from a worker that died before its attempt
         // was recorded is still a first attempt, and state-transition notifications depend on
         // every version being sent once.
-        if delivery.attempts > 0 && resource.current_version != Some(delivery.version_id) {
+        if !delivery.replay
+            && delivery.attempts > 0
+            && resource.current_version != Some(delivery.version_id)
+        {
             return stop(Stop::Skipped(SkipReason::Superseded {
                 version: delivery.version_id,
                 current: resource.current_version.unwrap_or_default(),

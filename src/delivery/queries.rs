@@ -31,6 +31,8 @@ pub(super) struct ClaimedDelivery {
     pub endpoint: String,
     /// Whether this delivery is the probe of an open circuit.
     pub probe: bool,
+    /// Replayed by an operator: its own version is sent again even if superseded or deleted.
+    pub replay: bool,
 }
 
 /// A claimed delivery, with what its preamble needs, read in the claim's own statement.
@@ -86,6 +88,7 @@ struct ClaimRow {
     lease_token: Uuid,
     endpoint: String,
     probe: bool,
+    replay: bool,
     current_version: Option<i64>,
     deleted: bool,
     content: Option<String>,
@@ -280,7 +283,7 @@ pub(super) async fn claim(
            SELECT c.id, c.webhook_id, c.project_id, c.subscription_id, c.resource_type, c.resource_id, c.version_id,
                   c.interaction AS "interaction!: Interaction", c.changed_at, c.request_id, c.trace_id,
                   c.attempts, c.preamble_failures, c.claims, c.lease_token AS "lease_token!",
-                  c.endpoint AS "endpoint!", c.probe AS "probe!",
+                  c.endpoint AS "endpoint!", c.probe AS "probe!", c.replay,
                   r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
                   v.content::text AS "content?", c.first_of_subscription AS "first_of_subscription!",
                   sv.content::text AS "subscription?",
@@ -352,6 +355,7 @@ pub(super) async fn claim(
                 lease_token: row.lease_token,
                 endpoint: row.endpoint,
                 probe: row.probe,
+                replay: row.replay,
             },
         })
         .collect())

@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-/// The state of a delivery: `pending` → `in_flight` → `succeeded` / `skipped` / `failed` (the text
-/// column `delivery.state` and its CHECK).
+/// The state of a delivery: `pending` → `in_flight` → `succeeded` / `skipped` / `failed`, or
+/// `cancelled` by an operator while pending (the text column `delivery.state` and its CHECK).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, sqlx::Type,
 )]
@@ -20,20 +20,30 @@ pub enum DeliveryState {
     Skipped,
     /// Given up: attempts exhausted, gone, or undeliverable as it stands.
     Failed,
+    /// Cancelled by an operator before it was sent (an operator can replay it).
+    Cancelled,
 }
 
 impl DeliveryState {
     /// Every state, in the order of the pipeline.
-    pub const ALL: [DeliveryState; 5] = [
+    pub const ALL: [DeliveryState; 6] = [
         DeliveryState::Pending,
         DeliveryState::InFlight,
         DeliveryState::Succeeded,
         DeliveryState::Skipped,
         DeliveryState::Failed,
+        DeliveryState::Cancelled,
     ];
 
     /// The names of every state, as the column holds them.
-    pub const NAMES: [&'static str; 5] = ["pending", "in_flight", "succeeded", "skipped", "failed"];
+    pub const NAMES: [&'static str; 6] = [
+        "pending",
+        "in_flight",
+        "succeeded",
+        "skipped",
+        "failed",
+        "cancelled",
+    ];
 
     /// The name the column holds.
     pub fn as_str(self) -> &'static str {
@@ -43,6 +53,7 @@ impl DeliveryState {
             DeliveryState::Succeeded => "succeeded",
             DeliveryState::Skipped => "skipped",
             DeliveryState::Failed => "failed",
+            DeliveryState::Cancelled => "cancelled",
         }
     }
 
@@ -50,7 +61,10 @@ impl DeliveryState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            DeliveryState::Succeeded | DeliveryState::Skipped | DeliveryState::Failed
+            DeliveryState::Succeeded
+                | DeliveryState::Skipped
+                | DeliveryState::Failed
+                | DeliveryState::Cancelled
         )
     }
 }
@@ -63,7 +77,9 @@ impl fmt::Display for DeliveryState {
 
 /// A name that is not a delivery state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a delivery state (pending, in_flight, succeeded, skipped or failed)")]
+#[error(
+    "`{0}` is not a delivery state (pending, in_flight, succeeded, skipped, failed or cancelled)"
+)]
 pub struct UnknownState(pub String);
 
 impl std::str::FromStr for DeliveryState {

@@ -1,10 +1,8 @@
-//! What operators read and steer: delivery status, the delivery list, retry, resend, pause and
-//! resume, endpoints' health and the reset of a circuit. The CLI prints these; the SQL is here, over the public views of `migrations/`.
-//!
-//! Every write action names its project: an operator acting on project A can never touch B's
-//! deliveries or resources.
+//! What operators read with the command line: delivery status, the delivery list, endpoints'
+//! health; and the errors of operator actions (`actions.rs`). The SQL is here, over the public
+//! views of `migrations/`.
 
-use crate::capture::{self, Interaction, StoreError};
+use crate::capture::StoreError;
 use crate::delivery::DeliveryState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -69,6 +67,8 @@ pub struct SubscriptionStatus {
     pub skipped: i64,
     /// Given up.
     pub failed: i64,
+    /// Cancelled by an operator.
+    pub cancelled: i64,
     /// When the oldest undelivered change was made.
     pub oldest_undelivered_at: Option<DateTime<Utc>>,
     /// The latest error of a failed or retrying delivery.
@@ -91,7 +91,7 @@ pub async fn subscription_status(
         r#"SELECT project_id AS "project_id!", subscription_id AS "subscription_id!", status, channel_type,
                   criteria, paused AS "paused!", pending AS "pending!", in_flight AS "in_flight!",
                   succeeded AS "succeeded!", skipped AS "skipped!", failed AS "failed!",
-                  oldest_undelivered_at, last_error, last_skip_reason, issues AS "issues!",
+                  cancelled AS "cancelled!", oldest_undelivered_at, last_error, last_skip_reason, issues AS "issues!",
                   suspended_reason
            FROM fhir_outbox.subscription_delivery_status
            WHERE $1::uuid IS NULL OR project_id = $1
@@ -183,7 +183,7 @@ pub struct DeliveryRow {
     pub version_id: i64,
     /// create, update or delete.
     pub interaction: String,
-    /// pending, in_flight, succeeded, skipped or failed.
+    /// pending, in_flight, succeeded, skipped, failed or cancelled.
     pub state: DeliveryState,
     /// HTTP attempts made.
     pub attempts: i32,
@@ -241,229 +241,6 @@ pub async fn deliveries(
     .await?)
 }
 
-/// Which failed deliveries to retry. Besides failed ones, every scope takes the deliveries skipped
-/// because the endpoint was refused by the outbound URL check (`http`, a private address, before
-/// the allow-unsafe-outbound setting was turned on).
-#[derive(Debug, Clone)]
-pub enum RetryScope {
-    /// One delivery (failed or skipped).
-    Delivery(i64),
-    /// Every failed delivery of a subscription.
-    Subscription(String),
-    /// Every failed delivery of the project whose change was made since.
-    FailedSince(DateTime<Utc>),
-}
-
-/// Puts failed deliveries (and those skipped for a refused endpoint) back to pending with a fresh
-/// attempt budget; they keep their `webhook-id`. Returns the ids retried.
-pub async fn retry(
-    pool: &PgPool,
-    project: Uuid,
-    scope: &RetryScope,
-) -> Result<Vec<i64>, ControlError> {
-    let (delivery, subscription, since) = match scope {
-        RetryScope::Delivery(id) => (Some(*id), None, None),
-        RetryScope::Subscription(id) => (None, Some(id.as_str()), None),
-        RetryScope::FailedSince(at) => (None, None, Some(*at)),
-    };
-    let mut tx = pool.begin().await?;
-    let ids = sqlx::query_scalar!(
-        "UPDATE fhir_outbox.delivery
-         SET state = 'pending', next_attempt_at = now(), attempts = 0, preamble_failures = 0, claims = 0,
-             finished_at = NULL, reason = 'retried by an operator'
-         WHERE project_id = $1
-           AND (state = 'failed'
-                OR (state = 'skipped' AND ($2::bigint IS NOT NULL OR starts_with(reason, $5))))
-           AND ($2::bigint IS NULL OR id = $2)
-           AND ($3::text IS NULL OR subscription_id = $3)
-           AND ($4::timestamptz IS NULL OR changed_at >= $4)
-         RETURNING id",
-        project,
-        delivery,
-        subscription,
-        since,
-        crate::dispatch::matching::ENDPOINT_REFUSED
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    if ids.is_empty() {
-        // Nothing to retry is an answer; an id that names nothing is an error.
-        match scope {
-            RetryScope::Delivery(id) => {
-                let exists = sqlx::query_scalar!(
-                    r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.delivery
-                                      WHERE project_id = $1 AND id = $2) AS "exists!""#,
-                    project,
-                    id
-                )
-                .fetch_one(pool)
-                .await?;
-                if !exists {
-                    return Err(ControlError::UnknownDelivery(*id));
-                }
-            }
-            RetryScope::Subscription(subscription) => {
-                require_known_subscription(pool, project, subscription).await?;
-            }
-            RetryScope::FailedSince(_) => {}
-        }
-    }
-    Ok(ids)
-}
-
-/// Fails unless the subscription exists in the project, or did and still has deliveries or a
-/// pause (a deleted subscription's deliveries can still be listed, retried or resumed).
-pub async fn require_known_subscription(
-    pool: &PgPool,
-    project: Uuid,
-    subscription: &str,
-) -> Result<(), ControlError> {
-    match require_subscription(pool, project, subscription).await {
-        Err(ControlError::UnknownSubscription(_)) => {}
-        other => return other,
-    }
-    let known = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.delivery
-                          WHERE project_id = $1 AND subscription_id = $2)
-               OR EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause
-                          WHERE project_id = $1 AND subscription_id = $2) AS "known!""#,
-        project,
-        subscription
-    )
-    .fetch_one(pool)
-    .await?;
-    if known {
-        Ok(())
-    } else {
-        Err(ControlError::UnknownSubscription(subscription.to_owned()))
-    }
-}
-
-async fn require_subscription(
-    pool: &PgPool,
-    project: Uuid,
-    subscription: &str,
-) -> Result<(), ControlError> {
-    match capture::read(pool, project, "Subscription", subscription).await {
-        Ok(_) => Ok(()),
-        Err(StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_)) => {
-            Err(ControlError::UnknownSubscription(subscription.to_owned()))
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-/// Pauses a subscription: its deliveries wait (they are still enqueued). Returns false if it was
-/// already paused.
-pub async fn pause(pool: &PgPool, project: Uuid, subscription: &str) -> Result<bool, ControlError> {
-    require_subscription(pool, project, subscription).await?;
-    let inserted = sqlx::query!(
-        "INSERT INTO fhir_outbox.subscription_pause (project_id, subscription_id) VALUES ($1, $2)
-         ON CONFLICT DO NOTHING",
-        project,
-        subscription
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
-}
-
-/// Resumes a paused subscription; its waiting deliveries go out. Returns false if it was not paused,
-/// and fails if the project has no such subscription.
-pub async fn resume(
-    pool: &PgPool,
-    project: Uuid,
-    subscription: &str,
-) -> Result<bool, ControlError> {
-    require_known_subscription(pool, project, subscription).await?;
-    let mut tx = pool.begin().await?;
-    let deleted = sqlx::query!(
-        "DELETE FROM fhir_outbox.subscription_pause WHERE project_id = $1 AND subscription_id = $2",
-        project,
-        subscription
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(deleted == 1)
-}
-
-/// Sends a resource's current version again (Medplum's `$resend`): an outbox row marked `resend`,
-/// evaluated by dispatch like any change, for every subscription or only `subscription`. The
-/// interaction is `update` by default, with the version before the current one as previous version;
-/// `create` sends it with no previous version. Returns the outbox position.
-pub async fn resend(
-    pool: &PgPool,
-    project: Uuid,
-    resource_type: &str,
-    id: &str,
-    subscription: Option<&str>,
-    interaction: Interaction,
-) -> Result<i64, ControlError> {
-    let reference = format!("{resource_type}/{id}");
-    if let Some(subscription) = subscription {
-        require_subscription(pool, project, subscription).await?;
-    }
-    if interaction == Interaction::Delete {
-        return Err(ControlError::Resend {
-            reference,
-            reason: "only create and update can be resent".into(),
-        });
-    }
-    let history = capture::history(pool, project, resource_type, id).await?;
-    let Some(current) = history.first() else {
-        return Err(ControlError::Resend {
-            reference,
-            reason: "it does not exist in this project".into(),
-        });
-    };
-    if current.deleted {
-        return Err(ControlError::Resend {
-            reference,
-            reason: "it is deleted".into(),
-        });
-    }
-    let previous = match interaction {
-        Interaction::Update => history
-            .get(1)
-            .filter(|entry| !entry.deleted)
-            .map(|entry| entry.version_id),
-        _ => None,
-    };
-    let mut tx = pool.begin().await?;
-    let seq = sqlx::query_scalar!(
-        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
-             previous_version_id, interaction, changed_at, request_id, trace_id, resend,
-             resend_subscription_id)
-         VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp(), gen_random_uuid()::text,
-                 gen_random_uuid()::text, true, $7)
-         RETURNING seq",
-        project,
-        resource_type,
-        id,
-        current.version_id,
-        previous,
-        interaction.as_str(),
-        subscription
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query!("SELECT pg_notify('fhir_outbox_change', '')")
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(seq)
-}
-
 /// One row of `fhir_outbox.endpoint_health`: an endpoint (a project's scheme, host and port), its
 /// circuit and its load.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -516,38 +293,56 @@ pub async fn endpoint_health(
     .await?)
 }
 
-/// Closes an endpoint's circuit now (`fhir_outbox.reset_endpoint`), and wakes the workers so that
-/// its waiting deliveries go out. `endpoint` may be any URL of it (only scheme, host and port
-/// count). Returns false if its circuit was closed already; fails if the project has no such
-/// endpoint.
-pub async fn reset_endpoint(
-    pool: &PgPool,
-    project: Uuid,
-    endpoint: &str,
-) -> Result<bool, ControlError> {
-    let mut tx = pool.begin().await?;
-    let known = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.endpoint_health
-                          WHERE project_id = $1 AND endpoint = fhir_outbox.endpoint_origin($2))
-               AS "known!""#,
-        project,
-        endpoint
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    if !known {
-        return Err(ControlError::UnknownEndpoint(endpoint.to_owned()));
+/// A time that is neither RFC 3339 nor a duration ago.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not a time: give an RFC 3339 time (2026-11-22T08:00:00Z) or a duration ago (90s, 15m, 1h, 7d)"
+)]
+pub struct InvalidTime(pub String);
+
+/// A time given as RFC 3339 (`2026-11-22T08:00:00Z`) or as a duration before `now` (`90s`, `15m`,
+/// `1h`, `7d`): what `--since` and the console's filters accept.
+pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, InvalidTime> {
+    let text = text.trim();
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(at.with_timezone(&Utc));
     }
-    let reset = sqlx::query_scalar!(
-        r#"SELECT fhir_outbox.reset_endpoint($1, $2) AS "reset!""#,
-        project,
-        endpoint
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(reset)
+    let invalid = || InvalidTime(text.to_owned());
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(invalid)?;
+    let (amount, unit) = text.split_at(unit_at);
+    let amount: i64 = amount.parse().map_err(|_| invalid())?;
+    let ago = match unit {
+        "s" => chrono::Duration::try_seconds(amount),
+        "m" => chrono::Duration::try_minutes(amount),
+        "h" => chrono::Duration::try_hours(amount),
+        "d" => chrono::Duration::try_days(amount),
+        _ => None,
+    }
+    .ok_or_else(invalid)?;
+    now.checked_sub_signed(ago).ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        let now = DateTime::parse_from_rfc3339("2026-12-02T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let at = |text| parse_time(text, now).map(|at| at.to_rfc3339());
+        assert_eq!(at("1h").unwrap(), "2026-12-02T11:00:00+00:00");
+        assert_eq!(at("90s").unwrap(), "2026-12-02T11:58:30+00:00");
+        assert_eq!(at("7d").unwrap(), "2026-11-25T12:00:00+00:00");
+        assert_eq!(
+            at("2026-11-22T08:00:00Z").unwrap(),
+            "2026-11-22T08:00:00+00:00"
+        );
+        for bad in ["", "h", "1y", "1.5h", "yesterday", "99999999999999999999d"] {
+            assert_eq!(at(bad), Err(InvalidTime(bad.to_owned())), "{bad}");
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! Operations: what people who run fhir-outbox use directly: the operator commands (`control`),
 //! `explain`, the admin endpoint and retention.
 
+pub mod actions;
 pub mod admin;
+pub mod console;
 pub mod control;
 pub mod explain;
 pub mod retention;

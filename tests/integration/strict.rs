@@ -8,7 +8,7 @@ use crate::receiver::Receiver;
 use fhir_outbox::capture::{self, WriteContext};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker};
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
-use fhir_outbox::operations::control::{self, RetryScope};
+use fhir_outbox::operations::actions::{self, Action, Actor, RetryScope};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -137,13 +137,17 @@ async fn an_unsafe_endpoint_leaves_skipped_deliveries_one_issue_and_retry_sends_
     assert!(receiver.received().is_empty());
 
     // The operator allows unsafe outbound and retries the subscription: all three are sent.
-    let retried = control::retry(
+    let retried = actions::act(
         &db.pool,
         project,
-        &RetryScope::Subscription(sub["id"].as_str().unwrap().to_owned()),
+        &Actor::command_line(),
+        &Action::Retry(RetryScope::Subscription(
+            sub["id"].as_str().unwrap().to_owned(),
+        )),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .deliveries;
     assert_eq!(retried.len(), 3);
     pipeline(&db.pool, fast_config()).settle(&db.pool).await;
     assert_eq!(receiver.received().len(), 3);

@@ -1,0 +1,91 @@
+-- The operator console (issue 16): a `cancelled` state, replays, console tokens, and the indexes
+-- that keep the console's per-subscription figures and delivery lists bounded.
+
+-- An operator can cancel pending deliveries (a dead endpoint's backlog). `cancelled` is final, like
+-- `failed`: it has a `finished_at` (retention prunes it) and an operator can replay it. NOT VALID
+-- then VALIDATE, so that existing rows are checked without blocking writers.
+ALTER TABLE fhir_outbox.delivery DROP CONSTRAINT delivery_state_check;
+ALTER TABLE fhir_outbox.delivery ADD CONSTRAINT delivery_state_check
+    CHECK (state IN ('pending', 'in_flight', 'succeeded', 'skipped', 'failed', 'cancelled')) NOT VALID;
+ALTER TABLE fhir_outbox.delivery VALIDATE CONSTRAINT delivery_state_check;
+
+-- A replay sends the delivery's own version again, with its `webhook-id`, even when the resource
+-- has moved on or been deleted since: the preamble's staleness checks do not apply to it.
+ALTER TABLE fhir_outbox.delivery ADD COLUMN replay boolean NOT NULL DEFAULT false;
+
+-- The status view counts cancelled deliveries too (a new column at the end; the others are
+-- unchanged).
+CREATE OR REPLACE VIEW fhir_outbox.subscription_delivery_status AS
+SELECT r.project_id,
+       r.id                                           AS subscription_id,
+       v.content ->> 'status'                         AS status,
+       v.content -> 'channel' ->> 'type'              AS channel_type,
+       v.content ->> 'criteria'                       AS criteria,
+       (p.subscription_id IS NOT NULL)                AS paused,
+       coalesce(d.pending, 0)                         AS pending,
+       coalesce(d.in_flight, 0)                       AS in_flight,
+       coalesce(d.succeeded, 0)                       AS succeeded,
+       coalesce(d.skipped, 0)                         AS skipped,
+       coalesce(d.failed, 0)                          AS failed,
+       d.oldest_undelivered_at,
+       now() - d.oldest_undelivered_at                AS oldest_undelivered_age,
+       d.last_error,
+       d.last_skip_reason,
+       d.last_finished_at,
+       coalesce(i.issues, 0)                          AS issues,
+       i.suspended_reason,
+       coalesce(d.cancelled, 0)                       AS cancelled
+FROM fhir_outbox.resource r
+JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+LEFT JOIN fhir_outbox.subscription_pause p ON p.project_id = r.project_id AND p.subscription_id = r.id
+LEFT JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE x.state = 'pending')   AS pending,
+           count(*) FILTER (WHERE x.state = 'in_flight') AS in_flight,
+           count(*) FILTER (WHERE x.state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE x.state = 'skipped')   AS skipped,
+           count(*) FILTER (WHERE x.state = 'failed')    AS failed,
+           count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,
+           min(x.changed_at) FILTER (WHERE x.state IN ('pending', 'in_flight')) AS oldest_undelivered_at,
+           (array_agg(x.reason ORDER BY x.id DESC)
+                FILTER (WHERE x.state IN ('failed', 'pending') AND x.reason IS NOT NULL))[1] AS last_error,
+           (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE x.state = 'skipped'))[1] AS last_skip_reason,
+           max(x.finished_at) AS last_finished_at
+    FROM fhir_outbox.delivery x
+    WHERE x.project_id = r.project_id AND x.subscription_id = r.id
+) d ON true
+LEFT JOIN LATERAL (
+    SELECT count(*) AS issues,
+           min(s.message) FILTER (WHERE s.kind = 'budget_exhausted') AS suspended_reason
+    FROM fhir_outbox.subscription_issue s
+    WHERE s.project_id = r.project_id AND s.subscription_id = r.id AND s.subscription_version = r.version_id
+) i ON true
+WHERE r.resource_type = 'Subscription' AND NOT r.deleted;
+
+-- Bearer tokens of the console and its API. Only a SHA-256 of the secret is stored: the secret is
+-- shown once, when the token is created. A token with a project sees and acts on that project
+-- only; a viewer cannot act.
+CREATE TABLE fhir_outbox.console_token (
+    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name          text NOT NULL CHECK (name <> '' AND length(name) <= 100),
+    role          text NOT NULL CHECK (role IN ('viewer', 'operator')),
+    project_id    uuid REFERENCES fhir_outbox.project (id),
+    secret_sha256 bytea NOT NULL UNIQUE,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz,
+    last_used_at  timestamptz
+);
+
+-- The console's figures per subscription (success rate, p50/p99 attempt duration over 1 h and
+-- 24 h) read the latest attempts of one subscription: an index-only scan of this index.
+CREATE INDEX delivery_attempt_by_subscription
+    ON fhir_outbox.delivery_attempt (project_id, subscription_id, started_at)
+    INCLUDE (succeeded, duration_ms);
+
+-- Deliveries and failures per minute over the last hour (the overview's chart).
+CREATE INDEX delivery_attempt_recent
+    ON fhir_outbox.delivery_attempt (started_at)
+    INCLUDE (project_id, succeeded, duration_ms);
+
+-- The deliveries of one resource, newest first (the console's resource filter).
+CREATE INDEX delivery_by_resource
+    ON fhir_outbox.delivery (project_id, resource_type, resource_id, id);

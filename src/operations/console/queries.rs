@@ -1,0 +1,753 @@
+//! What the console and its API read. Every query names the projects it may see (a token's scope),
+//! and is bounded whatever the history: figures come from at most [`FIGURES_SAMPLE`] latest
+//! attempts per subscription, charts from at most [`CHART_SAMPLE`] attempts of the last hour, lists
+//! are pages. docs/performance.md has their times on a database of 1,000,000 attempts.
+
+use crate::capture::StoreError;
+use crate::delivery::{DeliveryState, headers, signature};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The most attempts per subscription its figures are computed from (the latest of the window).
+pub const FIGURES_SAMPLE: i64 = 5_000;
+/// The most attempts of the last hour the overview's chart counts (the latest).
+pub const CHART_SAMPLE: i64 = 200_000;
+/// The most subscriptions a project's list shows.
+pub const SUBSCRIPTIONS_PAGE: i64 = 200;
+/// The most attempts a delivery's timeline shows (the latest).
+pub const ATTEMPTS_SHOWN: i64 = 100;
+
+/// Which projects a reader sees: one, or every one.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    /// Every project.
+    All,
+    /// One project.
+    Project(Uuid),
+}
+
+impl Scope {
+    fn project(self) -> Option<Uuid> {
+        match self {
+            Scope::All => None,
+            Scope::Project(project) => Some(project),
+        }
+    }
+}
+
+/// An endpoint URL as the console shows it: without credentials, query string or fragment, which
+/// may carry secrets (`https://***@hooks.example.com/in?…`).
+pub fn redact_endpoint(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut url) if url.has_host() => {
+            let had_credentials = !url.username().is_empty() || url.password().is_some();
+            let had_query = url.query().is_some();
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            let mut shown = url.to_string();
+            if had_credentials {
+                shown = shown.replacen("://", "://***@", 1);
+            }
+            if had_query {
+                shown.push_str("?…");
+            }
+            shown
+        }
+        // `Bot/<id>` and other references hold no secret.
+        _ if endpoint.starts_with("Bot/") => endpoint.to_owned(),
+        _ => "(not a URL)".to_owned(),
+    }
+}
+
+/// Attempt figures over a window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Figures {
+    /// Attempts counted.
+    pub attempts: i64,
+    /// Of which succeeded.
+    pub succeeded: i64,
+    /// `succeeded / attempts`, when there were attempts.
+    pub success_rate: Option<f64>,
+    /// Median attempt duration, milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile attempt duration, milliseconds.
+    pub p99_ms: Option<f64>,
+    /// Whether the window held more attempts than were counted ([`FIGURES_SAMPLE`], the latest).
+    pub sampled: bool,
+}
+
+impl Figures {
+    fn new(
+        attempts: i64,
+        succeeded: i64,
+        p50: Option<f64>,
+        p99: Option<f64>,
+        sampled: bool,
+    ) -> Self {
+        Figures {
+            attempts,
+            succeeded,
+            success_rate: (attempts > 0).then(|| succeeded as f64 / attempts as f64),
+            p50_ms: p50,
+            p99_ms: p99,
+            sampled,
+        }
+    }
+}
+
+/// One minute of the overview's chart.
+#[derive(Debug, Clone, Serialize)]
+pub struct Minute {
+    /// Its start.
+    pub minute: DateTime<Utc>,
+    /// Attempts that succeeded.
+    pub succeeded: i64,
+    /// Attempts that failed.
+    pub failed: i64,
+    /// Median attempt duration, milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: Option<f64>,
+}
+
+/// A subscription with failed attempts in the last hour, or disabled automatically.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failing {
+    /// Project.
+    pub project_id: Uuid,
+    /// Subscription id.
+    pub subscription_id: String,
+    /// Failed attempts in the last hour.
+    pub failed_last_hour: i64,
+    /// Attempts in the last hour.
+    pub attempts_last_hour: i64,
+    /// The latest failed attempt's error or status.
+    pub last_error: Option<String>,
+}
+
+/// The overview: what an operator looks at first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overview {
+    /// Deliveries waiting (including retries).
+    pub pending: i64,
+    /// Deliveries being sent.
+    pub in_flight: i64,
+    /// Changes not yet dispatched.
+    pub undispatched: i64,
+    /// When the oldest change not yet delivered (or not yet dispatched) was made.
+    pub oldest_undelivered_at: Option<DateTime<Utc>>,
+    /// Endpoints whose circuit is open or half-open.
+    pub open_circuits: i64,
+    /// Subscriptions failing in the last hour, most failures first (20 at most).
+    pub failing_subscriptions: Vec<Failing>,
+    /// Attempts per minute over the last hour (minutes without attempts are absent).
+    pub per_minute: Vec<Minute>,
+    /// Whether the last hour held more attempts than the chart counted ([`CHART_SAMPLE`]).
+    pub per_minute_sampled: bool,
+}
+
+/// The overview of the projects in scope.
+pub async fn overview(pool: &PgPool, scope: Scope) -> Result<Overview, StoreError> {
+    let project = scope.project();
+    let counts = sqlx::query!(
+        r#"SELECT
+             (SELECT count(*) FROM fhir_outbox.delivery
+              WHERE state = 'pending' AND ($1::uuid IS NULL OR project_id = $1)) AS "pending!",
+             (SELECT count(*) FROM fhir_outbox.delivery
+              WHERE state = 'in_flight' AND ($1::uuid IS NULL OR project_id = $1)) AS "in_flight!",
+             (SELECT count(*) FROM fhir_outbox.outbox
+              WHERE dispatched_at IS NULL AND ($1::uuid IS NULL OR project_id = $1)) AS "undispatched!",
+             (SELECT least(
+                 (SELECT min(changed_at) FROM fhir_outbox.delivery
+                  WHERE state IN ('pending', 'in_flight') AND ($1::uuid IS NULL OR project_id = $1)),
+                 (SELECT min(changed_at) FROM fhir_outbox.outbox
+                  WHERE dispatched_at IS NULL AND ($1::uuid IS NULL OR project_id = $1)))) AS oldest,
+             (SELECT count(*) FROM fhir_outbox.endpoint_circuit
+              WHERE state <> 'closed' AND ($1::uuid IS NULL OR project_id = $1)) AS "open_circuits!""#,
+        project
+    )
+    .fetch_one(pool)
+    .await?;
+    let minutes = sqlx::query!(
+        r#"SELECT date_trunc('minute', started_at) AS "minute!",
+                  count(*) FILTER (WHERE succeeded) AS "succeeded!",
+                  count(*) FILTER (WHERE NOT succeeded) AS "failed!",
+                  percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50,
+                  percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms) AS p99
+           FROM (SELECT started_at, succeeded, duration_ms FROM fhir_outbox.delivery_attempt
+                 WHERE started_at >= now() - interval '1 hour'
+                   AND ($1::uuid IS NULL OR project_id = $1)
+                 ORDER BY started_at DESC LIMIT $2) a
+           GROUP BY 1 ORDER BY 1"#,
+        project,
+        CHART_SAMPLE
+    )
+    .fetch_all(pool)
+    .await?;
+    let counted: i64 = minutes.iter().map(|m| m.succeeded + m.failed).sum();
+    let failing = sqlx::query_as!(
+        Failing,
+        r#"SELECT a.project_id, a.subscription_id,
+                  count(*) FILTER (WHERE NOT a.succeeded) AS "failed_last_hour!",
+                  count(*) AS "attempts_last_hour!",
+                  (array_agg(coalesce(a.error, 'HTTP ' || a.status) ORDER BY a.started_at DESC)
+                       FILTER (WHERE NOT a.succeeded))[1] AS last_error
+           FROM (SELECT r.project_id, r.subscription_id, r.started_at, r.succeeded, x.error, x.status
+                 FROM (SELECT id, project_id, subscription_id, started_at, succeeded
+                       FROM fhir_outbox.delivery_attempt
+                       WHERE started_at >= now() - interval '1 hour'
+                         AND ($1::uuid IS NULL OR project_id = $1)
+                       ORDER BY started_at DESC LIMIT $2) r
+                 LEFT JOIN LATERAL (SELECT error, status FROM fhir_outbox.delivery_attempt x
+                                    WHERE x.id = r.id AND NOT r.succeeded) x ON true) a
+           GROUP BY 1, 2
+           HAVING count(*) FILTER (WHERE NOT a.succeeded) > 0
+           ORDER BY 3 DESC, 1, 2 LIMIT 20"#,
+        project,
+        CHART_SAMPLE
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(Overview {
+        pending: counts.pending,
+        in_flight: counts.in_flight,
+        undispatched: counts.undispatched,
+        oldest_undelivered_at: counts.oldest,
+        open_circuits: counts.open_circuits,
+        failing_subscriptions: failing,
+        per_minute_sampled: counted >= CHART_SAMPLE,
+        per_minute: minutes
+            .into_iter()
+            .map(|m| Minute {
+                minute: m.minute,
+                succeeded: m.succeeded,
+                failed: m.failed,
+                p50_ms: m.p50,
+                p99_ms: m.p99,
+            })
+            .collect(),
+    })
+}
+
+/// A project, with its load.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectSummary {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// Its subscriptions (not deleted).
+    pub subscriptions: i64,
+    /// Its deliveries waiting.
+    pub pending: i64,
+    /// Its endpoints with an open or half-open circuit.
+    pub open_circuits: i64,
+}
+
+/// The projects in scope, by name.
+pub async fn projects(pool: &PgPool, scope: Scope) -> Result<Vec<ProjectSummary>, StoreError> {
+    Ok(sqlx::query_as!(
+        ProjectSummary,
+        r#"SELECT p.id, p.name, p.created_at,
+                  (SELECT count(*) FROM fhir_outbox.resource r
+                   WHERE r.project_id = p.id AND r.resource_type = 'Subscription' AND NOT r.deleted)
+                      AS "subscriptions!",
+                  (SELECT count(*) FROM fhir_outbox.delivery d
+                   WHERE d.project_id = p.id AND d.state = 'pending') AS "pending!",
+                  (SELECT count(*) FROM fhir_outbox.endpoint_circuit c
+                   WHERE c.project_id = p.id AND c.state <> 'closed') AS "open_circuits!"
+           FROM fhir_outbox.project p
+           WHERE $1::uuid IS NULL OR p.id = $1
+           ORDER BY p.name, p.id"#,
+        scope.project()
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A subscription as the console lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionSummary {
+    /// Project.
+    pub project_id: Uuid,
+    /// Its id.
+    pub id: String,
+    /// Its current version.
+    pub version_id: i64,
+    /// Its endpoint, redacted ([`redact_endpoint`]).
+    pub endpoint: Option<String>,
+    /// Its criteria.
+    pub criteria: Option<String>,
+    /// Its `status`.
+    pub status: Option<String>,
+    /// Its `error` (set when it was disabled automatically).
+    pub error: Option<String>,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// Disabled automatically after repeated final failures (status `off` with an `error`).
+    pub auto_disabled: bool,
+    /// Problems recorded for its current version.
+    pub issues: i64,
+    /// Its endpoint's circuit (`closed`, `open`, `half_open`), when one was recorded.
+    pub circuit: Option<String>,
+    /// Deliveries waiting.
+    pub pending: i64,
+    /// Deliveries being sent.
+    pub in_flight: i64,
+    /// Attempts of the last hour.
+    pub last_hour: Figures,
+    /// Attempts of the last 24 hours.
+    pub last_day: Figures,
+}
+
+/// The subscriptions of a project (at most [`SUBSCRIPTIONS_PAGE`], by id), or the one named.
+pub async fn subscriptions(
+    pool: &PgPool,
+    project: Uuid,
+    only: Option<&str>,
+) -> Result<Vec<SubscriptionSummary>, StoreError> {
+    let rows = sqlx::query!(
+        r#"WITH subs AS (
+               SELECT r.project_id, r.id, r.version_id, v.content
+               FROM fhir_outbox.resource r
+               JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+               WHERE r.project_id = $1 AND r.resource_type = 'Subscription' AND NOT r.deleted
+                 AND ($2::text IS NULL OR r.id = $2)
+               ORDER BY r.id LIMIT $3)
+           SELECT s.id AS "id!", s.version_id AS "version_id!",
+                  s.content -> 'channel' ->> 'endpoint' AS endpoint,
+                  s.content ->> 'criteria' AS criteria, s.content ->> 'status' AS status,
+                  s.content ->> 'error' AS error,
+                  EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                          WHERE p.project_id = s.project_id AND p.subscription_id = s.id) AS "paused!",
+                  (SELECT count(*) FROM fhir_outbox.subscription_issue i
+                   WHERE i.project_id = s.project_id AND i.subscription_id = s.id
+                     AND i.subscription_version = s.version_id) AS "issues!",
+                  (SELECT c.state FROM fhir_outbox.endpoint_circuit c
+                   WHERE c.project_id = s.project_id
+                     AND c.endpoint = fhir_outbox.endpoint_origin(s.content -> 'channel' ->> 'endpoint'))
+                      AS circuit,
+                  (SELECT count(*) FROM fhir_outbox.delivery d
+                   WHERE d.project_id = s.project_id AND d.subscription_id = s.id
+                     AND d.state = 'pending') AS "pending!",
+                  (SELECT count(*) FROM fhir_outbox.delivery d
+                   WHERE d.project_id = s.project_id AND d.subscription_id = s.id
+                     AND d.state = 'in_flight') AS "in_flight!",
+                  f.hour_attempts AS "hour_attempts!", f.hour_succeeded AS "hour_succeeded!",
+                  f.hour_p50, f.hour_p99,
+                  f.day_attempts AS "day_attempts!", f.day_succeeded AS "day_succeeded!",
+                  f.day_p50, f.day_p99
+           FROM subs s
+           CROSS JOIN LATERAL (
+               SELECT count(*) FILTER (WHERE a.started_at >= now() - interval '1 hour') AS hour_attempts,
+                      count(*) FILTER (WHERE a.started_at >= now() - interval '1 hour' AND a.succeeded)
+                          AS hour_succeeded,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
+                          FILTER (WHERE a.started_at >= now() - interval '1 hour') AS hour_p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms)
+                          FILTER (WHERE a.started_at >= now() - interval '1 hour') AS hour_p99,
+                      count(*) AS day_attempts,
+                      count(*) FILTER (WHERE a.succeeded) AS day_succeeded,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms) AS day_p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms) AS day_p99
+               FROM (SELECT started_at, succeeded, duration_ms FROM fhir_outbox.delivery_attempt a
+                     WHERE a.project_id = s.project_id AND a.subscription_id = s.id
+                       AND a.started_at >= now() - interval '24 hours'
+                     ORDER BY a.started_at DESC LIMIT $4) a) f
+           ORDER BY s.id"#,
+        project,
+        only,
+        SUBSCRIPTIONS_PAGE,
+        FIGURES_SAMPLE
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let sampled = row.day_attempts >= FIGURES_SAMPLE;
+            SubscriptionSummary {
+                project_id: project,
+                auto_disabled: row.status.as_deref() == Some("off") && row.error.is_some(),
+                endpoint: row.endpoint.as_deref().map(redact_endpoint),
+                id: row.id,
+                version_id: row.version_id,
+                criteria: row.criteria,
+                status: row.status,
+                error: row.error,
+                paused: row.paused,
+                issues: row.issues,
+                circuit: row.circuit,
+                pending: row.pending,
+                in_flight: row.in_flight,
+                last_hour: Figures::new(
+                    row.hour_attempts,
+                    row.hour_succeeded,
+                    row.hour_p50,
+                    row.hour_p99,
+                    sampled && row.hour_attempts >= FIGURES_SAMPLE,
+                ),
+                last_day: Figures::new(
+                    row.day_attempts,
+                    row.day_succeeded,
+                    row.day_p50,
+                    row.day_p99,
+                    sampled,
+                ),
+            }
+        })
+        .collect())
+}
+
+/// A problem recorded for a subscription's current version.
+#[derive(Debug, Clone, Serialize)]
+pub struct Issue {
+    /// Subscription id.
+    pub subscription_id: String,
+    /// The version it concerns.
+    pub subscription_version: i64,
+    /// `unsupported`, `invalid`, `evaluation_error`, `budget_exhausted`, `endpoint_refused`.
+    pub kind: String,
+    /// What is wrong, exactly.
+    pub message: String,
+    /// How often it was seen.
+    pub occurrences: i64,
+    /// First seen.
+    pub first_seen: DateTime<Utc>,
+    /// Last seen.
+    pub last_seen: DateTime<Utc>,
+}
+
+/// The issues of the current versions of a project's subscriptions (or of one), latest first.
+pub async fn issues(
+    pool: &PgPool,
+    project: Uuid,
+    subscription: Option<&str>,
+) -> Result<Vec<Issue>, StoreError> {
+    Ok(sqlx::query_as!(
+        Issue,
+        r#"SELECT i.subscription_id, i.subscription_version, i.kind, i.message, i.occurrences,
+                  i.first_seen, i.last_seen
+           FROM fhir_outbox.subscription_issue i
+           JOIN fhir_outbox.resource r
+             ON r.project_id = i.project_id AND r.resource_type = 'Subscription'
+            AND r.id = i.subscription_id AND r.version_id = i.subscription_version AND NOT r.deleted
+           WHERE i.project_id = $1 AND ($2::text IS NULL OR i.subscription_id = $2)
+           ORDER BY i.last_seen DESC LIMIT 500"#,
+        project,
+        subscription
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Filters of [`deliveries`].
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    /// Only this state.
+    pub state: Option<DeliveryState>,
+    /// Only this subscription.
+    pub subscription: Option<String>,
+    /// Only this resource (`Type`, `id`).
+    pub resource: Option<(String, String)>,
+    /// Only changes made at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Only changes made before.
+    pub until: Option<DateTime<Utc>>,
+    /// Only deliveries older than this one (the cursor of the next page).
+    pub before: Option<i64>,
+    /// At most this many (1 to 500).
+    pub limit: i64,
+}
+
+/// One delivery in a list.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryItem {
+    /// Delivery id.
+    pub id: i64,
+    /// The `webhook-id` its requests carry.
+    pub webhook_id: Uuid,
+    /// Subscription id.
+    pub subscription_id: String,
+    /// `Type/id`.
+    pub resource: String,
+    /// Version delivered.
+    pub version_id: i64,
+    /// create, update or delete.
+    pub interaction: String,
+    /// Its state.
+    pub state: DeliveryState,
+    /// Attempts made (since the last retry or replay).
+    pub attempts: i32,
+    /// The last attempt's HTTP status.
+    pub last_status: Option<i32>,
+    /// When the change was made.
+    pub changed_at: DateTime<Utc>,
+    /// Next attempt (pending).
+    pub next_attempt_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Last error, skip or cancel reason.
+    pub reason: Option<String>,
+}
+
+/// A page of deliveries, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryPage {
+    /// The deliveries.
+    pub deliveries: Vec<DeliveryItem>,
+    /// Pass as `cursor` for the next page; `None` on the last.
+    pub next_cursor: Option<i64>,
+}
+
+/// A page of a project's deliveries, newest first.
+pub async fn deliveries(
+    pool: &PgPool,
+    project: Uuid,
+    query: &DeliveryQuery,
+) -> Result<DeliveryPage, StoreError> {
+    let limit = query.limit.clamp(1, 500);
+    let (resource_type, resource_id) = match &query.resource {
+        Some((resource_type, id)) => (Some(resource_type.as_str()), Some(id.as_str())),
+        None => (None, None),
+    };
+    let mut deliveries = sqlx::query_as!(
+        DeliveryItem,
+        r#"SELECT id, webhook_id, subscription_id, resource_type || '/' || resource_id AS "resource!",
+                  version_id, interaction, state AS "state: DeliveryState", attempts, last_status,
+                  changed_at, next_attempt_at, finished_at, reason
+           FROM fhir_outbox.delivery
+           WHERE project_id = $1
+             AND ($2::text IS NULL OR state = $2)
+             AND ($3::text IS NULL OR subscription_id = $3)
+             AND ($4::text IS NULL OR (resource_type = $4 AND resource_id = $5))
+             AND ($6::timestamptz IS NULL OR changed_at >= $6)
+             AND ($7::timestamptz IS NULL OR changed_at < $7)
+             AND ($8::bigint IS NULL OR id < $8)
+           ORDER BY id DESC
+           LIMIT $9"#,
+        project,
+        query.state.map(DeliveryState::as_str),
+        query.subscription,
+        resource_type,
+        resource_id,
+        query.since,
+        query.until,
+        query.before,
+        limit + 1
+    )
+    .fetch_all(pool)
+    .await?;
+    let next_cursor = if deliveries.len() as i64 > limit {
+        deliveries.truncate(limit as usize);
+        deliveries.last().map(|delivery| delivery.id)
+    } else {
+        None
+    };
+    Ok(DeliveryPage {
+        deliveries,
+        next_cursor,
+    })
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptDetail {
+    /// Attempt row id.
+    pub id: i64,
+    /// Its number (from 1 after each retry or replay).
+    pub attempt: i32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took, milliseconds.
+    pub duration_ms: i32,
+    /// Whether it succeeded.
+    pub succeeded: bool,
+    /// The HTTP status, if an answer came.
+    pub status: Option<i32>,
+    /// The error, if none came.
+    pub error: Option<String>,
+    /// The start of the response body.
+    pub response_body: Option<String>,
+    /// Its AuditEvent's id.
+    pub audit_event_id: Option<String>,
+    /// Its AuditEvent, as stored (`None` once retention removed it).
+    pub audit_event: Option<Value>,
+}
+
+/// One delivery with everything about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryDetail {
+    /// The delivery.
+    #[serde(flatten)]
+    pub delivery: DeliveryItem,
+    /// Project.
+    pub project_id: Uuid,
+    /// The write's request id.
+    pub request_id: String,
+    /// The write's trace id.
+    pub trace_id: String,
+    /// When dispatch matched it.
+    pub matched_at: DateTime<Utc>,
+    /// Whether it is a replay (its own version is sent again whatever became of the resource).
+    pub replay: bool,
+    /// The subscription's endpoint now, redacted.
+    pub endpoint: Option<String>,
+    /// The names of the headers its requests carry (values are never shown: they may be
+    /// credentials or signatures).
+    pub header_names: Vec<String>,
+    /// The body sent: the delivered version (`{}` for a delete); `None` once the version is gone.
+    pub payload: Option<Value>,
+    /// Its attempts, oldest first (the latest [`ATTEMPTS_SHOWN`]).
+    pub attempts: Vec<AttemptDetail>,
+}
+
+/// One delivery of a project, or `None` when the project has none with this id.
+pub async fn delivery(
+    pool: &PgPool,
+    project: Uuid,
+    id: i64,
+) -> Result<Option<DeliveryDetail>, StoreError> {
+    let Some(row) = sqlx::query!(
+        r#"SELECT d.id, d.webhook_id, d.subscription_id, d.resource_type, d.resource_id,
+                  d.version_id, d.interaction, d.state AS "state: DeliveryState", d.attempts,
+                  d.last_status, d.changed_at, d.next_attempt_at, d.finished_at, d.reason,
+                  d.request_id, d.trace_id, d.matched_at, d.replay,
+                  pv.content AS "payload?", sv.content AS "subscription?"
+           FROM fhir_outbox.delivery d
+           LEFT JOIN fhir_outbox.resource_version pv
+                  ON d.interaction <> 'delete' AND NOT pv.deleted
+                 AND pv.project_id = d.resource_project_id AND pv.resource_type = d.resource_type
+                 AND pv.id = d.resource_id AND pv.version_id = d.version_id
+           LEFT JOIN fhir_outbox.resource sr
+                  ON sr.project_id = d.project_id AND sr.resource_type = 'Subscription'
+                 AND sr.id = d.subscription_id AND NOT sr.deleted
+           LEFT JOIN fhir_outbox.resource_version sv
+                  ON sv.project_id = sr.project_id AND sv.resource_type = sr.resource_type
+                 AND sv.id = sr.id AND sv.version_id = sr.version_id
+           WHERE d.project_id = $1 AND d.id = $2"#,
+        project,
+        id
+    )
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let attempts = sqlx::query!(
+        r#"SELECT a.id, a.attempt, a.started_at, a.duration_ms, a.succeeded, a.status, a.error,
+                  a.response_body, a.audit_event_id,
+                  av.content AS "audit_event?"
+           FROM (SELECT * FROM fhir_outbox.delivery_attempt
+                 WHERE delivery_id = $1 AND project_id = $2
+                 ORDER BY id DESC LIMIT $3) a
+           LEFT JOIN fhir_outbox.resource ar
+                  ON ar.project_id = a.project_id AND ar.resource_type = 'AuditEvent'
+                 AND ar.id = a.audit_event_id
+           LEFT JOIN fhir_outbox.resource_version av
+                  ON av.project_id = ar.project_id AND av.resource_type = ar.resource_type
+                 AND av.id = ar.id AND av.version_id = ar.version_id
+           ORDER BY a.id"#,
+        id,
+        project,
+        ATTEMPTS_SHOWN
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|a| AttemptDetail {
+        id: a.id,
+        attempt: a.attempt,
+        started_at: a.started_at,
+        duration_ms: a.duration_ms,
+        succeeded: a.succeeded,
+        status: a.status,
+        error: a.error,
+        response_body: a.response_body,
+        audit_event_id: a.audit_event_id,
+        audit_event: a.audit_event,
+    })
+    .collect();
+    let subscription = row.subscription.unwrap_or(Value::Null);
+    let interaction = crate::capture::Interaction::parse(&row.interaction)
+        .unwrap_or(crate::capture::Interaction::Update);
+    let reference = format!("{}/{}", row.resource_type, row.resource_id);
+    let header_names = match headers::custom_headers(&subscription) {
+        Ok(custom) => {
+            let webhook_id = row.webhook_id.to_string();
+            headers::build(&headers::RequestHeaders {
+                subscription_id: &row.subscription_id,
+                interaction,
+                deleted_resource: (row.interaction == "delete").then_some(reference.as_str()),
+                custom: &custom,
+                trace_id: &row.trace_id,
+                webhook_id: &webhook_id,
+                timestamp: 0,
+                secret: signature::secret(&subscription),
+                body: b"",
+            })
+            .keys()
+            .map(|name| name.as_str().to_owned())
+            .collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    let endpoint = crate::subscription::endpoint(&subscription).map(redact_endpoint);
+    let payload = if row.interaction == "delete" {
+        Some(serde_json::json!({}))
+    } else {
+        row.payload
+    };
+    Ok(Some(DeliveryDetail {
+        delivery: DeliveryItem {
+            id: row.id,
+            webhook_id: row.webhook_id,
+            subscription_id: row.subscription_id,
+            resource: reference,
+            version_id: row.version_id,
+            interaction: row.interaction,
+            state: row.state,
+            attempts: row.attempts,
+            last_status: row.last_status,
+            changed_at: row.changed_at,
+            next_attempt_at: row.next_attempt_at,
+            finished_at: row.finished_at,
+            reason: row.reason,
+        },
+        project_id: project,
+        request_id: row.request_id,
+        trace_id: row.trace_id,
+        matched_at: row.matched_at,
+        replay: row.replay,
+        endpoint,
+        header_names,
+        payload,
+        attempts,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_endpoint;
+
+    #[test]
+    fn endpoints_are_shown_without_credentials_or_query() {
+        assert_eq!(
+            redact_endpoint("https://user:pw@hooks.example.com:8443/in?token=s3cret#x"),
+            "https://***@hooks.example.com:8443/in?…"
+        );
+        assert_eq!(
+            redact_endpoint("https://hooks.example.com/in"),
+            "https://hooks.example.com/in"
+        );
+        assert_eq!(redact_endpoint("Bot/123"), "Bot/123");
+        assert_eq!(redact_endpoint("not a url"), "(not a URL)");
+    }
+}
