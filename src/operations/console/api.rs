@@ -10,13 +10,16 @@ use crate::capture::{Interaction, StoreError};
 use crate::delivery::DeliveryState;
 use crate::operations::actions::{self, Action, ActionResult, CancelScope, RetryScope};
 use crate::operations::control::{self, ControlError};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -24,35 +27,74 @@ use uuid::Uuid;
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// The API's routes, relative to `/api/v1`.
-pub fn routes() -> Router<ConsoleState> {
-    Router::new()
-        .route("/openapi.json", get(openapi))
-        .route("/whoami", get(whoami))
-        .route("/overview", get(overview))
-        .route("/projects", get(projects))
-        .route("/projects/{project}/subscriptions", get(subscriptions))
-        .route("/projects/{project}/subscriptions/{id}", get(subscription))
-        .route(
-            "/projects/{project}/subscriptions/{id}/{action}",
-            post(subscription_action),
-        )
-        .route("/projects/{project}/issues", get(issues))
-        .route("/projects/{project}/endpoints", get(endpoints))
-        .route("/projects/{project}/endpoints/reset", post(reset_endpoint))
-        .route("/projects/{project}/deliveries", get(deliveries))
-        .route("/projects/{project}/deliveries/{id}", get(delivery))
-        .route(
-            "/projects/{project}/deliveries/{id}/{action}",
-            post(delivery_action),
-        )
-        .route(
-            "/projects/{project}/resources/{resource_type}/{id}/resend",
-            post(resend),
-        )
+/// Declares the API's routes once, as the list [`ROUTES`] and the router [`routes`], so that
+/// neither can gain a route the other lacks (the tests check `openapi.json` against [`ROUTES`]).
+macro_rules! api_routes {
+    ($($method:ident $path:literal => $handler:ident,)+) => {
+        /// Every (method, path) of the API, relative to `/api/v1`; methods in lower case, as
+        /// OpenAPI's path items name them.
+        pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),+];
+
+        /// The API's routes, relative to `/api/v1`.
+        pub fn routes() -> Router<ConsoleState> {
+            Router::new()$(.route($path, $method($handler)))+
+        }
+    };
+}
+
+api_routes! {
+    get "/openapi.json" => openapi,
+    get "/whoami" => whoami,
+    get "/overview" => overview,
+    get "/projects" => projects,
+    get "/projects/{project}/subscriptions" => subscriptions,
+    get "/projects/{project}/subscriptions/{id}" => subscription,
+    post "/projects/{project}/subscriptions/{id}/{action}" => subscription_action,
+    get "/projects/{project}/issues" => issues,
+    get "/projects/{project}/endpoints" => endpoints,
+    post "/projects/{project}/endpoints/reset" => reset_endpoint,
+    get "/projects/{project}/deliveries" => deliveries,
+    get "/projects/{project}/deliveries/{id}" => delivery,
+    post "/projects/{project}/deliveries/{id}/{action}" => delivery_action,
+    post "/projects/{project}/resources/{resource_type}/{id}/resend" => resend,
 }
 
 type Answer = Result<Json<Value>, Refusal>;
+
+/// A request axum could not take apart (a path segment, query string or body of the wrong form),
+/// refused in the API's error shape rather than axum's plain text.
+fn rejected(rejection: impl IntoResponse + std::fmt::Display) -> Refusal {
+    let message = rejection.to_string();
+    Refusal::new(rejection.into_response().status(), message)
+}
+
+/// [`Path`], refused as [`rejected`] says.
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Refusal> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(rejected)?;
+        Ok(ApiPath(value))
+    }
+}
+
+/// [`Query`], refused as [`rejected`] says.
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Refusal> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(rejected)?;
+        Ok(ApiQuery(value))
+    }
+}
 
 fn answer(value: impl serde::Serialize) -> Answer {
     serde_json::to_value(value)
@@ -161,7 +203,7 @@ pub fn overview_scope(auth: &Authenticated, project: Option<&str>) -> Result<Sco
 async fn overview(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Query(filter): Query<ProjectFilter>,
+    ApiQuery(filter): ApiQuery<ProjectFilter>,
 ) -> Answer {
     let scope = overview_scope(&auth, filter.project.as_deref())?;
     let overview = queries::overview(&state.pool, scope)
@@ -188,7 +230,7 @@ async fn projects(State(state): State<ConsoleState>, auth: Authenticated) -> Ans
 async fn subscriptions(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Path(project): Path<String>,
+    ApiPath(project): ApiPath<String>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     require_project(&state.pool, project).await?;
@@ -201,7 +243,7 @@ async fn subscriptions(
 async fn subscription(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Path((project, id)): Path<(String, String)>,
+    ApiPath((project, id)): ApiPath<(String, String)>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     let found = queries::subscriptions(&state.pool, project, Some(&id))
@@ -226,8 +268,8 @@ struct IssueFilter {
 async fn issues(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Path(project): Path<String>,
-    Query(filter): Query<IssueFilter>,
+    ApiPath(project): ApiPath<String>,
+    ApiQuery(filter): ApiQuery<IssueFilter>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     require_project(&state.pool, project).await?;
@@ -240,7 +282,7 @@ async fn issues(
 async fn endpoints(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Path(project): Path<String>,
+    ApiPath(project): ApiPath<String>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     require_project(&state.pool, project).await?;
@@ -308,8 +350,8 @@ impl DeliveryParams {
 async fn deliveries(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Path(project): Path<String>,
-    Query(params): Query<DeliveryParams>,
+    ApiPath(project): ApiPath<String>,
+    ApiQuery(params): ApiQuery<DeliveryParams>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     let query = params.query()?;
@@ -323,7 +365,7 @@ async fn deliveries(
 async fn delivery(
     State(state): State<ConsoleState>,
     auth: Authenticated,
-    Path((project, id)): Path<(String, i64)>,
+    ApiPath((project, id)): ApiPath<(String, i64)>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     match queries::delivery(&state.pool, project, id).await {
@@ -389,7 +431,7 @@ async fn subscription_action(
     State(state): State<ConsoleState>,
     auth: Authenticated,
     headers: HeaderMap,
-    Path((project, id, action)): Path<(String, String, String)>,
+    ApiPath((project, id, action)): ApiPath<(String, String, String)>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     let action = subscription_action_named(&action, id)?;
@@ -401,7 +443,7 @@ async fn delivery_action(
     State(state): State<ConsoleState>,
     auth: Authenticated,
     headers: HeaderMap,
-    Path((project, id, action)): Path<(String, i64, String)>,
+    ApiPath((project, id, action)): ApiPath<(String, i64, String)>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     let action = delivery_action_named(&action, id)?;
@@ -419,11 +461,17 @@ async fn resend(
     State(state): State<ConsoleState>,
     auth: Authenticated,
     headers: HeaderMap,
-    Path((project, resource_type, id)): Path<(String, String, String)>,
-    body: Option<Json<ResendBody>>,
+    ApiPath((project, resource_type, id)): ApiPath<(String, String, String)>,
+    // Taken as a `Result` so that the token is checked before the body (a viewer is told it
+    // cannot act, whatever it sent).
+    body: Result<Option<Json<ResendBody>>, JsonRejection>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
-    let body = body.map(|Json(body)| body).unwrap_or_default();
+    may_act(&auth, csrf_header(&headers))?;
+    let body = body
+        .map_err(rejected)?
+        .map(|Json(body)| body)
+        .unwrap_or_default();
     let interaction = match body.interaction.as_deref() {
         None | Some("update") => Interaction::Update,
         Some("create") => Interaction::Create,
@@ -434,7 +482,6 @@ async fn resend(
             ));
         }
     };
-    may_act(&auth, csrf_header(&headers))?;
     let action = Action::Resend {
         resource_type,
         id,
@@ -453,11 +500,13 @@ async fn reset_endpoint(
     State(state): State<ConsoleState>,
     auth: Authenticated,
     headers: HeaderMap,
-    Path(project): Path<String>,
-    Json(body): Json<ResetBody>,
+    ApiPath(project): ApiPath<String>,
+    // A `Result`, checked after the token, as in `resend`.
+    body: Result<Json<ResetBody>, JsonRejection>,
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     may_act(&auth, csrf_header(&headers))?;
+    let Json(body) = body.map_err(rejected)?;
     let action = Action::ResetEndpoint(body.endpoint);
     answer(perform(&state.pool, &auth, project, &action).await?)
 }
