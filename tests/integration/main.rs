@@ -6,6 +6,7 @@ mod bots;
 mod capture;
 mod common;
 mod concurrency;
+mod console_api;
 mod delivery;
 mod demo;
 mod dispatch;
