@@ -9,6 +9,7 @@
 //! with `current_exe()`). Figures depend on the machine and on what else runs on it: the JSON
 //! carries the machine facts and the load average before and after.
 
+mod console;
 mod fhirpath;
 mod fixtures;
 mod isolation;
@@ -67,6 +68,8 @@ pub enum Scenario {
     Noisy,
     /// One worker process delivering to receivers that take 100 ms to answer (rate and peak RSS).
     Slow,
+    /// The operator console's reads on a database of 1,000,000 delivery attempts.
+    Console,
     /// CPU and memory of hostile FHIRPath criteria until the evaluation budget stops them (no
     /// database).
     Fhirpath,
@@ -74,7 +77,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Capture,
         Scenario::Dispatch,
         Scenario::E2e,
@@ -82,6 +85,7 @@ impl Scenario {
         Scenario::Claim,
         Scenario::Noisy,
         Scenario::Slow,
+        Scenario::Console,
         Scenario::Fhirpath,
     ];
 
@@ -103,9 +107,10 @@ impl FromStr for Scenario {
             "claim" => Ok(Scenario::Claim),
             "noisy" | "noisy-neighbour" | "noisy-neighbor" => Ok(Scenario::Noisy),
             "slow" | "slow-receivers" => Ok(Scenario::Slow),
+            "console" => Ok(Scenario::Console),
             "fhirpath" => Ok(Scenario::Fhirpath),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, fhirpath)"
+                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath)"
             )),
         }
     }
@@ -148,6 +153,12 @@ pub struct Sizes {
     /// Longest a phase of the noisy-neighbour or slow-receivers scenario may take; one cut short
     /// reports what it delivered (noted).
     pub isolation_max_seconds: u64,
+    /// Delivery attempts of the console scenario's database.
+    pub console_attempts: u64,
+    /// Deliveries of the console scenario's database.
+    pub console_deliveries: u64,
+    /// Timed runs of each console read.
+    pub console_runs: usize,
 }
 
 impl Sizes {
@@ -174,6 +185,9 @@ impl Sizes {
             noisy_seconds: 20,
             slow_changes: 2_000,
             isolation_max_seconds: 600,
+            console_attempts: 1_000_000,
+            console_deliveries: 600_000,
+            console_runs: 20,
         }
     }
 
@@ -196,6 +210,9 @@ impl Sizes {
             noisy_seconds: 5,
             slow_changes: 500,
             isolation_max_seconds: 120,
+            console_attempts: 100_000,
+            console_deliveries: 60_000,
+            console_runs: 10,
         }
     }
 }

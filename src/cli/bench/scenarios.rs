@@ -35,6 +35,7 @@ pub async fn run(
         Scenario::Claim => claim(env, sizes, results).await,
         Scenario::Noisy => super::isolation::noisy_neighbour(env, sizes, results).await,
         Scenario::Slow => super::isolation::slow_receivers(env, sizes, results).await,
+        Scenario::Console => super::console::run(env, sizes, results).await,
         Scenario::Fhirpath => super::fhirpath::run(results),
     }
 }
