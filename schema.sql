@@ -797,12 +797,26 @@ CREATE VIEW fhir_outbox.endpoint_health AS
         ), load AS (
          SELECT e_1.project_id,
             e_1.endpoint,
-            count(*) FILTER (WHERE (d.state = 'in_flight'::text)) AS in_flight,
-            count(*) FILTER (WHERE (d.state = 'pending'::text)) AS pending,
-            count(DISTINCT d.subscription_id) AS subscriptions_waiting
-           FROM (fhir_outbox.delivery d
+            (sum(d.in_flight))::bigint AS in_flight,
+            (sum(d.pending))::bigint AS pending,
+            count(*) AS subscriptions_waiting
+           FROM (( SELECT x.project_id,
+                    x.subscription_id,
+                    count(*) FILTER (WHERE (x.state = 'in_flight'::text)) AS in_flight,
+                    count(*) FILTER (WHERE (x.state = 'pending'::text)) AS pending
+                   FROM ( SELECT delivery.project_id,
+                            delivery.subscription_id,
+                            'pending'::text AS state
+                           FROM fhir_outbox.delivery
+                          WHERE (delivery.state = 'pending'::text)
+                        UNION ALL
+                         SELECT delivery.project_id,
+                            delivery.subscription_id,
+                            'in_flight'::text
+                           FROM fhir_outbox.delivery
+                          WHERE (delivery.state = 'in_flight'::text)) x
+                  GROUP BY x.project_id, x.subscription_id) d
              JOIN fhir_outbox.subscription_endpoint e_1 USING (project_id, subscription_id))
-          WHERE (d.state = ANY (ARRAY['pending'::text, 'in_flight'::text]))
           GROUP BY e_1.project_id, e_1.endpoint
         )
  SELECT e.project_id,
@@ -1136,6 +1150,12 @@ CREATE INDEX delivery_due ON fhir_outbox.delivery USING btree (next_attempt_at) 
 --
 
 CREATE INDEX delivery_finished ON fhir_outbox.delivery USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+
+--
+-- Name: delivery_given_up; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_given_up ON fhir_outbox.delivery USING btree (project_id, id) WHERE (state = ANY (ARRAY['failed'::text, 'skipped'::text, 'cancelled'::text]));
 
 --
 -- Name: delivery_leased; Type: INDEX; Schema: fhir_outbox; Owner: -
