@@ -80,7 +80,8 @@ pub fn visible_project(auth: &Authenticated, project: &str) -> Result<Uuid, Refu
     }
 }
 
-fn not_found_project(id: Uuid) -> Refusal {
+/// The refusal of a project that does not exist or that the token does not see (the same words).
+pub(super) fn not_found_project(id: Uuid) -> Refusal {
     Refusal::new(StatusCode::NOT_FOUND, format!("project {id} not found"))
 }
 
