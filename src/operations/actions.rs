@@ -214,11 +214,12 @@ fn entity(resource_type: &str, id: &str) -> Value {
             "role": audit::entity_role(resource_type) })
 }
 
+/// `1 delivery`, `3 deliveries` (the nouns used here: a final `y` becomes `ies`).
 fn plural(count: usize, noun: &str) -> String {
-    if count == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{count} {noun}s")
+    match noun.strip_suffix('y') {
+        _ if count == 1 => format!("1 {noun}"),
+        Some(stem) => format!("{count} {stem}ies"),
+        None => format!("{count} {noun}s"),
     }
 }
 

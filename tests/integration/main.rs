@@ -7,6 +7,7 @@ mod browser;
 mod capture;
 mod common;
 mod concurrency;
+mod console_pages;
 mod delivery;
 mod demo;
 mod dispatch;

@@ -80,7 +80,12 @@ pub(super) fn stacked_bars(chart: &Chart) -> Markup {
             let v = value(series, slot);
             if v > 0.0 {
                 let (bottom, top) = (scale.y(base), scale.y(base + v));
-                segments.push((series.class, chart.x(slot) + chart.slot_width() * 0.1, top, bottom - top));
+                segments.push((
+                    series.class,
+                    chart.x(slot) + chart.slot_width() * 0.1,
+                    top,
+                    bottom - top,
+                ));
                 base += v;
             }
         }
@@ -211,7 +216,12 @@ fn slot_title(chart: &Chart, slot: usize) -> String {
         .series
         .iter()
         .map(|series| match series.values.get(slot).copied().flatten() {
-            Some(v) => format!("{} {}{}", series.label, axis_number(v), unit_suffix(chart.unit)),
+            Some(v) => format!(
+                "{} {}{}",
+                series.label,
+                axis_number(v),
+                unit_suffix(chart.unit)
+            ),
             None => format!("{} –", series.label),
         })
         .collect();
@@ -332,7 +342,9 @@ mod tests {
         assert_eq!(svg.matches(r#"<rect class="ok""#).count(), 2);
         assert_eq!(svg.matches(r#"<rect class="bad""#).count(), 1);
         // The axis goes to 4: 3 succeeded fill three quarters of the 166-unit plot, up from y=176.
-        assert!(svg.contains(r#"<rect class="ok" x="65.5" y="51.5" width="156.3" height="124.5">"#));
+        assert!(
+            svg.contains(r#"<rect class="ok" x="65.5" y="51.5" width="156.3" height="124.5">"#)
+        );
         assert!(svg.contains(r#"<rect class="bad" x="65.5" y="10" width="156.3" height="41.5">"#));
         // The labels given, the empty one left out; y labels 0 to 4.
         assert!(svg.contains(">10:00</text>") && svg.contains(">10:02</text>"));
@@ -345,15 +357,13 @@ mod tests {
 
     #[test]
     fn lines_break_where_nothing_was_measured() {
-        let mut latency = chart(vec![series(
-            "p50",
-            "p50",
-            &[Some(10.0), None, Some(30.0)],
-        )]);
+        let mut latency = chart(vec![series("p50", "p50", &[Some(10.0), None, Some(30.0)])]);
         latency.unit = "ms";
         let svg = lines(&latency).into_string();
         // Two runs of one value: each a move and a zero-length line (a dot); no line across the gap.
-        assert!(svg.contains(r#"<path class="p50" d="M143.7 134.5 L143.7 134.5 M534.3 51.5 L534.3 51.5">"#));
+        assert!(svg.contains(
+            r#"<path class="p50" d="M143.7 134.5 L143.7 134.5 M534.3 51.5 L534.3 51.5">"#
+        ));
         assert!(svg.contains(">ms</text>"));
         assert!(svg.contains("<title>10:02: p50 30 ms</title>"));
     }

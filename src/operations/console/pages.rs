@@ -46,10 +46,7 @@ pub(super) fn routes() -> Router<ConsoleState> {
         .route("/logout", post(logout))
         .route("/projects", get(projects))
         .route("/projects/{project}", get(project))
-        .route(
-            "/projects/{project}/subscriptions/{id}",
-            get(subscription),
-        )
+        .route("/projects/{project}/subscriptions/{id}", get(subscription))
         .route(
             "/projects/{project}/subscriptions/{id}/{action}",
             get(confirm_subscription_action).post(subscription_action),
@@ -628,9 +625,7 @@ async fn overview(
 
 /// The last hour as 60 minutes, oldest first, the current one last.
 fn last_hour(now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
-    let current = now
-        .duration_trunc(Duration::minutes(1))
-        .unwrap_or(now);
+    let current = now.duration_trunc(Duration::minutes(1)).unwrap_or(now);
     (0..60)
         .rev()
         .map(|back| current - Duration::minutes(back))
@@ -688,9 +683,8 @@ fn delivery_chart(overview: &Overview, now: DateTime<Utc>) -> Chart {
         .per_minute
         .iter()
         .max_by_key(|m| m.succeeded + m.failed);
-    let mut description = format!(
-        "In the last hour: {succeeded} attempts succeeded and {failed} failed."
-    );
+    let mut description =
+        format!("In the last hour: {succeeded} attempts succeeded and {failed} failed.");
     if let Some(busiest) = busiest {
         description.push_str(&format!(
             " Busiest minute: {} with {} attempts.",
@@ -1037,7 +1031,11 @@ async fn confirm_subscription_action(
     require_operator(&auth)?;
     let subscription = find_subscription(&state.pool, &project, &id).await?;
     let target = format!("Subscription/{id}");
-    let pending = plural(subscription.pending, "pending delivery", "pending deliveries");
+    let pending = plural(
+        subscription.pending,
+        "pending delivery",
+        "pending deliveries",
+    );
     let (title, question, consequence, button, danger) = match &action {
         Action::Pause(_) => (
             "Pause the subscription",
@@ -1205,12 +1203,7 @@ async fn deliveries(
             }
         }
     };
-    Ok(layout(
-        "Deliveries",
-        Some(&auth),
-        &project.crumbs(),
-        body,
-    ))
+    Ok(layout("Deliveries", Some(&auth), &project.crumbs(), body))
 }
 
 /// The next page: the same filters, older than `cursor`.
@@ -1391,7 +1384,10 @@ async fn delivery(
         }
     };
     let mut crumbs = project.crumbs();
-    crumbs.push((format!("{}/deliveries", project.path()), "Deliveries".to_owned()));
+    crumbs.push((
+        format!("{}/deliveries", project.path()),
+        "Deliveries".to_owned(),
+    ));
     Ok(layout(
         &format!("Delivery {id}"),
         Some(&auth),
@@ -1406,10 +1402,7 @@ fn resend_path(
     id: &str,
     subscription: Option<&str>,
 ) -> String {
-    let mut path = format!(
-        "{}/resources/{resource_type}/{id}/resend",
-        project.path()
-    );
+    let mut path = format!("{}/resources/{resource_type}/{id}/resend", project.path());
     if let Some(subscription) = subscription {
         let query = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("subscription", subscription)
