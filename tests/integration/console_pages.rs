@@ -1083,7 +1083,15 @@ async fn screenshots() {
         .await;
     browser.screenshot(&dir.join("subscription.png")).await;
     browser.open(&world.url(&world.delivery_path(failed))).await;
-    browser.click("#attempts details summary").await;
+    // Its AuditEvent open, and the page from its top (opening it by a click would scroll).
+    browser
+        .client()
+        .execute(
+            "document.querySelector('#attempts details').open = true; window.scrollTo(0, 0);",
+            vec![],
+        )
+        .await
+        .unwrap();
     browser.screenshot(&dir.join("delivery.png")).await;
     browser.close().await;
 

@@ -40,7 +40,7 @@ pub(super) struct Chart {
     pub title: String,
     /// What it shows, in words (the SVG's `<desc>`): totals, peaks.
     pub description: String,
-    /// The unit of the values (`ms`), shown by the y axis; empty for counts.
+    /// The unit of the values (`ms`), shown in the caption and the hover titles; empty for counts.
     pub unit: &'static str,
     /// One label per slot; empty ones are not drawn (label every tenth minute, say).
     pub x_labels: Vec<String>,
@@ -160,7 +160,10 @@ fn frame(chart: &Chart, scale: &YScale, marks: Markup) -> Markup {
     let step = scale.top / Y_TICKS as f64;
     html! {
         figure.chart id=(chart.id) {
-            figcaption { (chart.title) }
+            figcaption {
+                (chart.title)
+                @if !chart.unit.is_empty() { span.muted { " · " (chart.unit) } }
+            }
             svg xmlns="http://www.w3.org/2000/svg" viewBox=(format!("0 0 {WIDTH} {HEIGHT}"))
                 role="img" aria-labelledby=(format!("{title_id} {desc_id}")) {
                 title id=(title_id) { (chart.title) }
@@ -172,9 +175,6 @@ fn frame(chart: &Chart, scale: &YScale, marks: Markup) -> Markup {
                         line x1=(coordinate(LEFT)) x2=(coordinate(WIDTH - RIGHT)) y1=(y) y2=(y) {}
                         text.y-label x=(coordinate(LEFT - 4.0)) y=(y) text-anchor="end"
                             dominant-baseline="middle" { (axis_number(v)) }
-                    }
-                    @if !chart.unit.is_empty() {
-                        text.unit x="2" y=(coordinate(TOP)) dominant-baseline="hanging" { (chart.unit) }
                     }
                 }
                 (marks)
@@ -364,7 +364,9 @@ mod tests {
         assert!(svg.contains(
             r#"<path class="p50" d="M143.7 134.5 L143.7 134.5 M534.3 51.5 L534.3 51.5">"#
         ));
-        assert!(svg.contains(">ms</text>"));
+        assert!(svg.contains(
+            "<figcaption>Deliveries per minute<span class=\"muted\"> · ms</span></figcaption>"
+        ));
         assert!(svg.contains("<title>10:02: p50 30 ms</title>"));
     }
 }

@@ -559,9 +559,9 @@ async fn overview(
         dl.figures {
             div { dt { "Pending" } dd #pending { (overview.pending) } }
             div { dt { "In flight" } dd #in-flight { (overview.in_flight) } }
-            div { dt { "Undispatched changes" } dd #undispatched { (overview.undispatched) } }
+            div { dt { "Undispatched" } dd #undispatched { (overview.undispatched) } }
             div {
-                dt { "Oldest undelivered change" }
+                dt { "Oldest undelivered" }
                 dd #oldest-undelivered {
                     @match overview.oldest_undelivered_at {
                         Some(at) => time datetime=(at.to_rfc3339()) title=(at.format("%Y-%m-%d %H:%M:%S UTC")) { (ago(at, now)) },
@@ -569,8 +569,12 @@ async fn overview(
                     }
                 }
             }
-            div { dt { "Delivered / min" span.muted { " (5 min)" } } dd #delivered-per-minute { (delivered_per_minute) } }
-            div { dt { "Failed / min" span.muted { " (5 min)" } } dd #failed-per-minute .bad[failed_per_minute != "0"] { (failed_per_minute) } }
+            div title="Attempts per minute, the average of the last 5 minutes" {
+                dt { "Delivered / min" } dd #delivered-per-minute { (delivered_per_minute) }
+            }
+            div title="Attempts per minute, the average of the last 5 minutes" {
+                dt { "Failed / min" } dd #failed-per-minute .bad[failed_per_minute != "0"] { (failed_per_minute) }
+            }
             div {
                 dt { "Open circuits" }
                 dd #open-circuits .bad[overview.open_circuits > 0] { (overview.open_circuits) }
@@ -585,7 +589,7 @@ async fn overview(
             (charts::lines(&latency_chart(&overview, now)))
         }
         p.hint {
-            "Attempts of the last hour, per minute (UTC)."
+            "Attempts of the last hour, per minute (UTC); delivered and failed per minute are averages of the last 5 minutes."
             @if overview.per_minute_sampled {
                 " The chart counts the latest " (queries::CHART_SAMPLE) " attempts only."
             }
@@ -1332,54 +1336,61 @@ async fn delivery(
                 }
             }
         }
-        h2 { "Sent" }
-        p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and this body." }
-        ul.header-names #header-names {
-            @for name in &detail.header_names { li { code { (name) } } }
-        }
-        @match &detail.payload {
-            Some(payload) => (json_block("payload", &without_secrets(payload))),
-            None => p.muted #payload { "The delivered version is no longer stored." },
-        }
-        h2 { "Attempts" }
-        @if detail.attempts.is_empty() {
-            p #no-attempts { "No attempt yet." }
-        } @else {
-            ol.timeline #attempts {
-                @for attempt in &detail.attempts {
-                    li.attempt .ok[attempt.succeeded] .bad[!attempt.succeeded] {
-                        div.attempt-head {
-                            strong { "Attempt " (attempt.attempt) }
-                            " · " (time(attempt.started_at, now))
-                            " · " (millis(Some(f64::from(attempt.duration_ms))))
-                            " · "
-                            @match attempt.status {
-                                Some(status) => span.status { "HTTP " (status) },
-                                None => span.status { "no answer" },
-                            }
-                            " · "
-                            @if attempt.succeeded { span.badge.ok { "succeeded" } } @else { span.badge.bad { "failed" } }
-                        }
-                        @if let Some(error) = &attempt.error {
-                            p.error-text { (error) }
-                        }
-                        @if let Some(body) = attempt.response_body.as_deref().filter(|b| !b.is_empty()) {
-                            p.muted { "Answered:" }
-                            pre.response { (body) }
-                        }
-                        @if let Some(event) = &attempt.audit_event {
-                            details {
-                                summary { "AuditEvent/" (attempt.audit_event_id.as_deref().unwrap_or("")) }
-                                (json_block(&format!("audit-event-{}", attempt.id), event))
-                            }
-                        } @else if let Some(event_id) = &attempt.audit_event_id {
-                            p.muted { "AuditEvent/" (event_id) " (no longer stored)" }
-                        }
-                    }
+        // Side by side on a wide screen: what was sent, and what each attempt got back.
+        div.split {
+            section #sent {
+                h2 { "Sent" }
+                p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and this body." }
+                ul.header-names #header-names {
+                    @for name in &detail.header_names { li { code { (name) } } }
+                }
+                @match &detail.payload {
+                    Some(payload) => (json_block("payload", &without_secrets(payload))),
+                    None => p.muted #payload { "The delivered version is no longer stored." },
                 }
             }
-            @if detail.attempts.len() as i64 >= queries::ATTEMPTS_SHOWN {
-                p.hint { "The latest " (queries::ATTEMPTS_SHOWN) " attempts." }
+            section #timeline {
+                h2 { "Attempts" }
+                @if detail.attempts.is_empty() {
+                    p #no-attempts { "No attempt yet." }
+                } @else {
+                    ol.timeline #attempts {
+                        @for attempt in &detail.attempts {
+                            li.attempt .ok[attempt.succeeded] .bad[!attempt.succeeded] {
+                                div.attempt-head {
+                                    strong { "Attempt " (attempt.attempt) }
+                                    " · " (time(attempt.started_at, now))
+                                    " · " (millis(Some(f64::from(attempt.duration_ms))))
+                                    " · "
+                                    @match attempt.status {
+                                        Some(status) => span.status { "HTTP " (status) },
+                                        None => span.status { "no answer" },
+                                    }
+                                    " · "
+                                    @if attempt.succeeded { span.badge.ok { "succeeded" } } @else { span.badge.bad { "failed" } }
+                                }
+                                @if let Some(error) = &attempt.error {
+                                    p.error-text { (error) }
+                                }
+                                @if let Some(body) = attempt.response_body.as_deref().filter(|b| !b.is_empty()) {
+                                    p.muted { "Answered:" }
+                                    pre.response { (body) }
+                                }
+                                @if let Some(event) = &attempt.audit_event {
+                                    details {
+                                        summary { "AuditEvent/" (attempt.audit_event_id.as_deref().unwrap_or("")) }
+                                        (json_block(&format!("audit-event-{}", attempt.id), event))
+                                    }
+                                } @else if let Some(event_id) = &attempt.audit_event_id {
+                                    p.muted { "AuditEvent/" (event_id) " (no longer stored)" }
+                                }
+                            }
+                        }
+                    }
+                    @if detail.attempts.len() as i64 >= queries::ATTEMPTS_SHOWN {
+                        p.hint { "The latest " (queries::ATTEMPTS_SHOWN) " attempts." }
+                    }
+                }
             }
         }
     };
