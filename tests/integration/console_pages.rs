@@ -949,6 +949,25 @@ async fn an_action_without_the_sessions_csrf_token_is_refused() {
     );
     assert_eq!(post_status(&browser, &api, &[]).await, "403");
     assert!(!world.is_paused(&world.healthy).await);
+    // No other site can frame a page (a confirmation is one button to overlay), none is cached.
+    let headers = browser
+        .client()
+        .execute_async(
+            "const [path, done] = arguments;
+             fetch(path).then(r => done([r.headers.get('content-security-policy'),
+                                         r.headers.get('cache-control')]));",
+            vec![json!(pause)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        headers[0]
+            .as_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'"),
+        "{headers}"
+    );
+    assert_eq!(headers[1], "no-store");
     // With the right one it works (the same request a confirmation page sends).
     let csrf = tokens::csrf_token(&operator);
     assert_eq!(

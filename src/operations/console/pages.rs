@@ -67,6 +67,35 @@ pub(super) fn routes() -> Router<ConsoleState> {
             "/projects/{project}/endpoints/reset",
             get(confirm_reset).post(reset),
         )
+        .layer(axum::middleware::map_response(protect))
+}
+
+/// Headers of every page: never cached (they show operational data, and a shared browser's back
+/// button must not show them after sign-out), never framed by another page (a confirmation page is
+/// one button: another site must not overlay it), no script (the pages have none) and requests
+/// to this origin only.
+async fn protect(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("same-origin"),
+    );
+    response
 }
 
 const STYLE: &str = include_str!("console.css");
@@ -158,8 +187,6 @@ fn layout(title: &str, auth: Option<&Authenticated>, crumbs: &[Crumb], body: Mar
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                // Action summaries travel in the query string; other sites need not see them.
-                meta name="referrer" content="same-origin";
                 title { (title) " · fhir-outbox" }
                 style { (maud::PreEscaped(STYLE)) }
             }
@@ -253,12 +280,34 @@ impl ProjectContext {
     }
 
     fn subscription_path(&self, id: &str) -> String {
-        format!("/projects/{}/subscriptions/{id}", self.id)
+        format!("/projects/{}/subscriptions/{}", self.id, segment(id))
     }
 
     fn delivery_path(&self, id: i64) -> String {
         format!("/projects/{}/deliveries/{id}", self.id)
     }
+}
+
+/// A value as one path segment, percent-encoded: FHIR ids and resource types need no escaping, but
+/// a link or a redirect is never built from a raw value (a `Location` must stay one header).
+fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// A query string (without `?`) of these pairs, encoded.
+fn query_string(pairs: &[(&str, &str)]) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        query.append_pair(name, value);
+    }
+    query.finish()
 }
 
 /// What the last action did, carried back in the query string of the page it returns to.
@@ -283,10 +332,7 @@ fn flash(flash: &Flash) -> Markup {
 
 /// Where the browser goes after an action: back to `page` with the action's summary.
 fn after_action(page: &str, result: &ActionResult) -> Response {
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("done", &result.summary)
-        .append_pair("audit", &result.audit_event_id)
-        .finish();
+    let query = query_string(&[("done", &result.summary), ("audit", &result.audit_event_id)]);
     let separator = if page.contains('?') { '&' } else { '?' };
     Redirect::to(&format!("{page}{separator}{query}")).into_response()
 }
@@ -536,20 +582,21 @@ async fn overview(
 ) -> Page {
     let scope = api::overview_scope(&auth, filter.project.as_deref())?;
     let overview = queries::overview(&state.pool, scope).await?;
-    // Names for the failing subscriptions' projects (a token may see several).
-    let names: HashMap<Uuid, String> = if overview.failing_subscriptions.is_empty() {
-        HashMap::new()
-    } else {
-        queries::projects(&state.pool, scope)
-            .await?
-            .into_iter()
-            .map(|p| (p.id, p.name))
-            .collect()
-    };
+    // Names for the title and the failing subscriptions' projects (a token may see several).
+    let names: HashMap<Uuid, String> =
+        if overview.failing_subscriptions.is_empty() && matches!(scope, Scope::All) {
+            HashMap::new()
+        } else {
+            queries::projects(&state.pool, scope)
+                .await?
+                .into_iter()
+                .map(|p| (p.id, p.name))
+                .collect()
+        };
     let title = match scope {
         Scope::Project(id) => match names.get(&id) {
             Some(name) => format!("Overview of {name}"),
-            None => "Overview of one project".to_owned(),
+            None => return Err(api::not_found_project(id).into()),
         },
         Scope::All => "Overview".to_owned(),
     };
@@ -608,7 +655,7 @@ async fn overview(
                     html! {
                         @for failing in &overview.failing_subscriptions {
                             tr {
-                                td { a href=(format!("/projects/{}/subscriptions/{}", failing.project_id, failing.subscription_id)) {
+                                td { a href=(format!("/projects/{}/subscriptions/{}", failing.project_id, segment(&failing.subscription_id))) {
                                     "Subscription/" (failing.subscription_id) } }
                                 @if matches!(scope, Scope::All) {
                                     td { a href=(format!("/projects/{}", failing.project_id)) {
@@ -835,7 +882,7 @@ async fn project(
                                 td { (figures_cell(&subscription.last_day)) }
                                 td.num {
                                     @if subscription.issues > 0 {
-                                        a.bad href=(format!("{}/issues?subscription={}", project.path(), subscription.id)) { (subscription.issues) }
+                                        a.bad href=(format!("{}/issues?{}", project.path(), query_string(&[("subscription", &subscription.id)]))) { (subscription.issues) }
                                     } @else { "0" }
                                 }
                             }
@@ -964,7 +1011,7 @@ async fn subscription(
             p { "None yet." }
         } @else {
             div #recent-deliveries { (deliveries_table(&project, &recent.deliveries, now, false)) }
-            p { a href=(format!("{}/deliveries?subscription={id}", project.path())) { "All its deliveries →" } }
+            p { a href=(format!("{}/deliveries?{}", project.path(), query_string(&[("subscription", &id)]))) { "All its deliveries →" } }
         }
     };
     let mut crumbs = project.crumbs();
@@ -1110,7 +1157,7 @@ async fn confirm_subscription_action(
                 false,
             )
         }
-        _ => unreachable!("subscription_action_named names subscription actions only"),
+        other => return Err(not_an_action_here(other)),
     };
     let path = project.subscription_path(&id);
     let mut crumbs = project.crumbs();
@@ -1124,16 +1171,20 @@ async fn confirm_subscription_action(
             consequence,
             button,
             danger,
-            action: format!("{path}/{}", action_segment(&action)),
+            action: format!("{path}/{}", action.name()),
             back: path,
             hidden: Vec::new(),
         },
     ))
 }
 
-/// The path segment that names an action (`api::*_action_named` reads it back).
-fn action_segment(action: &Action) -> &'static str {
-    action.name()
+/// An action that `api::*_action_named` gave for a path where it has no confirmation page (none
+/// does today: those functions name only the actions of their object).
+fn not_an_action_here(action: &Action) -> Failure {
+    Failure(Refusal::new(
+        StatusCode::NOT_FOUND,
+        format!("`{}` has no confirmation page here", action.name()),
+    ))
 }
 
 async fn subscription_action(
@@ -1148,7 +1199,7 @@ async fn subscription_action(
     api::may_act(&auth, form.csrf.as_deref())?;
     let result = api::perform(&state.pool, &auth, project, &action).await?;
     Ok(after_action(
-        &format!("/projects/{project}/subscriptions/{id}"),
+        &format!("/projects/{project}/subscriptions/{}", segment(&id)),
         &result,
     ))
 }
@@ -1413,15 +1464,16 @@ fn resend_path(
     id: &str,
     subscription: Option<&str>,
 ) -> String {
-    let mut path = format!("{}/resources/{resource_type}/{id}/resend", project.path());
-    if let Some(subscription) = subscription {
-        let query = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("subscription", subscription)
-            .finish();
-        path.push('?');
-        path.push_str(&query);
+    let path = format!(
+        "{}/resources/{}/{}/resend",
+        project.path(),
+        segment(resource_type),
+        segment(id)
+    );
+    match subscription {
+        Some(subscription) => format!("{path}?{}", query_string(&[("subscription", subscription)])),
+        None => path,
     }
-    path
 }
 
 async fn confirm_delivery_action(
@@ -1442,7 +1494,7 @@ async fn confirm_delivery_action(
         delivery.resource, delivery.version_id, delivery.subscription_id
     );
     let state_now = delivery.state.as_str();
-    let (title, question, consequence, button, danger) = match action {
+    let (title, question, consequence, button, danger) = match &action {
         Action::Retry(_) => (
             "Retry the delivery",
             format!("Retry {state_now} delivery {id} ({what})?"),
@@ -1470,7 +1522,7 @@ async fn confirm_delivery_action(
             "Cancel the delivery",
             true,
         ),
-        _ => unreachable!("delivery_action_named names delivery actions only"),
+        other => return Err(not_an_action_here(other)),
     };
     let path = project.delivery_path(id);
     let mut crumbs = project.crumbs();
@@ -1484,7 +1536,7 @@ async fn confirm_delivery_action(
             consequence,
             button: button.to_owned(),
             danger,
-            action: format!("{path}/{}", action_segment(&action)),
+            action: format!("{path}/{}", action.name()),
             back: path,
             hidden: Vec::new(),
         },
