@@ -427,7 +427,7 @@ async fn an_operator_sees_which_subscriptions_fail_why_and_what_was_sent_and_ans
     browser
         .open(&world.url(&world.subscription_path(&world.unsupported)))
         .await;
-    assert!(browser.text_of("#issues .issue-message").await == message);
+    assert_eq!(browser.text_of("#issues .issue-message").await, message);
 
     // A failed delivery: what was sent (the patient), what came back (500, "ok"), its AuditEvent.
     let failed = world.deliveries(&world.failing).await[0].0;

@@ -1709,22 +1709,27 @@ async fn endpoints(
             div #endpoints {
                 (table(
                     html! {
-                        th { "Endpoint" } th { "Circuit" } th.num { "Failures" } th.num { "Openings" }
-                        th { "Opened" } th { "Next probe" } th { "Last failure" } th.num { "Pending" } th.num { "In flight" }
+                        th { "Endpoint" } th { "Circuit" } th.num { "Failures" } th { "Last failure" }
+                        th.num { "Pending" } th.num { "In flight" }
                         @if may_act { th {} }
                     },
                     html! {
                         @for endpoint in &endpoints {
                             tr {
                                 td { code { (endpoint.endpoint) } }
-                                td { (circuit_badge(Some(&endpoint.state))) }
-                                td.num { (endpoint.consecutive_failures) }
-                                td.num { (endpoint.openings) }
-                                td { (optional_time(endpoint.opened_at, now)) }
                                 td {
-                                    @match endpoint.next_probe_at {
-                                        Some(at) => { (time(at, now)) br; span.muted { (ago(at, now)) } },
-                                        None => "–",
+                                    (circuit_badge(Some(&endpoint.state)))
+                                    @if let Some(opened) = endpoint.opened_at {
+                                        br; span.muted { "opened " (ago(opened, now)) }
+                                    }
+                                    @if let Some(probe) = endpoint.next_probe_at {
+                                        br; span.muted { "probe " (ago(probe, now)) }
+                                    }
+                                }
+                                td.num {
+                                    (endpoint.consecutive_failures)
+                                    @if endpoint.openings > 0 {
+                                        br; span.muted { (plural(i64::from(endpoint.openings), "opening", "openings")) }
                                     }
                                 }
                                 td.error-text {
