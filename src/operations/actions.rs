@@ -698,11 +698,20 @@ async fn require_subscription(
     project: Uuid,
     subscription: &str,
 ) -> Result<(), ControlError> {
-    match capture::read(&mut *conn, project, "Subscription", subscription).await {
-        Ok(_) => Ok(()),
-        Err(StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_)) => {
-            Err(ControlError::UnknownSubscription(subscription.to_owned()))
-        }
-        Err(error) => Err(error.into()),
+    // A query, not `read_resource`: its "not found" is an exception, which would abort the
+    // action's transaction.
+    let exists = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.resource
+                          WHERE project_id = $1 AND resource_type = 'Subscription' AND id = $2
+                            AND NOT deleted) AS "exists!""#,
+        project,
+        subscription
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if exists {
+        Ok(())
+    } else {
+        Err(ControlError::UnknownSubscription(subscription.to_owned()))
     }
 }

@@ -281,6 +281,8 @@ pub struct SubscriptionSummary {
     pub id: String,
     /// Its current version.
     pub version_id: i64,
+    /// Its `reason` (what it is for: the name people know it by).
+    pub reason: Option<String>,
     /// Its endpoint, redacted ([`redact_endpoint`]).
     pub endpoint: Option<String>,
     /// Its criteria.
@@ -323,6 +325,7 @@ pub async fn subscriptions(
                ORDER BY r.id LIMIT $3)
            SELECT s.id AS "id!", s.version_id AS "version_id!",
                   s.content -> 'channel' ->> 'endpoint' AS endpoint,
+                  s.content ->> 'reason' AS reason,
                   s.content ->> 'criteria' AS criteria, s.content ->> 'status' AS status,
                   s.content ->> 'error' AS error,
                   EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
@@ -379,6 +382,7 @@ pub async fn subscriptions(
                 endpoint: row.endpoint.as_deref().map(redact_endpoint),
                 id: row.id,
                 version_id: row.version_id,
+                reason: row.reason,
                 criteria: row.criteria,
                 status: row.status,
                 error: row.error,
