@@ -169,6 +169,12 @@ pub async fn act(
             .await?;
     }
     tx.commit().await?;
+    let cancelled = if matches!(action, Action::Cancel(_)) {
+        done.deliveries.len()
+    } else {
+        0
+    };
+    crate::metrics::operator_action(action.name(), cancelled);
     let audit_event_id = written
         .resource
         .get("id")
