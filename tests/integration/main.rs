@@ -3,6 +3,7 @@
 mod admin;
 mod audit_library;
 mod bots;
+mod browser;
 mod capture;
 mod common;
 mod concurrency;
