@@ -220,12 +220,10 @@ fn entity(resource_type: &str, id: &str) -> Value {
             "role": audit::entity_role(resource_type) })
 }
 
-fn plural(count: usize, noun: &str) -> String {
-    if count == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{count} {noun}s")
-    }
+/// `1 delivery`, `3 deliveries`.
+fn deliveries(count: usize, adjective: &str) -> String {
+    let noun = if count == 1 { "delivery" } else { "deliveries" };
+    format!("{count} {adjective}{noun}")
 }
 
 async fn perform(
@@ -319,7 +317,7 @@ async fn retry(
     let summary = if ids.is_empty() {
         format!("nothing to retry among {target}")
     } else {
-        format!("retried {} ({target})", plural(ids.len(), "delivery"))
+        format!("retried {} ({target})", deliveries(ids.len(), ""))
     };
     let mut done = Done::new(summary, !ids.is_empty(), entities);
     done.wake_workers = !ids.is_empty();
@@ -423,7 +421,7 @@ async fn cancel(
             Done::new(
                 format!(
                     "cancelled {} of Subscription/{subscription}",
-                    plural(ids.len(), "pending delivery")
+                    deliveries(ids.len(), "pending ")
                 ),
                 !ids.is_empty(),
                 vec![entity("Subscription", subscription)],
