@@ -273,3 +273,67 @@ async fn an_operator_sees_a_failing_subscription_reads_a_delivery_and_replays_ca
     let (success, _, stderr) = run(&db.url, &["deliveries", "--since", "yesterday"]);
     assert!(!success && stderr.contains("not a time"), "{stderr}");
 }
+
+#[tokio::test]
+async fn console_serves_the_api_alone_and_run_serves_it_beside_the_pipeline() {
+    use std::io::{BufRead, BufReader};
+    let db = TestDb::new().await;
+    let (_, secret) = fhir_outbox::operations::console::tokens::create(
+        &db.pool,
+        "reader",
+        fhir_outbox::operations::console::tokens::Role::Viewer,
+        None,
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    // `console` prints its address on standard output; `run` logs it.
+    for (args, from_stdout) in [
+        (vec!["console", "--console-addr", "127.0.0.1:0"], true),
+        (vec!["run", "--console-addr", "127.0.0.1:0"], false),
+    ] {
+        let mut child = binary()
+            .args(&args)
+            .env("DATABASE_URL", &db.url)
+            .env("FHIR_OUTBOX_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let address = {
+            let stream: Box<dyn std::io::Read + Send> = if from_stdout {
+                Box::new(child.stdout.take().unwrap())
+            } else {
+                Box::new(child.stderr.take().unwrap())
+            };
+            let mut lines = BufReader::new(stream).lines();
+            let address = loop {
+                let line = lines.next().expect("the address is printed").unwrap();
+                if let Some(rest) = line
+                    .split("http://")
+                    .nth(1)
+                    .filter(|_| line.contains("onsole"))
+                {
+                    break rest.split('/').next().unwrap().to_owned();
+                }
+            };
+            // Keep reading, so that the process never writes to a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            address
+        };
+        let base = format!("http://{address}/api/v1");
+        let who = http
+            .get(format!("{base}/whoami"))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(who.status(), 200, "{args:?}");
+        assert_eq!(who.json::<Value>().await.unwrap()["name"], "reader");
+        let anonymous = http.get(format!("{base}/overview")).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{args:?}");
+        crate::common::sigterm(&child);
+        assert!(child.wait().unwrap().success(), "{args:?} stops on SIGTERM");
+    }
+}
