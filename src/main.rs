@@ -13,7 +13,8 @@ use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::operations::actions::{self, Action, Actor, CancelScope, RetryScope};
 use fhir_outbox::operations::admin::AdminError;
 use fhir_outbox::operations::console::ConsoleError;
-use fhir_outbox::operations::control::{self, DeliveryFilter};
+use fhir_outbox::operations::console::queries::DeliveryQuery;
+use fhir_outbox::operations::control;
 use fhir_outbox::operations::retention::{self, Retention};
 use fhir_outbox::pipeline::{Pipeline, PipelineError};
 use fhir_outbox::{db, operations};
@@ -937,14 +938,16 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 let mut conn = pool.acquire().await?;
                 actions::require_known_subscription(&mut conn, project, subscription).await?;
             }
-            let filter = DeliveryFilter {
-                project,
+            let query = DeliveryQuery {
                 subscription,
                 state,
                 since,
                 limit,
+                ..DeliveryQuery::default()
             };
-            let rows = control::deliveries(&pool, &filter).await?;
+            let rows = operations::console::queries::deliveries(&pool, project, &query)
+                .await?
+                .deliveries;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
