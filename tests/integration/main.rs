@@ -19,6 +19,7 @@ mod logs;
 mod migrations;
 mod nesting;
 mod operations;
+mod operator_cli;
 mod operator_errors;
 mod pipeline;
 mod precommit;

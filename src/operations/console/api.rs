@@ -301,7 +301,7 @@ impl DeliveryParams {
             since: time(&self.since)?,
             until: time(&self.until)?,
             before: self.cursor,
-            limit: self.limit.unwrap_or(50),
+            limit: self.limit.unwrap_or(50).clamp(1, 500),
         })
     }
 }
