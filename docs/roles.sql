@@ -45,7 +45,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA fhir_outbox TO fhir_outbox_worker;
 GRANT INSERT, UPDATE, DELETE ON
     fhir_outbox.outbox, fhir_outbox.delivery, fhir_outbox.delivery_attempt,
     fhir_outbox.subscription_issue, fhir_outbox.subscription_pause, fhir_outbox.subscription_failure,
-    fhir_outbox.dispatcher_waiting, fhir_outbox.endpoint_circuit, fhir_outbox.claim_cursor
+    fhir_outbox.dispatcher_waiting, fhir_outbox.endpoint_circuit, fhir_outbox.claim_cursor,
+    fhir_outbox.console_token
 TO fhir_outbox_worker;
 -- Retention of AuditEvents deletes their versions.
 GRANT DELETE ON fhir_outbox.resource, fhir_outbox.resource_version TO fhir_outbox_worker;

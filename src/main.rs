@@ -10,9 +10,11 @@ use fhir_outbox::capture::Interaction;
 use fhir_outbox::delivery::policy::{Backoff, CircuitBreaker};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
-use fhir_outbox::operations::actions::{self, Action, Actor, RetryScope};
+use fhir_outbox::operations::actions::{self, Action, Actor, CancelScope, RetryScope};
 use fhir_outbox::operations::admin::AdminError;
-use fhir_outbox::operations::control::{self, DeliveryFilter};
+use fhir_outbox::operations::console::ConsoleError;
+use fhir_outbox::operations::console::queries::DeliveryQuery;
+use fhir_outbox::operations::control;
 use fhir_outbox::operations::retention::{self, Retention};
 use fhir_outbox::pipeline::{Pipeline, PipelineError};
 use fhir_outbox::{db, operations};
@@ -78,6 +80,10 @@ enum Command {
         /// Address of the admin endpoint (/metrics, /healthz, /readyz); `off` to disable.
         #[arg(long, env = "FHIR_OUTBOX_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
         admin_addr: String,
+        /// Address of the operator console and its API (e.g. 127.0.0.1:8080); `off` (the default)
+        /// serves none. Every request needs a token (`fhir-outbox token create`).
+        #[arg(long, env = "FHIR_OUTBOX_CONSOLE_ADDR", default_value = "off")]
+        console_addr: String,
     },
     /// Explain whether a subscription matches a resource change, and if not, which check failed.
     Explain {
@@ -109,8 +115,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List deliveries, newest first.
+    /// List deliveries, newest first; `deliveries show ID` shows one: what was sent, each attempt
+    /// and what the receiver answered.
+    #[command(args_conflicts_with_subcommands = true)]
     Deliveries {
+        #[command(subcommand)]
+        show: Option<cli::operator::DeliveriesCommand>,
         /// Only this project.
         #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
         project: Option<Uuid>,
@@ -123,8 +133,9 @@ enum Command {
             |name| name.parse::<DeliveryState>(),
         ))]
         state: Option<DeliveryState>,
-        /// Only changes made since this time (RFC 3339, e.g. 2026-11-22T08:00:00Z).
-        #[arg(long)]
+        /// Only changes made since this time: RFC 3339 (2026-11-22T08:00:00Z) or a duration ago
+        /// (90s, 15m, 1h, 7d).
+        #[arg(long, value_parser = parse_since)]
         since: Option<DateTime<Utc>>,
         /// At most this many.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
@@ -139,14 +150,15 @@ enum Command {
         /// The project.
         #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
         project: Uuid,
-        /// One delivery (failed or skipped), by id.
+        /// One delivery (failed, skipped or cancelled), by id.
         #[arg(long)]
         delivery: Option<i64>,
         /// Every failed delivery of this subscription.
         #[arg(long)]
         subscription: Option<String>,
-        /// Every failed delivery whose change was made since this time (RFC 3339).
-        #[arg(long)]
+        /// Every failed delivery whose change was made since this time: RFC 3339 or a duration
+        /// ago (1h).
+        #[arg(long, value_parser = parse_since)]
         failed_since: Option<DateTime<Utc>>,
         /// Print JSON.
         #[arg(long)]
@@ -184,6 +196,71 @@ enum Command {
         /// The subscription id.
         #[arg(long)]
         subscription: String,
+    },
+    /// Send a finished delivery again (succeeded, failed, skipped or cancelled): its own version and
+    /// `webhook-id`, as a new attempt, even if the resource changed or was deleted since.
+    Replay {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The delivery, by id.
+        #[arg(long)]
+        delivery: i64,
+    },
+    /// Cancel pending deliveries: one, or a subscription's whole backlog. They are never sent
+    /// (state `cancelled`; `replay` sends one after all).
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["delivery", "subscription"])))]
+    Cancel {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// One pending delivery, by id.
+        #[arg(long)]
+        delivery: Option<i64>,
+        /// Every pending delivery of this subscription.
+        #[arg(long)]
+        subscription: Option<String>,
+    },
+    /// Disable a subscription (its `status` becomes `off`, a new version): its pending deliveries
+    /// are skipped.
+    Disable {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The subscription id.
+        #[arg(long)]
+        subscription: String,
+    },
+    /// Enable a subscription (`status` `active`, its `error` removed, its final failures forgotten),
+    /// after it was disabled by an operator or automatically.
+    Enable {
+        /// The project.
+        #[arg(long, env = "FHIR_OUTBOX_PROJECT")]
+        project: Uuid,
+        /// The subscription id.
+        #[arg(long)]
+        subscription: String,
+    },
+    /// Subscriptions with their endpoint (redacted), state and figures of the last hour and day.
+    Subscriptions {
+        #[command(subcommand)]
+        command: cli::operator::SubscriptionsCommand,
+    },
+    /// Console tokens: create (the secret is shown once), list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: cli::operator::TokenCommand,
+    },
+    /// Serve the operator console and its API (`/api/v1`) without running the pipeline (`run
+    /// --console-addr` serves it beside the pipeline).
+    Console {
+        /// Address to listen on.
+        #[arg(
+            long,
+            env = "FHIR_OUTBOX_CONSOLE_ADDR",
+            default_value = "127.0.0.1:8080"
+        )]
+        console_addr: String,
     },
     /// Endpoints (a project's scheme://host:port) whose circuit is open or half-open or that have
     /// failed since their last healthy answer, with their load and next probe.
@@ -516,6 +593,21 @@ fn one_line(error: &anyhow::Error) -> String {
     text
 }
 
+/// `--since` and `--failed-since`: RFC 3339, or a duration ago (`1h`).
+fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
+    control::parse_time(text, Utc::now()).map_err(|error| error.to_string())
+}
+
+/// An address option, or `None` for `off`.
+fn parse_address(option: &str, text: &str) -> Result<Option<std::net::SocketAddr>> {
+    match text {
+        "off" => Ok(None),
+        address => Ok(Some(address.parse().with_context(|| {
+            format!("{option} `{address}` is not an address like 127.0.0.1:8080 (or `off`)")
+        })?)),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -570,7 +662,25 @@ async fn execute(cli: Cli) -> Result<()> {
         | Command::Pause { .. }
         | Command::Resume { .. }
         | Command::Endpoints { .. }
-        | Command::ResetEndpoint { .. }) => operate(cli.database_url, command).await,
+        | Command::ResetEndpoint { .. }
+        | Command::Replay { .. }
+        | Command::Cancel { .. }
+        | Command::Disable { .. }
+        | Command::Enable { .. }) => operate(cli.database_url, command).await,
+        Command::Subscriptions { command } => {
+            let pool = connect_migrated(&require_url(cli.database_url)?, 2).await?;
+            cli::operator::subscriptions(&pool, command).await
+        }
+        Command::Token { command } => {
+            let pool = connect_migrated(&require_url(cli.database_url)?, 2).await?;
+            cli::operator::token(&pool, command).await
+        }
+        Command::Console { console_addr } => {
+            let address = parse_address("--console-addr", &console_addr)?
+                .context("--console-addr cannot be `off` for `fhir-outbox console`")?;
+            let pool = connect_migrated(&require_url(cli.database_url)?, 8).await?;
+            cli::operator::serve_console(pool, address).await
+        }
         Command::Project { command } => {
             project_command(&require_url(cli.database_url)?, command).await
         }
@@ -588,17 +698,12 @@ async fn execute(cli: Cli) -> Result<()> {
             delivery,
             retention,
             admin_addr,
+            console_addr,
         } => {
             let dispatch = dispatch.config(cli.allow_unsafe_outbound);
             let delivery = delivery.config(cli.allow_unsafe_outbound)?;
-            let admin = match admin_addr.as_str() {
-                "off" => None,
-                address => Some(address.parse().with_context(|| {
-                    format!(
-                        "--admin-addr `{address}` is not an address like 127.0.0.1:9464 (or `off`)"
-                    )
-                })?),
-            };
+            let admin = parse_address("--admin-addr", &admin_addr)?;
+            let console = parse_address("--console-addr", &console_addr)?;
             let pruning = (
                 retention.retention(),
                 Duration::from_secs(retention.prune_interval_seconds),
@@ -609,6 +714,7 @@ async fn execute(cli: Cli) -> Result<()> {
                 delivery,
                 pruning,
                 admin,
+                console,
             )
             .await
         }
@@ -719,7 +825,11 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
         | Command::Resend { project, .. }
         | Command::Pause { project, .. }
         | Command::Resume { project, .. }
-        | Command::ResetEndpoint { project, .. } => Some(*project),
+        | Command::ResetEndpoint { project, .. }
+        | Command::Replay { project, .. }
+        | Command::Cancel { project, .. }
+        | Command::Disable { project, .. }
+        | Command::Enable { project, .. } => Some(*project),
         _ => None,
     };
     if let Some(project) = project {
@@ -813,6 +923,10 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
             }
         }
         Command::Deliveries {
+            show: Some(show), ..
+        } => cli::operator::show_delivery(&pool, show).await?,
+        Command::Deliveries {
+            show: None,
             project,
             subscription,
             state,
@@ -824,14 +938,16 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 let mut conn = pool.acquire().await?;
                 actions::require_known_subscription(&mut conn, project, subscription).await?;
             }
-            let filter = DeliveryFilter {
-                project,
+            let query = DeliveryQuery {
                 subscription,
                 state,
                 since,
                 limit,
+                ..DeliveryQuery::default()
             };
-            let rows = control::deliveries(&pool, &filter).await?;
+            let rows = operations::console::queries::deliveries(&pool, project, &query)
+                .await?
+                .deliveries;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
@@ -972,6 +1088,29 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                 }
             );
         }
+        Command::Replay { project, delivery } => {
+            cli::operator::act(&pool, project, Action::Replay(delivery)).await?;
+        }
+        Command::Cancel {
+            project,
+            delivery,
+            subscription,
+        } => {
+            let scope = match (delivery, subscription) {
+                (Some(id), _) => CancelScope::Delivery(id),
+                (_, Some(subscription)) => CancelScope::Subscription(subscription),
+                _ => unreachable!("clap requires one scope"),
+            };
+            cli::operator::act(&pool, project, Action::Cancel(scope)).await?;
+        }
+        Command::Disable {
+            project,
+            subscription,
+        } => cli::operator::act(&pool, project, Action::Disable(subscription)).await?,
+        Command::Enable {
+            project,
+            subscription,
+        } => cli::operator::act(&pool, project, Action::Enable(subscription)).await?,
         _ => unreachable!("not an operator command"),
     }
     pool.close().await;
@@ -984,9 +1123,16 @@ async fn run(
     delivery: DeliveryConfig,
     (retention, prune_every): (Retention, Duration),
     admin: Option<std::net::SocketAddr>,
+    console: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    // The pipeline checks the schema itself when it starts.
-    let pool = db::connect(&url, Pipeline::connections(&dispatch, &delivery)).await?;
+    // The pipeline checks the schema itself when it starts; the console's requests get connections
+    // of their own, so that a busy page never takes the pipeline's.
+    let console_connections = if console.is_some() { 4 } else { 0 };
+    let pool = db::connect(
+        &url,
+        Pipeline::connections(&dispatch, &delivery) + console_connections,
+    )
+    .await?;
     let mut builder = Pipeline::builder(pool.clone())
         .dispatch(dispatch)
         .delivery(delivery)
@@ -994,14 +1140,26 @@ async fn run(
     if let Some(address) = admin {
         builder = builder.admin(address);
     }
+    if let Some(address) = console {
+        builder = builder.console(address);
+    }
     let running = builder.start().await.map_err(|error| match error {
         PipelineError::Admin(AdminError::Bind { address, source }) => anyhow::anyhow!(
             "the admin endpoint cannot listen on {address}: {source} (is another `fhir-outbox \
              run` on this host?); choose another address with --admin-addr or \
              FHIR_OUTBOX_ADMIN_ADDR (`127.0.0.1:0` takes any free port), or `off`"
         ),
+        PipelineError::Console(ConsoleError::Bind { address, source }) => anyhow::anyhow!(
+            "the console cannot listen on {address}: {source}; choose another address with \
+             --console-addr or FHIR_OUTBOX_CONSOLE_ADDR (`127.0.0.1:0` takes any free port)"
+        ),
         other => other.into(),
     })?;
+    if let Some(address) = running.console_address() {
+        tracing::info!(
+            "console on http://{address}/ (API under /api/v1; `fhir-outbox token create` makes a token)"
+        );
+    }
     match running.admin_address() {
         Some(address) => tracing::info!(
             "running: dispatch and delivery; admin endpoint on http://{address}/ (/metrics, /healthz, /readyz)"
@@ -1070,7 +1228,7 @@ async fn bench(
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("install the SIGTERM handler");
     tokio::select! {

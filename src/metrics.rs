@@ -57,6 +57,8 @@ pub const OLDEST_PENDING_AGE: &str = "fhir_outbox_oldest_pending_delivery_age_se
 pub const OPEN_CIRCUITS: &str = "fhir_outbox_open_circuits";
 /// Circuit state changes, by the state entered (`open`, `half_open`, `closed`).
 pub const CIRCUIT_TRANSITIONS: &str = "fhir_outbox_circuit_transitions_total";
+/// Counter: operator actions (command line, console, API), by action.
+pub const OPERATOR_ACTIONS: &str = "fhir_outbox_operator_actions_total";
 
 /// Describes every metric (HELP lines).
 pub fn describe() {
@@ -114,6 +116,10 @@ pub fn describe() {
         CIRCUIT_TRANSITIONS,
         "Endpoint circuit state changes, by the state entered."
     );
+    describe_counter!(
+        OPERATOR_ACTIONS,
+        "Operator actions (command line, console, API), by action."
+    );
 }
 
 /// An HTTP attempt finished.
@@ -147,6 +153,14 @@ pub fn execution(
 /// A delivery reached a final state.
 pub fn finished(state: crate::delivery::DeliveryState) {
     metrics::counter!(FINISHED, "state" => state.as_str()).increment(1);
+}
+
+/// An operator action was performed; `cancelled` deliveries reached their final state by it.
+pub fn operator_action(action: &'static str, cancelled: usize) {
+    metrics::counter!(OPERATOR_ACTIONS, "action" => action).increment(1);
+    if cancelled > 0 {
+        metrics::counter!(FINISHED, "state" => "cancelled").increment(cancelled as u64);
+    }
 }
 
 /// A dispatch batch finished.

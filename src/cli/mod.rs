@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod demo;
+pub mod operator;
 pub mod receiver;
 pub mod table;

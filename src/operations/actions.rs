@@ -169,6 +169,12 @@ pub async fn act(
             .await?;
     }
     tx.commit().await?;
+    let cancelled = if matches!(action, Action::Cancel(_)) {
+        done.deliveries.len()
+    } else {
+        0
+    };
+    crate::metrics::operator_action(action.name(), cancelled);
     let audit_event_id = written
         .resource
         .get("id")
@@ -214,12 +220,10 @@ fn entity(resource_type: &str, id: &str) -> Value {
             "role": audit::entity_role(resource_type) })
 }
 
-fn plural(count: usize, noun: &str) -> String {
-    if count == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{count} {noun}s")
-    }
+/// `1 delivery`, `3 deliveries`.
+fn deliveries(count: usize, adjective: &str) -> String {
+    let noun = if count == 1 { "delivery" } else { "deliveries" };
+    format!("{count} {adjective}{noun}")
 }
 
 async fn perform(
@@ -313,7 +317,7 @@ async fn retry(
     let summary = if ids.is_empty() {
         format!("nothing to retry among {target}")
     } else {
-        format!("retried {} ({target})", plural(ids.len(), "delivery"))
+        format!("retried {} ({target})", deliveries(ids.len(), ""))
     };
     let mut done = Done::new(summary, !ids.is_empty(), entities);
     done.wake_workers = !ids.is_empty();
@@ -417,7 +421,7 @@ async fn cancel(
             Done::new(
                 format!(
                     "cancelled {} of Subscription/{subscription}",
-                    plural(ids.len(), "pending delivery")
+                    deliveries(ids.len(), "pending ")
                 ),
                 !ids.is_empty(),
                 vec![entity("Subscription", subscription)],
@@ -698,11 +702,20 @@ async fn require_subscription(
     project: Uuid,
     subscription: &str,
 ) -> Result<(), ControlError> {
-    match capture::read(&mut *conn, project, "Subscription", subscription).await {
-        Ok(_) => Ok(()),
-        Err(StoreError::NotFound(_) | StoreError::Gone(_) | StoreError::InvalidId(_)) => {
-            Err(ControlError::UnknownSubscription(subscription.to_owned()))
-        }
-        Err(error) => Err(error.into()),
+    // A query, not `read_resource`: its "not found" is an exception, which would abort the
+    // action's transaction.
+    let exists = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.resource
+                          WHERE project_id = $1 AND resource_type = 'Subscription' AND id = $2
+                            AND NOT deleted) AS "exists!""#,
+        project,
+        subscription
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if exists {
+        Ok(())
+    } else {
+        Err(ControlError::UnknownSubscription(subscription.to_owned()))
     }
 }

@@ -1,9 +1,8 @@
-//! What operators read with the command line: delivery status, the delivery list, endpoints'
-//! health; and the errors of operator actions (`actions.rs`). The SQL is here, over the public
+//! What operators read with the command line: delivery status, endpoints' health (the delivery
+//! list is the console's, `console::queries`); and the errors of operator actions (`actions.rs`). The SQL is here, over the public
 //! views of `migrations/`.
 
 use crate::capture::StoreError;
-use crate::delivery::DeliveryState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -161,81 +160,6 @@ pub async fn set_aside(
            ORDER BY seq DESC LIMIT $2"#,
         project,
         limit
-    )
-    .fetch_all(pool)
-    .await?)
-}
-
-/// One delivery, for `fhir-outbox deliveries`.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeliveryRow {
-    /// Delivery id.
-    pub id: i64,
-    /// The `webhook-id` header its requests carry (the same on every retry): what a receiver logs.
-    pub webhook_id: Uuid,
-    /// Project.
-    pub project_id: Uuid,
-    /// Subscription id.
-    pub subscription_id: String,
-    /// `Type/id`.
-    pub resource: String,
-    /// Version delivered.
-    pub version_id: i64,
-    /// create, update or delete.
-    pub interaction: String,
-    /// pending, in_flight, succeeded, skipped, failed or cancelled.
-    pub state: DeliveryState,
-    /// HTTP attempts made.
-    pub attempts: i32,
-    /// The HTTP status of the last attempt that got a response (none yet, or only network errors:
-    /// `None`).
-    pub last_status: Option<i32>,
-    /// When the change was made.
-    pub changed_at: DateTime<Utc>,
-    /// Next attempt (pending) .
-    pub next_attempt_at: DateTime<Utc>,
-    /// Last error or skip reason.
-    pub reason: Option<String>,
-}
-
-/// Filters of [`deliveries`].
-#[derive(Debug, Clone, Default)]
-pub struct DeliveryFilter {
-    /// Only this project.
-    pub project: Option<Uuid>,
-    /// Only this subscription.
-    pub subscription: Option<String>,
-    /// Only this state.
-    pub state: Option<DeliveryState>,
-    /// Only changes made since.
-    pub since: Option<DateTime<Utc>>,
-    /// At most this many, newest first.
-    pub limit: i64,
-}
-
-/// Deliveries, newest first.
-pub async fn deliveries(
-    pool: &PgPool,
-    filter: &DeliveryFilter,
-) -> Result<Vec<DeliveryRow>, ControlError> {
-    Ok(sqlx::query_as!(
-        DeliveryRow,
-        r#"SELECT id, webhook_id, project_id, subscription_id,
-                  resource_type || '/' || resource_id AS "resource!", version_id, interaction,
-                  state AS "state: DeliveryState", attempts, last_status, changed_at, next_attempt_at,
-                  reason
-           FROM fhir_outbox.delivery
-           WHERE ($1::uuid IS NULL OR project_id = $1)
-             AND ($2::text IS NULL OR subscription_id = $2)
-             AND ($3::text IS NULL OR state = $3)
-             AND ($4::timestamptz IS NULL OR changed_at >= $4)
-           ORDER BY id DESC
-           LIMIT $5"#,
-        filter.project,
-        filter.subscription,
-        filter.state.map(DeliveryState::as_str),
-        filter.since,
-        filter.limit
     )
     .fetch_all(pool)
     .await?)

@@ -44,7 +44,7 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, sqlx::
         let mut tx = pool.begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar!(
             "SELECT id FROM fhir_outbox.delivery
-             WHERE finished_at < now() - make_interval(secs => $1) AND state IN ('succeeded', 'skipped', 'failed')
+             WHERE finished_at < now() - make_interval(secs => $1) AND state IN ('succeeded', 'skipped', 'failed', 'cancelled')
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
             keep,
             BATCH

@@ -15,6 +15,7 @@ use fhir_outbox::capture::{self, StoreError, WriteContext};
 use fhir_outbox::delivery::policy::Backoff;
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState};
 use fhir_outbox::dispatch::DispatchConfig;
+use fhir_outbox::operations::console;
 use fhir_outbox::pipeline::{Pipeline, PipelineError};
 use fhir_outbox::{db, project};
 use std::collections::HashMap;
@@ -53,6 +54,9 @@ pub enum DemoError {
     /// Writing to the terminal failed.
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
+    /// The operator console could not start.
+    #[error("the console could not start: {0}")]
+    Console(String),
 }
 
 /// How the tour runs.
@@ -251,7 +255,7 @@ pub async fn run(
     sql_hints(project, options, out)?;
 
     if let Some(pipeline) = pipeline {
-        keep_running(project, &receiver, &shutdown, out).await?;
+        keep_running(&pool, project, &receiver, &shutdown, out).await?;
         pipeline.shutdown().await;
     }
     receiver.stop();
@@ -592,11 +596,29 @@ SELECT subscription_id, kind, message, occurrences
 
 /// After the tour, with `--keep-running`: the pipeline keeps delivering what the user writes.
 async fn keep_running(
+    pool: &sqlx::PgPool,
     project: Uuid,
     receiver: &Receiver,
     shutdown: &CancellationToken,
     out: &mut impl Write,
 ) -> Result<(), DemoError> {
+    // The operator console on a free loopback port, with an operator token made for this run.
+    let (_, secret) = console::tokens::create(pool, "demo", console::tokens::Role::Operator, None)
+        .await
+        .map_err(|error| DemoError::Console(error.to_string()))?;
+    let (address, console) = console::serve(
+        pool.clone(),
+        "127.0.0.1:0".parse().expect("an address"),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|error| DemoError::Console(error.to_string()))?;
+    writeln!(
+        out,
+        "\nThe operator console: http://{address}/ — sign in with the token\n\n    {secret}\n\n\
+         (the API: curl -H 'Authorization: Bearer {secret}' http://{address}/api/v1/overview)"
+    )?;
+    let _console = console;
     writeln!(
         out,
         "\nStill running: the dispatcher, the worker and the receiver. Write something and watch it\n\

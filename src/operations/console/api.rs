@@ -122,7 +122,8 @@ pub fn visible_project(auth: &Authenticated, project: &str) -> Result<Uuid, Refu
     }
 }
 
-fn not_found_project(id: Uuid) -> Refusal {
+/// The refusal of a project that does not exist or that the token does not see (the same words).
+pub(super) fn not_found_project(id: Uuid) -> Refusal {
     Refusal::new(StatusCode::NOT_FOUND, format!("project {id} not found"))
 }
 
@@ -342,7 +343,7 @@ impl DeliveryParams {
             since: time(&self.since)?,
             until: time(&self.until)?,
             before: self.cursor,
-            limit: self.limit.unwrap_or(50),
+            limit: self.limit.unwrap_or(50).clamp(1, 500),
         })
     }
 }

@@ -11,9 +11,11 @@
 //! each as an AuditEvent with the token's identity.
 //!
 //! - `tokens.rs`: tokens and principals; `queries.rs`: what is read (bounded);
-//! - `api.rs`: the JSON API (`openapi.json` describes it); `pages.rs`: the HTML pages.
+//! - `api.rs`: the JSON API (`openapi.json` describes it); `pages.rs`: the HTML pages, `charts.rs`
+//!   their SVG charts.
 
 pub mod api;
+mod charts;
 mod pages;
 pub mod queries;
 pub mod tokens;

@@ -294,6 +294,8 @@ pub struct SubscriptionSummary {
     pub id: String,
     /// Its current version.
     pub version_id: i64,
+    /// Its `reason` (what it is for: the name people know it by).
+    pub reason: Option<String>,
     /// Its endpoint, redacted ([`redact_endpoint`]).
     pub endpoint: Option<String>,
     /// Its criteria.
@@ -336,6 +338,7 @@ pub async fn subscriptions(
                ORDER BY r.id LIMIT $3)
            SELECT s.id AS "id!", s.version_id AS "version_id!",
                   s.content -> 'channel' ->> 'endpoint' AS endpoint,
+                  s.content ->> 'reason' AS reason,
                   s.content ->> 'criteria' AS criteria, s.content ->> 'status' AS status,
                   s.content ->> 'error' AS error,
                   EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
@@ -392,6 +395,7 @@ pub async fn subscriptions(
                 endpoint: row.endpoint.as_deref().map(redact_endpoint),
                 id: row.id,
                 version_id: row.version_id,
+                reason: row.reason,
                 criteria: row.criteria,
                 status: row.status,
                 error: row.error,
@@ -476,7 +480,7 @@ pub struct DeliveryQuery {
     pub until: Option<DateTime<Utc>>,
     /// Only deliveries older than this one (the cursor of the next page).
     pub before: Option<i64>,
-    /// At most this many (1 to 500).
+    /// At most this many (at least 1).
     pub limit: i64,
 }
 
@@ -485,8 +489,10 @@ pub struct DeliveryQuery {
 pub struct DeliveryItem {
     /// Delivery id.
     pub id: i64,
-    /// The `webhook-id` its requests carry.
+    /// The `webhook-id` its requests carry (the same on every retry): what a receiver logs.
     pub webhook_id: Uuid,
+    /// Project.
+    pub project_id: Uuid,
     /// Subscription id.
     pub subscription_id: String,
     /// `Type/id`.
@@ -520,24 +526,26 @@ pub struct DeliveryPage {
     pub next_cursor: Option<i64>,
 }
 
-/// A page of a project's deliveries, newest first.
+/// A page of a project's deliveries (or of every project's, for the command line), newest first.
 pub async fn deliveries(
     pool: &PgPool,
-    project: Uuid,
+    project: impl Into<Option<Uuid>>,
     query: &DeliveryQuery,
 ) -> Result<DeliveryPage, StoreError> {
-    let limit = query.limit.clamp(1, 500);
+    let project = project.into();
+    let limit = query.limit.max(1);
     let (resource_type, resource_id) = match &query.resource {
         Some((resource_type, id)) => (Some(resource_type.as_str()), Some(id.as_str())),
         None => (None, None),
     };
     let mut deliveries = sqlx::query_as!(
         DeliveryItem,
-        r#"SELECT id, webhook_id, subscription_id, resource_type || '/' || resource_id AS "resource!",
+        r#"SELECT id, webhook_id, project_id, subscription_id,
+                  resource_type || '/' || resource_id AS "resource!",
                   version_id, interaction, state AS "state: DeliveryState", attempts, last_status,
                   changed_at, next_attempt_at, finished_at, reason
            FROM fhir_outbox.delivery
-           WHERE project_id = $1
+           WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2::text IS NULL OR state = $2)
              AND ($3::text IS NULL OR subscription_id = $3)
              AND ($4::text IS NULL OR (resource_type = $4 AND resource_id = $5))
@@ -601,8 +609,6 @@ pub struct DeliveryDetail {
     /// The delivery.
     #[serde(flatten)]
     pub delivery: DeliveryItem,
-    /// Project.
-    pub project_id: Uuid,
     /// The write's request id.
     pub request_id: String,
     /// The write's trace id.
@@ -722,6 +728,7 @@ pub async fn delivery(
         delivery: DeliveryItem {
             id: row.id,
             webhook_id: row.webhook_id,
+            project_id: project,
             subscription_id: row.subscription_id,
             resource: reference,
             version_id: row.version_id,
@@ -734,7 +741,6 @@ pub async fn delivery(
             finished_at: row.finished_at,
             reason: row.reason,
         },
-        project_id: project,
         request_id: row.request_id,
         trace_id: row.trace_id,
         matched_at: row.matched_at,
