@@ -299,7 +299,10 @@ pub async fn run(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
             Figure::new(
                 Scenario::Console,
                 format!("console.{key}.median_ms"),
-                format!("console: {label} ({rows} rows)"),
+                format!(
+                    "console: {label} ({rows} {})",
+                    if rows == 1 { "row" } else { "rows" }
+                ),
                 median,
                 "ms",
             )
