@@ -1445,14 +1445,28 @@ async fn a_deleted_subscriptions_deliveries_can_still_be_acted_on() {
         .await
         .ok();
     assert_eq!(cancelled["deliveries"], json!([delivery]));
+    assert_eq!(delivery_state(&db.pool, delivery).await, "cancelled");
     for action in ["retry", "resume"] {
+        let result = api
+            .post(
+                &alice,
+                &format!("{base}/subscriptions/{subscription}/{action}"),
+                None,
+            )
+            .await
+            .ok();
+        assert_eq!(result["changed"], false, "{result}");
+        audited(&db.pool, project, &result, &alice).await;
+    }
+    // What needs the subscription itself does not find it.
+    for action in ["pause", "disable", "enable"] {
         api.post(
             &alice,
             &format!("{base}/subscriptions/{subscription}/{action}"),
             None,
         )
         .await
-        .ok();
+        .refused(StatusCode::NOT_FOUND);
     }
 }
 
