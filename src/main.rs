@@ -313,7 +313,8 @@ enum Command {
         json: Option<std::path::PathBuf>,
         /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim, fhirpath
         /// (hostile FHIRPath criteria against the evaluation budget; no database), noisy (healthy
-        /// endpoints beside hanging and failing ones), slow (receivers answering after 100 ms).
+        /// endpoints beside hanging and failing ones), slow (receivers answering after 100 ms),
+        /// console (the console's reads on a database of 1,000,000 attempts).
         #[arg(long, value_delimiter = ',')]
         only: Vec<cli::bench::Scenario>,
         /// Load pg_stat_statements and report the statements that took the most database time in

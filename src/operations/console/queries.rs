@@ -115,7 +115,8 @@ pub struct Minute {
     pub p99_ms: Option<f64>,
 }
 
-/// A subscription with failed attempts in the last hour, or disabled automatically.
+/// A subscription with failed attempts in the last hour (a disabled one shows in its project's
+/// list, `auto_disabled`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Failing {
     /// Project.
@@ -593,7 +594,8 @@ pub struct AttemptDetail {
     pub succeeded: bool,
     /// The HTTP status, if an answer came.
     pub status: Option<i32>,
-    /// The error, if none came.
+    /// Why it failed: no answer (timeout, connection), or the status received (`Received status
+    /// 500`).
     pub error: Option<String>,
     /// The start of the response body.
     pub response_body: Option<String>,
