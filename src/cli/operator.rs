@@ -152,6 +152,7 @@ pub async fn subscriptions(pool: &PgPool, command: SubscriptionsCommand) -> Resu
             "Subscription/{} (version {}) in project {}",
             s.id, s.version_id, s.project_id
         );
+        println!("  reason:    {}", s.reason.as_deref().unwrap_or("-"));
         println!("  status:    {}", state_words(s));
         println!("  endpoint:  {}", s.endpoint.as_deref().unwrap_or("-"));
         println!("  criteria:  {}", s.criteria.as_deref().unwrap_or("-"));

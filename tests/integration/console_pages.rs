@@ -675,6 +675,8 @@ async fn an_operator_pauses_cancels_the_backlog_and_manages_a_subscription() {
     assert_eq!(done, format!("paused Subscription/{}", world.healthy));
     assert!(browser.text_of("#status").await.contains("paused"));
     assert!(world.is_paused(&world.healthy).await);
+    // What the subscription is for (its `reason`), the name people know it by.
+    assert_eq!(browser.text_of("#subscription-reason").await, "test");
 
     // Its backlog grows while paused; cancel it.
     create(&world.db.pool, world.project, &patient("Quill"), None).await;

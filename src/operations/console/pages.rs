@@ -867,6 +867,9 @@ async fn project(
                             tr {
                                 td {
                                     a href=(project.subscription_path(&subscription.id)) { (subscription.id) }
+                                    @if let Some(reason) = &subscription.reason {
+                                        br; span { (reason) }
+                                    }
                                     @if let Some(criteria) = &subscription.criteria {
                                         br; span.muted { (criteria) }
                                     }
@@ -959,6 +962,9 @@ async fn subscription(
         }
         dl.facts {
             dt { "Status" } dd #status { (subscription_badges(&subscription)) }
+            @if let Some(reason) = &subscription.reason {
+                dt { "Reason" } dd #subscription-reason { (reason) }
+            }
             dt { "Endpoint" } dd { code #endpoint { (subscription.endpoint.as_deref().unwrap_or("–")) } }
             dt { "Criteria" } dd { code { (subscription.criteria.as_deref().unwrap_or("–")) } }
             dt { "Version" } dd { (subscription.version_id) }
