@@ -199,7 +199,7 @@ pub async fn endpoint_health(
     pool: &PgPool,
     project: Option<Uuid>,
     all: bool,
-) -> Result<Vec<EndpointHealth>, ControlError> {
+) -> Result<Vec<EndpointHealth>, StoreError> {
     Ok(sqlx::query_as!(
         EndpointHealth,
         r#"SELECT project_id AS "project_id!", endpoint AS "endpoint!", state AS "state!",

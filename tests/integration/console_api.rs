@@ -2057,6 +2057,10 @@ async fn endpoints_show_their_circuit_and_reset_closes_it() {
     assert_eq!(endpoint["endpoint"], origin.as_str());
     assert_eq!(endpoint["state"], "open");
     assert_eq!(endpoint["consecutive_failures"], 1);
+    // Its receiver's figures, from the attempts of the subscriptions on it: one, failed.
+    assert_eq!(endpoint["last_hour"]["attempts"], 1);
+    assert_eq!(endpoint["last_hour"]["success_rate"], 0.0);
+    assert_eq!(endpoint["last_day"]["attempts"], 1);
     assert_eq!(
         api.get(&alice, &format!("{base}/subscriptions/{subscription}"))
             .await

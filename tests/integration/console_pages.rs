@@ -654,6 +654,8 @@ async fn an_operator_pauses_cancels_the_backlog_and_manages_a_subscription() {
         .find(|row| row.contains(&failing_origin))
         .unwrap();
     assert!(row.contains("closed"), "{row}");
+    // Its receiver's figures: the three failed attempts of the subscription on it.
+    assert!(row.contains(" of 3"), "{row}");
     let (question, done) = confirm(&browser, "#endpoints a.button").await;
     assert_eq!(
         question,

@@ -25,7 +25,6 @@ use super::scenarios::{Results, other, percentile};
 use super::{BenchError, Figure, Scenario, Sizes, Target};
 use fhir_outbox::delivery::DeliveryState;
 use fhir_outbox::operations::console::queries::{self, DeliveryQuery, Scope};
-use fhir_outbox::operations::control;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -64,10 +63,7 @@ async fn perform(pool: &PgPool, project: Uuid, read: &Read) -> Result<usize, Ben
         Read::Projects => queries::projects(pool, Scope::All).await?.len(),
         Read::Subscriptions(only) => queries::subscriptions(pool, project, *only).await?.len(),
         Read::Issues => queries::issues(pool, project, None).await?.len(),
-        Read::Endpoints => control::endpoint_health(pool, Some(project), true)
-            .await
-            .map_err(other)?
-            .len(),
+        Read::Endpoints => queries::endpoints(pool, project).await?.len(),
         Read::Deliveries(query) => queries::deliveries(pool, project, query)
             .await?
             .deliveries
@@ -159,7 +155,7 @@ pub async fn run(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
             Read::Subscriptions(Some("sub-05")),
         ),
         ("issues", "issues of a project", Read::Issues),
-        ("endpoints", "endpoints of a project", Read::Endpoints),
+        ("endpoints", "endpoints of a project, with figures", Read::Endpoints),
         (
             "deliveries",
             "deliveries, first page",

@@ -287,9 +287,9 @@ async fn endpoints(
 ) -> Answer {
     let project = visible_project(&auth, &project)?;
     require_project(&state.pool, project).await?;
-    let endpoints = control::endpoint_health(&state.pool, Some(project), true)
+    let endpoints = queries::endpoints(&state.pool, project)
         .await
-        .map_err(refusal)?;
+        .map_err(|error| store_refusal(&error))?;
     answer(json!({ "endpoints": endpoints }))
 }
 

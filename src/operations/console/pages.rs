@@ -20,7 +20,7 @@ use super::{Authenticated, ConsoleState, Refusal, SESSION_COOKIE, tokens};
 use crate::capture::{Interaction, StoreError};
 use crate::delivery::DeliveryState;
 use crate::operations::actions::{Action, ActionResult};
-use crate::operations::control::{self, ControlError};
+use crate::operations::control::ControlError;
 use crate::subscription::extension;
 use axum::Router;
 use axum::extract::rejection::FormRejection;
@@ -1702,7 +1702,7 @@ async fn endpoints(
     Query(done): Query<Flash>,
 ) -> Page {
     let project = ProjectContext::load(&state.pool, &auth, &project).await?;
-    let endpoints = control::endpoint_health(&state.pool, Some(project.id), true).await?;
+    let endpoints = queries::endpoints(&state.pool, project.id).await?;
     let now = Utc::now();
     let may_act = auth.principal.may_act();
     let body = html! {
@@ -1716,11 +1716,12 @@ async fn endpoints(
                 (table(
                     html! {
                         th { "Endpoint" } th { "Circuit" } th.num { "Failures" } th { "Last failure" }
-                        th.num { "Pending" } th.num { "In flight" }
+                        th.num { "Pending" } th.num { "In flight" } th { "Last hour" } th { "Last 24 h" }
                         @if may_act { th {} }
                     },
                     html! {
-                        @for endpoint in &endpoints {
+                        @for summary in &endpoints {
+                            @let endpoint = &summary.health;
                             tr {
                                 td { code { (endpoint.endpoint) } }
                                 td {
@@ -1744,6 +1745,8 @@ async fn endpoints(
                                 }
                                 td.num { (endpoint.pending) }
                                 td.num { (endpoint.in_flight) }
+                                td { (figures_cell(&summary.last_hour)) }
+                                td { (figures_cell(&summary.last_day)) }
                                 @if may_act {
                                     td {
                                         @if endpoint.state != "closed" || endpoint.consecutive_failures > 0 {

@@ -424,6 +424,95 @@ pub async fn subscriptions(
         .collect())
 }
 
+/// An endpoint of a project: its circuit and load (`fhir_outbox.endpoint_health`), and the figures
+/// of the attempts of the subscriptions that deliver to it now.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointSummary {
+    /// Its circuit and load.
+    #[serde(flatten)]
+    pub health: crate::operations::control::EndpointHealth,
+    /// Attempts of the last hour (the latest [`FIGURES_SAMPLE`] at most).
+    pub last_hour: Figures,
+    /// Attempts of the last 24 hours (the latest [`FIGURES_SAMPLE`] at most).
+    pub last_day: Figures,
+}
+
+/// Every endpoint of a project, with its figures: what its receiver's success rate and latency are,
+/// across the subscriptions that share it (metrics carry no endpoint label, so these come from
+/// here).
+pub async fn endpoints(pool: &PgPool, project: Uuid) -> Result<Vec<EndpointSummary>, StoreError> {
+    let health = crate::operations::control::endpoint_health(pool, Some(project), true).await?;
+    let figures = sqlx::query!(
+        r#"SELECT e.endpoint AS "endpoint!",
+                  f.hour_attempts AS "hour_attempts!", f.hour_succeeded AS "hour_succeeded!",
+                  f.hour_p50, f.hour_p99,
+                  f.day_attempts AS "day_attempts!", f.day_succeeded AS "day_succeeded!",
+                  f.day_p50, f.day_p99
+           FROM (SELECT DISTINCT endpoint FROM fhir_outbox.subscription_endpoint
+                 WHERE project_id = $1) e
+           CROSS JOIN LATERAL (
+               SELECT count(*) FILTER (WHERE a.started_at >= now() - interval '1 hour') AS hour_attempts,
+                      count(*) FILTER (WHERE a.started_at >= now() - interval '1 hour' AND a.succeeded)
+                          AS hour_succeeded,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
+                          FILTER (WHERE a.started_at >= now() - interval '1 hour') AS hour_p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms)
+                          FILTER (WHERE a.started_at >= now() - interval '1 hour') AS hour_p99,
+                      count(*) AS day_attempts,
+                      count(*) FILTER (WHERE a.succeeded) AS day_succeeded,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms) AS day_p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY a.duration_ms) AS day_p99
+               -- The latest attempts of each subscription on the endpoint, then the latest of
+               -- those: bounded by the subscriptions it has, whatever the history.
+               FROM (SELECT x.started_at, x.succeeded, x.duration_ms
+                     FROM fhir_outbox.subscription_endpoint s
+                     CROSS JOIN LATERAL (
+                         SELECT started_at, succeeded, duration_ms FROM fhir_outbox.delivery_attempt a
+                         WHERE a.project_id = s.project_id AND a.subscription_id = s.subscription_id
+                           AND a.started_at >= now() - interval '24 hours'
+                         ORDER BY a.started_at DESC LIMIT $2) x
+                     WHERE s.project_id = $1 AND s.endpoint = e.endpoint
+                     ORDER BY x.started_at DESC LIMIT $2) a) f"#,
+        project,
+        FIGURES_SAMPLE
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(health
+        .into_iter()
+        .map(|health| {
+            let row = figures.iter().find(|row| row.endpoint == health.endpoint);
+            let (last_hour, last_day) = match row {
+                Some(row) => {
+                    let sampled = row.day_attempts >= FIGURES_SAMPLE;
+                    (
+                        Figures::new(
+                            row.hour_attempts,
+                            row.hour_succeeded,
+                            row.hour_p50,
+                            row.hour_p99,
+                            sampled && row.hour_attempts >= FIGURES_SAMPLE,
+                        ),
+                        Figures::new(
+                            row.day_attempts,
+                            row.day_succeeded,
+                            row.day_p50,
+                            row.day_p99,
+                            sampled,
+                        ),
+                    )
+                }
+                None => (Figures::default(), Figures::default()),
+            };
+            EndpointSummary {
+                health,
+                last_hour,
+                last_day,
+            }
+        })
+        .collect())
+}
+
 /// A problem recorded for a subscription's current version.
 #[derive(Debug, Clone, Serialize)]
 pub struct Issue {
