@@ -155,7 +155,11 @@ pub async fn run(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
             Read::Subscriptions(Some("sub-05")),
         ),
         ("issues", "issues of a project", Read::Issues),
-        ("endpoints", "endpoints of a project, with figures", Read::Endpoints),
+        (
+            "endpoints",
+            "endpoints of a project, with figures",
+            Read::Endpoints,
+        ),
         (
             "deliveries",
             "deliveries, first page",

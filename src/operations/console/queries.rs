@@ -1,7 +1,7 @@
 //! What the console and its API read. Every query names the projects it may see (a token's scope),
 //! and is bounded whatever the history: figures come from at most [`FIGURES_SAMPLE`] latest
-//! attempts per subscription, charts from at most [`CHART_SAMPLE`] attempts of the last hour, lists
-//! are pages. docs/performance.md has their times on a database of 1,000,000 attempts.
+//! attempts of one subscription ([`LIST_FIGURES_SAMPLE`] per row of a list), charts from at most
+//! [`CHART_SAMPLE`] attempts of the last hour, lists are pages. docs/performance.md has their times on a database of 1,000,000 attempts.
 
 use crate::capture::StoreError;
 use crate::delivery::{DeliveryState, headers, signature};
@@ -11,8 +11,11 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// The most attempts per subscription its figures are computed from (the latest of the window).
+/// The most attempts a subscription's own figures are computed from (the latest of the window).
 pub const FIGURES_SAMPLE: i64 = 5_000;
+/// The most attempts per subscription or endpoint the figures of a list are computed from: a list
+/// computes one set per row, so it reads fewer.
+pub const LIST_FIGURES_SAMPLE: i64 = 1_000;
 /// The most attempts of the last hour the overview's chart counts (the latest).
 pub const CHART_SAMPLE: i64 = 200_000;
 /// The most subscriptions a project's list shows.
@@ -323,12 +326,18 @@ pub struct SubscriptionSummary {
     pub last_day: Figures,
 }
 
-/// The subscriptions of a project (at most [`SUBSCRIPTIONS_PAGE`], by id), or the one named.
+/// The subscriptions of a project (at most [`SUBSCRIPTIONS_PAGE`], by id, with figures from
+/// [`LIST_FIGURES_SAMPLE`] attempts each), or the one named (from [`FIGURES_SAMPLE`]).
 pub async fn subscriptions(
     pool: &PgPool,
     project: Uuid,
     only: Option<&str>,
 ) -> Result<Vec<SubscriptionSummary>, StoreError> {
+    let sample = if only.is_some() {
+        FIGURES_SAMPLE
+    } else {
+        LIST_FIGURES_SAMPLE
+    };
     let rows = sqlx::query!(
         r#"WITH subs AS (
                SELECT r.project_id, r.id, r.version_id, v.content
@@ -382,14 +391,14 @@ pub async fn subscriptions(
         project,
         only,
         SUBSCRIPTIONS_PAGE,
-        FIGURES_SAMPLE
+        sample
     )
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
         .map(|row| {
-            let sampled = row.day_attempts >= FIGURES_SAMPLE;
+            let sampled = row.day_attempts >= sample;
             SubscriptionSummary {
                 project_id: project,
                 auto_disabled: row.status.as_deref() == Some("off") && row.error.is_some(),
@@ -410,7 +419,7 @@ pub async fn subscriptions(
                     row.hour_succeeded,
                     row.hour_p50,
                     row.hour_p99,
-                    sampled && row.hour_attempts >= FIGURES_SAMPLE,
+                    sampled && row.hour_attempts >= sample,
                 ),
                 last_day: Figures::new(
                     row.day_attempts,
@@ -431,9 +440,9 @@ pub struct EndpointSummary {
     /// Its circuit and load.
     #[serde(flatten)]
     pub health: crate::operations::control::EndpointHealth,
-    /// Attempts of the last hour (the latest [`FIGURES_SAMPLE`] at most).
+    /// Attempts of the last hour (the latest [`LIST_FIGURES_SAMPLE`] at most).
     pub last_hour: Figures,
-    /// Attempts of the last 24 hours (the latest [`FIGURES_SAMPLE`] at most).
+    /// Attempts of the last 24 hours (the latest [`LIST_FIGURES_SAMPLE`] at most).
     pub last_day: Figures,
 }
 
@@ -474,7 +483,7 @@ pub async fn endpoints(pool: &PgPool, project: Uuid) -> Result<Vec<EndpointSumma
                      WHERE s.project_id = $1 AND s.endpoint = e.endpoint
                      ORDER BY x.started_at DESC LIMIT $2) a) f"#,
         project,
-        FIGURES_SAMPLE
+        LIST_FIGURES_SAMPLE
     )
     .fetch_all(pool)
     .await?;
@@ -484,14 +493,14 @@ pub async fn endpoints(pool: &PgPool, project: Uuid) -> Result<Vec<EndpointSumma
             let row = figures.iter().find(|row| row.endpoint == health.endpoint);
             let (last_hour, last_day) = match row {
                 Some(row) => {
-                    let sampled = row.day_attempts >= FIGURES_SAMPLE;
+                    let sampled = row.day_attempts >= LIST_FIGURES_SAMPLE;
                     (
                         Figures::new(
                             row.hour_attempts,
                             row.hour_succeeded,
                             row.hour_p50,
                             row.hour_p99,
-                            sampled && row.hour_attempts >= FIGURES_SAMPLE,
+                            sampled && row.hour_attempts >= LIST_FIGURES_SAMPLE,
                         ),
                         Figures::new(
                             row.day_attempts,
