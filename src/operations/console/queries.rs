@@ -67,6 +67,9 @@ pub fn redact_endpoint(endpoint: &str) -> String {
     }
 }
 
+/// A window's attempts, succeeded, p50 and p99, as a figures query reads them.
+type WindowRow = (i64, i64, Option<f64>, Option<f64>);
+
 /// Attempt figures over a window.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Figures {
@@ -85,6 +88,17 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// The figures of the last hour and of the last 24 hours, from one read of at most `sample`
+    /// attempts (the counts of each window, then their p50 and p99). A window is `sampled` when the
+    /// read was full and the window filled it.
+    fn windows(hour: WindowRow, day: WindowRow, sample: i64) -> (Figures, Figures) {
+        let full = day.0 >= sample;
+        (
+            Figures::new(hour.0, hour.1, hour.2, hour.3, full && hour.0 >= sample),
+            Figures::new(day.0, day.1, day.2, day.3, full),
+        )
+    }
+
     fn new(
         attempts: i64,
         succeeded: i64,
@@ -398,7 +412,21 @@ pub async fn subscriptions(
     Ok(rows
         .into_iter()
         .map(|row| {
-            let sampled = row.day_attempts >= sample;
+            let (last_hour, last_day) = Figures::windows(
+                (
+                    row.hour_attempts,
+                    row.hour_succeeded,
+                    row.hour_p50,
+                    row.hour_p99,
+                ),
+                (
+                    row.day_attempts,
+                    row.day_succeeded,
+                    row.day_p50,
+                    row.day_p99,
+                ),
+                sample,
+            );
             SubscriptionSummary {
                 project_id: project,
                 auto_disabled: row.status.as_deref() == Some("off") && row.error.is_some(),
@@ -414,20 +442,8 @@ pub async fn subscriptions(
                 circuit: row.circuit,
                 pending: row.pending,
                 in_flight: row.in_flight,
-                last_hour: Figures::new(
-                    row.hour_attempts,
-                    row.hour_succeeded,
-                    row.hour_p50,
-                    row.hour_p99,
-                    sampled && row.hour_attempts >= sample,
-                ),
-                last_day: Figures::new(
-                    row.day_attempts,
-                    row.day_succeeded,
-                    row.day_p50,
-                    row.day_p99,
-                    sampled,
-                ),
+                last_hour,
+                last_day,
             }
         })
         .collect())
@@ -491,28 +507,26 @@ pub async fn endpoints(pool: &PgPool, project: Uuid) -> Result<Vec<EndpointSumma
         .into_iter()
         .map(|health| {
             let row = figures.iter().find(|row| row.endpoint == health.endpoint);
-            let (last_hour, last_day) = match row {
-                Some(row) => {
-                    let sampled = row.day_attempts >= LIST_FIGURES_SAMPLE;
-                    (
-                        Figures::new(
+            let (last_hour, last_day) = row.map_or_else(
+                || (Figures::default(), Figures::default()),
+                |row| {
+                    Figures::windows(
+                        (
                             row.hour_attempts,
                             row.hour_succeeded,
                             row.hour_p50,
                             row.hour_p99,
-                            sampled && row.hour_attempts >= LIST_FIGURES_SAMPLE,
                         ),
-                        Figures::new(
+                        (
                             row.day_attempts,
                             row.day_succeeded,
                             row.day_p50,
                             row.day_p99,
-                            sampled,
                         ),
+                        LIST_FIGURES_SAMPLE,
                     )
-                }
-                None => (Figures::default(), Figures::default()),
-            };
+                },
+            );
             EndpointSummary {
                 health,
                 last_hour,
