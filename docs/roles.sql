@@ -43,7 +43,8 @@ TO fhir_outbox_writer;
 -- The worker.
 GRANT SELECT ON ALL TABLES IN SCHEMA fhir_outbox TO fhir_outbox_worker;
 GRANT INSERT, UPDATE, DELETE ON
-    fhir_outbox.outbox, fhir_outbox.delivery, fhir_outbox.delivery_attempt,
+    fhir_outbox.outbox, fhir_outbox.delivery, fhir_outbox.unfinished_delivery,
+    fhir_outbox.finished_delivery, fhir_outbox.delivery_attempt, fhir_outbox.audit_event,
     fhir_outbox.subscription_issue, fhir_outbox.subscription_pause, fhir_outbox.subscription_failure,
     fhir_outbox.dispatcher_waiting, fhir_outbox.endpoint_circuit, fhir_outbox.claim_cursor,
     fhir_outbox.console_token
@@ -51,5 +52,9 @@ TO fhir_outbox_worker;
 -- Retention of AuditEvents deletes their versions.
 GRANT DELETE ON fhir_outbox.resource, fhir_outbox.resource_version TO fhir_outbox_worker;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA fhir_outbox TO fhir_outbox_worker;
+-- Delivery and attempt ids (history partitions are created and dropped by functions that run as
+-- their owner: the worker creates no table).
+GRANT USAGE ON SEQUENCE fhir_outbox.delivery_id_seq, fhir_outbox.delivery_attempt_id_seq
+TO fhir_outbox_worker;
 -- Readiness checks that the schema is current.
 GRANT SELECT ON public._sqlx_migrations TO fhir_outbox_worker;

@@ -99,7 +99,8 @@ impl PipelineBuilder {
         self
     }
 
-    /// Prune finished work past `retention` every `every`.
+    /// Prune finished work past `retention` every `every` (see [`retention`]; a process that
+    /// dispatches or delivers keeps the history partitions ready in any case).
     pub fn retention(mut self, retention: Retention, every: Duration) -> Self {
         self.retention = Some((retention, every));
         self
@@ -164,6 +165,7 @@ impl PipelineBuilder {
             }
             None => None,
         };
+        let writes_history = self.dispatch.is_some() || worker.is_some();
         if let Some(config) = self.dispatch {
             let dispatcher = Arc::new(Dispatcher::new(self.pool.clone(), config));
             tasks.push(tokio::spawn(dispatcher.run(shutdown.clone())));
@@ -171,8 +173,17 @@ impl PipelineBuilder {
         if let Some(worker) = worker {
             tasks.push(tokio::spawn(worker.run(shutdown.clone())));
         }
-        if let Some((retention, every)) = self.retention {
-            tasks.push(tokio::spawn(prune_continuously(
+        // Every process that writes deliveries keeps the history's days ahead ready; with
+        // retention it prunes too.
+        if writes_history || self.retention.is_some() {
+            let (retention, every) = match self.retention {
+                Some((retention, every)) => (
+                    Some(retention),
+                    every.min(retention::PARTITION_UPKEEP_EVERY),
+                ),
+                None => (None, retention::PARTITION_UPKEEP_EVERY),
+            };
+            tasks.push(tokio::spawn(retention::upkeep_continuously(
                 self.pool.clone(),
                 retention,
                 every,
@@ -215,27 +226,6 @@ impl RunningPipeline {
             if let Err(error) = task.await {
                 tracing::error!(%error, "a pipeline task ended abnormally");
             }
-        }
-    }
-}
-
-async fn prune_continuously(
-    pool: PgPool,
-    retention: Retention,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match retention::prune(&pool, retention).await {
-            Ok(pruned) if pruned != retention::Pruned::default() => {
-                tracing::info!(?pruned, "pruned finished work past its retention")
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "pruning failed; it will be tried again"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -135,11 +135,11 @@ pub struct Sizes {
     pub latency_rate: u64,
     /// Seconds the latency writer runs.
     pub latency_seconds: u64,
-    /// Finished (`succeeded`) delivery rows in the big-table claim run.
+    /// Finished (`succeeded`) deliveries in the history of the second claim run.
     pub claim_finished: u64,
-    /// Pending rows in the big-table claim run.
+    /// Pending rows in each claim run.
     pub claim_pending: u64,
-    /// Rows claimed (and completed) in each claim run; the small-table run has only these.
+    /// Rows claimed (and completed) in each claim run.
     pub claim_rows: u64,
     /// Changes of the noisy-neighbour backlog, each matching every subscription (80 healthy, and
     /// 20 bad in the second run).
@@ -173,7 +173,7 @@ impl Sizes {
             e2e_max_seconds: 60,
             latency_rate: 200,
             latency_seconds: 10,
-            claim_finished: 1_000_000,
+            claim_finished: 10_000_000,
             claim_pending: 100_000,
             claim_rows: 20_000,
             // Not the 10,000 (1M deliveries): measured on the 2-core VM, 10,000 did not

@@ -160,7 +160,7 @@ pub(super) async fn claim(
            -- the due time so that only `delivery_queue`, which holds pending rows alone, serves it,
            -- never an index that also holds the finished history)
            ahead AS (
-               (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.delivery d
+               (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.unfinished_delivery d
                 WHERE d.state = 'pending'
                   AND (d.project_id, d.subscription_id)
                       > ((SELECT project_id FROM fhir_outbox.claim_cursor),
@@ -168,7 +168,7 @@ pub(super) async fn claim(
                 ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
                UNION ALL
                SELECT x.project_id, x.subscription_id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
-                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
+                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.unfinished_delivery d
                    WHERE d.state = 'pending'
                      AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
                    ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
@@ -176,7 +176,7 @@ pub(super) async fn claim(
            -- …and starts again from the first, up to the cursor, while the window has room.
            behind AS (
                (SELECT d.project_id, d.subscription_id, (SELECT count(*) FROM ahead) + 1 AS n
-                FROM fhir_outbox.delivery d
+                FROM fhir_outbox.unfinished_delivery d
                 WHERE d.state = 'pending'
                   AND (d.project_id, d.subscription_id)
                       <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
@@ -184,7 +184,7 @@ pub(super) async fn claim(
                 ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
                UNION ALL
                SELECT x.project_id, x.subscription_id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
-                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.delivery d
+                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.unfinished_delivery d
                    WHERE d.state = 'pending'
                      AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
                      AND (d.project_id, d.subscription_id)
@@ -203,11 +203,11 @@ pub(super) async fn claim(
                RETURNING 1),
            queues AS (SELECT project_id, subscription_id FROM visited),
            busy AS (
-               SELECT project_id, subscription_id, count(*) AS in_flight FROM fhir_outbox.delivery
+               SELECT project_id, subscription_id, count(*) AS in_flight FROM fhir_outbox.unfinished_delivery
                WHERE state = 'in_flight' AND lease_expires_at >= now()
                GROUP BY project_id, subscription_id),
            expired AS (
-               SELECT id, project_id, subscription_id FROM fhir_outbox.delivery
+               SELECT id, project_id, subscription_id FROM fhir_outbox.unfinished_delivery
                WHERE state = 'in_flight' AND lease_expires_at < now()
                ORDER BY lease_expires_at LIMIT $1),
            -- A deleted subscription (or one without an endpoint) is an endpoint of its own.
@@ -233,7 +233,7 @@ pub(super) async fn claim(
                SELECT c.id, q.project_id, q.subscription_id, c.turn
                FROM queues q CROSS JOIN per_queue CROSS JOIN LATERAL (
                    SELECT f.id, row_number() OVER (ORDER BY f.next_attempt_at, f.id) AS turn
-                   FROM (SELECT d.id, d.next_attempt_at FROM fhir_outbox.delivery d
+                   FROM (SELECT d.id, d.next_attempt_at FROM fhir_outbox.unfinished_delivery d
                          WHERE d.project_id = q.project_id AND d.subscription_id = q.subscription_id
                            AND d.state = 'pending' AND d.next_attempt_at <= now()
                          ORDER BY d.next_attempt_at, d.id LIMIT per_queue.k) f) c),
@@ -258,7 +258,7 @@ pub(super) async fn claim(
                           ELSE ec.next_probe_at <= now() AND r.endpoint_turn = 1
                                AND coalesce(l.in_flight, 0) = 0 END),
            picked AS (
-               SELECT d.id FROM fhir_outbox.delivery d
+               SELECT d.id FROM fhir_outbox.unfinished_delivery d
                JOIN (SELECT id FROM allowed ORDER BY project_turn, random() LIMIT $1) a USING (id)
                WHERE d.state = 'pending' OR (d.state = 'in_flight' AND d.lease_expires_at < now())
                FOR UPDATE OF d SKIP LOCKED),
@@ -270,7 +270,7 @@ pub(super) async fn claim(
                WHERE a.probe AND ec.project_id = a.project_id AND ec.endpoint = a.endpoint
                RETURNING ec.endpoint),
            claimed AS (
-               UPDATE fhir_outbox.delivery d
+               UPDATE fhir_outbox.unfinished_delivery d
                SET state = 'in_flight', lease_token = gen_random_uuid(),
                    lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
                FROM picked WHERE d.id = picked.id
@@ -401,7 +401,7 @@ pub(super) async fn next_due(
     let row = sqlx::query!(
         r#"SELECT clock_timestamp() AS "now!",
                   extract(epoch FROM least(
-                      (SELECT d.next_attempt_at FROM fhir_outbox.delivery d
+                      (SELECT d.next_attempt_at FROM fhir_outbox.unfinished_delivery d
                        WHERE d.state = 'pending' AND d.next_attempt_at > $1
                          AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
                                          WHERE p.project_id = d.project_id
@@ -426,8 +426,8 @@ pub(super) async fn renew_leases(
     lease_seconds: f64,
 ) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(
-        "UPDATE fhir_outbox.delivery SET lease_expires_at = now() + make_interval(secs => $2)
-         WHERE id IN (SELECT id FROM fhir_outbox.delivery
+        "UPDATE fhir_outbox.unfinished_delivery SET lease_expires_at = now() + make_interval(secs => $2)
+         WHERE id IN (SELECT id FROM fhir_outbox.unfinished_delivery
                       WHERE state = 'in_flight' AND lease_token = ANY($1)
                       FOR UPDATE SKIP LOCKED)",
         tokens,
@@ -443,7 +443,7 @@ pub(super) async fn renew_leases(
 /// only claims that may have ended in a request.
 pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query!(
-        "UPDATE fhir_outbox.delivery
+        "UPDATE fhir_outbox.unfinished_delivery
          SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL,
              claims = greatest(claims - 1, 0)
          WHERE state = 'in_flight' AND lease_token = ANY($1)",
@@ -455,8 +455,9 @@ pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<
 }
 
 /// Writes each completion if, and only if, this worker still holds that delivery's lease, in one
-/// statement. Returns the ids written; a delivery missing from it lost its lease (another worker took
-/// it over), so nothing else about it may be recorded.
+/// statement: a finished delivery moves from the hot table to history (`finished_delivery`), one to
+/// be tried again stays, rescheduled. Returns the ids written; a delivery missing from it lost its
+/// lease (another worker took it over), so nothing else about it may be recorded.
 pub(super) async fn complete(
     conn: &mut PgConnection,
     completions: &[(i64, Uuid, &Completion)],
@@ -482,18 +483,49 @@ pub(super) async fn complete(
         .collect();
     let statuses: Vec<Option<i32>> = completions.iter().map(|(_, _, c)| c.last_status).collect();
     sqlx::query_scalar!(
-        r#"UPDATE fhir_outbox.delivery d
-           SET state = c.state, attempts = c.attempts, preamble_failures = c.preamble_failures,
-               next_attempt_at = coalesce(c.next_attempt_at, d.next_attempt_at),
-               finished_at = CASE WHEN c.state = 'pending' THEN NULL ELSE now() END,
-               reason = c.reason, last_status = coalesce(c.last_status, d.last_status),
-               lease_token = NULL, lease_expires_at = NULL
-           FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[],
-                       $7::text[], $8::int4[])
-                AS c(id, lease_token, state, attempts, preamble_failures, next_attempt_at, reason,
-                     last_status)
-           WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
-           RETURNING d.id"#,
+        r#"WITH c AS (
+               SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::int4[],
+                                    $6::timestamptz[], $7::text[], $8::int4[])
+                   AS c(id, lease_token, state, attempts, preamble_failures, next_attempt_at, reason,
+                        last_status)),
+           -- A delivery that finished leaves the hot table for history: one delete, one insert
+           -- (no update, no dead index entries left behind in the claim's indexes).
+           finished AS (
+               DELETE FROM fhir_outbox.unfinished_delivery d USING c
+               WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
+                 AND c.state <> 'pending'
+               RETURNING d.id, d.webhook_id, d.project_id, d.subscription_id, d.outbox_seq,
+                         d.resource_project_id, d.resource_type, d.resource_id, d.version_id,
+                         d.previous_version_id, d.interaction, d.changed_at, d.request_id,
+                         d.trace_id, d.matched_at, c.state, c.attempts,
+                         coalesce(c.next_attempt_at, d.next_attempt_at) AS next_attempt_at,
+                         c.reason, d.claims, c.preamble_failures,
+                         coalesce(c.last_status, d.last_status) AS last_status, d.replay),
+           stored AS (
+               INSERT INTO fhir_outbox.finished_delivery
+                   (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
+                    resource_type, resource_id, version_id, previous_version_id, interaction,
+                    changed_at, request_id, trace_id, matched_at, state, attempts, next_attempt_at,
+                    finished_at, reason, claims, preamble_failures, last_status, replay)
+               SELECT id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
+                      resource_type, resource_id, version_id, previous_version_id, interaction,
+                      changed_at, request_id, trace_id, matched_at, state, attempts, next_attempt_at,
+                      now(), reason, claims, preamble_failures, last_status, replay
+               FROM finished
+               RETURNING id),
+           rescheduled AS (
+               UPDATE fhir_outbox.unfinished_delivery d
+               SET state = 'pending', attempts = c.attempts, preamble_failures = c.preamble_failures,
+                   next_attempt_at = coalesce(c.next_attempt_at, d.next_attempt_at),
+                   reason = c.reason, last_status = coalesce(c.last_status, d.last_status),
+                   lease_token = NULL, lease_expires_at = NULL
+               FROM c
+               WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
+                 AND c.state = 'pending'
+               RETURNING d.id)
+           SELECT id AS "id!" FROM stored
+           UNION ALL
+           SELECT id AS "id!" FROM rescheduled"#,
         &ids,
         &tokens,
         &states as &[&str],

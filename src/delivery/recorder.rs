@@ -106,7 +106,22 @@ impl Recorder {
             })
         };
         let mut transitions = Vec::new();
-        let written = match self.write(&records).await {
+        let mut first = self.write(&records).await;
+        if first.as_ref().is_err_and(is_missing_partition) {
+            // The history has no partition for now: upkeep has not run for days (see
+            // `retention::DAYS_AHEAD`). Create them and write again rather than fail every batch.
+            match crate::operations::retention::ensure_partitions(&self.pool).await {
+                Ok(created) => {
+                    tracing::warn!(
+                        ?created,
+                        "the history had no partition for these outcomes; created them"
+                    )
+                }
+                Err(error) => tracing::error!(%error, "cannot create the history partitions"),
+            }
+            first = self.write(&records).await;
+        }
+        let written = match first {
             Ok((written, changed)) => {
                 transitions = changed;
                 written
@@ -513,4 +528,15 @@ async fn track_final_failure(
         .await?;
     }
     Ok(())
+}
+
+/// Whether a write failed because a history table has no partition for its time (PostgreSQL's
+/// "no partition of relation … found for row", SQLSTATE 23514).
+fn is_missing_partition(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(sqlx::Error::Database(error)) => {
+            error.code().as_deref() == Some("23514") && error.message().starts_with("no partition")
+        }
+        _ => false,
+    }
 }

@@ -225,8 +225,9 @@ impl NewDeliveries {
     }
 }
 
-/// Inserts the deliveries (a delivery that exists already is left alone) and wakes delivery workers.
-/// Returns how many were new.
+/// Inserts the deliveries and wakes delivery workers. Returns how many were inserted. (A change is
+/// dispatched once: its outbox row is claimed, its deliveries inserted and the row marked in one
+/// transaction, so no uniqueness check is needed here.)
 pub(crate) async fn insert_deliveries(
     conn: &mut PgConnection,
     rows: &NewDeliveries,
@@ -234,19 +235,31 @@ pub(crate) async fn insert_deliveries(
     if rows.len() == 0 {
         return Ok(0);
     }
-    let inserted = sqlx::query!(
-        "INSERT INTO fhir_outbox.delivery
-             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
-              version_id, previous_version_id, interaction, changed_at, request_id, trace_id, matched_at,
-              state, reason, finished_at)
-         SELECT d.*, CASE WHEN d.state = 'skipped' THEN now() END
-         FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text[],
-                     $7::int8[], $8::int8[], $9::text[], $10::timestamptz[], $11::text[],
-                     $12::text[], $13::timestamptz[], $14::text[], $15::text[])
-              AS d(project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
-                   resource_id, version_id, previous_version_id, interaction, changed_at,
-                   request_id, trace_id, matched_at, state, reason)
-         ON CONFLICT (outbox_seq, project_id, subscription_id) DO NOTHING",
+    // Pending deliveries go to the hot table; skipped ones are finished at once, into history.
+    let inserted = sqlx::query_scalar!(
+        r#"WITH d AS (
+               SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[],
+                                    $6::text[], $7::int8[], $8::int8[], $9::text[],
+                                    $10::timestamptz[], $11::text[], $12::text[], $13::timestamptz[],
+                                    $14::text[], $15::text[])
+                   AS d(project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+                        resource_id, version_id, previous_version_id, interaction, changed_at,
+                        request_id, trace_id, matched_at, state, reason)),
+           pending AS (
+               INSERT INTO fhir_outbox.unfinished_delivery
+                   (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+                    resource_id, version_id, previous_version_id, interaction, changed_at,
+                    request_id, trace_id, matched_at, state, reason)
+               SELECT * FROM d WHERE d.state = 'pending'
+               RETURNING 1),
+           skipped AS (
+               INSERT INTO fhir_outbox.finished_delivery
+                   (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+                    resource_id, version_id, previous_version_id, interaction, changed_at,
+                    request_id, trace_id, matched_at, state, reason, finished_at)
+               SELECT d.*, now() FROM d WHERE d.state <> 'pending'
+               RETURNING 1)
+           SELECT (SELECT count(*) FROM pending) + (SELECT count(*) FROM skipped) AS "inserted!""#,
         &rows.project_id,
         &rows.subscription_id,
         &rows.outbox_seq,
@@ -263,9 +276,8 @@ pub(crate) async fn insert_deliveries(
         &rows.state,
         &rows.reason as &[Option<String>],
     )
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    .fetch_one(&mut *conn)
+    .await? as u64;
     sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
         .execute(conn)
         .await?;

@@ -283,7 +283,7 @@ async fn retry(
            AND ($2::bigint IS NULL OR id = $2)
            AND ($3::text IS NULL OR subscription_id = $3)
            AND ($4::timestamptz IS NULL OR changed_at >= $4)
-         RETURNING id",
+         RETURNING id AS \"id!\"",
         project,
         delivery,
         subscription,
@@ -332,7 +332,7 @@ async fn delivery_state(
     id: i64,
 ) -> Result<String, ControlError> {
     sqlx::query_scalar!(
-        "SELECT state FROM fhir_outbox.delivery WHERE project_id = $1 AND id = $2",
+        r#"SELECT state AS "state!" FROM fhir_outbox.delivery WHERE project_id = $1 AND id = $2"#,
         project,
         id
     )
@@ -348,7 +348,8 @@ async fn replay(conn: &mut PgConnection, project: Uuid, id: i64) -> Result<Done,
              finished_at = NULL, reason = 'replayed by an operator', replay = true
          WHERE project_id = $1 AND id = $2
            AND state IN ('succeeded', 'failed', 'skipped', 'cancelled')
-         RETURNING subscription_id, resource_type, resource_id, version_id",
+         RETURNING subscription_id AS \"subscription_id!\", resource_type AS \"resource_type!\",
+                   resource_id AS \"resource_id!\", version_id AS \"version_id!\"",
         project,
         id
     )
@@ -396,7 +397,7 @@ async fn cancel(
          WHERE project_id = $1 AND state = 'pending'
            AND ($2::bigint IS NULL OR id = $2)
            AND ($3::text IS NULL OR subscription_id = $3)
-         RETURNING id",
+         RETURNING id AS \"id!\"",
         project,
         delivery,
         subscription,

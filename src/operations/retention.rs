@@ -1,14 +1,25 @@
-//! Retention: finished deliveries (with their attempt rows) and dispatched outbox rows are deleted
-//! after a retention period, so the hot tables stay small; AuditEvents follow their own setting
-//! (kept by default: they are the audit trail). Deletes run in bounded batches so pruning never holds
-//! long locks or competes with delivery for long.
+//! History upkeep: the days ahead of the history tables (`finished_delivery`, `delivery_attempt`,
+//! `audit_event`, partitioned by day) are created in advance, and retention drops whole days once
+//! all of a day is past its retention period. A drop is a catalogue change: it takes milliseconds
+//! whatever the day held, writes no WAL per row and leaves nothing for VACUUM. So a row is kept at
+//! least its retention period, and at most one day longer.
+//!
+//! Dispatched outbox rows are deleted in bounded batches (the outbox is a hot table); AuditEvents
+//! that applications wrote as resources (`create_resource`) follow the AuditEvent retention by
+//! batched deletes too.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 use std::time::Duration;
 
-/// Rows deleted per statement.
+/// Rows deleted per statement, where rows are deleted.
 const BATCH: i64 = 5_000;
+
+/// Days of history partitions kept ready ahead of today. A worker creates them at start and every
+/// upkeep pass, so a gap of a week in upkeep is needed before a write finds no partition (and then
+/// the recorder creates them itself, see `delivery::recorder`).
+pub const DAYS_AHEAD: i32 = 7;
 
 /// How long things are kept.
 #[derive(Debug, Clone, Copy)]
@@ -19,62 +30,64 @@ pub struct Retention {
     pub audit_events: Option<Duration>,
 }
 
-/// What one pass deleted.
+/// What one pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Pruned {
-    /// Deliveries in a final state.
+    /// Finished deliveries.
     pub deliveries: u64,
-    /// Their attempt rows.
+    /// Attempt rows.
     pub attempts: u64,
     /// Dispatched outbox rows.
     pub outbox_rows: u64,
-    /// AuditEvent versions.
+    /// AuditEvents.
     pub audit_events: u64,
+    /// History partitions dropped.
+    pub partitions: u64,
 }
 
-fn seconds(duration: Duration) -> f64 {
-    duration.as_secs_f64()
+/// Creates the missing daily partitions of the history tables from today to [`DAYS_AHEAD`] days
+/// ahead. Returns the names of those created.
+pub async fn ensure_partitions(executor: impl PgExecutor<'_>) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT p AS "partition!" FROM fhir_outbox.ensure_history_partitions($1) AS p"#,
+        DAYS_AHEAD
+    )
+    .fetch_all(executor)
+    .await
 }
 
-/// Deletes everything past its retention, batch by batch, until nothing is left to delete.
+/// Removes everything past its retention, as of the database's clock now.
 pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, sqlx::Error> {
-    let mut pruned = Pruned::default();
-    let keep = seconds(retention.deliveries);
-    loop {
-        let mut tx = pool.begin().await?;
-        let ids: Vec<i64> = sqlx::query_scalar!(
-            "SELECT id FROM fhir_outbox.delivery
-             WHERE finished_at < now() - make_interval(secs => $1) AND state IN ('succeeded', 'skipped', 'failed', 'cancelled')
-             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-            keep,
-            BATCH
-        )
-        .fetch_all(&mut *tx)
+    let now: DateTime<Utc> = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(pool)
         .await?;
-        if ids.is_empty() {
-            break;
-        }
-        pruned.attempts += sqlx::query!(
-            "DELETE FROM fhir_outbox.delivery_attempt WHERE delivery_id = ANY($1)",
-            &ids
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        pruned.deliveries +=
-            sqlx::query!("DELETE FROM fhir_outbox.delivery WHERE id = ANY($1)", &ids)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        tx.commit().await?;
+    prune_as_of(pool, retention, now).await
+}
+
+/// Removes everything that is past its retention at `as_of`: [`prune`] at another time, to see
+/// what retention will remove (and to test it).
+pub async fn prune_as_of(
+    pool: &PgPool,
+    retention: Retention,
+    as_of: DateTime<Utc>,
+) -> Result<Pruned, sqlx::Error> {
+    let mut pruned = Pruned::default();
+    let deliveries_before = as_of - retention.deliveries;
+    for (table, count) in [
+        ("finished_delivery", &mut pruned.deliveries),
+        ("delivery_attempt", &mut pruned.attempts),
+    ] {
+        let dropped = drop_partitions(pool, table, deliveries_before).await?;
+        pruned.partitions += dropped.len() as u64;
+        *count += dropped.iter().map(|(_, rows)| *rows as u64).sum::<u64>();
     }
     loop {
         let deleted = sqlx::query!(
             "DELETE FROM fhir_outbox.outbox WHERE seq IN (
                  SELECT seq FROM fhir_outbox.outbox
-                 WHERE dispatched_at < now() - make_interval(secs => $1)
+                 WHERE dispatched_at < $1
                  ORDER BY dispatched_at LIMIT $2)",
-            keep,
+            deliveries_before,
             BATCH
         )
         .execute(pool)
@@ -86,20 +99,25 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, sqlx::
         }
     }
     if let Some(audit) = retention.audit_events {
+        let audit_before = as_of - audit;
+        let dropped = drop_partitions(pool, "audit_event", audit_before).await?;
+        pruned.partitions += dropped.len() as u64;
+        pruned.audit_events += dropped.iter().map(|(_, rows)| *rows as u64).sum::<u64>();
+        // AuditEvents that applications stored as resources.
         loop {
             let deleted = sqlx::query!(
                 "WITH gone AS (
                      DELETE FROM fhir_outbox.resource_version WHERE (project_id, resource_type, id, version_id) IN (
                          SELECT project_id, resource_type, id, version_id FROM fhir_outbox.resource_version
-                         WHERE resource_type = 'AuditEvent' AND last_updated < now() - make_interval(secs => $1)
+                         WHERE resource_type = 'AuditEvent' AND last_updated < $1
                          ORDER BY last_updated LIMIT $2)
                      RETURNING project_id, id)
                  , resources AS (
                      DELETE FROM fhir_outbox.resource r USING gone
                      WHERE r.project_id = gone.project_id AND r.resource_type = 'AuditEvent' AND r.id = gone.id
-                       AND r.last_updated < now() - make_interval(secs => $1))
+                       AND r.last_updated < $1)
                  SELECT count(*) AS \"count!\" FROM gone",
-                seconds(audit),
+                audit_before,
                 BATCH
             )
             .fetch_one(pool)
@@ -112,4 +130,69 @@ pub async fn prune(pool: &PgPool, retention: Retention) -> Result<Pruned, sqlx::
         }
     }
     Ok(pruned)
+}
+
+async fn drop_partitions(
+    pool: &PgPool,
+    table: &str,
+    before: DateTime<Utc>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let dropped = sqlx::query!(
+        r#"SELECT partition AS "partition!", rows AS "rows!"
+           FROM fhir_outbox.drop_history_partitions($1, $2)"#,
+        table,
+        before
+    )
+    .fetch_all(pool)
+    .await?;
+    for partition in &dropped {
+        tracing::info!(
+            partition = %partition.partition,
+            rows = partition.rows,
+            "dropped a history partition past its retention"
+        );
+    }
+    Ok(dropped
+        .into_iter()
+        .map(|row| (row.partition, row.rows))
+        .collect())
+}
+
+/// How long [`upkeep_continuously`] waits between passes when no retention runs: partitions are
+/// created days ahead, so an hour is plenty.
+pub const PARTITION_UPKEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Keeps the history partitions ready, and prunes when `retention` is given, every `every`, until
+/// `shutdown`. Failures are logged and tried again next pass.
+pub async fn upkeep_continuously(
+    pool: PgPool,
+    retention: Option<Retention>,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match ensure_partitions(&pool).await {
+            Ok(created) if !created.is_empty() => {
+                tracing::info!(?created, "created history partitions ahead")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(
+                %error,
+                "could not create the history partitions ahead; it will be tried again"
+            ),
+        }
+        if let Some(retention) = retention {
+            match prune(&pool, retention).await {
+                Ok(pruned) if pruned != Pruned::default() => {
+                    tracing::info!(?pruned, "pruned finished work past its retention")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "pruning failed; it will be tried again"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }

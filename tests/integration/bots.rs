@@ -45,9 +45,9 @@ fn bot_subscription(bot_id: &str) -> Value {
 
 async fn execute_events(pool: &PgPool, bot_id: &str) -> Vec<Value> {
     sqlx::query_scalar(
-        "SELECT content FROM fhir_outbox.resource_version WHERE resource_type = 'AuditEvent'
-         AND content -> 'type' ->> 'code' = 'execute' AND content -> 'source' -> 'observer' ->> 'reference' = $1
-         ORDER BY last_updated",
+        "SELECT content FROM fhir_outbox.audit_event
+         WHERE content -> 'type' ->> 'code' = 'execute' AND content -> 'source' -> 'observer' ->> 'reference' = $1
+         ORDER BY recorded_at",
     )
     .bind(format!("Bot/{bot_id}"))
     .fetch_all(pool)

@@ -113,9 +113,13 @@ pub async fn states(pool: &PgPool, subscription: &Value) -> Vec<(String, i32, Op
 pub async fn audit_events(pool: &PgPool, subscription: &Value) -> Vec<(String, String)> {
     let reference = format!("Subscription/{}", subscription["id"].as_str().unwrap());
     let events: Vec<Value> = sqlx::query_scalar(
-        "SELECT content FROM fhir_outbox.resource_version
-         WHERE resource_type = 'AuditEvent' AND content -> 'source' -> 'observer' ->> 'reference' = $1
-         ORDER BY last_updated",
+        "SELECT content FROM (
+             SELECT content, recorded_at AS at FROM fhir_outbox.audit_event
+             UNION ALL
+             SELECT content, last_updated FROM fhir_outbox.resource_version
+             WHERE resource_type = 'AuditEvent') e
+         WHERE content -> 'source' -> 'observer' ->> 'reference' = $1
+         ORDER BY at",
     )
     .bind(reference)
     .fetch_all(pool)
@@ -217,7 +221,7 @@ async fn a_201_is_success_and_the_request_is_exactly_as_specified() {
     let attempt: (i32, Option<i32>, bool, Option<String>) = sqlx::query_as(
         "SELECT a.attempt, a.status, a.succeeded, v.content ->> 'outcome'
          FROM fhir_outbox.delivery_attempt a
-         JOIN fhir_outbox.resource_version v ON v.resource_type = 'AuditEvent' AND v.id = a.audit_event_id",
+         JOIN fhir_outbox.audit_event v ON v.id = a.audit_event_id",
     )
     .fetch_one(&db.pool)
     .await

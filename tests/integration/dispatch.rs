@@ -670,7 +670,7 @@ async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
     for _ in 0..200 {
         let blocked: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'fhir-outbox' AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO fhir_outbox.delivery%'",
+             WHERE application_name = 'fhir-outbox' AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO fhir_outbox.unfinished_delivery%'",
         )
         .fetch_one(&db.pool)
         .await

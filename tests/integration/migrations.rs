@@ -49,3 +49,283 @@ async fn concurrent_migrations_apply_once() {
     let pool = db::connect(&url, 1).await.unwrap();
     assert_eq!(applied(&pool).await.len(), db::MIGRATOR.iter().count());
 }
+
+/// The history migration (issue 17) on a database filled by the schema before it: every delivery,
+/// attempt and AuditEvent is still there, read as before, each in its new table, and the pipeline
+/// delivers what was pending.
+#[tokio::test]
+async fn the_history_migration_keeps_every_delivery_attempt_and_audit_event() {
+    use crate::delivery::{create, fast_config, hook, pipeline};
+    use crate::receiver::Receiver;
+    use chrono::{DateTime, Utc};
+    use fhir_outbox::capture::{self, WriteContext};
+    use serde_json::{Value, json};
+    use sqlx::migrate::Migrator;
+    use std::borrow::Cow;
+    use uuid::Uuid;
+    const HISTORY_MIGRATION: i64 = 20261203000001;
+
+    let url = empty_database_url().await;
+    let pool = db::connect(&url, 4).await.unwrap();
+    let previous = Migrator {
+        migrations: Cow::Owned(
+            db::MIGRATOR
+                .iter()
+                .filter(|m| m.version < HISTORY_MIGRATION)
+                .cloned()
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    };
+    previous.run(&pool).await.unwrap();
+
+    // The previous schema, filled as its code filled it.
+    let receiver = Receiver::start(vec![]).await;
+    let project: Uuid = sqlx::query_scalar("SELECT fhir_outbox.create_project('before')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let subscription = create(&pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let patient = create(&pool, project, &json!({ "resourceType": "Patient" }), None).await;
+    sqlx::query("UPDATE fhir_outbox.outbox SET dispatched_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO fhir_outbox.delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+              resource_id, version_id, interaction, changed_at, request_id, trace_id, matched_at,
+              state, attempts, next_attempt_at, finished_at, reason, lease_token, lease_expires_at,
+              last_status)
+         SELECT $1, CASE WHEN s.state = 'pending' THEN $2 ELSE 'gone-' || s.n END, o.seq, $1,
+                'Patient', $3, 1, 'create', o.changed_at, o.request_id, o.trace_id, now(), s.state,
+                s.attempts, now(), s.finished_at, s.reason, s.lease, s.lease_expires, s.status
+         FROM (SELECT * FROM fhir_outbox.outbox WHERE resource_type = 'Patient') o,
+              (VALUES (1, 'pending', 0, NULL::timestamptz, NULL, NULL::uuid, NULL::timestamptz, NULL::int),
+                      (2, 'in_flight', 1, NULL, 'Received status 503', gen_random_uuid(),
+                       now() - interval '1 minute', 503),
+                      (3, 'succeeded', 1, now() - interval '10 days', NULL, NULL, NULL, 200),
+                      (4, 'succeeded', 1, now() - interval '1 minute', NULL, NULL, NULL, 200),
+                      (5, 'failed', 2, now() - interval '2 days', 'Received status 503 (2 attempts)',
+                       NULL, NULL, 503),
+                      (6, 'skipped', 0, now(), 'a newer version was delivered', NULL, NULL, NULL),
+                      (7, 'cancelled', 0, now(), 'cancelled by someone', NULL, NULL, NULL))
+              AS s(n, state, attempts, finished_at, reason, lease, lease_expires, status)",
+    )
+    .bind(project)
+    .bind(subscription["id"].as_str().unwrap())
+    .bind(patient["id"].as_str().unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let events: Vec<String> = sqlx::query_scalar(
+        "SELECT audit_event_id FROM fhir_outbox.create_audit_events(
+             ARRAY[$1, $1, $1]::uuid[],
+             ARRAY['{\"resourceType\": \"AuditEvent\", \"outcome\": \"0\"}',
+                   '{\"resourceType\": \"AuditEvent\", \"outcome\": \"4\"}',
+                   '{\"resourceType\": \"AuditEvent\", \"outcome\": \"0\"}']::jsonb[])
+         ORDER BY ordinal",
+    )
+    .bind(project)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO fhir_outbox.delivery_attempt
+             (delivery_id, project_id, subscription_id, attempt, started_at, duration_ms, succeeded,
+              status, error, audit_event_id)
+         SELECT d.id, d.project_id, d.subscription_id, a.n, coalesce(d.finished_at, now()) - interval '1 second',
+                20, d.state = 'succeeded', d.last_status, d.reason, ($2::text[])[a.k]
+         FROM fhir_outbox.delivery d
+         JOIN (VALUES (3, 1, 1), (5, 1, 2), (5, 2, 3)) AS a(delivery, n, k)
+           ON d.subscription_id = 'gone-' || a.delivery
+         WHERE d.project_id = $1",
+    )
+    .bind(project)
+    .bind(&events)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // An application's AuditEvent that it changed afterwards: a versioned resource, it stays one.
+    let context = WriteContext::default();
+    let own = capture::create(
+        &pool,
+        project,
+        &json!({ "resourceType": "AuditEvent", "outcome": "0" }),
+        &context,
+    )
+    .await
+    .unwrap()
+    .resource;
+    let own_id = own["id"].as_str().unwrap().to_owned();
+    let mut changed = own.clone();
+    changed["outcome"] = json!("8");
+    capture::update(
+        &pool,
+        project,
+        "AuditEvent",
+        &own_id,
+        &changed,
+        None,
+        &context,
+    )
+    .await
+    .unwrap();
+
+    type DeliveryRow = (
+        i64,
+        String,
+        Uuid,
+        Option<String>,
+        i32,
+        Option<DateTime<Utc>>,
+        Option<Uuid>,
+    );
+    let deliveries = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, DeliveryRow>(
+                "SELECT id, state, webhook_id, reason, attempts, finished_at, lease_token
+                 FROM fhir_outbox.delivery ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    type AttemptRow = (i64, i64, i32, Option<i32>, Option<String>, DateTime<Utc>);
+    let attempts = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, AttemptRow>(
+                "SELECT id, delivery_id, attempt, status, audit_event_id, started_at
+                 FROM fhir_outbox.delivery_attempt ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let read = |id: String, version: Option<i64>| {
+        let pool = pool.clone();
+        async move {
+            match version {
+                None => capture::read(&pool, project, "AuditEvent", &id).await,
+                Some(v) => capture::vread(&pool, project, "AuditEvent", &id, v).await,
+            }
+            .unwrap()
+        }
+    };
+    let deliveries_before = deliveries().await;
+    let attempts_before = attempts().await;
+    let mut events_before: Vec<Value> = Vec::new();
+    for id in &events {
+        events_before.push(read(id.clone(), None).await);
+    }
+    assert_eq!(deliveries_before.len(), 7);
+    assert_eq!(attempts_before.len(), 3);
+
+    db::migrate(&pool).await.unwrap();
+
+    assert_eq!(deliveries().await, deliveries_before, "the delivery view");
+    assert_eq!(attempts().await, attempts_before, "the attempt log");
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.unfinished_delivery").await,
+        2,
+        "pending and in flight in the hot table"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.finished_delivery").await,
+        5
+    );
+    let before_today = count(
+        "SELECT count(*) FROM fhir_outbox.finished_delivery
+         WHERE finished_at < date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+    )
+    .await;
+    assert!(before_today >= 2);
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.finished_delivery_before").await,
+        before_today,
+        "the days before the migration are in its `_before` partition"
+    );
+    for (id, before) in events.iter().zip(&events_before) {
+        assert_eq!(&read(id.clone(), None).await, before, "read {id}");
+        assert_eq!(&read(id.clone(), Some(1)).await, before, "vread {id}");
+        let history = capture::history(&pool, project, "AuditEvent", id)
+            .await
+            .unwrap();
+        assert_eq!(history.len(), 1);
+    }
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.audit_event").await,
+        3
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.resource WHERE resource_type = 'AuditEvent'").await,
+        1,
+        "only the application's changed AuditEvent is still a resource"
+    );
+    assert_eq!(
+        capture::history(&pool, project, "AuditEvent", &own_id)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        count(
+            "SELECT (nextval('fhir_outbox.delivery_id_seq') > (SELECT max(id) FROM fhir_outbox.delivery))::int4::int8"
+        )
+        .await
+            == 1
+    );
+
+    // The pending delivery is delivered; the in-flight one, whose lease expired and whose
+    // subscription is gone, is skipped. Both end in history, with a stored AuditEvent.
+    let p = pipeline(&pool, fast_config());
+    p.settle(&pool).await;
+    assert_eq!(receiver.received().len(), 1);
+    assert_eq!(
+        count("SELECT count(*) FROM fhir_outbox.unfinished_delivery").await,
+        0
+    );
+    let state = |subscription: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT state FROM fhir_outbox.delivery WHERE subscription_id = $1",
+            )
+            .bind(subscription)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        state(subscription["id"].as_str().unwrap().to_owned()).await,
+        "succeeded"
+    );
+    assert_eq!(state("gone-2".into()).await, "skipped");
+    let new_event: String = sqlx::query_scalar(
+        "SELECT audit_event_id FROM fhir_outbox.delivery_attempt WHERE id > $1 AND audit_event_id IS NOT NULL",
+    )
+    .bind(attempts_before.last().unwrap().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        read(new_event.clone(), None).await["id"],
+        new_event.as_str(),
+        "a new AuditEvent is read by id"
+    );
+}

@@ -313,7 +313,7 @@ async fn a_row_that_fails_alone_is_set_aside_and_no_other() {
     // A change whose deliveries the database refuses, every time (a stand-in for any row that
     // breaks a constraint): its whole batch fails until it is found.
     sqlx::query(
-        "ALTER TABLE fhir_outbox.delivery ADD CONSTRAINT no_poison CHECK (resource_id <> 'poison')",
+        "ALTER TABLE fhir_outbox.unfinished_delivery ADD CONSTRAINT no_poison CHECK (resource_id <> 'poison')",
     )
     .execute(&db.pool)
     .await

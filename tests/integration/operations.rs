@@ -541,28 +541,56 @@ async fn retention_prunes_finished_work_and_keeps_what_is_open() {
         Pruned::default(),
         "nothing is old yet"
     );
+    let partitions = || {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'fhir_outbox.finished_delivery'::regclass ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = partitions().await;
+    assert!(
+        before.len() >= 8,
+        "today and 7 days ahead are ready: {before:?}"
+    );
 
+    // Retention drops whole days: what finished today goes once all of today is past retention,
+    // here as seen from the day after tomorrow with nothing kept.
     let now = Retention {
         deliveries: Duration::ZERO,
         audit_events: None,
     };
-    let pruned = retention::prune(&db.pool, now).await.unwrap();
+    let day_after_tomorrow = chrono::Utc::now() + chrono::Duration::days(2);
+    let pruned = retention::prune_as_of(&db.pool, now, day_after_tomorrow)
+        .await
+        .unwrap();
     assert_eq!(
         (pruned.deliveries, pruned.attempts, pruned.audit_events),
         (3, 3, 0)
     );
     assert!(pruned.outbox_rows >= 3);
+    assert!(
+        pruned.partitions >= 4,
+        "today's and the days before of both tables: {pruned:?}"
+    );
     assert_eq!(count("SELECT count(*) FROM fhir_outbox.delivery").await, 0);
     assert_eq!(
         count("SELECT count(*) FROM fhir_outbox.outbox WHERE dispatched_at IS NULL").await,
         1
     );
     assert_eq!(
-        count(
-            "SELECT count(*) FROM fhir_outbox.resource_version WHERE resource_type = 'AuditEvent'"
-        )
-        .await,
+        count("SELECT count(*) FROM fhir_outbox.audit_event").await,
         3
+    );
+    let after = partitions().await;
+    assert!(
+        after.len() < before.len() && after.iter().all(|p| before.contains(p)),
+        "partitions were dropped, none created: {before:?} → {after:?}"
     );
 
     let everything = Retention {
@@ -570,14 +598,14 @@ async fn retention_prunes_finished_work_and_keeps_what_is_open() {
         audit_events: Some(Duration::ZERO),
     };
     assert_eq!(
-        retention::prune(&db.pool, everything)
+        retention::prune_as_of(&db.pool, everything, day_after_tomorrow)
             .await
             .unwrap()
             .audit_events,
         3
     );
     assert_eq!(
-        count("SELECT count(*) FROM fhir_outbox.resource WHERE resource_type = 'AuditEvent'").await,
+        count("SELECT count(*) FROM fhir_outbox.audit_event").await,
         0
     );
     // Resources and the Subscription are untouched, and the waiting change is still delivered.

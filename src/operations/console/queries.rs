@@ -653,10 +653,13 @@ pub async fn deliveries(
     };
     let mut deliveries = sqlx::query_as!(
         DeliveryItem,
-        r#"SELECT id, webhook_id, project_id, subscription_id,
+        r#"SELECT id AS "id!", webhook_id AS "webhook_id!", project_id AS "project_id!",
+                  subscription_id AS "subscription_id!",
                   resource_type || '/' || resource_id AS "resource!",
-                  version_id, interaction, state AS "state: DeliveryState", attempts, last_status,
-                  changed_at, next_attempt_at, finished_at, reason
+                  version_id AS "version_id!", interaction AS "interaction!",
+                  state AS "state!: DeliveryState", attempts AS "attempts!", last_status,
+                  changed_at AS "changed_at!", next_attempt_at AS "next_attempt_at!", finished_at,
+                  reason
            FROM fhir_outbox.delivery
            WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2::text IS NULL OR state = $2)
@@ -749,10 +752,13 @@ pub async fn delivery(
     id: i64,
 ) -> Result<Option<DeliveryDetail>, StoreError> {
     let Some(row) = sqlx::query!(
-        r#"SELECT d.id, d.webhook_id, d.subscription_id, d.resource_type, d.resource_id,
-                  d.version_id, d.interaction, d.state AS "state: DeliveryState", d.attempts,
-                  d.last_status, d.changed_at, d.next_attempt_at, d.finished_at, d.reason,
-                  d.request_id, d.trace_id, d.matched_at, d.replay,
+        r#"SELECT d.id AS "id!", d.webhook_id AS "webhook_id!", d.subscription_id AS "subscription_id!",
+                  d.resource_type AS "resource_type!", d.resource_id AS "resource_id!",
+                  d.version_id AS "version_id!", d.interaction AS "interaction!",
+                  d.state AS "state!: DeliveryState", d.attempts AS "attempts!",
+                  d.last_status, d.changed_at AS "changed_at!", d.next_attempt_at AS "next_attempt_at!",
+                  d.finished_at, d.reason, d.request_id AS "request_id!", d.trace_id AS "trace_id!",
+                  d.matched_at AS "matched_at!", d.replay AS "replay!",
                   pv.content AS "payload?", sv.content AS "subscription?"
            FROM fhir_outbox.delivery d
            LEFT JOIN fhir_outbox.resource_version pv
@@ -777,16 +783,10 @@ pub async fn delivery(
     let attempts = sqlx::query!(
         r#"SELECT a.id, a.attempt, a.started_at, a.duration_ms, a.succeeded, a.status, a.error,
                   a.response_body, a.audit_event_id,
-                  av.content AS "audit_event?"
+                  fhir_outbox.stored_audit_event(a.project_id, a.audit_event_id) AS "audit_event?"
            FROM (SELECT * FROM fhir_outbox.delivery_attempt
                  WHERE delivery_id = $1 AND project_id = $2
                  ORDER BY id DESC LIMIT $3) a
-           LEFT JOIN fhir_outbox.resource ar
-                  ON ar.project_id = a.project_id AND ar.resource_type = 'AuditEvent'
-                 AND ar.id = a.audit_event_id
-           LEFT JOIN fhir_outbox.resource_version av
-                  ON av.project_id = ar.project_id AND av.resource_type = ar.resource_type
-                 AND av.id = ar.id AND av.version_id = ar.version_id
            ORDER BY a.id"#,
         id,
         project,
