@@ -15,6 +15,7 @@ mod fixtures;
 mod isolation;
 mod receiver;
 mod scenarios;
+mod storage;
 mod system;
 
 use serde::Serialize;
@@ -73,11 +74,15 @@ pub enum Scenario {
     /// CPU and memory of hostile FHIRPath criteria until the evaluation budget stops them (no
     /// database).
     Fhirpath,
+    /// Retention of a day of history (dropping its partitions).
+    Retention,
+    /// Throughput and the hot table's dead tuples while a transaction holds the xmin horizon.
+    Horizon,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Capture,
         Scenario::Dispatch,
         Scenario::E2e,
@@ -87,6 +92,8 @@ impl Scenario {
         Scenario::Slow,
         Scenario::Console,
         Scenario::Fhirpath,
+        Scenario::Retention,
+        Scenario::Horizon,
     ];
 
     /// Whether it needs the throwaway PostgreSQL.
@@ -109,8 +116,10 @@ impl FromStr for Scenario {
             "slow" | "slow-receivers" => Ok(Scenario::Slow),
             "console" => Ok(Scenario::Console),
             "fhirpath" => Ok(Scenario::Fhirpath),
+            "retention" => Ok(Scenario::Retention),
+            "horizon" | "xmin" => Ok(Scenario::Horizon),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath)"
+                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon)"
             )),
         }
     }
@@ -159,6 +168,13 @@ pub struct Sizes {
     pub console_deliveries: u64,
     /// Timed runs of each console read.
     pub console_runs: usize,
+    /// Finished deliveries (and as many attempts and AuditEvents) in the day retention drops.
+    pub retention_rows: u64,
+    /// Seconds a snapshot holds the xmin horizon in the horizon scenario.
+    pub horizon_seconds: u64,
+    /// Seconds of each measured window of the horizon scenario (before, and at the end of, the
+    /// held horizon).
+    pub horizon_baseline_seconds: u64,
 }
 
 impl Sizes {
@@ -188,6 +204,9 @@ impl Sizes {
             console_attempts: 1_000_000,
             console_deliveries: 600_000,
             console_runs: 20,
+            retention_rows: 1_000_000,
+            horizon_seconds: 600,
+            horizon_baseline_seconds: 60,
         }
     }
 
@@ -213,6 +232,9 @@ impl Sizes {
             console_attempts: 100_000,
             console_deliveries: 60_000,
             console_runs: 10,
+            retention_rows: 100_000,
+            horizon_seconds: 40,
+            horizon_baseline_seconds: 10,
         }
     }
 }

@@ -37,6 +37,8 @@ pub async fn run(
         Scenario::Slow => super::isolation::slow_receivers(env, sizes, results).await,
         Scenario::Console => super::console::run(env, sizes, results).await,
         Scenario::Fhirpath => super::fhirpath::run(results),
+        Scenario::Retention => super::storage::retention(env, sizes, results).await,
+        Scenario::Horizon => super::storage::horizon(env, sizes, results).await,
     }
 }
 

@@ -1,0 +1,247 @@
+//! Storage scenarios: retention of a day of history, and throughput while a transaction holds the
+//! xmin horizon.
+
+use super::fixtures::{self, Env, WorkerProcess, patient};
+use super::scenarios::Results;
+use super::{BenchError, Figure, Scenario, Sizes, Target};
+use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::operations::retention::{self, Retention};
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bytes of a table over all its partitions, with indexes and TOAST.
+async fn table_bytes(pool: &PgPool, table: &str) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::int8
+         FROM pg_partition_tree($1::regclass)",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn history_bytes(pool: &PgPool) -> Result<i64, BenchError> {
+    let mut total = 0;
+    for table in [
+        "fhir_outbox.finished_delivery",
+        "fhir_outbox.delivery_attempt",
+        "fhir_outbox.audit_event",
+    ] {
+        total += table_bytes(pool, table).await?;
+    }
+    Ok(total)
+}
+
+/// A day of history (`retention_rows` finished deliveries, as many attempts and AuditEvents, all
+/// in today's partitions), then one retention pass as seen from the day after tomorrow: the time it
+/// takes, and what is left.
+pub async fn retention(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let name = "bench_retention";
+    let url = env.create_db(name).await?;
+    let pool = fixtures::connect(&url, 2).await?;
+    let rows = sizes.retention_rows as i64;
+    eprintln!("bench: retention: writing a day of history ({rows} deliveries, attempts and AuditEvents)…");
+    for sql in [
+        "INSERT INTO fhir_outbox.finished_delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
+              version_id, interaction, changed_at, request_id, trace_id, matched_at, state, attempts,
+              next_attempt_at, finished_at, last_status, claims)
+         SELECT p, 'sub-' || g % 100, g, p, 'Patient', 'p' || g, 1, 'create', now(), 'bench',
+                md5(g::text), now(), 'succeeded', 1, now(), now(), 200, 1
+         FROM (SELECT gen_random_uuid() AS p) project, generate_series(1::bigint, $1) g",
+        "INSERT INTO fhir_outbox.delivery_attempt
+             (delivery_id, project_id, subscription_id, attempt, started_at, duration_ms, succeeded,
+              status, response_body, audit_event_id)
+         SELECT g, gen_random_uuid(), 'sub-' || g % 100, 1, now(), 20, true, 200, 'ok',
+                gen_random_uuid()::text
+         FROM generate_series(1::bigint, $1) g",
+        "INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
+         SELECT gen_random_uuid(), fhir_outbox.uuid_v7(now())::text, now(),
+                jsonb_build_object('resourceType', 'AuditEvent', 'outcome', '0',
+                    'outcomeDesc', 'Attempt 1 received status 200',
+                    'type', jsonb_build_object('code', 'transmit'),
+                    'entity', jsonb_build_array(jsonb_build_object('what',
+                        jsonb_build_object('reference', 'Patient/p' || g))))
+         FROM generate_series(1::bigint, $1) g",
+    ] {
+        sqlx::query(sql).bind(rows).execute(&pool).await?;
+    }
+    sqlx::query("CHECKPOINT").execute(&pool).await?;
+    let before = history_bytes(&pool).await?;
+    let as_of = chrono::Utc::now() + chrono::Duration::days(2);
+    let keep = Retention {
+        deliveries: Duration::from_secs(86_400),
+        audit_events: Some(Duration::from_secs(86_400)),
+    };
+    let started = Instant::now();
+    let pruned = retention::prune_as_of(&pool, keep, as_of).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let after = history_bytes(&pool).await?;
+    let removed = pruned.deliveries + pruned.attempts + pruned.audit_events;
+    let mut figure = Figure::new(
+        Scenario::Retention,
+        "retention.day_seconds",
+        format!(
+            "retention of a day of history ({} deliveries + {} attempts + {} AuditEvents, {} partitions dropped)",
+            pruned.deliveries, pruned.attempts, pruned.audit_events, pruned.partitions
+        ),
+        secs,
+        "s",
+    )
+    .target(Target::AtMost(1.0));
+    if sizes.retention_rows < 1_000_000 {
+        figure = figure.note(format!(
+            "{} rows per table, not 1M",
+            sizes.retention_rows
+        ));
+    }
+    results.figures.push(figure);
+    results.figures.push(Figure::new(
+        Scenario::Retention,
+        "retention.history_mib_after",
+        format!(
+            "history on disk after it: {:.1} MiB of {:.1} MiB (nothing left to vacuum)",
+            after as f64 / 1048576.0,
+            before as f64 / 1048576.0
+        ),
+        after as f64 / 1048576.0,
+        "MiB",
+    ));
+    results.details.insert(
+        "retention".into(),
+        json!({ "pruned": pruned, "rows_removed": removed, "seconds": secs,
+                "history_bytes_before": before, "history_bytes_after": after }),
+    );
+    pool.close().await;
+    env.drop_db(name).await?;
+    Ok(())
+}
+
+/// Dead tuples and size (with indexes) of the hot table.
+async fn hot_table(pool: &PgPool) -> Result<(i64, i64), BenchError> {
+    Ok(sqlx::query_as(
+        "SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
+                          WHERE relid = 'fhir_outbox.unfinished_delivery'::regclass), 0),
+                pg_total_relation_size('fhir_outbox.unfinished_delivery')",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Sustained load (writers as fast as they go, `fhir-outbox run` delivering to the loopback
+/// receiver) for `horizon_baseline_seconds`, then as long again plus `horizon_seconds` while another
+/// session holds a snapshot open (`REPEATABLE READ`, as a long report or a forgotten `BEGIN`
+/// does): nothing dead since it began can be vacuumed. Compares the delivery rate of the last
+/// baseline-long window under the horizon with the rate before it, and the hot table's dead tuples.
+pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
+    let name = "bench_horizon";
+    let url = env.create_db(name).await?;
+    let pool = fixtures::connect(&url, 6).await?;
+    let project = fixtures::project_with_subscriptions(&pool, &env.receiver.url, 1).await?;
+    env.receiver.reset();
+    let mut worker =
+        WorkerProcess::start_with(env, &url, 10, &["--endpoint-concurrency", "10000"]).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..2u64 {
+        let (pool, stop, written) = (pool.clone(), stop.clone(), written.clone());
+        writers.spawn(async move {
+            let mut n = writer;
+            while !stop.load(Ordering::Relaxed) {
+                let mut tx = pool.begin().await?;
+                for _ in 0..50 {
+                    capture::create(&mut *tx, project, &patient(n), &WriteContext::default())
+                        .await?;
+                    n += 2;
+                }
+                tx.commit().await?;
+                written.fetch_add(50, Ordering::Relaxed);
+            }
+            Ok::<_, BenchError>(())
+        });
+    }
+    let window = Duration::from_secs(sizes.horizon_baseline_seconds);
+    // Warm up, then the baseline window.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    worker.check_alive()?;
+    let (count0, at0) = (env.receiver.count(), Instant::now());
+    tokio::time::sleep(window).await;
+    worker.check_alive()?;
+    let baseline = (env.receiver.count() - count0) as f64 / at0.elapsed().as_secs_f64();
+    let (dead_before, bytes_before) = hot_table(&pool).await?;
+
+    eprintln!(
+        "bench: horizon: {baseline:.0} deliveries/s; now holding a snapshot for {} s…",
+        sizes.horizon_seconds
+    );
+    let mut holder = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *holder)
+        .await?;
+    sqlx::query("SELECT count(*) FROM fhir_outbox.project")
+        .execute(&mut *holder)
+        .await?;
+    let held = Instant::now();
+    let mut samples = Vec::new();
+    let total = Duration::from_secs(sizes.horizon_seconds);
+    while held.elapsed() + window < total {
+        tokio::time::sleep(window.min(Duration::from_secs(30))).await;
+        worker.check_alive()?;
+        let (dead, bytes) = hot_table(&pool).await?;
+        samples.push(json!({ "seconds": held.elapsed().as_secs_f64(), "delivered": env.receiver.count(),
+                             "hot_dead_tuples": dead, "hot_bytes": bytes }));
+    }
+    let (count1, at1) = (env.receiver.count(), Instant::now());
+    tokio::time::sleep(window).await;
+    worker.check_alive()?;
+    let under_horizon = (env.receiver.count() - count1) as f64 / at1.elapsed().as_secs_f64();
+    let (dead_after, bytes_after) = hot_table(&pool).await?;
+    let held_for = held.elapsed().as_secs_f64();
+    holder.rollback().await?;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(result) = writers.join_next().await {
+        result.map_err(super::scenarios::other)??;
+    }
+    worker.stop().await;
+
+    let cost = 100.0 * (1.0 - under_horizon / baseline);
+    let mut figure = Figure::new(
+        Scenario::Horizon,
+        "horizon.throughput_cost_pct",
+        format!(
+            "throughput lost after {held_for:.0} s of a held xmin horizon ({baseline:.0} → {under_horizon:.0} deliveries/s, last {} s)",
+            window.as_secs()
+        ),
+        cost,
+        "%",
+    )
+    .target(Target::AtMost(10.0));
+    if sizes.horizon_seconds < 600 {
+        figure = figure.note(format!("held {} s, not 600", sizes.horizon_seconds));
+    }
+    results.figures.push(figure);
+    results.figures.push(Figure::new(
+        Scenario::Horizon,
+        "horizon.hot_dead_tuples",
+        format!(
+            "hot table dead tuples: {dead_before} before the horizon, {dead_after} after {held_for:.0} s ({:.1} → {:.1} MiB)",
+            bytes_before as f64 / 1048576.0,
+            bytes_after as f64 / 1048576.0
+        ),
+        dead_after as f64,
+        "tuples",
+    ));
+    results.details.insert(
+        "horizon".into(),
+        json!({ "baseline_per_s": baseline, "under_horizon_per_s": under_horizon,
+                "held_seconds": held_for, "written": written.load(Ordering::Relaxed),
+                "samples": samples }),
+    );
+    pool.close().await;
+    env.drop_db(name).await?;
+    Ok(())
+}
