@@ -33,11 +33,34 @@ CREATE SEQUENCE fhir_outbox.delivery_id_seq;
 SELECT setval('fhir_outbox.delivery_id_seq',
               (SELECT coalesce(max(id), 0) + 1 FROM fhir_outbox.delivery_before_history), false);
 
--- The hot table. Its indexes are the claim's (delivery_queue, delivery_due, delivery_leased) and
--- the primary key: every index here is written by the dispatcher's insert and again by the
--- claim's update (a state change is never a HOT update), so none serves history.
+-- The hot table, in two lanes. Its indexes are the claim's (delivery_queue, delivery_due,
+-- delivery_leased) and the primary key: every index here is written by the dispatcher's insert and
+-- again by the claim's update (a state change is never a HOT update), so none serves history.
+--
+-- Why lanes: every delivery leaves dead row versions here (the claim's update, the completion's
+-- delete). VACUUM removes them, unless a transaction somewhere holds the xmin horizon (a long
+-- report, a forgotten BEGIN, a replica's feedback): then they pile up, and every claim walks them
+-- in the claim's indexes. So writes go to the current lane (inserts, and the claim, a retry or a
+-- release move their row there), the other lane drains, and once it is empty it is truncated,
+-- which removes its dead versions whatever the horizon (`rotate_delivery_lanes`, run by every
+-- worker). Lanes switch only when the current one has more dead versions than VACUUM keeps up
+-- with.
+CREATE TABLE fhir_outbox.delivery_lane (
+    only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    current     smallint NOT NULL DEFAULT 0 CHECK (current IN (0, 1)),
+    switched_at timestamptz NOT NULL DEFAULT now(),
+    switches    bigint NOT NULL DEFAULT 0
+);
+INSERT INTO fhir_outbox.delivery_lane DEFAULT VALUES;
+
+-- The lane writes go to.
+CREATE FUNCTION fhir_outbox.current_delivery_lane() RETURNS smallint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT current FROM fhir_outbox.delivery_lane
+$$;
+
 CREATE TABLE fhir_outbox.unfinished_delivery (
-    id                  bigint PRIMARY KEY DEFAULT nextval('fhir_outbox.delivery_id_seq'),
+    id                  bigint NOT NULL DEFAULT nextval('fhir_outbox.delivery_id_seq'),
     webhook_id          uuid NOT NULL DEFAULT gen_random_uuid(),
     project_id          uuid NOT NULL,
     subscription_id     text NOT NULL,
@@ -61,8 +84,14 @@ CREATE TABLE fhir_outbox.unfinished_delivery (
     claims              integer NOT NULL DEFAULT 0,
     preamble_failures   integer NOT NULL DEFAULT 0,
     last_status         integer,
-    replay              boolean NOT NULL DEFAULT false
-) WITH (fillfactor = 80);
+    replay              boolean NOT NULL DEFAULT false,
+    lane                smallint NOT NULL DEFAULT fhir_outbox.current_delivery_lane(),
+    PRIMARY KEY (id, lane)
+) PARTITION BY LIST (lane);
+CREATE TABLE fhir_outbox.unfinished_delivery_lane0 PARTITION OF fhir_outbox.unfinished_delivery
+    FOR VALUES IN (0) WITH (fillfactor = 80);
+CREATE TABLE fhir_outbox.unfinished_delivery_lane1 PARTITION OF fhir_outbox.unfinished_delivery
+    FOR VALUES IN (1) WITH (fillfactor = 80);
 ALTER SEQUENCE fhir_outbox.delivery_id_seq OWNED BY fhir_outbox.unfinished_delivery.id;
 
 -- History: what a delivery ended as. No lease (it has none), a `finished_at` always.
@@ -225,6 +254,74 @@ BEGIN
             RAISE WARNING 'retention skipped partition % this pass: it is in use', v_partition.relname;
         END;
     END LOOP;
+END
+$$;
+
+-- Keeps the hot table's dead row versions bounded whatever the xmin horizon (see `delivery_lane`):
+-- 1. moves up to `p_max_moves` pending deliveries from the other lane to the current one (in-flight
+--    ones finish where they are, or their expired lease is claimed, which moves them);
+-- 2. once the other lane holds no delivery, truncates it if it has pages (under an exclusive lock
+--    on that lane alone, waited for 200 ms at most, so that no write can land in it meanwhile);
+-- 3. then switches lanes if the current one has at least `p_min_dead` dead versions and more dead
+--    than live ones (VACUUM is not keeping up, or cannot), and became current `p_min_seconds` ago.
+-- One worker at a time; the others return at once.
+CREATE FUNCTION fhir_outbox.rotate_delivery_lanes(p_min_seconds float8 DEFAULT 10,
+                                                  p_min_dead bigint DEFAULT 10000,
+                                                  p_max_moves integer DEFAULT 10000,
+                                                  OUT moved bigint, OUT truncated boolean,
+                                                  OUT switched boolean)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_current smallint;
+    v_switched_at timestamptz;
+    v_other smallint;
+    v_other_table text;
+    v_dead bigint;
+    v_live bigint;
+BEGIN
+    moved := 0;
+    truncated := false;
+    switched := false;
+    IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.delivery_lanes')) THEN
+        RETURN;
+    END IF;
+    SELECT current, switched_at INTO v_current, v_switched_at FROM fhir_outbox.delivery_lane;
+    v_other := 1 - v_current;
+    v_other_table := 'unfinished_delivery_lane' || v_other;
+    WITH movable AS (
+        SELECT id FROM fhir_outbox.unfinished_delivery
+        WHERE lane = v_other AND state = 'pending'
+        LIMIT p_max_moves
+        FOR UPDATE SKIP LOCKED),
+    m AS (
+        UPDATE fhir_outbox.unfinished_delivery d SET lane = v_current
+        FROM movable WHERE d.id = movable.id AND d.lane = v_other
+        RETURNING 1)
+    SELECT count(*) INTO moved FROM m;
+    IF moved > 0 THEN
+        RETURN;
+    END IF;
+    IF pg_relation_size(('fhir_outbox.' || v_other_table)::regclass) > 0 THEN
+        BEGIN
+            PERFORM set_config('lock_timeout', '200ms', true);
+            EXECUTE format('LOCK TABLE fhir_outbox.%I IN ACCESS EXCLUSIVE MODE', v_other_table);
+            IF EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery WHERE lane = v_other) THEN
+                RETURN;
+            END IF;
+            EXECUTE format('TRUNCATE fhir_outbox.%I', v_other_table);
+            truncated := true;
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN;
+        END;
+    END IF;
+    SELECT n_dead_tup, n_live_tup INTO v_dead, v_live FROM pg_stat_user_tables
+    WHERE relid = ('fhir_outbox.unfinished_delivery_lane' || v_current)::regclass;
+    IF v_dead >= p_min_dead AND v_dead > v_live
+       AND now() - v_switched_at >= make_interval(secs => p_min_seconds) THEN
+        UPDATE fhir_outbox.delivery_lane
+        SET current = v_other, switched_at = now(), switches = switches + 1;
+        switched := true;
+    END IF;
 END
 $$;
 
@@ -598,6 +695,7 @@ LEFT JOIN load l USING (project_id, endpoint);
 -- Nobody but the roles granted them (docs/roles.sql) runs these: they create and drop tables as
 -- their owner, or write AuditEvents.
 REVOKE EXECUTE ON FUNCTION fhir_outbox.ensure_history_partitions(integer),
+    fhir_outbox.rotate_delivery_lanes(float8, bigint, integer),
     fhir_outbox.drop_history_partitions(text, timestamptz),
     fhir_outbox.create_audit_events(uuid[], jsonb[]),
     fhir_outbox.write_delivery_view() FROM PUBLIC;

@@ -59,6 +59,9 @@ pub const OPEN_CIRCUITS: &str = "fhir_outbox_open_circuits";
 pub const CIRCUIT_TRANSITIONS: &str = "fhir_outbox_circuit_transitions_total";
 /// Counter: operator actions (command line, console, API), by action.
 pub const OPERATOR_ACTIONS: &str = "fhir_outbox_operator_actions_total";
+/// Counter: work of the hot table's lane rotation, by `event` (`moved`: deliveries moved to the
+/// current lane, `truncated`, `switched`).
+pub const LANE_ROTATION: &str = "fhir_outbox_delivery_lane_rotation_total";
 
 /// Describes every metric (HELP lines).
 pub fn describe() {
@@ -120,6 +123,23 @@ pub fn describe() {
         OPERATOR_ACTIONS,
         "Operator actions (command line, console, API), by action."
     );
+    describe_counter!(
+        LANE_ROTATION,
+        "Hot table lane rotation: deliveries moved, lanes truncated, lane switches."
+    );
+}
+
+/// A lane rotation pass did something.
+pub fn lane_rotation(moved: u64, truncated: bool, switched: bool) {
+    if moved > 0 {
+        metrics::counter!(LANE_ROTATION, "event" => "moved").increment(moved);
+    }
+    if truncated {
+        metrics::counter!(LANE_ROTATION, "event" => "truncated").increment(1);
+    }
+    if switched {
+        metrics::counter!(LANE_ROTATION, "event" => "switched").increment(1);
+    }
 }
 
 /// An HTTP attempt finished.

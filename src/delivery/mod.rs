@@ -16,6 +16,7 @@
 
 pub mod auto_disable;
 pub mod headers;
+mod lanes;
 pub mod lease;
 pub mod outbound;
 mod outcome;

@@ -272,7 +272,9 @@ pub(super) async fn claim(
            claimed AS (
                UPDATE fhir_outbox.unfinished_delivery d
                SET state = 'in_flight', lease_token = gen_random_uuid(),
-                   lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1
+                   lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1,
+                   -- Into the current lane, so that the other one drains (migration 20261203000001).
+                   lane = fhir_outbox.current_delivery_lane()
                FROM picked WHERE d.id = picked.id
                RETURNING d.*),
            numbered AS (
@@ -445,7 +447,7 @@ pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<
     Ok(sqlx::query!(
         "UPDATE fhir_outbox.unfinished_delivery
          SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL,
-             claims = greatest(claims - 1, 0)
+             claims = greatest(claims - 1, 0), lane = fhir_outbox.current_delivery_lane()
          WHERE state = 'in_flight' AND lease_token = ANY($1)",
         tokens
     )
@@ -518,7 +520,8 @@ pub(super) async fn complete(
                SET state = 'pending', attempts = c.attempts, preamble_failures = c.preamble_failures,
                    next_attempt_at = coalesce(c.next_attempt_at, d.next_attempt_at),
                    reason = c.reason, last_status = coalesce(c.last_status, d.last_status),
-                   lease_token = NULL, lease_expires_at = NULL
+                   lease_token = NULL, lease_expires_at = NULL,
+                   lane = fhir_outbox.current_delivery_lane()
                FROM c
                WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
                  AND c.state = 'pending'
@@ -730,5 +733,35 @@ pub(super) async fn record_endpoint_results(
         cool_downs,
     )
     .fetch_all(conn)
+    .await
+}
+
+/// What one pass of `fhir_outbox.rotate_delivery_lanes` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaneRotation {
+    /// Pending deliveries moved from the other lane to the current one.
+    pub moved: i64,
+    /// Whether the other lane, empty, was truncated.
+    pub truncated: bool,
+    /// Whether the lanes switched.
+    pub switched: bool,
+}
+
+/// One pass of the hot table's lane rotation (see `delivery::lanes`).
+pub(crate) async fn rotate_lanes(
+    executor: impl sqlx::PgExecutor<'_>,
+    min_seconds: f64,
+    min_dead: i64,
+    max_moves: i32,
+) -> Result<LaneRotation, sqlx::Error> {
+    sqlx::query_as!(
+        LaneRotation,
+        r#"SELECT moved AS "moved!", truncated AS "truncated!", switched AS "switched!"
+           FROM fhir_outbox.rotate_delivery_lanes($1, $2, $3)"#,
+        min_seconds,
+        min_dead,
+        max_moves
+    )
+    .fetch_one(executor)
     .await
 }

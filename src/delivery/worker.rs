@@ -222,6 +222,10 @@ impl DeliveryWorker {
             shutdown.clone(),
         ));
         let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
+        let rotator = tokio::spawn(super::lanes::rotate_continuously(
+            self.pool.clone(),
+            shutdown.clone(),
+        ));
         let claim_size = self.claim_size();
         // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
         // of piling up executed-but-unrecorded work, which a crash would send again.
@@ -290,6 +294,7 @@ impl DeliveryWorker {
             tracing::info!(released, "released unfinished deliveries");
         }
         renewer.abort();
+        rotator.abort();
         listener.abort();
     }
 

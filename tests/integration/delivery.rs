@@ -49,6 +49,11 @@ pub fn pipeline(pool: &PgPool, config: DeliveryConfig) -> Pipeline {
 }
 
 impl Pipeline {
+    /// Dispatches until no change is left (delivering nothing).
+    pub async fn settle_dispatch(&self) {
+        while self.dispatcher.dispatch_once().await.unwrap().changes > 0 {}
+    }
+
     /// Dispatches and delivers until no delivery is pending or in flight.
     pub async fn settle(&self, pool: &PgPool) {
         for _ in 0..1000 {

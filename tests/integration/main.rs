@@ -28,6 +28,7 @@ mod readme;
 mod receiver;
 mod roles;
 mod sql_interface;
+mod storage;
 mod strict;
 mod timing;
 mod wakeup;

@@ -43,7 +43,9 @@ pub async fn retention(env: &Env, sizes: &Sizes, results: &mut Results) -> Resul
     let url = env.create_db(name).await?;
     let pool = fixtures::connect(&url, 2).await?;
     let rows = sizes.retention_rows as i64;
-    eprintln!("bench: retention: writing a day of history ({rows} deliveries, attempts and AuditEvents)…");
+    eprintln!(
+        "bench: retention: writing a day of history ({rows} deliveries, attempts and AuditEvents)…"
+    );
     for sql in [
         "INSERT INTO fhir_outbox.finished_delivery
              (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
@@ -93,10 +95,7 @@ pub async fn retention(env: &Env, sizes: &Sizes, results: &mut Results) -> Resul
     )
     .target(Target::AtMost(1.0));
     if sizes.retention_rows < 1_000_000 {
-        figure = figure.note(format!(
-            "{} rows per table, not 1M",
-            sizes.retention_rows
-        ));
+        figure = figure.note(format!("{} rows per table, not 1M", sizes.retention_rows));
     }
     results.figures.push(figure);
     results.figures.push(Figure::new(
@@ -178,6 +177,11 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         "bench: horizon: {baseline:.0} deliveries/s; now holding a snapshot for {} s…",
         sizes.horizon_seconds
     );
+    if env.statements {
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&pool)
+            .await?;
+    }
     let mut holder = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *holder)
@@ -192,8 +196,10 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         tokio::time::sleep(window.min(Duration::from_secs(30))).await;
         worker.check_alive()?;
         let (dead, bytes) = hot_table(&pool).await?;
-        samples.push(json!({ "seconds": held.elapsed().as_secs_f64(), "delivered": env.receiver.count(),
-                             "hot_dead_tuples": dead, "hot_bytes": bytes }));
+        samples.push(
+            json!({ "seconds": held.elapsed().as_secs_f64(), "delivered": env.receiver.count(),
+                             "hot_dead_tuples": dead, "hot_bytes": bytes }),
+        );
     }
     let (count1, at1) = (env.receiver.count(), Instant::now());
     tokio::time::sleep(window).await;
@@ -201,6 +207,10 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     let under_horizon = (env.receiver.count() - count1) as f64 / at1.elapsed().as_secs_f64();
     let (dead_after, bytes_after) = hot_table(&pool).await?;
     let held_for = held.elapsed().as_secs_f64();
+    let statements = match env.statements {
+        true => super::scenarios::top_statements(&pool, "under the held horizon").await?,
+        false => Vec::new(),
+    };
     holder.rollback().await?;
     stop.store(true, Ordering::Relaxed);
     while let Some(result) = writers.join_next().await {
@@ -239,7 +249,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         "horizon".into(),
         json!({ "baseline_per_s": baseline, "under_horizon_per_s": under_horizon,
                 "held_seconds": held_for, "written": written.load(Ordering::Relaxed),
-                "samples": samples }),
+                "samples": samples, "top_statements": statements }),
     );
     pool.close().await;
     env.drop_db(name).await?;

@@ -1,0 +1,53 @@
+//! The hot table's lanes (`fhir_outbox.unfinished_delivery`, migration 20261203000001): every
+//! delivery leaves dead row versions in the hot table, which VACUUM removes unless a transaction
+//! holds the xmin horizon; then claims would walk more of them at every claim. Writes go to the
+//! current lane; the other drains and, once empty, is truncated, which removes its dead versions
+//! whatever the horizon; the lanes switch when the current one holds more dead versions than live
+//! ones. Every delivery worker runs a pass every [`EVERY`]; the database lets one run at a time.
+
+use super::queries;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Time between passes.
+const EVERY: Duration = Duration::from_secs(2);
+/// Least time between two switches, in seconds.
+const MIN_SECONDS_BETWEEN_SWITCHES: f64 = 10.0;
+/// Dead versions in the current lane before a switch is worth it (and more than live rows).
+const MIN_DEAD_VERSIONS: i64 = 10_000;
+/// Most pending deliveries one pass moves out of the draining lane (a pass stays short).
+const MAX_MOVES_PER_PASS: i32 = 10_000;
+
+/// Runs a pass every [`EVERY`] until `shutdown`. A failed pass is logged and tried again.
+pub(crate) async fn rotate_continuously(pool: PgPool, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match queries::rotate_lanes(
+            &pool,
+            MIN_SECONDS_BETWEEN_SWITCHES,
+            MIN_DEAD_VERSIONS,
+            MAX_MOVES_PER_PASS,
+        )
+        .await
+        {
+            Ok(pass) => {
+                crate::metrics::lane_rotation(pass.moved as u64, pass.truncated, pass.switched);
+                if pass.switched {
+                    tracing::info!(
+                        "the hot table switched lanes: the other one drains, then is truncated"
+                    );
+                }
+                if pass.truncated {
+                    tracing::debug!("truncated the drained lane of the hot table");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "hot table lane rotation failed; it will be tried again")
+            }
+        }
+    }
+}
