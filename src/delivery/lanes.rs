@@ -11,9 +11,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Time between passes.
-const EVERY: Duration = Duration::from_secs(2);
+const EVERY: Duration = Duration::from_secs(1);
 /// Least time between two switches, in seconds.
-const MIN_SECONDS_BETWEEN_SWITCHES: f64 = 10.0;
+const MIN_SECONDS_BETWEEN_SWITCHES: f64 = 3.0;
 /// Dead versions in the current lane before a switch is worth it (and more than live rows).
 const MIN_DEAD_VERSIONS: i64 = 10_000;
 /// Most pending deliveries one pass moves out of the draining lane (a pass stays short).

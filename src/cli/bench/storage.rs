@@ -119,12 +119,14 @@ pub async fn retention(env: &Env, sizes: &Sizes, results: &mut Results) -> Resul
     Ok(())
 }
 
-/// Dead tuples and size (with indexes) of the hot table.
-async fn hot_table(pool: &PgPool) -> Result<(i64, i64), BenchError> {
+/// Dead tuples and size (with indexes) of the hot table, over its lanes, and its lane switches.
+async fn hot_table(pool: &PgPool) -> Result<(i64, i64, i64), BenchError> {
     Ok(sqlx::query_as(
-        "SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
-                          WHERE relid = 'fhir_outbox.unfinished_delivery'::regclass), 0),
-                pg_total_relation_size('fhir_outbox.unfinished_delivery')",
+        "SELECT coalesce(sum(s.n_dead_tup), 0)::int8,
+                coalesce(sum(pg_total_relation_size(t.relid)), 0)::int8,
+                (SELECT switches FROM fhir_outbox.delivery_lane)
+         FROM pg_partition_tree('fhir_outbox.unfinished_delivery') t
+         LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid",
     )
     .fetch_one(pool)
     .await?)
@@ -171,7 +173,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     tokio::time::sleep(window).await;
     worker.check_alive()?;
     let baseline = (env.receiver.count() - count0) as f64 / at0.elapsed().as_secs_f64();
-    let (dead_before, bytes_before) = hot_table(&pool).await?;
+    let (dead_before, bytes_before, switches_before) = hot_table(&pool).await?;
 
     eprintln!(
         "bench: horizon: {baseline:.0} deliveries/s; now holding a snapshot for {} s…",
@@ -195,17 +197,17 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     while held.elapsed() + window < total {
         tokio::time::sleep(window.min(Duration::from_secs(30))).await;
         worker.check_alive()?;
-        let (dead, bytes) = hot_table(&pool).await?;
+        let (dead, bytes, switches) = hot_table(&pool).await?;
         samples.push(
             json!({ "seconds": held.elapsed().as_secs_f64(), "delivered": env.receiver.count(),
-                             "hot_dead_tuples": dead, "hot_bytes": bytes }),
+                    "hot_dead_tuples": dead, "hot_bytes": bytes, "lane_switches": switches }),
         );
     }
     let (count1, at1) = (env.receiver.count(), Instant::now());
     tokio::time::sleep(window).await;
     worker.check_alive()?;
     let under_horizon = (env.receiver.count() - count1) as f64 / at1.elapsed().as_secs_f64();
-    let (dead_after, bytes_after) = hot_table(&pool).await?;
+    let (dead_after, bytes_after, switches_after) = hot_table(&pool).await?;
     let held_for = held.elapsed().as_secs_f64();
     let statements = match env.statements {
         true => super::scenarios::top_statements(&pool, "under the held horizon").await?,
@@ -238,9 +240,10 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         Scenario::Horizon,
         "horizon.hot_dead_tuples",
         format!(
-            "hot table dead tuples: {dead_before} before the horizon, {dead_after} after {held_for:.0} s ({:.1} → {:.1} MiB)",
+            "hot table dead tuples: {dead_before} before the horizon, {dead_after} after {held_for:.0} s ({:.1} → {:.1} MiB; {} lane switches)",
             bytes_before as f64 / 1048576.0,
-            bytes_after as f64 / 1048576.0
+            bytes_after as f64 / 1048576.0,
+            switches_after - switches_before
         ),
         dead_after as f64,
         "tuples",
