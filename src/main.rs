@@ -290,7 +290,7 @@ enum Command {
         #[command(subcommand)]
         command: ProjectCommand,
     },
-    /// Delete what is past its retention now (`run` also does it periodically).
+    /// Remove what is past its retention now: whole days of history, dispatched outbox rows (`run` also does it periodically).
     Prune {
         #[command(flatten)]
         retention: RetentionArgs,
@@ -391,7 +391,7 @@ impl DispatchArgs {
 /// How long finished work is kept.
 #[derive(Debug, clap::Args)]
 struct RetentionArgs {
-    /// Hours finished deliveries, their attempts and dispatched outbox rows are kept.
+    /// Hours finished deliveries, their attempts and dispatched outbox rows are kept (history goes by whole days: at most a day more).
     #[arg(long, env = "FHIR_OUTBOX_RETENTION_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=876_000))]
     retention_hours: u64,
     /// Days AuditEvents are kept; unset keeps them for good (they are the audit trail).

@@ -23,7 +23,7 @@ use queries::{ClaimedChange, Issue, NewDeliveries};
 use sqlx::{PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -110,6 +110,64 @@ pub struct Dispatcher {
     cache: Mutex<HashMap<Uuid, CachedProject>>,
     /// Evaluation errors already logged by this process (they are counted in SQL every time).
     logged_errors: Arc<Mutex<HashSet<(String, i64, String)>>>,
+    /// Where a busy loop's claim starts.
+    floor: Mutex<ScanFloor>,
+}
+
+/// Where the claim's scan of undispatched outbox rows starts. Each dispatched row leaves a dead
+/// entry in the `outbox_undispatched` index that a claim walks past until VACUUM removes it; while
+/// a transaction holds the xmin horizon, VACUUM cannot, and a scan from the start walks every row
+/// dispatched since. So when a full scan turns slow, a busy loop starts from the lowest seq it
+/// claimed [`FLOOR_LAG`] ago instead: everything below was claimed then, except what committed
+/// since from a transaction that had taken its seq before, and ran longer than [`FLOOR_LAG`]; a
+/// full scan every [`FULL_SCAN_EVERY`] (and every one before a loop waits) finds those. When full
+/// scans are fast, every scan is one.
+#[derive(Debug, Default)]
+struct ScanFloor {
+    /// (when, lowest seq claimed), oldest first.
+    marks: std::collections::VecDeque<(Instant, i64)>,
+    last_full_scan: Option<Instant>,
+    full_scan_slow: bool,
+}
+
+/// How old a claim must be for its lowest seq to be a floor.
+const FLOOR_LAG: Duration = Duration::from_secs(5);
+/// Longest time between full scans.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(10);
+/// A full scan slower than this turns floors on until one is fast again.
+const SLOW_FULL_SCAN: Duration = Duration::from_millis(20);
+
+impl ScanFloor {
+    /// The seq the next claim starts from (0: a full scan).
+    fn start(&mut self, now: Instant) -> i64 {
+        let due = self
+            .last_full_scan
+            .is_none_or(|at| now.duration_since(at) >= FULL_SCAN_EVERY);
+        if !self.full_scan_slow || due {
+            return 0;
+        }
+        while self.marks.len() > 1 && now.duration_since(self.marks[1].0) >= FLOOR_LAG {
+            self.marks.pop_front();
+        }
+        match self.marks.front() {
+            Some(&(at, seq)) if now.duration_since(at) >= FLOOR_LAG => seq,
+            _ => 0,
+        }
+    }
+
+    /// A claim from `from` that took `took` committed, having claimed from `lowest` up.
+    fn committed(&mut self, from: i64, took: Duration, lowest: Option<i64>, now: Instant) {
+        if from == 0 {
+            self.last_full_scan = Some(now);
+            self.full_scan_slow = took >= SLOW_FULL_SCAN;
+        }
+        if let Some(seq) = lowest {
+            self.marks.push_back((now, seq));
+            if self.marks.len() > 100_000 {
+                self.marks.pop_front();
+            }
+        }
+    }
 }
 
 /// The subscriptions a batch is evaluated against.
@@ -142,29 +200,53 @@ impl Dispatcher {
             config,
             cache: Mutex::new(HashMap::new()),
             logged_errors: Arc::new(Mutex::new(HashSet::new())),
+            floor: Mutex::new(ScanFloor::default()),
         }
     }
 
     /// Dispatches one batch of at most `batch_size` changes in one transaction.
     pub async fn dispatch_once(&self) -> Result<BatchReport, DispatchError> {
-        self.dispatch_batch(self.config.batch_size)
+        self.dispatch_batch(self.config.batch_size, false)
             .await
             .map_err(|failure| failure.error)
     }
 
-    async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, BatchFailure> {
+    /// Claims and dispatches one batch; `full_scan` makes its claim scan every undispatched row.
+    async fn dispatch_batch(
+        &self,
+        limit: i64,
+        full_scan: bool,
+    ) -> Result<BatchReport, BatchFailure> {
+        let started = Instant::now();
+        let from = match full_scan {
+            true => 0,
+            false => self.floor.lock().expect("floor lock").start(started),
+        };
         let mut tx = self.pool.begin().await.map_err(BatchFailure::unclaimed)?;
-        let changes = queries::claim_changes(&mut tx, limit)
+        let changes = queries::claim_changes(&mut tx, limit, from)
             .await
             .map_err(BatchFailure::unclaimed)?;
+        let took = started.elapsed();
+        let lowest = changes.first().map(|change| change.seq);
         if changes.is_empty() {
             tx.commit().await.map_err(BatchFailure::unclaimed)?;
-            return Ok(BatchReport::default());
+        } else {
+            let claimed = changes.iter().map(|change| change.seq).collect();
+            let report = self
+                .dispatch_claimed(tx, changes)
+                .await
+                .map_err(|error| BatchFailure { error, claimed })?;
+            self.floor
+                .lock()
+                .expect("floor lock")
+                .committed(from, took, lowest, Instant::now());
+            return Ok(report);
         }
-        let claimed = changes.iter().map(|change| change.seq).collect();
-        self.dispatch_claimed(tx, changes)
-            .await
-            .map_err(|error| BatchFailure { error, claimed })
+        self.floor
+            .lock()
+            .expect("floor lock")
+            .committed(from, took, None, Instant::now());
+        Ok(BatchReport::default())
     }
 
     async fn dispatch_claimed(
@@ -397,7 +479,8 @@ impl Dispatcher {
             } else {
                 self.config.batch_size
             };
-            match self.dispatch_batch(limit).await {
+            // The look before waiting scans everything, so nothing committed is left behind.
+            match self.dispatch_batch(limit, registered).await {
                 Ok(report) => {
                     failures = 0;
                     failing_alone = None;
@@ -727,4 +810,42 @@ fn push_delivery(
         .to_owned(),
     );
     rows.reason.push(skipped);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_stay_full_while_full_scans_are_fast() {
+        let mut floor = ScanFloor::default();
+        let t0 = Instant::now();
+        floor.committed(0, Duration::from_millis(2), Some(100), t0);
+        let later = t0 + FLOOR_LAG * 2;
+        assert_eq!(floor.start(later), 0);
+    }
+
+    #[test]
+    fn a_slow_full_scan_starts_busy_claims_from_a_seq_claimed_long_enough_ago() {
+        let mut floor = ScanFloor::default();
+        let t0 = Instant::now();
+        floor.committed(0, SLOW_FULL_SCAN * 2, Some(100), t0);
+        // Too recent to be a floor yet.
+        assert_eq!(floor.start(t0 + Duration::from_secs(1)), 0);
+        floor.committed(
+            0,
+            SLOW_FULL_SCAN * 2,
+            Some(150),
+            t0 + Duration::from_secs(1),
+        );
+        floor.committed(7, Duration::ZERO, Some(200), t0 + Duration::from_secs(3));
+        // The newest mark at least FLOOR_LAG old.
+        assert_eq!(floor.start(t0 + Duration::from_secs(6)), 150);
+        assert_eq!(floor.start(t0 + Duration::from_secs(8)), 200);
+        // A full scan is due every FULL_SCAN_EVERY, and a fast one turns floors off.
+        let due = t0 + Duration::from_secs(1) + FULL_SCAN_EVERY;
+        assert_eq!(floor.start(due), 0);
+        floor.committed(0, Duration::from_millis(1), Some(300), due);
+        assert_eq!(floor.start(due + FLOOR_LAG), 0);
+    }
 }

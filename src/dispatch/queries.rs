@@ -46,12 +46,14 @@ struct ClaimRow {
     resend_subscription_id: Option<String>,
 }
 
-/// Locks up to `limit` of the oldest undispatched outbox rows that no other dispatcher holds.
+/// Locks up to `limit` of the oldest undispatched outbox rows from `from_seq` on that no other
+/// dispatcher holds (`from_seq` 0 scans them all; see `dispatch::ScanFloor`).
 /// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
 /// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
 pub(crate) async fn claim_changes(
     conn: &mut PgConnection,
     limit: i64,
+    from_seq: i64,
 ) -> Result<Vec<ClaimedChange>, sqlx::Error> {
     let rows = sqlx::query_as!(
         ClaimRow,
@@ -59,7 +61,7 @@ pub(crate) async fn claim_changes(
                SELECT seq, project_id, resource_type, resource_id, version_id, previous_version_id,
                       interaction, changed_at, request_id, trace_id, resend_subscription_id
                FROM fhir_outbox.outbox
-               WHERE dispatched_at IS NULL
+               WHERE dispatched_at IS NULL AND seq >= $2
                ORDER BY seq
                LIMIT $1
                FOR UPDATE SKIP LOCKED)
@@ -77,7 +79,8 @@ pub(crate) async fn claim_changes(
                   ON prev.project_id = c.project_id AND prev.resource_type = c.resource_type
                  AND prev.id = c.resource_id AND prev.version_id = c.previous_version_id
            ORDER BY c.seq"#,
-        limit
+        limit,
+        from_seq
     )
     .fetch_all(conn)
     .await?;
