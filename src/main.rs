@@ -314,7 +314,9 @@ enum Command {
         /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim, fhirpath
         /// (hostile FHIRPath criteria against the evaluation budget; no database), noisy (healthy
         /// endpoints beside hanging and failing ones), slow (receivers answering after 100 ms),
-        /// console (the console's reads on a database of 1,000,000 attempts).
+        /// console (the console's reads on a database of 1,000,000 attempts), retention (a day of
+        /// history dropped), horizon (throughput while a snapshot holds the xmin horizon), scaling
+        /// (1, 2 and 4 worker processes).
         #[arg(long, value_delimiter = ',')]
         only: Vec<cli::bench::Scenario>,
         /// Load pg_stat_statements and report the statements that took the most database time in

@@ -14,6 +14,7 @@ mod fhirpath;
 mod fixtures;
 mod isolation;
 mod receiver;
+mod scaling;
 mod scenarios;
 mod storage;
 mod system;
@@ -78,11 +79,14 @@ pub enum Scenario {
     Retention,
     /// Throughput and the hot table's dead tuples while a transaction holds the xmin horizon.
     Horizon,
+    /// One undispatched backlog drained by 1, 2 and 4 worker processes, with the database's cost
+    /// per delivery (CPU, WAL, connections).
+    Scaling,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Capture,
         Scenario::Dispatch,
         Scenario::E2e,
@@ -94,6 +98,7 @@ impl Scenario {
         Scenario::Fhirpath,
         Scenario::Retention,
         Scenario::Horizon,
+        Scenario::Scaling,
     ];
 
     /// Whether it needs the throwaway PostgreSQL.
@@ -118,8 +123,9 @@ impl FromStr for Scenario {
             "fhirpath" => Ok(Scenario::Fhirpath),
             "retention" => Ok(Scenario::Retention),
             "horizon" | "xmin" => Ok(Scenario::Horizon),
+            "scaling" => Ok(Scenario::Scaling),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon)"
+                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling)"
             )),
         }
     }
@@ -172,9 +178,10 @@ pub struct Sizes {
     pub retention_rows: u64,
     /// Seconds a snapshot holds the xmin horizon in the horizon scenario.
     pub horizon_seconds: u64,
-    /// Seconds of each measured window of the horizon scenario (before, and at the end of, the
-    /// held horizon).
-    pub horizon_baseline_seconds: u64,
+    /// Changes written and delivered per cycle of the horizon scenario.
+    pub horizon_cycle: u64,
+    /// Undispatched changes of the scaling scenario.
+    pub scaling_backlog: u64,
 }
 
 impl Sizes {
@@ -206,7 +213,8 @@ impl Sizes {
             console_runs: 20,
             retention_rows: 1_000_000,
             horizon_seconds: 600,
-            horizon_baseline_seconds: 60,
+            horizon_cycle: 20_000,
+            scaling_backlog: 20_000,
         }
     }
 
@@ -234,7 +242,8 @@ impl Sizes {
             console_runs: 10,
             retention_rows: 100_000,
             horizon_seconds: 40,
-            horizon_baseline_seconds: 10,
+            horizon_cycle: 5_000,
+            scaling_backlog: 2_000,
         }
     }
 }

@@ -39,6 +39,7 @@ pub async fn run(
         Scenario::Fhirpath => super::fhirpath::run(results),
         Scenario::Retention => super::storage::retention(env, sizes, results).await,
         Scenario::Horizon => super::storage::horizon(env, sizes, results).await,
+        Scenario::Scaling => super::scaling::run(env, sizes, results).await,
     }
 }
 

@@ -1,15 +1,12 @@
 //! Storage scenarios: retention of a day of history, and throughput while a transaction holds the
 //! xmin horizon.
 
-use super::fixtures::{self, Env, WorkerProcess, patient};
+use super::fixtures::{self, Env, WorkerProcess};
 use super::scenarios::Results;
 use super::{BenchError, Figure, Scenario, Sizes, Target};
-use fhir_outbox::capture::{self, WriteContext};
 use fhir_outbox::operations::retention::{self, Retention};
 use serde_json::json;
 use sqlx::PgPool;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Bytes of a table over all its partitions, with indexes and TOAST.
@@ -132,11 +129,35 @@ async fn hot_table(pool: &PgPool) -> Result<(i64, i64, i64), BenchError> {
     .await?)
 }
 
-/// Sustained load (writers as fast as they go, `fhir-outbox run` delivering to the loopback
-/// receiver) for `horizon_baseline_seconds`, then as long again plus `horizon_seconds` while another
-/// session holds a snapshot open (`REPEATABLE READ`, as a long report or a forgotten `BEGIN`
-/// does): nothing dead since it began can be vacuumed. Compares the delivery rate of the last
-/// baseline-long window under the horizon with the rate before it, and the hot table's dead tuples.
+/// Writes `count` changes (4 writers, 100 per transaction) while `fhir-outbox run` dispatches and
+/// delivers them, and returns the rate from the first write until the last delivery succeeded.
+async fn cycle(
+    env: &Env,
+    pool: &PgPool,
+    project: uuid::Uuid,
+    count: u64,
+    worker: &mut WorkerProcess,
+) -> Result<f64, BenchError> {
+    let started = Instant::now();
+    let target = env.receiver.count() + count;
+    fixtures::prefill(pool, project, count, 4).await?;
+    while env.receiver.count() < target {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        worker.check_alive()?;
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(super::scenarios::other(format!(
+                "a cycle of {count} changes did not drain in 600 s"
+            )));
+        }
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Capacity with and without a held xmin horizon: cycles of `horizon_cycle` changes written and
+/// drained (`fhir-outbox run`, dispatch and delivery, to the loopback receiver), twice before, then
+/// for `horizon_seconds` while another session holds a snapshot open (`REPEATABLE READ`, as a long
+/// report or a forgotten `BEGIN` does: nothing dead since it began can be vacuumed). Compares the
+/// last cycle's rate with the baseline's, and the hot table's dead tuples.
 pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let name = "bench_horizon";
     let url = env.create_db(name).await?;
@@ -145,36 +166,14 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     env.receiver.reset();
     let mut worker =
         WorkerProcess::start_with(env, &url, 10, &["--endpoint-concurrency", "10000"]).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let mut writers = tokio::task::JoinSet::new();
-    for writer in 0..2u64 {
-        let (pool, stop, written) = (pool.clone(), stop.clone(), written.clone());
-        writers.spawn(async move {
-            let mut n = writer;
-            while !stop.load(Ordering::Relaxed) {
-                let mut tx = pool.begin().await?;
-                for _ in 0..50 {
-                    capture::create(&mut *tx, project, &patient(n), &WriteContext::default())
-                        .await?;
-                    n += 2;
-                }
-                tx.commit().await?;
-                written.fetch_add(50, Ordering::Relaxed);
-            }
-            Ok::<_, BenchError>(())
-        });
+    let count = sizes.horizon_cycle;
+    // A warm-up cycle, then the baseline: the mean of three.
+    cycle(env, &pool, project, count, &mut worker).await?;
+    let mut baseline = 0.0;
+    for _ in 0..3 {
+        baseline += cycle(env, &pool, project, count, &mut worker).await? / 3.0;
     }
-    let window = Duration::from_secs(sizes.horizon_baseline_seconds);
-    // Warm up, then the baseline window.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    worker.check_alive()?;
-    let (count0, at0) = (env.receiver.count(), Instant::now());
-    tokio::time::sleep(window).await;
-    worker.check_alive()?;
-    let baseline = (env.receiver.count() - count0) as f64 / at0.elapsed().as_secs_f64();
     let (dead_before, bytes_before, switches_before) = hot_table(&pool).await?;
-
     eprintln!(
         "bench: horizon: {baseline:.0} deliveries/s; now holding a snapshot for {} s…",
         sizes.horizon_seconds
@@ -193,20 +192,16 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         .await?;
     let held = Instant::now();
     let mut samples = Vec::new();
-    let total = Duration::from_secs(sizes.horizon_seconds);
-    while held.elapsed() + window < total {
-        tokio::time::sleep(window.min(Duration::from_secs(30))).await;
-        worker.check_alive()?;
+    let mut rates = Vec::new();
+    while held.elapsed() < Duration::from_secs(sizes.horizon_seconds) || rates.len() < 3 {
+        let rate = cycle(env, &pool, project, count, &mut worker).await?;
+        rates.push(rate);
         let (dead, bytes, switches) = hot_table(&pool).await?;
-        samples.push(
-            json!({ "seconds": held.elapsed().as_secs_f64(), "delivered": env.receiver.count(),
-                    "hot_dead_tuples": dead, "hot_bytes": bytes, "lane_switches": switches }),
-        );
+        samples.push(json!({ "seconds": held.elapsed().as_secs_f64(), "rate": rate,
+                             "hot_dead_tuples": dead, "hot_bytes": bytes, "lane_switches": switches }));
     }
-    let (count1, at1) = (env.receiver.count(), Instant::now());
-    tokio::time::sleep(window).await;
-    worker.check_alive()?;
-    let under_horizon = (env.receiver.count() - count1) as f64 / at1.elapsed().as_secs_f64();
+    // The mean of the last three cycles.
+    let under_horizon = rates.iter().rev().take(3).sum::<f64>() / 3.0;
     let (dead_after, bytes_after, switches_after) = hot_table(&pool).await?;
     let held_for = held.elapsed().as_secs_f64();
     let statements = match env.statements {
@@ -214,19 +209,14 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         false => Vec::new(),
     };
     holder.rollback().await?;
-    stop.store(true, Ordering::Relaxed);
-    while let Some(result) = writers.join_next().await {
-        result.map_err(super::scenarios::other)??;
-    }
     worker.stop().await;
-
+    let written = count * (4 + samples.len() as u64);
     let cost = 100.0 * (1.0 - under_horizon / baseline);
     let mut figure = Figure::new(
         Scenario::Horizon,
         "horizon.throughput_cost_pct",
         format!(
-            "throughput lost after {held_for:.0} s of a held xmin horizon ({baseline:.0} → {under_horizon:.0} deliveries/s, last {} s)",
-            window.as_secs()
+            "throughput lost after {held_for:.0} s of a held xmin horizon ({baseline:.0} → {under_horizon:.0} deliveries/s: cycles of {count} changes written and delivered, the mean of 3 before and of the last 3)"
         ),
         cost,
         "%",
@@ -251,7 +241,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     results.details.insert(
         "horizon".into(),
         json!({ "baseline_per_s": baseline, "under_horizon_per_s": under_horizon,
-                "held_seconds": held_for, "written": written.load(Ordering::Relaxed),
+                "held_seconds": held_for, "written": written,
                 "samples": samples, "top_statements": statements }),
     );
     pool.close().await;
