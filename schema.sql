@@ -157,20 +157,15 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH input AS MATERIALIZED (
-        SELECT e.n, e.project_id, gen_random_uuid()::text AS new_id,
+        SELECT e.n, e.project_id, fhir_outbox.uuid_v7(v_at)::text AS new_id,
                CASE WHEN e.event::text ~ '""|\{\}|\[\]'
                     THEN fhir_outbox.strip_empty(jsonb_strip_nulls(e.event))
                     ELSE jsonb_strip_nulls(e.event) END AS content
         FROM unnest(p_projects, p_events) WITH ORDINALITY AS e(project_id, event, n)),
-    resources AS (
-        INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id,
-                                          deleted, last_updated)
-        SELECT i.project_id, 'AuditEvent', i.new_id, 1, 1, false, v_at FROM input i),
-    versions AS (
-        INSERT INTO fhir_outbox.resource_version (project_id, resource_type, id, version_id, deleted,
-                                                  content, last_updated, author)
-        SELECT i.project_id, 'AuditEvent', i.new_id, 1, false,
-               fhir_outbox.stamped(i.content, i.project_id, i.new_id, 1, v_at, NULL), v_at, NULL
+    stored AS (
+        INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
+        SELECT i.project_id, i.new_id, v_at,
+               fhir_outbox.stamped(i.content, i.project_id, i.new_id, 1, v_at, NULL)
         FROM input i)
     SELECT i.n, i.new_id FROM input i ORDER BY i.n;
 END
@@ -227,6 +222,17 @@ END
 $$;
 
 --
+-- Name: current_delivery_lane(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.current_delivery_lane() RETURNS smallint
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT current FROM fhir_outbox.delivery_lane
+$$;
+
+--
 -- Name: delete_resource(uuid, text, text, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -264,6 +270,46 @@ END
 $$;
 
 --
+-- Name: drop_history_partitions(text, timestamp with time zone); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.drop_history_partitions(p_table text, p_before timestamp with time zone) RETURNS TABLE(partition text, rows bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_partition record;
+BEGIN
+    IF p_table IS NULL OR p_table NOT IN ('finished_delivery', 'delivery_attempt', 'audit_event') THEN
+        RAISE EXCEPTION '"%" is not a history table', p_table USING ERRCODE = 'OB001';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('fhir_outbox.history_partitions'));
+    FOR v_partition IN
+        SELECT c.relname,
+               (substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)'))::timestamptz AS upper_bound
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = ('fhir_outbox.' || p_table)::regclass
+        ORDER BY 2
+    LOOP
+        CONTINUE WHEN v_partition.upper_bound IS NULL OR v_partition.upper_bound > p_before;
+        BEGIN
+            SET LOCAL lock_timeout = '1s';
+            SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint END INTO rows
+            FROM pg_class c WHERE c.oid = ('fhir_outbox.' || v_partition.relname)::regclass;
+            IF rows IS NULL THEN
+                EXECUTE format('SELECT count(*) FROM fhir_outbox.%I', v_partition.relname) INTO rows;
+            END IF;
+            EXECUTE format('DROP TABLE fhir_outbox.%I', v_partition.relname);
+            partition := v_partition.relname;
+            RETURN NEXT;
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE WARNING 'retention skipped partition % this pass: it is in use', v_partition.relname;
+        END;
+    END LOOP;
+END
+$$;
+
+--
 -- Name: endpoint_origin(text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -284,6 +330,47 @@ BEGIN
     RETURN lower(m[1]) || '://' || lower(m[2]) || ':' ||
            coalesce(nullif(m[3], ''),
                     CASE lower(m[1]) WHEN 'https' THEN '443' WHEN 'http' THEN '80' ELSE '' END);
+END
+$$;
+
+--
+-- Name: ensure_history_partitions(integer); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.ensure_history_partitions(p_days_ahead integer DEFAULT 7) RETURNS SETOF text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_table text;
+    v_day date;
+    v_name text;
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+BEGIN
+    IF p_days_ahead IS NULL OR p_days_ahead < 1 OR p_days_ahead > 366 THEN
+        RAISE EXCEPTION 'days ahead must be between 1 and 366, not %', p_days_ahead USING ERRCODE = 'OB001';
+    END IF;
+    -- One maintainer at a time; the others find the work done.
+    PERFORM pg_advisory_xact_lock(hashtext('fhir_outbox.history_partitions'));
+    FOREACH v_table IN ARRAY ARRAY['finished_delivery', 'delivery_attempt', 'audit_event'] LOOP
+        FOR v_day IN SELECT d::date FROM generate_series(v_today, v_today + p_days_ahead, interval '1 day') d LOOP
+            v_name := v_table || '_' || to_char(v_day, 'YYYYMMDD');
+            CONTINUE WHEN to_regclass('fhir_outbox.' || v_name) IS NOT NULL;
+            -- A range another partition already covers (the `_before` one, on the migration's day).
+            CONTINUE WHEN EXISTS (
+                SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = ('fhir_outbox.' || v_table)::regclass
+                  AND pg_get_expr(c.relpartbound, c.oid) LIKE '%MINVALUE%'
+                  AND (substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)'))::timestamptz
+                      > (v_day::timestamp AT TIME ZONE 'UTC'));
+            EXECUTE format('CREATE TABLE fhir_outbox.%I (LIKE fhir_outbox.%I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                           v_name, v_table);
+            EXECUTE format('ALTER TABLE fhir_outbox.%I ATTACH PARTITION fhir_outbox.%I FOR VALUES FROM (%L) TO (%L)',
+                           v_table, v_name,
+                           v_day::timestamp AT TIME ZONE 'UTC', (v_day + 1)::timestamp AT TIME ZONE 'UTC');
+            RETURN NEXT v_name;
+        END LOOP;
+    END LOOP;
 END
 $$;
 
@@ -310,12 +397,19 @@ CREATE FUNCTION fhir_outbox.read_resource(p_project uuid, p_resource_type text, 
     AS $$
 DECLARE
     v_current record;
+    v_audit jsonb;
 BEGIN
     SELECT r.deleted, v.content INTO v_current
     FROM fhir_outbox.resource r
     JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
     WHERE r.project_id = p_project AND r.resource_type = p_resource_type AND r.id = p_id;
     IF NOT FOUND THEN
+        IF p_resource_type = 'AuditEvent' THEN
+            v_audit := fhir_outbox.stored_audit_event(p_project, p_id);
+            IF v_audit IS NOT NULL THEN
+                RETURN v_audit;
+            END IF;
+        END IF;
         RAISE EXCEPTION '%/% not found', left(p_resource_type, 100), left(p_id, 100) USING ERRCODE = 'OB008';
     END IF;
     IF v_current.deleted THEN
@@ -351,7 +445,77 @@ CREATE FUNCTION fhir_outbox.resource_history(p_project uuid, p_resource_type tex
     SELECT v.version_id, v.deleted, v.last_updated, v.author, v.content
     FROM fhir_outbox.resource_version v
     WHERE v.project_id = p_project AND v.resource_type = p_resource_type AND v.id = p_id
-    ORDER BY v.version_id DESC
+    UNION ALL
+    SELECT 1, false, (a.content #>> '{meta,lastUpdated}')::timestamptz, NULL, a.content
+    FROM (SELECT fhir_outbox.stored_audit_event(p_project, p_id) AS content) a
+    WHERE p_resource_type = 'AuditEvent' AND a.content IS NOT NULL
+    ORDER BY 1 DESC
+$$;
+
+--
+-- Name: rotate_delivery_lanes(double precision, bigint, integer); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.rotate_delivery_lanes(p_min_seconds double precision DEFAULT 10, p_min_dead bigint DEFAULT 10000, p_max_moves integer DEFAULT 10000, OUT moved bigint, OUT truncated boolean, OUT switched boolean) RETURNS record
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_current smallint;
+    v_switched_at timestamptz;
+    v_other smallint;
+    v_other_table text;
+    v_dead bigint;
+    v_live bigint;
+BEGIN
+    moved := 0;
+    truncated := false;
+    switched := false;
+    IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.delivery_lanes')) THEN
+        RETURN;
+    END IF;
+    SELECT current, switched_at INTO v_current, v_switched_at FROM fhir_outbox.delivery_lane;
+    v_other := 1 - v_current;
+    v_other_table := 'unfinished_delivery_lane' || v_other;
+    IF (SELECT count(*) FROM (SELECT 1 FROM fhir_outbox.unfinished_delivery
+                              WHERE lane = v_other AND state = 'pending'
+                              LIMIT p_max_moves + 1) p) > p_max_moves THEN
+        RETURN;
+    END IF;
+    WITH movable AS (
+        SELECT id FROM fhir_outbox.unfinished_delivery
+        WHERE lane = v_other AND state = 'pending'
+        FOR UPDATE SKIP LOCKED),
+    m AS (
+        UPDATE fhir_outbox.unfinished_delivery d SET lane = v_current
+        FROM movable WHERE d.id = movable.id AND d.lane = v_other
+        RETURNING 1)
+    SELECT count(*) INTO moved FROM m;
+    IF moved > 0 THEN
+        RETURN;
+    END IF;
+    IF pg_relation_size(('fhir_outbox.' || v_other_table)::regclass) > 0 THEN
+        BEGIN
+            PERFORM set_config('lock_timeout', '200ms', true);
+            EXECUTE format('LOCK TABLE fhir_outbox.%I IN ACCESS EXCLUSIVE MODE', v_other_table);
+            IF EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery WHERE lane = v_other) THEN
+                RETURN;
+            END IF;
+            EXECUTE format('TRUNCATE fhir_outbox.%I', v_other_table);
+            truncated := true;
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN;
+        END;
+    END IF;
+    SELECT n_dead_tup, n_live_tup INTO v_dead, v_live FROM pg_stat_user_tables
+    WHERE relid = ('fhir_outbox.unfinished_delivery_lane' || v_current)::regclass;
+    IF v_dead >= p_min_dead AND v_dead > v_live
+       AND now() - v_switched_at >= make_interval(secs => p_min_seconds) THEN
+        UPDATE fhir_outbox.delivery_lane
+        SET current = v_other, switched_at = now(), switches = switches + 1;
+        switched := true;
+    END IF;
+END
 $$;
 
 --
@@ -369,6 +533,21 @@ CREATE FUNCTION fhir_outbox.stamped(p_content jsonb, p_project uuid, p_id text, 
             'project', p_project::text)
         || CASE WHEN p_author IS NULL THEN '{}'::jsonb
                 ELSE jsonb_build_object('author', jsonb_build_object('reference', p_author)) END)
+$$;
+
+--
+-- Name: stored_audit_event(uuid, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.stored_audit_event(p_project uuid, p_id text) RETURNS jsonb
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT a.content FROM fhir_outbox.audit_event a
+    WHERE a.project_id = p_project AND a.id = p_id
+      AND (fhir_outbox.uuid_v7_time(p_id) IS NULL
+           OR a.recorded_at BETWEEN fhir_outbox.uuid_v7_time(p_id)
+                                AND fhir_outbox.uuid_v7_time(p_id) + interval '1 millisecond')
 $$;
 
 --
@@ -482,6 +661,32 @@ END
 $_$;
 
 --
+-- Name: uuid_v7(timestamp with time zone); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.uuid_v7(p_at timestamp with time zone) RETURNS uuid
+    LANGUAGE sql PARALLEL SAFE
+    AS $$
+    -- A random (v4) UUID whose first 48 bits become the time in milliseconds and whose version
+    -- nibble becomes 7 (bits 52 and 53 set on top of v4's 0100).
+    SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
+                                          PLACING substring(int8send(floor(extract(epoch FROM p_at) * 1000)::bigint) FROM 3)
+                                          FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid
+$$;
+
+--
+-- Name: uuid_v7_time(text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.uuid_v7_time(p_id text) RETURNS timestamp with time zone
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $_$
+    SELECT CASE WHEN p_id ~* '^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$'
+                THEN to_timestamp(('x' || lpad(left(replace(p_id, '-', ''), 12), 16, '0'))::bit(64)::bigint / 1000.0)
+           END
+$_$;
+
+--
 -- Name: vread_resource(uuid, text, text, bigint); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -491,12 +696,19 @@ CREATE FUNCTION fhir_outbox.vread_resource(p_project uuid, p_resource_type text,
     AS $$
 DECLARE
     v_version record;
+    v_audit jsonb;
 BEGIN
     SELECT v.deleted, v.content INTO v_version
     FROM fhir_outbox.resource_version v
     WHERE v.project_id = p_project AND v.resource_type = p_resource_type AND v.id = p_id
       AND v.version_id = p_version_id;
     IF NOT FOUND THEN
+        IF p_resource_type = 'AuditEvent' AND p_version_id = 1 THEN
+            v_audit := fhir_outbox.stored_audit_event(p_project, p_id);
+            IF v_audit IS NOT NULL THEN
+                RETURN v_audit;
+            END IF;
+        END IF;
         RAISE EXCEPTION '%/%/_history/% not found', left(p_resource_type, 100), left(p_id, 100), p_version_id
             USING ERRCODE = 'OB008';
     END IF;
@@ -554,6 +766,69 @@ CREATE FUNCTION fhir_outbox.without_server_meta(r jsonb) RETURNS jsonb
 $$;
 
 --
+-- Name: write_delivery_view(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.write_delivery_view() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_unfinished boolean;
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        IF OLD.state IN ('pending', 'in_flight') THEN
+            DELETE FROM fhir_outbox.unfinished_delivery WHERE id = OLD.id;
+        ELSE
+            DELETE FROM fhir_outbox.finished_delivery WHERE id = OLD.id AND finished_at = OLD.finished_at;
+        END IF;
+        IF TG_OP = 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+    END IF;
+    NEW.id := coalesce(NEW.id, nextval('fhir_outbox.delivery_id_seq'));
+    NEW.webhook_id := coalesce(NEW.webhook_id, gen_random_uuid());
+    NEW.state := coalesce(NEW.state, 'pending');
+    NEW.attempts := coalesce(NEW.attempts, 0);
+    NEW.claims := coalesce(NEW.claims, 0);
+    NEW.preamble_failures := coalesce(NEW.preamble_failures, 0);
+    NEW.replay := coalesce(NEW.replay, false);
+    NEW.next_attempt_at := coalesce(NEW.next_attempt_at, now());
+    v_unfinished := NEW.state IN ('pending', 'in_flight');
+    IF v_unfinished THEN
+        NEW.finished_at := NULL;
+        INSERT INTO fhir_outbox.unfinished_delivery
+            (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
+             resource_type, resource_id, version_id, previous_version_id, interaction, changed_at,
+             request_id, trace_id, matched_at, state, attempts, next_attempt_at, reason, lease_token,
+             lease_expires_at, claims, preamble_failures, last_status, replay)
+        VALUES (NEW.id, NEW.webhook_id, NEW.project_id, NEW.subscription_id, NEW.outbox_seq,
+                NEW.resource_project_id, NEW.resource_type, NEW.resource_id, NEW.version_id,
+                NEW.previous_version_id, NEW.interaction, NEW.changed_at, NEW.request_id,
+                NEW.trace_id, NEW.matched_at, NEW.state, NEW.attempts, NEW.next_attempt_at,
+                NEW.reason, NEW.lease_token, NEW.lease_expires_at, NEW.claims,
+                NEW.preamble_failures, NEW.last_status, NEW.replay);
+    ELSE
+        NEW.finished_at := coalesce(NEW.finished_at, now());
+        NEW.lease_token := NULL;
+        NEW.lease_expires_at := NULL;
+        INSERT INTO fhir_outbox.finished_delivery
+            (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
+             resource_type, resource_id, version_id, previous_version_id, interaction, changed_at,
+             request_id, trace_id, matched_at, state, attempts, next_attempt_at, finished_at, reason,
+             claims, preamble_failures, last_status, replay)
+        VALUES (NEW.id, NEW.webhook_id, NEW.project_id, NEW.subscription_id, NEW.outbox_seq,
+                NEW.resource_project_id, NEW.resource_type, NEW.resource_id, NEW.version_id,
+                NEW.previous_version_id, NEW.interaction, NEW.changed_at, NEW.request_id,
+                NEW.trace_id, NEW.matched_at, NEW.state, NEW.attempts, NEW.next_attempt_at,
+                NEW.finished_at, NEW.reason, NEW.claims, NEW.preamble_failures, NEW.last_status,
+                NEW.replay);
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+--
 -- Name: write_version(uuid, text, text, bigint, bigint, text, jsonb, timestamp with time zone, text, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -575,6 +850,18 @@ BEGIN
     END IF;
 END
 $$;
+
+--
+-- Name: audit_event; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.audit_event (
+    project_id uuid NOT NULL,
+    id text NOT NULL,
+    recorded_at timestamp with time zone NOT NULL,
+    content jsonb NOT NULL
+)
+PARTITION BY RANGE (recorded_at);
 
 --
 -- Name: claim_cursor; Type: TABLE; Schema: fhir_outbox; Owner: -
@@ -605,10 +892,10 @@ CREATE TABLE fhir_outbox.console_token (
 );
 
 --
--- Name: delivery; Type: TABLE; Schema: fhir_outbox; Owner: -
+-- Name: unfinished_delivery; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
-CREATE TABLE fhir_outbox.delivery (
+CREATE TABLE fhir_outbox.unfinished_delivery (
     id bigint NOT NULL,
     webhook_id uuid DEFAULT gen_random_uuid() NOT NULL,
     project_id uuid NOT NULL,
@@ -627,7 +914,6 @@ CREATE TABLE fhir_outbox.delivery (
     state text DEFAULT 'pending'::text NOT NULL,
     attempts integer DEFAULT 0 NOT NULL,
     next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
-    finished_at timestamp with time zone,
     reason text,
     lease_token uuid,
     lease_expires_at timestamp with time zone,
@@ -635,9 +921,123 @@ CREATE TABLE fhir_outbox.delivery (
     preamble_failures integer DEFAULT 0 NOT NULL,
     last_status integer,
     replay boolean DEFAULT false NOT NULL,
-    CONSTRAINT delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
-    CONSTRAINT delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text, 'succeeded'::text, 'skipped'::text, 'failed'::text, 'cancelled'::text])))
-);
+    lane smallint DEFAULT fhir_outbox.current_delivery_lane() NOT NULL,
+    CONSTRAINT unfinished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT unfinished_delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text])))
+)
+PARTITION BY LIST (lane);
+
+--
+-- Name: delivery_id_seq; Type: SEQUENCE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE SEQUENCE fhir_outbox.delivery_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+--
+-- Name: delivery_id_seq; Type: SEQUENCE OWNED BY; Schema: fhir_outbox; Owner: -
+--
+
+ALTER SEQUENCE fhir_outbox.delivery_id_seq OWNED BY fhir_outbox.unfinished_delivery.id;
+
+--
+-- Name: finished_delivery; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.finished_delivery (
+    id bigint DEFAULT nextval('fhir_outbox.delivery_id_seq'::regclass) NOT NULL,
+    webhook_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    outbox_seq bigint NOT NULL,
+    resource_project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    resource_id text NOT NULL,
+    version_id bigint NOT NULL,
+    previous_version_id bigint,
+    interaction text NOT NULL,
+    changed_at timestamp with time zone NOT NULL,
+    request_id text NOT NULL,
+    trace_id text NOT NULL,
+    matched_at timestamp with time zone NOT NULL,
+    state text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone DEFAULT now() NOT NULL,
+    reason text,
+    claims integer DEFAULT 0 NOT NULL,
+    preamble_failures integer DEFAULT 0 NOT NULL,
+    last_status integer,
+    replay boolean DEFAULT false NOT NULL,
+    CONSTRAINT finished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT finished_delivery_state_check CHECK ((state = ANY (ARRAY['succeeded'::text, 'skipped'::text, 'failed'::text, 'cancelled'::text])))
+)
+PARTITION BY RANGE (finished_at);
+
+--
+-- Name: delivery; Type: VIEW; Schema: fhir_outbox; Owner: -
+--
+
+CREATE VIEW fhir_outbox.delivery AS
+ SELECT unfinished_delivery.id,
+    unfinished_delivery.webhook_id,
+    unfinished_delivery.project_id,
+    unfinished_delivery.subscription_id,
+    unfinished_delivery.outbox_seq,
+    unfinished_delivery.resource_project_id,
+    unfinished_delivery.resource_type,
+    unfinished_delivery.resource_id,
+    unfinished_delivery.version_id,
+    unfinished_delivery.previous_version_id,
+    unfinished_delivery.interaction,
+    unfinished_delivery.changed_at,
+    unfinished_delivery.request_id,
+    unfinished_delivery.trace_id,
+    unfinished_delivery.matched_at,
+    unfinished_delivery.state,
+    unfinished_delivery.attempts,
+    unfinished_delivery.next_attempt_at,
+    NULL::timestamp with time zone AS finished_at,
+    unfinished_delivery.reason,
+    unfinished_delivery.lease_token,
+    unfinished_delivery.lease_expires_at,
+    unfinished_delivery.claims,
+    unfinished_delivery.preamble_failures,
+    unfinished_delivery.last_status,
+    unfinished_delivery.replay
+   FROM fhir_outbox.unfinished_delivery
+UNION ALL
+ SELECT finished_delivery.id,
+    finished_delivery.webhook_id,
+    finished_delivery.project_id,
+    finished_delivery.subscription_id,
+    finished_delivery.outbox_seq,
+    finished_delivery.resource_project_id,
+    finished_delivery.resource_type,
+    finished_delivery.resource_id,
+    finished_delivery.version_id,
+    finished_delivery.previous_version_id,
+    finished_delivery.interaction,
+    finished_delivery.changed_at,
+    finished_delivery.request_id,
+    finished_delivery.trace_id,
+    finished_delivery.matched_at,
+    finished_delivery.state,
+    finished_delivery.attempts,
+    finished_delivery.next_attempt_at,
+    finished_delivery.finished_at,
+    finished_delivery.reason,
+    NULL::uuid AS lease_token,
+    NULL::timestamp with time zone AS lease_expires_at,
+    finished_delivery.claims,
+    finished_delivery.preamble_failures,
+    finished_delivery.last_status,
+    finished_delivery.replay
+   FROM fhir_outbox.finished_delivery;
 
 --
 -- Name: delivery_attempt; Type: TABLE; Schema: fhir_outbox; Owner: -
@@ -656,20 +1056,25 @@ CREATE TABLE fhir_outbox.delivery_attempt (
     error text,
     response_body text,
     audit_event_id text
-);
+)
+PARTITION BY RANGE (started_at);
 
 --
 -- Name: delivery_attempt_id_seq; Type: SEQUENCE; Schema: fhir_outbox; Owner: -
 --
 
-ALTER TABLE fhir_outbox.delivery_attempt ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME fhir_outbox.delivery_attempt_id_seq
+CREATE SEQUENCE fhir_outbox.delivery_attempt_id_seq
     START WITH 1
     INCREMENT BY 1
     NO MINVALUE
     NO MAXVALUE
-    CACHE 1
-);
+    CACHE 1;
+
+--
+-- Name: delivery_attempt_id_seq; Type: SEQUENCE OWNED BY; Schema: fhir_outbox; Owner: -
+--
+
+ALTER SEQUENCE fhir_outbox.delivery_attempt_id_seq OWNED BY fhir_outbox.delivery_attempt.id;
 
 --
 -- Name: delivery_attempt_log; Type: VIEW; Schema: fhir_outbox; Owner: -
@@ -697,16 +1102,16 @@ CREATE VIEW fhir_outbox.delivery_attempt_log AS
      JOIN fhir_outbox.delivery d ON ((d.id = a.delivery_id)));
 
 --
--- Name: delivery_id_seq; Type: SEQUENCE; Schema: fhir_outbox; Owner: -
+-- Name: delivery_lane; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
-ALTER TABLE fhir_outbox.delivery ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME fhir_outbox.delivery_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
+CREATE TABLE fhir_outbox.delivery_lane (
+    only_row boolean DEFAULT true NOT NULL,
+    current smallint DEFAULT 0 NOT NULL,
+    switched_at timestamp with time zone DEFAULT now() NOT NULL,
+    switches bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT delivery_lane_current_check CHECK ((current = ANY (ARRAY[0, 1]))),
+    CONSTRAINT delivery_lane_only_row_check CHECK (only_row)
 );
 
 --
@@ -804,17 +1209,17 @@ CREATE VIEW fhir_outbox.endpoint_health AS
                     x.subscription_id,
                     count(*) FILTER (WHERE (x.state = 'in_flight'::text)) AS in_flight,
                     count(*) FILTER (WHERE (x.state = 'pending'::text)) AS pending
-                   FROM ( SELECT delivery.project_id,
-                            delivery.subscription_id,
+                   FROM ( SELECT unfinished_delivery.project_id,
+                            unfinished_delivery.subscription_id,
                             'pending'::text AS state
-                           FROM fhir_outbox.delivery
-                          WHERE (delivery.state = 'pending'::text)
+                           FROM fhir_outbox.unfinished_delivery
+                          WHERE (unfinished_delivery.state = 'pending'::text)
                         UNION ALL
-                         SELECT delivery.project_id,
-                            delivery.subscription_id,
+                         SELECT unfinished_delivery.project_id,
+                            unfinished_delivery.subscription_id,
                             'in_flight'::text
-                           FROM fhir_outbox.delivery
-                          WHERE (delivery.state = 'in_flight'::text)) x
+                           FROM fhir_outbox.unfinished_delivery
+                          WHERE (unfinished_delivery.state = 'in_flight'::text)) x
                   GROUP BY x.project_id, x.subscription_id) d
              JOIN fhir_outbox.subscription_endpoint e_1 USING (project_id, subscription_id))
           GROUP BY e_1.project_id, e_1.endpoint
@@ -960,34 +1365,48 @@ CREATE VIEW fhir_outbox.subscription_delivery_status AS
     ((v.content -> 'channel'::text) ->> 'type'::text) AS channel_type,
     (v.content ->> 'criteria'::text) AS criteria,
     (p.subscription_id IS NOT NULL) AS paused,
-    COALESCE(d.pending, (0)::bigint) AS pending,
-    COALESCE(d.in_flight, (0)::bigint) AS in_flight,
-    COALESCE(d.succeeded, (0)::bigint) AS succeeded,
-    COALESCE(d.skipped, (0)::bigint) AS skipped,
-    COALESCE(d.failed, (0)::bigint) AS failed,
-    d.oldest_undelivered_at,
-    (now() - d.oldest_undelivered_at) AS oldest_undelivered_age,
-    d.last_error,
-    d.last_skip_reason,
-    d.last_finished_at,
+    COALESCE(u.pending, (0)::bigint) AS pending,
+    COALESCE(u.in_flight, (0)::bigint) AS in_flight,
+    COALESCE(f.succeeded, (0)::bigint) AS succeeded,
+    COALESCE(f.skipped, (0)::bigint) AS skipped,
+    COALESCE(f.failed, (0)::bigint) AS failed,
+    u.oldest_undelivered_at,
+    (now() - u.oldest_undelivered_at) AS oldest_undelivered_age,
+    COALESCE(u.last_error, f.last_error) AS last_error,
+    f.last_skip_reason,
+    f.last_finished_at,
     COALESCE(i.issues, (0)::bigint) AS issues,
     i.suspended_reason,
-    COALESCE(d.cancelled, (0)::bigint) AS cancelled
-   FROM ((((fhir_outbox.resource r
+    COALESCE(f.cancelled, (0)::bigint) AS cancelled
+   FROM (((((fhir_outbox.resource r
      JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id))
      LEFT JOIN fhir_outbox.subscription_pause p ON (((p.project_id = r.project_id) AND (p.subscription_id = r.id))))
      LEFT JOIN LATERAL ( SELECT count(*) FILTER (WHERE (x.state = 'pending'::text)) AS pending,
             count(*) FILTER (WHERE (x.state = 'in_flight'::text)) AS in_flight,
-            count(*) FILTER (WHERE (x.state = 'succeeded'::text)) AS succeeded,
+            min(x.changed_at) AS oldest_undelivered_at,
+            (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE (x.reason IS NOT NULL)))[1] AS last_error
+           FROM ( SELECT unfinished_delivery.id,
+                    unfinished_delivery.state,
+                    unfinished_delivery.changed_at,
+                    unfinished_delivery.reason
+                   FROM fhir_outbox.unfinished_delivery
+                  WHERE ((unfinished_delivery.state = 'pending'::text) AND (unfinished_delivery.project_id = r.project_id) AND (unfinished_delivery.subscription_id = r.id))
+                UNION ALL
+                 SELECT unfinished_delivery.id,
+                    unfinished_delivery.state,
+                    unfinished_delivery.changed_at,
+                    NULL::text
+                   FROM fhir_outbox.unfinished_delivery
+                  WHERE ((unfinished_delivery.state = 'in_flight'::text) AND (unfinished_delivery.project_id = r.project_id) AND (unfinished_delivery.subscription_id = r.id))) x) u ON (true))
+     LEFT JOIN LATERAL ( SELECT count(*) FILTER (WHERE (x.state = 'succeeded'::text)) AS succeeded,
             count(*) FILTER (WHERE (x.state = 'skipped'::text)) AS skipped,
             count(*) FILTER (WHERE (x.state = 'failed'::text)) AS failed,
             count(*) FILTER (WHERE (x.state = 'cancelled'::text)) AS cancelled,
-            min(x.changed_at) FILTER (WHERE (x.state = ANY (ARRAY['pending'::text, 'in_flight'::text]))) AS oldest_undelivered_at,
-            (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE ((x.state = ANY (ARRAY['failed'::text, 'pending'::text])) AND (x.reason IS NOT NULL))))[1] AS last_error,
+            (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE ((x.state = 'failed'::text) AND (x.reason IS NOT NULL))))[1] AS last_error,
             (array_agg(x.reason ORDER BY x.id DESC) FILTER (WHERE (x.state = 'skipped'::text)))[1] AS last_skip_reason,
             max(x.finished_at) AS last_finished_at
-           FROM fhir_outbox.delivery x
-          WHERE ((x.project_id = r.project_id) AND (x.subscription_id = r.id))) d ON (true))
+           FROM fhir_outbox.finished_delivery x
+          WHERE ((x.project_id = r.project_id) AND (x.subscription_id = r.id))) f ON (true))
      LEFT JOIN LATERAL ( SELECT count(*) AS issues,
             min(s.message) FILTER (WHERE (s.kind = 'budget_exhausted'::text)) AS suspended_reason
            FROM fhir_outbox.subscription_issue s
@@ -1003,6 +1422,102 @@ CREATE TABLE fhir_outbox.subscription_failure (
     subscription_id text NOT NULL,
     failed_at timestamp with time zone DEFAULT now() NOT NULL
 );
+
+--
+-- Name: unfinished_delivery_lane0; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.unfinished_delivery_lane0 (
+    id bigint DEFAULT nextval('fhir_outbox.delivery_id_seq'::regclass) NOT NULL,
+    webhook_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    outbox_seq bigint NOT NULL,
+    resource_project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    resource_id text NOT NULL,
+    version_id bigint NOT NULL,
+    previous_version_id bigint,
+    interaction text NOT NULL,
+    changed_at timestamp with time zone NOT NULL,
+    request_id text NOT NULL,
+    trace_id text NOT NULL,
+    matched_at timestamp with time zone NOT NULL,
+    state text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    reason text,
+    lease_token uuid,
+    lease_expires_at timestamp with time zone,
+    claims integer DEFAULT 0 NOT NULL,
+    preamble_failures integer DEFAULT 0 NOT NULL,
+    last_status integer,
+    replay boolean DEFAULT false NOT NULL,
+    lane smallint DEFAULT fhir_outbox.current_delivery_lane() NOT NULL,
+    CONSTRAINT unfinished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT unfinished_delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text])))
+)
+WITH (fillfactor='80');
+
+--
+-- Name: unfinished_delivery_lane1; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.unfinished_delivery_lane1 (
+    id bigint DEFAULT nextval('fhir_outbox.delivery_id_seq'::regclass) NOT NULL,
+    webhook_id uuid DEFAULT gen_random_uuid() NOT NULL,
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    outbox_seq bigint NOT NULL,
+    resource_project_id uuid NOT NULL,
+    resource_type text NOT NULL,
+    resource_id text NOT NULL,
+    version_id bigint NOT NULL,
+    previous_version_id bigint,
+    interaction text NOT NULL,
+    changed_at timestamp with time zone NOT NULL,
+    request_id text NOT NULL,
+    trace_id text NOT NULL,
+    matched_at timestamp with time zone NOT NULL,
+    state text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    reason text,
+    lease_token uuid,
+    lease_expires_at timestamp with time zone,
+    claims integer DEFAULT 0 NOT NULL,
+    preamble_failures integer DEFAULT 0 NOT NULL,
+    last_status integer,
+    replay boolean DEFAULT false NOT NULL,
+    lane smallint DEFAULT fhir_outbox.current_delivery_lane() NOT NULL,
+    CONSTRAINT unfinished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT unfinished_delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text])))
+)
+WITH (fillfactor='80');
+
+--
+-- Name: unfinished_delivery_lane0; Type: TABLE ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.unfinished_delivery ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0 FOR VALUES IN ('0');
+
+--
+-- Name: unfinished_delivery_lane1; Type: TABLE ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.unfinished_delivery ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1 FOR VALUES IN ('1');
+
+--
+-- Name: delivery_attempt id; Type: DEFAULT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.delivery_attempt ALTER COLUMN id SET DEFAULT nextval('fhir_outbox.delivery_attempt_id_seq'::regclass);
+
+--
+-- Name: unfinished_delivery id; Type: DEFAULT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.unfinished_delivery ALTER COLUMN id SET DEFAULT nextval('fhir_outbox.delivery_id_seq'::regclass);
 
 --
 -- Name: claim_cursor claim_cursor_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
@@ -1026,25 +1541,11 @@ ALTER TABLE ONLY fhir_outbox.console_token
     ADD CONSTRAINT console_token_secret_sha256_key UNIQUE (secret_sha256);
 
 --
--- Name: delivery_attempt delivery_attempt_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+-- Name: delivery_lane delivery_lane_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
 --
 
-ALTER TABLE ONLY fhir_outbox.delivery_attempt
-    ADD CONSTRAINT delivery_attempt_pkey PRIMARY KEY (id);
-
---
--- Name: delivery delivery_outbox_seq_project_id_subscription_id_key; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
---
-
-ALTER TABLE ONLY fhir_outbox.delivery
-    ADD CONSTRAINT delivery_outbox_seq_project_id_subscription_id_key UNIQUE (outbox_seq, project_id, subscription_id);
-
---
--- Name: delivery delivery_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
---
-
-ALTER TABLE ONLY fhir_outbox.delivery
-    ADD CONSTRAINT delivery_pkey PRIMARY KEY (id);
+ALTER TABLE ONLY fhir_outbox.delivery_lane
+    ADD CONSTRAINT delivery_lane_pkey PRIMARY KEY (only_row);
 
 --
 -- Name: dispatcher_waiting dispatcher_waiting_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
@@ -1110,64 +1611,91 @@ ALTER TABLE ONLY fhir_outbox.subscription_pause
     ADD CONSTRAINT subscription_pause_pkey PRIMARY KEY (project_id, subscription_id);
 
 --
+-- Name: unfinished_delivery unfinished_delivery_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.unfinished_delivery
+    ADD CONSTRAINT unfinished_delivery_pkey PRIMARY KEY (id, lane);
+
+--
+-- Name: unfinished_delivery_lane0 unfinished_delivery_lane0_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.unfinished_delivery_lane0
+    ADD CONSTRAINT unfinished_delivery_lane0_pkey PRIMARY KEY (id, lane);
+
+--
+-- Name: unfinished_delivery_lane1 unfinished_delivery_lane1_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.unfinished_delivery_lane1
+    ADD CONSTRAINT unfinished_delivery_lane1_pkey PRIMARY KEY (id, lane);
+
+--
+-- Name: audit_event_by_id; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX audit_event_by_id ON ONLY fhir_outbox.audit_event USING btree (id);
+
+--
 -- Name: delivery_attempt_by_delivery; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
-CREATE INDEX delivery_attempt_by_delivery ON fhir_outbox.delivery_attempt USING btree (delivery_id);
+CREATE INDEX delivery_attempt_by_delivery ON ONLY fhir_outbox.delivery_attempt USING btree (delivery_id);
 
 --
 -- Name: delivery_attempt_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
-CREATE INDEX delivery_attempt_by_subscription ON fhir_outbox.delivery_attempt USING btree (project_id, subscription_id, started_at) INCLUDE (succeeded, duration_ms);
+CREATE INDEX delivery_attempt_by_subscription ON ONLY fhir_outbox.delivery_attempt USING btree (project_id, subscription_id, started_at) INCLUDE (succeeded, duration_ms);
 
 --
 -- Name: delivery_attempt_recent; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
-CREATE INDEX delivery_attempt_recent ON fhir_outbox.delivery_attempt USING btree (started_at) INCLUDE (project_id, succeeded, duration_ms);
-
---
--- Name: delivery_by_resource; Type: INDEX; Schema: fhir_outbox; Owner: -
---
-
-CREATE INDEX delivery_by_resource ON fhir_outbox.delivery USING btree (project_id, resource_type, resource_id, id);
-
---
--- Name: delivery_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
---
-
-CREATE INDEX delivery_by_subscription ON fhir_outbox.delivery USING btree (project_id, subscription_id, id);
+CREATE INDEX delivery_attempt_recent ON ONLY fhir_outbox.delivery_attempt USING btree (started_at) INCLUDE (project_id, succeeded, duration_ms);
 
 --
 -- Name: delivery_due; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
-CREATE INDEX delivery_due ON fhir_outbox.delivery USING btree (next_attempt_at) WHERE (state = 'pending'::text);
-
---
--- Name: delivery_finished; Type: INDEX; Schema: fhir_outbox; Owner: -
---
-
-CREATE INDEX delivery_finished ON fhir_outbox.delivery USING btree (finished_at) WHERE (finished_at IS NOT NULL);
-
---
--- Name: delivery_given_up; Type: INDEX; Schema: fhir_outbox; Owner: -
---
-
-CREATE INDEX delivery_given_up ON fhir_outbox.delivery USING btree (project_id, id) WHERE (state = ANY (ARRAY['failed'::text, 'skipped'::text, 'cancelled'::text]));
+CREATE INDEX delivery_due ON ONLY fhir_outbox.unfinished_delivery USING btree (next_attempt_at) WHERE (state = 'pending'::text);
 
 --
 -- Name: delivery_leased; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
-CREATE INDEX delivery_leased ON fhir_outbox.delivery USING btree (lease_expires_at) WHERE (state = 'in_flight'::text);
+CREATE INDEX delivery_leased ON ONLY fhir_outbox.unfinished_delivery USING btree (lease_expires_at) WHERE (state = 'in_flight'::text);
 
 --
 -- Name: delivery_queue; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
-CREATE INDEX delivery_queue ON fhir_outbox.delivery USING btree (project_id, subscription_id, next_attempt_at, id) WHERE (state = 'pending'::text);
+CREATE INDEX delivery_queue ON ONLY fhir_outbox.unfinished_delivery USING btree (project_id, subscription_id, next_attempt_at, id) WHERE (state = 'pending'::text);
+
+--
+-- Name: finished_delivery_by_id; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX finished_delivery_by_id ON ONLY fhir_outbox.finished_delivery USING btree (id);
+
+--
+-- Name: finished_delivery_by_resource; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX finished_delivery_by_resource ON ONLY fhir_outbox.finished_delivery USING btree (project_id, resource_type, resource_id, id);
+
+--
+-- Name: finished_delivery_by_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX finished_delivery_by_subscription ON ONLY fhir_outbox.finished_delivery USING btree (project_id, subscription_id, id);
+
+--
+-- Name: finished_delivery_given_up; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX finished_delivery_given_up ON ONLY fhir_outbox.finished_delivery USING btree (project_id, id) WHERE (state = ANY (ARRAY['failed'::text, 'skipped'::text, 'cancelled'::text]));
 
 --
 -- Name: outbox_dispatched; Type: INDEX; Schema: fhir_outbox; Owner: -
@@ -1198,6 +1726,96 @@ CREATE INDEX resource_version_audit_event_age ON fhir_outbox.resource_version US
 --
 
 CREATE INDEX subscription_failure_by_subscription ON fhir_outbox.subscription_failure USING btree (project_id, subscription_id, failed_at);
+
+--
+-- Name: unfinished_delivery_lane0_lease_expires_at_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane0_lease_expires_at_idx ON fhir_outbox.unfinished_delivery_lane0 USING btree (lease_expires_at) WHERE (state = 'in_flight'::text);
+
+--
+-- Name: unfinished_delivery_lane0_next_attempt_at_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane0_next_attempt_at_idx ON fhir_outbox.unfinished_delivery_lane0 USING btree (next_attempt_at) WHERE (state = 'pending'::text);
+
+--
+-- Name: unfinished_delivery_lane0_project_id_subscription_id_next_a_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane0_project_id_subscription_id_next_a_idx ON fhir_outbox.unfinished_delivery_lane0 USING btree (project_id, subscription_id, next_attempt_at, id) WHERE (state = 'pending'::text);
+
+--
+-- Name: unfinished_delivery_lane1_lease_expires_at_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane1_lease_expires_at_idx ON fhir_outbox.unfinished_delivery_lane1 USING btree (lease_expires_at) WHERE (state = 'in_flight'::text);
+
+--
+-- Name: unfinished_delivery_lane1_next_attempt_at_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane1_next_attempt_at_idx ON fhir_outbox.unfinished_delivery_lane1 USING btree (next_attempt_at) WHERE (state = 'pending'::text);
+
+--
+-- Name: unfinished_delivery_lane1_project_id_subscription_id_next_a_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane1_project_id_subscription_id_next_a_idx ON fhir_outbox.unfinished_delivery_lane1 USING btree (project_id, subscription_id, next_attempt_at, id) WHERE (state = 'pending'::text);
+
+--
+-- Name: unfinished_delivery_lane0_lease_expires_at_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.delivery_leased ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0_lease_expires_at_idx;
+
+--
+-- Name: unfinished_delivery_lane0_next_attempt_at_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.delivery_due ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0_next_attempt_at_idx;
+
+--
+-- Name: unfinished_delivery_lane0_pkey; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.unfinished_delivery_pkey ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0_pkey;
+
+--
+-- Name: unfinished_delivery_lane0_project_id_subscription_id_next_a_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.delivery_queue ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0_project_id_subscription_id_next_a_idx;
+
+--
+-- Name: unfinished_delivery_lane1_lease_expires_at_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.delivery_leased ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1_lease_expires_at_idx;
+
+--
+-- Name: unfinished_delivery_lane1_next_attempt_at_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.delivery_due ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1_next_attempt_at_idx;
+
+--
+-- Name: unfinished_delivery_lane1_pkey; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.unfinished_delivery_pkey ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1_pkey;
+
+--
+-- Name: unfinished_delivery_lane1_project_id_subscription_id_next_a_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.delivery_queue ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1_project_id_subscription_id_next_a_idx;
+
+--
+-- Name: delivery delivery_view_writes; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER delivery_view_writes INSTEAD OF INSERT OR DELETE OR UPDATE ON fhir_outbox.delivery FOR EACH ROW EXECUTE FUNCTION fhir_outbox.write_delivery_view();
 
 --
 -- Name: outbox outbox_wake_waiting_dispatchers; Type: TRIGGER; Schema: fhir_outbox; Owner: -

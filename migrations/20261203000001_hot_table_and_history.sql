@@ -223,7 +223,9 @@ END
 $$;
 
 -- Drops the partitions of `p_table` (one of the three history tables) that lie wholly before
--- `p_before`, and returns each with the rows it held. The lock a drop needs is waited for one
+-- `p_before`, and returns each with the rows it held: counted when the partition was never
+-- analysed, else as its statistics say (a day-old partition has been; counting a day of history
+-- would read all of it, and take longer than the drop). The lock a drop needs is waited for one
 -- second at most: a long reader of the table makes this pass skip the partition (the next pass
 -- drops it), instead of queueing every writer behind the drop.
 CREATE FUNCTION fhir_outbox.drop_history_partitions(p_table text, p_before timestamptz)
@@ -246,7 +248,11 @@ BEGIN
         CONTINUE WHEN v_partition.upper_bound IS NULL OR v_partition.upper_bound > p_before;
         BEGIN
             SET LOCAL lock_timeout = '1s';
-            EXECUTE format('SELECT count(*) FROM fhir_outbox.%I', v_partition.relname) INTO rows;
+            SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint END INTO rows
+            FROM pg_class c WHERE c.oid = ('fhir_outbox.' || v_partition.relname)::regclass;
+            IF rows IS NULL THEN
+                EXECUTE format('SELECT count(*) FROM fhir_outbox.%I', v_partition.relname) INTO rows;
+            END IF;
             EXECUTE format('DROP TABLE fhir_outbox.%I', v_partition.relname);
             partition := v_partition.relname;
             RETURN NEXT;
@@ -258,8 +264,10 @@ END
 $$;
 
 -- Keeps the hot table's dead row versions bounded whatever the xmin horizon (see `delivery_lane`):
--- 1. moves up to `p_max_moves` pending deliveries from the other lane to the current one (in-flight
---    ones finish where they are, or their expired lease is claimed, which moves them);
+-- 1. when at most `p_max_moves` pending deliveries are left in the other lane, moves them to the
+--    current one (the others leave it as they are claimed, which moves them; in-flight ones finish
+--    where they are): the stragglers (a paused subscription's, retries due later) are moved, a
+--    backlog never is, so that a pass stays cheap whatever the backlog;
 -- 2. once the other lane holds no delivery, truncates it if it has pages (under an exclusive lock
 --    on that lane alone, waited for 200 ms at most, so that no write can land in it meanwhile);
 -- 3. then switches lanes if the current one has at least `p_min_dead` dead versions and more dead
@@ -288,10 +296,14 @@ BEGIN
     SELECT current, switched_at INTO v_current, v_switched_at FROM fhir_outbox.delivery_lane;
     v_other := 1 - v_current;
     v_other_table := 'unfinished_delivery_lane' || v_other;
+    IF (SELECT count(*) FROM (SELECT 1 FROM fhir_outbox.unfinished_delivery
+                              WHERE lane = v_other AND state = 'pending'
+                              LIMIT p_max_moves + 1) p) > p_max_moves THEN
+        RETURN;
+    END IF;
     WITH movable AS (
         SELECT id FROM fhir_outbox.unfinished_delivery
         WHERE lane = v_other AND state = 'pending'
-        LIMIT p_max_moves
         FOR UPDATE SKIP LOCKED),
     m AS (
         UPDATE fhir_outbox.unfinished_delivery d SET lane = v_current

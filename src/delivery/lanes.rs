@@ -16,8 +16,9 @@ const EVERY: Duration = Duration::from_secs(1);
 const MIN_SECONDS_BETWEEN_SWITCHES: f64 = 3.0;
 /// Dead versions in the current lane before a switch is worth it (and more than live rows).
 const MIN_DEAD_VERSIONS: i64 = 10_000;
-/// Most pending deliveries one pass moves out of the draining lane (a pass stays short).
-const MAX_MOVES_PER_PASS: i32 = 10_000;
+/// The draining lane's pending deliveries are moved out when no more than this many are left (the
+/// rest leave it as they are claimed): a pass stays short whatever the backlog.
+const MAX_MOVES_PER_PASS: i32 = 1_000;
 
 /// Runs a pass every [`EVERY`] until `shutdown`. A failed pass is logged and tried again.
 pub(crate) async fn rotate_continuously(pool: PgPool, shutdown: CancellationToken) {
