@@ -164,7 +164,7 @@ async fn main() -> Result<()> {
     // The bot runs asynchronously, after each commit; each run is recorded as an AuditEvent.
     let executions = || {
         sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM fhir_outbox.resource_version WHERE resource_type = 'AuditEvent' AND content -> 'type' ->> 'code' = 'execute'",
+            "SELECT count(*) FROM fhir_outbox.audit_event WHERE content -> 'type' ->> 'code' = 'execute'",
         )
         .fetch_one(&pool)
     };

@@ -77,6 +77,10 @@ fn the_tour_delivers_verified_notifications_with_retries_and_ends_by_itself() {
     );
     assert_eq!(number(&output, r"(\d+) still open"), 0, "{output}");
     assert!(
+        number(&output, r"Audit: +(\d+) AuditEvents") > 0,
+        "every attempt's AuditEvent is counted:\n{output}"
+    );
+    assert!(
         number(&output, r"retries: (\d+)") > 0,
         "a retry happened:\n{output}"
     );
@@ -92,7 +96,7 @@ fn the_tour_delivers_verified_notifications_with_retries_and_ends_by_itself() {
         "fhir_outbox.outbox",
         "fhir_outbox.delivery ",
         "fhir_outbox.delivery_attempt",
-        "resource_type = 'AuditEvent'",
+        "fhir_outbox.audit_event",
         "fhir_outbox.subscription_issue",
     ] {
         assert!(output.contains(table), "the SQL hint shows {table}");

@@ -583,10 +583,9 @@ SELECT id, subscription_id, interaction, resource_type, resource_id, version_id,
 SELECT delivery_id, attempt, status, duration_ms, error, response_body
   FROM fhir_outbox.delivery_attempt WHERE project_id = '{project}' ORDER BY id;
 
--- The AuditEvent of each attempt (stored like any resource, never notified):
-SELECT id, last_updated, content ->> 'outcome' AS outcome, content ->> 'outcomeDesc' AS description
-  FROM fhir_outbox.resource_version
- WHERE project_id = '{project}' AND resource_type = 'AuditEvent' ORDER BY last_updated;
+-- The AuditEvent of each attempt (one row each, read as a resource by read_resource; never notified):
+SELECT id, recorded_at, content ->> 'outcome' AS outcome, content ->> 'outcomeDesc' AS description
+  FROM fhir_outbox.audit_event WHERE project_id = '{project}' ORDER BY recorded_at;
 
 -- Subscriptions whose criteria could not be evaluated (none here):
 SELECT subscription_id, kind, message, occurrences

@@ -177,8 +177,7 @@ pub mod queries {
     pub async fn audit_and_issues(pool: &PgPool, project: Uuid) -> Result<(i64, i64), sqlx::Error> {
         sqlx::query_as(
             "SELECT
-                (SELECT count(*) FROM fhir_outbox.resource_version
-                 WHERE project_id = $1 AND resource_type = 'AuditEvent'),
+                (SELECT count(*) FROM fhir_outbox.audit_event WHERE project_id = $1),
                 (SELECT count(*) FROM fhir_outbox.subscription_issue WHERE project_id = $1)",
         )
         .bind(project)
