@@ -104,7 +104,7 @@ fn demo_delivery_config() -> DeliveryConfig {
         request_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
         allow_unsafe_outbound: true,
-        // The tour shows every attempt itself; AuditEvents are stored as resources (the default).
+        // The tour shows every attempt itself; AuditEvents are stored (the default destination, `resource`).
         log_audit_events: false,
         ..DeliveryConfig::default()
     }
