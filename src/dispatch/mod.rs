@@ -228,25 +228,20 @@ impl Dispatcher {
             .map_err(BatchFailure::unclaimed)?;
         let took = started.elapsed();
         let lowest = changes.first().map(|change| change.seq);
-        if changes.is_empty() {
+        let report = if changes.is_empty() {
             tx.commit().await.map_err(BatchFailure::unclaimed)?;
+            BatchReport::default()
         } else {
             let claimed = changes.iter().map(|change| change.seq).collect();
-            let report = self
-                .dispatch_claimed(tx, changes)
+            self.dispatch_claimed(tx, changes)
                 .await
-                .map_err(|error| BatchFailure { error, claimed })?;
-            self.floor
-                .lock()
-                .expect("floor lock")
-                .committed(from, took, lowest, Instant::now());
-            return Ok(report);
-        }
+                .map_err(|error| BatchFailure { error, claimed })?
+        };
         self.floor
             .lock()
             .expect("floor lock")
-            .committed(from, took, None, Instant::now());
-        Ok(BatchReport::default())
+            .committed(from, took, lowest, Instant::now());
+        Ok(report)
     }
 
     async fn dispatch_claimed(

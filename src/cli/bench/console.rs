@@ -548,15 +548,7 @@ async fn facts(pool: &PgPool) -> Result<Value, BenchError> {
     )
     .fetch_one(pool)
     .await?;
-    let bytes = |table: &'static str| async move {
-        // Over every partition (a plain table is its own one).
-        sqlx::query_scalar::<_, i64>(
-            "SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree($1::regclass)",
-        )
-        .bind(table)
-        .fetch_one(pool)
-        .await
-    };
+    let bytes = |table: &'static str| super::fixtures::table_bytes(pool, table);
     Ok(json!({
         "projects": PROJECTS, "subscriptions": PROJECTS * SUBSCRIPTIONS,
         "patients": PROJECTS * PATIENTS,

@@ -486,3 +486,14 @@ impl WorkerProcess {
         }
     }
 }
+
+/// Bytes of a table over all its partitions, with indexes and TOAST.
+pub async fn table_bytes(pool: &PgPool, table: &str) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::int8
+         FROM pg_partition_tree($1::regclass)",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await?)
+}

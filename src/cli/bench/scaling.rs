@@ -3,7 +3,7 @@
 //! connections (docs/scaling.md).
 
 use super::fixtures::{self, Env, WorkerProcess};
-use super::scenarios::{Results, other};
+use super::scenarios::Results;
 use super::{BenchError, CpuProfile, Figure, Scenario, Sizes};
 use serde_json::json;
 use sqlx::PgPool;
@@ -120,7 +120,7 @@ pub async fn run(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
             "peak_connections": peak_connections, "cut_short": cut_short,
         }));
     }
-    env.drop_db(template).await.map_err(other)?;
+    env.drop_db(template).await?;
     results.details.insert("scaling".into(), json!(details));
     Ok(())
 }

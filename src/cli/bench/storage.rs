@@ -9,17 +9,6 @@ use serde_json::json;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 
-/// Bytes of a table over all its partitions, with indexes and TOAST.
-async fn table_bytes(pool: &PgPool, table: &str) -> Result<i64, BenchError> {
-    Ok(sqlx::query_scalar(
-        "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::int8
-         FROM pg_partition_tree($1::regclass)",
-    )
-    .bind(table)
-    .fetch_one(pool)
-    .await?)
-}
-
 async fn history_bytes(pool: &PgPool) -> Result<i64, BenchError> {
     let mut total = 0;
     for table in [
@@ -27,7 +16,7 @@ async fn history_bytes(pool: &PgPool) -> Result<i64, BenchError> {
         "fhir_outbox.delivery_attempt",
         "fhir_outbox.audit_event",
     ] {
-        total += table_bytes(pool, table).await?;
+        total += fixtures::table_bytes(pool, table).await?;
     }
     Ok(total)
 }
