@@ -453,38 +453,52 @@ CREATE FUNCTION fhir_outbox.resource_history(p_project uuid, p_resource_type tex
 $$;
 
 --
--- Name: rotate_delivery_lanes(double precision, bigint, integer); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+-- Name: rotate_delivery_lanes(double precision, bigint, integer, integer); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
-CREATE FUNCTION fhir_outbox.rotate_delivery_lanes(p_min_seconds double precision DEFAULT 10, p_min_dead bigint DEFAULT 10000, p_max_moves integer DEFAULT 10000, OUT moved bigint, OUT truncated boolean, OUT switched boolean) RETURNS record
+CREATE FUNCTION fhir_outbox.rotate_delivery_lanes(p_min_seconds double precision DEFAULT 10, p_min_dead bigint DEFAULT 10000, p_max_moves integer DEFAULT 1000, p_max_moves_held integer DEFAULT 10000, OUT moved bigint, OUT truncated boolean, OUT switched boolean, OUT horizon_held boolean) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     v_current smallint;
     v_switched_at timestamptz;
+    v_switched_xid xid8;
     v_other smallint;
     v_other_table text;
+    v_left bigint;
     v_dead bigint;
     v_live bigint;
 BEGIN
     moved := 0;
     truncated := false;
     switched := false;
+    horizon_held := false;
     IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.delivery_lanes')) THEN
         RETURN;
     END IF;
-    SELECT current, switched_at INTO v_current, v_switched_at FROM fhir_outbox.delivery_lane;
+    SELECT current, switched_at, switched_xid INTO v_current, v_switched_at, v_switched_xid
+    FROM fhir_outbox.delivery_lane;
+    -- Backends of this database hold its horizon, and so do those of none (a replica's feedback).
+    horizon_held := EXISTS (
+        SELECT 1 FROM pg_stat_activity
+        WHERE backend_xmin IS NOT NULL AND age(backend_xmin) > age(v_switched_xid::xid)
+          AND (datid IS NULL OR datid = (SELECT oid FROM pg_database WHERE datname = current_database())));
     v_other := 1 - v_current;
     v_other_table := 'unfinished_delivery_lane' || v_other;
-    IF (SELECT count(*) FROM (SELECT 1 FROM fhir_outbox.unfinished_delivery
-                              WHERE lane = v_other AND state = 'pending'
-                              LIMIT p_max_moves + 1) p) > p_max_moves THEN
+    SELECT count(*) INTO v_left FROM (SELECT 1 FROM fhir_outbox.unfinished_delivery
+                                      WHERE lane = v_other AND state = 'pending'
+                                      LIMIT p_max_moves + 1) p;
+    IF v_left > p_max_moves AND NOT horizon_held THEN
         RETURN;
+    END IF;
+    IF v_left > 0 THEN
+        PERFORM pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim'));
     END IF;
     WITH movable AS (
         SELECT id FROM fhir_outbox.unfinished_delivery
         WHERE lane = v_other AND state = 'pending'
+        LIMIT CASE WHEN horizon_held THEN greatest(p_max_moves_held, p_max_moves) ELSE p_max_moves END
         FOR UPDATE SKIP LOCKED),
     m AS (
         UPDATE fhir_outbox.unfinished_delivery d SET lane = v_current
@@ -509,10 +523,11 @@ BEGIN
     END IF;
     SELECT n_dead_tup, n_live_tup INTO v_dead, v_live FROM pg_stat_user_tables
     WHERE relid = ('fhir_outbox.unfinished_delivery_lane' || v_current)::regclass;
-    IF v_dead >= p_min_dead AND v_dead > v_live
+    IF v_dead >= p_min_dead AND (horizon_held OR v_dead > v_live)
        AND now() - v_switched_at >= make_interval(secs => p_min_seconds) THEN
         UPDATE fhir_outbox.delivery_lane
-        SET current = v_other, switched_at = now(), switches = switches + 1;
+        SET current = v_other, switched_at = now(), switched_xid = pg_current_xact_id(),
+            switches = switches + 1;
         switched := true;
     END IF;
 END
@@ -1110,6 +1125,7 @@ CREATE TABLE fhir_outbox.delivery_lane (
     current smallint DEFAULT 0 NOT NULL,
     switched_at timestamp with time zone DEFAULT now() NOT NULL,
     switches bigint DEFAULT 0 NOT NULL,
+    switched_xid xid8 NOT NULL,
     CONSTRAINT delivery_lane_current_check CHECK ((current = ANY (ARRAY[0, 1]))),
     CONSTRAINT delivery_lane_only_row_check CHECK (only_row)
 );

@@ -167,7 +167,11 @@ impl PipelineBuilder {
         };
         let writes_history = self.dispatch.is_some() || worker.is_some();
         if let Some(config) = self.dispatch {
-            let dispatcher = Arc::new(Dispatcher::new(self.pool.clone(), config));
+            let dispatcher = Dispatcher::new(self.pool.clone(), config);
+            let dispatcher = Arc::new(match &worker {
+                Some(worker) => dispatcher.with_local_delivery(worker.local_wake()),
+                None => dispatcher,
+            });
             tasks.push(tokio::spawn(dispatcher.run(shutdown.clone())));
         }
         if let Some(worker) = worker {

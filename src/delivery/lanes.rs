@@ -4,6 +4,11 @@
 //! current lane; the other drains and, once empty, is truncated, which removes its dead versions
 //! whatever the horizon; the lanes switch when the current one holds more dead versions than live
 //! ones. Every delivery worker runs a pass every [`EVERY`]; the database lets one run at a time.
+//!
+//! While a snapshot older than the last switch holds the horizon, claims cannot skip the dead
+//! index entries of the rows they took, so a backlog left in the draining lane would keep both
+//! lanes full of them (migration 20261204000001): then each pass moves up to
+//! [`MAX_MOVES_PER_PASS_HELD`] of it, and the lanes switch whatever the backlog.
 
 use super::queries;
 use sqlx::PgPool;
@@ -19,9 +24,13 @@ const MIN_DEAD_VERSIONS: i64 = 10_000;
 /// The draining lane's pending deliveries are moved out when no more than this many are left (the
 /// rest leave it as they are claimed): a pass stays short whatever the backlog.
 const MAX_MOVES_PER_PASS: i32 = 1_000;
+/// Pending deliveries moved out of the draining lane per pass while the horizon is held: about
+/// a second of a busy worker's claims, so that a backlog leaves it within seconds.
+const MAX_MOVES_PER_PASS_HELD: i32 = 10_000;
 
 /// Runs a pass every [`EVERY`] until `shutdown`. A failed pass is logged and tried again.
 pub(crate) async fn rotate_continuously(pool: PgPool, shutdown: CancellationToken) {
+    let mut held = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
@@ -32,10 +41,22 @@ pub(crate) async fn rotate_continuously(pool: PgPool, shutdown: CancellationToke
             MIN_SECONDS_BETWEEN_SWITCHES,
             MIN_DEAD_VERSIONS,
             MAX_MOVES_PER_PASS,
+            MAX_MOVES_PER_PASS_HELD,
         )
         .await
         {
             Ok(pass) => {
+                if pass.horizon_held != held {
+                    held = pass.horizon_held;
+                    match held {
+                        true => tracing::warn!(
+                            "a transaction holds the xmin horizon (pg_stat_activity.backend_xmin): \
+                             dead row versions cannot be vacuumed; the hot table's lanes now move \
+                             waiting deliveries to stay small"
+                        ),
+                        false => tracing::info!("the xmin horizon moves again"),
+                    }
+                }
                 crate::metrics::lane_rotation(pass.moved as u64, pass.truncated, pass.switched);
                 if pass.switched {
                     tracing::info!(

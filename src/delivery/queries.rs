@@ -273,8 +273,9 @@ pub(super) async fn claim(
                UPDATE fhir_outbox.unfinished_delivery d
                SET state = 'in_flight', lease_token = gen_random_uuid(),
                    lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1,
-                   -- Into the current lane, so that the other one drains (migration 20261203000001).
-                   lane = fhir_outbox.current_delivery_lane()
+                   -- Into the current lane, so that the other one drains (migration 20261203000001);
+                   -- read once per statement (the function would run per row).
+                   lane = (SELECT current FROM fhir_outbox.delivery_lane)
                FROM picked WHERE d.id = picked.id
                RETURNING d.*),
            numbered AS (
@@ -447,7 +448,7 @@ pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<
     Ok(sqlx::query!(
         "UPDATE fhir_outbox.unfinished_delivery
          SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL,
-             claims = greatest(claims - 1, 0), lane = fhir_outbox.current_delivery_lane()
+             claims = greatest(claims - 1, 0), lane = (SELECT current FROM fhir_outbox.delivery_lane)
          WHERE state = 'in_flight' AND lease_token = ANY($1)",
         tokens
     )
@@ -521,7 +522,7 @@ pub(super) async fn complete(
                    next_attempt_at = coalesce(c.next_attempt_at, d.next_attempt_at),
                    reason = c.reason, last_status = coalesce(c.last_status, d.last_status),
                    lease_token = NULL, lease_expires_at = NULL,
-                   lane = fhir_outbox.current_delivery_lane()
+                   lane = (SELECT current FROM fhir_outbox.delivery_lane)
                FROM c
                WHERE d.id = c.id AND d.lease_token = c.lease_token AND d.state = 'in_flight'
                  AND c.state = 'pending'
@@ -745,6 +746,9 @@ pub(crate) struct LaneRotation {
     pub truncated: bool,
     /// Whether the lanes switched.
     pub switched: bool,
+    /// Whether a snapshot older than the last switch holds the xmin horizon (then the draining
+    /// lane's backlog is moved too).
+    pub horizon_held: bool,
 }
 
 /// One pass of the hot table's lane rotation (see `delivery::lanes`).
@@ -753,14 +757,17 @@ pub(crate) async fn rotate_lanes(
     min_seconds: f64,
     min_dead: i64,
     max_moves: i32,
+    max_moves_held: i32,
 ) -> Result<LaneRotation, sqlx::Error> {
     sqlx::query_as!(
         LaneRotation,
-        r#"SELECT moved AS "moved!", truncated AS "truncated!", switched AS "switched!"
-           FROM fhir_outbox.rotate_delivery_lanes($1, $2, $3)"#,
+        r#"SELECT moved AS "moved!", truncated AS "truncated!", switched AS "switched!",
+                  horizon_held AS "horizon_held!"
+           FROM fhir_outbox.rotate_delivery_lanes($1, $2, $3, $4)"#,
         min_seconds,
         min_dead,
-        max_moves
+        max_moves,
+        max_moves_held
     )
     .fetch_one(executor)
     .await

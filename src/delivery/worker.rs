@@ -46,6 +46,9 @@ pub struct DeliveryWorker {
     /// Signalled when the recorder wrote a batch: a retry may be due before the claimer's next look,
     /// and the deliveries written no longer count against their endpoints' allowance.
     recorded: Notify,
+    /// Signalled by a dispatcher of this process when it committed deliveries (see
+    /// [`DeliveryWorker::local_wake`]).
+    dispatched: Arc<Notify>,
 }
 
 /// A claimed delivery whose preamble has run: what to do with it.
@@ -88,7 +91,14 @@ impl DeliveryWorker {
             leases: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
             recorded: Notify::new(),
+            dispatched: Arc::new(Notify::new()),
         })
+    }
+
+    /// What a dispatcher of this process signals when it commits deliveries, so that they are
+    /// claimed without waiting for the notification's round trip through PostgreSQL.
+    pub fn local_wake(&self) -> Arc<Notify> {
+        self.dispatched.clone()
     }
 
     /// The bot handlers that `Bot/<id>` endpoints run (see [`crate::bots`]).
@@ -382,6 +392,7 @@ impl DeliveryWorker {
             let sleep = self.until_due(&mut looked).await;
             tokio::select! {
                 _ = woken.changed() => {}
+                _ = self.dispatched.notified() => {}
                 _ = self.recorded.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.cancelled() => return,

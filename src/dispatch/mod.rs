@@ -24,7 +24,7 @@ use sqlx::{PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -112,16 +112,20 @@ pub struct Dispatcher {
     logged_errors: Arc<Mutex<HashSet<(String, i64, String)>>>,
     /// Where a busy loop's claim starts.
     floor: Mutex<ScanFloor>,
+    /// Told when a batch committed deliveries: the delivery worker of this process, if it runs
+    /// one, claims them at once instead of after the round trip of `fhir_outbox_delivery`.
+    local_delivery: Option<Arc<Notify>>,
 }
 
 /// Where the claim's scan of undispatched outbox rows starts. Each dispatched row leaves a dead
 /// entry in the `outbox_undispatched` index that a claim walks past until VACUUM removes it; while
 /// a transaction holds the xmin horizon, VACUUM cannot, and a scan from the start walks every row
-/// dispatched since. So when a full scan turns slow, a busy loop starts from the lowest seq it
+/// dispatched since. So when a full scan turns slow, a claim starts from the lowest seq the loop
 /// claimed [`FLOOR_LAG`] ago instead: everything below was claimed then, except what committed
 /// since from a transaction that had taken its seq before, and ran longer than [`FLOOR_LAG`]; a
-/// full scan every [`FULL_SCAN_EVERY`] (and every one before a loop waits) finds those. When full
-/// scans are fast, every scan is one.
+/// full scan every [`FULL_SCAN_EVERY`] finds those (an idle loop still looks every poll
+/// interval), so such a change waits that long at most. When full scans are fast, every scan is
+/// one.
 #[derive(Debug, Default)]
 struct ScanFloor {
     /// (when, lowest seq claimed), oldest first.
@@ -201,27 +205,30 @@ impl Dispatcher {
             cache: Mutex::new(HashMap::new()),
             logged_errors: Arc::new(Mutex::new(HashSet::new())),
             floor: Mutex::new(ScanFloor::default()),
+            local_delivery: None,
         }
+    }
+
+    /// Tells `wake` (a delivery worker of this process, [`DeliveryWorker::local_wake`]) when a
+    /// batch commits deliveries. Workers elsewhere are woken through PostgreSQL, as before.
+    ///
+    /// [`DeliveryWorker::local_wake`]: crate::delivery::DeliveryWorker::local_wake
+    pub fn with_local_delivery(mut self, wake: Arc<Notify>) -> Self {
+        self.local_delivery = Some(wake);
+        self
     }
 
     /// Dispatches one batch of at most `batch_size` changes in one transaction.
     pub async fn dispatch_once(&self) -> Result<BatchReport, DispatchError> {
-        self.dispatch_batch(self.config.batch_size, false)
+        self.dispatch_batch(self.config.batch_size)
             .await
             .map_err(|failure| failure.error)
     }
 
-    /// Claims and dispatches one batch; `full_scan` makes its claim scan every undispatched row.
-    async fn dispatch_batch(
-        &self,
-        limit: i64,
-        full_scan: bool,
-    ) -> Result<BatchReport, BatchFailure> {
+    /// Claims and dispatches one batch.
+    async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, BatchFailure> {
         let started = Instant::now();
-        let from = match full_scan {
-            true => 0,
-            false => self.floor.lock().expect("floor lock").start(started),
-        };
+        let from = self.floor.lock().expect("floor lock").start(started);
         let mut tx = self.pool.begin().await.map_err(BatchFailure::unclaimed)?;
         let changes = queries::claim_changes(&mut tx, limit, from)
             .await
@@ -272,6 +279,9 @@ impl Dispatcher {
         }
         queries::mark_dispatched(&mut tx, &evaluated.seqs, &evaluated.dispatch_errors).await?;
         tx.commit().await?;
+        if let (Some(wake), true) = (&self.local_delivery, report.deliveries > 0) {
+            wake.notify_one();
+        }
         crate::metrics::dispatched(report.changes, report.deliveries);
         crate::metrics::undispatchable(report.undispatchable);
         Ok(report)
@@ -474,8 +484,7 @@ impl Dispatcher {
             } else {
                 self.config.batch_size
             };
-            // The look before waiting scans everything, so nothing committed is left behind.
-            match self.dispatch_batch(limit, registered).await {
+            match self.dispatch_batch(limit).await {
                 Ok(report) => {
                     failures = 0;
                     failing_alone = None;

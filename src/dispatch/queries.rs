@@ -252,8 +252,10 @@ pub(crate) async fn insert_deliveries(
                INSERT INTO fhir_outbox.unfinished_delivery
                    (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
                     resource_id, version_id, previous_version_id, interaction, changed_at,
-                    request_id, trace_id, matched_at, state, reason)
-               SELECT * FROM d WHERE d.state = 'pending'
+                    request_id, trace_id, matched_at, state, reason, lane)
+               -- The lane is read once, not per row as the column's default would.
+               SELECT d.*, (SELECT current FROM fhir_outbox.delivery_lane)
+               FROM d WHERE d.state = 'pending'
                RETURNING 1),
            skipped AS (
                INSERT INTO fhir_outbox.finished_delivery

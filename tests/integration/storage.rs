@@ -8,11 +8,13 @@ use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
 
-type Pass = (i64, bool, bool);
+/// (moved, truncated, switched, horizon held)
+type Pass = (i64, bool, bool, bool);
 
-/// One rotation pass with thresholds low enough for a test.
+/// One rotation pass with thresholds low enough for a test: the draining lane's deliveries are
+/// moved when at most 5 are left, or when the horizon is held.
 async fn rotate(pool: &PgPool) -> Pass {
-    sqlx::query_as("SELECT * FROM fhir_outbox.rotate_delivery_lanes(0, 1, 10000)")
+    sqlx::query_as("SELECT * FROM fhir_outbox.rotate_delivery_lanes(0, 1, 5, 10000)")
         .fetch_one(pool)
         .await
         .unwrap()
@@ -90,10 +92,11 @@ async fn lanes_drain_and_are_truncated_while_a_snapshot_holds_the_horizon() {
 
     let passes = rotate_until_switched(&db.pool).await;
     assert_eq!(current_lane(&db.pool).await, 1, "{passes:?}");
-    // The waiting deliveries move to the current lane, then the drained lane is truncated: its
+    // The snapshot is older than the switch: the waiting deliveries move to the current lane
+    // (more than the 5 moved without a held horizon), then the drained lane is truncated: its
     // dead versions are gone although the snapshot still holds the horizon.
-    assert_eq!(rotate(&db.pool).await, (20, false, false));
-    let (moved, truncated, _) = rotate(&db.pool).await;
+    assert_eq!(rotate(&db.pool).await, (20, false, false, true));
+    let (moved, truncated, _, _) = rotate(&db.pool).await;
     assert_eq!((moved, truncated), (0, true));
     assert_eq!(
         scalar(
@@ -176,7 +179,7 @@ async fn a_lane_with_deliveries_in_flight_is_not_truncated() {
     .unwrap();
     rotate_until_switched(&db.pool).await;
     for _ in 0..3 {
-        assert_eq!(rotate(&db.pool).await, (0, false, false));
+        assert_eq!(rotate(&db.pool).await, (0, false, false, false));
     }
     assert_eq!(
         scalar(
@@ -186,4 +189,53 @@ async fn a_lane_with_deliveries_in_flight_is_not_truncated() {
         .await,
         1
     );
+}
+
+#[tokio::test]
+async fn without_a_held_horizon_a_backlog_in_the_draining_lane_is_left_to_the_claims() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let subscription = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    let patient = json!({ "resourceType": "Patient" });
+    for _ in 0..50 {
+        create(&db.pool, project, &patient, None).await;
+    }
+    p.settle(&db.pool).await;
+    sqlx::query(
+        "INSERT INTO fhir_outbox.subscription_pause (project_id, subscription_id) VALUES ($1, $2)",
+    )
+    .bind(project)
+    .bind(subscription["id"].as_str().unwrap())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        create(&db.pool, project, &patient, None).await;
+    }
+    p.settle_dispatch().await;
+    rotate_until_switched(&db.pool).await;
+    // 20 wait in lane 0, more than the 5 a pass moves when VACUUM keeps up: they stay, and the
+    // lane is not truncated.
+    for _ in 0..3 {
+        assert_eq!(rotate(&db.pool).await, (0, false, false, false));
+    }
+    assert_eq!(
+        scalar(
+            &db.pool,
+            "SELECT count(*) FROM fhir_outbox.unfinished_delivery_lane0 WHERE state = 'pending'"
+        )
+        .await,
+        20
+    );
+    // Resumed, the claims take them (and move each to the current lane as they do).
+    sqlx::query("DELETE FROM fhir_outbox.subscription_pause")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 70);
+    let (moved, truncated, _, _) = rotate(&db.pool).await;
+    assert_eq!((moved, truncated), (0, true));
 }

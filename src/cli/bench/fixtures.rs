@@ -81,6 +81,7 @@ impl Env {
             // Statements inside our plpgsql functions too, not only what the worker sends.
             for setting in [
                 "ALTER SYSTEM SET pg_stat_statements.track = 'all'",
+                "ALTER SYSTEM SET pg_stat_statements.track_planning = on",
                 "SELECT pg_reload_conf()",
             ] {
                 sqlx::query(setting).execute(&admin).await?;
@@ -460,6 +461,25 @@ impl WorkerProcess {
             )));
         }
         Ok(())
+    }
+
+    /// The worker's warnings and errors so far (its log's WARN and ERROR lines, without their
+    /// time stamps), each with how many times it was logged: a diagnosis for the report.
+    pub fn warnings(&self) -> Vec<(String, usize)> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut counted: Vec<(String, usize)> = Vec::new();
+        for line in log.lines() {
+            let Some(at) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+                continue;
+            };
+            let message = line[at + 1..].to_owned();
+            if let Some((_, times)) = counted.iter_mut().find(|(seen, _)| *seen == message) {
+                *times += 1;
+            } else if counted.len() < 50 {
+                counted.push((message, 1));
+            }
+        }
+        counted
     }
 
     /// Peak RSS so far, MiB.

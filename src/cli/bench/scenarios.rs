@@ -369,6 +369,11 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
             } else {
                 None
             };
+            if env.statements {
+                sqlx::query("SELECT pg_stat_statements_reset()")
+                    .execute(&pool)
+                    .await?;
+            }
             let (pg0, own0, worker0) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
             let (count, secs) = write_for(
                 &pool,
@@ -381,6 +386,12 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
             .await?;
             let (pg1, own1, worker1) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
             let backlog = undispatched(&pool).await?;
+            let statements = match env.statements {
+                true => {
+                    json!(top_statements(&pool, &format!("capture, {}", variant.label())).await?)
+                }
+                false => Value::Null,
+            };
             let notifying = match counter {
                 Some(counter) => Some(counter.stop().await),
                 None => None,
@@ -399,7 +410,7 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
                 json!({"round": round, "variant": variant.label(), "transactions": count,
                                "seconds": secs, "per_s": count as f64 / secs,
                                "notifying_transactions": notifying,
-                               "undispatched_at_end": backlog}),
+                               "undispatched_at_end": backlog, "statements": statements}),
             );
         }
     }
@@ -579,22 +590,22 @@ pub(super) async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
 /// The statements of this database that took the most execution time since the last reset
 /// (pg_stat_statements, `--statements`), printed to standard error and returned for the report.
 pub(super) async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value>, BenchError> {
-    let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(
-        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, rows
+    let rows: Vec<(String, i64, f64, f64, i64)> = sqlx::query_as(
+        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, total_plan_time, rows
          FROM pg_stat_statements
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-         ORDER BY total_exec_time DESC LIMIT 12",
+         ORDER BY total_exec_time + total_plan_time DESC LIMIT 30",
     )
     .fetch_all(pool)
     .await?;
     eprintln!("bench: top statements by execution time, {run}:");
-    eprintln!("bench:   total ms     calls        rows  statement");
+    eprintln!("bench:  exec ms  plan ms     calls        rows  statement");
     Ok(rows
         .into_iter()
-        .map(|(query, calls, total_ms, rows)| {
-            let shown: String = query.chars().take(110).collect();
-            eprintln!("bench: {total_ms:>10.0} {calls:>9} {rows:>11}  {shown}");
-            json!({ "query": query, "calls": calls, "total_ms": total_ms, "rows": rows })
+        .map(|(query, calls, total_ms, plan_ms, rows)| {
+            let shown: String = query.chars().take(100).collect();
+            eprintln!("bench: {total_ms:>8.0} {plan_ms:>8.0} {calls:>9} {rows:>11}  {shown}");
+            json!({ "query": query, "calls": calls, "total_ms": total_ms, "plan_ms": plan_ms, "rows": rows })
         })
         .collect())
 }
@@ -825,6 +836,11 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.receiver.reset();
     env.receiver.set_recording(true);
+    if env.statements {
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&pool)
+            .await?;
+    }
     let total = sizes.latency_rate * sizes.latency_seconds;
     let (pg0, own0, worker0) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
     let started = Instant::now();
@@ -841,6 +857,10 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     env.receiver.set_recording(false);
     let rss = worker.peak_rss_mib();
     worker.stop().await;
+    let statements = match env.statements {
+        true => json!(top_statements(&pool, "latency").await?),
+        false => Value::Null,
+    };
     // Where the time goes, from the rows (server clocks): write (clock_timestamp inside the writing
     // transaction, before its commit) to match (the dispatcher's evaluation time), and match to the
     // start of the HTTP attempt. Medians and p99, in ms.
@@ -942,7 +962,7 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
         "latency".into(),
         json!({"writes": total, "delivered": recorded.len(), "matched": latencies.len(),
                "arrived_before_commit_returned": before_commit_returned,
-               "max_ms": latencies.last(), "worker_peak_rss_mib": rss}),
+               "max_ms": latencies.last(), "worker_peak_rss_mib": rss, "statements": statements}),
     );
     Ok(())
 }

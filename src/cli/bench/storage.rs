@@ -5,7 +5,7 @@ use super::fixtures::{self, Env, WorkerProcess};
 use super::scenarios::Results;
 use super::{BenchError, Figure, Scenario, Sizes, Target};
 use fhir_outbox::operations::retention::{self, Retention};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 
@@ -124,18 +124,47 @@ async fn hot_table(pool: &PgPool) -> Result<(i64, i64, i64), BenchError> {
     .await?)
 }
 
+/// Diagnosis of a cycle under the held horizon: where dead row versions pile up (the tables with
+/// the most), and the checkpoints so far (their full-page writes slow every writer for a while).
+async fn dead_versions(pool: &PgPool) -> Result<Value, BenchError> {
+    let tables: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
+         WHERE schemaname = 'fhir_outbox' ORDER BY n_dead_tup DESC LIMIT 6",
+    )
+    .fetch_all(pool)
+    .await?;
+    let checkpoints: i64 =
+        sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+            .fetch_one(pool)
+            .await?;
+    let tables: serde_json::Map<String, Value> = tables
+        .into_iter()
+        .map(|(table, dead)| (table, dead.into()))
+        .collect();
+    Ok(json!({ "dead_tuples": tables, "checkpoints": checkpoints }))
+}
+
+/// One cycle's timing: the rate from the first write until the last delivery succeeded, and the
+/// seconds spent writing (the writers) and then draining what was left.
+struct Cycle {
+    rate: f64,
+    write_seconds: f64,
+    drain_seconds: f64,
+}
+
 /// Writes `count` changes (4 writers, 100 per transaction) while `fhir-outbox run` dispatches and
-/// delivers them, and returns the rate from the first write until the last delivery succeeded.
+/// delivers them.
 async fn cycle(
     env: &Env,
     pool: &PgPool,
     project: uuid::Uuid,
     count: u64,
     worker: &mut WorkerProcess,
-) -> Result<f64, BenchError> {
+) -> Result<Cycle, BenchError> {
     let started = Instant::now();
     let target = env.receiver.count() + count;
     fixtures::prefill(pool, project, count, 4).await?;
+    let written = started.elapsed().as_secs_f64();
     while env.receiver.count() < target {
         tokio::time::sleep(Duration::from_millis(10)).await;
         worker.check_alive()?;
@@ -145,7 +174,12 @@ async fn cycle(
             )));
         }
     }
-    Ok(count as f64 / started.elapsed().as_secs_f64())
+    let total = started.elapsed().as_secs_f64();
+    Ok(Cycle {
+        rate: count as f64 / total,
+        write_seconds: written,
+        drain_seconds: total - written,
+    })
 }
 
 /// Capacity with and without a held xmin horizon: cycles of `horizon_cycle` changes written and
@@ -166,7 +200,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     cycle(env, &pool, project, count, &mut worker).await?;
     let mut baseline = 0.0;
     for _ in 0..3 {
-        baseline += cycle(env, &pool, project, count, &mut worker).await? / 3.0;
+        baseline += cycle(env, &pool, project, count, &mut worker).await?.rate / 3.0;
     }
     let (dead_before, bytes_before, switches_before) = hot_table(&pool).await?;
     eprintln!(
@@ -187,23 +221,39 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         .await?;
     let held = Instant::now();
     let mut samples = Vec::new();
-    let mut rates = Vec::new();
-    while held.elapsed() < Duration::from_secs(sizes.horizon_seconds) || rates.len() < 3 {
-        let rate = cycle(env, &pool, project, count, &mut worker).await?;
-        rates.push(rate);
+    // (when the cycle started, its duration), since the snapshot was taken.
+    let mut cycles: Vec<(f64, f64)> = Vec::new();
+    while held.elapsed() < Duration::from_secs(sizes.horizon_seconds) || cycles.len() < 3 {
+        let began = held.elapsed().as_secs_f64();
+        let Cycle {
+            rate,
+            write_seconds,
+            drain_seconds,
+        } = cycle(env, &pool, project, count, &mut worker).await?;
+        cycles.push((began, write_seconds + drain_seconds));
         let (dead, bytes, switches) = hot_table(&pool).await?;
-        samples.push(json!({ "seconds": held.elapsed().as_secs_f64(), "rate": rate,
-                             "hot_dead_tuples": dead, "hot_bytes": bytes, "lane_switches": switches }));
+        samples.push(
+            json!({ "seconds": held.elapsed().as_secs_f64(), "rate": rate,
+                             "write_seconds": write_seconds, "drain_seconds": drain_seconds,
+                             "hot_dead_tuples": dead, "hot_bytes": bytes, "lane_switches": switches,
+                             "diagnosis": dead_versions(&pool).await? }),
+        );
     }
     // The mean of the last three cycles.
-    let under_horizon = rates.iter().rev().take(3).sum::<f64>() / 3.0;
-    let (dead_after, bytes_after, switches_after) = hot_table(&pool).await?;
+    // Throughput over the second half of the held period (every cycle that began in it, at least
+    // the last three): long enough to count the slow cycles as well as the fast ones.
     let held_for = held.elapsed().as_secs_f64();
+    let since = (held_for / 2.0).min(cycles[cycles.len() - 3].0);
+    let late: Vec<&(f64, f64)> = cycles.iter().filter(|(began, _)| *began >= since).collect();
+    let under_horizon =
+        late.len() as f64 * count as f64 / late.iter().map(|(_, took)| took).sum::<f64>();
+    let (dead_after, bytes_after, switches_after) = hot_table(&pool).await?;
     let statements = match env.statements {
         true => super::scenarios::top_statements(&pool, "under the held horizon").await?,
         false => Vec::new(),
     };
     holder.rollback().await?;
+    let warnings = worker.warnings();
     worker.stop().await;
     let written = count * (4 + samples.len() as u64);
     let cost = 100.0 * (1.0 - under_horizon / baseline);
@@ -211,7 +261,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         Scenario::Horizon,
         "horizon.throughput_cost_pct",
         format!(
-            "throughput lost after {held_for:.0} s of a held xmin horizon ({baseline:.0} → {under_horizon:.0} deliveries/s: cycles of {count} changes written and delivered, the mean of 3 before and of the last 3)"
+            "throughput lost after {held_for:.0} s of a held xmin horizon ({baseline:.0} → {under_horizon:.0} deliveries/s: cycles of {count} changes written and delivered, the mean of 3 before; under the horizon, every cycle of its second half)"
         ),
         cost,
         "%",
@@ -237,7 +287,8 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         "horizon".into(),
         json!({ "baseline_per_s": baseline, "under_horizon_per_s": under_horizon,
                 "held_seconds": held_for, "written": written,
-                "samples": samples, "top_statements": statements }),
+                "samples": samples, "top_statements": statements,
+                "worker_warnings": warnings }),
     );
     pool.close().await;
     env.drop_db(name).await?;
