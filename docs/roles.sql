@@ -33,6 +33,7 @@ GRANT USAGE ON SCHEMA fhir_outbox TO fhir_outbox_writer, fhir_outbox_worker;
 -- decides at commit whether to wake a dispatcher runs as its owner too (migration 7).
 GRANT EXECUTE ON FUNCTION
     fhir_outbox.create_resource(uuid, jsonb, text, text, text),
+    fhir_outbox.create_resources(uuid, jsonb[], text, text, text),
     fhir_outbox.update_resource(uuid, text, text, jsonb, bigint, text, text, text),
     fhir_outbox.delete_resource(uuid, text, text, text, text, text),
     fhir_outbox.read_resource(uuid, text, text),

@@ -311,9 +311,10 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// Run only these scenarios: capture, dispatch, e2e (with RSS), latency, claim, fhirpath
-        /// (hostile FHIRPath criteria against the evaluation budget; no database), noisy (healthy
-        /// endpoints beside hanging and failing ones), slow (receivers answering after 100 ms),
+        /// Run only these scenarios: capture, bulk (bulk writes through the SQL functions),
+        /// dispatch, e2e (with RSS), latency, claim, fhirpath (hostile FHIRPath criteria against
+        /// the evaluation budget; no database), noisy (healthy endpoints beside hanging and failing
+        /// ones), slow (receivers answering after 100 ms),
         /// console (the console's reads on a database of 1,000,000 attempts), retention (a day of
         /// history dropped), horizon (throughput while a snapshot holds the xmin horizon), scaling
         /// (1, 2 and 4 worker processes).

@@ -1,7 +1,7 @@
 //! Capture: the versioned FHIR store and its transactional outbox.
 //!
 //! Every write goes through the SQL functions of `migrations/` (`fhir_outbox.create_resource`,
-//! `update_resource`, `delete_resource`), which store the new version and insert its outbox row in the
+//! `create_resources` for batches, `update_resource`, `delete_resource`), which store the new version and insert its outbox row in the
 //! caller's transaction. This module is their Rust face: each function takes any executor (a pool, a
 //! connection or `&mut *transaction`), so an application's own rows and its resource writes commit or
 //! roll back together. Applications in other languages call the same SQL functions and get the same
@@ -205,6 +205,37 @@ pub async fn create<'e>(
         version_id: row.version_id,
         resource: row.resource,
     })
+}
+
+/// Creates many resources in one statement (`fhir_outbox.create_resources`, the set-based path for
+/// batches), each as [`create`] would: a new id, version 1, one `create` change each (none for an
+/// AuditEvent), in order. One invalid resource fails the whole call, naming its position ("resource
+/// 3 of 500: …"), and nothing is written. At most 10,000 per call.
+pub async fn create_many<'e>(
+    db: impl PgExecutor<'e>,
+    project: Uuid,
+    resources: &[Value],
+    context: &WriteContext,
+) -> Result<Vec<Written>, StoreError> {
+    let rows = sqlx::query!(
+        r#"SELECT outcome AS "outcome!", resource AS "resource!", version_id AS "version_id!"
+           FROM fhir_outbox.create_resources($1, $2, $3, $4, $5) ORDER BY ordinal"#,
+        project,
+        resources,
+        context.author.as_deref(),
+        context.request_id.as_deref(),
+        context.trace_id.as_deref(),
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Written {
+            outcome: write_outcome(&row.outcome),
+            version_id: row.version_id,
+            resource: row.resource,
+        })
+        .collect())
 }
 
 /// Writes `resource` at `resource_type/id` (FHIR update): creates it when absent, restores it when

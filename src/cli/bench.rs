@@ -9,6 +9,7 @@
 //! with `current_exe()`). Figures depend on the machine and on what else runs on it: the JSON
 //! carries the machine facts and the load average before and after.
 
+mod bulk;
 mod console;
 mod fhirpath;
 mod fixtures;
@@ -57,6 +58,9 @@ pub enum BenchError {
 pub enum Scenario {
     /// Write throughput with and without capture.
     Capture,
+    /// Bulk writes through the SQL functions: set-based `create_resources` against
+    /// `create_resource` per resource.
+    Bulk,
     /// Outbox rows to delivery rows per second, 1 and 20 subscriptions.
     Dispatch,
     /// End-to-end deliveries per second (and the worker's peak RSS).
@@ -86,8 +90,9 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::Capture,
+        Scenario::Bulk,
         Scenario::Dispatch,
         Scenario::E2e,
         Scenario::Latency,
@@ -113,6 +118,7 @@ impl FromStr for Scenario {
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name.trim() {
             "capture" => Ok(Scenario::Capture),
+            "bulk" => Ok(Scenario::Bulk),
             "dispatch" => Ok(Scenario::Dispatch),
             "e2e" | "end-to-end" | "rss" => Ok(Scenario::E2e),
             "latency" => Ok(Scenario::Latency),
@@ -125,7 +131,7 @@ impl FromStr for Scenario {
             "horizon" | "xmin" => Ok(Scenario::Horizon),
             "scaling" => Ok(Scenario::Scaling),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling)"
+                "unknown scenario `{other}` (capture, bulk, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling)"
             )),
         }
     }
@@ -138,6 +144,8 @@ pub struct Sizes {
     pub capture_seconds: u64,
     /// Concurrent writers in the capture scenario.
     pub capture_writers: usize,
+    /// Resources written per round of the bulk scenario.
+    pub bulk_resources: u64,
     /// Outbox rows dispatched in the dispatch scenario.
     pub dispatch_rows: u64,
     /// Backlogs of the end-to-end scenario.
@@ -190,6 +198,7 @@ impl Sizes {
         Sizes {
             capture_seconds: 10,
             capture_writers: 12,
+            bulk_resources: 20_000,
             dispatch_rows: 20_000,
             backlogs: vec![20_000, 100_000],
             concurrencies: vec![1, 10, 50],
@@ -223,6 +232,7 @@ impl Sizes {
         Sizes {
             capture_seconds: 3,
             capture_writers: 12,
+            bulk_resources: 2_000,
             dispatch_rows: 2_000,
             backlogs: vec![2_000],
             concurrencies: vec![1, 10, 50],

@@ -598,3 +598,112 @@ async fn projects_are_isolated() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_batch_is_written_and_captured_in_one_statement_like_single_creates() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let context = WriteContext {
+        author: Some("Device/importer".into()),
+        request_id: Some("import-1".into()),
+        trace_id: None,
+    };
+    let mut batch: Vec<Value> = (0..300).map(|i| patient(&format!("P{i}"))).collect();
+    batch.push(json!({ "resourceType": "AuditEvent", "type": { "code": "import" } }));
+    batch.push(json!({ "resourceType": "Subscription", "status": "active",
+                       "criteria": "Patient", "channel": { "type": "rest-hook" } }));
+
+    let written = capture::create_many(&db.pool, project, &batch, &context)
+        .await
+        .unwrap();
+    assert_eq!(written.len(), 302);
+    for (i, written) in written.iter().take(300).enumerate() {
+        assert_eq!(written.outcome, WriteOutcome::Created);
+        assert_eq!(written.version_id, 1);
+        assert_eq!(written.resource["name"][0]["family"], format!("P{i}"));
+        assert_eq!(written.resource["meta"]["versionId"], "1");
+        assert_eq!(
+            written.resource["meta"]["author"]["reference"],
+            "Device/importer"
+        );
+        // Readable as any resource, the stored content being what was returned.
+        let id = written.resource["id"].as_str().unwrap();
+        let read = capture::read(&db.pool, project, "Patient", id)
+            .await
+            .unwrap();
+        assert_eq!(read, written.resource);
+    }
+    // One change per resource, in the order given, none for the AuditEvent.
+    assert_eq!(version_count(&db.pool, project).await, 302);
+    assert_eq!(outbox_count(&db.pool, project).await, 301);
+    let changes: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT resource_id, interaction, request_id FROM fhir_outbox.outbox
+         WHERE project_id = $1 ORDER BY seq",
+    )
+    .bind(project)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let expected: Vec<&str> = written
+        .iter()
+        .filter(|w| w.resource["resourceType"] != "AuditEvent")
+        .map(|w| w.resource["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        changes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+        expected
+    );
+    assert!(changes.iter().all(|c| c.1 == "create" && c.2 == "import-1"));
+    // The Subscription counts: dispatchers reload the project's subscriptions.
+    let epoch: i64 =
+        sqlx::query_scalar("SELECT subscription_epoch FROM fhir_outbox.project WHERE id = $1")
+            .bind(project)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(epoch > 0);
+
+    // In the caller's transaction: rolled back, nothing stays.
+    let mut tx = db.pool.begin().await.unwrap();
+    capture::create_many(&mut *tx, project, &batch[..10], &WriteContext::default())
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(outbox_count(&db.pool, project).await, 301);
+}
+
+#[tokio::test]
+async fn one_bad_resource_fails_its_batch_by_position_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut batch: Vec<Value> = (0..5).map(|i| patient(&format!("P{i}"))).collect();
+    batch[3] = json!({ "resourceType": "NoSuchType" });
+    let error = capture::create_many(&db.pool, project, &batch, &WriteContext::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::UnknownResourceType(message)
+            if message.starts_with("resource 4 of 5: unknown resourceType \"NoSuchType\"")),
+        "{error:?}"
+    );
+    batch[3] = json!(["not", "an", "object"]);
+    let error = capture::create_many(&db.pool, project, &batch, &WriteContext::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::InvalidResource(message) if message.starts_with("resource 4 of 5: ")),
+        "{error:?}"
+    );
+    let too_many = vec![patient("X"); 10_001];
+    let error = capture::create_many(&db.pool, project, &too_many, &WriteContext::default())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("at most 10000"), "{error}");
+    assert_eq!(version_count(&db.pool, project).await, 0);
+    assert_eq!(outbox_count(&db.pool, project).await, 0);
+    // An empty batch writes nothing and is no error.
+    let none = capture::create_many(&db.pool, project, &[], &WriteContext::default())
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}

@@ -29,6 +29,7 @@ pub async fn run(
 ) -> Result<(), BenchError> {
     match scenario {
         Scenario::Capture => capture_cost(env, sizes, results).await,
+        Scenario::Bulk => super::bulk::run(env, sizes, results).await,
         Scenario::Dispatch => dispatch(env, sizes, results).await,
         Scenario::E2e => end_to_end(env, sizes, results).await,
         Scenario::Latency => latency(env, sizes, results).await,
