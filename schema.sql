@@ -520,10 +520,10 @@ CREATE FUNCTION fhir_outbox.resource_history(p_project uuid, p_resource_type tex
 $$;
 
 --
--- Name: rotate_delivery_lanes(double precision, bigint, integer, integer); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+-- Name: rotate_delivery_lanes(double precision, bigint, integer, integer, double precision); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
-CREATE FUNCTION fhir_outbox.rotate_delivery_lanes(p_min_seconds double precision DEFAULT 10, p_min_dead bigint DEFAULT 10000, p_max_moves integer DEFAULT 1000, p_max_moves_held integer DEFAULT 10000, OUT moved bigint, OUT truncated boolean, OUT switched boolean, OUT horizon_held boolean) RETURNS record
+CREATE FUNCTION fhir_outbox.rotate_delivery_lanes(p_min_seconds double precision DEFAULT 10, p_min_dead bigint DEFAULT 10000, p_max_moves integer DEFAULT 1000, p_max_moves_held integer DEFAULT 10000, p_held_seconds double precision DEFAULT 30, OUT moved bigint, OUT truncated boolean, OUT switched boolean, OUT horizon_held boolean) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -531,11 +531,15 @@ DECLARE
     v_current smallint;
     v_switched_at timestamptz;
     v_switched_xid xid8;
+    v_seen_xmin xid;
+    v_seen_since timestamptz;
+    v_oldest xid;
     v_other smallint;
     v_other_table text;
     v_left bigint;
     v_dead bigint;
     v_live bigint;
+    v_cursor record;
 BEGIN
     moved := 0;
     truncated := false;
@@ -544,13 +548,41 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.delivery_lanes')) THEN
         RETURN;
     END IF;
-    SELECT current, switched_at, switched_xid INTO v_current, v_switched_at, v_switched_xid
+    SELECT current, switched_at, switched_xid, oldest_xmin, oldest_xmin_since
+    INTO v_current, v_switched_at, v_switched_xid, v_seen_xmin, v_seen_since
     FROM fhir_outbox.delivery_lane;
-    -- Backends of this database hold its horizon, and so do those of none (a replica's feedback).
-    horizon_held := EXISTS (
-        SELECT 1 FROM pg_stat_activity
-        WHERE backend_xmin IS NOT NULL AND age(backend_xmin) > age(v_switched_xid::xid)
-          AND (datid IS NULL OR datid = (SELECT oid FROM pg_database WHERE datname = current_database())));
+    -- Backends of this database hold its horizon, and so do those of none (a replica's feedback);
+    -- autovacuum's VACUUM does not hold it back for VACUUM.
+    SELECT a.backend_xmin INTO v_oldest FROM pg_stat_activity a
+    WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+      AND a.backend_type IS DISTINCT FROM 'autovacuum worker'
+      AND (a.datid IS NULL
+           OR a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()))
+    ORDER BY age(a.backend_xmin) DESC LIMIT 1;
+    IF v_oldest IS DISTINCT FROM v_seen_xmin THEN
+        UPDATE fhir_outbox.delivery_lane SET oldest_xmin = v_oldest, oldest_xmin_since = now();
+    ELSE
+        horizon_held := v_oldest IS NOT NULL
+            AND now() - v_seen_since >= make_interval(secs => p_held_seconds)
+            AND age(v_oldest) > age(v_switched_xid::xid);
+    END IF;
+    -- Every claim updates the one-row claim cursor, and every claim reads it: under a held
+    -- horizon its dead versions pile up too (about one per claim). Kept to a few pages: emptied
+    -- and written again under the claim lock, so that no claim sees it empty.
+    IF horizon_held AND pg_relation_size('fhir_outbox.claim_cursor') > 65536 THEN
+        PERFORM pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim'));
+        SELECT project_id, subscription_id INTO v_cursor FROM fhir_outbox.claim_cursor;
+        IF FOUND THEN
+            BEGIN
+                PERFORM set_config('lock_timeout', '200ms', true);
+                TRUNCATE fhir_outbox.claim_cursor;
+                INSERT INTO fhir_outbox.claim_cursor (project_id, subscription_id)
+                VALUES (v_cursor.project_id, v_cursor.subscription_id);
+            EXCEPTION WHEN lock_not_available THEN
+                NULL; -- someone else reads it: next pass
+            END;
+        END IF;
+    END IF;
     v_other := 1 - v_current;
     v_other_table := 'unfinished_delivery_lane' || v_other;
     SELECT count(*) INTO v_left FROM (SELECT 1 FROM fhir_outbox.unfinished_delivery
@@ -1193,6 +1225,8 @@ CREATE TABLE fhir_outbox.delivery_lane (
     switched_at timestamp with time zone DEFAULT now() NOT NULL,
     switches bigint DEFAULT 0 NOT NULL,
     switched_xid xid8 NOT NULL,
+    oldest_xmin xid,
+    oldest_xmin_since timestamp with time zone,
     CONSTRAINT delivery_lane_current_check CHECK ((current = ANY (ARRAY[0, 1]))),
     CONSTRAINT delivery_lane_only_row_check CHECK (only_row)
 );

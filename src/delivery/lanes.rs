@@ -5,7 +5,8 @@
 //! whatever the horizon; the lanes switch when the current one holds more dead versions than live
 //! ones. Every delivery worker runs a pass every [`EVERY`]; the database lets one run at a time.
 //!
-//! While a snapshot older than the last switch holds the horizon, claims cannot skip the dead
+//! While a snapshot older than the last switch holds the horizon (the same one for
+//! [`HELD_AFTER_SECONDS`]), claims cannot skip the dead
 //! index entries of the rows they took, so a backlog left in the draining lane would keep both
 //! lanes full of them (migration 20261204000001): then each pass moves up to
 //! [`MAX_MOVES_PER_PASS_HELD`] of it, and the lanes switch whatever the backlog.
@@ -27,6 +28,9 @@ const MAX_MOVES_PER_PASS: i32 = 1_000;
 /// Pending deliveries moved out of the draining lane per pass while the horizon is held: about
 /// a second of a busy worker's claims, so that a backlog leaves it within seconds.
 const MAX_MOVES_PER_PASS_HELD: i32 = 10_000;
+/// How long the same snapshot must hold the horizon before it counts as held: long statements
+/// and ANALYZE hold one for moments, and moving a backlog for them would only cost.
+const HELD_AFTER_SECONDS: f64 = 30.0;
 
 /// Runs a pass every [`EVERY`] until `shutdown`. A failed pass is logged and tried again.
 pub(crate) async fn rotate_continuously(pool: PgPool, shutdown: CancellationToken) {
@@ -42,6 +46,7 @@ pub(crate) async fn rotate_continuously(pool: PgPool, shutdown: CancellationToke
             MIN_DEAD_VERSIONS,
             MAX_MOVES_PER_PASS,
             MAX_MOVES_PER_PASS_HELD,
+            HELD_AFTER_SECONDS,
         )
         .await
         {

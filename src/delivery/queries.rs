@@ -163,8 +163,8 @@ pub(super) async fn claim(
                (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.unfinished_delivery d
                 WHERE d.state = 'pending'
                   AND (d.project_id, d.subscription_id)
-                      > ((SELECT project_id FROM fhir_outbox.claim_cursor),
-                         (SELECT subscription_id FROM fhir_outbox.claim_cursor))
+                      > (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
+                         coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
                 ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
                UNION ALL
                SELECT x.project_id, x.subscription_id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
@@ -179,8 +179,8 @@ pub(super) async fn claim(
                 FROM fhir_outbox.unfinished_delivery d
                 WHERE d.state = 'pending'
                   AND (d.project_id, d.subscription_id)
-                      <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
-                          (SELECT subscription_id FROM fhir_outbox.claim_cursor))
+                      <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
+                          coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
                 ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
                UNION ALL
                SELECT x.project_id, x.subscription_id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
@@ -188,18 +188,21 @@ pub(super) async fn claim(
                    WHERE d.state = 'pending'
                      AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
                      AND (d.project_id, d.subscription_id)
-                         <= ((SELECT project_id FROM fhir_outbox.claim_cursor),
-                             (SELECT subscription_id FROM fhir_outbox.claim_cursor))
+                         <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
+                             coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
                    ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
                WHERE q.n < $5),
            visited AS (
                SELECT project_id, subscription_id, n FROM ahead
                UNION ALL
                SELECT project_id, subscription_id, n FROM behind WHERE n <= $5),
+           -- An upsert: the cursor is unlogged, and a crash of PostgreSQL empties it (the round
+           -- then starts again from the first subscription, as the coalesces above read it).
            advanced AS (
-               UPDATE fhir_outbox.claim_cursor k
-               SET project_id = last.project_id, subscription_id = last.subscription_id
-               FROM (SELECT project_id, subscription_id FROM visited ORDER BY n DESC LIMIT 1) last
+               INSERT INTO fhir_outbox.claim_cursor AS k (project_id, subscription_id)
+               SELECT project_id, subscription_id FROM visited ORDER BY n DESC LIMIT 1
+               ON CONFLICT (only_row) DO UPDATE
+               SET project_id = EXCLUDED.project_id, subscription_id = EXCLUDED.subscription_id
                RETURNING 1),
            queues AS (SELECT project_id, subscription_id FROM visited),
            busy AS (
@@ -758,16 +761,18 @@ pub(crate) async fn rotate_lanes(
     min_dead: i64,
     max_moves: i32,
     max_moves_held: i32,
+    held_seconds: f64,
 ) -> Result<LaneRotation, sqlx::Error> {
     sqlx::query_as!(
         LaneRotation,
         r#"SELECT moved AS "moved!", truncated AS "truncated!", switched AS "switched!",
                   horizon_held AS "horizon_held!"
-           FROM fhir_outbox.rotate_delivery_lanes($1, $2, $3, $4)"#,
+           FROM fhir_outbox.rotate_delivery_lanes($1, $2, $3, $4, $5)"#,
         min_seconds,
         min_dead,
         max_moves,
-        max_moves_held
+        max_moves_held,
+        held_seconds
     )
     .fetch_one(executor)
     .await

@@ -297,9 +297,12 @@ async fn two_and_four_workers_deliver_exactly_once_without_faults() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgresql_restarted_mid_run() {
-    let mut cluster = tokio::task::spawn_blocking(|| TempCluster::start(Durability::Fast))
+/// PostgreSQL stopped while a worker is busy, down 3 s, then started again: readiness reports the
+/// outage, the worker survives it, and every change is delivered. `crash` kills the server
+/// (immediate shutdown: crash recovery, which empties unlogged tables) instead of stopping it.
+async fn postgresql_down_mid_run(crash: bool) {
+    // Durable, so that a crash keeps every commit it acknowledged.
+    let mut cluster = tokio::task::spawn_blocking(|| TempCluster::start(Durability::Durable))
         .await
         .unwrap()
         .unwrap();
@@ -323,11 +326,14 @@ async fn postgresql_restarted_mid_run() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     pool.close().await;
 
-    // Restart while the worker is busy; meanwhile, readiness must report the outage.
+    // Down while the worker is busy; meanwhile, readiness must report the outage.
     let restarting = std::thread::spawn(move || {
-        cluster
-            .restart(Duration::from_secs(3), Durability::Fast)
-            .unwrap();
+        let down = Duration::from_secs(3);
+        match crash {
+            true => cluster.crash_and_restart(down, Durability::Durable),
+            false => cluster.restart(down, Durability::Durable),
+        }
+        .unwrap();
         cluster
     });
     let client = reqwest::Client::new();
@@ -350,7 +356,7 @@ async fn postgresql_restarted_mid_run() {
     let mut worker = worker;
     assert!(
         worker.try_wait().unwrap().is_none(),
-        "the worker survived the restart (no crash loop)"
+        "the worker survived the outage (no crash loop)"
     );
     let ready = client
         .get(format!("http://{admin}/readyz"))
@@ -361,11 +367,22 @@ async fn postgresql_restarted_mid_run() {
     assert_eq!(ready, 200);
     terminate(worker);
     let duplicates = check_none_lost(&pool, &receiver).await;
-    println!(
-        "restart: PostgreSQL down 3 s mid-run; 400 deliveries, 0 lost, {duplicates} duplicates"
-    );
+    let how = if crash { "crashed" } else { "restarted" };
+    println!("PostgreSQL {how}, down 3 s mid-run; 400 deliveries, 0 lost, {duplicates} duplicates");
     pool.close().await;
     drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarted_mid_run() {
+    postgresql_down_mid_run(false).await;
+}
+
+/// A crash empties the unlogged tables (the claim's cursor, the dispatchers' wake-up requests):
+/// claims and wake-ups start afresh, nothing stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_crashed_mid_run() {
+    postgresql_down_mid_run(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,9 +12,10 @@ use std::time::Duration;
 type Pass = (i64, bool, bool, bool);
 
 /// One rotation pass with thresholds low enough for a test: the draining lane's deliveries are
-/// moved when at most 5 are left, or when the horizon is held.
+/// moved when at most 5 are left, or when the horizon is held (by the same snapshot over two
+/// passes).
 async fn rotate(pool: &PgPool) -> Pass {
-    sqlx::query_as("SELECT * FROM fhir_outbox.rotate_delivery_lanes(0, 1, 5, 10000)")
+    sqlx::query_as("SELECT * FROM fhir_outbox.rotate_delivery_lanes(0, 1, 5, 10000, 0)")
         .fetch_one(pool)
         .await
         .unwrap()
@@ -114,6 +115,26 @@ async fn lanes_drain_and_are_truncated_while_a_snapshot_holds_the_horizon() {
         .await,
         20
     );
+
+    // Every claim updates the claim cursor; under the held horizon its versions pile up, until a
+    // pass empties it and writes its row again.
+    sqlx::query(
+        "DO $$ BEGIN FOR i IN 1..3000 LOOP
+             UPDATE fhir_outbox.claim_cursor SET subscription_id = 'sub-' || i;
+         END LOOP; END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let cursor_bytes = "SELECT pg_relation_size('fhir_outbox.claim_cursor')";
+    assert!(scalar(&db.pool, cursor_bytes).await > 65536);
+    rotate(&db.pool).await;
+    assert!(scalar(&db.pool, cursor_bytes).await <= 8192);
+    let cursor: String = sqlx::query_scalar("SELECT subscription_id FROM fhir_outbox.claim_cursor")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(cursor, "sub-3000");
     holder.rollback().await.unwrap();
 
     // Resumed, every change is delivered once.

@@ -144,10 +144,29 @@ impl TempCluster {
         down_for: std::time::Duration,
         durability: Durability,
     ) -> Result<(), TempClusterError> {
+        self.stop_and_start("fast", down_for, durability)
+    }
+
+    /// Kills the server as a crash would (immediate shutdown: no checkpoint; the next start runs
+    /// crash recovery, which empties unlogged tables) and starts it again on the same port.
+    pub fn crash_and_restart(
+        &mut self,
+        down_for: std::time::Duration,
+        durability: Durability,
+    ) -> Result<(), TempClusterError> {
+        self.stop_and_start("immediate", down_for, durability)
+    }
+
+    fn stop_and_start(
+        &mut self,
+        mode: &str,
+        down_for: std::time::Duration,
+        durability: Durability,
+    ) -> Result<(), TempClusterError> {
         let mut stop = self.pg_command("pg_ctl");
         stop.arg("-D")
             .arg(self.data_dir())
-            .args(["-m", "fast", "-w", "stop"]);
+            .args(["-m", mode, "-w", "stop"]);
         run(stop, "pg_ctl stop", Some(&self.log_file()))?;
         std::thread::sleep(down_for);
         self.start_server(durability)
