@@ -44,12 +44,48 @@ async fn rotate_until_switched(pool: &PgPool) -> Vec<Pass> {
     panic!("the lanes never switched: {passes:?}");
 }
 
+/// 50 changes delivered, then 20 more whose deliveries wait in lane 0: their subscription is
+/// paused.
+async fn deliveries_waiting_in_lane_0(
+    pool: &PgPool,
+    project: uuid::Uuid,
+    receiver: &Receiver,
+    p: &crate::delivery::Pipeline,
+) {
+    let subscription = create(pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let patient = json!({ "resourceType": "Patient" });
+    for _ in 0..50 {
+        create(pool, project, &patient, None).await;
+    }
+    p.settle(pool).await;
+    assert_eq!(current_lane(pool).await, 0);
+    sqlx::query(
+        "INSERT INTO fhir_outbox.subscription_pause (project_id, subscription_id) VALUES ($1, $2)",
+    )
+    .bind(project)
+    .bind(subscription["id"].as_str().unwrap())
+    .execute(pool)
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        create(pool, project, &patient, None).await;
+    }
+    p.settle_dispatch().await;
+    assert_eq!(
+        scalar(
+            pool,
+            "SELECT count(*) FROM fhir_outbox.unfinished_delivery_lane0 WHERE state = 'pending'"
+        )
+        .await,
+        20
+    );
+}
+
 #[tokio::test]
 async fn lanes_drain_and_are_truncated_while_a_snapshot_holds_the_horizon() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let receiver = Receiver::start(vec![]).await;
-    let subscription = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
     let p = pipeline(&db.pool, fast_config());
     let patient = json!({ "resourceType": "Patient" });
 
@@ -64,32 +100,8 @@ async fn lanes_drain_and_are_truncated_while_a_snapshot_holds_the_horizon() {
         .await
         .unwrap();
 
-    for _ in 0..50 {
-        create(&db.pool, project, &patient, None).await;
-    }
-    p.settle(&db.pool).await;
-    assert_eq!(current_lane(&db.pool).await, 0);
-    // Some deliveries wait in lane 0 (their subscription is paused) when the lanes switch.
-    sqlx::query(
-        "INSERT INTO fhir_outbox.subscription_pause (project_id, subscription_id) VALUES ($1, $2)",
-    )
-    .bind(project)
-    .bind(subscription["id"].as_str().unwrap())
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    for _ in 0..20 {
-        create(&db.pool, project, &patient, None).await;
-    }
-    p.settle_dispatch().await;
-    assert_eq!(
-        scalar(
-            &db.pool,
-            "SELECT count(*) FROM fhir_outbox.unfinished_delivery_lane0 WHERE state = 'pending'"
-        )
-        .await,
-        20
-    );
+    // Some deliveries wait in lane 0 when the lanes switch.
+    deliveries_waiting_in_lane_0(&db.pool, project, &receiver, &p).await;
 
     let passes = rotate_until_switched(&db.pool).await;
     assert_eq!(current_lane(&db.pool).await, 1, "{passes:?}");
@@ -217,25 +229,8 @@ async fn without_a_held_horizon_a_backlog_in_the_draining_lane_is_left_to_the_cl
     let db = TestDb::new().await;
     let project = db.project().await;
     let receiver = Receiver::start(vec![]).await;
-    let subscription = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
     let p = pipeline(&db.pool, fast_config());
-    let patient = json!({ "resourceType": "Patient" });
-    for _ in 0..50 {
-        create(&db.pool, project, &patient, None).await;
-    }
-    p.settle(&db.pool).await;
-    sqlx::query(
-        "INSERT INTO fhir_outbox.subscription_pause (project_id, subscription_id) VALUES ($1, $2)",
-    )
-    .bind(project)
-    .bind(subscription["id"].as_str().unwrap())
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    for _ in 0..20 {
-        create(&db.pool, project, &patient, None).await;
-    }
-    p.settle_dispatch().await;
+    deliveries_waiting_in_lane_0(&db.pool, project, &receiver, &p).await;
     rotate_until_switched(&db.pool).await;
     // 20 wait in lane 0, more than the 5 a pass moves when VACUUM keeps up: they stay, and the
     // lane is not truncated.
