@@ -12,7 +12,7 @@ mod writes;
 use crate::cli::receiver::{Receiver, ReceiverError};
 use crate::cli::table::Table;
 use fhir_outbox::capture::{self, StoreError, WriteContext};
-use fhir_outbox::delivery::policy::Backoff;
+use fhir_outbox::delivery::policy::{Backoff, CircuitBreaker};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState};
 use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::operations::console;
@@ -91,7 +91,10 @@ impl Default for DemoOptions {
 }
 
 /// The demo's pipeline settings. Production defaults wait 20 s before a first retry and up to 8 h
-/// between retries; here retries must show within the run, and the receiver is on loopback.
+/// between retries, and 10 s to 10 min before probing an endpoint whose circuit opened; here
+/// retries and probes must show within the run, and the receiver is on loopback. (All the demo's
+/// subscriptions share the receiver's port, so they are one endpoint: the flaky one's 503s open
+/// the circuit for all of them.)
 fn demo_delivery_config() -> DeliveryConfig {
     DeliveryConfig {
         concurrency: 10,
@@ -100,6 +103,11 @@ fn demo_delivery_config() -> DeliveryConfig {
         backoff: Backoff {
             base: Duration::from_millis(500),
             cap: Duration::from_secs(4),
+        },
+        circuit: CircuitBreaker {
+            cool_down: Duration::from_millis(500),
+            max_cool_down: Duration::from_secs(2),
+            ..CircuitBreaker::default()
         },
         request_timeout: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
