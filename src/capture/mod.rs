@@ -182,6 +182,15 @@ fn write_outcome(outcome: &str) -> WriteOutcome {
     }
 }
 
+/// A row of the store's write functions (`outcome`, `version_id`, `resource`) as [`Written`].
+fn written(outcome: &str, version_id: i64, resource: Value) -> Written {
+    Written {
+        outcome: write_outcome(outcome),
+        version_id,
+        resource,
+    }
+}
+
 /// Creates a resource with a new id (any id in the body is replaced) and captures a `create`.
 pub async fn create<'e>(
     db: impl PgExecutor<'e>,
@@ -200,11 +209,7 @@ pub async fn create<'e>(
     )
     .fetch_one(db)
     .await?;
-    Ok(Written {
-        outcome: write_outcome(&row.outcome),
-        version_id: row.version_id,
-        resource: row.resource,
-    })
+    Ok(written(&row.outcome, row.version_id, row.resource))
 }
 
 /// Creates many resources in one statement (`fhir_outbox.create_resources`, the set-based path for
@@ -230,11 +235,7 @@ pub async fn create_many<'e>(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|row| Written {
-            outcome: write_outcome(&row.outcome),
-            version_id: row.version_id,
-            resource: row.resource,
-        })
+        .map(|row| written(&row.outcome, row.version_id, row.resource))
         .collect())
 }
 
@@ -264,11 +265,7 @@ pub async fn update<'e>(
     )
     .fetch_one(db)
     .await?;
-    Ok(Written {
-        outcome: write_outcome(&row.outcome),
-        version_id: row.version_id,
-        resource: row.resource,
-    })
+    Ok(written(&row.outcome, row.version_id, row.resource))
 }
 
 /// Deletes a resource, keeping its history, and captures a `delete` whose previous version is the last
