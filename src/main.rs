@@ -427,6 +427,11 @@ struct DeliveryArgs {
     /// claim until their outcome is recorded, counted across every worker sharing the database.
     #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     endpoint_concurrency: u16,
+    /// Milliseconds a request may hold its slot: one still unanswered after this moves to one of
+    /// as many places kept for slow requests (while one is free), so that hanging or slow
+    /// endpoints do not hold the slots the others need.
+    #[arg(long, env = "FHIR_OUTBOX_SLOW_REQUEST_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    slow_request_ms: u64,
     /// Consecutive failing attempts (no answer, or a 5xx) that open an endpoint's circuit.
     #[arg(long, env = "FHIR_OUTBOX_CIRCUIT_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     circuit_failures: u32,
@@ -500,6 +505,7 @@ impl DeliveryArgs {
             auto_disable,
             concurrency: usize::from(self.delivery_concurrency),
             endpoint_concurrency: usize::from(self.endpoint_concurrency),
+            slow_request_after: Duration::from_millis(self.slow_request_ms),
             circuit: CircuitBreaker {
                 failures: self.circuit_failures,
                 cool_down: Duration::from_millis(self.circuit_cool_down_ms),

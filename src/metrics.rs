@@ -62,6 +62,9 @@ pub const OPERATOR_ACTIONS: &str = "fhir_outbox_operator_actions_total";
 /// Counter: work of the hot table's lane rotation, by `event` (`moved`: deliveries moved to the
 /// current lane, `truncated`, `switched`).
 pub const LANE_ROTATION: &str = "fhir_outbox_delivery_lane_rotation_total";
+/// Gauge: requests of this process unanswered after `slow_request_after`, waiting in the places
+/// kept for slow requests instead of request slots.
+pub const SLOW_REQUESTS: &str = "fhir_outbox_slow_requests";
 
 /// Describes every metric (HELP lines).
 pub fn describe() {
@@ -127,6 +130,27 @@ pub fn describe() {
         LANE_ROTATION,
         "Hot table lane rotation: deliveries moved, lanes truncated, lane switches."
     );
+    describe_gauge!(
+        SLOW_REQUESTS,
+        "Requests unanswered after the slow-request time, moved out of their request slots."
+    );
+}
+
+/// Counts a request in [`SLOW_REQUESTS`] while it lives (an aborted request is uncounted too).
+pub struct SlowRequest(());
+
+impl SlowRequest {
+    /// A request moved to the places kept for slow requests.
+    pub fn start() -> SlowRequest {
+        metrics::gauge!(SLOW_REQUESTS).increment(1.0);
+        SlowRequest(())
+    }
+}
+
+impl Drop for SlowRequest {
+    fn drop(&mut self) {
+        metrics::gauge!(SLOW_REQUESTS).decrement(1.0);
+    }
 }
 
 /// A lane rotation pass did something.

@@ -45,6 +45,11 @@ pub struct DeliveryConfig {
     /// claim until their outcome is recorded, across every worker: the claim counts the live leases
     /// of all of them in the database. Requests in flight to it are at most as many.
     pub endpoint_concurrency: usize,
+    /// How long a request may hold its slot: one still unanswered after this moves to one of
+    /// `concurrency` places kept for slow requests (while one is free), and its slot goes to
+    /// other work. Endpoints that hang or answer slowly then hold those places, not the slots
+    /// everyone else's deliveries need (the per-endpoint allowance still caps each of them).
+    pub slow_request_after: Duration,
     /// The endpoints' circuit breaker.
     pub circuit: policy::CircuitBreaker,
     /// Deliveries claimed per claim query, ahead of the request slots (a new batch is claimed when
@@ -83,6 +88,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             concurrency: 512,
             endpoint_concurrency: 32,
+            slow_request_after: Duration::from_secs(2),
             circuit: policy::CircuitBreaker::default(),
             claim_batch: 400,
             lease: Duration::from_secs(30),

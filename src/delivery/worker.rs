@@ -251,6 +251,10 @@ impl DeliveryWorker {
             shutdown.clone(),
         ));
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        // Where requests slower than `slow_request_after` wait out their answer (or timeout), so
+        // that a few hanging endpoints (each up to its allowance) cannot hold most of the slots.
+        let slow_places = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let slow_request_after = self.config.slow_request_after;
         let mut tasks = tokio::task::JoinSet::new();
         'jobs: loop {
             let job = tokio::select! {
@@ -277,11 +281,25 @@ impl DeliveryWorker {
             while tasks.try_join_next().is_some() {}
             let worker = self.clone();
             let executed = executed.clone();
+            let slow_places = slow_places.clone();
             tasks.spawn(async move {
-                let done = worker.execute(job).await;
-                // The slot is held until the recorder accepts it (backpressure).
+                let mut held = slot;
+                let execution = worker.execute(job);
+                tokio::pin!(execution);
+                let done = match tokio::time::timeout(slow_request_after, &mut execution).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        // Replacing the permit frees the slot; with no place free, it stays.
+                        let _counted = slow_places.try_acquire_owned().ok().map(|place| {
+                            held = place;
+                            crate::metrics::SlowRequest::start()
+                        });
+                        execution.await
+                    }
+                };
+                // The slot (or place) is held until the recorder accepts it (backpressure).
                 let _ = executed.send(done).await;
-                drop(slot);
+                drop(held);
             });
         }
         // Unblocks a claimer waiting for room, so that it sees the shutdown.

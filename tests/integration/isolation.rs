@@ -144,6 +144,48 @@ async fn a_hanging_endpoint_never_delays_a_healthy_one() {
     running.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_requests_leave_their_slots_to_other_endpoints() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let hanging = Receiver::start(vec![Reply::Stall(Duration::from_secs(3600)); 100]).await;
+    let healthy = Receiver::start(vec![]).await;
+    subscribe(&db.pool, project, &hanging.url).await;
+    // Four slots, and the hanging endpoint may take all four: only leaving the slots once they
+    // count as slow lets anything else through before the (hour-long) request timeout.
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 4,
+            endpoint_concurrency: 4,
+            slow_request_after: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_millis(100),
+            ..fast_config()
+        },
+    );
+    patients(&db.pool, project, 4).await;
+    wait_for("the hanging endpoint's four requests", 30, async || {
+        hanging.received().len() == 4
+    })
+    .await;
+    let healthy_id = subscribe(&db.pool, project, &healthy.url).await;
+    patients(&db.pool, project, 20).await;
+    wait_for("the healthy endpoint's 20 deliveries", 30, async || {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
+            &healthy_id,
+        )
+        .await
+            == 20
+    })
+    .await;
+    // The places for slow requests do not raise the hanging endpoint's allowance.
+    assert_eq!(hanging.received().len(), 4);
+    running.stop().await;
+}
+
 /// (state, openings, next probe) of an endpoint's circuit; closed when it has none.
 async fn circuit(pool: &PgPool, project: Uuid, url: &str) -> (String, i32, Option<DateTime<Utc>>) {
     sqlx::query_as(
@@ -460,6 +502,8 @@ async fn claimed_deliveries_without_a_free_slot_go_back_to_the_table() {
             concurrency: 1,
             endpoint_concurrency: 100,
             request_timeout: Duration::from_secs(3600),
+            // Never moved to a slow-request place: the slot stays held.
+            slow_request_after: Duration::from_secs(3600),
             shutdown_grace: Duration::from_millis(100),
             ..fast_config()
         },
