@@ -144,12 +144,77 @@ async fn dead_versions(pool: &PgPool) -> Result<Value, BenchError> {
     Ok(json!({ "dead_tuples": tables, "checkpoints": checkpoints }))
 }
 
+/// What the database's sessions were doing during a cycle: `pg_stat_activity` sampled every
+/// 100 ms (this database, active sessions but the sampler), counted by wait event and the
+/// statement's first words, and the longest-running statement seen. It tells a slow cycle's cause
+/// (a lock, I/O, CPU) from the database's own account rather than from guesses.
+struct ActivitySampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<Value, sqlx::Error>>,
+}
+
+impl ActivitySampler {
+    fn start(pool: &PgPool) -> ActivitySampler {
+        let pool = pool.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            let mut counts: std::collections::HashMap<String, u64> = Default::default();
+            let mut longest = (0.0f64, String::new());
+            let mut samples = 0u64;
+            loop {
+                let rows: Vec<(String, String, f64)> = sqlx::query_as(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'),
+                            left(regexp_replace(query, '\\s+', ' ', 'g'), 70),
+                            extract(epoch FROM clock_timestamp() - query_start)::float8
+                     FROM pg_stat_activity
+                     WHERE datname = current_database() AND state = 'active'
+                       AND pid <> pg_backend_pid()",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                samples += 1;
+                for (wait, query, running) in rows {
+                    if running > longest.0 {
+                        longest = (running, query.clone());
+                    }
+                    *counts.entry(format!("{wait} | {query}")).or_default() += 1;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = &mut stopped => break,
+                }
+            }
+            let mut counts: Vec<(String, u64)> = counts.into_iter().collect();
+            counts.sort_by_key(|count| std::cmp::Reverse(count.1));
+            counts.truncate(8);
+            let top: serde_json::Map<String, Value> =
+                counts.into_iter().map(|(k, n)| (k, n.into())).collect();
+            Ok(json!({ "samples": samples, "active_sessions": top,
+                        "longest_statement_seconds": longest.0, "longest_statement": longest.1 }))
+        });
+        ActivitySampler { stop, task }
+    }
+
+    async fn finish(self) -> Result<Value, BenchError> {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(result) => Ok(result?),
+            Err(error) => Err(super::scenarios::other(format!(
+                "activity sampler: {error}"
+            ))),
+        }
+    }
+}
+
 /// One cycle's timing: the rate from the first write until the last delivery succeeded, and the
 /// seconds spent writing (the writers) and then draining what was left.
 struct Cycle {
     rate: f64,
     write_seconds: f64,
     drain_seconds: f64,
+    /// What the sessions did meanwhile ([`ActivitySampler`]).
+    activity: Value,
 }
 
 /// Writes `count` changes (4 writers, 100 per transaction) while `fhir-outbox run` dispatches and
@@ -162,6 +227,7 @@ async fn cycle(
     worker: &mut WorkerProcess,
 ) -> Result<Cycle, BenchError> {
     let started = Instant::now();
+    let sampler = ActivitySampler::start(pool);
     let target = env.receiver.count() + count;
     fixtures::prefill(pool, project, count, 4).await?;
     let written = started.elapsed().as_secs_f64();
@@ -179,6 +245,7 @@ async fn cycle(
         rate: count as f64 / total,
         write_seconds: written,
         drain_seconds: total - written,
+        activity: sampler.finish().await?,
     })
 }
 
@@ -190,7 +257,7 @@ async fn cycle(
 pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let name = "bench_horizon";
     let url = env.create_db(name).await?;
-    let pool = fixtures::connect(&url, 6).await?;
+    let pool = fixtures::connect(&url, 7).await?;
     let project = fixtures::project_with_subscriptions(&pool, &env.receiver.url, 1).await?;
     env.receiver.reset();
     let mut worker =
@@ -229,6 +296,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
             rate,
             write_seconds,
             drain_seconds,
+            activity,
         } = cycle(env, &pool, project, count, &mut worker).await?;
         cycles.push((began, write_seconds + drain_seconds));
         let (dead, bytes, switches) = hot_table(&pool).await?;
@@ -236,7 +304,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
             json!({ "seconds": held.elapsed().as_secs_f64(), "rate": rate,
                              "write_seconds": write_seconds, "drain_seconds": drain_seconds,
                              "hot_dead_tuples": dead, "hot_bytes": bytes, "lane_switches": switches,
-                             "diagnosis": dead_versions(&pool).await? }),
+                             "diagnosis": dead_versions(&pool).await?, "activity": activity }),
         );
     }
     // The mean of the last three cycles.
