@@ -258,3 +258,73 @@ async fn without_a_held_horizon_a_backlog_in_the_draining_lane_is_left_to_the_cl
     let (moved, truncated, _, _) = rotate(&db.pool).await;
     assert_eq!((moved, truncated), (0, true));
 }
+
+/// The text of the compile-time-checked statement that contains `marker`, from the committed
+/// offline query data (`.sqlx/`), so that the test runs exactly what the worker runs.
+fn worker_statement(marker: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sqlx");
+    let found: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+        .map(|text| {
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["query"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .filter(|query| query.contains(marker))
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one statement contains {marker:?}");
+    found.into_iter().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
+    let db = TestDb::new().await;
+    // What the claim transaction runs before the claim (the lock and its local settings), and the
+    // claim itself.
+    let settings = worker_statement("set_config('plan_cache_mode'");
+    let claim = worker_statement("The round goes on after the cursor");
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "ANALYZE fhir_outbox.unfinished_delivery_lane0; ANALYZE fhir_outbox.unfinished_delivery_lane1",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // The cached plan is made now, while both lanes are empty (as after a truncation)…
+    sqlx::raw_sql(&format!(
+        "PREPARE claim(int8, float8, int8, float8, int8) AS {claim};
+         BEGIN; {settings}; EXPLAIN EXECUTE claim(400, 30, 32, 150, 800); COMMIT;"
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // …and serves a lane that filled up since.
+    sqlx::raw_sql(
+        "INSERT INTO fhir_outbox.unfinished_delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+              resource_id, version_id, interaction, changed_at, request_id, trace_id, matched_at)
+         SELECT gen_random_uuid(), 'subscription', g, gen_random_uuid(), 'Patient', 'p' || g, 1,
+                'create', now(), 'r', 't', now()
+         FROM generate_series(1, 3000) g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&format!("BEGIN; {settings}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE claim(400, 30, 32, 150, 800)")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        !plan.contains("Seq Scan on unfinished_delivery_lane"),
+        "the claim's cached plan scans a lane:\n{plan}"
+    );
+}
