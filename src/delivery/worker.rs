@@ -250,10 +250,12 @@ impl DeliveryWorker {
             woken,
             shutdown.clone(),
         ));
-        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-        // Where requests slower than `slow_request_after` wait out their answer (or timeout), so
-        // that a few hanging endpoints (each up to its allowance) cannot hold most of the slots.
-        let slow_places = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let concurrency = self.config.concurrency.max(1);
+        let slots = Arc::new(Semaphore::new(concurrency));
+        // As many places where requests slower than `slow_request_after` wait out their answer (or
+        // timeout), so that a few hanging endpoints (each up to its allowance) cannot hold most of
+        // the slots.
+        let slow_places = Arc::new(Semaphore::new(concurrency));
         let slow_request_after = self.config.slow_request_after;
         let mut tasks = tokio::task::JoinSet::new();
         'jobs: loop {
