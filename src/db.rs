@@ -61,14 +61,17 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 
 /// Bumps `wake` whenever a notification arrives on `channel`, until `shutdown`. Survives connection
 /// loss: it reconnects, and bumps `wake` after every (re)connection too, because notifications sent
-/// while it was away are lost and the waiting loops must look for work themselves.
+/// while it was away are lost and the waiting loops must look for work themselves. Notifications
+/// whose payload is `own` are ignored: they come from this process, which has told its waiting
+/// loop directly.
 pub async fn listen(
     pool: PgPool,
     channel: &'static str,
     wake: tokio::sync::watch::Sender<u64>,
+    own: Option<String>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    listen_on_backend(pool, channel, wake, None, shutdown).await
+    listen_for(pool, channel, wake, None, own, shutdown).await
 }
 
 /// [`listen`], publishing in `backend` the PostgreSQL backend pid of the connection that LISTENs
@@ -79,7 +82,18 @@ pub async fn listen_on_backend(
     pool: PgPool,
     channel: &'static str,
     wake: tokio::sync::watch::Sender<u64>,
+    backend: tokio::sync::watch::Sender<Option<i32>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    listen_for(pool, channel, wake, Some(backend), None, shutdown).await
+}
+
+async fn listen_for(
+    pool: PgPool,
+    channel: &'static str,
+    wake: tokio::sync::watch::Sender<u64>,
     backend: Option<tokio::sync::watch::Sender<Option<i32>>>,
+    own: Option<String>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let bump = || wake.send_modify(|count| *count = count.wrapping_add(1));
@@ -118,7 +132,11 @@ pub async fn listen_on_backend(
         loop {
             tokio::select! {
                 notification = listener.try_recv() => match notification {
-                    Ok(Some(_)) => bump(),
+                    Ok(Some(notification)) => {
+                        if own.as_deref() != Some(notification.payload()) {
+                            bump();
+                        }
+                    }
                     // The connection was lost and the listener has reconnected and re-listened on a
                     // new backend (it reports a failed reconnection as an error).
                     Ok(None) => {

@@ -29,8 +29,9 @@ pub mod state;
 mod transport;
 mod worker;
 
+pub use queries::CLAIM_BEGIN;
 pub use state::{DeliveryState, FailureReason, Reason, SkipReason};
-pub use worker::DeliveryWorker;
+pub use worker::{DeliveryWorker, LocalWake};
 
 use policy::Backoff;
 use std::time::Duration;

@@ -114,6 +114,33 @@ pub(super) struct ClaimLimits {
     pub queues_per_claim: i64,
 }
 
+/// How a claim's transaction begins, in one round trip: the lock that serialises claims (taken
+/// before the claim's snapshot, so that it sees the leases of the claim before it), and the claim's
+/// local settings.
+///
+/// - `plan_cache_mode`: planning the claim costs more than running it, and its plan does not
+///   depend on its parameters' values (index lookups per busy subscription), so the prepared
+///   statement's generic plan is kept.
+/// - `jit`: compilation would be paid on every claim once a big backlog inflates the plan's
+///   estimated cost, for a statement that reads a few hundred rows.
+/// - `enable_seqscan`, `enable_bitmapscan`: the generic plan is made again whenever a lane is
+///   truncated or analysed, so it may be made while the lanes are nearly empty and then serve
+///   claims over tens of thousands of rows. With the sequential scans and sorts chosen for an empty
+///   lane, a claim over 30,000 pending rows took 8.4 s instead of 13 ms (in psql, the plan made on
+///   empty lanes, then on full ones); with index lookups only, 36-41 ms at worst.
+/// - `synchronous_commit`: the claim does not wait for its WAL to reach disk. Losing it in a crash
+///   of PostgreSQL loses leases, which is what an expired lease is already (the deliveries are
+///   claimed again; a request made meanwhile is sent again with the same `webhook-id`); the
+///   completion that records an attempt commits durably, which flushes the claim's WAL before it.
+#[doc(hidden)]
+pub const CLAIM_BEGIN: &str = "BEGIN;
+    SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim'));
+    SET LOCAL plan_cache_mode = force_generic_plan;
+    SET LOCAL jit = off;
+    SET LOCAL enable_seqscan = off;
+    SET LOCAL enable_bitmapscan = off;
+    SET LOCAL synchronous_commit = off";
+
 /// Claims due deliveries (and those whose lease expired: their worker died), fairly, and takes a
 /// fresh lease on each:
 /// - the subscriptions with pending deliveries are visited in a round (a skip scan of
@@ -139,26 +166,7 @@ pub(super) async fn claim(
     conn: &mut PgConnection,
     limits: ClaimLimits,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
-    // Planning this statement costs more than running it; its plan does not depend on the values
-    // of its parameters (index lookups per busy subscription), so the prepared statement's generic
-    // plan is kept instead of planning each claim afresh. JIT compilation would be paid on every
-    // claim once a big backlog inflates the plan's estimated cost, for a statement that reads a
-    // few hundred rows. The generic plan is made whenever a lane is truncated or analysed, so it
-    // may be made while the hot table's lanes are nearly empty and then serve claims over tens of
-    // thousands of rows: with sequential scans and sorts chosen for an empty lane, a claim over
-    // 30,000 pending rows took 8.4 s instead of 13 ms (in psql, this statement's plan made on
-    // empty lanes, then on full ones). Without sequential and bitmap scans every step of the claim
-    // is an index lookup, whatever the lanes held when the plan was made (36-41 ms at worst).
-    sqlx::query!(
-        "SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim')),
-                set_config('plan_cache_mode', 'force_generic_plan', true) AS plan_cache_mode,
-                set_config('jit', 'off', true) AS jit,
-                set_config('enable_seqscan', 'off', true) AS enable_seqscan,
-                set_config('enable_bitmapscan', 'off', true) AS enable_bitmapscan"
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, CLAIM_BEGIN).await?;
     let rows = sqlx::query_as!(
         ClaimRow,
         r#"WITH RECURSIVE
@@ -406,15 +414,20 @@ fn subscription_now(subscription: Option<String>, settings: Option<String>) -> S
 
 /// When the claimer should look again: the earliest `next_attempt_at` later than `after` among
 /// pending deliveries of subscriptions not paused (as the claim excludes them), or the earliest
-/// probe of an open circuit if sooner, as seconds from the database's clock now (`None`: nothing is scheduled), and that clock. Uses the `delivery_due` index
+/// probe of an open circuit if sooner, as seconds from the database's clock now (`None`: nothing
+/// is scheduled), that clock, and whether a delivery is due already. Uses the `delivery_due` index
 /// and starts past `after`, the clock of the previous look: a due row that the claim since then could
 /// not take (locked by another worker's claim) is returned once, never in a loop.
 pub(super) async fn next_due(
     conn: &mut PgConnection,
     after: DateTime<Utc>,
-) -> Result<(Option<f64>, DateTime<Utc>), sqlx::Error> {
+) -> Result<NextDue, sqlx::Error> {
     let row = sqlx::query!(
         r#"SELECT clock_timestamp() AS "now!",
+                  -- Paused ones count: skipping them would walk a paused backlog at every look.
+                  EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery d
+                          WHERE d.state = 'pending' AND d.next_attempt_at <= clock_timestamp())
+                      AS "due_now!",
                   extract(epoch FROM least(
                       (SELECT d.next_attempt_at FROM fhir_outbox.unfinished_delivery d
                        WHERE d.state = 'pending' AND d.next_attempt_at > $1
@@ -429,7 +442,23 @@ pub(super) async fn next_due(
     )
     .fetch_one(conn)
     .await?;
-    Ok((row.wait, row.now))
+    Ok(NextDue {
+        wait_seconds: row.wait,
+        now: row.now,
+        due_now: row.due_now,
+    })
+}
+
+/// What the claimer learns when it looks ahead ([`next_due`]).
+pub(super) struct NextDue {
+    /// Seconds until the earliest scheduled delivery or probe after the previous look (`None`:
+    /// nothing is scheduled).
+    pub wait_seconds: Option<f64>,
+    /// The database's clock at this look.
+    pub now: DateTime<Utc>,
+    /// Whether a delivery is due already: one the last claim left (its endpoint's allowance was
+    /// full, its circuit open, its subscription paused, or another worker's claim held it).
+    pub due_now: bool,
 }
 
 /// Extends the leases of deliveries this worker is still working on. Rows locked by someone else

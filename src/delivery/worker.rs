@@ -48,7 +48,36 @@ pub struct DeliveryWorker {
     recorded: Notify,
     /// Signalled by a dispatcher of this process when it committed deliveries (see
     /// [`DeliveryWorker::local_wake`]).
-    dispatched: Arc<Notify>,
+    dispatched: LocalWake,
+}
+
+/// How a dispatcher wakes the delivery worker of its own process when it commits deliveries: at
+/// once, instead of through the round trip of `fhir_outbox_delivery`. Its notification carries
+/// [`LocalWake::sender`], which that worker ignores (it was woken already); workers of other
+/// processes wake on it.
+#[derive(Clone)]
+pub struct LocalWake {
+    notify: Arc<Notify>,
+    sender: String,
+}
+
+impl LocalWake {
+    fn new() -> LocalWake {
+        LocalWake {
+            notify: Arc::new(Notify::new()),
+            sender: Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// Wakes the worker.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// The payload of the notifications its dispatcher sends, which the worker ignores.
+    pub fn sender(&self) -> &str {
+        &self.sender
+    }
 }
 
 /// A claimed delivery whose preamble has run: what to do with it.
@@ -91,13 +120,13 @@ impl DeliveryWorker {
             leases: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
             recorded: Notify::new(),
-            dispatched: Arc::new(Notify::new()),
+            dispatched: LocalWake::new(),
         })
     }
 
     /// What a dispatcher of this process signals when it commits deliveries, so that they are
     /// claimed without waiting for the notification's round trip through PostgreSQL.
-    pub fn local_wake(&self) -> Arc<Notify> {
+    pub fn local_wake(&self) -> LocalWake {
         self.dispatched.clone()
     }
 
@@ -229,6 +258,7 @@ impl DeliveryWorker {
             self.pool.clone(),
             "fhir_outbox_delivery",
             wake,
+            Some(self.dispatched.sender.clone()),
             shutdown.clone(),
         ));
         let renewer = tokio::spawn(self.clone().renew_leases(shutdown.clone()));
@@ -366,7 +396,9 @@ impl DeliveryWorker {
     /// and when a claim finds less than it asked for (nothing due, or the endpoints with due work
     /// are saturated or their circuits open), sleeps until the earliest scheduled delivery or
     /// probe is due (so a retry goes out on time, not on the next poll), a notification, a
-    /// recorded batch (which frees endpoints' allowances), or the poll interval at most.
+    /// recorded batch, or the poll interval at most. A recorded batch frees endpoints' allowances,
+    /// which matters only while deliveries are due already; otherwise the claimer only looks again
+    /// (the batch may have scheduled a retry), sparing the database a claim per recorded batch.
     async fn claim_continuously(
         self: Arc<Self>,
         to_start: mpsc::Sender<Job>,
@@ -377,68 +409,73 @@ impl DeliveryWorker {
         let mut failures = 0u32;
         // The database's clock at the previous look for the next due delivery.
         let mut looked = DateTime::<Utc>::UNIX_EPOCH;
+        let mut claim_next = true;
         while !shutdown.is_cancelled() {
-            woken.borrow_and_update();
-            let room = tokio::select! {
-                room = to_start.reserve_many(half) => match room {
-                    Ok(_) => to_start.capacity(),
-                    Err(_) => return,
-                },
-                _ = shutdown.cancelled() => return,
-            };
-            match self.claim(room).await {
-                Ok(jobs) => {
-                    failures = 0;
-                    let drained = jobs.len() < room;
-                    for job in jobs {
-                        if to_start.send(job).await.is_err() {
-                            return;
+            if claim_next {
+                woken.borrow_and_update();
+                let room = tokio::select! {
+                    room = to_start.reserve_many(half) => match room {
+                        Ok(_) => to_start.capacity(),
+                        Err(_) => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
+                match self.claim(room).await {
+                    Ok(jobs) => {
+                        failures = 0;
+                        let drained = jobs.len() < room;
+                        for job in jobs {
+                            if to_start.send(job).await.is_err() {
+                                return;
+                            }
+                        }
+                        if !drained {
+                            continue;
                         }
                     }
-                    if !drained {
-                        continue;
-                    }
-                }
-                Err(error) => {
-                    failures += 1;
-                    tracing::warn!(%error, "cannot claim deliveries; retrying");
-                    let backoff = policy::database_backoff(failures);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => continue,
-                        _ = shutdown.cancelled() => return,
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%error, "cannot claim deliveries; retrying");
+                        let backoff = policy::database_backoff(failures);
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => continue,
+                            _ = shutdown.cancelled() => return,
+                        }
                     }
                 }
             }
-            let sleep = self.until_due(&mut looked).await;
-            tokio::select! {
-                _ = woken.changed() => {}
-                _ = self.dispatched.notified() => {}
-                _ = self.recorded.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+            let (sleep, due_now) = self.until_due(&mut looked).await;
+            claim_next = tokio::select! {
+                _ = woken.changed() => true,
+                _ = self.dispatched.notify.notified() => true,
+                _ = self.recorded.notified() => due_now,
+                _ = tokio::time::sleep(sleep) => true,
                 _ = shutdown.cancelled() => return,
-            }
+            };
         }
     }
 
     /// How long the claimer may sleep: until the earliest scheduled delivery (after `looked`, the
     /// previous look) is due, at most the poll interval, which also bounds what this cannot see
-    /// (leases of dead workers expiring).
-    async fn until_due(&self, looked: &mut DateTime<Utc>) -> Duration {
+    /// (leases of dead workers expiring); and whether a delivery is due already (true when the
+    /// look fails).
+    async fn until_due(&self, looked: &mut DateTime<Utc>) -> (Duration, bool) {
         let poll = self.config.poll_interval;
         let next = async {
             let mut conn = self.pool.acquire().await?;
             queries::next_due(&mut conn, *looked).await
         };
         match next.await {
-            Ok((wait, now)) => {
-                *looked = now;
-                wait.map_or(poll, |seconds| {
+            Ok(next) => {
+                *looked = next.now;
+                let sleep = next.wait_seconds.map_or(poll, |seconds| {
                     Duration::try_from_secs_f64(seconds.max(0.0)).map_or(poll, |due| due.min(poll))
-                })
+                });
+                (sleep, next.due_now)
             }
             Err(error) => {
                 tracing::debug!(%error, "cannot look up the next due delivery; polling");
-                poll
+                (poll, true)
             }
         }
     }

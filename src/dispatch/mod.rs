@@ -24,7 +24,7 @@ use sqlx::{PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -114,7 +114,7 @@ pub struct Dispatcher {
     floor: Mutex<ScanFloor>,
     /// Told when a batch committed deliveries: the delivery worker of this process, if it runs
     /// one, claims them at once instead of after the round trip of `fhir_outbox_delivery`.
-    local_delivery: Option<Arc<Notify>>,
+    local_delivery: Option<crate::delivery::LocalWake>,
 }
 
 /// Where the claim's scan of undispatched outbox rows starts. Each dispatched row leaves a dead
@@ -210,10 +210,14 @@ impl Dispatcher {
     }
 
     /// Tells `wake` (a delivery worker of this process, [`DeliveryWorker::local_wake`]) when a
-    /// batch commits deliveries. Workers elsewhere are woken through PostgreSQL, as before.
+    /// batch commits deliveries. Workers elsewhere are woken through PostgreSQL: the notification
+    /// names this process's worker ([`LocalWake::sender`]), which ignores it, so that one commit
+    /// does not wake it twice (a second, empty claim).
+    ///
+    /// [`LocalWake::sender`]: crate::delivery::LocalWake::sender
     ///
     /// [`DeliveryWorker::local_wake`]: crate::delivery::DeliveryWorker::local_wake
-    pub fn with_local_delivery(mut self, wake: Arc<Notify>) -> Self {
+    pub fn with_local_delivery(mut self, wake: crate::delivery::LocalWake) -> Self {
         self.local_delivery = Some(wake);
         self
     }
@@ -267,7 +271,12 @@ impl Dispatcher {
         .await
         .map_err(|panicked| DispatchError::Evaluation(panicked.to_string()))?;
         let mut report = evaluated.report;
-        report.deliveries = queries::insert_deliveries(&mut tx, &evaluated.deliveries).await?;
+        let sender = self
+            .local_delivery
+            .as_ref()
+            .map_or("", |wake| wake.sender());
+        report.deliveries =
+            queries::insert_deliveries(&mut tx, &evaluated.deliveries, sender).await?;
         queries::count_evaluation_errors(&mut tx, &evaluated.errors).await?;
         // A suspension is recorded once per subscription version, whichever dispatcher found it;
         // every dispatcher reads these rows when it loads subscriptions.
@@ -280,7 +289,7 @@ impl Dispatcher {
         queries::mark_dispatched(&mut tx, &evaluated.seqs, &evaluated.dispatch_errors).await?;
         tx.commit().await?;
         if let (Some(wake), true) = (&self.local_delivery, report.deliveries > 0) {
-            wake.notify_one();
+            wake.wake();
         }
         crate::metrics::dispatched(report.changes, report.deliveries);
         crate::metrics::undispatchable(report.undispatchable);
@@ -436,7 +445,7 @@ impl Dispatcher {
             self.pool.clone(),
             "fhir_outbox_change",
             wake,
-            Some(backend),
+            backend,
             shutdown.clone(),
         ));
         let mut loops = tokio::task::JoinSet::new();

@@ -228,18 +228,21 @@ impl NewDeliveries {
     }
 }
 
-/// Inserts the deliveries and wakes delivery workers. Returns how many were inserted. (A change is
+/// Inserts the deliveries and wakes delivery workers (the notification's payload is `sender`:
+/// the worker of the dispatcher's process, woken directly, ignores it). Returns how many were
+/// inserted. (A change is
 /// dispatched once: its outbox row is claimed, its deliveries inserted and the row marked in one
 /// transaction, so no uniqueness check is needed here.)
 pub(crate) async fn insert_deliveries(
     conn: &mut PgConnection,
     rows: &NewDeliveries,
+    sender: &str,
 ) -> Result<u64, sqlx::Error> {
     if rows.len() == 0 {
         return Ok(0);
     }
     // Pending deliveries go to the hot table; skipped ones are finished at once, into history.
-    let inserted = sqlx::query_scalar!(
+    let row = sqlx::query!(
         r#"WITH d AS (
                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[],
                                     $6::text[], $7::int8[], $8::int8[], $9::text[],
@@ -263,8 +266,13 @@ pub(crate) async fn insert_deliveries(
                     resource_id, version_id, previous_version_id, interaction, changed_at,
                     request_id, trace_id, matched_at, state, reason, finished_at)
                SELECT d.*, now() FROM d WHERE d.state <> 'pending'
-               RETURNING 1)
-           SELECT (SELECT count(*) FROM pending) + (SELECT count(*) FROM skipped) AS "inserted!""#,
+               RETURNING 1),
+           -- Workers of other processes are woken at commit; in the same statement, so that the
+           -- wake-up costs no round trip of its own.
+           woken AS (
+               SELECT pg_notify('fhir_outbox_delivery', $16) FROM d WHERE d.state = 'pending' LIMIT 1)
+           SELECT (SELECT count(*) FROM pending) + (SELECT count(*) FROM skipped) AS "inserted!",
+                  (SELECT count(*) FROM woken) AS "woken!""#,
         &rows.project_id,
         &rows.subscription_id,
         &rows.outbox_seq,
@@ -280,13 +288,11 @@ pub(crate) async fn insert_deliveries(
         &rows.matched_at,
         &rows.state,
         &rows.reason as &[Option<String>],
+        sender,
     )
-    .fetch_one(&mut *conn)
-    .await? as u64;
-    sqlx::query!("SELECT pg_notify('fhir_outbox_delivery', '')")
-        .execute(conn)
-        .await?;
-    Ok(inserted)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.inserted as u64)
 }
 
 /// Asks writers to wake this dispatch loop (`listener`), whose LISTEN connection is backend

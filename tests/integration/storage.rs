@@ -281,9 +281,8 @@ fn worker_statement(marker: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     let db = TestDb::new().await;
-    // What the claim transaction runs before the claim (the lock and its local settings), and the
-    // claim itself.
-    let settings = worker_statement("set_config('plan_cache_mode'");
+    // How the claim transaction begins (the lock and its local settings), and the claim itself.
+    let begin = fhir_outbox::delivery::CLAIM_BEGIN;
     let claim = worker_statement("The round goes on after the cursor");
     let mut conn = db.pool.acquire().await.unwrap();
     sqlx::raw_sql(
@@ -295,7 +294,7 @@ async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     // The cached plan is made now, while both lanes are empty (as after a truncation)…
     sqlx::raw_sql(&format!(
         "PREPARE claim(int8, float8, int8, float8, int8) AS {claim};
-         BEGIN; {settings}; EXPLAIN EXECUTE claim(400, 30, 32, 150, 800); COMMIT;"
+         {begin}; EXPLAIN EXECUTE claim(400, 30, 32, 150, 800); COMMIT;"
     ))
     .execute(&mut *conn)
     .await
@@ -312,10 +311,7 @@ async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     .execute(&mut *conn)
     .await
     .unwrap();
-    sqlx::raw_sql(&format!("BEGIN; {settings}"))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::raw_sql(begin).execute(&mut *conn).await.unwrap();
     let plan: Vec<String> =
         sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE claim(400, 30, 32, 150, 800)")
             .fetch_all(&mut *conn)

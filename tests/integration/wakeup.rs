@@ -426,3 +426,51 @@ async fn writes_in_prepared_transactions_are_prepared_committed_and_dispatched()
     assert_eq!(dispatched, 2);
     running.stop().await;
 }
+
+/// A delivery worker is told directly by the dispatcher of its own process; the notification that
+/// commit sends for the workers of other processes names it (`LocalWake::sender`), and it must not
+/// wake it a second time (one more claim, finding nothing) while waking every other listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_ignores_its_own_notifications_and_wakes_on_the_others() {
+    let db = TestDb::new().await;
+    let (wake, mut woken) = tokio::sync::watch::channel(0u64);
+    let shutdown = CancellationToken::new();
+    let listening = tokio::spawn(fhir_outbox::db::listen(
+        db.pool.clone(),
+        "fhir_outbox_delivery",
+        wake,
+        Some("this-process".to_owned()),
+        shutdown.clone(),
+    ));
+    // It bumps once it listens (what was sent before is lost, so the waiting loop looks).
+    tokio::time::timeout(PROMPTLY, woken.changed())
+        .await
+        .expect("listening")
+        .unwrap();
+    let notify = |payload: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("SELECT pg_notify('fhir_outbox_delivery', $1)")
+                .bind(payload)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    notify("this-process").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), woken.changed())
+            .await
+            .is_err(),
+        "its own notification woke the listener"
+    );
+    for other in ["another-process", ""] {
+        notify(other).await;
+        tokio::time::timeout(PROMPTLY, woken.changed())
+            .await
+            .unwrap_or_else(|_| panic!("the notification {other:?} did not wake the listener"))
+            .unwrap();
+    }
+    shutdown.cancel();
+    listening.await.unwrap();
+}
