@@ -1791,6 +1791,12 @@ CREATE INDEX delivery_leased ON ONLY fhir_outbox.unfinished_delivery USING btree
 CREATE INDEX delivery_queue ON ONLY fhir_outbox.unfinished_delivery USING btree (project_id, subscription_id, next_attempt_at, id) WHERE (state = 'pending'::text);
 
 --
+-- Name: finished_delivery_by_change; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX finished_delivery_by_change ON ONLY fhir_outbox.finished_delivery USING btree (project_id, changed_at);
+
+--
 -- Name: finished_delivery_by_id; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
