@@ -275,8 +275,14 @@ impl Dispatcher {
             .local_delivery
             .as_ref()
             .map_or("", |wake| wake.sender());
-        report.deliveries =
-            queries::insert_deliveries(&mut tx, &evaluated.deliveries, sender).await?;
+        report.deliveries = queries::record_dispatch(
+            &mut tx,
+            &evaluated.deliveries,
+            &evaluated.seqs,
+            &evaluated.dispatch_errors,
+            sender,
+        )
+        .await?;
         queries::count_evaluation_errors(&mut tx, &evaluated.errors).await?;
         // A suspension is recorded once per subscription version, whichever dispatcher found it;
         // every dispatcher reads these rows when it loads subscriptions.
@@ -286,7 +292,6 @@ impl Dispatcher {
             tracing::warn!(subscription = %subscription_id,
                 "subscription suspended until it is changed (fhir_outbox.subscription_issue): {message}");
         }
-        queries::mark_dispatched(&mut tx, &evaluated.seqs, &evaluated.dispatch_errors).await?;
         tx.commit().await?;
         if let (Some(wake), true) = (&self.local_delivery, report.deliveries > 0) {
             wake.wake();

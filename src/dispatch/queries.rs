@@ -222,25 +222,19 @@ pub(crate) struct NewDeliveries {
     pub reason: Vec<Option<String>>,
 }
 
-impl NewDeliveries {
-    pub(crate) fn len(&self) -> usize {
-        self.outbox_seq.len()
-    }
-}
-
-/// Inserts the deliveries and wakes delivery workers (the notification's payload is `sender`:
-/// the worker of the dispatcher's process, woken directly, ignores it). Returns how many were
-/// inserted. (A change is
-/// dispatched once: its outbox row is claimed, its deliveries inserted and the row marked in one
-/// transaction, so no uniqueness check is needed here.)
-pub(crate) async fn insert_deliveries(
+/// Writes what a batch of changes came to, in one statement: inserts their deliveries, wakes
+/// delivery workers when some are pending (the notification's payload is `sender`: the worker of
+/// the dispatcher's process, woken directly, ignores it), and marks the changes `seqs` dispatched,
+/// each with its error if it could not be dispatched. Returns how many deliveries were inserted.
+/// (A change is dispatched once: its outbox row is claimed, its deliveries inserted and the row
+/// marked in one transaction, so no uniqueness check is needed here.)
+pub(crate) async fn record_dispatch(
     conn: &mut PgConnection,
     rows: &NewDeliveries,
+    seqs: &[i64],
+    errors: &[Option<String>],
     sender: &str,
 ) -> Result<u64, sqlx::Error> {
-    if rows.len() == 0 {
-        return Ok(0);
-    }
     // Pending deliveries go to the hot table; skipped ones are finished at once, into history.
     let row = sqlx::query!(
         r#"WITH d AS (
@@ -270,9 +264,14 @@ pub(crate) async fn insert_deliveries(
            -- Workers of other processes are woken at commit; in the same statement, so that the
            -- wake-up costs no round trip of its own.
            woken AS (
-               SELECT pg_notify('fhir_outbox_delivery', $16) FROM d WHERE d.state = 'pending' LIMIT 1)
+               SELECT pg_notify('fhir_outbox_delivery', $16) FROM d WHERE d.state = 'pending' LIMIT 1),
+           marked AS (
+               UPDATE fhir_outbox.outbox o SET dispatched_at = now(), dispatch_error = m.error
+               FROM UNNEST($17::int8[], $18::text[]) AS m(seq, error)
+               WHERE o.seq = m.seq
+               RETURNING 1)
            SELECT (SELECT count(*) FROM pending) + (SELECT count(*) FROM skipped) AS "inserted!",
-                  (SELECT count(*) FROM woken) AS "woken!""#,
+                  (SELECT count(*) FROM woken) AS "woken!", (SELECT count(*) FROM marked) AS "marked!""#,
         &rows.project_id,
         &rows.subscription_id,
         &rows.outbox_seq,
@@ -289,6 +288,8 @@ pub(crate) async fn insert_deliveries(
         &rows.state,
         &rows.reason as &[Option<String>],
         sender,
+        seqs,
+        errors as &[Option<String>],
     )
     .fetch_one(conn)
     .await?;
@@ -342,24 +343,6 @@ pub(crate) async fn remove_stale_waiting(
     .execute(executor)
     .await?
     .rows_affected())
-}
-
-/// Marks outbox rows dispatched, each with its error if it could not be dispatched.
-pub(crate) async fn mark_dispatched(
-    conn: &mut PgConnection,
-    seqs: &[i64],
-    errors: &[Option<String>],
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE fhir_outbox.outbox o SET dispatched_at = now(), dispatch_error = d.error
-         FROM UNNEST($1::int8[], $2::text[]) AS d(seq, error)
-         WHERE o.seq = d.seq",
-        seqs,
-        errors as &[Option<String>]
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// One subscription problem to record.
