@@ -261,17 +261,16 @@ pub(crate) async fn record_dispatch(
                     request_id, trace_id, matched_at, state, reason, finished_at)
                SELECT d.*, now() FROM d WHERE d.state <> 'pending'
                RETURNING 1),
-           -- Workers of other processes are woken at commit; in the same statement, so that the
-           -- wake-up costs no round trip of its own.
-           woken AS (
-               SELECT pg_notify('fhir_outbox_delivery', $16) FROM d WHERE d.state = 'pending' LIMIT 1),
            marked AS (
                UPDATE fhir_outbox.outbox o SET dispatched_at = now(), dispatch_error = m.error
                FROM UNNEST($17::int8[], $18::text[]) AS m(seq, error)
-               WHERE o.seq = m.seq
-               RETURNING 1)
+               WHERE o.seq = m.seq),
+           -- Workers of other processes are woken at commit; in the same statement, so that the
+           -- wake-up costs no round trip of its own (selected below, or it would not run).
+           woken AS (
+               SELECT pg_notify('fhir_outbox_delivery', $16) FROM d WHERE d.state = 'pending' LIMIT 1)
            SELECT (SELECT count(*) FROM pending) + (SELECT count(*) FROM skipped) AS "inserted!",
-                  (SELECT count(*) FROM woken) AS "woken!", (SELECT count(*) FROM marked) AS "marked!""#,
+                  (SELECT count(*) FROM woken) AS "woken!""#,
         &rows.project_id,
         &rows.subscription_id,
         &rows.outbox_seq,
