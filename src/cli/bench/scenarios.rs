@@ -623,6 +623,7 @@ async fn database_commits(pool: &PgPool) -> Result<i64, BenchError> {
 async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let mut details = Vec::new();
     let largest = sizes.backlogs.iter().copied().max().unwrap_or(0);
+    let smallest = sizes.backlogs.iter().copied().min().unwrap_or(0);
     let mut peak_rss: Option<f64> = None;
     for &backlog in &sizes.backlogs {
         let template = format!("bench_backlog_{backlog}");
@@ -640,8 +641,23 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
         sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
         pool.close().await;
         env.seal(&template).await?;
-        for &concurrency in &sizes.concurrencies {
-            eprintln!("bench: e2e: backlog {backlog}, concurrency {concurrency}…");
+        // One receiver is one endpoint: its allowance is lifted, so that these figures measure the
+        // pipeline with `concurrency` requests in flight (an allowance counts deliveries from
+        // claim until recorded, so one equal to the concurrency would bind first; the
+        // per-endpoint limit has its own scenarios, noisy and slow). One more run, at concurrency
+        // 10 with the default limit, shows what one receiver gets from a default configuration.
+        let mut runs: Vec<(usize, bool)> = sizes.concurrencies.iter().map(|&c| (c, true)).collect();
+        if backlog == smallest {
+            runs.push((10, false));
+        }
+        for (concurrency, lifted) in runs {
+            let run_name = match lifted {
+                true => format!("backlog {backlog}, concurrency {concurrency}"),
+                false => {
+                    format!("backlog {backlog}, concurrency {concurrency}, default endpoint limit")
+                }
+            };
+            eprintln!("bench: e2e: {run_name}…");
             let run_db = "bench_e2e_run";
             let run_url = env.copy_db(&template, run_db).await?;
             let pool = fixtures::connect(&run_url, 2).await?;
@@ -654,17 +670,11 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             env.receiver.reset();
             let (pg0, own0) = (env.postgres_cpu(), env.own_cpu());
             let started = Instant::now();
-            // One receiver is one endpoint: its allowance is lifted, so that this figure measures
-            // the pipeline with `concurrency` requests in flight (an allowance counts deliveries
-            // from claim until recorded, so one equal to the concurrency would bind first; the
-            // per-endpoint limit has its own scenarios, noisy and slow).
-            let mut worker = WorkerProcess::start_with(
-                env,
-                &run_url,
-                concurrency,
-                &["--endpoint-concurrency", "10000"],
-            )
-            .await?;
+            let lift: &[&str] = match lifted {
+                true => &["--endpoint-concurrency", "10000"],
+                false => &[],
+            };
+            let mut worker = WorkerProcess::start_with(env, &run_url, concurrency, lift).await?;
             let deadline = started + Duration::from_secs(sizes.e2e_max_seconds);
             let mut cut_short = false;
             loop {
@@ -688,13 +698,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             tokio::time::sleep(Duration::from_millis(1200)).await;
             let commits = database_commits(&pool).await? - commits0;
             let statements = match env.statements {
-                true => {
-                    top_statements(
-                        &pool,
-                        &format!("backlog {backlog}, concurrency {concurrency}"),
-                    )
-                    .await?
-                }
+                true => top_statements(&pool, &run_name).await?,
                 false => Vec::new(),
             };
             let states: Vec<(String, i64)> = sqlx::query_as(
@@ -716,14 +720,23 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             let first = env.receiver.first_arrival().unwrap_or(started);
             let secs = done.duration_since(first).as_secs_f64();
             let rate = succeeded as f64 / secs;
-            let mut figure = Figure::new(
-                Scenario::E2e,
-                format!("e2e.backlog{backlog}.c{concurrency}.deliveries_per_s"),
-                format!("end to end, backlog {backlog}, concurrency {concurrency}"),
-                rate,
-                "deliveries/s",
-            )
-            .target(Target::AtLeast(10_000.0));
+            let mut figure = match lifted {
+                true => Figure::new(
+                    Scenario::E2e,
+                    format!("e2e.backlog{backlog}.c{concurrency}.deliveries_per_s"),
+                    format!("end to end, {run_name}"),
+                    rate,
+                    "deliveries/s",
+                )
+                .target(Target::AtLeast(10_000.0)),
+                false => Figure::new(
+                    Scenario::E2e,
+                    format!("e2e.backlog{backlog}.c{concurrency}.default_limit.deliveries_per_s"),
+                    format!("diagnosis: end to end, {run_name} (one receiver)"),
+                    rate,
+                    "deliveries/s",
+                ),
+            };
             if cut_short {
                 figure = figure.note(format!(
                     "cut short after {} s: {succeeded} of {backlog} succeeded",
@@ -734,7 +747,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             }
             results.figures.push(figure);
             results.cpu.push(CpuProfile {
-                run: format!("e2e, backlog {backlog}, concurrency {concurrency}"),
+                run: format!("e2e, {run_name}"),
                 wall_s: done.duration_since(started).as_secs_f64(),
                 postgres_s: pg1 - pg0,
                 worker_s: worker_cpu,
@@ -747,7 +760,8 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
                 };
             }
             details.push(json!({
-                "backlog": backlog, "concurrency": concurrency, "states": states
+                "backlog": backlog, "concurrency": concurrency, "endpoint_limit_lifted": lifted,
+                "states": states
                     .iter().map(|(s, n)| (s.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "received": received, "audit_events": audit_events,
                 "commits": commits,
