@@ -80,6 +80,18 @@ impl LocalWake {
     }
 }
 
+/// How one claim of the claimer ended.
+enum ClaimRound {
+    /// It took all it asked for: more may be due at once.
+    Full,
+    /// It found less than it asked for: the claimer waits for a reason to look again.
+    Drained,
+    /// It failed, and the backoff has passed: claim again.
+    Failed,
+    /// Shutdown, or the worker stopped taking claimed deliveries.
+    Stopped,
+}
+
 /// A claimed delivery whose preamble has run: what to do with it.
 struct Job {
     delivery: ClaimedDelivery,
@@ -413,35 +425,13 @@ impl DeliveryWorker {
         while !shutdown.is_cancelled() {
             if claim_next {
                 woken.borrow_and_update();
-                let room = tokio::select! {
-                    room = to_start.reserve_many(half) => match room {
-                        Ok(_) => to_start.capacity(),
-                        Err(_) => return,
-                    },
-                    _ = shutdown.cancelled() => return,
-                };
-                match self.claim(room).await {
-                    Ok(jobs) => {
-                        failures = 0;
-                        let drained = jobs.len() < room;
-                        for job in jobs {
-                            if to_start.send(job).await.is_err() {
-                                return;
-                            }
-                        }
-                        if !drained {
-                            continue;
-                        }
-                    }
-                    Err(error) => {
-                        failures += 1;
-                        tracing::warn!(%error, "cannot claim deliveries; retrying");
-                        let backoff = policy::database_backoff(failures);
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => continue,
-                            _ = shutdown.cancelled() => return,
-                        }
-                    }
+                match self
+                    .claim_round(&to_start, half, &mut failures, &shutdown)
+                    .await
+                {
+                    ClaimRound::Full | ClaimRound::Failed => continue,
+                    ClaimRound::Drained => {}
+                    ClaimRound::Stopped => return,
                 }
             }
             let (sleep, due_now) = self.until_due(&mut looked).await;
@@ -452,6 +442,47 @@ impl DeliveryWorker {
                 _ = tokio::time::sleep(sleep) => true,
                 _ = shutdown.cancelled() => return,
             };
+        }
+    }
+
+    /// One claim of the claimer: waits until half a batch fits in the queue of claimed deliveries,
+    /// claims what fits and queues it; after a failed claim, waits out the database backoff.
+    async fn claim_round(
+        &self,
+        to_start: &mpsc::Sender<Job>,
+        half: usize,
+        failures: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> ClaimRound {
+        let room = tokio::select! {
+            room = to_start.reserve_many(half) => match room {
+                Ok(_) => to_start.capacity(),
+                Err(_) => return ClaimRound::Stopped,
+            },
+            _ = shutdown.cancelled() => return ClaimRound::Stopped,
+        };
+        match self.claim(room).await {
+            Ok(jobs) => {
+                *failures = 0;
+                let drained = jobs.len() < room;
+                for job in jobs {
+                    if to_start.send(job).await.is_err() {
+                        return ClaimRound::Stopped;
+                    }
+                }
+                match drained {
+                    true => ClaimRound::Drained,
+                    false => ClaimRound::Full,
+                }
+            }
+            Err(error) => {
+                *failures += 1;
+                tracing::warn!(%error, "cannot claim deliveries; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(policy::database_backoff(*failures)) => ClaimRound::Failed,
+                    _ = shutdown.cancelled() => ClaimRound::Stopped,
+                }
+            }
         }
     }
 

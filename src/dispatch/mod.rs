@@ -215,7 +215,6 @@ impl Dispatcher {
     /// does not wake it twice (a second, empty claim).
     ///
     /// [`LocalWake::sender`]: crate::delivery::LocalWake::sender
-    ///
     /// [`DeliveryWorker::local_wake`]: crate::delivery::DeliveryWorker::local_wake
     pub fn with_local_delivery(mut self, wake: crate::delivery::LocalWake) -> Self {
         self.local_delivery = Some(wake);
