@@ -1257,8 +1257,16 @@ CREATE TABLE fhir_outbox.endpoint_circuit (
     last_failure_at timestamp with time zone,
     last_success_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    allowance integer,
+    CONSTRAINT endpoint_circuit_allowance_check CHECK ((allowance > 0)),
     CONSTRAINT endpoint_circuit_state_check CHECK ((state = ANY (ARRAY['closed'::text, 'open'::text, 'half_open'::text])))
 );
+
+--
+-- Name: COLUMN endpoint_circuit.allowance; Type: COMMENT; Schema: fhir_outbox; Owner: -
+--
+
+COMMENT ON COLUMN fhir_outbox.endpoint_circuit.allowance IS 'Deliveries in progress allowed to this endpoint, when grown beyond the configured base; NULL: the base';
 
 --
 -- Name: resource; Type: TABLE; Schema: fhir_outbox; Owner: -
@@ -1352,7 +1360,8 @@ CREATE VIEW fhir_outbox.endpoint_health AS
     c.last_failure_at,
     c.last_success_at,
     COALESCE(l.in_flight, (0)::bigint) AS in_flight,
-    COALESCE(l.pending, (0)::bigint) AS pending
+    COALESCE(l.pending, (0)::bigint) AS pending,
+    c.allowance
    FROM ((endpoints e
      LEFT JOIN fhir_outbox.endpoint_circuit c USING (project_id, endpoint))
      LEFT JOIN load l USING (project_id, endpoint));

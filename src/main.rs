@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use cli::table::Table;
 use fhir_outbox::capture::Interaction;
-use fhir_outbox::delivery::policy::{Backoff, CircuitBreaker};
+use fhir_outbox::delivery::policy::{Backoff, CircuitBreaker, EndpointAllowance};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryState, auto_disable};
 use fhir_outbox::dispatch::DispatchConfig;
 use fhir_outbox::operations::actions::{self, Action, Actor, CancelScope, RetryScope};
@@ -424,9 +424,16 @@ struct DeliveryArgs {
     #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_concurrency: u16,
     /// Deliveries in progress at once to one endpoint (a project's scheme, host and port), from
-    /// claim until their outcome is recorded, counted across every worker sharing the database.
+    /// claim until their outcome is recorded, counted across every worker sharing the database:
+    /// where each endpoint starts, and where it falls back to at its first slow answer, 429, 5xx or
+    /// failure to answer.
     #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     endpoint_concurrency: u16,
+    /// The most an endpoint's allowance grows to while all its answers come fast (within a
+    /// quarter of --slow-request-ms): it doubles with each recorded batch. At or below
+    /// --endpoint-concurrency the allowance is fixed.
+    #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    endpoint_concurrency_max: u16,
     /// Milliseconds a request may hold its slot: one still unanswered after this moves to one of
     /// as many places kept for slow requests (while one is free), so that hanging or slow
     /// endpoints do not hold the slots the others need.
@@ -504,7 +511,10 @@ impl DeliveryArgs {
         Ok(DeliveryConfig {
             auto_disable,
             concurrency: usize::from(self.delivery_concurrency),
-            endpoint_concurrency: usize::from(self.endpoint_concurrency),
+            endpoint_allowance: EndpointAllowance {
+                base: u32::from(self.endpoint_concurrency),
+                max: u32::from(self.endpoint_concurrency_max),
+            },
             slow_request_after: Duration::from_millis(self.slow_request_ms),
             circuit: CircuitBreaker {
                 failures: self.circuit_failures,
@@ -556,6 +566,7 @@ fn endpoint_table(endpoints: &[control::EndpointHealth]) -> Table {
         "failures",
         "next probe",
         "in flight",
+        "allowance",
         "pending",
         "last failure",
     ]);
@@ -570,6 +581,8 @@ fn endpoint_table(endpoints: &[control::EndpointHealth]) -> Table {
                 |at| format!("in {}s", (at - Utc::now()).num_seconds().max(0)),
             ),
             e.in_flight.to_string(),
+            e.allowance
+                .map_or_else(|| "base".to_owned(), |grown| grown.to_string()),
             e.pending.to_string(),
             e.last_failure.clone().unwrap_or_default(),
         ]);

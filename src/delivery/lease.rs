@@ -18,18 +18,20 @@ pub struct Leased {
 }
 
 /// Leases up to `limit` due deliveries (or ones whose lease expired) for `lease`, at most
-/// `endpoint_concurrency` in flight per endpoint, with the worker's own claim statement, including
+/// `endpoint_allowance` in flight per endpoint, with the worker's own claim statement, including
 /// the reads of resources, subscriptions and settings it joins.
 pub async fn lease_due(
     conn: &mut PgConnection,
     limit: i64,
     lease: Duration,
-    endpoint_concurrency: i64,
+    endpoint_allowance: super::policy::EndpointAllowance,
 ) -> Result<Vec<Leased>, sqlx::Error> {
+    let (endpoint_base, endpoint_max) = endpoint_allowance.bounds();
     let limits = queries::ClaimLimits {
         limit,
         lease_seconds: lease.as_secs_f64(),
-        endpoint_concurrency,
+        endpoint_base: endpoint_base.into(),
+        endpoint_max: endpoint_max.into(),
         probe_seconds: lease.as_secs_f64(),
         queues_per_claim: 2 * limit,
     };

@@ -44,8 +44,9 @@ pub struct DeliveryConfig {
     pub concurrency: usize,
     /// Deliveries in progress at once to one endpoint (a project's scheme, host and port), from
     /// claim until their outcome is recorded, across every worker: the claim counts the live leases
-    /// of all of them in the database. Requests in flight to it are at most as many.
-    pub endpoint_concurrency: usize,
+    /// of all of them in the database. Requests in flight to it are at most as many. It grows for
+    /// endpoints that answer fast (see [`policy::EndpointAllowance`]).
+    pub endpoint_allowance: policy::EndpointAllowance,
     /// How long a request may hold its slot: one still unanswered after this moves to one of
     /// `concurrency` places kept for slow requests (while one is free), and its slot goes to
     /// other work. Endpoints that hang or answer slowly then hold those places, not the slots
@@ -88,7 +89,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             concurrency: 512,
-            endpoint_concurrency: 32,
+            endpoint_allowance: policy::EndpointAllowance::default(),
             slow_request_after: Duration::from_secs(2),
             circuit: policy::CircuitBreaker::default(),
             claim_batch: 400,

@@ -218,6 +218,54 @@ pub fn endpoint_signal(status: Option<u16>) -> EndpointSignal {
     }
 }
 
+/// How many deliveries one endpoint (a project's scheme, host and port) may have in progress, from
+/// claim until recorded, across every worker. It starts at `base`; after each recorded batch in
+/// which every attempt to the endpoint got a fast answer (see [`is_fast_answer`]) it doubles, up to
+/// `max`; any other attempt (slow, `429`, a server error, no answer) puts it back to `base`. A
+/// fixed allowance would let the pipeline's own cycle (claim, queue, recorder: about 25 ms under
+/// load), not the receiver, cap a fast receiver's rate; a large fixed one would let every hanging
+/// endpoint hold that many requests. An endpoint grows only while it answers fast, so one that
+/// hangs or slows holds `base` requests once its first slow answer is recorded, and `max` at most
+/// before that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointAllowance {
+    /// Where an endpoint starts, and where it falls back to.
+    pub base: u32,
+    /// The most it grows to (`base` or less: a fixed allowance).
+    pub max: u32,
+}
+
+impl Default for EndpointAllowance {
+    fn default() -> Self {
+        EndpointAllowance { base: 32, max: 256 }
+    }
+}
+
+impl EndpointAllowance {
+    /// An allowance that never grows.
+    pub fn fixed(allowance: u32) -> Self {
+        EndpointAllowance {
+            base: allowance,
+            max: allowance,
+        }
+    }
+
+    /// `base` and `max` as the claim and the recorder use them: at least 1, and `max` at least
+    /// `base`.
+    pub(super) fn bounds(&self) -> (i32, i32) {
+        let base = self.base.clamp(1, i32::MAX as u32) as i32;
+        (base, (self.max.min(i32::MAX as u32) as i32).max(base))
+    }
+}
+
+/// Whether an attempt that got `status` (or no answer, `None`) after `took` lets its endpoint's
+/// allowance grow: a prompt answer that is not a server error or a `429 Too Many Requests` (which
+/// ask for less load, not more). Prompt means within `fast`, a quarter of the time after which a
+/// request counts as slow.
+pub fn is_fast_answer(status: Option<u16>, took: Duration, fast: Duration) -> bool {
+    endpoint_signal(status) == EndpointSignal::Healthy && status != Some(429) && took <= fast
+}
+
 /// The circuit breaker of an endpoint (a project's scheme, host and port): after `failures`
 /// consecutive failing attempts its circuit opens and its deliveries wait, without spending their
 /// attempts, for a cool-down that doubles with each opening since it last closed (with ±20%
@@ -272,6 +320,19 @@ mod tests {
 
     fn with_codes(codes: &str) -> Value {
         json!({ "extension": [{ "url": extension::SUCCESS_CODES, "valueString": codes }] })
+    }
+
+    #[test]
+    fn only_prompt_answers_that_ask_for_no_less_load_are_fast() {
+        let fast = Duration::from_millis(500);
+        let prompt = Duration::from_millis(20);
+        assert!(is_fast_answer(Some(200), prompt, fast));
+        assert!(is_fast_answer(Some(404), prompt, fast));
+        assert!(is_fast_answer(Some(200), fast, fast));
+        assert!(!is_fast_answer(Some(200), Duration::from_millis(501), fast));
+        assert!(!is_fast_answer(Some(429), prompt, fast));
+        assert!(!is_fast_answer(Some(503), prompt, fast));
+        assert!(!is_fast_answer(None, prompt, fast));
     }
 
     #[test]

@@ -105,8 +105,11 @@ pub(super) struct ClaimLimits {
     pub limit: i64,
     /// The lease taken on each.
     pub lease_seconds: f64,
-    /// Most deliveries in flight at once per endpoint, across every worker.
-    pub endpoint_concurrency: i64,
+    /// Most deliveries in flight at once per endpoint, across every worker, unless its allowance
+    /// grew (`endpoint_circuit.allowance`)…
+    pub endpoint_base: i64,
+    /// …and the most it may have grown to.
+    pub endpoint_max: i64,
     /// How long a probe of an open circuit keeps other probes away, should its worker die.
     pub probe_seconds: f64,
     /// Most subscriptions with pending deliveries one claim visits (the round of them goes on at
@@ -151,9 +154,9 @@ pub const CLAIM_BEGIN: &str = "BEGIN;
 /// - among those, projects take turns, and within a project its subscriptions (ties are drawn at
 ///   random, so that none is always last), so a project with a million pending deliveries cannot
 ///   starve one with ten;
-/// - an endpoint (a project's scheme, host and port) gets no more than `endpoint_concurrency`
-///   in flight, counting every worker's live leases; a saturated endpoint's backlog stays pending
-///   in the table, not leased;
+/// - an endpoint (a project's scheme, host and port) gets no more than its allowance in flight
+///   (`endpoint_base`, or what it grew to, `policy::EndpointAllowance`), counting every worker's
+///   live leases; a saturated endpoint's backlog stays pending in the table, not leased;
 /// - an endpoint whose circuit is open gets nothing until its probe is due, then one delivery,
 ///   the probe (the circuit becomes `half_open`).
 ///
@@ -243,7 +246,7 @@ pub(super) async fn claim(
            -- Enough from each queue to fill the claim if every queue is busy, never more than an
            -- endpoint may take.
            per_queue AS (
-               SELECT greatest(1, least($3::int8, ceil(2.0 * $1 / greatest(1, count(*)))::int8)) AS k
+               SELECT greatest(1, least($6::int8, ceil(2.0 * $1 / greatest(1, count(*)))::int8)) AS k
                FROM queues),
            candidates AS (
                SELECT e.id, e.project_id, e.subscription_id, 0::int8 AS turn FROM expired e
@@ -272,7 +275,8 @@ pub(super) async fn claim(
                LEFT JOIN endpoint_load l USING (project_id, endpoint)
                LEFT JOIN fhir_outbox.endpoint_circuit ec USING (project_id, endpoint)
                WHERE CASE WHEN coalesce(ec.state, 'closed') = 'closed'
-                          THEN r.endpoint_turn <= $3 - coalesce(l.in_flight, 0)
+                          THEN r.endpoint_turn <= greatest($3::int8, least(coalesce(ec.allowance::int8, $3::int8), $6::int8))
+                                                  - coalesce(l.in_flight, 0)
                           ELSE ec.next_probe_at <= now() AND r.endpoint_turn = 1
                                AND coalesce(l.in_flight, 0) = 0 END),
            -- Rows of the hot table are found by `id = ANY (array)`, never by a join, so that no
@@ -331,9 +335,10 @@ pub(super) async fn claim(
            ORDER BY c.id"#,
         limits.limit,
         limits.lease_seconds,
-        limits.endpoint_concurrency,
+        limits.endpoint_base,
         limits.probe_seconds,
         limits.queues_per_claim,
+        limits.endpoint_max,
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -675,6 +680,8 @@ pub(super) struct EndpointResult {
     pub failures: i32,
     /// The last failure's error.
     pub last_failure: Option<String>,
+    /// Whether every attempt to it in the batch got a fast answer (`policy::is_fast_answer`).
+    pub fast: bool,
 }
 
 /// A circuit that changed state.
@@ -691,47 +698,58 @@ pub(super) struct CircuitTransition {
 /// Applies a batch's results to the endpoints' circuits (in the recorder's transaction), with the
 /// rules of `policy::CircuitBreaker`: `threshold` consecutive failures open a closed circuit; a
 /// failed probe opens a half-open one again; an answer closes it. An opening waits
-/// `cool_downs[openings]` seconds (the last one once they run out) before its probe. Returns the
-/// transitions. Healthy endpoints with nothing to reset are not written.
+/// `cool_downs[openings]` seconds (the last one once they run out) before its probe. Applies
+/// the rules of `policy::EndpointAllowance` (`allowance` is its base and max) from the allowance
+/// stored, so that a recorder cannot undo another's fall back with what its claim saw. Returns the
+/// transitions. Endpoints with nothing to change are not written.
 pub(super) async fn record_endpoint_results(
     conn: &mut PgConnection,
     results: &[EndpointResult],
     threshold: i32,
     cool_downs: &[f64],
+    allowance: (i32, i32),
 ) -> Result<Vec<CircuitTransition>, sqlx::Error> {
+    let (base, max) = allowance;
     let projects: Vec<Uuid> = results.iter().map(|r| r.project_id).collect();
     let endpoints: Vec<&str> = results.iter().map(|r| r.endpoint.as_str()).collect();
     let healthy: Vec<bool> = results.iter().map(|r| r.healthy).collect();
     let failures: Vec<i32> = results.iter().map(|r| r.failures).collect();
     let last_failures: Vec<Option<&str>> =
         results.iter().map(|r| r.last_failure.as_deref()).collect();
+    let fast: Vec<bool> = results.iter().map(|r| r.fast).collect();
     sqlx::query!(
         "INSERT INTO fhir_outbox.endpoint_circuit (project_id, endpoint)
-         SELECT project_id, endpoint FROM unnest($1::uuid[], $2::text[], $3::int4[])
-                AS r(project_id, endpoint, failures)
-         WHERE failures > 0
+         SELECT project_id, endpoint FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[])
+                AS r(project_id, endpoint, failures, fast)
+         WHERE failures > 0 OR (fast AND $5::int4 > $6::int4)
          ORDER BY project_id, endpoint
          ON CONFLICT DO NOTHING",
         &projects,
         &endpoints as &[&str],
         &failures,
+        &fast,
+        max,
+        base,
     )
     .execute(&mut *conn)
     .await?;
     sqlx::query_as!(
         CircuitTransition,
         r#"WITH r AS (
-               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[])
-                   AS r(project_id, endpoint, healthy, failures, last_failure)),
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[],
+                                    $8::bool[])
+                   AS r(project_id, endpoint, healthy, failures, last_failure, fast)),
            old AS (
                SELECT ec.project_id, ec.endpoint, ec.state, ec.consecutive_failures, ec.openings
                FROM fhir_outbox.endpoint_circuit ec JOIN r USING (project_id, endpoint)
                WHERE r.failures > 0 OR ec.state <> 'closed' OR ec.consecutive_failures > 0
+                  OR (r.fast AND coalesce(ec.allowance, $9::int4) < $10::int4)
+                  OR (NOT r.fast AND ec.allowance IS NOT NULL)
                -- Locked in one order by every recorder, so that two never deadlock.
                ORDER BY ec.project_id, ec.endpoint
                FOR UPDATE OF ec),
            counted AS (
-               SELECT o.*, r.healthy, r.failures, r.last_failure,
+               SELECT o.*, r.healthy, r.failures, r.last_failure, r.fast,
                       CASE WHEN r.healthy THEN r.failures
                            ELSE o.consecutive_failures + r.failures END AS consecutive
                FROM old o JOIN r USING (project_id, endpoint)),
@@ -760,6 +778,9 @@ pub(super) async fn record_endpoint_results(
                        ELSE ec.next_probe_at END,
                    last_failure = coalesce(d.last_failure, ec.last_failure),
                    last_failure_at = CASE WHEN d.failures > 0 THEN now() ELSE ec.last_failure_at END,
+                   -- Doubles from what is stored, or back to the base (NULL).
+                   allowance = CASE WHEN d.fast
+                       THEN nullif(least(greatest(coalesce(ec.allowance, $9), $9) * 2, $10), $9) END,
                    updated_at = now()
                FROM decided d
                WHERE ec.project_id = d.project_id AND ec.endpoint = d.endpoint
@@ -776,6 +797,9 @@ pub(super) async fn record_endpoint_results(
         &last_failures as &[Option<&str>],
         threshold,
         cool_downs,
+        &fast,
+        base,
+        max,
     )
     .fetch_all(conn)
     .await

@@ -6,7 +6,7 @@
 
 use super::auto_disable::{self, Trigger};
 use super::outcome::{Decision, FinalFailure};
-use super::policy::{CircuitBreaker, EndpointSignal};
+use super::policy::{self, CircuitBreaker, EndpointAllowance, EndpointSignal};
 use super::preamble::Target;
 use super::queries::{self, AttemptRecord, CircuitTransition, ClaimedDelivery, EndpointResult};
 use super::state::DeliveryState;
@@ -84,6 +84,10 @@ pub(super) struct Recorder {
     pub bot_output_limit_log: usize,
     /// The rules of the endpoints' circuits.
     pub circuit: CircuitBreaker,
+    /// How endpoints' allowances grow and fall back.
+    pub allowance: EndpointAllowance,
+    /// An answer within this is fast (see `policy::is_fast_answer`).
+    pub fast_answer: Duration,
 }
 
 impl Recorder {
@@ -383,6 +387,7 @@ impl Recorder {
             records
                 .iter()
                 .filter(|record| written.contains(&record.delivery.id)),
+            self.fast_answer,
         );
         let transitions = if results.is_empty() {
             Vec::new()
@@ -392,6 +397,7 @@ impl Recorder {
                 &results,
                 self.circuit.failures.min(i32::MAX as u32) as i32,
                 &self.circuit.schedule(),
+                self.allowance.bounds(),
             )
             .await?
         };
@@ -401,9 +407,13 @@ impl Recorder {
 }
 
 /// What recorded attempts say of their endpoints, in the order they were recorded: for each
-/// endpoint, whether it answered healthily and the failures after its last healthy answer. In key
-/// order (the order the circuits are locked in).
-fn endpoint_results<'a>(records: impl Iterator<Item = &'a Record>) -> Vec<EndpointResult> {
+/// endpoint, whether it answered healthily, the failures after its last healthy answer, and whether
+/// every answer was fast (within `fast`: its allowance may grow). In key order (the order the
+/// circuits are locked in).
+fn endpoint_results<'a>(
+    records: impl Iterator<Item = &'a Record>,
+    fast: Duration,
+) -> Vec<EndpointResult> {
     let mut results: BTreeMap<(Uuid, &str), EndpointResult> = BTreeMap::new();
     for record in records {
         let delivery = &record.delivery;
@@ -419,7 +429,15 @@ fn endpoint_results<'a>(records: impl Iterator<Item = &'a Record>) -> Vec<Endpoi
                 healthy: false,
                 failures: 0,
                 last_failure: None,
+                fast: true,
             });
+        result.fast &= record.decision.attempt.as_ref().is_some_and(|attempt| {
+            policy::is_fast_answer(
+                attempt.status.and_then(|status| u16::try_from(status).ok()),
+                Duration::from_millis(attempt.duration_ms.max(0) as u64),
+                fast,
+            )
+        });
         if signal == EndpointSignal::Healthy {
             result.healthy = true;
             result.failures = 0;

@@ -126,6 +126,8 @@ impl DeliveryWorker {
                 bot_output_limit_resource: config.bot_output_limit_resource,
                 bot_output_limit_log: config.bot_output_limit_log,
                 circuit: config.circuit,
+                allowance: config.endpoint_allowance,
+                fast_answer: config.slow_request_after / 4,
             },
             pool,
             config,
@@ -163,7 +165,8 @@ impl DeliveryWorker {
         ClaimLimits {
             limit: limit as i64,
             lease_seconds: self.lease_seconds(),
-            endpoint_concurrency: self.config.endpoint_concurrency.max(1) as i64,
+            endpoint_base: self.config.endpoint_allowance.bounds().0.into(),
+            endpoint_max: self.config.endpoint_allowance.bounds().1.into(),
             probe_seconds: (self.config.request_timeout + 2 * self.config.lease).as_secs_f64(),
             queues_per_claim: 2 * self.claim_size() as i64,
         }

@@ -191,6 +191,9 @@ pub struct EndpointHealth {
     pub in_flight: i64,
     /// Its deliveries waiting.
     pub pending: i64,
+    /// Deliveries it may have in progress, when grown beyond the configured base (it answers
+    /// fast); `None`: the base.
+    pub allowance: Option<i32>,
 }
 
 /// Endpoints from `fhir_outbox.endpoint_health`: those with an open or half-open circuit or
@@ -205,7 +208,7 @@ pub async fn endpoint_health(
         r#"SELECT project_id AS "project_id!", endpoint AS "endpoint!", state AS "state!",
                   consecutive_failures AS "consecutive_failures!", openings AS "openings!",
                   opened_at, next_probe_at, last_failure, last_failure_at,
-                  in_flight AS "in_flight!", pending AS "pending!"
+                  in_flight AS "in_flight!", pending AS "pending!", allowance
            FROM fhir_outbox.endpoint_health
            WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2 OR state <> 'closed' OR consecutive_failures > 0)

@@ -5,7 +5,7 @@ use crate::common::TestDb;
 use crate::delivery::{create, fast_config, hook};
 use crate::receiver::{Receiver, Reply};
 use chrono::{DateTime, Utc};
-use fhir_outbox::delivery::policy::CircuitBreaker;
+use fhir_outbox::delivery::policy::{CircuitBreaker, EndpointAllowance};
 use fhir_outbox::delivery::{DeliveryConfig, DeliveryWorker};
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
 use serde_json::json;
@@ -107,7 +107,7 @@ async fn a_hanging_endpoint_never_delays_a_healthy_one() {
         &db.pool,
         DeliveryConfig {
             concurrency: 16,
-            endpoint_concurrency: 4,
+            endpoint_allowance: EndpointAllowance::fixed(4),
             request_timeout: Duration::from_secs(3600),
             shutdown_grace: Duration::from_millis(100),
             ..fast_config()
@@ -157,7 +157,7 @@ async fn hanging_requests_leave_their_slots_to_other_endpoints() {
         &db.pool,
         DeliveryConfig {
             concurrency: 4,
-            endpoint_concurrency: 4,
+            endpoint_allowance: EndpointAllowance::fixed(4),
             slow_request_after: Duration::from_millis(300),
             request_timeout: Duration::from_secs(3600),
             shutdown_grace: Duration::from_millis(100),
@@ -186,6 +186,77 @@ async fn hanging_requests_leave_their_slots_to_other_endpoints() {
     running.stop().await;
 }
 
+/// An endpoint's grown allowance as `endpoint_health` shows it (`None`: the base).
+async fn allowance(pool: &PgPool, project: Uuid, url: &str) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT allowance FROM fhir_outbox.endpoint_health
+         WHERE project_id = $1 AND endpoint = fhir_outbox.endpoint_origin($2)",
+    )
+    .bind(project)
+    .bind(url)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_endpoint_earns_a_larger_allowance_and_loses_it_at_its_first_slow_answer() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    // 60 prompt answers, then answers that take 800 ms: slow for an allowance (more than a
+    // quarter of `slow_request_after`), not yet slow requests.
+    let mut script = vec![Reply::Status(200, None); 60];
+    script.extend(vec![Reply::Stall(Duration::from_millis(800)); 40]);
+    let receiver = Receiver::start(script).await;
+    let subscription = subscribe(&db.pool, project, &receiver.url).await;
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 64,
+            endpoint_allowance: EndpointAllowance { base: 2, max: 16 },
+            slow_request_after: Duration::from_secs(2),
+            ..fast_config()
+        },
+    );
+    let succeeded = "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'";
+    patients(&db.pool, project, 60).await;
+    wait_for("the 60 prompt deliveries", 60, async || {
+        count(&db.pool, succeeded, &subscription).await == 60
+    })
+    .await;
+    // Each recorded batch of prompt answers doubled it, up to the max.
+    assert_eq!(allowance(&db.pool, project, &receiver.url).await, Some(16));
+    // The claim honours it: 16 slow requests are in flight at once, eight times the base.
+    patients(&db.pool, project, 24).await;
+    let in_flight = "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'in_flight'";
+    wait_for(
+        "16 deliveries in flight to the grown endpoint",
+        30,
+        async || count(&db.pool, in_flight, &subscription).await == 16,
+    )
+    .await;
+    // The first slow answers put it back to the base; once the requests claimed under the grown
+    // allowance are answered, the rest go two at a time.
+    wait_for("the allowance back to the base", 30, async || {
+        allowance(&db.pool, project, &receiver.url).await.is_none()
+    })
+    .await;
+    wait_for("the requests claimed before", 30, async || {
+        count(&db.pool, in_flight, &subscription).await <= 2
+    })
+    .await;
+    for _ in 0..1200 {
+        if count(&db.pool, succeeded, &subscription).await == 84 {
+            break;
+        }
+        assert!(count(&db.pool, in_flight, &subscription).await <= 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&db.pool, succeeded, &subscription).await, 84);
+    assert_eq!(allowance(&db.pool, project, &receiver.url).await, None);
+    running.stop().await;
+}
+
 /// (state, openings, next probe) of an endpoint's circuit; closed when it has none.
 async fn circuit(pool: &PgPool, project: Uuid, url: &str) -> (String, i32, Option<DateTime<Utc>>) {
     sqlx::query_as(
@@ -210,7 +281,7 @@ async fn an_open_circuit_sends_nothing_before_its_probe_and_spends_no_attempts()
         &db.pool,
         DeliveryConfig {
             // One at a time, so that exactly `failures` requests go before the circuit opens.
-            endpoint_concurrency: 1,
+            endpoint_allowance: EndpointAllowance::fixed(1),
             circuit: CircuitBreaker {
                 failures: 3,
                 cool_down: Duration::from_millis(800),
@@ -287,7 +358,7 @@ async fn a_project_with_a_big_backlog_does_not_starve_a_small_one() {
         &db.pool,
         DeliveryConfig {
             concurrency: 8,
-            endpoint_concurrency: 8,
+            endpoint_allowance: EndpointAllowance::fixed(8),
             ..fast_config()
         },
     );
@@ -500,7 +571,7 @@ async fn claimed_deliveries_without_a_free_slot_go_back_to_the_table() {
         &db.pool,
         DeliveryConfig {
             concurrency: 1,
-            endpoint_concurrency: 100,
+            endpoint_allowance: EndpointAllowance::fixed(100),
             request_timeout: Duration::from_secs(3600),
             // Never moved to a slow-request place: the slot stays held.
             slow_request_after: Duration::from_secs(3600),

@@ -293,8 +293,8 @@ async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     .unwrap();
     // The cached plan is made now, while both lanes are empty (as after a truncation)…
     sqlx::raw_sql(&format!(
-        "PREPARE claim(int8, float8, int8, float8, int8) AS {claim};
-         {begin}; EXPLAIN EXECUTE claim(400, 30, 32, 150, 800); COMMIT;"
+        "PREPARE claim(int8, float8, int8, float8, int8, int8) AS {claim};
+         {begin}; EXPLAIN EXECUTE claim(400, 30, 32, 150, 800, 256); COMMIT;"
     ))
     .execute(&mut *conn)
     .await
@@ -313,7 +313,7 @@ async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     .unwrap();
     sqlx::raw_sql(begin).execute(&mut *conn).await.unwrap();
     let plan: Vec<String> =
-        sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE claim(400, 30, 32, 150, 800)")
+        sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE claim(400, 30, 32, 150, 800, 256)")
             .fetch_all(&mut *conn)
             .await
             .unwrap();

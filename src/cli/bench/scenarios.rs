@@ -1063,7 +1063,7 @@ async fn claim_loop(pool: &PgPool, rows: u64) -> Result<(f64, f64), BenchError> 
                     &mut conn,
                     DeliveryConfig::default().claim_batch as i64,
                     Duration::from_secs(30),
-                    DeliveryConfig::default().endpoint_concurrency as i64,
+                    DeliveryConfig::default().endpoint_allowance,
                 )
                 .await?;
                 claim_micros.fetch_add(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
