@@ -26,12 +26,10 @@ pub async fn lease_due(
     lease: Duration,
     endpoint_allowance: super::policy::EndpointAllowance,
 ) -> Result<Vec<Leased>, sqlx::Error> {
-    let (endpoint_base, endpoint_max) = endpoint_allowance.bounds();
     let limits = queries::ClaimLimits {
         limit,
         lease_seconds: lease.as_secs_f64(),
-        endpoint_base: endpoint_base.into(),
-        endpoint_max: endpoint_max.into(),
+        endpoint_allowance,
         probe_seconds: lease.as_secs_f64(),
         queues_per_claim: 2 * limit,
     };

@@ -105,11 +105,9 @@ pub(super) struct ClaimLimits {
     pub limit: i64,
     /// The lease taken on each.
     pub lease_seconds: f64,
-    /// Most deliveries in flight at once per endpoint, across every worker, unless its allowance
-    /// grew (`endpoint_circuit.allowance`)…
-    pub endpoint_base: i64,
-    /// …and the most it may have grown to.
-    pub endpoint_max: i64,
+    /// Most deliveries in flight at once per endpoint, across every worker: its base, or what it
+    /// grew to (`endpoint_circuit.allowance`) up to its max.
+    pub endpoint_allowance: super::policy::EndpointAllowance,
     /// How long a probe of an open circuit keeps other probes away, should its worker die.
     pub probe_seconds: f64,
     /// Most subscriptions with pending deliveries one claim visits (the round of them goes on at
@@ -169,6 +167,7 @@ pub(super) async fn claim(
     conn: &mut PgConnection,
     limits: ClaimLimits,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
+    let (endpoint_base, endpoint_max) = limits.endpoint_allowance.bounds();
     let mut tx = sqlx::Connection::begin_with(&mut *conn, CLAIM_BEGIN).await?;
     let rows = sqlx::query_as!(
         ClaimRow,
@@ -335,10 +334,10 @@ pub(super) async fn claim(
            ORDER BY c.id"#,
         limits.limit,
         limits.lease_seconds,
-        limits.endpoint_base,
+        i64::from(endpoint_base),
         limits.probe_seconds,
         limits.queues_per_claim,
-        limits.endpoint_max,
+        i64::from(endpoint_max),
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -165,8 +165,7 @@ impl DeliveryWorker {
         ClaimLimits {
             limit: limit as i64,
             lease_seconds: self.lease_seconds(),
-            endpoint_base: self.config.endpoint_allowance.bounds().0.into(),
-            endpoint_max: self.config.endpoint_allowance.bounds().1.into(),
+            endpoint_allowance: self.config.endpoint_allowance,
             probe_seconds: (self.config.request_timeout + 2 * self.config.lease).as_secs_f64(),
             queues_per_claim: 2 * self.claim_size() as i64,
         }
