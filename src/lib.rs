@@ -22,6 +22,7 @@ pub mod operations;
 pub mod pipeline;
 pub mod project;
 pub mod subscription;
+pub mod topic;
 
 /// The FHIRPath engine and the search criteria matcher live in the `fhir-match` crate
 /// (crates/fhir-match); they are re-exported so that `fhir_outbox::fhirpath` and
