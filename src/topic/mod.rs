@@ -30,8 +30,10 @@
 //! return those messages beside what they read), never silently dropped: a notification narrower
 //! or wider than the author asked for would look like it works.
 
+pub mod backport;
 pub mod definition;
 
+pub use backport::{BackportSubscription, PayloadContent, is_backport_subscription};
 pub use definition::{
     FilterDefinition, QueryCriteria, ResourceTrigger, TestResult, Topic, TriggerError,
     is_topic_resource, topic_url,
