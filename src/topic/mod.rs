@@ -32,11 +32,16 @@
 
 pub mod backport;
 pub mod definition;
+pub mod notification;
 
 pub use backport::{BackportSubscription, PayloadContent, is_backport_subscription};
 pub use definition::{
     FilterDefinition, QueryCriteria, ResourceTrigger, TestResult, Topic, TriggerError,
     is_topic_resource, topic_url,
+};
+pub use notification::{
+    NotificationEvent, NotificationType, SubscriptionStatus, notification_bundle, profile_problems,
+    profile_problems_for, status_parameters,
 };
 
 use serde_json::Value;
