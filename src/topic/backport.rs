@@ -743,7 +743,13 @@ mod tests {
             "Encounter?status=finished",
             "Observation?status=final",
         ]);
-        let encounter = |subject: &str, status: &str| json!({"resourceType": "Encounter", "status": status, "subject": {"reference": subject}});
+        let encounter = |subject: &str, status: &str| {
+            json!({
+                "resourceType": "Encounter",
+                "status": status,
+                "subject": {"reference": subject}
+            })
+        };
         let matches = |resource: &Value| subscription.filters_match("Encounter", resource).unwrap();
         assert!(matches(&encounter("Patient/123", "finished")));
         assert!(!matches(&encounter("Patient/456", "finished")));

@@ -10,9 +10,13 @@
 //! Refused by name ([`Topic::parse`]'s messages): `eventTrigger` (a topic with nothing else cannot
 //! be used), `notificationShape.include`, `revInclude` and the IG's `backport-related-query`
 //! (notifications carry the focus resource only), `canFilterBy.filterDefinition`, filter
-//! parameters the matcher cannot evaluate, criteria constructs it cannot evaluate, and any
-//! SubscriptionTopic element or sub-element not listed here or among the descriptive ones (`name`,
-//! `title`, `description`, `date`, `publisher`, ...), which change nothing about matching.
+//! parameters the matcher cannot evaluate, criteria constructs it cannot evaluate (that test then
+//! never passes), and any other SubscriptionTopic element, `canFilterBy` or `notificationShape`
+//! sub-element. The descriptive elements (`name`, `title`, `description`, `date`, `publisher`,
+//! ...) change nothing about matching and are not read. An unknown sub-element of a
+//! `resourceTrigger` or its `queryCriteria` makes the topic unusable instead: it might narrow the
+//! trigger, and ignoring it would notify more than the topic means. Sub-extensions with an
+//! absolute URL are ordinary extensions, which FHIR lets a reader ignore.
 
 use std::sync::{Arc, LazyLock};
 
@@ -164,11 +168,11 @@ pub struct QueryCriteria {
 
 /// What a query test gives when the state it tests does not exist (`CriteriaNotExistsBehavior`).
 ///
-/// When a topic does not say, the test fails: R5 leaves the behaviour to the server ("If not
-/// present, the testing behavior during `create` interactions is unspecified (server
-/// discretion)", `SubscriptionTopic.resourceTrigger.queryCriteria.resultForCreate`, and likewise
-/// `resultForDelete`), and the IG says nothing more. Failing is what a search over a state that
-/// does not exist finds (nothing), and never sends a notification the topic did not ask for.
+/// When a topic does not say, the test fails. R5 gives no default: its definitions of
+/// `SubscriptionTopic.resourceTrigger.queryCriteria.resultForCreate` and `resultForDelete` leave
+/// the behaviour without them to the server, and the IG adds nothing. Failing is what a search
+/// over a state that does not exist finds (nothing), and never sends a notification the topic did
+/// not ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestResult {
     /// `test-passes`.
@@ -239,7 +243,8 @@ impl TriggerError {
 impl Topic {
     /// Reads a Basic-wrapped topic. `Err`: it cannot be used at all (not a topic, no url, no
     /// resource trigger, a trigger whose resource, interaction, criteria or FHIRPath cannot be
-    /// read, an unknown modifier extension), naming the problem. `Ok` carries, beside the topic,
+    /// read or that has an element we do not know, an unknown modifier extension), naming the
+    /// problem. `Ok` carries, beside the topic,
     /// the parts that are refused (see the module documentation), one message each, naming the
     /// element: the caller records them; none of them widens what the topic matches.
     pub fn parse(resource: &Value) -> Result<(Topic, Vec<String>), String> {
@@ -514,6 +519,12 @@ fn resource_type_of(uri: &str) -> Option<&str> {
         .then_some(name)
 }
 
+/// Whether a sub-extension URL is an extension of its own (absolute) rather than the name of a
+/// sub-element of the cross-version extension.
+fn is_own_extension(url: &str) -> bool {
+    url.contains(':')
+}
+
 fn parse_trigger(
     extension: &Value,
     index: usize,
@@ -526,29 +537,41 @@ fn parse_trigger(
     let mut fhirpath_source = None;
     for sub in sub_extensions(extension) {
         let name = extension_url(sub);
+        let element = format!("{label}.{name}");
         match name {
             "description" => {}
             "resource" => {
-                set_once(&mut resource, "resourceTrigger.resource", primitive(sub, "valueUri", "resourceTrigger.resource")?)?
+                let uri = primitive(sub, "valueUri", &element)?;
+                set_once(&mut resource, &element, uri)?;
             }
             "supportedInteraction" => {
-                let code = primitive(sub, "valueCode", "resourceTrigger.supportedInteraction")?;
-                let interaction = Interaction::parse(code).ok_or_else(|| {
-                    format!("{label}.supportedInteraction `{code}` is not create, update or delete")
-                })?;
+                let code = primitive(sub, "valueCode", &element)?;
+                let interaction = Interaction::parse(code)
+                    .ok_or_else(|| format!("{element} `{code}` is not create, update or delete"))?;
                 if !interactions.contains(&interaction) {
                     interactions.push(interaction);
                 }
             }
-            "queryCriteria" if query_element.is_none() => query_element = Some(sub),
-            "queryCriteria" => return Err(format!("{label} has two queryCriteria")),
-            "fhirPathCriteria" if fhirpath_source.is_none() => {
-                fhirpath_source = Some(primitive(sub, "valueString", "resourceTrigger.fhirPathCriteria")?)
+            "queryCriteria" => {
+                if query_element.replace(sub).is_some() {
+                    return Err(format!("{label} has two queryCriteria"));
+                }
             }
-            "fhirPathCriteria" => return Err(format!("{label} has two fhirPathCriteria")),
-            other => refused.push(format!(
-                "{label}: sub-extension `{other}` is not a resourceTrigger element this server supports; refused"
-            )),
+            "fhirPathCriteria" => {
+                let source = primitive(sub, "valueString", &element)?;
+                if fhirpath_source.replace(source).is_some() {
+                    return Err(format!("{label} has two fhirPathCriteria"));
+                }
+            }
+            // Ordinary extensions on the element change nothing (they are not modifiers).
+            other if is_own_extension(other) => {}
+            // An element we do not know could narrow the trigger: ignoring it would notify more
+            // than the topic means.
+            other => {
+                return Err(format!(
+                    "{label}: `{other}` is not a resourceTrigger element this server understands"
+                ));
+            }
         }
     }
     let resource = resource.ok_or_else(|| format!("{label} has no resource"))?;
@@ -599,7 +622,9 @@ fn parse_query(
                 let text = primitive(sub, "valueString", &element_label)?;
                 let criteria = topic_criteria(resource_type, text, &element_label)?;
                 refused.extend(criteria.unsupported().map(|unsupported| {
-                    format!("{element_label} `{text}`: {unsupported}; this test never passes on an existing state")
+                    format!(
+                        "{element_label} `{text}`: {unsupported}; this test never passes on an existing state"
+                    )
                 }));
                 let slot = if name == "previous" {
                     &mut query.previous
@@ -627,9 +652,12 @@ fn parse_query(
                     .and_then(Value::as_bool)
                     .ok_or_else(|| format!("{element_label} has no valueBoolean"))?;
             }
-            other => refused.push(format!(
-                "{label}.queryCriteria: sub-extension `{other}` is not a queryCriteria element this server supports; refused"
-            )),
+            other if is_own_extension(other) => {}
+            other => {
+                return Err(format!(
+                    "{label}.queryCriteria: `{other}` is not a queryCriteria element this server understands"
+                ));
+            }
         }
     }
     Ok(query)
@@ -694,8 +722,9 @@ fn parse_filter_definition(
                 Some(code) => modifiers.push(code.to_owned()),
                 None => refused.push(format!("{label}.{name} has no valueCode; refused")),
             },
+            other if is_own_extension(other) => {}
             other => refused.push(format!(
-                "{label}: sub-extension `{other}` is not a canFilterBy element this server supports; refused"
+                "{label}: `{other}` is not a canFilterBy element this server supports; refused"
             )),
         }
     }
@@ -761,15 +790,15 @@ fn refuse_shape(shape: &Value, index: usize, refused: &mut Vec<String>) {
     let mut rev_includes = Vec::new();
     let mut related_queries = 0;
     for sub in sub_extensions(shape) {
+        let value = sub.get("valueString").and_then(Value::as_str).unwrap_or("");
         match extension_url(sub) {
             "resource" => {}
-            "include" => includes.push(sub.get("valueString").and_then(Value::as_str).unwrap_or("")),
-            "revInclude" => {
-                rev_includes.push(sub.get("valueString").and_then(Value::as_str).unwrap_or(""))
-            }
+            "include" => includes.push(value),
+            "revInclude" => rev_includes.push(value),
             RELATED_QUERY_EXTENSION => related_queries += 1,
+            other if is_own_extension(other) => {}
             other => refused.push(format!(
-                "{label}: sub-extension `{other}` is not a notificationShape element this server supports; refused"
+                "{label}: `{other}` is not a notificationShape element this server supports; refused"
             )),
         }
     }
@@ -1038,6 +1067,21 @@ mod tests {
             "{}",
             error(&other_type)
         );
+
+        let unknown = topic_with(json!([
+            {"url": "resource", "valueUri": "Encounter"},
+            {"url": "onlyOnWeekdays", "valueBoolean": true}
+        ]));
+        assert!(
+            error(&unknown).contains("`onlyOnWeekdays`"),
+            "{}",
+            error(&unknown)
+        );
+        let ordinary = topic_with(json!([
+            {"url": "resource", "valueUri": "Encounter"},
+            {"url": "http://example.org/author-note", "valueString": "ignorable"}
+        ]));
+        assert!(Topic::parse(&ordinary).is_ok());
 
         let fhirpath = topic_with(json!([
             {"url": "resource", "valueUri": "Encounter"},

@@ -3,9 +3,10 @@
 //! `Parameters` that stands for R5's `SubscriptionStatus`), and a checker of bundles against them.
 //!
 //! What is emitted, parameter by parameter of the status:
-//! - `subscription` (`valueReference` to `{base}/Subscription/{id}`), `status`, `type` (`valueCode`);
+//! - `subscription` (`valueReference` to `{base}/Subscription/{id}`);
+//! - `status` and `type` (`valueCode`);
 //! - `topic` (`valueCanonical`) except with `empty` payloads: the profile says it SHOULD NOT be
-//!   present then (the topic itself can tell what happened), MAY with `id-only`, SHOULD with
+//!   present then (a topic's URL alone can tell what happened), MAY with `id-only`, SHOULD with
 //!   `full-resource`. The IG's example bundles all carry it; we follow the profile's text.
 //! - `events-since-subscription-start` (`valueString` of digits: the R4 profile types it `string`);
 //! - `notification-event`, for `event-notification` and `query-event` only, with parts
@@ -20,12 +21,13 @@
 //! {base}/Subscription/{id}/$status`, `response` `200`, as the IG's examples); then, for `id-only`
 //! and `full-resource`, one entry per event, `fullUrl` `{base}/{type}/{id}`. The R4 profile and
 //! history bundles need a `request` and `response` on every entry; the IG's examples show `POST
-//! Encounter` / `201`, but which interaction made the change is not known here, and the IG lets a
-//! server "simply include a `GET` to the relevant resource instead". So a live focus gets `GET
-//! {type}/{id}/_history/{version}` / `200` (the very request that reads the version notified), a
-//! deleted one `DELETE {type}/{id}` / `204` and never a resource. `full-resource` entries carry
-//! the resource. `empty` payloads have no entry but the status (the IG: SHALL NOT), nor do
-//! handshakes, heartbeats and `query-status` answers.
+//! Encounter` / `201`, but which interaction made the change is not known here, and the IG's
+//! notifications page allows a `GET` of the resource in place of the original request. So a live
+//! focus gets `GET {type}/{id}/_history/{version}` / `200` (the very request that reads the
+//! version notified), a deleted one `DELETE {type}/{id}` / `204` (no content) and never a
+//! resource. `full-resource` entries carry the resource when the event has it. `empty` payloads
+//! have no entry but the status (the IG: SHALL NOT), nor do handshakes, heartbeats and
+//! `query-status` answers.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
@@ -41,7 +43,8 @@ pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/
 /// The subscription status codes of FHIR R4 (`http://hl7.org/fhir/ValueSet/subscription-status`).
 const STATUS_CODES: [&str; 4] = ["requested", "active", "error", "off"];
 
-/// The kind of a notification (`type`, `http://hl7.org/fhir/ValueSet/subscription-notification-type`).
+/// The kind of a notification: its `type`, from
+/// `http://hl7.org/fhir/ValueSet/subscription-notification-type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NotificationType {
     /// Sent once when a subscription starts, to check the endpoint.
@@ -106,7 +109,9 @@ pub struct NotificationEvent<'a> {
     pub focus_id: &'a str,
     /// The focus version the event is about.
     pub focus_version: i64,
-    /// The resource, for `full-resource` payloads (`None` for a deleted focus).
+    /// The resource, for `full-resource` payloads (`None` for a deleted focus). Without it a
+    /// `full-resource` entry has its request and response only, which the IG allows a server
+    /// that cannot include a resource.
     pub focus: Option<&'a Value>,
     /// The focus was deleted by the change.
     pub deleted: bool,
@@ -164,9 +169,10 @@ fn build_status(
     events: &[NotificationEvent<'_>],
     content: PayloadContent,
 ) -> Value {
+    let subscription = format!("{base}/Subscription/{}", status.subscription_id);
     let mut parameter = vec![json!({
         "name": "subscription",
-        "valueReference": {"reference": format!("{base}/Subscription/{}", status.subscription_id)}
+        "valueReference": {"reference": subscription}
     })];
     if content != PayloadContent::Empty {
         parameter.push(json!({"name": "topic", "valueCanonical": status.topic_url}));
@@ -184,10 +190,8 @@ fn build_status(
                 json!({"name": "timestamp", "valueInstant": instant(event.timestamp)}),
             ];
             if content != PayloadContent::Empty {
-                part.push(json!({
-                    "name": "focus",
-                    "valueReference": {"reference": format!("{base}/{}/{}", event.focus_type, event.focus_id)}
-                }));
+                let focus = format!("{base}/{}/{}", event.focus_type, event.focus_id);
+                part.push(json!({"name": "focus", "valueReference": {"reference": focus}}));
             }
             parameter.push(json!({"name": "notification-event", "part": part}));
         }
