@@ -7,6 +7,9 @@
 //! - `channel` extensions `backport-heartbeat-period`, `backport-timeout`, `backport-max-count`;
 //! - `channel.type` extension `backport-channel-type`: refused (the subscription is unusable).
 //!
+//! Filters are evaluated by the crate's criteria matcher ([`crate::criteria`]), with its semantics
+//! (Medplum's), so a filter means the same as it would in a Medplum criteria.
+//!
 //! Left to the callers, as for every subscription: `status`, `channel.type`, `channel.endpoint`,
 //! `channel.header`, `end`. Not read, because they change nothing about what is delivered:
 //! `reason`, `contact`, `error`, the R5 `Subscription.identifier` extension.
@@ -712,6 +715,19 @@ mod tests {
 
         let refused = with_filters(&["Encounter?subject:Patient=123"]).check_filters(&topic);
         assert!(refused[0].contains("modifier `:Patient`"), "{refused:#?}");
+    }
+
+    #[test]
+    fn a_declared_filter_the_matcher_cannot_evaluate_is_refused_and_matches_nothing() {
+        // The IG topic declares `_in`, which is no search parameter the matcher evaluates.
+        let mut resource = admission();
+        resource["_criteria"]["extension"][0]["valueString"] = json!("Encounter?_in=Group/1");
+        let (subscription, problems) = BackportSubscription::parse(&resource).unwrap();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains("`_in=Group/1`"), "{problems:#?}");
+        assert!(subscription.check_filters(&encounter_complete()).is_empty());
+        let encounter = json!({"resourceType": "Encounter", "status": "finished"});
+        assert!(!subscription.filters_match("Encounter", &encounter).unwrap());
     }
 
     #[test]
