@@ -455,6 +455,114 @@ END
 $$;
 
 --
+-- Name: handshake_finished(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.handshake_finished() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_current record;
+    v_status  text;
+BEGIN
+    v_status := CASE NEW.state WHEN 'succeeded' THEN 'active' WHEN 'failed' THEN 'error' END;
+    IF v_status IS NULL THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        SELECT r.version_id, v.content INTO v_current
+        FROM fhir_outbox.resource r
+        JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+        WHERE r.project_id = NEW.project_id AND r.resource_type = 'Subscription'
+          AND r.id = NEW.subscription_id AND NOT r.deleted
+        FOR UPDATE OF r;
+        IF FOUND AND v_current.content ->> 'status' = 'requested' THEN
+            PERFORM fhir_outbox.update_resource(
+                NEW.project_id, 'Subscription', NEW.subscription_id,
+                jsonb_set(v_current.content, '{status}', to_jsonb(v_status)),
+                v_current.version_id, 'fhir-outbox', NEW.request_id, NEW.trace_id);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'fhir-outbox: cannot set Subscription/% to % after its handshake: %',
+            NEW.subscription_id, v_status, SQLERRM;
+    END;
+    RETURN NULL;
+END
+$$;
+
+--
+-- Name: is_subscription_topic(jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.is_subscription_topic(p_content jsonb) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT coalesce(p_content @> '{"code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]}}', false)
+$$;
+
+--
+-- Name: queue_heartbeats(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.queue_heartbeats() RETURNS integer
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_queued integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.heartbeats')) THEN
+        RETURN 0;
+    END IF;
+    WITH subscribed AS (
+        SELECT r.project_id, r.id, r.version_id, r.last_updated,
+               (SELECT (e ->> 'valueUnsignedInt')::bigint
+                FROM jsonb_array_elements(v.content #> '{channel,extension}') e
+                WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
+                  AND jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
+                LIMIT 1) AS period
+        FROM fhir_outbox.resource r
+        JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+        WHERE r.resource_type = 'Subscription' AND NOT r.deleted
+          AND v.content ->> 'status' = 'active'
+          AND v.content #>> '{channel,type}' = 'rest-hook'
+          AND jsonb_typeof(v.content #> '{channel,extension}') = 'array'),
+    due AS (
+        SELECT s.project_id, s.id, s.version_id
+        FROM subscribed s
+        LEFT JOIN fhir_outbox.subscription_event_count c
+               ON c.project_id = s.project_id AND c.subscription_id = s.id
+        WHERE s.period > 0
+          AND greatest(c.last_notification_at, s.last_updated) <= now() - make_interval(secs => s.period)
+          AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                          WHERE p.project_id = s.project_id AND p.subscription_id = s.id)
+          AND NOT EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery d
+                          WHERE d.project_id = s.project_id AND d.subscription_id = s.id
+                            AND d.notification = 'heartbeat')
+        ORDER BY s.project_id, s.id),
+    counted AS (
+        INSERT INTO fhir_outbox.subscription_event_count AS c (project_id, subscription_id)
+        SELECT project_id, id FROM due
+        ON CONFLICT (project_id, subscription_id) DO UPDATE SET last_notification_at = now()
+        RETURNING c.project_id, c.subscription_id, c.events_since_start)
+    INSERT INTO fhir_outbox.unfinished_delivery
+        (project_id, subscription_id, outbox_seq, resource_project_id, resource_type, resource_id,
+         version_id, previous_version_id, interaction, changed_at, request_id, trace_id, matched_at,
+         notification, event_number, lane)
+    SELECT d.project_id, d.id, 0, d.project_id, 'Subscription', d.id, d.version_id, NULL, 'update',
+           now(), gen_random_uuid()::text, gen_random_uuid()::text, now(),
+           'heartbeat', c.events_since_start, (SELECT current FROM fhir_outbox.delivery_lane)
+    FROM due d JOIN counted c ON c.project_id = d.project_id AND c.subscription_id = d.id;
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    IF v_queued > 0 THEN
+        PERFORM pg_notify('fhir_outbox_delivery', '');
+    END IF;
+    RETURN v_queued;
+END
+$$;
+
+--
 -- Name: read_resource(uuid, text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -681,6 +789,28 @@ CREATE FUNCTION fhir_outbox.strip_empty(v jsonb) RETURNS jsonb
             FROM jsonb_array_elements(v) WITH ORDINALITY)
         ELSE v
     END
+$$;
+
+--
+-- Name: topic_written(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.topic_written() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF fhir_outbox.is_subscription_topic(NEW.content)
+       OR (NEW.content IS NULL AND EXISTS (
+               SELECT 1 FROM fhir_outbox.resource_version v
+               WHERE v.project_id = NEW.project_id AND v.resource_type = 'Basic' AND v.id = NEW.id
+                 AND v.version_id = NEW.version_id - 1
+                 AND fhir_outbox.is_subscription_topic(v.content))) THEN
+        UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1
+        WHERE id = NEW.project_id;
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 --
@@ -915,13 +1045,15 @@ BEGIN
             (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
              resource_type, resource_id, version_id, previous_version_id, interaction, changed_at,
              request_id, trace_id, matched_at, state, attempts, next_attempt_at, reason, lease_token,
-             lease_expires_at, claims, preamble_failures, last_status, replay)
+             lease_expires_at, claims, preamble_failures, last_status, replay, notification,
+             event_number)
         VALUES (NEW.id, NEW.webhook_id, NEW.project_id, NEW.subscription_id, NEW.outbox_seq,
                 NEW.resource_project_id, NEW.resource_type, NEW.resource_id, NEW.version_id,
                 NEW.previous_version_id, NEW.interaction, NEW.changed_at, NEW.request_id,
                 NEW.trace_id, NEW.matched_at, NEW.state, NEW.attempts, NEW.next_attempt_at,
                 NEW.reason, NEW.lease_token, NEW.lease_expires_at, NEW.claims,
-                NEW.preamble_failures, NEW.last_status, NEW.replay);
+                NEW.preamble_failures, NEW.last_status, NEW.replay, NEW.notification,
+                NEW.event_number);
     ELSE
         NEW.finished_at := coalesce(NEW.finished_at, now());
         NEW.lease_token := NULL;
@@ -930,13 +1062,13 @@ BEGIN
             (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
              resource_type, resource_id, version_id, previous_version_id, interaction, changed_at,
              request_id, trace_id, matched_at, state, attempts, next_attempt_at, finished_at, reason,
-             claims, preamble_failures, last_status, replay)
+             claims, preamble_failures, last_status, replay, notification, event_number)
         VALUES (NEW.id, NEW.webhook_id, NEW.project_id, NEW.subscription_id, NEW.outbox_seq,
                 NEW.resource_project_id, NEW.resource_type, NEW.resource_id, NEW.version_id,
                 NEW.previous_version_id, NEW.interaction, NEW.changed_at, NEW.request_id,
                 NEW.trace_id, NEW.matched_at, NEW.state, NEW.attempts, NEW.next_attempt_at,
                 NEW.finished_at, NEW.reason, NEW.claims, NEW.preamble_failures, NEW.last_status,
-                NEW.replay);
+                NEW.replay, NEW.notification, NEW.event_number);
     END IF;
     RETURN NEW;
 END
@@ -1036,7 +1168,10 @@ CREATE TABLE fhir_outbox.unfinished_delivery (
     last_status integer,
     replay boolean DEFAULT false NOT NULL,
     lane smallint DEFAULT fhir_outbox.current_delivery_lane() NOT NULL,
+    notification text,
+    event_number bigint,
     CONSTRAINT unfinished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT unfinished_delivery_notification_check CHECK ((notification = ANY (ARRAY['handshake'::text, 'heartbeat'::text, 'event-notification'::text]))),
     CONSTRAINT unfinished_delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text])))
 )
 PARTITION BY LIST (lane);
@@ -1087,7 +1222,10 @@ CREATE TABLE fhir_outbox.finished_delivery (
     preamble_failures integer DEFAULT 0 NOT NULL,
     last_status integer,
     replay boolean DEFAULT false NOT NULL,
+    notification text,
+    event_number bigint,
     CONSTRAINT finished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT finished_delivery_notification_check CHECK ((notification = ANY (ARRAY['handshake'::text, 'heartbeat'::text, 'event-notification'::text]))),
     CONSTRAINT finished_delivery_state_check CHECK ((state = ANY (ARRAY['succeeded'::text, 'skipped'::text, 'failed'::text, 'cancelled'::text])))
 )
 PARTITION BY RANGE (finished_at);
@@ -1122,7 +1260,9 @@ CREATE VIEW fhir_outbox.delivery AS
     unfinished_delivery.claims,
     unfinished_delivery.preamble_failures,
     unfinished_delivery.last_status,
-    unfinished_delivery.replay
+    unfinished_delivery.replay,
+    unfinished_delivery.notification,
+    unfinished_delivery.event_number
    FROM fhir_outbox.unfinished_delivery
 UNION ALL
  SELECT finished_delivery.id,
@@ -1150,7 +1290,9 @@ UNION ALL
     finished_delivery.claims,
     finished_delivery.preamble_failures,
     finished_delivery.last_status,
-    finished_delivery.replay
+    finished_delivery.replay,
+    finished_delivery.notification,
+    finished_delivery.event_number
    FROM fhir_outbox.finished_delivery;
 
 --
@@ -1540,6 +1682,18 @@ CREATE VIEW fhir_outbox.subscription_delivery_status AS
   WHERE ((r.resource_type = 'Subscription'::text) AND (NOT r.deleted));
 
 --
+-- Name: subscription_event_count; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.subscription_event_count (
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    events_since_start bigint DEFAULT 0 NOT NULL,
+    last_notification_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT subscription_event_count_events_since_start_check CHECK ((events_since_start >= 0))
+);
+
+--
 -- Name: subscription_failure; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
@@ -1580,7 +1734,10 @@ CREATE TABLE fhir_outbox.unfinished_delivery_lane0 (
     last_status integer,
     replay boolean DEFAULT false NOT NULL,
     lane smallint DEFAULT fhir_outbox.current_delivery_lane() NOT NULL,
+    notification text,
+    event_number bigint,
     CONSTRAINT unfinished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT unfinished_delivery_notification_check CHECK ((notification = ANY (ARRAY['handshake'::text, 'heartbeat'::text, 'event-notification'::text]))),
     CONSTRAINT unfinished_delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text])))
 )
 WITH (fillfactor='80');
@@ -1616,7 +1773,10 @@ CREATE TABLE fhir_outbox.unfinished_delivery_lane1 (
     last_status integer,
     replay boolean DEFAULT false NOT NULL,
     lane smallint DEFAULT fhir_outbox.current_delivery_lane() NOT NULL,
+    notification text,
+    event_number bigint,
     CONSTRAINT unfinished_delivery_interaction_check CHECK ((interaction = ANY (ARRAY['create'::text, 'update'::text, 'delete'::text]))),
+    CONSTRAINT unfinished_delivery_notification_check CHECK ((notification = ANY (ARRAY['handshake'::text, 'heartbeat'::text, 'event-notification'::text]))),
     CONSTRAINT unfinished_delivery_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'in_flight'::text])))
 )
 WITH (fillfactor='80');
@@ -1723,6 +1883,13 @@ ALTER TABLE ONLY fhir_outbox.resource_version
     ADD CONSTRAINT resource_version_pkey PRIMARY KEY (project_id, resource_type, id, version_id);
 
 --
+-- Name: subscription_event_count subscription_event_count_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.subscription_event_count
+    ADD CONSTRAINT subscription_event_count_pkey PRIMARY KEY (project_id, subscription_id);
+
+--
 -- Name: subscription_issue subscription_issue_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
 --
 
@@ -1824,6 +1991,12 @@ CREATE INDEX finished_delivery_by_resource ON ONLY fhir_outbox.finished_delivery
 CREATE INDEX finished_delivery_by_subscription ON ONLY fhir_outbox.finished_delivery USING btree (project_id, subscription_id, id);
 
 --
+-- Name: finished_delivery_event; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX finished_delivery_event ON ONLY fhir_outbox.finished_delivery USING btree (project_id, subscription_id, event_number) WHERE (notification = 'event-notification'::text);
+
+--
 -- Name: finished_delivery_given_up; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
@@ -1848,6 +2021,12 @@ CREATE INDEX outbox_undispatched ON fhir_outbox.outbox USING btree (seq) WHERE (
 CREATE INDEX outbox_with_dispatch_error ON fhir_outbox.outbox USING btree (seq) WHERE (dispatch_error IS NOT NULL);
 
 --
+-- Name: resource_live_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX resource_live_subscription ON fhir_outbox.resource USING btree (project_id, id) WHERE ((resource_type = 'Subscription'::text) AND (NOT deleted));
+
+--
 -- Name: resource_version_audit_event_age; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
@@ -1860,6 +2039,12 @@ CREATE INDEX resource_version_audit_event_age ON fhir_outbox.resource_version US
 CREATE INDEX subscription_failure_by_subscription ON fhir_outbox.subscription_failure USING btree (project_id, subscription_id, failed_at);
 
 --
+-- Name: unfinished_delivery_event; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_event ON ONLY fhir_outbox.unfinished_delivery USING btree (project_id, subscription_id, event_number) WHERE (notification = 'event-notification'::text);
+
+--
 -- Name: unfinished_delivery_lane0_lease_expires_at_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 
@@ -1870,6 +2055,12 @@ CREATE INDEX unfinished_delivery_lane0_lease_expires_at_idx ON fhir_outbox.unfin
 --
 
 CREATE INDEX unfinished_delivery_lane0_next_attempt_at_idx ON fhir_outbox.unfinished_delivery_lane0 USING btree (next_attempt_at) WHERE (state = 'pending'::text);
+
+--
+-- Name: unfinished_delivery_lane0_project_id_subscription_id_event__idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane0_project_id_subscription_id_event__idx ON fhir_outbox.unfinished_delivery_lane0 USING btree (project_id, subscription_id, event_number) WHERE (notification = 'event-notification'::text);
 
 --
 -- Name: unfinished_delivery_lane0_project_id_subscription_id_next_a_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
@@ -1888,6 +2079,12 @@ CREATE INDEX unfinished_delivery_lane1_lease_expires_at_idx ON fhir_outbox.unfin
 --
 
 CREATE INDEX unfinished_delivery_lane1_next_attempt_at_idx ON fhir_outbox.unfinished_delivery_lane1 USING btree (next_attempt_at) WHERE (state = 'pending'::text);
+
+--
+-- Name: unfinished_delivery_lane1_project_id_subscription_id_event__idx; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX unfinished_delivery_lane1_project_id_subscription_id_event__idx ON fhir_outbox.unfinished_delivery_lane1 USING btree (project_id, subscription_id, event_number) WHERE (notification = 'event-notification'::text);
 
 --
 -- Name: unfinished_delivery_lane1_project_id_subscription_id_next_a_idx; Type: INDEX; Schema: fhir_outbox; Owner: -
@@ -1914,6 +2111,12 @@ ALTER INDEX fhir_outbox.delivery_due ATTACH PARTITION fhir_outbox.unfinished_del
 ALTER INDEX fhir_outbox.unfinished_delivery_pkey ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0_pkey;
 
 --
+-- Name: unfinished_delivery_lane0_project_id_subscription_id_event__idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.unfinished_delivery_event ATTACH PARTITION fhir_outbox.unfinished_delivery_lane0_project_id_subscription_id_event__idx;
+
+--
 -- Name: unfinished_delivery_lane0_project_id_subscription_id_next_a_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
 --
 
@@ -1938,6 +2141,12 @@ ALTER INDEX fhir_outbox.delivery_due ATTACH PARTITION fhir_outbox.unfinished_del
 ALTER INDEX fhir_outbox.unfinished_delivery_pkey ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1_pkey;
 
 --
+-- Name: unfinished_delivery_lane1_project_id_subscription_id_event__idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
+--
+
+ALTER INDEX fhir_outbox.unfinished_delivery_event ATTACH PARTITION fhir_outbox.unfinished_delivery_lane1_project_id_subscription_id_event__idx;
+
+--
 -- Name: unfinished_delivery_lane1_project_id_subscription_id_next_a_idx; Type: INDEX ATTACH; Schema: fhir_outbox; Owner: -
 --
 
@@ -1948,6 +2157,12 @@ ALTER INDEX fhir_outbox.delivery_queue ATTACH PARTITION fhir_outbox.unfinished_d
 --
 
 CREATE TRIGGER delivery_view_writes INSTEAD OF INSERT OR DELETE OR UPDATE ON fhir_outbox.delivery FOR EACH ROW EXECUTE FUNCTION fhir_outbox.write_delivery_view();
+
+--
+-- Name: finished_delivery finished_delivery_handshake; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER finished_delivery_handshake AFTER INSERT ON fhir_outbox.finished_delivery FOR EACH ROW WHEN ((new.notification = 'handshake'::text)) EXECUTE FUNCTION fhir_outbox.handshake_finished();
 
 --
 -- Name: outbox outbox_wake_waiting_dispatchers; Type: TRIGGER; Schema: fhir_outbox; Owner: -
@@ -1966,6 +2181,12 @@ CREATE TRIGGER project_settings_checked BEFORE INSERT OR UPDATE OF settings ON f
 --
 
 CREATE TRIGGER resource_version_immutable BEFORE UPDATE ON fhir_outbox.resource_version FOR EACH ROW EXECUTE FUNCTION fhir_outbox.forbid_version_update();
+
+--
+-- Name: resource_version resource_version_topic_written; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER resource_version_topic_written AFTER INSERT ON fhir_outbox.resource_version FOR EACH ROW WHEN ((new.resource_type = 'Basic'::text)) EXECUTE FUNCTION fhir_outbox.topic_written();
 
 --
 -- Name: console_token console_token_project_id_fkey; Type: FK CONSTRAINT; Schema: fhir_outbox; Owner: -

@@ -261,6 +261,9 @@ enum Command {
             default_value = "127.0.0.1:8080"
         )]
         console_addr: String,
+        /// The base URL of your FHIR API, which `$status` and `$events` refer to resources by.
+        #[arg(long, env = "FHIR_OUTBOX_FHIR_BASE_URL", default_value = fhir_outbox::delivery::DEFAULT_FHIR_BASE_URL, value_parser = parse_base_url)]
+        fhir_base_url: String,
     },
     /// Endpoints (a project's scheme://host:port) whose circuit is open or half-open or that have
     /// failed since their last healthy answer, with their load and next probe.
@@ -477,6 +480,10 @@ struct DeliveryArgs {
     /// Do not write AuditEvents whose destination is `log` to the log.
     #[arg(long, env = "FHIR_OUTBOX_NO_AUDIT_LOG")]
     no_audit_log: bool,
+    /// The base URL of your FHIR API (e.g. https://fhir.example.org/fhir): notification bundles of
+    /// subscriptions to topics refer to their focus resources and subscriptions by it.
+    #[arg(long, env = "FHIR_OUTBOX_FHIR_BASE_URL", default_value = fhir_outbox::delivery::DEFAULT_FHIR_BASE_URL, value_parser = parse_base_url)]
+    fhir_base_url: String,
     /// Auto-disable triggers, a JSON array like `[{"maxConsecutiveFailures":5,"timeWindowSeconds":3600}]`
     /// (a project's `subscriptionAutoDisable` setting overrides it). Default: off.
     #[arg(long, env = "FHIR_OUTBOX_AUTO_DISABLE")]
@@ -533,9 +540,19 @@ impl DeliveryArgs {
             allow_unsafe_outbound,
             redact_audit_events: self.redact_audit_events,
             log_audit_events: !self.no_audit_log,
+            fhir_base_url: self.fhir_base_url.clone(),
             ..DeliveryConfig::default()
         })
     }
+}
+
+/// An absolute http(s) URL, kept without its trailing `/`.
+fn parse_base_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|error| format!("not a URL: {error}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
+        return Err("an http(s) URL without a query is expected".to_owned());
+    }
+    Ok(text.trim_end_matches('/').to_owned())
 }
 
 fn parse_interaction(code: &str) -> Result<Interaction, String> {
@@ -698,11 +715,14 @@ async fn execute(cli: Cli) -> Result<()> {
             let pool = connect_migrated(&require_url(cli.database_url)?, 2).await?;
             cli::operator::token(&pool, command).await
         }
-        Command::Console { console_addr } => {
+        Command::Console {
+            console_addr,
+            fhir_base_url,
+        } => {
             let address = parse_address("--console-addr", &console_addr)?
                 .context("--console-addr cannot be `off` for `fhir-outbox console`")?;
             let pool = connect_migrated(&require_url(cli.database_url)?, 8).await?;
-            cli::operator::serve_console(pool, address).await
+            cli::operator::serve_console(pool, address, fhir_base_url).await
         }
         Command::Project { command } => {
             project_command(&require_url(cli.database_url)?, command).await

@@ -137,6 +137,10 @@ impl PipelineBuilder {
         let mut tasks = Vec::new();
         // Delivery's configuration is checked before anything starts, so an error leaves nothing
         // running behind.
+        let fhir_base_url = self.delivery.as_ref().map_or_else(
+            || crate::delivery::DEFAULT_FHIR_BASE_URL.to_owned(),
+            |config| config.fhir_base_url.clone(),
+        );
         let worker = match self.delivery {
             Some(config) => {
                 let worker = DeliveryWorker::new(self.pool.clone(), config)?;
@@ -159,7 +163,8 @@ impl PipelineBuilder {
         let console_address = match self.console {
             Some(address) => {
                 let (bound, task) =
-                    console::serve(self.pool.clone(), address, shutdown.clone()).await?;
+                    console::serve(self.pool.clone(), address, fhir_base_url, shutdown.clone())
+                        .await?;
                 tasks.push(task);
                 Some(bound)
             }

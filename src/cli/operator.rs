@@ -396,9 +396,13 @@ pub async fn token(pool: &PgPool, command: TokenCommand) -> Result<()> {
 }
 
 /// `fhir-outbox console`: the console alone, until Ctrl-C or SIGTERM.
-pub async fn serve_console(pool: PgPool, address: std::net::SocketAddr) -> Result<()> {
+pub async fn serve_console(
+    pool: PgPool,
+    address: std::net::SocketAddr,
+    fhir_base_url: String,
+) -> Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let (bound, server) = console::serve(pool.clone(), address, shutdown.clone())
+    let (bound, server) = console::serve(pool.clone(), address, fhir_base_url, shutdown.clone())
         .await
         .with_context(
             || "choose another address with --console-addr (`127.0.0.1:0` takes any free port)",

@@ -83,7 +83,14 @@ pub struct DeliveryConfig {
     pub bot_output_limit_resource: usize,
     /// Bytes of a bot's output kept in a logged AuditEvent.
     pub bot_output_limit_log: usize,
+    /// The base URL of the FHIR API that serves the resources (no trailing `/`): notification
+    /// bundles of subscriptions to topics name their focus and subscription by it. The default,
+    /// under the reserved `.invalid` domain, says plainly that it was not configured.
+    pub fhir_base_url: String,
 }
+
+/// [`DeliveryConfig::fhir_base_url`] when none is configured.
+pub const DEFAULT_FHIR_BASE_URL: &str = "https://fhir-outbox.invalid/fhir";
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -106,6 +113,7 @@ impl Default for DeliveryConfig {
             auto_disable: Vec::new(),
             bot_output_limit_resource: 10 * 1024,
             bot_output_limit_log: 10 * 1024,
+            fhir_base_url: DEFAULT_FHIR_BASE_URL.to_owned(),
         }
     }
 }

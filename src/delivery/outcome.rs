@@ -254,6 +254,8 @@ mod tests {
             endpoint: "https://example.org:443".into(),
             probe: false,
             replay: false,
+            notification: None,
+            event_number: None,
         }
     }
 

@@ -6,12 +6,15 @@ use super::DeliveryConfig;
 use super::auto_disable::{self, Trigger};
 use super::headers;
 use super::policy::Rules;
-use super::queries::{ClaimedDelivery, ResourceNow, SubscriptionNow};
+use super::queries::{ClaimedDelivery, Notification, ResourceNow, SubscriptionNow};
 use super::signature;
 use super::state::{FailureReason, SkipReason};
 use crate::audit;
 use crate::capture::{self, Interaction, StoreError};
 use crate::subscription;
+use crate::topic::{
+    self, BackportSubscription, NotificationEvent, NotificationType, SubscriptionStatus,
+};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -41,6 +44,10 @@ pub(super) struct Target {
     pub auto_disable: Vec<Trigger>,
     /// Whether its AuditEvents are redacted.
     pub redact: bool,
+    /// For a subscription to a topic: how it reads, or why it cannot be read.
+    pub backport: Option<Result<BackportSubscription, String>>,
+    /// The FHIR base URL notification bundles refer to resources by.
+    pub fhir_base_url: String,
 }
 
 impl Target {
@@ -69,6 +76,10 @@ impl Target {
                 config.redact_audit_events,
                 &now.settings,
             ),
+            backport: topic::is_backport_subscription(content).then(|| {
+                BackportSubscription::parse(content).map(|(subscription, _)| subscription)
+            }),
+            fhir_base_url: config.fhir_base_url.clone(),
             subscription,
         };
         (target, problem)
@@ -112,6 +123,9 @@ pub(super) struct Request {
     pub body: Vec<u8>,
     /// The resource's display, for the AuditEvent.
     pub resource_display: Option<String>,
+    /// A shorter time allowed for the whole request than the worker's (a subscription to a
+    /// topic's `backport-timeout`).
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Request {
@@ -119,6 +133,8 @@ impl Request {
     pub(super) fn headers(&self, delivery: &ClaimedDelivery, timestamp: i64) -> HeaderMap {
         let webhook_id = delivery.webhook_id.to_string();
         let deleted = format!("{}/{}", delivery.resource_type, delivery.resource_id);
+        // Medplum's header describes Medplum's body; a notification bundle says it all itself.
+        let medplum_body = delivery.notification.is_none();
         let custom = match &self.target.custom_headers {
             Ok(custom) => custom.as_slice(),
             Err(_) => &[],
@@ -126,7 +142,7 @@ impl Request {
         headers::build(&headers::RequestHeaders {
             subscription_id: &delivery.subscription_id,
             interaction: delivery.interaction,
-            deleted_resource: (delivery.interaction == Interaction::Delete)
+            deleted_resource: (medplum_body && delivery.interaction == Interaction::Delete)
                 .then_some(deleted.as_str()),
             custom,
             trace_id: &delivery.trace_id,
@@ -163,6 +179,14 @@ pub(super) async fn prepare(
     };
     if target.channel != "rest-hook" {
         return stop(Stop::Skipped(SkipReason::Channel(target.channel.clone())));
+    }
+    if let Some(notification) = delivery.notification {
+        return Ok(prepare_notification(
+            delivery,
+            target,
+            resource,
+            notification,
+        ));
     }
     if target.status != "active" {
         return stop(Stop::Skipped(SkipReason::Status(target.status.clone())));
@@ -249,5 +273,105 @@ pub(super) async fn prepare(
         bot: bot.map(|bot| (bot, payload.unwrap_or_default())),
         body,
         resource_display,
+        timeout: None,
     })))
+}
+
+/// A notification bundle for a subscription to a topic (the Subscriptions Backport): a handshake
+/// while it is `requested`, else a heartbeat or one event, its focus as the subscription's payload
+/// content asks. Every event goes, whatever became of its resource since: the receiver counts
+/// them, and a version that was superseded is still an event of the topic.
+fn prepare_notification(
+    delivery: &ClaimedDelivery,
+    target: &Arc<Target>,
+    resource: ResourceNow,
+    notification: Notification,
+) -> Prepared {
+    let stop = Prepared::Stop;
+    let expected_status = match notification {
+        Notification::Handshake => "requested",
+        Notification::Heartbeat | Notification::Event => "active",
+    };
+    if target.status != expected_status {
+        return stop(Stop::Skipped(SkipReason::Status(target.status.clone())));
+    }
+    let Some(endpoint) = target.endpoint.clone() else {
+        return stop(Stop::Done);
+    };
+    if endpoint.starts_with("Bot/") {
+        return stop(Stop::Refused(FailureReason::Refused(
+            "a subscription to a topic notifies http(s) endpoints, not bots".to_owned(),
+        )));
+    }
+    let subscription = match &target.backport {
+        Some(Ok(subscription)) => subscription,
+        Some(Err(error)) => {
+            return stop(Stop::Refused(FailureReason::Refused(format!(
+                "invalid subscription to a topic: {error}"
+            ))));
+        }
+        None => {
+            return stop(Stop::Refused(FailureReason::Refused(
+                "the subscription is no longer a subscription to a topic".to_owned(),
+            )));
+        }
+    };
+    if let Err(error) = &target.custom_headers {
+        return stop(Stop::Refused(FailureReason::Refused(error.clone())));
+    }
+    let deleted = delivery.interaction == Interaction::Delete;
+    let focus = match (&resource.content, deleted) {
+        (Some(content), false) => Some(content),
+        (None, false) if notification == Notification::Event => {
+            return stop(Stop::Refused(FailureReason::Refused(format!(
+                "{}/{} version {} is not stored",
+                delivery.resource_type, delivery.resource_id, delivery.version_id
+            ))));
+        }
+        _ => None,
+    };
+    let events: Vec<NotificationEvent<'_>> = match (notification, delivery.event_number) {
+        (Notification::Event, Some(number)) => vec![NotificationEvent {
+            number,
+            timestamp: delivery.changed_at,
+            focus_type: &delivery.resource_type,
+            focus_id: &delivery.resource_id,
+            focus_version: delivery.version_id,
+            focus,
+            deleted,
+        }],
+        (Notification::Event, None) => {
+            return stop(Stop::Refused(FailureReason::Refused(
+                "the event has no number".to_owned(),
+            )));
+        }
+        _ => Vec::new(),
+    };
+    let status = SubscriptionStatus {
+        subscription_id: &delivery.subscription_id,
+        topic_url: &subscription.topic_url,
+        status: &target.status,
+        notification_type: match notification {
+            Notification::Handshake => NotificationType::Handshake,
+            Notification::Heartbeat => NotificationType::Heartbeat,
+            Notification::Event => NotificationType::EventNotification,
+        },
+        events_since_subscription_start: delivery.event_number.unwrap_or(0),
+        errors: Vec::new(),
+    };
+    let bundle = topic::notification_bundle(
+        &target.fhir_base_url,
+        &status,
+        &events,
+        subscription.content,
+        chrono::Utc::now(),
+    );
+    Prepared::Send(Box::new(Request {
+        target: target.clone(),
+        endpoint,
+        bot: None,
+        body: serde_json::to_vec(&bundle).expect("a JSON value serializes"),
+        resource_display: focus.and_then(audit::display),
+        timeout: subscription.timeout,
+    }))
 }

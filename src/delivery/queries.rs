@@ -33,6 +33,24 @@ pub(super) struct ClaimedDelivery {
     pub probe: bool,
     /// Replayed by an operator: its own version is sent again even if superseded or deleted.
     pub replay: bool,
+    /// For a subscription to a topic, the notification it carries; `None`: Medplum's body.
+    pub notification: Option<Notification>,
+    /// An event's number; for a heartbeat, the subscription's events when it was queued.
+    pub event_number: Option<i64>,
+}
+
+/// The kind of notification bundle a delivery to a subscription to a topic carries (the
+/// `notification` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "kebab-case")]
+pub(super) enum Notification {
+    /// Sent once when the subscription is `requested`: its outcome activates it.
+    Handshake,
+    /// Sent when the subscription has been quiet for its heartbeat period.
+    Heartbeat,
+    /// An event of its topic (`event-notification`).
+    #[sqlx(rename = "event-notification")]
+    Event,
 }
 
 /// A claimed delivery, with what its preamble needs, read in the claim's own statement.
@@ -89,6 +107,8 @@ struct ClaimRow {
     endpoint: String,
     probe: bool,
     replay: bool,
+    notification: Option<Notification>,
+    event_number: Option<i64>,
     current_version: Option<i64>,
     deleted: bool,
     content: Option<String>,
@@ -310,6 +330,7 @@ pub(super) async fn claim(
                   c.interaction AS "interaction!: Interaction", c.changed_at, c.request_id, c.trace_id,
                   c.attempts, c.preamble_failures, c.claims, c.lease_token AS "lease_token!",
                   c.endpoint AS "endpoint!", c.probe AS "probe!", c.replay,
+                  c.notification AS "notification?: Notification", c.event_number,
                   r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
                   v.content::text AS "content?", c.first_of_subscription AS "first_of_subscription!",
                   sv.content::text AS "subscription?",
@@ -383,6 +404,8 @@ pub(super) async fn claim(
                 endpoint: row.endpoint,
                 probe: row.probe,
                 replay: row.replay,
+                notification: row.notification,
+                event_number: row.event_number,
             },
         })
         .collect())
@@ -551,17 +574,20 @@ pub(super) async fn complete(
                          d.trace_id, d.matched_at, c.state, c.attempts,
                          coalesce(c.next_attempt_at, d.next_attempt_at) AS next_attempt_at,
                          c.reason, d.claims, c.preamble_failures,
-                         coalesce(c.last_status, d.last_status) AS last_status, d.replay),
+                         coalesce(c.last_status, d.last_status) AS last_status, d.replay,
+                         d.notification, d.event_number),
            stored AS (
                INSERT INTO fhir_outbox.finished_delivery
                    (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
                     resource_type, resource_id, version_id, previous_version_id, interaction,
                     changed_at, request_id, trace_id, matched_at, state, attempts, next_attempt_at,
-                    finished_at, reason, claims, preamble_failures, last_status, replay)
+                    finished_at, reason, claims, preamble_failures, last_status, replay,
+                    notification, event_number)
                SELECT id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
                       resource_type, resource_id, version_id, previous_version_id, interaction,
                       changed_at, request_id, trace_id, matched_at, state, attempts, next_attempt_at,
-                      now(), reason, claims, preamble_failures, last_status, replay
+                      now(), reason, claims, preamble_failures, last_status, replay, notification,
+                      event_number
                FROM finished
                RETURNING id),
            rescheduled AS (

@@ -80,7 +80,12 @@ impl Transport {
             None => match outbound::check_url(&request.endpoint, self.allow_unsafe_outbound) {
                 Err(refused) => Happened::Error(refused.to_string()),
                 Ok(url) => match self
-                    .post(url, headers, std::mem::take(&mut request.body))
+                    .post(
+                        url,
+                        headers,
+                        std::mem::take(&mut request.body),
+                        request.timeout,
+                    )
                     .await
                 {
                     Ok(response) => Happened::Response(response),
@@ -148,15 +153,13 @@ impl Transport {
         url: reqwest::Url,
         headers: reqwest::header::HeaderMap,
         body: Vec<u8>,
+        timeout: Option<std::time::Duration>,
     ) -> Result<Response, String> {
-        let mut response = self
-            .client
-            .post(url)
-            .headers(headers)
-            .body(body)
-            .send()
-            .await
-            .map_err(describe_error)?;
+        let mut post = self.client.post(url).headers(headers).body(body);
+        if let Some(timeout) = timeout.filter(|timeout| *timeout < self.request_timeout) {
+            post = post.timeout(timeout);
+        }
+        let mut response = post.send().await.map_err(describe_error)?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()

@@ -9,6 +9,7 @@ use crate::criteria::{Criteria, MatchReport};
 use crate::delivery::outbound;
 use crate::fhirpath::{self, Environment, Expression};
 use crate::subscription::{self, extension};
+use crate::topic::{BackportSubscription, Topic};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use std::fmt;
@@ -49,7 +50,45 @@ pub struct CompiledSubscription {
     /// Set when an evaluation of this version exhausted its budget: from then on it is not
     /// evaluated at all, so a hostile expression costs one budget, not one per change.
     suspended: OnceLock<String>,
+    /// For a subscription to a topic (the Subscriptions Backport): what it subscribes to, in place
+    /// of Medplum's criteria.
+    topic: Option<TopicBinding>,
 }
+
+/// A subscription to a topic, read once per version, with its topic as the project defines it.
+#[derive(Debug)]
+pub struct TopicBinding {
+    /// The subscription as the backport profile reads it, or why it cannot be read.
+    subscription: Result<BackportSubscription, String>,
+    /// What the subscription asks for that is refused (it matches nothing while any is).
+    refused: Vec<String>,
+    /// What is not supported but does not stop delivery (reported once).
+    unsupported: Vec<String>,
+    /// Its topic; `None` until bound, or when the project has no topic with that URL.
+    topic: Option<Arc<Topic>>,
+}
+
+impl TopicBinding {
+    fn read(resource: &Value) -> TopicBinding {
+        match BackportSubscription::parse(resource) {
+            Ok((subscription, problems)) => TopicBinding {
+                subscription: Ok(subscription),
+                refused: Vec::new(),
+                unsupported: problems,
+                topic: None,
+            },
+            Err(error) => TopicBinding {
+                subscription: Err(error),
+                refused: Vec::new(),
+                unsupported: Vec::new(),
+                topic: None,
+            },
+        }
+    }
+}
+
+/// A project's topics by canonical URL, each with what it defines that is not supported.
+pub type Topics = std::collections::HashMap<String, (Arc<Topic>, Vec<String>)>;
 
 /// The kind of a problem found in a subscription, as recorded in `fhir_outbox.subscription_issue`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +137,12 @@ impl CompiledSubscription {
                 .filter_map(|ext| ext.get("valueCode").and_then(Value::as_str))
                 .map(str::to_owned)
                 .collect();
+        let topic =
+            crate::topic::is_backport_subscription(resource).then(|| TopicBinding::read(resource));
         let criteria = match resource.get("criteria").and_then(Value::as_str) {
+            _ if topic.is_some() => {
+                Err("a subscription to a topic has no search criteria".to_owned())
+            }
             Some(text) if !text.trim().is_empty() => {
                 Criteria::parse(text).map_err(|error| error.to_string())
             }
@@ -145,6 +189,41 @@ impl CompiledSubscription {
             criteria,
             fhirpath,
             suspended: OnceLock::new(),
+            topic,
+        }
+    }
+
+    /// The topic's canonical URL, for a subscription to a topic.
+    pub fn topic_url(&self) -> Option<&str> {
+        let binding = self.topic.as_ref()?;
+        binding
+            .subscription
+            .as_ref()
+            .ok()
+            .map(|subscription| subscription.topic_url.as_str())
+    }
+
+    /// Binds a subscription to a topic with the topic its project defines under that URL (none:
+    /// it matches nothing, and says so in its issues); its filters are checked against what the
+    /// topic allows. Does nothing to a Medplum-style subscription.
+    pub fn bind_topic(&mut self, topics: &Topics) {
+        let Some(binding) = &mut self.topic else {
+            return;
+        };
+        let Ok(subscription) = &binding.subscription else {
+            return;
+        };
+        if let Some((topic, unsupported)) = topics
+            .get(&subscription.topic_url)
+            .filter(|(topic, _)| subscription.topic_matches(topic))
+        {
+            binding.refused.extend(subscription.check_filters(topic));
+            binding.unsupported.extend(
+                unsupported
+                    .iter()
+                    .map(|problem| format!("topic {}: {problem}", topic.url)),
+            );
+            binding.topic = Some(topic.clone());
         }
     }
 
@@ -199,6 +278,39 @@ impl CompiledSubscription {
             }
             Err(_) => {}
         }
+        if let Some(binding) = &self.topic {
+            match &binding.subscription {
+                Err(error) => issues.push((
+                    IssueKind::Invalid,
+                    format!("invalid subscription to a topic: {error}; nothing matches"),
+                )),
+                Ok(subscription) if binding.topic.is_none() => issues.push((
+                    IssueKind::Invalid,
+                    format!(
+                        "no topic with url {}{} in the project (a Basic coded SubscriptionTopic); nothing matches",
+                        subscription.topic_url,
+                        subscription
+                            .topic_version
+                            .as_ref()
+                            .map(|version| format!(" and version {version}"))
+                            .unwrap_or_default()
+                    ),
+                )),
+                Ok(_) => {}
+            }
+            issues.extend(binding.refused.iter().map(|problem| {
+                (
+                    IssueKind::Unsupported,
+                    format!("{problem}; the subscription matches nothing until it is changed"),
+                )
+            }));
+            issues.extend(
+                binding
+                    .unsupported
+                    .iter()
+                    .map(|problem| (IssueKind::Unsupported, problem.clone())),
+            );
+        }
         if let Some(Err(error)) = &self.fhirpath {
             issues.push((
                 IssueKind::Invalid,
@@ -209,7 +321,8 @@ impl CompiledSubscription {
     }
 
     fn has_criteria(&self) -> bool {
-        !matches!(&self.criteria, Err(message) if message == "the subscription has no criteria")
+        self.topic.is_none()
+            && !matches!(&self.criteria, Err(message) if message == "the subscription has no criteria")
     }
 
     /// Whether this subscription is one the rest-hook worker delivers to at all (active, rest-hook
@@ -307,6 +420,12 @@ pub enum Rejection {
     Search(Option<MatchReport>),
     /// An earlier evaluation of this subscription version exhausted its budget.
     Suspended(String),
+    /// A subscription to a topic that cannot match (unreadable, no such topic, refused filters).
+    TopicUnusable(String),
+    /// No trigger of the topic fired for this change.
+    TopicNotTriggered(String),
+    /// The topic fired, and the subscription's filters did not match.
+    TopicFilters,
 }
 
 impl fmt::Display for Rejection {
@@ -358,6 +477,16 @@ impl fmt::Display for Rejection {
             ),
             Rejection::Search(Some(report)) => write!(f, "search criteria {report}"),
             Rejection::Search(None) => write!(f, "search criteria did not match"),
+            Rejection::TopicUnusable(reason) => write!(f, "{reason}"),
+            Rejection::TopicNotTriggered(topic) => {
+                write!(
+                    f,
+                    "no resource trigger of topic {topic} fired for this change"
+                )
+            }
+            Rejection::TopicFilters => {
+                write!(f, "the subscription's filter criteria did not match")
+            }
             Rejection::Suspended(reason) => write!(
                 f,
                 "suspended until the subscription is changed: an evaluation exhausted its budget ({reason})"
@@ -442,6 +571,9 @@ fn evaluate_filters(
             });
         }
     }
+    if let Some(binding) = &subscription.topic {
+        return evaluate_topic(binding, change);
+    }
     if let Some(allowed) = &subscription.interactions {
         if !allowed
             .iter()
@@ -520,6 +652,47 @@ fn evaluate_filters(
                 }
             }
         }
+    }
+}
+
+/// A change against a subscription to a topic: the topic's triggers, then the subscription's
+/// filters. A delete has no current version; its last live one is the previous.
+fn evaluate_topic(binding: &TopicBinding, change: &ChangeView<'_>) -> Verdict {
+    let subscription = match &binding.subscription {
+        Ok(subscription) => subscription,
+        Err(error) => return Verdict::Rejected(Rejection::TopicUnusable(error.clone())),
+    };
+    let Some(topic) = &binding.topic else {
+        return Verdict::Rejected(Rejection::TopicUnusable(format!(
+            "no topic with url {} in the project",
+            subscription.topic_url
+        )));
+    };
+    if let Some(refused) = binding.refused.first() {
+        return Verdict::Rejected(Rejection::TopicUnusable(refused.clone()));
+    }
+    let (current, previous) = match change.interaction {
+        Interaction::Delete => (None, Some(change.current)),
+        _ => (Some(change.current), change.previous),
+    };
+    let failed = |error: crate::topic::TriggerError| {
+        if error.budget_exhausted {
+            Verdict::OverBudget(error.message)
+        } else {
+            Verdict::Failed(error.message)
+        }
+    };
+    match topic.evaluate(change.resource_type, change.interaction, current, previous) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Verdict::Rejected(Rejection::TopicNotTriggered(topic.url.clone()));
+        }
+        Err(error) => return failed(error),
+    }
+    match subscription.filters_match(change.resource_type, change.current) {
+        Ok(true) => Verdict::Matched,
+        Ok(false) => Verdict::Rejected(Rejection::TopicFilters),
+        Err(error) => failed(error),
     }
 }
 

@@ -373,6 +373,7 @@ impl Dispatcher {
         epochs: &[queries::ProjectEpoch],
     ) -> Result<Vec<(Uuid, CachedProject)>, sqlx::Error> {
         let rows = queries::active_subscriptions(conn, projects).await?;
+        let topics = load_topics(conn, projects).await?;
         let mut grouped: HashMap<Uuid, Vec<Arc<CompiledSubscription>>> = HashMap::new();
         let mut issues = Vec::new();
         for row in rows {
@@ -393,7 +394,7 @@ impl Dispatcher {
             let server_scope = epochs
                 .iter()
                 .any(|epoch| epoch.id == row.project_id && epoch.server_scope);
-            let compiled = CompiledSubscription::compile(
+            let mut compiled = CompiledSubscription::compile(
                 row.project_id,
                 row.version_id,
                 &content,
@@ -401,6 +402,9 @@ impl Dispatcher {
                 server_scope,
                 self.config.allow_unsafe_outbound,
             );
+            if let Some(topics) = topics.get(&row.project_id) {
+                compiled.bind_topic(topics);
+            }
             if let Some(reason) = row.suspended_reason {
                 compiled.suspend(reason);
             }
@@ -459,8 +463,25 @@ impl Dispatcher {
                     .work(woken.clone(), listening_on.clone(), shutdown.clone()),
             );
         }
+        loops.spawn(self.clone().queue_heartbeats(shutdown.clone()));
         while loops.join_next().await.is_some() {}
         listener.abort();
+    }
+
+    /// Queues the heartbeats that are due (`fhir_outbox.queue_heartbeats`: subscriptions to topics
+    /// quiet for their heartbeat period), every poll interval, until `shutdown`.
+    async fn queue_heartbeats(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            match queries::queue_heartbeats(&self.pool).await {
+                Ok(0) => {}
+                Ok(queued) => tracing::debug!(queued, "heartbeats queued"),
+                Err(error) => tracing::warn!(%error, "cannot queue heartbeats"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
     }
 
     /// One dispatch loop. Writers notify `fhir_outbox_change` at commit only when they find a row
@@ -626,6 +647,32 @@ fn about_the_rows(error: &DispatchError) -> bool {
     })
 }
 
+/// The topics of these projects, by URL (the dispatcher binds subscriptions to them; `explain`
+/// too). A topic that cannot be read is logged, and any subscription to it says that its topic is
+/// missing.
+pub(crate) async fn load_topics(
+    conn: &mut PgConnection,
+    projects: &[Uuid],
+) -> Result<HashMap<Uuid, matching::Topics>, sqlx::Error> {
+    let mut topics: HashMap<Uuid, matching::Topics> = HashMap::new();
+    for stored in queries::live_topics(conn, projects).await? {
+        let parsed = stored
+            .content
+            .and_then(|content| crate::topic::Topic::parse(&content));
+        match parsed {
+            Ok((topic, unsupported)) => {
+                topics
+                    .entry(stored.project_id)
+                    .or_default()
+                    .insert(topic.url.clone(), (Arc::new(topic), unsupported));
+            }
+            Err(error) => tracing::warn!(project = %stored.project_id, topic = %stored.id,
+                "topic cannot be used; subscriptions to it match nothing: {error}"),
+        }
+    }
+    Ok(topics)
+}
+
 /// What evaluating a batch decided, for the caller to write in the batch's transaction.
 struct Evaluated {
     report: BatchReport,
@@ -670,6 +717,9 @@ fn evaluate_batch(
             }
         };
         dispatch_errors.push(None);
+        if needs_handshake(change, current) {
+            push_handshake(&mut deliveries, change, matched_at);
+        }
         // Websocket Subscriptions are transient client state; their writes never trigger (§1.3).
         if change.resource_type == "Subscription"
             && subscription::channel_type(current) == "websocket"
@@ -797,6 +847,33 @@ fn evaluated_contents(
     }
 }
 
+/// A subscription to a topic written with status `requested` gets a handshake (the backport's
+/// workflow): its outcome makes it `active` or `error` (migration 20261207000001).
+fn needs_handshake(change: &ClaimedChange, current: &serde_json::Value) -> bool {
+    change.resource_type == "Subscription"
+        && change.interaction != Interaction::Delete
+        && subscription::status(current) == "requested"
+        && subscription::channel_type(current) == "rest-hook"
+        && crate::topic::is_backport_subscription(current)
+}
+
+/// The handshake of the Subscription that `change` wrote: a delivery to it about itself.
+fn push_handshake(
+    rows: &mut NewDeliveries,
+    change: &ClaimedChange,
+    matched_at: chrono::DateTime<Utc>,
+) {
+    push_row(
+        rows,
+        change,
+        change.project_id,
+        &change.resource_id,
+        matched_at,
+        None,
+    );
+    rows.notification.push(Some("handshake"));
+}
+
 fn push_delivery(
     rows: &mut NewDeliveries,
     change: &ClaimedChange,
@@ -804,8 +881,32 @@ fn push_delivery(
     matched_at: chrono::DateTime<Utc>,
     skipped: Option<String>,
 ) {
-    rows.project_id.push(subscription.project_id);
-    rows.subscription_id.push(subscription.id.clone());
+    push_row(
+        rows,
+        change,
+        subscription.project_id,
+        &subscription.id,
+        matched_at,
+        skipped,
+    );
+    rows.notification.push(
+        subscription
+            .topic_url()
+            .is_some()
+            .then_some("event-notification"),
+    );
+}
+
+fn push_row(
+    rows: &mut NewDeliveries,
+    change: &ClaimedChange,
+    project_id: Uuid,
+    subscription_id: &str,
+    matched_at: chrono::DateTime<Utc>,
+    skipped: Option<String>,
+) {
+    rows.project_id.push(project_id);
+    rows.subscription_id.push(subscription_id.to_owned());
     rows.outbox_seq.push(change.seq);
     rows.resource_project_id.push(change.project_id);
     rows.resource_type.push(change.resource_type.clone());

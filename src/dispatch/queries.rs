@@ -200,6 +200,41 @@ pub(crate) async fn active_subscriptions(
         .collect())
 }
 
+/// A topic (a Basic resource coded `SubscriptionTopic`), as loaded for binding subscriptions.
+pub(crate) struct StoredTopic {
+    pub project_id: Uuid,
+    pub id: String,
+    /// Its content, or why it cannot be decoded.
+    pub content: Result<Value, String>,
+}
+
+/// The live topics of these projects, oldest first (a later topic with the same URL wins).
+pub(crate) async fn live_topics(
+    conn: &mut PgConnection,
+    projects: &[Uuid],
+) -> Result<Vec<StoredTopic>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT r.project_id, r.id, v.content::text AS "content!"
+           FROM fhir_outbox.resource r
+           JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+           WHERE r.project_id = ANY($1) AND r.resource_type = 'Basic' AND NOT r.deleted
+             AND fhir_outbox.is_subscription_topic(v.content)
+           ORDER BY r.last_updated, r.id"#,
+        projects
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| StoredTopic {
+            project_id: row.project_id,
+            id: row.id,
+            content: crate::fhir::decode_stored(&row.content)
+                .map_err(|error| format!("cannot decode topic: {error}")),
+        })
+        .collect())
+}
+
 /// Delivery rows to insert, as parallel columns (one `UNNEST` insert per batch).
 #[derive(Default)]
 pub(crate) struct NewDeliveries {
@@ -220,6 +255,9 @@ pub(crate) struct NewDeliveries {
     /// endpoint is refused by the outbound URL check.
     pub state: Vec<String>,
     pub reason: Vec<Option<String>>,
+    /// `None` for a Medplum-style delivery; `handshake` or `event-notification` for a
+    /// subscription to a topic (the event's number is given in [`record_dispatch`]).
+    pub notification: Vec<Option<&'static str>>,
 }
 
 /// Writes what a batch of changes came to, in one statement: inserts their deliveries, wakes
@@ -236,30 +274,57 @@ pub(crate) async fn record_dispatch(
     sender: &str,
 ) -> Result<u64, sqlx::Error> {
     // Pending deliveries go to the hot table; skipped ones are finished at once, into history.
+    // The events of subscriptions to topics are numbered here, under the lock of each
+    // subscription's counter row (taken in one order, so that dispatchers never deadlock), in the
+    // order of the changes: numbers commit with their deliveries or not at all.
     let row = sqlx::query!(
         r#"WITH d AS (
                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[],
                                     $6::text[], $7::int8[], $8::int8[], $9::text[],
                                     $10::timestamptz[], $11::text[], $12::text[], $13::timestamptz[],
-                                    $14::text[], $15::text[])
+                                    $14::text[], $15::text[], $19::text[])
+                   WITH ORDINALITY
                    AS d(project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
                         resource_id, version_id, previous_version_id, interaction, changed_at,
-                        request_id, trace_id, matched_at, state, reason)),
+                        request_id, trace_id, matched_at, state, reason, notification, ord)),
+           counted AS (
+               INSERT INTO fhir_outbox.subscription_event_count AS c
+                   (project_id, subscription_id, events_since_start)
+               SELECT project_id, subscription_id, count(*) FROM d
+               WHERE notification = 'event-notification'
+               GROUP BY project_id, subscription_id ORDER BY project_id, subscription_id
+               ON CONFLICT (project_id, subscription_id) DO UPDATE
+               SET events_since_start = c.events_since_start + EXCLUDED.events_since_start,
+                   last_notification_at = now()
+               RETURNING c.project_id, c.subscription_id, c.events_since_start),
+           numbered AS (
+               SELECT d.project_id, d.subscription_id, d.outbox_seq, d.resource_project_id,
+                      d.resource_type, d.resource_id, d.version_id, d.previous_version_id,
+                      d.interaction, d.changed_at, d.request_id, d.trace_id, d.matched_at, d.state,
+                      d.reason, d.notification,
+                      CASE WHEN d.notification = 'event-notification' THEN
+                          c.events_since_start
+                          - count(*) OVER (PARTITION BY d.project_id, d.subscription_id, d.notification)
+                          + row_number() OVER (PARTITION BY d.project_id, d.subscription_id, d.notification
+                                               ORDER BY d.outbox_seq, d.ord)
+                      END AS event_number
+               FROM d LEFT JOIN counted c USING (project_id, subscription_id)),
            pending AS (
                INSERT INTO fhir_outbox.unfinished_delivery
                    (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
                     resource_id, version_id, previous_version_id, interaction, changed_at,
-                    request_id, trace_id, matched_at, state, reason, lane)
+                    request_id, trace_id, matched_at, state, reason, notification, event_number, lane)
                -- The lane is read once, not per row as the column's default would.
-               SELECT d.*, (SELECT current FROM fhir_outbox.delivery_lane)
-               FROM d WHERE d.state = 'pending'
+               SELECT n.*, (SELECT current FROM fhir_outbox.delivery_lane)
+               FROM numbered n WHERE n.state = 'pending'
                RETURNING 1),
            skipped AS (
                INSERT INTO fhir_outbox.finished_delivery
                    (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
                     resource_id, version_id, previous_version_id, interaction, changed_at,
-                    request_id, trace_id, matched_at, state, reason, finished_at)
-               SELECT d.*, now() FROM d WHERE d.state <> 'pending'
+                    request_id, trace_id, matched_at, state, reason, notification, event_number,
+                    finished_at)
+               SELECT n.*, now() FROM numbered n WHERE n.state <> 'pending'
                RETURNING 1),
            marked AS (
                UPDATE fhir_outbox.outbox o SET dispatched_at = now(), dispatch_error = m.error
@@ -289,10 +354,19 @@ pub(crate) async fn record_dispatch(
         sender,
         seqs,
         errors as &[Option<String>],
+        &rows.notification as &[Option<&str>],
     )
     .fetch_one(conn)
     .await?;
     Ok(row.inserted as u64)
+}
+
+/// Queues a heartbeat for every subscription to a topic that has been quiet for its heartbeat
+/// period; returns how many.
+pub(crate) async fn queue_heartbeats(pool: &sqlx::PgPool) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT fhir_outbox.queue_heartbeats() AS "queued!""#)
+        .fetch_one(pool)
+        .await
 }
 
 /// Asks writers to wake this dispatch loop (`listener`), whose LISTEN connection is backend

@@ -174,7 +174,7 @@ pub async fn explain(
     } else {
         Interaction::Create
     });
-    let compiled = CompiledSubscription::compile(
+    let mut compiled = CompiledSubscription::compile(
         source.project.unwrap_or_default(),
         subscription_version.unwrap_or(0),
         &subscription,
@@ -182,6 +182,22 @@ pub async fn explain(
         false,
         source.allow_unsafe_outbound,
     );
+    // A subscription to a topic is explained with its project's topics.
+    if let (Some(pool), Some(project)) = (source.pool, source.project) {
+        let mut conn = pool.acquire().await.map_err(|error| ExplainError::Store {
+            reference: subscription_ref.clone(),
+            source: error.into(),
+        })?;
+        let topics = crate::dispatch::load_topics(&mut conn, &[project])
+            .await
+            .map_err(|error| ExplainError::Store {
+                reference: subscription_ref.clone(),
+                source: error.into(),
+            })?;
+        if let Some(topics) = topics.get(&project) {
+            compiled.bind_topic(topics);
+        }
+    }
     let resource_type = current["resourceType"].as_str().unwrap_or_default();
     let (evaluated, previous) = match interaction {
         // A delete is evaluated on the last live version, which is also %previous (as dispatch does).

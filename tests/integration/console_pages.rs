@@ -126,6 +126,7 @@ async fn world() -> World {
     let (address, _server) = console::serve(
         pool.clone(),
         "127.0.0.1:0".parse().unwrap(),
+        fhir_outbox::delivery::DEFAULT_FHIR_BASE_URL.to_owned(),
         shutdown.clone(),
     )
     .await

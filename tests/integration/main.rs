@@ -31,4 +31,5 @@ mod sql_interface;
 mod storage;
 mod strict;
 mod timing;
+mod topics;
 mod wakeup;

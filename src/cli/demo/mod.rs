@@ -616,6 +616,7 @@ async fn keep_running(
     let (address, console) = console::serve(
         pool.clone(),
         "127.0.0.1:0".parse().expect("an address"),
+        fhir_outbox::delivery::DEFAULT_FHIR_BASE_URL.to_owned(),
         shutdown.clone(),
     )
     .await

@@ -12,10 +12,11 @@
 //!
 //! - `tokens.rs`: tokens and principals; `queries.rs`: what is read (bounded);
 //! - `api.rs`: the JSON API (`openapi.json` describes it); `pages.rs`: the HTML pages, `charts.rs`
-//!   their SVG charts.
+//!   their SVG charts; `fhir.rs`: the Subscriptions Backport's `$status` and `$events`.
 
 pub mod api;
 mod charts;
+pub mod fhir;
 mod pages;
 pub mod queries;
 pub mod tokens;
@@ -52,6 +53,8 @@ pub enum ConsoleError {
 pub struct ConsoleState {
     /// The database.
     pub pool: PgPool,
+    /// The FHIR base URL that `$status` and `$events` refer to resources by (as notifications do).
+    pub fhir_base_url: String,
 }
 
 impl FromRef<ConsoleState> for PgPool {
@@ -60,12 +63,22 @@ impl FromRef<ConsoleState> for PgPool {
     }
 }
 
-/// The console's routes (the API and the pages), for `serve` and for tests.
+/// The console's routes (the API, the pages and the FHIR operations), for `serve` and for tests,
+/// with the default FHIR base URL.
 pub fn router(pool: PgPool) -> Router {
+    router_with(pool, crate::delivery::DEFAULT_FHIR_BASE_URL.to_owned())
+}
+
+/// [`router`] with the FHIR base URL that `$status` and `$events` refer to resources by.
+pub fn router_with(pool: PgPool, fhir_base_url: String) -> Router {
     Router::new()
         .nest("/api/v1", api::routes())
+        .nest("/fhir", fhir::routes())
         .merge(pages::routes())
-        .with_state(ConsoleState { pool })
+        .with_state(ConsoleState {
+            pool,
+            fhir_base_url,
+        })
 }
 
 /// Serves the console on `address` until `shutdown`. Returns the bound address (useful with port
@@ -73,6 +86,7 @@ pub fn router(pool: PgPool) -> Router {
 pub async fn serve(
     pool: PgPool,
     address: SocketAddr,
+    fhir_base_url: String,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ConsoleError> {
     let listener = tokio::net::TcpListener::bind(address)
@@ -81,7 +95,7 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| ConsoleError::Bind { address, source })?;
-    let app = router(pool);
+    let app = router_with(pool, fhir_base_url);
     let server = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -884,3 +884,134 @@ mod tests {
         assert_eq!(redact_endpoint("not a url"), "(not a URL)");
     }
 }
+
+/// A subscription to a topic as `$status` and `$events` report it.
+#[derive(Debug)]
+pub struct TopicSubscriptionStatus {
+    /// The Subscription's id.
+    pub subscription_id: String,
+    /// Its `status`.
+    pub status: String,
+    /// Its content, or why it cannot be decoded.
+    pub content: Result<Value, String>,
+    /// How many events it has had (the number of the latest).
+    pub events_since_start: i64,
+}
+
+/// The live Subscriptions of `project` among `ids` whose criteria name a topic (a canonical URL),
+/// with their event counts.
+pub async fn topic_subscription_statuses(
+    pool: &PgPool,
+    project: Uuid,
+    ids: &[String],
+) -> Result<Vec<TopicSubscriptionStatus>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT r.id, coalesce(v.content ->> 'status', '') AS "status!", v.content::text AS "content!",
+                  coalesce(c.events_since_start, 0) AS "events_since_start!"
+           FROM fhir_outbox.resource r
+           JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+           LEFT JOIN fhir_outbox.subscription_event_count c
+                  ON c.project_id = r.project_id AND c.subscription_id = r.id
+           WHERE r.project_id = $1 AND r.resource_type = 'Subscription' AND r.id = ANY($2)
+             AND NOT r.deleted"#,
+        project,
+        ids
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| TopicSubscriptionStatus {
+            subscription_id: row.id,
+            status: row.status,
+            content: crate::fhir::decode_stored(&row.content)
+                .map_err(|error| format!("cannot decode the subscription: {error}")),
+            events_since_start: row.events_since_start,
+        })
+        .filter(|status| {
+            status
+                .content
+                .as_ref()
+                .map_or(true, crate::topic::is_backport_subscription)
+        })
+        .collect())
+}
+
+/// One stored event of a subscription to a topic (the delivery that carried it).
+#[derive(Debug)]
+pub struct StoredEvent {
+    /// Its number.
+    pub event_number: i64,
+    /// When its change was written.
+    pub changed_at: DateTime<Utc>,
+    /// The focus: type, id, version.
+    pub resource_type: String,
+    /// The focus's id.
+    pub resource_id: String,
+    /// The focus's version.
+    pub version_id: i64,
+    /// Whether the event is the focus's deletion.
+    pub deleted: bool,
+    /// The focus's content when asked for (none for a deletion), or why it cannot be decoded.
+    pub content: Option<Result<Value, String>>,
+}
+
+/// The events of a subscription numbered `since..=until`, the first `limit` of them, wherever
+/// their deliveries are (pending, or in history for the retention period); with `with_content`,
+/// each with its focus's version.
+pub async fn stored_events(
+    pool: &PgPool,
+    project: Uuid,
+    subscription_id: &str,
+    since: i64,
+    until: i64,
+    limit: i64,
+    with_content: bool,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT e.event_number AS "event_number!", e.changed_at AS "changed_at!",
+                  e.resource_type AS "resource_type!", e.resource_id AS "resource_id!",
+                  e.version_id AS "version_id!", e.interaction = 'delete' AS "deleted!",
+                  v.content::text AS "content?"
+           FROM (SELECT event_number, changed_at, resource_project_id, resource_type, resource_id,
+                        version_id, interaction
+                 FROM fhir_outbox.unfinished_delivery
+                 WHERE project_id = $1 AND subscription_id = $2
+                   AND notification = 'event-notification' AND event_number BETWEEN $3 AND $4
+                 UNION ALL
+                 SELECT event_number, changed_at, resource_project_id, resource_type, resource_id,
+                        version_id, interaction
+                 FROM fhir_outbox.finished_delivery
+                 WHERE project_id = $1 AND subscription_id = $2
+                   AND notification = 'event-notification' AND event_number BETWEEN $3 AND $4
+                 ORDER BY event_number LIMIT $5) e
+           LEFT JOIN fhir_outbox.resource_version v
+                  ON $6 AND e.interaction <> 'delete' AND v.project_id = e.resource_project_id
+                 AND v.resource_type = e.resource_type AND v.id = e.resource_id
+                 AND v.version_id = e.version_id
+           ORDER BY e.event_number"#,
+        project,
+        subscription_id,
+        since,
+        until,
+        limit,
+        with_content
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| StoredEvent {
+            event_number: row.event_number,
+            changed_at: row.changed_at,
+            resource_type: row.resource_type,
+            resource_id: row.resource_id,
+            version_id: row.version_id,
+            deleted: row.deleted,
+            content: row.content.map(|content| {
+                crate::fhir::decode_stored(&content)
+                    .map_err(|error| format!("cannot decode the event's focus: {error}"))
+            }),
+        })
+        .collect())
+}
