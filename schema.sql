@@ -510,12 +510,21 @@ CREATE FUNCTION fhir_outbox.queue_heartbeats() RETURNS integer
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-    v_queued integer;
+    v_projects      uuid[];
+    v_subscriptions text[];
+    v_versions      bigint[];
+    v_queued        integer;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.heartbeats')) THEN
         RETURN 0;
     END IF;
-    WITH subscribed AS (
+    -- What is due first, read only: the writes below (and their table locks) happen only when a
+    -- heartbeat is due, not at every call.
+    SELECT array_agg(s.project_id ORDER BY s.project_id, s.id),
+           array_agg(s.id ORDER BY s.project_id, s.id),
+           array_agg(s.version_id ORDER BY s.project_id, s.id)
+    INTO v_projects, v_subscriptions, v_versions
+    FROM (
         SELECT r.project_id, r.id, r.version_id, r.last_updated,
                (SELECT (e ->> 'valueUnsignedInt')::bigint
                 FROM jsonb_array_elements(v.content #> '{channel,extension}') e
@@ -527,20 +536,21 @@ BEGIN
         WHERE r.resource_type = 'Subscription' AND NOT r.deleted
           AND v.content ->> 'status' = 'active'
           AND v.content #>> '{channel,type}' = 'rest-hook'
-          AND jsonb_typeof(v.content #> '{channel,extension}') = 'array'),
-    due AS (
-        SELECT s.project_id, s.id, s.version_id
-        FROM subscribed s
-        LEFT JOIN fhir_outbox.subscription_event_count c
-               ON c.project_id = s.project_id AND c.subscription_id = s.id
-        WHERE s.period > 0
-          AND greatest(c.last_notification_at, s.last_updated) <= now() - make_interval(secs => s.period)
-          AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                          WHERE p.project_id = s.project_id AND p.subscription_id = s.id)
-          AND NOT EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery d
-                          WHERE d.project_id = s.project_id AND d.subscription_id = s.id
-                            AND d.notification = 'heartbeat')
-        ORDER BY s.project_id, s.id),
+          AND jsonb_typeof(v.content #> '{channel,extension}') = 'array') s
+    LEFT JOIN fhir_outbox.subscription_event_count c
+           ON c.project_id = s.project_id AND c.subscription_id = s.id
+    WHERE s.period > 0
+      AND greatest(c.last_notification_at, s.last_updated) <= now() - make_interval(secs => s.period)
+      AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
+                      WHERE p.project_id = s.project_id AND p.subscription_id = s.id)
+      AND NOT EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery d
+                      WHERE d.project_id = s.project_id AND d.subscription_id = s.id
+                        AND d.notification = 'heartbeat');
+    IF v_projects IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH due AS (
+        SELECT * FROM unnest(v_projects, v_subscriptions, v_versions) AS due(project_id, id, version_id)),
     counted AS (
         INSERT INTO fhir_outbox.subscription_event_count AS c (project_id, subscription_id)
         SELECT project_id, id FROM due
@@ -555,9 +565,7 @@ BEGIN
            'heartbeat', c.events_since_start, (SELECT current FROM fhir_outbox.delivery_lane)
     FROM due d JOIN counted c ON c.project_id = d.project_id AND c.subscription_id = d.id;
     GET DIAGNOSTICS v_queued = ROW_COUNT;
-    IF v_queued > 0 THEN
-        PERFORM pg_notify('fhir_outbox_delivery', '');
-    END IF;
+    PERFORM pg_notify('fhir_outbox_delivery', '');
     RETURN v_queued;
 END
 $$;

@@ -48,7 +48,7 @@ GRANT INSERT, UPDATE, DELETE ON
     fhir_outbox.finished_delivery, fhir_outbox.delivery_attempt, fhir_outbox.audit_event,
     fhir_outbox.subscription_issue, fhir_outbox.subscription_pause, fhir_outbox.subscription_failure,
     fhir_outbox.dispatcher_waiting, fhir_outbox.endpoint_circuit, fhir_outbox.claim_cursor,
-    fhir_outbox.console_token
+    fhir_outbox.console_token, fhir_outbox.subscription_event_count
 TO fhir_outbox_worker;
 -- Retention of AuditEvents deletes their versions.
 GRANT DELETE ON fhir_outbox.resource, fhir_outbox.resource_version TO fhir_outbox_worker;

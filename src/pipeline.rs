@@ -66,12 +66,13 @@ impl Pipeline {
         }
     }
 
-    /// The connections a pool needs for these stages: one per dispatch loop, and for delivery the
+    /// The connections a pool needs for these stages: one per dispatch loop and one for queueing
+    /// heartbeats, and for delivery the
     /// claimer, the recorder, lease renewal, a bot's reads and the LISTEN connections, plus
     /// retention and the gauges. A request in flight holds none, so this does not grow with the
     /// delivery concurrency.
     pub fn connections(dispatch: &DispatchConfig, _delivery: &DeliveryConfig) -> u32 {
-        dispatch.workers as u32 + 8
+        dispatch.workers as u32 + 9
     }
 }
 

@@ -87,8 +87,9 @@ impl TopicBinding {
     }
 }
 
-/// A project's topics by canonical URL, each with what it defines that is not supported.
-pub type Topics = std::collections::HashMap<String, (Arc<Topic>, Vec<String>)>;
+/// A project's topics by canonical URL, each with what it defines that is not supported, or why
+/// it cannot be used at all.
+pub type Topics = std::collections::HashMap<String, Result<(Arc<Topic>, Vec<String>), String>>;
 
 /// The kind of a problem found in a subscription, as recorded in `fhir_outbox.subscription_issue`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,10 +214,20 @@ impl CompiledSubscription {
         let Ok(subscription) = &binding.subscription else {
             return;
         };
-        if let Some((topic, unsupported)) = topics
-            .get(&subscription.topic_url)
-            .filter(|(topic, _)| subscription.topic_matches(topic))
-        {
+        let found = match topics.get(&subscription.topic_url) {
+            Some(Ok((topic, unsupported))) if subscription.topic_matches(topic) => {
+                Some((topic, unsupported))
+            }
+            Some(Err(error)) => {
+                binding.refused.push(format!(
+                    "its topic {} cannot be used: {error}",
+                    subscription.topic_url
+                ));
+                None
+            }
+            _ => None,
+        };
+        if let Some((topic, unsupported)) = found {
             binding.refused.extend(subscription.check_filters(topic));
             binding.unsupported.extend(
                 unsupported
@@ -284,7 +295,7 @@ impl CompiledSubscription {
                     IssueKind::Invalid,
                     format!("invalid subscription to a topic: {error}; nothing matches"),
                 )),
-                Ok(subscription) if binding.topic.is_none() => issues.push((
+                Ok(subscription) if binding.topic.is_none() && binding.refused.is_empty() => issues.push((
                     IssueKind::Invalid,
                     format!(
                         "no topic with url {}{} in the project (a Basic coded SubscriptionTopic); nothing matches",

@@ -656,19 +656,29 @@ pub(crate) async fn load_topics(
 ) -> Result<HashMap<Uuid, matching::Topics>, sqlx::Error> {
     let mut topics: HashMap<Uuid, matching::Topics> = HashMap::new();
     for stored in queries::live_topics(conn, projects).await? {
-        let parsed = stored
-            .content
-            .and_then(|content| crate::topic::Topic::parse(&content));
-        match parsed {
-            Ok((topic, unsupported)) => {
-                topics
-                    .entry(stored.project_id)
-                    .or_default()
-                    .insert(topic.url.clone(), (Arc::new(topic), unsupported));
+        let content = match stored.content {
+            Ok(content) => content,
+            Err(error) => {
+                tracing::warn!(project = %stored.project_id, topic = %stored.id, "{error}");
+                continue;
             }
-            Err(error) => tracing::warn!(project = %stored.project_id, topic = %stored.id,
-                "topic cannot be used; subscriptions to it match nothing: {error}"),
+        };
+        let Some(url) = crate::topic::topic_url(&content).map(str::to_owned) else {
+            tracing::warn!(project = %stored.project_id, topic = %stored.id,
+                "topic has no url; no subscription can name it");
+            continue;
+        };
+        let parsed = crate::topic::Topic::parse(&content)
+            .map(|(topic, unsupported)| (Arc::new(topic), unsupported))
+            .map_err(|error| format!("Basic/{}: {error}", stored.id));
+        if let Err(error) = &parsed {
+            tracing::warn!(project = %stored.project_id, topic = %stored.id,
+                "topic cannot be used; subscriptions to it match nothing: {error}");
         }
+        topics
+            .entry(stored.project_id)
+            .or_default()
+            .insert(url, parsed);
     }
     Ok(topics)
 }

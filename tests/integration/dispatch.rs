@@ -667,10 +667,12 @@ async fn a_dispatcher_killed_mid_batch_enqueues_nothing_twice() {
         .spawn()
         .unwrap();
     let mut waiting = false;
+    // The dispatch statement (`record_dispatch`), known by its start: pg_stat_activity keeps the
+    // first 1 kB of a statement, and its delivery insert comes later.
     for _ in 0..200 {
         let blocked: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'fhir-outbox' AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO fhir_outbox.unfinished_delivery%'",
+             WHERE application_name = 'fhir-outbox' AND wait_event_type = 'Lock' AND query LIKE 'WITH d AS (%UNNEST%'",
         )
         .fetch_one(&db.pool)
         .await

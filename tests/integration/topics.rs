@@ -662,3 +662,52 @@ async fn status_and_events_let_a_receiver_recover_the_events_it_missed() {
     assert_eq!(code, 404, "another project's token: not found");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_an_unusable_or_missing_topic_matches_nothing_and_says_why() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut unusable = encounter_complete_topic();
+    unusable["extension"][0]["valueUri"] =
+        json!("http://example.org/fhir/SubscriptionTopic/events");
+    // A topic of event triggers only: fhir-outbox evaluates resource triggers.
+    unusable["extension"][1] = json!({
+        "url": format!("{XVER}eventTrigger"),
+        "extension": [{"url": "event", "valueCodeableConcept": {"text": "admission"}},
+                      {"url": "resource", "valueUri": "Encounter"}]
+    });
+    create(&db.pool, project, &unusable, None).await;
+    let receiver = Receiver::start(vec![]).await;
+    let mut to_unusable = topic_subscription(&receiver.url, "active", "id-only", &[]);
+    to_unusable["criteria"] = json!("http://example.org/fhir/SubscriptionTopic/events");
+    let to_unusable = create(&db.pool, project, &to_unusable, None).await;
+    let mut to_missing = topic_subscription(&receiver.url, "active", "id-only", &[]);
+    to_missing["criteria"] = json!("http://example.org/fhir/SubscriptionTopic/nowhere");
+    let to_missing = create(&db.pool, project, &to_missing, None).await;
+    let p = pipeline(&db.pool, fast_config());
+    put(&db.pool, project, &encounter("e1", "finished", "Patient/a")).await;
+    p.settle(&db.pool).await;
+    assert!(receiver.received().is_empty());
+    let issue = |subscription: Value| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT string_agg(message, ' | ') FROM fhir_outbox.subscription_issue WHERE subscription_id = $1",
+            )
+            .bind(subscription["id"].as_str().unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let unusable_issue = issue(to_unusable).await;
+    assert!(
+        unusable_issue.contains("cannot be used") && unusable_issue.contains("eventTrigger"),
+        "{unusable_issue}"
+    );
+    let missing_issue = issue(to_missing).await;
+    assert!(
+        missing_issue.contains("no topic with url"),
+        "{missing_issue}"
+    );
+}
