@@ -312,7 +312,7 @@ impl CompiledSubscription {
             issues.extend(binding.refused.iter().map(|problem| {
                 (
                     IssueKind::Unsupported,
-                    format!("{problem}; the subscription matches nothing until it is changed"),
+                    format!("{problem}; the subscription matches nothing until it or its topic is changed"),
                 )
             }));
             issues.extend(

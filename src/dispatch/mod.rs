@@ -648,8 +648,8 @@ fn about_the_rows(error: &DispatchError) -> bool {
 }
 
 /// The topics of these projects, by URL (the dispatcher binds subscriptions to them; `explain`
-/// too). A topic that cannot be read is logged, and any subscription to it says that its topic is
-/// missing.
+/// too). A topic that cannot be used is logged and kept with the reason, which every subscription
+/// to it then reports as its issue; one without a url cannot be named, so it is only logged.
 pub(crate) async fn load_topics(
     conn: &mut PgConnection,
     projects: &[Uuid],
