@@ -297,18 +297,25 @@ pub(crate) async fn record_dispatch(
                SET events_since_start = c.events_since_start + EXCLUDED.events_since_start,
                    last_notification_at = now()
                RETURNING c.project_id, c.subscription_id, c.events_since_start),
+           -- Only events are numbered (window functions and a join): Medplum's deliveries
+           -- pass straight through.
            numbered AS (
                SELECT d.project_id, d.subscription_id, d.outbox_seq, d.resource_project_id,
                       d.resource_type, d.resource_id, d.version_id, d.previous_version_id,
                       d.interaction, d.changed_at, d.request_id, d.trace_id, d.matched_at, d.state,
+                      d.reason, d.notification, NULL::int8 AS event_number
+               FROM d WHERE d.notification IS DISTINCT FROM 'event-notification'
+               UNION ALL
+               SELECT d.project_id, d.subscription_id, d.outbox_seq, d.resource_project_id,
+                      d.resource_type, d.resource_id, d.version_id, d.previous_version_id,
+                      d.interaction, d.changed_at, d.request_id, d.trace_id, d.matched_at, d.state,
                       d.reason, d.notification,
-                      CASE WHEN d.notification = 'event-notification' THEN
-                          c.events_since_start
-                          - count(*) OVER (PARTITION BY d.project_id, d.subscription_id, d.notification)
-                          + row_number() OVER (PARTITION BY d.project_id, d.subscription_id, d.notification
-                                               ORDER BY d.outbox_seq, d.ord)
-                      END AS event_number
-               FROM d LEFT JOIN counted c USING (project_id, subscription_id)),
+                      c.events_since_start
+                      - count(*) OVER (PARTITION BY d.project_id, d.subscription_id)
+                      + row_number() OVER (PARTITION BY d.project_id, d.subscription_id
+                                           ORDER BY d.outbox_seq, d.ord)
+               FROM d JOIN counted c USING (project_id, subscription_id)
+               WHERE d.notification = 'event-notification'),
            pending AS (
                INSERT INTO fhir_outbox.unfinished_delivery
                    (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
