@@ -70,19 +70,15 @@ pub struct TopicBinding {
 
 impl TopicBinding {
     fn read(resource: &Value) -> TopicBinding {
-        match BackportSubscription::parse(resource) {
-            Ok((subscription, problems)) => TopicBinding {
-                subscription: Ok(subscription),
-                refused: Vec::new(),
-                unsupported: problems,
-                topic: None,
-            },
-            Err(error) => TopicBinding {
-                subscription: Err(error),
-                refused: Vec::new(),
-                unsupported: Vec::new(),
-                topic: None,
-            },
+        let (subscription, unsupported) = match BackportSubscription::parse(resource) {
+            Ok((subscription, problems)) => (Ok(subscription), problems),
+            Err(error) => (Err(error), Vec::new()),
+        };
+        TopicBinding {
+            subscription,
+            refused: Vec::new(),
+            unsupported,
+            topic: None,
         }
     }
 }

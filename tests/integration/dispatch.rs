@@ -34,7 +34,7 @@ async fn create(pool: &PgPool, project: Uuid, resource: &Value) -> String {
     written.resource["id"].as_str().unwrap().to_owned()
 }
 
-async fn put(pool: &PgPool, project: Uuid, resource: &Value) {
+pub async fn put(pool: &PgPool, project: Uuid, resource: &Value) {
     let resource_type = resource["resourceType"].as_str().unwrap();
     let id = resource["id"].as_str().unwrap();
     capture::update(

@@ -6,8 +6,9 @@
 
 use crate::common::TestDb;
 use crate::delivery::{create, fast_config, hook, pipeline};
+use crate::dispatch::put;
 use crate::receiver::{Received, Receiver, Reply};
-use fhir_outbox::capture::{self, WriteContext};
+use fhir_outbox::capture;
 use fhir_outbox::dispatch::{DispatchConfig, Dispatcher};
 use fhir_outbox::topic::profile_problems;
 use serde_json::{Value, json};
@@ -81,20 +82,6 @@ fn encounter(id: &str, status: &str, subject: &str) -> Value {
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
         "subject": {"reference": subject}
     })
-}
-
-async fn put(pool: &PgPool, project: Uuid, resource: &Value) {
-    capture::update(
-        pool,
-        project,
-        resource["resourceType"].as_str().unwrap(),
-        resource["id"].as_str().unwrap(),
-        resource,
-        None,
-        &WriteContext::default(),
-    )
-    .await
-    .unwrap();
 }
 
 /// The first entry's parameters of a notification bundle, by name.

@@ -145,7 +145,7 @@ async fn status_bundle(
             .iter()
             .find(|found| &found.subscription_id == id)
             .ok_or_else(|| not_found(id))?;
-        let (subscription, _) = backport(stored)?;
+        let subscription = backport(stored)?;
         let status = SubscriptionStatus {
             subscription_id: id,
             topic_url: &subscription.topic_url,
@@ -178,16 +178,17 @@ fn not_found(id: &str) -> Refusal {
     )
 }
 
-fn backport(
-    stored: &TopicSubscriptionStatus,
-) -> Result<(BackportSubscription, Vec<String>), Refusal> {
+/// The subscription as the backport profile reads it (what it does not support does not matter
+/// to `$status` and `$events`).
+fn backport(stored: &TopicSubscriptionStatus) -> Result<BackportSubscription, Refusal> {
     let content = stored.content.as_ref().map_err(internal)?;
-    BackportSubscription::parse(content).map_err(|error| {
+    let (subscription, _) = BackportSubscription::parse(content).map_err(|error| {
         bad_request(format!(
             "Subscription/{} cannot be read as a subscription to a topic: {error}",
             stored.subscription_id
         ))
-    })
+    })?;
+    Ok(subscription)
 }
 
 #[derive(Deserialize)]
@@ -238,7 +239,7 @@ async fn events_bundle(
         .await
         .map_err(internal)?;
     let stored = found.first().ok_or_else(|| not_found(id))?;
-    let (subscription, _) = backport(stored)?;
+    let subscription = backport(stored)?;
     let content = match query.content.as_deref() {
         None => subscription.content,
         Some("empty") => PayloadContent::Empty,
