@@ -698,3 +698,86 @@ async fn a_subscription_to_an_unusable_or_missing_topic_matches_nothing_and_says
         "{missing_issue}"
     );
 }
+
+/// A topic whose FHIRPath is hostile (the nested `select` of the hostile tests, on a Patient with
+/// 3,000 identifiers) costs its subscription one evaluation budget, then the subscription is
+/// suspended; another project's subscription to a topic gets every event meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_topic_suspends_its_subscription_and_never_holds_up_another_project() {
+    let db = TestDb::new().await;
+    let (a, b) = (db.project().await, db.project().await);
+    let patient_topic = |fhirpath: Option<&str>| {
+        let mut trigger = vec![
+            json!({"url": "resource", "valueUri": "Patient"}),
+            json!({"url": "supportedInteraction", "valueCode": "create"}),
+        ];
+        if let Some(expression) = fhirpath {
+            trigger.push(json!({"url": "fhirPathCriteria", "valueString": expression}));
+        }
+        json!({
+            "resourceType": "Basic",
+            "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
+            "extension": [
+                {"url": format!("{XVER}url"), "valueUri": TOPIC},
+                {"url": format!("{XVER}resourceTrigger"), "extension": trigger}
+            ]
+        })
+    };
+    create(
+        &db.pool,
+        a,
+        &patient_topic(Some(
+            "%current.identifier.select(%current.identifier.select(%current.identifier.count())).count() > 0",
+        )),
+        None,
+    )
+    .await;
+    create(&db.pool, b, &patient_topic(None), None).await;
+    let (receiver_a, receiver_b) = (Receiver::start(vec![]).await, Receiver::start(vec![]).await);
+    let hostile = create(
+        &db.pool,
+        a,
+        &topic_subscription(&receiver_a.url, "active", "id-only", &[]),
+        None,
+    )
+    .await;
+    create(
+        &db.pool,
+        b,
+        &topic_subscription(&receiver_b.url, "active", "id-only", &[]),
+        None,
+    )
+    .await;
+    let identifiers: Vec<Value> = (0..3_000)
+        .map(|i| json!({ "system": "urn:example:mrn", "value": format!("mrn-{i}") }))
+        .collect();
+    for _ in 0..5 {
+        let big = json!({ "resourceType": "Patient", "identifier": identifiers });
+        create(&db.pool, a, &big, None).await;
+        create(&db.pool, b, &json!({ "resourceType": "Patient" }), None).await;
+    }
+    let p = pipeline(&db.pool, fast_config());
+    p.settle(&db.pool).await;
+
+    let mut numbers: Vec<i64> = bundles(&receiver_b)
+        .iter()
+        .flat_map(event_numbers)
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3, 4, 5], "every event of project B");
+    assert!(receiver_a.received().is_empty());
+    let issues: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT kind, occurrences FROM fhir_outbox.subscription_issue
+         WHERE project_id = $1 AND subscription_id = $2 AND kind = 'budget_exhausted'",
+    )
+    .bind(a)
+    .bind(hostile["id"].as_str().unwrap())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        issues,
+        [("budget_exhausted".to_owned(), 1)],
+        "one budget, then suspended"
+    );
+}
