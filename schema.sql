@@ -459,12 +459,13 @@ $$;
 --
 
 CREATE FUNCTION fhir_outbox.handshake_finished() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     v_current record;
     v_status  text;
+    v_message text;
 BEGIN
     v_status := CASE NEW.state WHEN 'succeeded' THEN 'active' WHEN 'failed' THEN 'error' END;
     IF v_status IS NULL THEN
@@ -484,11 +485,38 @@ BEGIN
                 v_current.version_id, 'fhir-outbox', NEW.request_id, NEW.trace_id);
         END IF;
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'fhir-outbox: cannot set Subscription/% to % after its handshake: %',
-            NEW.subscription_id, v_status, SQLERRM;
+        v_message := format('its handshake %s, but its status could not be set to %s: %s',
+                            NEW.state, v_status, SQLERRM);
+        RAISE WARNING 'fhir-outbox: Subscription/%: %', NEW.subscription_id, v_message;
+        INSERT INTO fhir_outbox.subscription_issue
+            (project_id, subscription_id, subscription_version, kind, message)
+        SELECT r.project_id, r.id, r.version_id, 'status_update_failed', v_message
+        FROM fhir_outbox.resource r
+        WHERE r.project_id = NEW.project_id AND r.resource_type = 'Subscription'
+          AND r.id = NEW.subscription_id
+        ON CONFLICT (project_id, subscription_id, subscription_version, kind, message)
+        DO UPDATE SET occurrences = fhir_outbox.subscription_issue.occurrences + 1, last_seen = now();
     END;
     RETURN NULL;
 END
+$$;
+
+--
+-- Name: heartbeat_period(jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.heartbeat_period(p_subscription jsonb) RETURNS interval
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT make_interval(secs => (e ->> 'valueUnsignedInt')::bigint)
+    FROM jsonb_array_elements(
+             CASE WHEN jsonb_typeof(p_subscription #> '{channel,extension}') = 'array'
+                  THEN p_subscription #> '{channel,extension}' ELSE '[]' END) e
+    WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
+      AND jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
+      AND (e ->> 'valueUnsignedInt')::numeric > 0
+    LIMIT 1
 $$;
 
 --
@@ -520,31 +548,18 @@ BEGIN
     END IF;
     -- What is due first, read only: the writes below (and their table locks) happen only when a
     -- heartbeat is due, not at every call.
-    SELECT array_agg(s.project_id ORDER BY s.project_id, s.id),
-           array_agg(s.id ORDER BY s.project_id, s.id),
-           array_agg(s.version_id ORDER BY s.project_id, s.id)
+    SELECT array_agg(h.project_id ORDER BY h.project_id, h.subscription_id),
+           array_agg(h.subscription_id ORDER BY h.project_id, h.subscription_id),
+           array_agg(h.version_id ORDER BY h.project_id, h.subscription_id)
     INTO v_projects, v_subscriptions, v_versions
-    FROM (
-        SELECT r.project_id, r.id, r.version_id, r.last_updated,
-               (SELECT (e ->> 'valueUnsignedInt')::bigint
-                FROM jsonb_array_elements(v.content #> '{channel,extension}') e
-                WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
-                  AND jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
-                LIMIT 1) AS period
-        FROM fhir_outbox.resource r
-        JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
-        WHERE r.resource_type = 'Subscription' AND NOT r.deleted
-          AND v.content ->> 'status' = 'active'
-          AND v.content #>> '{channel,type}' = 'rest-hook'
-          AND jsonb_typeof(v.content #> '{channel,extension}') = 'array') s
+    FROM fhir_outbox.subscription_heartbeat h
     LEFT JOIN fhir_outbox.subscription_event_count c
-           ON c.project_id = s.project_id AND c.subscription_id = s.id
-    WHERE s.period > 0
-      AND greatest(c.last_notification_at, s.last_updated) <= now() - make_interval(secs => s.period)
+           ON c.project_id = h.project_id AND c.subscription_id = h.subscription_id
+    WHERE greatest(c.last_notification_at, h.last_updated) <= now() - h.period
       AND NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                      WHERE p.project_id = s.project_id AND p.subscription_id = s.id)
+                      WHERE p.project_id = h.project_id AND p.subscription_id = h.subscription_id)
       AND NOT EXISTS (SELECT 1 FROM fhir_outbox.unfinished_delivery d
-                      WHERE d.project_id = s.project_id AND d.subscription_id = s.id
+                      WHERE d.project_id = h.project_id AND d.subscription_id = h.subscription_id
                         AND d.notification = 'heartbeat');
     IF v_projects IS NULL THEN
         RETURN 0;
@@ -797,6 +812,36 @@ CREATE FUNCTION fhir_outbox.strip_empty(v jsonb) RETURNS jsonb
             FROM jsonb_array_elements(v) WITH ORDINALITY)
         ELSE v
     END
+$$;
+
+--
+-- Name: subscription_heartbeat_written(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.subscription_heartbeat_written() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_period interval;
+BEGIN
+    IF NEW.content ->> 'status' = 'active' AND NEW.content #>> '{channel,type}' = 'rest-hook' THEN
+        v_period := fhir_outbox.heartbeat_period(NEW.content);
+    END IF;
+    IF v_period IS NULL THEN
+        DELETE FROM fhir_outbox.subscription_heartbeat
+        WHERE project_id = NEW.project_id AND subscription_id = NEW.id;
+    ELSE
+        INSERT INTO fhir_outbox.subscription_heartbeat AS h
+            (project_id, subscription_id, version_id, last_updated, period)
+        VALUES (NEW.project_id, NEW.id, NEW.version_id, NEW.last_updated, v_period)
+        ON CONFLICT (project_id, subscription_id) DO UPDATE
+        SET version_id = excluded.version_id, last_updated = excluded.last_updated,
+            period = excluded.period
+        WHERE h.version_id < excluded.version_id;
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 --
@@ -1617,7 +1662,7 @@ CREATE TABLE fhir_outbox.subscription_issue (
     occurrences bigint DEFAULT 1 NOT NULL,
     first_seen timestamp with time zone DEFAULT now() NOT NULL,
     last_seen timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT subscription_issue_kind_check CHECK ((kind = ANY (ARRAY['unsupported'::text, 'invalid'::text, 'evaluation_error'::text, 'budget_exhausted'::text, 'endpoint_refused'::text])))
+    CONSTRAINT subscription_issue_kind_check CHECK ((kind = ANY (ARRAY['unsupported'::text, 'invalid'::text, 'evaluation_error'::text, 'budget_exhausted'::text, 'endpoint_refused'::text, 'status_update_failed'::text])))
 );
 
 --
@@ -1709,6 +1754,18 @@ CREATE TABLE fhir_outbox.subscription_failure (
     project_id uuid NOT NULL,
     subscription_id text NOT NULL,
     failed_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
+-- Name: subscription_heartbeat; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.subscription_heartbeat (
+    project_id uuid NOT NULL,
+    subscription_id text NOT NULL,
+    version_id bigint NOT NULL,
+    last_updated timestamp with time zone NOT NULL,
+    period interval NOT NULL
 );
 
 --
@@ -1898,6 +1955,13 @@ ALTER TABLE ONLY fhir_outbox.subscription_event_count
     ADD CONSTRAINT subscription_event_count_pkey PRIMARY KEY (project_id, subscription_id);
 
 --
+-- Name: subscription_heartbeat subscription_heartbeat_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.subscription_heartbeat
+    ADD CONSTRAINT subscription_heartbeat_pkey PRIMARY KEY (project_id, subscription_id);
+
+--
 -- Name: subscription_issue subscription_issue_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
 --
 
@@ -2027,12 +2091,6 @@ CREATE INDEX outbox_undispatched ON fhir_outbox.outbox USING btree (seq) WHERE (
 --
 
 CREATE INDEX outbox_with_dispatch_error ON fhir_outbox.outbox USING btree (seq) WHERE (dispatch_error IS NOT NULL);
-
---
--- Name: resource_live_subscription; Type: INDEX; Schema: fhir_outbox; Owner: -
---
-
-CREATE INDEX resource_live_subscription ON fhir_outbox.resource USING btree (project_id, id) WHERE ((resource_type = 'Subscription'::text) AND (NOT deleted));
 
 --
 -- Name: resource_version_audit_event_age; Type: INDEX; Schema: fhir_outbox; Owner: -
@@ -2189,6 +2247,12 @@ CREATE TRIGGER project_settings_checked BEFORE INSERT OR UPDATE OF settings ON f
 --
 
 CREATE TRIGGER resource_version_immutable BEFORE UPDATE ON fhir_outbox.resource_version FOR EACH ROW EXECUTE FUNCTION fhir_outbox.forbid_version_update();
+
+--
+-- Name: resource_version resource_version_subscription_heartbeat; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER resource_version_subscription_heartbeat AFTER INSERT ON fhir_outbox.resource_version FOR EACH ROW WHEN ((new.resource_type = 'Subscription'::text)) EXECUTE FUNCTION fhir_outbox.subscription_heartbeat_written();
 
 --
 -- Name: resource_version resource_version_topic_written; Type: TRIGGER; Schema: fhir_outbox; Owner: -

@@ -43,6 +43,9 @@ pub struct Pruned {
     pub audit_events: u64,
     /// History partitions dropped.
     pub partitions: u64,
+    /// Event counters (`subscription_event_count`) of subscriptions deleted for longer than the
+    /// delivery retention whose events are all gone.
+    pub event_counters: u64,
 }
 
 /// Creates the missing daily partitions of the history tables from today to [`DAYS_AHEAD`] days
@@ -98,6 +101,29 @@ pub async fn prune_as_of(
             break;
         }
     }
+    // A counter goes only when nothing can number or read its events any more: the subscription
+    // was deleted before the retention horizon (no dispatcher compiled before that deletion is
+    // still at work, so none can give the next number) and none of its events is stored (so a
+    // subscription written again under that id, counting from 1, repeats no stored number).
+    pruned.event_counters = sqlx::query!(
+        "DELETE FROM fhir_outbox.subscription_event_count c
+         WHERE NOT EXISTS (
+                   SELECT 1 FROM fhir_outbox.resource r
+                   WHERE r.project_id = c.project_id AND r.resource_type = 'Subscription'
+                     AND r.id = c.subscription_id AND (NOT r.deleted OR r.last_updated >= $1))
+           AND NOT EXISTS (
+                   SELECT 1 FROM fhir_outbox.unfinished_delivery d
+                   WHERE d.project_id = c.project_id AND d.subscription_id = c.subscription_id
+                     AND d.notification = 'event-notification')
+           AND NOT EXISTS (
+                   SELECT 1 FROM fhir_outbox.finished_delivery d
+                   WHERE d.project_id = c.project_id AND d.subscription_id = c.subscription_id
+                     AND d.notification = 'event-notification')",
+        deliveries_before
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
     if let Some(audit) = retention.audit_events {
         let audit_before = as_of - audit;
         let dropped = drop_partitions(pool, "audit_event", audit_before).await?;

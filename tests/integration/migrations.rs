@@ -329,3 +329,76 @@ async fn the_history_migration_keeps_every_delivery_attempt_and_audit_event() {
         "a new AuditEvent is read by id"
     );
 }
+
+/// The migration that gives heartbeats their own table fills it from the subscriptions already
+/// stored: exactly the live, active rest-hook ones with a period.
+#[tokio::test]
+async fn the_heartbeat_migration_lists_the_stored_subscriptions_that_have_a_period() {
+    use crate::delivery::create;
+    use crate::topics::{BACKPORT, topic_subscription};
+    use fhir_outbox::capture::{self, WriteContext};
+    use serde_json::json;
+    use sqlx::migrate::Migrator;
+    use std::borrow::Cow;
+    use uuid::Uuid;
+    const HEARTBEAT_MIGRATION: i64 = 20261208000001;
+
+    let url = empty_database_url().await;
+    let pool = db::connect(&url, 4).await.unwrap();
+    let previous = Migrator {
+        migrations: Cow::Owned(
+            db::MIGRATOR
+                .iter()
+                .filter(|m| m.version < HEARTBEAT_MIGRATION)
+                .cloned()
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    };
+    previous.run(&pool).await.unwrap();
+    let project: Uuid = sqlx::query_scalar("SELECT fhir_outbox.create_project('before')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let with_period = |status: &str, seconds: i64| {
+        let mut subscription = topic_subscription("https://example.org/hook", status, "empty", &[]);
+        subscription["channel"]["extension"] = json!([{
+            "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": seconds
+        }]);
+        subscription
+    };
+    let mut ids = Vec::new();
+    for subscription in [
+        with_period("active", 60),
+        with_period("requested", 60),
+        with_period("active", 0),
+        topic_subscription("https://example.org/hook", "active", "empty", &[]),
+        with_period("active", 30),
+    ] {
+        ids.push(
+            create(&pool, project, &subscription, None).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    capture::delete(
+        &pool,
+        project,
+        "Subscription",
+        &ids[4],
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+
+    db::MIGRATOR.run(&pool).await.unwrap();
+    let listed: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT subscription_id, extract(epoch FROM period)::float8
+         FROM fhir_outbox.subscription_heartbeat",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(listed, vec![(ids[0].clone(), 60.0)]);
+}

@@ -4,6 +4,7 @@
 use crate::common::TestDb;
 use crate::delivery::{create, fast_config, hook, pipeline};
 use crate::receiver::Receiver;
+use crate::topics;
 use sqlx::postgres::PgPoolOptions;
 
 #[tokio::test]
@@ -140,6 +141,37 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
             .await
             .unwrap()
     );
+
+    // Topic subscriptions: the worker applies a handshake's outcome (which locks the subscription
+    // it updates) and queues heartbeats.
+    create(&db.pool, project, &topics::encounter_complete_topic(), None).await;
+    let requested = create(
+        &db.pool,
+        project,
+        &topics::topic_subscription(&receiver.url, "requested", "empty", &[]),
+        None,
+    )
+    .await;
+    pipeline(&worker_pool, fast_config())
+        .settle(&worker_pool)
+        .await;
+    let requested = requested["id"].as_str().unwrap();
+    assert_eq!(
+        topics::status_of(&db.pool, project, requested).await,
+        "active",
+        "the worker role's handshake activated the subscription"
+    );
+    let mut beating = topics::topic_subscription(&receiver.url, "active", "empty", &[]);
+    beating["channel"]["extension"] = serde_json::json!([{
+        "url": format!("{}backport-heartbeat-period", topics::BACKPORT), "valueUnsignedInt": 1
+    }]);
+    create(&db.pool, project, &beating, None).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let queued: i32 = sqlx::query_scalar("SELECT fhir_outbox.queue_heartbeats()")
+        .fetch_one(&worker_pool)
+        .await
+        .expect("the worker role queues heartbeats");
+    assert_eq!(queued, 1);
     for refused in [
         "ALTER TABLE fhir_outbox.delivery ADD COLUMN x int",
         "DROP TABLE fhir_outbox.delivery_attempt",

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const TOPIC: &str = "http://example.org/fhir/SubscriptionTopic/encounter-complete";
-const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+pub const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
 const XVER: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.";
 
 /// The backport IG's encounter-complete topic, in its R4 representation (a Basic resource): an
 /// Encounter that becomes `finished` (created finished, or updated from another status),
 /// filterable by subject.
-fn encounter_complete_topic() -> Value {
+pub fn encounter_complete_topic() -> Value {
     json!({
         "resourceType": "Basic",
         "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
@@ -52,7 +52,7 @@ fn encounter_complete_topic() -> Value {
 }
 
 /// A subscription to [`TOPIC`] per the backport profile.
-fn topic_subscription(url: &str, status: &str, content: &str, filters: &[&str]) -> Value {
+pub fn topic_subscription(url: &str, status: &str, content: &str, filters: &[&str]) -> Value {
     let mut subscription = json!({
         "resourceType": "Subscription",
         "meta": {"profile": [format!("{BACKPORT}backport-subscription")]},
@@ -129,7 +129,7 @@ fn bundles(receiver: &Receiver) -> Vec<Value> {
         .collect()
 }
 
-async fn status_of(pool: &PgPool, project: Uuid, id: &str) -> String {
+pub async fn status_of(pool: &PgPool, project: Uuid, id: &str) -> String {
     capture::read(pool, project, "Subscription", id)
         .await
         .unwrap()["status"]
@@ -315,6 +315,70 @@ async fn a_failed_handshake_sets_the_subscription_to_error() {
     assert_eq!(receiver.received().len(), 2);
 }
 
+/// A handshake whose outcome cannot be written (here another application's trigger refuses the
+/// new version) is not lost in the server log: the subscription keeps `requested`, and carries a
+/// `status_update_failed` issue that `status` counts and that names the cause.
+#[tokio::test]
+async fn a_status_that_cannot_be_set_after_the_handshake_is_an_issue_in_status() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    create(&db.pool, project, &encounter_complete_topic(), None).await;
+    db.psql(
+        "CREATE FUNCTION public.no_active_subscriptions() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.content ->> 'status' = 'active' THEN
+                 RAISE EXCEPTION 'subscriptions are activated by hand here';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER no_active_subscriptions BEFORE INSERT ON fhir_outbox.resource_version
+             FOR EACH ROW WHEN (NEW.resource_type = 'Subscription')
+             EXECUTE FUNCTION public.no_active_subscriptions();",
+    )
+    .unwrap();
+    let receiver = Receiver::start(vec![]).await;
+    let subscription = create(
+        &db.pool,
+        project,
+        &topic_subscription(&receiver.url, "requested", "empty", &[]),
+        None,
+    )
+    .await;
+    pipeline(&db.pool, fast_config()).settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 1, "the handshake was sent");
+    let id = subscription["id"].as_str().unwrap();
+    assert_eq!(status_of(&db.pool, project, id).await, "requested");
+    let (state, issues): (String, i64) = sqlx::query_as(
+        "SELECT d.state, s.issues FROM fhir_outbox.delivery d
+         JOIN fhir_outbox.subscription_delivery_status s USING (project_id, subscription_id)
+         WHERE d.project_id = $1 AND d.subscription_id = $2 AND d.notification = 'handshake'",
+    )
+    .bind(project)
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), issues),
+        ("succeeded", 1),
+        "the delivery is recorded, and status counts the issue"
+    );
+    let message: String = sqlx::query_scalar(
+        "SELECT message FROM fhir_outbox.subscription_issue
+         WHERE project_id = $1 AND subscription_id = $2 AND kind = 'status_update_failed'",
+    )
+    .bind(project)
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        message.contains("could not be set to active")
+            && message.contains("subscriptions are activated by hand here"),
+        "{message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_subscription_gets_heartbeats_from_the_running_pipeline() {
     let db = TestDb::new().await;
@@ -360,6 +424,76 @@ async fn a_quiet_subscription_gets_heartbeats_from_the_running_pipeline() {
         last["entry"].as_array().unwrap().len(),
         1,
         "a heartbeat has no focus"
+    );
+}
+
+/// A deleted subscription's event counter stays while its events are stored and for the retention
+/// period after the deletion, so a subscription written again under that id never repeats a stored
+/// number; then retention removes it.
+#[tokio::test]
+async fn retention_removes_the_event_counter_of_a_deleted_subscription_last() {
+    use fhir_outbox::operations::retention::{self, Retention};
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    create(&db.pool, project, &encounter_complete_topic(), None).await;
+    let receiver = Receiver::start(vec![]).await;
+    let kept = create(
+        &db.pool,
+        project,
+        &topic_subscription(&receiver.url, "active", "id-only", &[]),
+        None,
+    )
+    .await;
+    let deleted = create(
+        &db.pool,
+        project,
+        &topic_subscription(&receiver.url, "active", "id-only", &[]),
+        None,
+    )
+    .await;
+    put(&db.pool, project, &encounter("e1", "finished", "Patient/a")).await;
+    pipeline(&db.pool, fast_config()).settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 2);
+    let deleted = deleted["id"].as_str().unwrap();
+    capture::delete(
+        &db.pool,
+        project,
+        "Subscription",
+        deleted,
+        &capture::WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    let counters = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT subscription_id FROM fhir_outbox.subscription_event_count ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let mut both = vec![kept["id"].as_str().unwrap().to_owned(), deleted.to_owned()];
+    both.sort();
+    let week = Retention {
+        deliveries: Duration::from_secs(7 * 86_400),
+        audit_events: None,
+    };
+    let pruned = retention::prune(&db.pool, week).await.unwrap();
+    assert_eq!(pruned.event_counters, 0, "deleted just now, events stored");
+    assert_eq!(counters().await, both);
+    // Two days on with nothing kept: the events are gone, the deletion is past the horizon.
+    let nothing = Retention {
+        deliveries: Duration::ZERO,
+        audit_events: None,
+    };
+    let later = chrono::Utc::now() + chrono::Duration::days(2);
+    let pruned = retention::prune_as_of(&db.pool, nothing, later)
+        .await
+        .unwrap();
+    assert_eq!(pruned.event_counters, 1);
+    assert_eq!(
+        counters().await,
+        vec![kept["id"].as_str().unwrap().to_owned()]
     );
 }
 

@@ -543,7 +543,8 @@ pub struct Issue {
     pub subscription_id: String,
     /// The version it concerns.
     pub subscription_version: i64,
-    /// `unsupported`, `invalid`, `evaluation_error`, `budget_exhausted`, `endpoint_refused`.
+    /// `unsupported`, `invalid`, `evaluation_error`, `budget_exhausted`, `endpoint_refused`,
+    /// `status_update_failed`.
     pub kind: String,
     /// What is wrong, exactly.
     pub message: String,
