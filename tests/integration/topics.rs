@@ -781,6 +781,20 @@ async fn status_and_events_let_a_receiver_recover_the_events_it_missed() {
     )
     .await;
     assert_eq!(code, 404, "another project's token: not found");
+    let (code, _, outcome) = get(
+        format!("/fhir/{project}/Subscription/{id}/$status"),
+        "not-a-token".to_owned(),
+    )
+    .await;
+    assert_eq!(code, 401);
+    assert_eq!(
+        (
+            outcome["resourceType"].as_str(),
+            outcome["issue"][0]["code"].as_str()
+        ),
+        (Some("OperationOutcome"), Some("security")),
+        "a FHIR client is refused in FHIR: {outcome}"
+    );
     server.abort();
 }
 

@@ -9,7 +9,8 @@
 //!   receiver that saw a gap in the event numbers recovers what it missed (up to
 //!   [`EVENTS_PER_PAGE`] per request, the retention period back).
 //!
-//! Errors are `OperationOutcome`s with the status of the console's refusals.
+//! Errors are `OperationOutcome`s with the status of the console's refusals, a missing or bad
+//! token's 401 included (a FHIR client reads those, not the console's JSON).
 
 use super::api::visible_project;
 use super::queries::{self, StoredEvent, TopicSubscriptionStatus};
@@ -19,7 +20,8 @@ use crate::topic::{
     SubscriptionStatus,
 };
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -50,12 +52,36 @@ impl IntoResponse for Fhir {
             Ok(resource) => (StatusCode::OK, resource),
             Err(refusal) => (refusal.status, operation_outcome(&refusal)),
         };
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/fhir+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(super::BEARER_CHALLENGE),
+            );
+        }
+        response
+    }
+}
+
+/// The caller, authenticated as the console's API does, refused with an `OperationOutcome`.
+struct FhirCaller(Authenticated);
+
+impl FromRequestParts<ConsoleState> for FhirCaller {
+    type Rejection = Fhir;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ConsoleState,
+    ) -> Result<Self, Self::Rejection> {
+        Authenticated::from_request_parts(parts, state)
+            .await
+            .map(FhirCaller)
+            .map_err(|refusal| Fhir(Err(refusal)))
     }
 }
 
@@ -92,7 +118,7 @@ struct StatusQuery {
 
 async fn statuses(
     State(state): State<ConsoleState>,
-    auth: Authenticated,
+    FhirCaller(auth): FhirCaller,
     Path(project): Path<String>,
     Query(query): Query<StatusQuery>,
 ) -> Fhir {
@@ -110,7 +136,7 @@ async fn statuses(
 
 async fn status(
     State(state): State<ConsoleState>,
-    auth: Authenticated,
+    FhirCaller(auth): FhirCaller,
     Path((project, id)): Path<(String, String)>,
 ) -> Fhir {
     Fhir(status_bundle(&state, &auth, &project, vec![id]).await)
@@ -212,7 +238,7 @@ fn number(name: &str, value: Option<&str>) -> Result<Option<i64>, Refusal> {
 
 async fn events(
     State(state): State<ConsoleState>,
-    auth: Authenticated,
+    FhirCaller(auth): FhirCaller,
     Path((project, id)): Path<(String, String)>,
     Query(query): Query<EventsQuery>,
 ) -> Fhir {

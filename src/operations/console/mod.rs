@@ -34,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 /// The name of the browser session's cookie (its value is the token's secret).
 pub const SESSION_COOKIE: &str = "fhir_outbox_session";
 
+/// The `WWW-Authenticate` of every 401.
+const BEARER_CHALLENGE: &str = "Bearer realm=\"fhir-outbox\"";
+
 /// Why the console could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -193,7 +196,7 @@ impl IntoResponse for Refusal {
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"fhir-outbox\""),
+                header::HeaderValue::from_static(BEARER_CHALLENGE),
             );
         }
         response
