@@ -258,6 +258,16 @@ pub async fn show_delivery(pool: &PgPool, command: DeliveriesCommand) -> Result<
         d.state,
         if detail.replay { " (replay)" } else { "" }
     );
+    match (d.notification.as_deref(), d.event_number) {
+        (Some("event-notification"), Some(number)) => {
+            println!("  carries:     event-notification, event {number}")
+        }
+        (Some("heartbeat"), Some(events)) => {
+            println!("  carries:     heartbeat, {events} events so far")
+        }
+        (Some(notification), _) => println!("  carries:     {notification}"),
+        (None, _) => {}
+    }
     if let Some(reason) = &d.reason {
         println!("  reason:      {reason}");
     }
@@ -275,12 +285,23 @@ pub async fn show_delivery(pool: &PgPool, command: DeliveriesCommand) -> Result<
         "  headers:     {} (values not shown)",
         detail.header_names.join(", ")
     );
-    match &detail.payload {
-        Some(payload) => println!(
-            "  payload:\n{}",
+    let payload_label = if d.notification.is_some() {
+        "focus"
+    } else {
+        "payload"
+    };
+    match (&detail.payload, d.notification.as_deref()) {
+        (Some(payload), _) => println!(
+            "  {payload_label}:\n{}",
             indent(&serde_json::to_string_pretty(payload)?)
         ),
-        None => println!("  payload:     (the version is no longer stored)"),
+        (None, Some("handshake" | "heartbeat")) => {
+            println!("  focus:       none (the bundle carries the subscription's status alone)")
+        }
+        (None, _) => println!(
+            "  {:<13}(the version is no longer stored)",
+            format!("{payload_label}:")
+        ),
     }
     if detail.attempts.is_empty() {
         println!("  attempts:    none yet");

@@ -23,7 +23,7 @@ fn run(url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn ok(url: &str, args: &[&str]) -> String {
+pub fn ok(url: &str, args: &[&str]) -> String {
     let (success, stdout, stderr) = run(url, args);
     assert!(success, "{args:?} failed:\n{stdout}\n{stderr}");
     stdout

@@ -795,6 +795,71 @@ async fn status_and_events_let_a_receiver_recover_the_events_it_missed() {
         (Some("OperationOutcome"), Some("security")),
         "a FHIR client is refused in FHIR: {outcome}"
     );
+
+    // An operator sees what each delivery carries, in the console's API and on the command line.
+    let (code, _, page) = get(
+        format!("/api/v1/projects/{project}/deliveries?subscription={id}"),
+        token.clone(),
+    )
+    .await;
+    assert_eq!(code, 200, "{page:#}");
+    let carried: Vec<(String, Value, String)> = page["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["notification"].as_str().unwrap().to_owned(),
+                item["event_number"].clone(),
+                item["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let event = |number: i64, state: &str| {
+        (
+            "event-notification".to_owned(),
+            json!(number),
+            state.to_owned(),
+        )
+    };
+    assert_eq!(
+        carried,
+        [
+            event(4, "succeeded"),
+            event(3, "failed"),
+            event(2, "failed"),
+            event(1, "succeeded")
+        ]
+    );
+    let failed = page["deliveries"][2]["id"].as_i64().unwrap().to_string();
+    let shown = crate::operator_cli::ok(
+        &db.url,
+        &[
+            "deliveries",
+            "show",
+            &failed,
+            "--project",
+            &project.to_string(),
+        ],
+    );
+    assert!(
+        shown.contains("carries:     event-notification, event 2") && shown.contains("  focus:\n"),
+        "{shown}"
+    );
+    let page = http
+        .get(format!("{base}/projects/{project}/deliveries/{failed}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("event 2")
+            && page.contains("<code>event-notification</code> notification bundle"),
+        "the delivery page says what it carries"
+    );
     server.abort();
 }
 

@@ -1310,7 +1310,7 @@ fn deliveries_table(
                         td { a href=(project.subscription_path(&delivery.subscription_id)) { (delivery.subscription_id) } }
                     }
                     td { (delivery.resource) span.muted { " v" (delivery.version_id) } }
-                    td { (delivery.interaction) }
+                    td { (delivery.interaction) (notification_badge(delivery)) }
                     td { (state_badge(delivery.state)) }
                     td.num { (delivery.attempts) }
                     td.num { @if let Some(status) = delivery.last_status { (status) } @else { "–" } }
@@ -1319,6 +1319,18 @@ fn deliveries_table(
             }
         },
     )
+}
+
+/// What a topic subscription's delivery carries (`event 3`, `heartbeat`, `handshake`); nothing
+/// for Medplum's deliveries of the resource itself.
+fn notification_badge(delivery: &DeliveryItem) -> Markup {
+    html! {
+        @match (delivery.notification.as_deref(), delivery.event_number) {
+            (Some("event-notification"), Some(number)) => { " " span.badge.muted { "event " (number) } },
+            (Some(notification), _) => { " " span.badge.muted { (notification) } },
+            (None, _) => {},
+        }
+    }
 }
 
 fn delivery_id(text: &str) -> Result<i64, Failure> {
@@ -1366,7 +1378,7 @@ async fn delivery(
             dt { "Subscription" } dd { a href=(project.subscription_path(&delivery.subscription_id)) { "Subscription/" (delivery.subscription_id) } }
             dt { "Endpoint" } dd { code { (detail.endpoint.as_deref().unwrap_or("–")) } }
             dt { "Resource" } dd #resource { (delivery.resource) " version " (delivery.version_id) }
-            dt { "Interaction" } dd { (delivery.interaction) }
+            dt { "Interaction" } dd #interaction { (delivery.interaction) (notification_badge(delivery)) }
             dt { "webhook-id" } dd { code #webhook-id { (delivery.webhook_id) } }
             dt { "Attempts" } dd { (delivery.attempts) }
             dt { "Reason" } dd.error-text #reason { (delivery.reason.as_deref().unwrap_or("–")) }
@@ -1397,13 +1409,24 @@ async fn delivery(
         div.split {
             section #sent {
                 h2 { "Sent" }
-                p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and this body." }
+                @if let Some(notification) = &delivery.notification {
+                    p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and a " code { (notification) } " notification bundle: the subscription's status, then the focus per the subscription's payload content." }
+                } @else {
+                    p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and this body." }
+                }
                 ul.header-names #header-names {
                     @for name in &detail.header_names { li { code { (name) } } }
                 }
-                @match &detail.payload {
-                    Some(payload) => (json_block("payload", &without_secrets(payload))),
-                    None => p.muted #payload { "The delivered version is no longer stored." },
+                @match (&detail.payload, &delivery.notification) {
+                    (Some(payload), None) => (json_block("payload", &without_secrets(payload))),
+                    (Some(payload), Some(_)) => {
+                        p.muted { "Its focus:" }
+                        (json_block("payload", &without_secrets(payload)))
+                    },
+                    (None, Some(notification)) if notification != "event-notification" => {
+                        p.muted #payload { "A " (notification) " has no focus: the bundle carries the subscription's status alone." }
+                    },
+                    (None, _) => p.muted #payload { "The delivered version is no longer stored." },
                 }
             }
             section #timeline {

@@ -629,6 +629,11 @@ pub struct DeliveryItem {
     pub finished_at: Option<DateTime<Utc>>,
     /// Last error, skip or cancel reason.
     pub reason: Option<String>,
+    /// For a subscription to a topic, the notification it carries: `handshake`, `heartbeat` or
+    /// `event-notification` (`None`: Medplum's delivery of the resource itself).
+    pub notification: Option<String>,
+    /// An event's number among its subscription's events; a heartbeat's count of events so far.
+    pub event_number: Option<i64>,
 }
 
 /// A page of deliveries, newest first.
@@ -660,7 +665,7 @@ pub async fn deliveries(
                   version_id AS "version_id!", interaction AS "interaction!",
                   state AS "state!: DeliveryState", attempts AS "attempts!", last_status,
                   changed_at AS "changed_at!", next_attempt_at AS "next_attempt_at!", finished_at,
-                  reason
+                  reason, notification, event_number
            FROM fhir_outbox.delivery
            WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2::text IS NULL OR state = $2)
@@ -740,7 +745,9 @@ pub struct DeliveryDetail {
     /// The names of the headers its requests carry (values are never shown: they may be
     /// credentials or signatures).
     pub header_names: Vec<String>,
-    /// The body sent: the delivered version (`{}` for a delete); `None` once the version is gone.
+    /// The body sent: the delivered version (`{}` for a delete); for a topic notification, the
+    /// bundle's focus (the bundle around it is built at each attempt); `None` once the version is
+    /// gone, and for a handshake or heartbeat (whose bundle has no focus).
     pub payload: Option<Value>,
     /// Its attempts, oldest first (the latest [`ATTEMPTS_SHOWN`]).
     pub attempts: Vec<AttemptDetail>,
@@ -759,7 +766,7 @@ pub async fn delivery(
                   d.state AS "state!: DeliveryState", d.attempts AS "attempts!",
                   d.last_status, d.changed_at AS "changed_at!", d.next_attempt_at AS "next_attempt_at!",
                   d.finished_at, d.reason, d.request_id AS "request_id!", d.trace_id AS "trace_id!",
-                  d.matched_at AS "matched_at!", d.replay AS "replay!",
+                  d.matched_at AS "matched_at!", d.replay AS "replay!", d.notification, d.event_number,
                   pv.content AS "payload?", sv.content AS "subscription?"
            FROM fhir_outbox.delivery d
            LEFT JOIN fhir_outbox.resource_version pv
@@ -819,7 +826,9 @@ pub async fn delivery(
             headers::build(&headers::RequestHeaders {
                 subscription_id: &row.subscription_id,
                 interaction,
-                deleted_resource: (row.interaction == "delete").then_some(reference.as_str()),
+                // A notification bundle says itself what was deleted.
+                deleted_resource: (row.interaction == "delete" && row.notification.is_none())
+                    .then_some(reference.as_str()),
                 custom: &custom,
                 trace_id: &row.trace_id,
                 webhook_id: &webhook_id,
@@ -834,7 +843,9 @@ pub async fn delivery(
         Err(_) => Vec::new(),
     };
     let endpoint = crate::subscription::endpoint(&subscription).map(redact_endpoint);
-    let payload = if row.interaction == "delete" {
+    let payload = if matches!(row.notification.as_deref(), Some("handshake" | "heartbeat")) {
+        None
+    } else if row.interaction == "delete" {
         Some(serde_json::json!({}))
     } else {
         row.payload
@@ -855,6 +866,8 @@ pub async fn delivery(
             next_attempt_at: row.next_attempt_at,
             finished_at: row.finished_at,
             reason: row.reason,
+            notification: row.notification,
+            event_number: row.event_number,
         },
         request_id: row.request_id,
         trace_id: row.trace_id,
