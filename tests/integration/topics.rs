@@ -129,6 +129,33 @@ fn bundles(receiver: &Receiver) -> Vec<Value> {
         .collect()
 }
 
+/// A console answer to GET `path`, asked with a viewer token of `project` (the answer must be a
+/// 200 in JSON).
+async fn fhir_get(pool: &PgPool, project: Uuid, path: &str) -> Value {
+    use fhir_outbox::operations::console::{self, tokens};
+    let (_, token) = tokens::create(pool, "receiver", tokens::Role::Viewer, Some(project))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = console::router(pool.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // No proxy: one from the environment would stand between the test and loopback.
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    let answer = response.json().await.unwrap();
+    server.abort();
+    answer
+}
+
 pub async fn status_of(pool: &PgPool, project: Uuid, id: &str) -> String {
     capture::read(pool, project, "Subscription", id)
         .await
@@ -309,6 +336,22 @@ async fn a_failed_handshake_sets_the_subscription_to_error() {
     assert_eq!(receiver.received().len(), 2, "two attempts");
     let id = subscription["id"].as_str().unwrap();
     assert_eq!(status_of(&db.pool, project, id).await, "error");
+    // $status tells the receiver's owner why.
+    let status = fhir_get(
+        &db.pool,
+        project,
+        &format!("/fhir/{project}/Subscription/{id}/$status"),
+    )
+    .await;
+    assert_eq!(parameter(&status, "status").unwrap()["valueCode"], "error");
+    let error = parameter(&status, "error").unwrap()["valueCodeableConcept"]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.contains("its latest notification failed") && error.contains("500"),
+        "{error}"
+    );
     // An error subscription is sent nothing.
     put(&db.pool, project, &encounter("e1", "finished", "Patient/a")).await;
     p.settle(&db.pool).await;

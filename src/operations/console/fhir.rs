@@ -3,7 +3,9 @@
 //! project only):
 //!
 //! - `GET /fhir/{project}/Subscription/{id}/$status` and `GET /fhir/{project}/Subscription/$status?id=a,b`:
-//!   a `searchset` Bundle of subscription status `Parameters` (`type` `query-status`);
+//!   a `searchset` Bundle of subscription status `Parameters` (`type` `query-status`), with an
+//!   `error` for each issue of the subscription's current version and for a failed latest
+//!   notification;
 //! - `GET /fhir/{project}/Subscription/{id}/$events?eventsSinceNumber=&eventsUntilNumber=&content=`:
 //!   the stored events in that range as a `history` Bundle (`type` `query-event`), so that a
 //!   receiver that saw a gap in the event numbers recovers what it missed (up to
@@ -178,7 +180,7 @@ async fn status_bundle(
             status: &stored.status,
             notification_type: NotificationType::QueryStatus,
             events_since_subscription_start: stored.events_since_start,
-            errors: Vec::new(),
+            errors: stored.errors.clone(),
         };
         let parameters =
             topic::status_parameters(&state.fhir_base_url, &status, &[], subscription.content);
@@ -315,7 +317,7 @@ async fn events_bundle(
         status: &stored.status,
         notification_type: NotificationType::QueryEvent,
         events_since_subscription_start: stored.events_since_start,
-        errors: Vec::new(),
+        errors: stored.errors.clone(),
     };
     Ok(topic::notification_bundle(
         &state.fhir_base_url,

@@ -910,6 +910,9 @@ pub struct TopicSubscriptionStatus {
     pub content: Result<Value, String>,
     /// How many events it has had (the number of the latest).
     pub events_since_start: i64,
+    /// What is wrong with it, for `$status`'s `error` parameters: the issues of its current
+    /// version, and why its latest notification failed when it did.
+    pub errors: Vec<String>,
 }
 
 /// The live Subscriptions of `project` among `ids` whose criteria name a topic (a canonical URL),
@@ -921,7 +924,18 @@ pub async fn topic_subscription_statuses(
 ) -> Result<Vec<TopicSubscriptionStatus>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT r.id, coalesce(v.content ->> 'status', '') AS "status!", v.content::text AS "content!",
-                  coalesce(c.events_since_start, 0) AS "events_since_start!"
+                  coalesce(c.events_since_start, 0) AS "events_since_start!",
+                  ARRAY(SELECT i.message FROM fhir_outbox.subscription_issue i
+                        WHERE i.project_id = r.project_id AND i.subscription_id = r.id
+                          AND i.subscription_version = r.version_id
+                        ORDER BY i.first_seen, i.message) AS "issues!",
+                  (SELECT CASE WHEN d.state = 'failed'
+                               THEN 'its latest notification failed: ' || coalesce(d.reason, 'no reason recorded')
+                          END
+                   FROM fhir_outbox.finished_delivery d
+                   WHERE d.project_id = r.project_id AND d.subscription_id = r.id
+                     AND d.notification IS NOT NULL
+                   ORDER BY d.id DESC LIMIT 1) AS last_failure
            FROM fhir_outbox.resource r
            JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
            LEFT JOIN fhir_outbox.subscription_event_count c
@@ -941,6 +955,7 @@ pub async fn topic_subscription_statuses(
             content: crate::fhir::decode_stored(&row.content)
                 .map_err(|error| format!("cannot decode the subscription: {error}")),
             events_since_start: row.events_since_start,
+            errors: row.issues.into_iter().chain(row.last_failure).collect(),
         })
         .filter(|status| {
             status
