@@ -19,6 +19,7 @@ mod scaling;
 mod scenarios;
 mod storage;
 mod system;
+mod topics;
 
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -86,11 +87,14 @@ pub enum Scenario {
     /// One undispatched backlog drained by 1, 2 and 4 worker processes, with the database's cost
     /// per delivery (CPU, WAL, connections).
     Scaling,
+    /// Subscriptions to topics: dispatch with event numbering against criteria subscriptions,
+    /// notification bundles end to end, and the heartbeat check beside many subscriptions.
+    Topics,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::Capture,
         Scenario::Bulk,
         Scenario::Dispatch,
@@ -104,6 +108,7 @@ impl Scenario {
         Scenario::Retention,
         Scenario::Horizon,
         Scenario::Scaling,
+        Scenario::Topics,
     ];
 
     /// Whether it needs the throwaway PostgreSQL.
@@ -130,8 +135,9 @@ impl FromStr for Scenario {
             "retention" => Ok(Scenario::Retention),
             "horizon" | "xmin" => Ok(Scenario::Horizon),
             "scaling" => Ok(Scenario::Scaling),
+            "topics" => Ok(Scenario::Topics),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, bulk, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling)"
+                "unknown scenario `{other}` (capture, bulk, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling, topics)"
             )),
         }
     }
@@ -190,6 +196,9 @@ pub struct Sizes {
     pub horizon_cycle: u64,
     /// Undispatched changes of the scaling scenario.
     pub scaling_backlog: u64,
+    /// Live subscriptions beside which the topics scenario times the heartbeat check (1 % of
+    /// them with a heartbeat period).
+    pub heartbeat_subscriptions: usize,
 }
 
 impl Sizes {
@@ -224,6 +233,7 @@ impl Sizes {
             horizon_seconds: 600,
             horizon_cycle: 20_000,
             scaling_backlog: 20_000,
+            heartbeat_subscriptions: 100_000,
         }
     }
 
@@ -254,6 +264,7 @@ impl Sizes {
             horizon_seconds: 40,
             horizon_cycle: 5_000,
             scaling_backlog: 2_000,
+            heartbeat_subscriptions: 10_000,
         }
     }
 }
