@@ -729,8 +729,8 @@ pub struct AttemptDetail {
 /// One delivery with everything about it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryDetail {
-    /// The delivery.
-    #[serde(flatten)]
+    /// The delivery. Its count of attempts is `attempt_count` here: `attempts` is the list.
+    #[serde(flatten, serialize_with = "with_attempt_count")]
     pub delivery: DeliveryItem,
     /// The write's request id.
     pub request_id: String,
@@ -751,6 +751,21 @@ pub struct DeliveryDetail {
     pub payload: Option<Value>,
     /// Its attempts, oldest first (the latest [`ATTEMPTS_SHOWN`]).
     pub attempts: Vec<AttemptDetail>,
+}
+
+/// A [`DeliveryItem`] whose `attempts` is called `attempt_count`, so that a [`DeliveryDetail`]'s
+/// JSON has one `attempts` key (the list), which every JSON reader agrees on.
+fn with_attempt_count<S: serde::Serializer>(
+    item: &DeliveryItem,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut value = serde_json::to_value(item).map_err(serde::ser::Error::custom)?;
+    if let Some(fields) = value.as_object_mut() {
+        if let Some(count) = fields.remove("attempts") {
+            fields.insert("attempt_count".to_owned(), count);
+        }
+    }
+    value.serialize(serializer)
 }
 
 /// One delivery of a project, or `None` when the project has none with this id.
@@ -882,7 +897,47 @@ pub async fn delivery(
 
 #[cfg(test)]
 mod tests {
-    use super::redact_endpoint;
+    use super::{DeliveryDetail, DeliveryItem, redact_endpoint};
+    use crate::delivery::DeliveryState;
+
+    #[test]
+    fn a_delivery_detail_has_one_attempts_key_the_list() {
+        let at = chrono::Utc::now();
+        let detail = DeliveryDetail {
+            delivery: DeliveryItem {
+                id: 1,
+                webhook_id: uuid::Uuid::nil(),
+                project_id: uuid::Uuid::nil(),
+                subscription_id: "s".to_owned(),
+                resource: "Patient/p".to_owned(),
+                version_id: 1,
+                interaction: "create".to_owned(),
+                state: DeliveryState::Pending,
+                attempts: 3,
+                last_status: None,
+                changed_at: at,
+                next_attempt_at: at,
+                finished_at: None,
+                reason: None,
+                notification: None,
+                event_number: None,
+            },
+            request_id: "r".to_owned(),
+            trace_id: "t".to_owned(),
+            matched_at: at,
+            replay: false,
+            endpoint: None,
+            header_names: Vec::new(),
+            payload: None,
+            attempts: Vec::new(),
+        };
+        let text = serde_json::to_string(&detail).unwrap();
+        assert_eq!(text.matches("\"attempts\":").count(), 1, "{text}");
+        assert!(
+            text.contains("\"attempts\":[]") && text.contains("\"attempt_count\":3"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn endpoints_are_shown_without_credentials_or_query() {
