@@ -1017,7 +1017,10 @@ async fn operate(url: Option<String>, command: Command) -> Result<()> {
                     d.subscription_id.clone(),
                     d.resource.clone(),
                     d.version_id.to_string(),
-                    d.interaction.clone(),
+                    match d.carries() {
+                        Some(carries) => format!("{} ({carries})", d.interaction),
+                        None => d.interaction.clone(),
+                    },
                     d.state.to_string(),
                     d.attempts.to_string(),
                     d.last_status.map(|s| s.to_string()).unwrap_or_default(),

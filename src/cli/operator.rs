@@ -258,15 +258,8 @@ pub async fn show_delivery(pool: &PgPool, command: DeliveriesCommand) -> Result<
         d.state,
         if detail.replay { " (replay)" } else { "" }
     );
-    match (d.notification.as_deref(), d.event_number) {
-        (Some("event-notification"), Some(number)) => {
-            println!("  carries:     event-notification, event {number}")
-        }
-        (Some("heartbeat"), Some(events)) => {
-            println!("  carries:     heartbeat, {events} events so far")
-        }
-        (Some(notification), _) => println!("  carries:     {notification}"),
-        (None, _) => {}
+    if let Some(carries) = d.carries() {
+        println!("  carries:     {carries}");
     }
     if let Some(reason) = &d.reason {
         println!("  reason:      {reason}");

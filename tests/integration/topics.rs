@@ -889,6 +889,9 @@ async fn status_and_events_let_a_receiver_recover_the_events_it_missed() {
         shown.contains("carries:     event-notification, event 2") && shown.contains("  focus:\n"),
         "{shown}"
     );
+    let listed =
+        crate::operator_cli::ok(&db.url, &["deliveries", "--project", &project.to_string()]);
+    assert!(listed.contains("(event-notification, event 2)"), "{listed}");
     let page = http
         .get(format!("{base}/projects/{project}/deliveries/{failed}"))
         .bearer_auth(&token)

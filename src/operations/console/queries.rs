@@ -636,6 +636,19 @@ pub struct DeliveryItem {
     pub event_number: Option<i64>,
 }
 
+impl DeliveryItem {
+    /// What a topic subscription's delivery carries, in words (`event-notification, event 3`,
+    /// `heartbeat, 2 events so far`, `handshake`); `None` for Medplum's delivery of the resource.
+    pub fn carries(&self) -> Option<String> {
+        let notification = self.notification.as_deref()?;
+        Some(match (notification, self.event_number) {
+            ("event-notification", Some(number)) => format!("{notification}, event {number}"),
+            ("heartbeat", Some(events)) => format!("{notification}, {events} events so far"),
+            _ => notification.to_owned(),
+        })
+    }
+}
+
 /// A page of deliveries, newest first.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryPage {
