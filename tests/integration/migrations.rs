@@ -10,6 +10,24 @@ async fn applied(pool: &sqlx::PgPool) -> Vec<(i64, bool)> {
         .unwrap()
 }
 
+/// A new database with the migrations before `version` applied: the schema a previous release
+/// left, for a migration's test to fill.
+async fn migrated_before(version: i64) -> sqlx::PgPool {
+    let pool = db::connect(&empty_database_url().await, 4).await.unwrap();
+    let previous = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            db::MIGRATOR
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    previous.run(&pool).await.unwrap();
+    pool
+}
+
 #[tokio::test]
 async fn migrations_apply_on_an_empty_database_and_are_a_no_op_the_second_time() {
     let url = empty_database_url().await;
@@ -60,24 +78,10 @@ async fn the_history_migration_keeps_every_delivery_attempt_and_audit_event() {
     use chrono::{DateTime, Utc};
     use fhir_outbox::capture::{self, WriteContext};
     use serde_json::{Value, json};
-    use sqlx::migrate::Migrator;
-    use std::borrow::Cow;
     use uuid::Uuid;
     const HISTORY_MIGRATION: i64 = 20261203000001;
 
-    let url = empty_database_url().await;
-    let pool = db::connect(&url, 4).await.unwrap();
-    let previous = Migrator {
-        migrations: Cow::Owned(
-            db::MIGRATOR
-                .iter()
-                .filter(|m| m.version < HISTORY_MIGRATION)
-                .cloned()
-                .collect(),
-        ),
-        ..Migrator::DEFAULT
-    };
-    previous.run(&pool).await.unwrap();
+    let pool = migrated_before(HISTORY_MIGRATION).await;
 
     // The previous schema, filled as its code filled it.
     let receiver = Receiver::start(vec![]).await;
@@ -338,24 +342,10 @@ async fn the_heartbeat_migration_lists_the_stored_subscriptions_that_have_a_peri
     use crate::topics::{BACKPORT, topic_subscription};
     use fhir_outbox::capture::{self, WriteContext};
     use serde_json::json;
-    use sqlx::migrate::Migrator;
-    use std::borrow::Cow;
     use uuid::Uuid;
     const HEARTBEAT_MIGRATION: i64 = 20261208000001;
 
-    let url = empty_database_url().await;
-    let pool = db::connect(&url, 4).await.unwrap();
-    let previous = Migrator {
-        migrations: Cow::Owned(
-            db::MIGRATOR
-                .iter()
-                .filter(|m| m.version < HEARTBEAT_MIGRATION)
-                .cloned()
-                .collect(),
-        ),
-        ..Migrator::DEFAULT
-    };
-    previous.run(&pool).await.unwrap();
+    let pool = migrated_before(HEARTBEAT_MIGRATION).await;
     let project: Uuid = sqlx::query_scalar("SELECT fhir_outbox.create_project('before')")
         .fetch_one(&pool)
         .await

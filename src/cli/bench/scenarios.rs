@@ -589,6 +589,27 @@ pub(super) async fn open_deliveries(pool: &PgPool) -> Result<i64, BenchError> {
     .await?)
 }
 
+/// Waits until the receiver has `count` requests and no delivery is open, or `deadline`; whether
+/// it was reached in time. Fails when the worker dies.
+pub(super) async fn delivered_by(
+    env: &Env,
+    worker: &mut WorkerProcess,
+    pool: &PgPool,
+    count: u64,
+    deadline: Instant,
+) -> Result<bool, BenchError> {
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        worker.check_alive()?;
+        if env.receiver.count() >= count && open_deliveries(pool).await? == 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
 /// The statements of this database that took the most execution time since the last reset
 /// (pg_stat_statements, `--statements`), printed to standard error and returned for the report.
 pub(super) async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value>, BenchError> {
@@ -677,18 +698,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             };
             let mut worker = WorkerProcess::start_with(env, &run_url, concurrency, lift).await?;
             let deadline = started + Duration::from_secs(sizes.e2e_max_seconds);
-            let mut cut_short = false;
-            loop {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                worker.check_alive()?;
-                if env.receiver.count() >= backlog && open_deliveries(&pool).await? == 0 {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    cut_short = true;
-                    break;
-                }
-            }
+            let cut_short = !delivered_by(env, &mut worker, &pool, backlog, deadline).await?;
             let done = Instant::now();
             let rss = worker.peak_rss_mib();
             let worker_cpu = worker.cpu(env.ticks);

@@ -4,7 +4,7 @@
 //! worker, costs beside many subscriptions.
 
 use super::fixtures::{self, Env, WorkerProcess};
-use super::scenarios::{Results, open_deliveries, other};
+use super::scenarios::{Results, delivered_by, other};
 use super::{BenchError, CpuProfile, Figure, Scenario, Sizes};
 use fhir_outbox::capture::{self, WriteContext};
 use serde_json::{Value, json};
@@ -194,18 +194,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             WorkerProcess::start_with(env, &url, concurrency, &["--endpoint-concurrency", "10000"])
                 .await?;
         let deadline = started + Duration::from_secs(sizes.e2e_max_seconds);
-        let mut cut_short = false;
-        loop {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            worker.check_alive()?;
-            if env.receiver.count() >= backlog && open_deliveries(&pool).await? == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                cut_short = true;
-                break;
-            }
-        }
+        let in_time = delivered_by(env, &mut worker, &pool, backlog, deadline).await?;
         let secs = started.elapsed().as_secs_f64();
         let worker_cpu = worker.cpu(env.ticks);
         let (pg1, own1) = (env.postgres_cpu(), env.own_cpu());
@@ -225,7 +214,7 @@ async fn end_to_end(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(
             worker_s: worker_cpu,
             bench_s: own1 - own0,
         });
-        if cut_short {
+        if !in_time {
             return Err(other(format!(
                 "topics end to end: {delivered} of {backlog} delivered in {secs:.0} s"
             )));
