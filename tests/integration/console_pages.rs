@@ -804,10 +804,32 @@ async fn a_viewer_sees_everything_and_can_do_nothing() {
         .await;
     assert_eq!(browser.text_of("#state").await, "pending");
     assert!(browser.find_all("#actions").await.is_empty());
+    // An endpoint whose allowance grew says so.
+    let healthy_origin = world.healthy_receiver.url.trim_end_matches("/hook");
+    sqlx::query(
+        "INSERT INTO fhir_outbox.endpoint_circuit (project_id, endpoint, allowance)
+         VALUES ($1, $2, 48)
+         ON CONFLICT (project_id, endpoint) DO UPDATE SET allowance = 48",
+    )
+    .bind(world.project)
+    .bind(healthy_origin)
+    .execute(&world.db.pool)
+    .await
+    .unwrap();
     browser
         .open(&world.url(&format!("{}/endpoints", world.project_path())))
         .await;
     assert!(browser.find_all("#endpoints a.button").await.is_empty());
+    let rows: Vec<String> = browser
+        .find_all("#endpoints tbody tr")
+        .await
+        .into_iter()
+        .filter(|row| row.contains(healthy_origin))
+        .collect();
+    assert!(
+        rows.len() == 1 && rows[0].contains("allowed 48"),
+        "one row for the endpoint, with its allowance: {rows:?}"
+    );
 
     // The confirmation page, asked for by hand: refused.
     browser

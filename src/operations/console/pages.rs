@@ -1731,7 +1731,7 @@ async fn endpoints(
     let body = html! {
         (project.tabs("endpoints"))
         (flash(&done))
-        p.hint { "An endpoint is a scheme, host and port. After repeated failures its circuit opens: its deliveries wait, and one probe goes per cool-down." }
+        p.hint { "An endpoint is a scheme, host and port. After repeated failures its circuit opens: its deliveries wait, and one probe goes per cool-down. An endpoint that answers fast is allowed more deliveries in flight than the configured base (\"allowed N\"), until its first slow or failed answer." }
         @if endpoints.is_empty() {
             p { "No endpoint yet." }
         } @else {
@@ -1767,7 +1767,12 @@ async fn endpoints(
                                     @if let Some(at) = endpoint.last_failure_at { br; span.muted { (ago(at, now)) } }
                                 }
                                 td.num { (endpoint.pending) }
-                                td.num { (endpoint.in_flight) }
+                                td.num {
+                                    (endpoint.in_flight)
+                                    @if let Some(allowance) = endpoint.allowance {
+                                        br; span.muted.allowance { "allowed " (allowance) }
+                                    }
+                                }
                                 td { (figures_cell(&summary.last_hour)) }
                                 td { (figures_cell(&summary.last_day)) }
                                 @if may_act {
