@@ -509,14 +509,20 @@ CREATE FUNCTION fhir_outbox.heartbeat_period(p_subscription jsonb) RETURNS inter
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-    SELECT make_interval(secs => (e ->> 'valueUnsignedInt')::bigint)
-    FROM jsonb_array_elements(
-             CASE WHEN jsonb_typeof(p_subscription #> '{channel,extension}') = 'array'
-                  THEN p_subscription #> '{channel,extension}' ELSE '[]' END) e
-    WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
-      AND jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
-      AND (e ->> 'valueUnsignedInt')::numeric > 0
-    LIMIT 1
+    SELECT CASE WHEN seconds BETWEEN 1 AND 2147483647 AND seconds = trunc(seconds)
+                THEN make_interval(secs => seconds::double precision)
+           END
+    -- A CASE, not an AND, so that only a number is ever cast.
+    FROM (SELECT CASE WHEN jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
+                      THEN (e ->> 'valueUnsignedInt')::numeric
+                 END AS seconds
+          FROM jsonb_array_elements(
+                   CASE WHEN jsonb_typeof(p_subscription #> '{channel,extension}') = 'array'
+                        THEN p_subscription #> '{channel,extension}' ELSE '[]' END)
+               WITH ORDINALITY AS x(e, n)
+          WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
+          ORDER BY n
+          LIMIT 1) first
 $$;
 
 --

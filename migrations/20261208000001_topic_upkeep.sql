@@ -68,16 +68,26 @@ CREATE TABLE fhir_outbox.subscription_heartbeat (
     PRIMARY KEY (project_id, subscription_id)
 );
 
+-- The period of the first `backport-heartbeat-period` extension, as the dispatcher reads it: a
+-- whole number of seconds, 1 to 2^31 - 1 (an unsignedInt). Anything else is NULL, never an error:
+-- this runs inside every Subscription write, which an odd value must not fail (the dispatcher
+-- records it as an issue of the subscription instead).
 CREATE FUNCTION fhir_outbox.heartbeat_period(p_subscription jsonb) RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT make_interval(secs => (e ->> 'valueUnsignedInt')::bigint)
-    FROM jsonb_array_elements(
-             CASE WHEN jsonb_typeof(p_subscription #> '{channel,extension}') = 'array'
-                  THEN p_subscription #> '{channel,extension}' ELSE '[]' END) e
-    WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
-      AND jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
-      AND (e ->> 'valueUnsignedInt')::numeric > 0
-    LIMIT 1
+    SELECT CASE WHEN seconds BETWEEN 1 AND 2147483647 AND seconds = trunc(seconds)
+                THEN make_interval(secs => seconds::double precision)
+           END
+    -- A CASE, not an AND, so that only a number is ever cast.
+    FROM (SELECT CASE WHEN jsonb_typeof(e -> 'valueUnsignedInt') = 'number'
+                      THEN (e ->> 'valueUnsignedInt')::numeric
+                 END AS seconds
+          FROM jsonb_array_elements(
+                   CASE WHEN jsonb_typeof(p_subscription #> '{channel,extension}') = 'array'
+                        THEN p_subscription #> '{channel,extension}' ELSE '[]' END)
+               WITH ORDINALITY AS x(e, n)
+          WHERE e ->> 'url' = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period'
+          ORDER BY n
+          LIMIT 1) first
 $$;
 
 -- Runs as its owner: applications write Subscriptions, and need no rights on this table.

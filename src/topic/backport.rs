@@ -444,7 +444,7 @@ fn content_type_problem(payload: &str) -> Option<String> {
 
 /// A channel extension's whole-number value (`value<type>`), or `None` with a problem when it
 /// cannot be honoured. Zero is refused: the heartbeat period and timeout are durations and max
-/// count is a positiveInt.
+/// count is a positiveInt; so is anything above 2^31 - 1, FHIR's largest integer.
 fn channel_number(
     channel: &Value,
     url: &str,
@@ -461,6 +461,15 @@ fn channel_number(
     match extension.get(member).and_then(Value::as_u64) {
         Some(0) => {
             problems.push(format!("`{url}` is 0; refused"));
+            None
+        }
+        // FHIR's unsignedInt and positiveInt stop at 2^31 - 1 (as does the heartbeat check in
+        // the database, `fhir_outbox.heartbeat_period`).
+        Some(value) if value > i32::MAX as u64 => {
+            problems.push(format!(
+                "`{url}` is {value}, above the largest {member} ({}); refused",
+                i32::MAX
+            ));
             None
         }
         Some(value) => Some(value),

@@ -540,6 +540,65 @@ async fn retention_removes_the_event_counter_of_a_deleted_subscription_last() {
     );
 }
 
+/// A heartbeat period that is not a whole number of seconds in range (too big for any integer, a
+/// fraction, negative, a string, an object) never fails the Subscription's write, nor anyone
+/// else's heartbeats: the dispatcher records it as an issue, and a valid one beside it beats.
+#[tokio::test]
+async fn odd_heartbeat_periods_refuse_no_write_and_stop_no_other_heartbeat() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    create(&db.pool, project, &encounter_complete_topic(), None).await;
+    let receiver = Receiver::start(vec![]).await;
+    let with_period = |value: Value| {
+        let mut subscription = topic_subscription(&receiver.url, "active", "empty", &[]);
+        subscription["channel"]["extension"] = json!([{
+            "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": value
+        }]);
+        subscription
+    };
+    let odd: Vec<Value> = [
+        json!(1e300),
+        json!(1.5),
+        json!(-3),
+        json!("60"),
+        json!({"seconds": 60}),
+        json!(0),
+        json!(4_294_967_296u64),
+    ]
+    .into_iter()
+    .map(with_period)
+    .collect();
+    let written = capture::create_many(&db.pool, project, &odd, &Default::default())
+        .await
+        .expect("odd heartbeat periods refuse no write");
+    assert_eq!(written.len(), odd.len());
+    let valid = create(&db.pool, project, &with_period(json!(1)), None).await;
+    let listed: Vec<String> =
+        sqlx::query_scalar("SELECT subscription_id FROM fhir_outbox.subscription_heartbeat")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(listed, [valid["id"].as_str().unwrap()]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let queued: i32 = sqlx::query_scalar("SELECT fhir_outbox.queue_heartbeats()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "the valid one beats");
+    // The dispatcher says what is wrong with the others.
+    put(&db.pool, project, &encounter("e1", "finished", "Patient/a")).await;
+    pipeline(&db.pool, fast_config()).settle(&db.pool).await;
+    let with_issue: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT subscription_id) FROM fhir_outbox.subscription_issue
+         WHERE project_id = $1 AND message LIKE '%backport-heartbeat-period%'",
+    )
+    .bind(project)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(with_issue, odd.len() as i64);
+}
+
 /// Writes `count` Encounters created finished (each one event of the topic), a few at a time.
 async fn write_events(pool: &PgPool, project: Uuid, count: usize) {
     let mut writers = tokio::task::JoinSet::new();
