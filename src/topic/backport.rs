@@ -25,6 +25,10 @@ use crate::criteria::{Criteria, ParamType};
 /// The backport subscription profile.
 pub const PROFILE: &str =
     "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription";
+/// Most filters a subscription may have: each is evaluated on every change its topic triggers
+/// (up to 256 parameters each), and subscriptions in use have a few.
+pub const MAX_FILTERS: usize = 32;
+
 /// `valueString` (repeatable) on `Subscription.criteria`: a filter such as
 /// `Encounter?patient=Patient/123`.
 pub const FILTER_CRITERIA: &str =
@@ -165,6 +169,11 @@ impl BackportSubscription {
 
         let mut filters = Vec::new();
         for extension in element_extensions(subscription.get("_criteria"), FILTER_CRITERIA) {
+            if filters.len() == MAX_FILTERS {
+                return Err(format!(
+                    "more than {MAX_FILTERS} `{FILTER_CRITERIA}` extensions; no more are evaluated, so the subscription cannot be used"
+                ));
+            }
             let text = extension
                 .get("valueString")
                 .and_then(Value::as_str)
@@ -759,6 +768,20 @@ mod tests {
         assert_eq!(refused.len(), 1, "{refused:#?}");
         assert!(refused[0].contains("comparator `lt`"), "{refused:#?}");
         assert!(refused[0].contains("(allowed: gt, le)"), "{refused:#?}");
+    }
+
+    #[test]
+    fn a_subscription_with_too_many_filters_cannot_be_used() {
+        let filter = |count: usize| {
+            let mut subscription = admission();
+            subscription["_criteria"]["extension"] = (0..count)
+                .map(|n| json!({"url": FILTER_CRITERIA, "valueString": format!("Encounter?subject=Patient/{n}")}))
+                .collect();
+            BackportSubscription::parse(&subscription)
+        };
+        assert_eq!(filter(MAX_FILTERS).unwrap().0.filters.len(), MAX_FILTERS);
+        let error = filter(MAX_FILTERS + 1).unwrap_err();
+        assert!(error.contains("more than 32"), "{error}");
     }
 
     #[test]

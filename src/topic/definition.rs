@@ -73,6 +73,11 @@ const STATUS_CODES: [&str; 4] = ["draft", "active", "retired", "unknown"];
 /// `%previous` / `%current` when that state does not exist: FHIRPath sees an empty collection.
 static EMPTY_OBJECT: LazyLock<Value> = LazyLock::new(|| json!({}));
 
+/// Most `resourceTrigger`s a topic may have. The dispatcher evaluates a topic's triggers for
+/// every change of their types, each with query criteria of up to 256 parameters: the cap bounds
+/// that work (topics in use have a handful), and a topic with more cannot be used.
+pub const MAX_RESOURCE_TRIGGERS: usize = 32;
+
 /// Whether `resource` is a `Basic` wrapping a SubscriptionTopic (its `code.coding` has
 /// `http://hl7.org/fhir/fhir-types|SubscriptionTopic`).
 pub fn is_topic_resource(resource: &Value) -> bool {
@@ -284,6 +289,11 @@ impl Topic {
                     "status",
                     primitive(extension, "valueCode", "status")?,
                 )?,
+                "resourceTrigger" if triggers.len() == MAX_RESOURCE_TRIGGERS => {
+                    return Err(format!(
+                        "the topic has more than {MAX_RESOURCE_TRIGGERS} resourceTrigger; no more are evaluated, so it cannot be used"
+                    ));
+                }
                 "resourceTrigger" => {
                     triggers.push(parse_trigger(extension, triggers.len(), &mut refused)?)
                 }
@@ -369,6 +379,10 @@ impl Topic {
     /// delete), `previous` the state before it (`None` for a create, and for an update that
     /// created or restored the resource). The first trigger that cannot be evaluated ends the
     /// evaluation with its error, so a budget exhaustion is never hidden by another trigger.
+    ///
+    /// The triggers' FHIRPath criteria share one budget, the default [`fhirpath::Limits`]: a
+    /// topic costs a change no more than one subscription's FHIRPath criteria does, however its
+    /// work is spread over triggers.
     pub fn evaluate(
         &self,
         resource_type: &str,
@@ -376,14 +390,18 @@ impl Topic {
         current: Option<&Value>,
         previous: Option<&Value>,
     ) -> Result<bool, TriggerError> {
+        let mut budget = fhirpath::Limits::default();
         for trigger in self
             .triggers
             .iter()
             .filter(|trigger| trigger.resource_type == resource_type)
         {
-            if trigger.fires(interaction, current, previous)? {
+            let (fired, spent) = trigger.fires_within(interaction, current, previous, budget);
+            if fired? {
                 return Ok(true);
             }
+            budget.max_steps = budget.max_steps.saturating_sub(spent.steps);
+            budget.max_bytes = budget.max_bytes.saturating_sub(spent.bytes);
         }
         Ok(false)
     }
@@ -401,26 +419,43 @@ impl ResourceTrigger {
         current: Option<&Value>,
         previous: Option<&Value>,
     ) -> Result<bool, TriggerError> {
+        self.fires_within(interaction, current, previous, fhirpath::Limits::default())
+            .0
+    }
+
+    /// [`ResourceTrigger::fires`] with the FHIRPath criteria run under `limits`, and what they
+    /// spent of them.
+    fn fires_within(
+        &self,
+        interaction: Interaction,
+        current: Option<&Value>,
+        previous: Option<&Value>,
+        limits: fhirpath::Limits,
+    ) -> (Result<bool, TriggerError>, fhirpath::Spent) {
+        let nothing = fhirpath::Spent::default();
         if !self.interactions.contains(&interaction) {
-            return Ok(false);
+            return (Ok(false), nothing);
         }
         if let Some(query) = &self.query {
-            if !query.passes(&self.resource_type, current, previous)? {
-                return Ok(false);
+            match query.passes(&self.resource_type, current, previous) {
+                Ok(true) => {}
+                other => return (other, nothing),
             }
         }
         let Some(expression) = &self.fhirpath else {
-            return Ok(true);
+            return (Ok(true), nothing);
         };
         let current_var = current.unwrap_or(&EMPTY_OBJECT);
         let previous_var = previous.unwrap_or(&EMPTY_OBJECT);
         let focus = current.or(previous).unwrap_or(&EMPTY_OBJECT);
         let environment = Environment::new()
             .with_variable("current", current_var)
-            .with_variable("previous", previous_var);
+            .with_variable("previous", previous_var)
+            .with_limits(limits);
         // Only a single `true` passes, as for Medplum FHIRPath criteria (dispatch::matching): a
         // collection such as `[true, false]` is ambiguous, so it is refused rather than guessed.
-        match expression.evaluate(focus, &environment) {
+        let (result, spent) = expression.evaluate_measured(focus, &environment);
+        let fired = match result {
             Ok(items) => Ok(items.len() == 1 && items[0].as_bool() == Some(true)),
             Err(error) => Err(TriggerError {
                 message: format!(
@@ -430,7 +465,8 @@ impl ResourceTrigger {
                 ),
                 budget_exhausted: error.is_budget_exhausted(),
             }),
-        }
+        };
+        (fired, spent)
     }
 }
 
@@ -1255,6 +1291,68 @@ mod tests {
                 .evaluate("Encounter", Interaction::Create, Some(&finished), None)
                 .unwrap()
         );
+    }
+
+    /// A topic with `count` copies of one resource trigger.
+    fn topic_with_triggers(trigger: Value, count: usize) -> Value {
+        let mut topic = topic_with(trigger);
+        let copy = topic["extension"][1].clone();
+        let extensions = topic["extension"].as_array_mut().unwrap();
+        extensions.extend(std::iter::repeat_n(copy, count - 1));
+        topic
+    }
+
+    #[test]
+    fn a_topic_with_too_many_triggers_cannot_be_used() {
+        let trigger = json!([{"url": "resource", "valueUri": "Encounter"}]);
+        assert!(Topic::parse(&topic_with_triggers(trigger.clone(), MAX_RESOURCE_TRIGGERS)).is_ok());
+        let error =
+            Topic::parse(&topic_with_triggers(trigger, MAX_RESOURCE_TRIGGERS + 1)).unwrap_err();
+        assert!(error.contains("more than 32 resourceTrigger"), "{error}");
+    }
+
+    /// Triggers that each stay within a budget cannot add up to more than one: they share it.
+    #[test]
+    fn a_topics_triggers_share_one_fhirpath_budget() {
+        let expression = "%current.identifier.where(value = 'none').exists()";
+        let mut resource = encounter("planned");
+        resource["identifier"] = (0..20_000)
+            .map(|n| json!({"system": "urn:x", "value": n.to_string()}))
+            .collect();
+        let spent = fhirpath::Expression::parse(expression)
+            .unwrap()
+            .evaluate_measured(
+                &resource,
+                &Environment::new().with_variable("current", &resource),
+            )
+            .1
+            .steps;
+        let limit = fhirpath::Limits::default().max_steps;
+        assert!(
+            spent > 0 && spent < limit / 2,
+            "one evaluation spends {spent}"
+        );
+        let trigger = json!([
+            {"url": "resource", "valueUri": "Encounter"},
+            {"url": "supportedInteraction", "valueCode": "create"},
+            {"url": "fhirPathCriteria", "valueString": expression}
+        ]);
+        let fits = (limit / spent) as usize;
+        assert!(
+            fits < MAX_RESOURCE_TRIGGERS,
+            "{fits} evaluations fit in one budget"
+        );
+        let (alone, _) = Topic::parse(&topic_with_triggers(trigger.clone(), fits)).unwrap();
+        assert_eq!(
+            alone.evaluate("Encounter", Interaction::Create, Some(&resource), None),
+            Ok(false),
+            "{fits} evaluations fit in one budget"
+        );
+        let (many, _) = Topic::parse(&topic_with_triggers(trigger, fits + 1)).unwrap();
+        let error = many
+            .evaluate("Encounter", Interaction::Create, Some(&resource), None)
+            .unwrap_err();
+        assert!(error.budget_exhausted, "{error}");
     }
 
     #[test]
