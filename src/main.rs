@@ -731,12 +731,13 @@ async fn execute(cli: Cli) -> Result<()> {
             let pool = connect_migrated(&require_url(cli.database_url)?, 2).await?;
             let pruned = retention::prune(&pool, retention.retention()).await?;
             println!(
-                "Pruned {} deliveries, {} attempts, {} outbox rows, {} AuditEvents, {} event counters of deleted subscriptions.",
+                "Pruned {} deliveries, {} attempts, {} outbox rows, {} AuditEvents, {} event counters of deleted subscriptions, {} issues of earlier subscription versions.",
                 pruned.deliveries,
                 pruned.attempts,
                 pruned.outbox_rows,
                 pruned.audit_events,
-                pruned.event_counters
+                pruned.event_counters,
+                pruned.issues
             );
             Ok(())
         }

@@ -46,6 +46,9 @@ pub struct Pruned {
     /// Event counters (`subscription_event_count`) of subscriptions deleted for longer than the
     /// delivery retention whose events are all gone.
     pub event_counters: u64,
+    /// Issues (`subscription_issue`) of subscription versions that are no longer current, last
+    /// seen before the delivery retention.
+    pub issues: u64,
 }
 
 /// Creates the missing daily partitions of the history tables from today to [`DAYS_AHEAD`] days
@@ -119,6 +122,22 @@ pub async fn prune_as_of(
                    SELECT 1 FROM fhir_outbox.finished_delivery d
                    WHERE d.project_id = c.project_id AND d.subscription_id = c.subscription_id
                      AND d.notification = 'event-notification')",
+        deliveries_before
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    // Only the current version's issues are shown and acted on (a budget suspension is one);
+    // those of earlier versions and of deleted subscriptions are history, kept as long as
+    // deliveries are.
+    pruned.issues = sqlx::query!(
+        "DELETE FROM fhir_outbox.subscription_issue i
+         WHERE i.last_seen < $1
+           AND NOT EXISTS (
+                   SELECT 1 FROM fhir_outbox.resource r
+                   WHERE r.project_id = i.project_id AND r.resource_type = 'Subscription'
+                     AND r.id = i.subscription_id AND r.version_id = i.subscription_version
+                     AND NOT r.deleted)",
         deliveries_before
     )
     .execute(pool)

@@ -623,3 +623,86 @@ async fn retention_prunes_finished_work_and_keeps_what_is_open() {
     assert_eq!(states(&db.pool, &sub).await.len(), 1);
     assert_eq!(receiver.received().len(), 4);
 }
+
+/// Issues of a subscription's earlier versions (never shown, never acted on) go once they were
+/// last seen before the retention horizon; the current version's stay, however old.
+#[tokio::test]
+async fn retention_removes_the_issues_of_earlier_subscription_versions() {
+    use fhir_outbox::operations::retention::{self, Retention};
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let fixed = create(
+        &db.pool,
+        project,
+        &hook(&receiver.url, "Patient?nmae=x"),
+        None,
+    )
+    .await;
+    let broken = create(
+        &db.pool,
+        project,
+        &hook(&receiver.url, "Patient?nmae=y"),
+        None,
+    )
+    .await;
+    let p = pipeline(&db.pool, fast_config());
+    create(
+        &db.pool,
+        project,
+        &json!({ "resourceType": "Patient" }),
+        None,
+    )
+    .await;
+    p.settle(&db.pool).await;
+    let issues = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT subscription_id, subscription_version FROM fhir_outbox.subscription_issue
+             ORDER BY 1, 2",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let (fixed_id, broken_id) = (
+        fixed["id"].as_str().unwrap().to_owned(),
+        broken["id"].as_str().unwrap().to_owned(),
+    );
+    let mut both = vec![(fixed_id.clone(), 1), (broken_id.clone(), 1)];
+    both.sort();
+    assert_eq!(issues().await, both, "one unknown-parameter issue each");
+    let mut corrected = hook(&receiver.url, "Patient");
+    corrected["id"] = json!(fixed_id);
+    capture::update(
+        &db.pool,
+        project,
+        "Subscription",
+        &fixed_id,
+        &corrected,
+        None,
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+
+    let week = Retention {
+        deliveries: Duration::from_secs(7 * 86_400),
+        audit_events: None,
+    };
+    assert_eq!(retention::prune(&db.pool, week).await.unwrap().issues, 0);
+    let nothing = Retention {
+        deliveries: Duration::ZERO,
+        audit_events: None,
+    };
+    let later = chrono::Utc::now() + chrono::Duration::days(2);
+    let pruned = retention::prune_as_of(&db.pool, nothing, later)
+        .await
+        .unwrap();
+    assert_eq!(pruned.issues, 1, "the corrected version's old issue");
+    assert_eq!(
+        issues().await,
+        [(broken_id, 1)],
+        "the current version's stays"
+    );
+}
