@@ -62,6 +62,11 @@ pub const OPERATOR_ACTIONS: &str = "fhir_outbox_operator_actions_total";
 /// Counter: work of the hot table's lane rotation, by `event` (`moved`: deliveries moved to the
 /// current lane, `truncated`, `switched`).
 pub const LANE_ROTATION: &str = "fhir_outbox_delivery_lane_rotation_total";
+/// Counter: heartbeat notifications queued for subscriptions to topics quiet for their heartbeat
+/// period. A flat line while subscriptions have periods is the alert: heartbeats stopped.
+pub const HEARTBEATS_QUEUED: &str = "fhir_outbox_heartbeats_queued_total";
+/// Counter: failed calls of the heartbeat check (each is also a warning in the log).
+pub const HEARTBEAT_CHECK_FAILURES: &str = "fhir_outbox_heartbeat_check_failures_total";
 /// Gauge: requests of this process unanswered after `slow_request_after`, waiting in the places
 /// kept for slow requests instead of request slots.
 pub const SLOW_REQUESTS: &str = "fhir_outbox_slow_requests";
@@ -129,6 +134,14 @@ pub fn describe() {
     describe_counter!(
         LANE_ROTATION,
         "Hot table lane rotation: deliveries moved, lanes truncated, lane switches."
+    );
+    describe_counter!(
+        HEARTBEATS_QUEUED,
+        "Heartbeat notifications queued for subscriptions to topics."
+    );
+    describe_counter!(
+        HEARTBEAT_CHECK_FAILURES,
+        "Failed calls of the heartbeat check (see the log's warnings)."
     );
     describe_gauge!(
         SLOW_REQUESTS,
@@ -217,6 +230,14 @@ pub fn dispatched(changes: usize, deliveries: u64) {
 pub fn undispatchable(changes: usize) {
     if changes > 0 {
         metrics::counter!(UNDISPATCHABLE).increment(changes as u64);
+    }
+}
+
+/// A heartbeat check ran: it queued `queued` heartbeats, or failed (`None`).
+pub fn heartbeat_check(queued: Option<u64>) {
+    match queued {
+        Some(queued) => metrics::counter!(HEARTBEATS_QUEUED).increment(queued),
+        None => metrics::counter!(HEARTBEAT_CHECK_FAILURES).increment(1),
     }
 }
 

@@ -474,8 +474,14 @@ impl Dispatcher {
         loop {
             match queries::queue_heartbeats(&self.pool).await {
                 Ok(0) => {}
-                Ok(queued) => tracing::debug!(queued, "heartbeats queued"),
-                Err(error) => tracing::warn!(%error, "cannot queue heartbeats"),
+                Ok(queued) => {
+                    crate::metrics::heartbeat_check(Some(queued as u64));
+                    tracing::debug!(queued, "heartbeats queued");
+                }
+                Err(error) => {
+                    crate::metrics::heartbeat_check(None);
+                    tracing::warn!(%error, "cannot queue heartbeats");
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -157,3 +157,52 @@ async fn metrics_move_and_readiness_reports_the_schema() {
     crate::common::sigterm(&worker);
     assert!(worker.wait().unwrap().success());
 }
+
+/// Heartbeats show in the metrics: a flat `fhir_outbox_heartbeats_queued_total` while subscriptions
+/// have periods is what an operator alerts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_heartbeats_are_counted_in_the_metrics() {
+    use crate::topics::{BACKPORT, encounter_complete_topic, topic_subscription};
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    create(&db.pool, project, &encounter_complete_topic(), None).await;
+    let mut subscription = topic_subscription(&receiver.url, "active", "empty", &[]);
+    subscription["channel"]["extension"] = json!([{
+        "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1
+    }]);
+    create(&db.pool, project, &subscription, None).await;
+    let port = free_port();
+    let mut worker = crate::common::binary()
+        .args(["run", "--database-url", &db.url, "--allow-unsafe-outbound"])
+        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut queued = 0.0;
+    let mut text = String::new();
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(response) = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        text = response.text().await.unwrap();
+        queued = metric(&text, "fhir_outbox_heartbeats_queued_total", None);
+        if queued >= 2.0 {
+            break;
+        }
+    }
+    crate::common::sigterm(&worker);
+    assert!(worker.wait().unwrap().success());
+    assert!(queued >= 2.0, "{text}");
+    assert_eq!(
+        metric(&text, "fhir_outbox_heartbeat_check_failures_total", None),
+        0.0
+    );
+    // One heartbeat is queued only when the one before it has finished.
+    assert!(!receiver.received().is_empty(), "the heartbeats were sent");
+}
