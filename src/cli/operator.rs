@@ -283,12 +283,12 @@ pub async fn show_delivery(pool: &PgPool, command: DeliveriesCommand) -> Result<
     } else {
         "payload"
     };
-    match (&detail.payload, d.notification.as_deref()) {
+    match (&detail.payload, d.notification) {
         (Some(payload), _) => println!(
             "  {payload_label}:\n{}",
             indent(&serde_json::to_string_pretty(payload)?)
         ),
-        (None, Some("handshake" | "heartbeat")) => {
+        (None, Some(notification)) if !notification.has_focus() => {
             println!("  focus:       none (the bundle carries the subscription's status alone)")
         }
         (None, _) => println!(

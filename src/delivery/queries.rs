@@ -41,16 +41,34 @@ pub(super) struct ClaimedDelivery {
 
 /// The kind of notification bundle a delivery to a subscription to a topic carries (the
 /// `notification` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
 #[sqlx(type_name = "text", rename_all = "kebab-case")]
-pub(super) enum Notification {
+#[serde(rename_all = "kebab-case")]
+pub enum Notification {
     /// Sent once when the subscription is `requested`: its outcome activates it.
     Handshake,
     /// Sent when the subscription has been quiet for its heartbeat period.
     Heartbeat,
     /// An event of its topic (`event-notification`).
     #[sqlx(rename = "event-notification")]
+    #[serde(rename = "event-notification")]
     Event,
+}
+
+impl Notification {
+    /// Its name in the `notification` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Notification::Handshake => "handshake",
+            Notification::Heartbeat => "heartbeat",
+            Notification::Event => "event-notification",
+        }
+    }
+
+    /// Whether its bundle has a focus (only an event's does).
+    pub fn has_focus(self) -> bool {
+        self == Notification::Event
+    }
 }
 
 /// A claimed delivery, with what its preamble needs, read in the claim's own statement.

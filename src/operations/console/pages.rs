@@ -18,7 +18,7 @@ use super::queries::{
 };
 use super::{Authenticated, ConsoleState, Refusal, SESSION_COOKIE, tokens};
 use crate::capture::{Interaction, StoreError};
-use crate::delivery::DeliveryState;
+use crate::delivery::{DeliveryState, Notification};
 use crate::operations::actions::{Action, ActionResult};
 use crate::operations::control::ControlError;
 use crate::subscription::extension;
@@ -1325,9 +1325,9 @@ fn deliveries_table(
 /// for Medplum's deliveries of the resource itself.
 fn notification_badge(delivery: &DeliveryItem) -> Markup {
     html! {
-        @match (delivery.notification.as_deref(), delivery.event_number) {
-            (Some("event-notification"), Some(number)) => { " " span.badge.muted { "event " (number) } },
-            (Some(notification), _) => { " " span.badge.muted { (notification) } },
+        @match (delivery.notification, delivery.event_number) {
+            (Some(Notification::Event), Some(number)) => { " " span.badge.muted { "event " (number) } },
+            (Some(notification), _) => { " " span.badge.muted { (notification.as_str()) } },
             (None, _) => {},
         }
     }
@@ -1409,22 +1409,22 @@ async fn delivery(
         div.split {
             section #sent {
                 h2 { "Sent" }
-                @if let Some(notification) = &delivery.notification {
-                    p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and a " code { (notification) } " notification bundle: the subscription's status, then the focus per the subscription's payload content." }
+                @if let Some(notification) = delivery.notification {
+                    p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and a " code { (notification.as_str()) } " notification bundle: the subscription's status, then the focus per the subscription's payload content." }
                 } @else {
                     p.hint { "An HTTP POST to the endpoint with these headers (values are not shown: they may be credentials or signatures) and this body." }
                 }
                 ul.header-names #header-names {
                     @for name in &detail.header_names { li { code { (name) } } }
                 }
-                @match (&detail.payload, &delivery.notification) {
+                @match (&detail.payload, delivery.notification) {
                     (Some(payload), None) => (json_block("payload", &without_secrets(payload))),
                     (Some(payload), Some(_)) => {
                         p.muted { "Its focus:" }
                         (json_block("payload", &without_secrets(payload)))
                     },
-                    (None, Some(notification)) if notification != "event-notification" => {
-                        p.muted #payload { "A " (notification) " has no focus: the bundle carries the subscription's status alone." }
+                    (None, Some(notification)) if !notification.has_focus() => {
+                        p.muted #payload { "A " (notification.as_str()) " has no focus: the bundle carries the subscription's status alone." }
                     },
                     (None, _) => p.muted #payload { "The delivered version is no longer stored." },
                 }

@@ -4,7 +4,7 @@
 //! [`CHART_SAMPLE`] attempts of the last hour, lists are pages. docs/performance.md has their times on a database of 1,000,000 attempts.
 
 use crate::capture::StoreError;
-use crate::delivery::{DeliveryState, headers, signature};
+use crate::delivery::{DeliveryState, Notification, headers, signature};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -631,7 +631,7 @@ pub struct DeliveryItem {
     pub reason: Option<String>,
     /// For a subscription to a topic, the notification it carries: `handshake`, `heartbeat` or
     /// `event-notification` (`None`: Medplum's delivery of the resource itself).
-    pub notification: Option<String>,
+    pub notification: Option<Notification>,
     /// An event's number among its subscription's events; a heartbeat's count of events so far.
     pub event_number: Option<i64>,
 }
@@ -640,11 +640,12 @@ impl DeliveryItem {
     /// What a topic subscription's delivery carries, in words (`event-notification, event 3`,
     /// `heartbeat, 2 events so far`, `handshake`); `None` for Medplum's delivery of the resource.
     pub fn carries(&self) -> Option<String> {
-        let notification = self.notification.as_deref()?;
+        let notification = self.notification?;
+        let name = notification.as_str();
         Some(match (notification, self.event_number) {
-            ("event-notification", Some(number)) => format!("{notification}, event {number}"),
-            ("heartbeat", Some(events)) => format!("{notification}, {events} events so far"),
-            _ => notification.to_owned(),
+            (Notification::Event, Some(number)) => format!("{name}, event {number}"),
+            (Notification::Heartbeat, Some(events)) => format!("{name}, {events} events so far"),
+            _ => name.to_owned(),
         })
     }
 }
@@ -678,7 +679,7 @@ pub async fn deliveries(
                   version_id AS "version_id!", interaction AS "interaction!",
                   state AS "state!: DeliveryState", attempts AS "attempts!", last_status,
                   changed_at AS "changed_at!", next_attempt_at AS "next_attempt_at!", finished_at,
-                  reason, notification, event_number
+                  reason, notification AS "notification: Notification", event_number
            FROM fhir_outbox.delivery
            WHERE ($1::uuid IS NULL OR project_id = $1)
              AND ($2::text IS NULL OR state = $2)
@@ -794,7 +795,8 @@ pub async fn delivery(
                   d.state AS "state!: DeliveryState", d.attempts AS "attempts!",
                   d.last_status, d.changed_at AS "changed_at!", d.next_attempt_at AS "next_attempt_at!",
                   d.finished_at, d.reason, d.request_id AS "request_id!", d.trace_id AS "trace_id!",
-                  d.matched_at AS "matched_at!", d.replay AS "replay!", d.notification, d.event_number,
+                  d.matched_at AS "matched_at!", d.replay AS "replay!",
+                  d.notification AS "notification: Notification", d.event_number,
                   pv.content AS "payload?", sv.content AS "subscription?"
            FROM fhir_outbox.delivery d
            LEFT JOIN fhir_outbox.resource_version pv
@@ -871,7 +873,10 @@ pub async fn delivery(
         Err(_) => Vec::new(),
     };
     let endpoint = crate::subscription::endpoint(&subscription).map(redact_endpoint);
-    let payload = if matches!(row.notification.as_deref(), Some("handshake" | "heartbeat")) {
+    let payload = if row
+        .notification
+        .is_some_and(|notification| !notification.has_focus())
+    {
         None
     } else if row.interaction == "delete" {
         Some(serde_json::json!({}))
