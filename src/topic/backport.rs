@@ -19,7 +19,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::definition::{Topic, TriggerError};
-use super::extension_url;
 use crate::criteria::{Criteria, ParamType};
 
 /// The backport subscription profile.
@@ -387,11 +386,8 @@ fn element_extensions<'a>(
     url: &'a str,
 ) -> impl Iterator<Item = &'a Value> + 'a {
     element
-        .and_then(|element| element.get("extension"))
-        .and_then(Value::as_array)
         .into_iter()
-        .flatten()
-        .filter(move |extension| extension_url(extension) == url)
+        .flat_map(move |element| crate::subscription::extensions(element, url))
 }
 
 fn payload_content(channel: &Value, problems: &mut Vec<String>) -> Result<PayloadContent, String> {

@@ -270,14 +270,11 @@ async fn events_bundle(
     let subscription = backport(stored)?;
     let content = match query.content.as_deref() {
         None => subscription.content,
-        Some("empty") => PayloadContent::Empty,
-        Some("id-only") => PayloadContent::IdOnly,
-        Some("full-resource") => PayloadContent::FullResource,
-        Some(other) => {
-            return Err(bad_request(format!(
-                "content `{other}` is not empty, id-only or full-resource"
-            )));
-        }
+        Some(code) => PayloadContent::parse(code).ok_or_else(|| {
+            bad_request(format!(
+                "content `{code}` is not empty, id-only or full-resource"
+            ))
+        })?,
     };
     let stored_events: Vec<StoredEvent> = queries::stored_events(
         &state.pool,
