@@ -855,19 +855,23 @@ $$;
 --
 
 CREATE FUNCTION fhir_outbox.topic_written() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
-    IF fhir_outbox.is_subscription_topic(NEW.content)
-       OR (NEW.content IS NULL AND EXISTS (
-               SELECT 1 FROM fhir_outbox.resource_version v
-               WHERE v.project_id = NEW.project_id AND v.resource_type = 'Basic' AND v.id = NEW.id
-                 AND v.version_id = NEW.version_id - 1
-                 AND fhir_outbox.is_subscription_topic(v.content))) THEN
-        UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1
-        WHERE id = NEW.project_id;
+    IF fhir_outbox.is_subscription_topic(NEW.content) THEN
+        INSERT INTO fhir_outbox.subscription_topic (project_id, id)
+        VALUES (NEW.project_id, NEW.id)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        DELETE FROM fhir_outbox.subscription_topic
+        WHERE project_id = NEW.project_id AND id = NEW.id;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
     END IF;
+    UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1
+    WHERE id = NEW.project_id;
     RETURN NULL;
 END
 $$;
@@ -1775,6 +1779,15 @@ CREATE TABLE fhir_outbox.subscription_heartbeat (
 );
 
 --
+-- Name: subscription_topic; Type: TABLE; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TABLE fhir_outbox.subscription_topic (
+    project_id uuid NOT NULL,
+    id text NOT NULL
+);
+
+--
 -- Name: unfinished_delivery_lane0; Type: TABLE; Schema: fhir_outbox; Owner: -
 --
 
@@ -1980,6 +1993,13 @@ ALTER TABLE ONLY fhir_outbox.subscription_issue
 
 ALTER TABLE ONLY fhir_outbox.subscription_pause
     ADD CONSTRAINT subscription_pause_pkey PRIMARY KEY (project_id, subscription_id);
+
+--
+-- Name: subscription_topic subscription_topic_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -
+--
+
+ALTER TABLE ONLY fhir_outbox.subscription_topic
+    ADD CONSTRAINT subscription_topic_pkey PRIMARY KEY (project_id, id);
 
 --
 -- Name: unfinished_delivery unfinished_delivery_pkey; Type: CONSTRAINT; Schema: fhir_outbox; Owner: -

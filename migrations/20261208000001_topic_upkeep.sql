@@ -1,6 +1,6 @@
 -- Topic subscriptions, hardened: a handshake's outcome is applied with the rights it needs and a
--- failure to apply it is recorded where operators look; heartbeats read a small table of the
--- subscriptions that have them instead of every live subscription at every poll.
+-- failure to apply it is recorded where operators look; heartbeats and the dispatcher read small
+-- tables of the subscriptions and topics concerned instead of every live subscription or Basic.
 
 -- A status that cannot be set after a handshake is recorded as a subscription issue of this kind.
 ALTER TABLE fhir_outbox.subscription_issue
@@ -51,6 +51,44 @@ BEGIN
         ON CONFLICT (project_id, subscription_id, subscription_version, kind, message)
         DO UPDATE SET occurrences = fhir_outbox.subscription_issue.occurrences + 1, last_seen = now();
     END;
+    RETURN NULL;
+END
+$$;
+
+-- The live topics of each project, kept by topic_written (migration 20261207000001, restated
+-- here), so that compiling a project's subscriptions reads its topics, not every Basic resource
+-- it has. A Basic that stops being a topic (deleted, or rewritten as something else) leaves it
+-- and makes the project's subscriptions stale, as a new or changed topic does; before, only a
+-- deletion did.
+CREATE TABLE fhir_outbox.subscription_topic (
+    project_id uuid NOT NULL,
+    id         text NOT NULL,
+    PRIMARY KEY (project_id, id)
+);
+
+INSERT INTO fhir_outbox.subscription_topic (project_id, id)
+SELECT r.project_id, r.id
+FROM fhir_outbox.resource r
+JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
+WHERE r.resource_type = 'Basic' AND NOT r.deleted AND fhir_outbox.is_subscription_topic(v.content);
+
+-- Runs as its owner: applications write Basic resources, and need no rights on that table.
+CREATE OR REPLACE FUNCTION fhir_outbox.topic_written() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF fhir_outbox.is_subscription_topic(NEW.content) THEN
+        INSERT INTO fhir_outbox.subscription_topic (project_id, id)
+        VALUES (NEW.project_id, NEW.id)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        DELETE FROM fhir_outbox.subscription_topic
+        WHERE project_id = NEW.project_id AND id = NEW.id;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1
+    WHERE id = NEW.project_id;
     RETURN NULL;
 END
 $$;

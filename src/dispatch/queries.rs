@@ -215,10 +215,13 @@ pub(crate) async fn live_topics(
 ) -> Result<Vec<StoredTopic>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT r.project_id, r.id, v.content::text AS "content!"
-           FROM fhir_outbox.resource r
-           JOIN fhir_outbox.resource_version v USING (project_id, resource_type, id, version_id)
-           WHERE r.project_id = ANY($1) AND r.resource_type = 'Basic' AND NOT r.deleted
-             AND fhir_outbox.is_subscription_topic(v.content)
+           FROM fhir_outbox.subscription_topic t
+           JOIN fhir_outbox.resource r
+             ON r.project_id = t.project_id AND r.resource_type = 'Basic' AND r.id = t.id
+           JOIN fhir_outbox.resource_version v
+             ON v.project_id = r.project_id AND v.resource_type = r.resource_type
+            AND v.id = r.id AND v.version_id = r.version_id
+           WHERE t.project_id = ANY($1) AND NOT r.deleted
            ORDER BY r.last_updated, r.id"#,
         projects
     )

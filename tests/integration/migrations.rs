@@ -334,12 +334,13 @@ async fn the_history_migration_keeps_every_delivery_attempt_and_audit_event() {
     );
 }
 
-/// The migration that gives heartbeats their own table fills it from the subscriptions already
-/// stored: exactly the live, active rest-hook ones with a period.
+/// The migration that gives heartbeats and topics their own tables fills them from what is
+/// already stored: exactly the live, active rest-hook subscriptions with a period, and the live
+/// topics.
 #[tokio::test]
 async fn the_heartbeat_migration_lists_the_stored_subscriptions_that_have_a_period() {
     use crate::delivery::create;
-    use crate::topics::{BACKPORT, topic_subscription};
+    use crate::topics::{BACKPORT, encounter_complete_topic, topic_subscription};
     use fhir_outbox::capture::{self, WriteContext};
     use serde_json::json;
     use uuid::Uuid;
@@ -382,7 +383,31 @@ async fn the_heartbeat_migration_lists_the_stored_subscriptions_that_have_a_peri
     .await
     .unwrap();
 
+    let topic = create(&pool, project, &encounter_complete_topic(), None).await;
+    let deleted_topic = create(&pool, project, &encounter_complete_topic(), None).await;
+    capture::delete(
+        &pool,
+        project,
+        "Basic",
+        deleted_topic["id"].as_str().unwrap(),
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    create(
+        &pool,
+        project,
+        &json!({"resourceType": "Basic", "code": {"text": "not a topic"}}),
+        None,
+    )
+    .await;
+
     db::MIGRATOR.run(&pool).await.unwrap();
+    let topics: Vec<String> = sqlx::query_scalar("SELECT id FROM fhir_outbox.subscription_topic")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(topics, [topic["id"].as_str().unwrap()]);
     let listed: Vec<(String, f64)> = sqlx::query_as(
         "SELECT subscription_id, extract(epoch FROM period)::float8
          FROM fhir_outbox.subscription_heartbeat",

@@ -599,6 +599,56 @@ async fn odd_heartbeat_periods_refuse_no_write_and_stop_no_other_heartbeat() {
     assert_eq!(with_issue, odd.len() as i64);
 }
 
+/// A topic rewritten as something else is gone for its subscriptions at once: they match nothing
+/// and say so, as when it is deleted.
+#[tokio::test]
+async fn a_basic_that_stops_being_a_topic_unbinds_its_subscriptions() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let topic = create(&db.pool, project, &encounter_complete_topic(), None).await;
+    let receiver = Receiver::start(vec![]).await;
+    create(
+        &db.pool,
+        project,
+        &topic_subscription(&receiver.url, "active", "id-only", &[]),
+        None,
+    )
+    .await;
+    let p = pipeline(&db.pool, fast_config());
+    put(&db.pool, project, &encounter("e1", "finished", "Patient/a")).await;
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 1);
+
+    let id = topic["id"].as_str().unwrap();
+    capture::update(
+        &db.pool,
+        project,
+        "Basic",
+        id,
+        &json!({"resourceType": "Basic", "id": id, "code": {"text": "no longer a topic"}}),
+        None,
+        &capture::WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    put(&db.pool, project, &encounter("e2", "finished", "Patient/a")).await;
+    p.settle(&db.pool).await;
+    assert_eq!(receiver.received().len(), 1, "no topic, no event");
+    let issues: Vec<String> = sqlx::query_scalar(
+        "SELECT message FROM fhir_outbox.subscription_issue WHERE project_id = $1",
+    )
+    .bind(project)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        issues
+            .iter()
+            .any(|issue| issue.contains("no topic with url")),
+        "{issues:?}"
+    );
+}
+
 /// Writes `count` Encounters created finished (each one event of the topic), a few at a time.
 async fn write_events(pool: &PgPool, project: Uuid, count: usize) {
     let mut writers = tokio::task::JoinSet::new();
