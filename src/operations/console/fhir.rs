@@ -104,14 +104,6 @@ fn bad_request(message: String) -> Refusal {
     Refusal::new(StatusCode::BAD_REQUEST, message)
 }
 
-fn internal(error: impl std::fmt::Display) -> Refusal {
-    tracing::error!(%error, "console FHIR operation failed");
-    Refusal::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        format!("the database failed: {error}"),
-    )
-}
-
 #[derive(Deserialize)]
 struct StatusQuery {
     /// Comma-separated subscription ids (repeating `id` is not supported by this form).
@@ -166,7 +158,7 @@ async fn status_bundle(
     }
     let found = queries::topic_subscription_statuses(&state.pool, project, &ids)
         .await
-        .map_err(internal)?;
+        .map_err(Refusal::internal)?;
     let mut entries = Vec::with_capacity(ids.len());
     for id in &ids {
         let stored = found
@@ -209,7 +201,7 @@ fn not_found(id: &str) -> Refusal {
 /// The subscription as the backport profile reads it (what it does not support does not matter
 /// to `$status` and `$events`).
 fn backport(stored: &TopicSubscriptionStatus) -> Result<BackportSubscription, Refusal> {
-    let content = stored.content.as_ref().map_err(internal)?;
+    let content = stored.content.as_ref().map_err(Refusal::internal)?;
     let (subscription, _) = BackportSubscription::parse(content).map_err(|error| {
         bad_request(format!(
             "Subscription/{} cannot be read as a subscription to a topic: {error}",
@@ -265,7 +257,7 @@ async fn events_bundle(
     }
     let found = queries::topic_subscription_statuses(&state.pool, project, &[id.to_owned()])
         .await
-        .map_err(internal)?;
+        .map_err(Refusal::internal)?;
     let stored = found.first().ok_or_else(|| not_found(id))?;
     let subscription = backport(stored)?;
     let content = match query.content.as_deref() {
@@ -286,12 +278,12 @@ async fn events_bundle(
         content == PayloadContent::FullResource,
     )
     .await
-    .map_err(internal)?;
+    .map_err(Refusal::internal)?;
     let mut focuses = Vec::with_capacity(stored_events.len());
     for event in &stored_events {
         focuses.push(match &event.content {
             Some(Ok(content)) => Some(content),
-            Some(Err(error)) => return Err(internal(error)),
+            Some(Err(error)) => return Err(Refusal::internal(error)),
             None => None,
         });
     }
