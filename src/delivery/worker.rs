@@ -457,9 +457,9 @@ impl DeliveryWorker {
         shutdown: &CancellationToken,
     ) -> ClaimRound {
         let room = tokio::select! {
-            room = to_start.reserve_many(half) => match room {
-                Ok(_) => to_start.capacity(),
-                Err(_) => return ClaimRound::Stopped,
+            room = room_for_claim(to_start, half) => match room {
+                Some(room) => room,
+                None => return ClaimRound::Stopped,
             },
             _ = shutdown.cancelled() => return ClaimRound::Stopped,
         };
@@ -659,5 +659,46 @@ fn log_attempt(attempt: &queries::AttemptRecord, happened: &Happened) {
             error = attempt.error.as_deref(),
             "rest-hook attempt"
         ),
+    }
+}
+
+/// Waits until at least `half` items fit in `queue`, then returns how many fit; `None` once the
+/// receiving side is gone.
+async fn room_for_claim<T>(queue: &mpsc::Sender<T>, half: usize) -> Option<usize> {
+    // The reservation only waits for room: it is let go before the room is read, or the claim
+    // would ask only for what fits beyond the half it holds (often nothing: a claim per few rows).
+    drop(queue.reserve_many(half).await.ok()?);
+    Some(queue.capacity())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_claim_asks_for_all_the_room_in_the_queue_not_what_is_left_beyond_half() {
+        let (queue, mut taken) = mpsc::channel::<u32>(8);
+        assert_eq!(room_for_claim(&queue, 4).await, Some(8));
+        for n in 0..3 {
+            queue.send(n).await.unwrap();
+        }
+        assert_eq!(room_for_claim(&queue, 4).await, Some(5));
+        for n in 3..8 {
+            queue.send(n).await.unwrap();
+        }
+        // Full: it waits until half a batch is taken.
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { room_for_claim(&queue, 4).await }
+        });
+        for _ in 0..3 {
+            taken.recv().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "3 free of 8: not yet half a batch");
+        taken.recv().await.unwrap();
+        assert_eq!(waiting.await.unwrap(), Some(4));
+        drop(taken);
+        assert_eq!(room_for_claim(&queue, 4).await, None);
     }
 }
