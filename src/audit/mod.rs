@@ -283,6 +283,72 @@ pub const CONSOLE_TOKEN_SYSTEM: &str = "https://fhir-outbox.dev/console-token";
 /// The identifier system of deliveries (their `delivery.id`) in AuditEvent `entity.what`.
 pub const DELIVERY_SYSTEM: &str = "https://fhir-outbox.dev/delivery";
 
+/// An AuditEvent as `fhir_outbox.audit_event` stores it: what `fhir_outbox.create_audit_events`
+/// (migration 20261203000001) would store for the same event and time, made here so that the worker
+/// writes its AuditEvents with a plain insert. That function checks each event and then strips,
+/// stamps and names it in SQL, which cost PostgreSQL more than the insert itself (about 55 µs of
+/// 65 per event); the worker's own events need no checking, so the same rules run here. Both
+/// places follow `create_resource`'s: a change to one is a change to the other, and the integration
+/// test `operations::the_worker_stores_audit_events_as_create_audit_events_does` compares them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAuditEvent {
+    /// A UUIDv7 of `recorded_at`, as `fhir_outbox.uuid_v7` makes them.
+    pub id: String,
+    /// Its `meta.lastUpdated`; the history partition it is stored in.
+    pub recorded_at: DateTime<Utc>,
+    /// The resource: without null or empty elements (as `jsonb_strip_nulls` and
+    /// `fhir_outbox.strip_empty` leave it), with its `id` and its `meta` stamped as
+    /// `fhir_outbox.stamped` stamps version 1.
+    pub content: Value,
+}
+
+impl StoredAuditEvent {
+    /// The stored form of `event`, written in `project` at `recorded_at`.
+    pub fn new(mut event: Value, project: uuid::Uuid, recorded_at: DateTime<Utc>) -> Self {
+        strip_empty(&mut event);
+        let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            recorded_at.timestamp().max(0) as u64,
+            recorded_at.timestamp_subsec_nanos(),
+        ))
+        .to_string();
+        if let Value::Object(members) = &mut event {
+            members.insert("id".to_owned(), Value::String(id.clone()));
+            let mut meta = match members.remove("meta") {
+                Some(Value::Object(meta)) => meta,
+                _ => Map::new(),
+            };
+            meta.remove("author");
+            meta.insert("versionId".to_owned(), json!("1"));
+            meta.insert("lastUpdated".to_owned(), json!(instant(recorded_at)));
+            meta.insert("project".to_owned(), json!(project.to_string()));
+            members.insert("meta".to_owned(), Value::Object(meta));
+        }
+        StoredAuditEvent {
+            id,
+            recorded_at,
+            content: event,
+        }
+    }
+}
+
+/// Removes, at any depth, the members of objects that are null, `""`, `{}` or `[]` once their own
+/// members are removed (FHIR has no empty elements); array items are kept, as
+/// `fhir_outbox.strip_empty` keeps them.
+fn strip_empty(value: &mut Value) {
+    match value {
+        Value::Object(members) => members.retain(|_, member| {
+            strip_empty(member);
+            !matches!(member, Value::Null)
+                && member.as_str() != Some("")
+                && member.as_array().is_none_or(|items| !items.is_empty())
+                && member.as_object().is_none_or(|inner| !inner.is_empty())
+        }),
+        Value::Array(items) => items.iter_mut().for_each(strip_empty),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

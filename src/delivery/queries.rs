@@ -1,6 +1,7 @@
 //! The SQL of the delivery stage.
 
 use super::outcome::Completion;
+use crate::audit::StoredAuditEvent;
 use crate::capture::Interaction;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -695,21 +696,28 @@ pub(super) async fn insert_attempts(
     Ok(())
 }
 
-/// Stores AuditEvents (`fhir_outbox.create_audit_events`: stamped as `create_resource` stamps, no
-/// outbox rows), each in its project. Returns their ids in the order given.
-pub(super) async fn create_audit_events(
+/// Stores AuditEvents in their stored form (`audit::StoredAuditEvent`), each in its project: one
+/// row each, no outbox row, as `fhir_outbox.create_audit_events` stores them.
+pub(super) async fn insert_audit_events(
     conn: &mut PgConnection,
-    events: &[(Uuid, &serde_json::Value)],
-) -> Result<Vec<String>, sqlx::Error> {
+    events: &[(Uuid, &StoredAuditEvent)],
+) -> Result<(), sqlx::Error> {
     let projects: Vec<Uuid> = events.iter().map(|(project, _)| *project).collect();
-    let bodies: Vec<&serde_json::Value> = events.iter().map(|(_, event)| *event).collect();
-    sqlx::query_scalar!(
-        r#"SELECT audit_event_id AS "id!" FROM fhir_outbox.create_audit_events($1, $2) ORDER BY ordinal"#,
+    let ids: Vec<&str> = events.iter().map(|(_, event)| event.id.as_str()).collect();
+    let recorded: Vec<DateTime<Utc>> = events.iter().map(|(_, event)| event.recorded_at).collect();
+    let contents: Vec<&serde_json::Value> =
+        events.iter().map(|(_, event)| &event.content).collect();
+    sqlx::query!(
+        "INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[])",
         &projects,
-        &bodies as &[&serde_json::Value],
+        &ids as &[&str],
+        &recorded,
+        &contents as &[&serde_json::Value],
     )
-    .fetch_all(conn)
-    .await
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// What a recorded batch says of one endpoint's health.

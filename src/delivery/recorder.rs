@@ -10,7 +10,7 @@ use super::policy::{self, CircuitBreaker, EndpointAllowance, EndpointSignal};
 use super::preamble::Target;
 use super::queries::{self, AttemptRecord, CircuitTransition, ClaimedDelivery, EndpointResult};
 use super::state::DeliveryState;
-use crate::audit::{self, Outcome, TransmitAttempt};
+use crate::audit::{self, Outcome, StoredAuditEvent, TransmitAttempt};
 use crate::capture::{StoreError, WriteContext};
 use chrono::Utc;
 use serde_json::Value;
@@ -67,7 +67,7 @@ struct Record {
 #[derive(Default)]
 struct Events {
     /// The AuditEvent to store, if its destinations include `resource`.
-    stored: Option<Value>,
+    stored: Option<StoredAuditEvent>,
     /// The AuditEvent to log, if its destinations include `log`.
     logged: Option<Value>,
     auto_disable: Vec<Trigger>,
@@ -294,7 +294,7 @@ impl Recorder {
             Some(_) => (None, None),
         };
         Events {
-            stored,
+            stored: stored.map(|event| StoredAuditEvent::new(event, delivery.project_id, now)),
             logged,
             auto_disable: target.auto_disable.clone(),
         }
@@ -337,24 +337,19 @@ impl Recorder {
                 attempts.push((delivery, attempt, &record.events));
             }
         }
-        let events: Vec<(Uuid, &Value)> = attempts
+        let events: Vec<(Uuid, &StoredAuditEvent)> = attempts
             .iter()
             .filter_map(|(delivery, _, events)| {
                 Some((delivery.project_id, events.stored.as_ref()?))
             })
             .collect();
-        let event_ids = match events.is_empty() {
-            true => Vec::new(),
-            false => queries::create_audit_events(&mut tx, &events).await?,
-        };
-        let mut event_ids = event_ids.iter();
+        if !events.is_empty() {
+            queries::insert_audit_events(&mut tx, &events).await?;
+        }
         let rows: Vec<(&ClaimedDelivery, &AttemptRecord, Option<&str>)> = attempts
             .iter()
             .map(|(delivery, attempt, events)| {
-                let event_id = match events.stored {
-                    Some(_) => event_ids.next().map(String::as_str),
-                    None => None,
-                };
+                let event_id = events.stored.as_ref().map(|event| event.id.as_str());
                 (*delivery, *attempt, event_id)
             })
             .collect();
