@@ -282,9 +282,9 @@ pub(super) async fn claim(
                FROM subscriptions s JOIN busy b USING (project_id, subscription_id)
                GROUP BY s.project_id, s.endpoint),
            -- Enough from each queue to fill the claim if every queue is busy, never more than an
-           -- endpoint may take.
+           -- endpoint may take nor than the claim can use (each candidate costs the ranking).
            per_queue AS (
-               SELECT greatest(1, least($6::int8, ceil(2.0 * $1 / greatest(1, count(*)))::int8)) AS k
+               SELECT greatest(1, least($6::int8, $1::int8, ceil(2.0 * $1 / greatest(1, count(*)))::int8)) AS k
                FROM queues),
            candidates AS (
                SELECT e.id, e.project_id, e.subscription_id, 0::int8 AS turn FROM expired e
