@@ -289,7 +289,7 @@ pub const DELIVERY_SYSTEM: &str = "https://fhir-outbox.dev/delivery";
 /// stamps and names it in SQL, which cost PostgreSQL more than the insert itself (about 55 µs of
 /// 65 per event); the worker's own events need no checking, so the same rules run here. Both
 /// places follow `create_resource`'s: a change to one is a change to the other, and the integration
-/// test `operations::the_worker_stores_audit_events_as_create_audit_events_does` compares them.
+/// test `audit_library::the_worker_stores_audit_events_as_create_audit_events_does` compares them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredAuditEvent {
     /// A UUIDv7 of `recorded_at`, as `fhir_outbox.uuid_v7` makes them.
