@@ -462,7 +462,7 @@ pub fn rest_event(
 /// Writes the event as one JSON log line when `enabled` (the server's `logAuditEvents` setting),
 /// exactly as the delivery worker logs transmit events: `info` on target `fhir_outbox::audit`, the
 /// event in the field `audit_event`. Does nothing otherwise.
-pub fn log_audit_event(event: &Value, enabled: bool) {
+pub fn log_audit_event(event: &(impl std::fmt::Display + ?Sized), enabled: bool) {
     if enabled {
         tracing::info!(target: "fhir_outbox::audit", audit_event = %event, "AuditEvent");
     }

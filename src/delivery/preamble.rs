@@ -44,6 +44,10 @@ pub(super) struct Target {
     pub auto_disable: Vec<Trigger>,
     /// Whether its AuditEvents are redacted.
     pub redact: bool,
+    /// Where its AuditEvents go.
+    pub audit_destinations: audit::Destinations,
+    /// What its transmit AuditEvents say of it.
+    pub audit_subscription: audit::TransmitSubscription,
     /// For a subscription to a topic: how it reads, or why it cannot be read.
     pub backport: Option<Result<BackportSubscription, String>>,
     /// The FHIR base URL notification bundles refer to resources by.
@@ -63,6 +67,8 @@ impl Target {
             Some(subscription) => Rules::of(subscription),
             None => (Rules::default(), None),
         };
+        let redact =
+            audit::application::redaction_enabled(config.redact_audit_events, &now.settings);
         let target = Target {
             undecodable: now.undecodable.clone(),
             channel: subscription::channel_type(content).to_owned(),
@@ -72,10 +78,9 @@ impl Target {
             secret: signature::secret(content).map(str::to_owned),
             rules,
             auto_disable: auto_disable::project_triggers(&now.settings, &config.auto_disable),
-            redact: audit::application::redaction_enabled(
-                config.redact_audit_events,
-                &now.settings,
-            ),
+            redact,
+            audit_destinations: audit::destinations(content),
+            audit_subscription: audit::TransmitSubscription::new(content, redact),
             backport: topic::is_backport_subscription(content).then(|| {
                 BackportSubscription::parse(content).map(|(subscription, _)| subscription)
             }),
@@ -164,15 +169,8 @@ pub(super) async fn prepare(
     resource: ResourceNow,
 ) -> Result<Prepared, StoreError> {
     let stop = |stop| Ok(Prepared::Stop(stop));
-    // What cannot be decoded now never will be: failed at once, with the reason on the row.
-    if let Some(problem) = target
-        .and_then(|target| target.undecodable.as_ref())
-        .or(resource.undecodable.as_ref())
-    {
-        tracing::error!(delivery = delivery.id, resource_type = %delivery.resource_type,
-            resource_id = %delivery.resource_id, version = delivery.version_id,
-            "cannot deliver: {problem}");
-        return stop(Stop::Refused(FailureReason::Undecodable(problem.clone())));
+    if let Some(problem) = target.and_then(|target| target.undecodable.as_ref()) {
+        return Ok(undecodable(delivery, problem.clone()));
     }
     let Some(target) = target.filter(|target| target.subscription.is_some()) else {
         return stop(Stop::Skipped(SkipReason::SubscriptionDeleted));
@@ -250,19 +248,37 @@ pub(super) async fn prepare(
                 .ok_or_else(|| missing(delivery.version_id))?,
         )
     };
-    let resource_display = version.as_ref().and_then(audit::display);
-    // What is sent (and signed): the version; for a delete `{}`, or for a bot Medplum's
-    // `{"deletedResource": …}`.
-    let payload = match (&bot, version) {
-        (None, None) => None,
-        (Some(_), Some(version)) if delivery.interaction == Interaction::Delete => {
-            Some(serde_json::json!({ "deletedResource": version }))
+    // What is sent (and signed): the version, made compact without decoding it; for a delete
+    // `{}`. A bot receives the version decoded (for a delete Medplum's `{"deletedResource": …}`).
+    let (body, bot, resource_display) = match bot {
+        None => {
+            let body = match version.as_deref().map(crate::fhir::compact_stored) {
+                None => b"{}".to_vec(),
+                Some(Ok(body)) => body,
+                Some(Err(error)) => return Ok(undecodable_resource(delivery, error)),
+            };
+            let display = version.as_deref().and_then(audit::display_of_json);
+            (body, None, display)
         }
-        (_, version) => version,
-    };
-    let body = match &payload {
-        Some(payload) => serde_json::to_vec(payload).expect("a JSON value serializes"),
-        None => b"{}".to_vec(),
+        Some(bot) => {
+            let version = match version.as_deref().map(crate::fhir::decode_stored) {
+                None => None,
+                Some(Ok(version)) => Some(version),
+                Some(Err(error)) => return Ok(undecodable_resource(delivery, error)),
+            };
+            let display = version.as_ref().and_then(audit::display);
+            let payload = match version {
+                Some(version) if delivery.interaction == Interaction::Delete => {
+                    serde_json::json!({ "deletedResource": version })
+                }
+                version => version.unwrap_or_default(),
+            };
+            let body = match payload {
+                Value::Null => b"{}".to_vec(),
+                _ => serde_json::to_vec(&payload).expect("a JSON value serializes"),
+            };
+            (body, Some((bot, payload)), display)
+        }
     };
     if let Err(error) = &target.custom_headers {
         return stop(Stop::Refused(FailureReason::Refused(error.clone())));
@@ -270,11 +286,23 @@ pub(super) async fn prepare(
     Ok(Prepared::Send(Box::new(Request {
         target: target.clone(),
         endpoint,
-        bot: bot.map(|bot| (bot, payload.unwrap_or_default())),
+        bot,
         body,
         resource_display,
         timeout: None,
     })))
+}
+
+/// What cannot be decoded now never will be: the delivery fails at once, with the reason on its row.
+fn undecodable(delivery: &ClaimedDelivery, problem: String) -> Prepared {
+    tracing::error!(delivery = delivery.id, resource_type = %delivery.resource_type,
+        resource_id = %delivery.resource_id, version = delivery.version_id,
+        "cannot deliver: {problem}");
+    Prepared::Stop(Stop::Refused(FailureReason::Undecodable(problem)))
+}
+
+fn undecodable_resource(delivery: &ClaimedDelivery, error: String) -> Prepared {
+    undecodable(delivery, format!("cannot decode resource: {error}"))
 }
 
 /// A notification bundle for a subscription to a topic (the Subscriptions Backport): a handshake
@@ -320,7 +348,14 @@ fn prepare_notification(
         return stop(Stop::Refused(FailureReason::Refused(error.clone())));
     }
     let deleted = delivery.interaction == Interaction::Delete;
-    let focus = match (&resource.content, deleted) {
+    let content = match resource.content.as_deref().filter(|_| !deleted) {
+        None => None,
+        Some(text) => match crate::fhir::decode_stored(text) {
+            Ok(content) => Some(content),
+            Err(error) => return undecodable_resource(delivery, error),
+        },
+    };
+    let focus = match (&content, deleted) {
         (Some(content), false) => Some(content),
         (None, false) if notification == Notification::Event => {
             return stop(Stop::Refused(FailureReason::Refused(format!(

@@ -101,10 +101,10 @@ pub(super) struct ResourceNow {
     pub current_version: Option<i64>,
     pub deleted: bool,
     /// The content of the version sent (for a delete, the last live version, which a bot
-    /// receives); `None` when that version is a deletion or is gone.
-    pub content: Option<serde_json::Value>,
-    /// Why the content could not be decoded: this delivery cannot be made.
-    pub undecodable: Option<String>,
+    /// receives), as the stored JSON text; `None` when that version is a deletion or is gone.
+    /// Decoded only where a tree is needed (a bot's input, a notification's focus): a rest-hook's
+    /// body is this text made compact (`fhir::compact_stored`).
+    pub content: Option<String>,
 }
 
 struct ClaimRow {
@@ -200,8 +200,8 @@ pub const CLAIM_BEGIN: &str = "BEGIN;
 /// Deliveries of paused subscriptions wait. Claims are serialised by an advisory lock, so that two
 /// workers see each other's leases when they count an endpoint's load. The same statement reads
 /// what the preamble needs (each subscription once, each resource). The JSON travels as text and is
-/// decoded row by row: one that cannot be decoded stops its own deliveries (see
-/// `ResourceNow::undecodable`), never the claim.
+/// decoded where it is used: one that cannot be decoded stops its own deliveries (see
+/// `SubscriptionNow::undecodable`, and the preamble for resources), never the claim.
 pub(super) async fn claim(
     conn: &mut PgConnection,
     limits: ClaimLimits,
@@ -388,21 +388,10 @@ pub(super) async fn claim(
             subscription: row
                 .first_of_subscription
                 .then(|| subscription_now(row.subscription, row.settings)),
-            resource: {
-                let (content, undecodable) =
-                    match row.content.as_deref().map(crate::fhir::decode_stored) {
-                        None => (None, None),
-                        Some(Ok(content)) => (Some(content), None),
-                        Some(Err(error)) => {
-                            (None, Some(format!("cannot decode resource: {error}")))
-                        }
-                    };
-                ResourceNow {
-                    current_version: row.current_version,
-                    deleted: row.deleted,
-                    content,
-                    undecodable,
-                }
+            resource: ResourceNow {
+                current_version: row.current_version,
+                deleted: row.deleted,
+                content: row.content,
             },
             delivery: ClaimedDelivery {
                 id: row.id,
@@ -705,15 +694,19 @@ pub(super) async fn insert_audit_events(
     let projects: Vec<Uuid> = events.iter().map(|(project, _)| *project).collect();
     let ids: Vec<&str> = events.iter().map(|(_, event)| event.id.as_str()).collect();
     let recorded: Vec<DateTime<Utc>> = events.iter().map(|(_, event)| event.recorded_at).collect();
-    let contents: Vec<&serde_json::Value> =
-        events.iter().map(|(_, event)| &event.content).collect();
+    let contents: Vec<&str> = events
+        .iter()
+        .map(|(_, event)| event.content.as_str())
+        .collect();
     sqlx::query!(
         "INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[])",
+         SELECT project_id, id, recorded_at, content::jsonb
+         FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[])
+              AS e (project_id, id, recorded_at, content)",
         &projects,
         &ids as &[&str],
         &recorded,
-        &contents as &[&serde_json::Value],
+        &contents as &[&str],
     )
     .execute(conn)
     .await?;

@@ -68,8 +68,8 @@ struct Record {
 struct Events {
     /// The AuditEvent to store, if its destinations include `resource`.
     stored: Option<StoredAuditEvent>,
-    /// The AuditEvent to log, if its destinations include `log`.
-    logged: Option<Value>,
+    /// The AuditEvent to log (JSON), if its destinations include `log`.
+    logged: Option<String>,
     auto_disable: Vec<Trigger>,
 }
 
@@ -238,35 +238,36 @@ impl Recorder {
         let subscription = target.content();
         let (stored, logged) = match &input.bot {
             None => {
-                let event = audit::transmit_event(&TransmitAttempt {
-                    subscription,
+                let outcome_desc = match (&record.status, &record.error) {
+                    (Some(status), _) => {
+                        format!("Attempt {} received status {status}", delivery.attempts)
+                    }
+                    (None, error) => format!(
+                        "Attempt {} received error {}",
+                        delivery.attempts,
+                        error.as_deref().unwrap_or_default()
+                    ),
+                };
+                let attempt = TransmitAttempt {
+                    subscription: &target.audit_subscription,
                     resource_type: &delivery.resource_type,
                     resource_id: &delivery.resource_id,
-                    resource_display: input.resource_display,
+                    resource_display: input.resource_display.as_deref(),
                     started: delivery.changed_at,
                     ended: now,
                     outcome,
-                    outcome_desc: match (&record.status, &record.error) {
-                        (Some(status), _) => {
-                            format!("Attempt {} received status {status}", delivery.attempts)
-                        }
-                        (None, error) => format!(
-                            "Attempt {} received error {}",
-                            delivery.attempts,
-                            error.as_deref().unwrap_or_default()
-                        ),
-                    },
+                    outcome_desc: &outcome_desc,
                     request_id: &delivery.request_id,
                     trace_id: &delivery.trace_id,
                     redact: target.redact,
-                });
-                let destinations = audit::destinations(subscription);
-                match (destinations.resource, destinations.log) {
-                    (true, true) => (Some(event.clone()), Some(event)),
-                    (true, false) => (Some(event), None),
-                    (false, true) => (None, Some(event)),
-                    (false, false) => (None, None),
-                }
+                };
+                let destinations = target.audit_destinations;
+                (
+                    destinations
+                        .resource
+                        .then(|| StoredAuditEvent::transmit(&attempt, delivery.project_id, now)),
+                    destinations.log.then(|| audit::transmit_event(&attempt)),
+                )
             }
             Some(run) if audit::bot::triggered(&run.bot, outcome, &run.output) => {
                 let (resource, log) = audit::bot::destinations(&run.bot);
@@ -287,14 +288,20 @@ impl Recorder {
                     })
                 };
                 (
-                    resource.then(|| event(self.bot_output_limit_resource)),
-                    log.then(|| event(self.bot_output_limit_log)),
+                    resource.then(|| {
+                        StoredAuditEvent::new(
+                            event(self.bot_output_limit_resource),
+                            delivery.project_id,
+                            now,
+                        )
+                    }),
+                    log.then(|| event(self.bot_output_limit_log).to_string()),
                 )
             }
             Some(_) => (None, None),
         };
         Events {
-            stored: stored.map(|event| StoredAuditEvent::new(event, delivery.project_id, now)),
+            stored,
             logged,
             auto_disable: target.auto_disable.clone(),
         }

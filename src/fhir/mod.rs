@@ -31,17 +31,61 @@ pub fn nesting_depth(value: &Value) -> usize {
     deepest
 }
 
-/// Decodes JSON read from the store (a resource's content), one row at a time so that a row that
-/// cannot be read fails alone. Refuses what the store would refuse now: more than
-/// [`MAX_NESTING_DEPTH`] levels (rows written before the limit existed).
-pub fn decode_stored(text: &str) -> Result<Value, String> {
-    let value: Value = serde_json::from_str(text).map_err(|error| error.to_string())?;
-    let depth = nesting_depth(&value);
+/// Levels of nested arrays and objects in JSON text, counted as [`nesting_depth`] counts them in
+/// the decoded value, without decoding it (the text is assumed to be JSON).
+pub fn text_nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    deepest
+}
+
+/// JSON read from the store (a resource's content), made compact (no whitespace between tokens)
+/// without decoding it into a tree: what a rest-hook sends. Refuses what [`decode_stored`] refuses.
+pub fn compact_stored(text: &str) -> Result<Vec<u8>, String> {
+    let mut compact = Vec::with_capacity(text.len());
+    let mut reader = serde_json::Deserializer::from_str(text);
+    serde_transcode::transcode(&mut reader, &mut serde_json::Serializer::new(&mut compact))
+        .and_then(|()| reader.end())
+        .map_err(|error| error.to_string())?;
+    check_depth(text_nesting_depth(text))?;
+    Ok(compact)
+}
+
+fn check_depth(depth: usize) -> Result<(), String> {
     if depth > MAX_NESTING_DEPTH {
         return Err(format!(
             "nested {depth} levels deep, over the limit of {MAX_NESTING_DEPTH}"
         ));
     }
+    Ok(())
+}
+
+/// Decodes JSON read from the store (a resource's content), one row at a time so that a row that
+/// cannot be read fails alone. Refuses what the store would refuse now: more than
+/// [`MAX_NESTING_DEPTH`] levels (rows written before the limit existed).
+pub fn decode_stored(text: &str) -> Result<Value, String> {
+    let value: Value = serde_json::from_str(text).map_err(|error| error.to_string())?;
+    check_depth(nesting_depth(&value))?;
     Ok(value)
 }
 
@@ -81,5 +125,40 @@ mod tests {
         assert_eq!(error, "nested 101 levels deep, over the limit of 100");
         let error = decode_stored(&nested(129)).unwrap_err();
         assert!(error.contains("recursion limit exceeded"), "{error}");
+    }
+
+    #[test]
+    fn text_depth_counts_as_the_decoded_value_does() {
+        for text in [
+            "1",
+            "{}",
+            r#"{ "a": [[], { "b": {} }] }"#,
+            r#"{"s": "[{\"[", "t": ["\\", {"u": "}]}"}]}"#,
+            &nested(127),
+        ] {
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(text_nesting_depth(text), nesting_depth(&value), "{text}");
+        }
+    }
+
+    #[test]
+    fn compacting_keeps_the_value_and_refuses_what_decoding_refuses() {
+        let stored = r#"{"id": "p1", "name": [{"given": ["A \"B\"", "C"]}], "n": 1.50, "big": 12345678901234567890}"#;
+        let compact = compact_stored(stored).unwrap();
+        let text = std::str::from_utf8(&compact).unwrap();
+        assert!(!text.contains(": ") && !text.contains(", "), "{text}");
+        assert_eq!(
+            serde_json::from_str::<Value>(text).unwrap(),
+            decode_stored(stored).unwrap()
+        );
+        assert!(compact_stored(&nested(MAX_NESTING_DEPTH)).is_ok());
+        assert_eq!(
+            compact_stored(&nested(MAX_NESTING_DEPTH + 1)).unwrap_err(),
+            "nested 101 levels deep, over the limit of 100"
+        );
+        assert!(
+            compact_stored(r#"{"a": 1} x"#).is_err(),
+            "trailing characters"
+        );
     }
 }

@@ -87,7 +87,7 @@ async fn the_worker_stores_audit_events_as_create_audit_events_does() {
     let at = chrono::Utc::now();
     let made = fhir_outbox::audit::StoredAuditEvent::new(event.clone(), project, at);
     sqlx::query(
-        "INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content) VALUES ($1, $2, $3, $4::jsonb)",
     )
     .bind(project)
     .bind(&made.id)
@@ -108,7 +108,8 @@ async fn the_worker_stores_audit_events_as_create_audit_events_does() {
     let ours = capture::read(&db.pool, project, "AuditEvent", &made.id)
         .await
         .unwrap();
-    assert_eq!(ours, made.content, "read back as it was made");
+    let made_content: serde_json::Value = serde_json::from_str(&made.content).unwrap();
+    assert_eq!(ours, made_content, "read back as it was made");
     let theirs = capture::read(&db.pool, project, "AuditEvent", &by_sql)
         .await
         .unwrap();
