@@ -25,10 +25,6 @@ use uuid::Uuid;
 /// work must not sit leased behind them.
 const MAX_SLOT_WAIT: Duration = Duration::from_secs(1);
 
-/// Executed deliveries waiting for the recorder, at most: with the requests in flight, what a
-/// worker that dies may have sent without recording it (the duplicate bound README states).
-const RECORD_QUEUE: usize = 100;
-
 /// Subscription versions whose bad extensions were reported, remembered up to this many.
 const WARNED_LIMIT: usize = 10_000;
 
@@ -282,8 +278,13 @@ impl DeliveryWorker {
         ));
         let claim_size = self.claim_size();
         // A bounded queue: when recording falls behind, requests wait (holding their slots) instead
-        // of piling up executed-but-unrecorded work, which a crash would send again.
-        let (executed, to_record) = mpsc::channel::<Executed>(RECORD_QUEUE);
+        // of piling up executed-but-unrecorded work, which a crash would send again (with the
+        // requests in flight and the batch being written, the duplicate bound README states). A
+        // claim batch of it: the recorder writes what arrived while it wrote the previous batch,
+        // and a fuller batch costs less per delivery (its statements and its commit are shared),
+        // so a queue much smaller than a claim made recording the bottleneck (docs/performance.md,
+        // run L).
+        let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
         // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
         // the requests of the previous batch; what it claims waits here for a slot, and counts

@@ -143,7 +143,7 @@ async fn sigkill_at_random_points_loses_nothing() {
     // batch each at most).
     let config = DeliveryConfig::default();
     assert!(
-        duplicates <= kills * (config.concurrency + 200),
+        duplicates <= kills * (config.concurrency + 2 * config.claim_batch),
         "{duplicates} duplicates"
     );
 }
@@ -248,7 +248,7 @@ async fn sigkill_with_superseded_versions_loses_nothing() {
         "sigkill, superseded versions: {kills} SIGKILLs of 2 workers, receiver 0-100 ms; {changes} changes to 20 Patients, 0 lost, 0 skipped, {duplicates} duplicates (each with its delivery's webhook-id)"
     );
     let config = DeliveryConfig::default();
-    assert!(duplicates <= kills * (config.concurrency + 200));
+    assert!(duplicates <= kills * (config.concurrency + 2 * config.claim_batch));
 }
 
 /// Waits until no delivery is pending or in flight and every change is dispatched.
