@@ -115,12 +115,11 @@ pub fn display_of_json(text: &str) -> Option<String> {
 
 /// A Reference to a resource, with its display unless redacted.
 pub fn reference(resource_type: &str, id: &str, display: Option<String>, redact: bool) -> Value {
-    let mut reference = Map::new();
-    reference.insert("reference".into(), json!(format!("{resource_type}/{id}")));
-    if let (Some(display), false) = (display, redact) {
-        reference.insert("display".into(), json!(display));
-    }
-    Value::Object(reference)
+    serde_json::to_value(EventReference {
+        reference: format!("{resource_type}/{id}").into(),
+        display: display.as_deref().filter(|_| !redact),
+    })
+    .expect("a reference serializes")
 }
 
 /// The entity role Medplum gives a resource type.
@@ -140,7 +139,7 @@ fn instant(at: DateTime<Utc>) -> String {
 
 /// What the `transmit` AuditEvents of a subscription take from it: read once per subscription and
 /// batch, not once per attempt.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct TransmitSubscription {
     /// `Subscription/<id>`.
     reference: String,

@@ -33,7 +33,7 @@ pub fn nesting_depth(value: &Value) -> usize {
 
 /// Levels of nested arrays and objects in JSON text, counted as [`nesting_depth`] counts them in
 /// the decoded value, without decoding it (the text is assumed to be JSON).
-pub fn text_nesting_depth(text: &str) -> usize {
+fn text_nesting_depth(text: &str) -> usize {
     let (mut depth, mut deepest) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
     for byte in text.bytes() {
