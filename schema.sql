@@ -776,7 +776,7 @@ $$;
 CREATE FUNCTION fhir_outbox.stamped(p_content jsonb, p_project uuid, p_id text, p_version bigint, p_at timestamp with time zone, p_author text) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
     AS $$
-    SELECT jsonb_set(p_content, '{id}', to_jsonb(p_id)) || jsonb_build_object('meta',
+    SELECT p_content || jsonb_build_object('id', p_id, 'meta',
         (coalesce(p_content -> 'meta', '{}'::jsonb) - '{versionId,lastUpdated,project,author}'::text[])
         || jsonb_build_object(
             'versionId', p_version::text,
