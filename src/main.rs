@@ -369,7 +369,7 @@ enum ProjectCommand {
 #[derive(Debug, clap::Args)]
 struct DispatchArgs {
     /// Outbox rows claimed per dispatch transaction.
-    #[arg(long, env = "FHIR_OUTBOX_DISPATCH_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    #[arg(long, env = "FHIR_OUTBOX_DISPATCH_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     dispatch_batch_size: i64,
     /// Concurrent dispatch loops in this process.
     #[arg(long, env = "FHIR_OUTBOX_DISPATCH_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]

@@ -46,7 +46,7 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
-            batch_size: 100,
+            batch_size: 500,
             workers: 1,
             poll_interval: Duration::from_secs(1),
             server_scoped_subscriptions: false,

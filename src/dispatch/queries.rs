@@ -46,8 +46,17 @@ struct ClaimRow {
     resend_subscription_id: Option<String>,
 }
 
+/// The most a dispatch batch reads of the versions it evaluates, as stored (`pg_column_size`: a
+/// compressed value counts its compressed size). What a batch holds in memory grows with the sizes
+/// of its resources, up to 4 MiB each (`fhir_outbox.max_resource_bytes`) and two versions per
+/// update: without a bound, a batch of large resources (documents, attachments) would hold
+/// gigabytes. With it, large resources make small batches.
+pub(crate) const BATCH_CONTENT_BUDGET_BYTES: i64 = 16 * 1024 * 1024;
+
 /// Locks up to `limit` of the oldest undispatched outbox rows from `from_seq` on that no other
-/// dispatcher holds (`from_seq` 0 scans them all; see `dispatch::ScanFloor`).
+/// dispatcher holds (`from_seq` 0 scans them all; see `dispatch::ScanFloor`), and returns them in
+/// order while the versions they read fit in [`BATCH_CONTENT_BUDGET_BYTES`] (the first always):
+/// the rows beyond it stay undispatched, for the next batch.
 /// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
 /// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
 pub(crate) async fn claim_changes(
@@ -64,23 +73,31 @@ pub(crate) async fn claim_changes(
                WHERE dispatched_at IS NULL AND seq >= $2
                ORDER BY seq
                LIMIT $1
-               FOR UPDATE SKIP LOCKED)
-           SELECT c.seq AS "seq!", c.project_id AS "project_id!", c.resource_type AS "resource_type!",
-                  c.resource_id AS "resource_id!", c.version_id AS "version_id!",
-                  c.previous_version_id, c.interaction AS "interaction!: Interaction",
-                  c.changed_at AS "changed_at!", c.request_id AS "request_id!", c.trace_id AS "trace_id!",
-                  cur.content::text AS "current?", prev.content::text AS "previous?",
-                  c.resend_subscription_id
-           FROM claimed c
-           LEFT JOIN fhir_outbox.resource_version cur
-                  ON cur.project_id = c.project_id AND cur.resource_type = c.resource_type
-                 AND cur.id = c.resource_id AND cur.version_id = c.version_id
-           LEFT JOIN fhir_outbox.resource_version prev
-                  ON prev.project_id = c.project_id AND prev.resource_type = c.resource_type
-                 AND prev.id = c.resource_id AND prev.version_id = c.previous_version_id
-           ORDER BY c.seq"#,
+               FOR UPDATE SKIP LOCKED),
+           read AS (
+               SELECT c.*, cur.content AS current, prev.content AS previous,
+                      row_number() OVER (ORDER BY c.seq) AS n,
+                      sum(coalesce(pg_column_size(cur.content), 0)
+                          + coalesce(pg_column_size(prev.content), 0)) OVER (ORDER BY c.seq) AS read_through
+               FROM claimed c
+               LEFT JOIN fhir_outbox.resource_version cur
+                      ON cur.project_id = c.project_id AND cur.resource_type = c.resource_type
+                     AND cur.id = c.resource_id AND cur.version_id = c.version_id
+               LEFT JOIN fhir_outbox.resource_version prev
+                      ON prev.project_id = c.project_id AND prev.resource_type = c.resource_type
+                     AND prev.id = c.resource_id AND prev.version_id = c.previous_version_id)
+           SELECT r.seq AS "seq!", r.project_id AS "project_id!", r.resource_type AS "resource_type!",
+                  r.resource_id AS "resource_id!", r.version_id AS "version_id!",
+                  r.previous_version_id, r.interaction AS "interaction!: Interaction",
+                  r.changed_at AS "changed_at!", r.request_id AS "request_id!", r.trace_id AS "trace_id!",
+                  r.current::text AS "current?", r.previous::text AS "previous?",
+                  r.resend_subscription_id
+           FROM read r
+           WHERE r.n = 1 OR r.read_through <= $3
+           ORDER BY r.seq"#,
         limit,
-        from_seq
+        from_seq,
+        BATCH_CONTENT_BUDGET_BYTES
     )
     .fetch_all(conn)
     .await?;

@@ -568,6 +568,50 @@ async fn there_is_no_cap_on_subscriptions_per_project() {
 }
 
 #[tokio::test]
+async fn large_resources_make_small_batches_and_every_change_is_dispatched() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    create(&db.pool, project, &rest_hook("Patient")).await;
+    settle(&db.pool, &d).await;
+    // Seven Patients of about 3 MB each (hex, which compression hardly shrinks): 21 MB as stored,
+    // more than a batch reads (16 MiB), in fewer changes than a batch claims (500).
+    sqlx::query(
+        "SELECT fhir_outbox.create_resource($1, jsonb_build_object('resourceType', 'Patient',
+             'text', jsonb_build_object('status', 'generated', 'div',
+                 '<div>' || (SELECT string_agg(md5(random()::text || n || g), '')
+                             FROM generate_series(1, 95000) g) || '</div>')))
+         FROM generate_series(1, 7) n",
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT sum(pg_column_size(content))::int8 FROM fhir_outbox.resource_version
+         WHERE project_id = $1 AND resource_type = 'Patient'",
+    )
+    .bind(project)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        stored > 16 * 1024 * 1024,
+        "the seven are {stored} bytes as stored"
+    );
+    let first = d.dispatch_once().await.unwrap();
+    assert!(
+        (1..7).contains(&first.changes),
+        "the first batch stops at the budget: {} changes",
+        first.changes
+    );
+    let rest = dispatch_all(&d).await;
+    assert_eq!(first.changes + rest.changes, 7);
+    assert_eq!(first.deliveries + rest.deliveries, 7);
+    assert_eq!(deliveries(&db.pool).await.len(), 7);
+}
+
+#[tokio::test]
 async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
     let db = TestDb::new().await;
     let project = db.project().await;
