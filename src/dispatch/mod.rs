@@ -194,7 +194,29 @@ impl Candidates {
             .flat_map(|(_, subscriptions)| subscriptions.iter());
         own.chain(server)
     }
+
+    /// How many of `changes`, in order, fit in [`MAX_DELIVERIES_PER_BATCH`] when each counts the
+    /// subscriptions it could match (the first always fits).
+    fn within_delivery_budget(&self, changes: &[ClaimedChange]) -> usize {
+        let mut per_project: HashMap<Uuid, usize> = HashMap::new();
+        let mut deliveries = 0usize;
+        for (fitting, change) in changes.iter().enumerate() {
+            deliveries += *per_project
+                .entry(change.project_id)
+                .or_insert_with(|| self.for_project(change.project_id).count());
+            if deliveries > MAX_DELIVERIES_PER_BATCH && fitting > 0 {
+                return fitting;
+            }
+        }
+        changes.len()
+    }
 }
+
+/// Most deliveries one dispatch batch may insert, counting for each change every subscription it
+/// could match: with many subscriptions per project, a batch of 500 changes would otherwise insert
+/// hundreds of thousands of rows in one statement and hold them all in memory. The changes past it
+/// wait for the next batch.
+const MAX_DELIVERIES_PER_BATCH: usize = 50_000;
 
 impl Dispatcher {
     /// A dispatcher on this pool.
@@ -260,6 +282,9 @@ impl Dispatcher {
         changes: Vec<ClaimedChange>,
     ) -> Result<BatchReport, DispatchError> {
         let candidates = self.candidates(&mut tx, &changes).await?;
+        // The changes left out stay locked, undispatched, until this transaction ends.
+        let mut changes = changes;
+        changes.truncate(candidates.within_delivery_budget(&changes));
         // Evaluation is CPU work on user input (bounded by its budget, but still up to that budget
         // per suspended subscription): off the async threads, so that delivery, lease renewal and
         // the other dispatch loops of this process keep running meanwhile.

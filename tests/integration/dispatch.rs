@@ -568,6 +568,42 @@ async fn there_is_no_cap_on_subscriptions_per_project() {
 }
 
 #[tokio::test]
+async fn a_batch_inserts_at_most_50_000_deliveries_and_the_rest_follow() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    sqlx::query(
+        "SELECT fhir_outbox.create_resource($1, jsonb_build_object('resourceType', 'Subscription',
+             'status', 'active', 'criteria', 'Patient',
+             'channel', jsonb_build_object('type', 'rest-hook', 'endpoint', 'https://example.org/' || n)))
+         FROM generate_series(1, 300) n",
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    settle(&db.pool, &d).await;
+    // 170 changes × 300 subscriptions: 51,000 deliveries, within one batch's 500 changes.
+    sqlx::query(
+        "SELECT fhir_outbox.create_resource($1, '{\"resourceType\": \"Patient\"}')
+         FROM generate_series(1, 170)",
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let first = d.dispatch_once().await.unwrap();
+    assert_eq!(
+        first.changes, 166,
+        "166 × 300 = 49,800 fit; one more would not"
+    );
+    assert_eq!(first.deliveries, 49_800);
+    let rest = dispatch_all(&d).await;
+    assert_eq!((rest.changes, rest.deliveries), (4, 1_200));
+    assert_eq!(deliveries(&db.pool).await.len(), 51_000);
+}
+
+#[tokio::test]
 async fn large_resources_make_small_batches_and_every_change_is_dispatched() {
     let db = TestDb::new().await;
     let project = db.project().await;
