@@ -547,22 +547,29 @@ async fn projects_are_isolated_and_server_scope_is_opt_in() {
     }
 }
 
+/// `count` active rest-hook subscriptions to every Patient, each to an endpoint of its own, their
+/// own writes dispatched.
+async fn subscriptions_to_every_patient(pool: &PgPool, d: &Dispatcher, project: Uuid, count: i32) {
+    sqlx::query(
+        "SELECT fhir_outbox.create_resource($1, jsonb_build_object('resourceType', 'Subscription',
+             'status', 'active', 'criteria', 'Patient',
+             'channel', jsonb_build_object('type', 'rest-hook', 'endpoint', 'https://example.org/' || n)))
+         FROM generate_series(1, $2) n",
+    )
+    .bind(project)
+    .bind(count)
+    .execute(pool)
+    .await
+    .unwrap();
+    settle(pool, d).await;
+}
+
 #[tokio::test]
 async fn there_is_no_cap_on_subscriptions_per_project() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let d = dispatcher(&db.pool);
-    sqlx::query(
-        "SELECT fhir_outbox.create_resource($1, jsonb_build_object('resourceType', 'Subscription',
-             'status', 'active', 'criteria', 'Patient',
-             'channel', jsonb_build_object('type', 'rest-hook', 'endpoint', 'https://example.org/' || n)))
-         FROM generate_series(1, 1200) n",
-    )
-    .bind(project)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    settle(&db.pool, &d).await;
+    subscriptions_to_every_patient(&db.pool, &d, project, 1200).await;
     create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
     assert_eq!(dispatch_all(&d).await.deliveries, 1200);
 }
@@ -572,17 +579,7 @@ async fn a_batch_inserts_at_most_50_000_deliveries_and_the_rest_follow() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let d = dispatcher(&db.pool);
-    sqlx::query(
-        "SELECT fhir_outbox.create_resource($1, jsonb_build_object('resourceType', 'Subscription',
-             'status', 'active', 'criteria', 'Patient',
-             'channel', jsonb_build_object('type', 'rest-hook', 'endpoint', 'https://example.org/' || n)))
-         FROM generate_series(1, 300) n",
-    )
-    .bind(project)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    settle(&db.pool, &d).await;
+    subscriptions_to_every_patient(&db.pool, &d, project, 300).await;
     // 170 changes × 300 subscriptions: 51,000 deliveries, within one batch's 500 changes.
     sqlx::query(
         "SELECT fhir_outbox.create_resource($1, '{\"resourceType\": \"Patient\"}')
