@@ -1,8 +1,8 @@
 //! The recorder: writes decided completions in batches, and decides nothing. One transaction per
 //! batch: the fenced completions (`queries::complete`: a finished delivery moves to history, one to
 //! retry is rescheduled), then, for those whose lease still held, the stored AuditEvents
-//! (`queries::insert_audit_events`), the attempt rows and the auto-disable bookkeeping; a batch that fails is written again one delivery at a time. Then metrics and logged
-//! AuditEvents.
+//! (`queries::insert_audit_events`), the attempt rows and the auto-disable bookkeeping; a batch
+//! that fails is written again one delivery at a time. Then metrics and logged AuditEvents.
 
 use super::auto_disable::{self, Trigger};
 use super::outcome::{Decision, FinalFailure};

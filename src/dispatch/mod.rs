@@ -279,11 +279,10 @@ impl Dispatcher {
     async fn dispatch_claimed(
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        changes: Vec<ClaimedChange>,
+        mut changes: Vec<ClaimedChange>,
     ) -> Result<BatchReport, DispatchError> {
         let candidates = self.candidates(&mut tx, &changes).await?;
         // The changes left out stay locked, undispatched, until this transaction ends.
-        let mut changes = changes;
         changes.truncate(candidates.within_delivery_budget(&changes));
         // Evaluation is CPU work on user input (bounded by its budget, but still up to that budget
         // per suspended subscription): off the async threads, so that delivery, lease renewal and
