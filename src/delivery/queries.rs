@@ -154,33 +154,6 @@ pub(super) struct ClaimLimits {
     pub queues_per_claim: i64,
 }
 
-/// How a claim's transaction begins, in one round trip: the lock that serialises claims (taken
-/// before the claim's snapshot, so that it sees the leases of the claim before it), and the claim's
-/// local settings.
-///
-/// - `plan_cache_mode`: planning the claim costs more than running it, and its plan does not
-///   depend on its parameters' values (index lookups per busy subscription), so the prepared
-///   statement's generic plan is kept.
-/// - `jit`: compilation would be paid on every claim once a big backlog inflates the plan's
-///   estimated cost, for a statement that reads a few hundred rows.
-/// - `enable_seqscan`, `enable_bitmapscan`: the generic plan is made again whenever a lane is
-///   truncated or analysed, so it may be made while the lanes are nearly empty and then serve
-///   claims over tens of thousands of rows. With the sequential scans and sorts chosen for an empty
-///   lane, a claim over 30,000 pending rows took 8.4 s instead of 13 ms (in psql, the plan made on
-///   empty lanes, then on full ones); with index lookups only, 36-41 ms at worst.
-/// - `synchronous_commit`: the claim does not wait for its WAL to reach disk. Losing it in a crash
-///   of PostgreSQL loses leases, which is what an expired lease is already (the deliveries are
-///   claimed again; a request made meanwhile is sent again with the same `webhook-id`); the
-///   completion that records an attempt commits durably, which flushes the claim's WAL before it.
-#[doc(hidden)]
-pub const CLAIM_BEGIN: &str = "BEGIN;
-    SELECT pg_advisory_xact_lock(hashtext('fhir_outbox.delivery_claim'));
-    SET LOCAL plan_cache_mode = force_generic_plan;
-    SET LOCAL jit = off;
-    SET LOCAL enable_seqscan = off;
-    SET LOCAL enable_bitmapscan = off;
-    SET LOCAL synchronous_commit = off";
-
 /// Claims due deliveries (and those whose lease expired: their worker died), fairly, and takes a
 /// fresh lease on each:
 /// - the subscriptions with pending deliveries are visited in a round (a skip scan of
@@ -198,7 +171,10 @@ pub const CLAIM_BEGIN: &str = "BEGIN;
 ///   the probe (the circuit becomes `half_open`).
 ///
 /// Deliveries of paused subscriptions wait. Claims are serialised by an advisory lock, so that two
-/// workers see each other's leases when they count an endpoint's load. The same statement reads
+/// workers see each other's leases when they count an endpoint's load. The statement is the
+/// function `fhir_outbox.claim_deliveries` (its migration says why each of its settings), so that
+/// the lock, the claim and its commit are one round trip; it runs alone in its (implicit)
+/// transaction, because it turns `synchronous_commit` off for it. The same statement reads
 /// what the preamble needs (each subscription once, each resource). The JSON travels as text and is
 /// decoded where it is used: one that cannot be decoded stops its own deliveries (see
 /// `SubscriptionNow::undecodable`, and the preamble for resources), never the claim.
@@ -207,171 +183,19 @@ pub(super) async fn claim(
     limits: ClaimLimits,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let (endpoint_base, endpoint_max) = limits.endpoint_allowance.bounds();
-    let mut tx = sqlx::Connection::begin_with(&mut *conn, CLAIM_BEGIN).await?;
     let rows = sqlx::query_as!(
         ClaimRow,
-        r#"WITH RECURSIVE
-           -- The round goes on after the cursor… (its values are init-plan parameters, so that
-           -- both bounds of each step are index conditions, never filters; the order includes
-           -- the due time so that only `delivery_queue`, which holds pending rows alone, serves it,
-           -- never an index that also holds the finished history)
-           ahead AS (
-               (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.unfinished_delivery d
-                WHERE d.state = 'pending'
-                  AND (d.project_id, d.subscription_id)
-                      > (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
-                         coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
-                ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
-               UNION ALL
-               SELECT x.project_id, x.subscription_id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
-                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.unfinished_delivery d
-                   WHERE d.state = 'pending'
-                     AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
-                   ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
-               WHERE q.n < $5),
-           -- …and starts again from the first, up to the cursor, while the window has room.
-           behind AS (
-               (SELECT d.project_id, d.subscription_id, (SELECT count(*) FROM ahead) + 1 AS n
-                FROM fhir_outbox.unfinished_delivery d
-                WHERE d.state = 'pending'
-                  AND (d.project_id, d.subscription_id)
-                      <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
-                          coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
-                ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
-               UNION ALL
-               SELECT x.project_id, x.subscription_id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
-                   SELECT d.project_id, d.subscription_id FROM fhir_outbox.unfinished_delivery d
-                   WHERE d.state = 'pending'
-                     AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
-                     AND (d.project_id, d.subscription_id)
-                         <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
-                             coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
-                   ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
-               WHERE q.n < $5),
-           visited AS (
-               SELECT project_id, subscription_id, n FROM ahead
-               UNION ALL
-               SELECT project_id, subscription_id, n FROM behind WHERE n <= $5),
-           -- An upsert: the cursor is unlogged, and a crash of PostgreSQL empties it (the round
-           -- then starts again from the first subscription, as the coalesces above read it).
-           advanced AS (
-               INSERT INTO fhir_outbox.claim_cursor AS k (project_id, subscription_id)
-               SELECT project_id, subscription_id FROM visited ORDER BY n DESC LIMIT 1
-               ON CONFLICT (only_row) DO UPDATE
-               SET project_id = EXCLUDED.project_id, subscription_id = EXCLUDED.subscription_id
-               RETURNING 1),
-           queues AS (SELECT project_id, subscription_id FROM visited),
-           busy AS (
-               SELECT project_id, subscription_id, count(*) AS in_flight FROM fhir_outbox.unfinished_delivery
-               WHERE state = 'in_flight' AND lease_expires_at >= now()
-               GROUP BY project_id, subscription_id),
-           expired AS (
-               SELECT id, project_id, subscription_id FROM fhir_outbox.unfinished_delivery
-               WHERE state = 'in_flight' AND lease_expires_at < now()
-               ORDER BY lease_expires_at LIMIT $1),
-           -- A deleted subscription (or one without an endpoint) is an endpoint of its own.
-           subscriptions AS (
-               SELECT s.project_id, s.subscription_id,
-                      coalesce(e.endpoint, 'Subscription/' || s.subscription_id) AS endpoint
-               FROM (SELECT project_id, subscription_id FROM queues
-                     UNION SELECT project_id, subscription_id FROM busy
-                     UNION SELECT project_id, subscription_id FROM expired) s
-               LEFT JOIN fhir_outbox.subscription_endpoint e USING (project_id, subscription_id)),
-           endpoint_load AS (
-               SELECT s.project_id, s.endpoint, sum(b.in_flight) AS in_flight
-               FROM subscriptions s JOIN busy b USING (project_id, subscription_id)
-               GROUP BY s.project_id, s.endpoint),
-           -- Enough from each queue to fill the claim if every queue is busy, never more than an
-           -- endpoint may take nor than the claim can use (each candidate costs the ranking).
-           per_queue AS (
-               SELECT greatest(1, least($6::int8, $1::int8, ceil(2.0 * $1 / greatest(1, count(*)))::int8)) AS k
-               FROM queues),
-           candidates AS (
-               SELECT e.id, e.project_id, e.subscription_id, 0::int8 AS turn FROM expired e
-               UNION ALL
-               SELECT c.id, q.project_id, q.subscription_id, c.turn
-               FROM queues q CROSS JOIN per_queue CROSS JOIN LATERAL (
-                   SELECT f.id, row_number() OVER (ORDER BY f.next_attempt_at, f.id) AS turn
-                   FROM (SELECT d.id, d.next_attempt_at FROM fhir_outbox.unfinished_delivery d
-                         WHERE d.project_id = q.project_id AND d.subscription_id = q.subscription_id
-                           AND d.state = 'pending' AND d.next_attempt_at <= now()
-                         ORDER BY d.next_attempt_at, d.id LIMIT per_queue.k) f) c),
-           ranked AS (
-               SELECT c.id, c.project_id, s.endpoint,
-                      row_number() OVER (PARTITION BY c.project_id, s.endpoint
-                                         ORDER BY c.turn, c.id) AS endpoint_turn,
-                      row_number() OVER (PARTITION BY c.project_id
-                                         ORDER BY c.turn, random()) AS project_turn
-               FROM candidates c JOIN subscriptions s USING (project_id, subscription_id)
-               WHERE NOT EXISTS (SELECT 1 FROM fhir_outbox.subscription_pause p
-                                 WHERE p.project_id = c.project_id
-                                   AND p.subscription_id = c.subscription_id)),
-           allowed AS (
-               SELECT r.id, r.project_id, r.endpoint, r.project_turn,
-                      coalesce(ec.state, 'closed') <> 'closed' AS probe
-               FROM ranked r
-               LEFT JOIN endpoint_load l USING (project_id, endpoint)
-               LEFT JOIN fhir_outbox.endpoint_circuit ec USING (project_id, endpoint)
-               WHERE CASE WHEN coalesce(ec.state, 'closed') = 'closed'
-                          THEN r.endpoint_turn <= greatest($3::int8, least(coalesce(ec.allowance::int8, $3::int8), $6::int8))
-                                                  - coalesce(l.in_flight, 0)
-                          ELSE ec.next_probe_at <= now() AND r.endpoint_turn = 1
-                               AND coalesce(l.in_flight, 0) = 0 END),
-           -- Rows of the hot table are found by `id = ANY (array)`, never by a join, so that no
-           -- plan can scan a lane once per row.
-           picked AS (
-               SELECT d.id FROM fhir_outbox.unfinished_delivery d
-               WHERE d.id = ANY (ARRAY(SELECT id FROM allowed ORDER BY project_turn, random() LIMIT $1))
-                 AND (d.state = 'pending' OR (d.state = 'in_flight' AND d.lease_expires_at < now()))
-               FOR UPDATE OF d SKIP LOCKED),
-           probing AS (
-               UPDATE fhir_outbox.endpoint_circuit ec
-               SET state = 'half_open', next_probe_at = now() + make_interval(secs => $4),
-                   updated_at = now()
-               FROM allowed a JOIN picked USING (id)
-               WHERE a.probe AND ec.project_id = a.project_id AND ec.endpoint = a.endpoint
-               RETURNING ec.endpoint),
-           claimed AS (
-               UPDATE fhir_outbox.unfinished_delivery d
-               SET state = 'in_flight', lease_token = gen_random_uuid(),
-                   lease_expires_at = now() + make_interval(secs => $2), claims = d.claims + 1,
-                   -- Into the current lane, so that the other one drains (migration 20261203000001);
-                   -- read once per statement (the function would run per row).
-                   lane = (SELECT current FROM fhir_outbox.delivery_lane)
-               WHERE d.id = ANY (ARRAY(SELECT id FROM picked))
-               RETURNING d.*),
-           numbered AS (
-               SELECT c.*, a.endpoint, a.probe,
-                      row_number() OVER (PARTITION BY c.project_id, c.subscription_id ORDER BY c.id) = 1
-                          AS first_of_subscription
-               FROM claimed c JOIN allowed a USING (id))
-           SELECT c.id, c.webhook_id, c.project_id, c.subscription_id, c.resource_type, c.resource_id, c.version_id,
-                  c.interaction AS "interaction!: Interaction", c.changed_at, c.request_id, c.trace_id,
-                  c.attempts, c.preamble_failures, c.claims, c.lease_token AS "lease_token!",
-                  c.endpoint AS "endpoint!", c.probe AS "probe!", c.replay,
-                  c.notification AS "notification?: Notification", c.event_number,
-                  r.version_id AS "current_version?", coalesce(r.deleted, false) AS "deleted!",
-                  v.content::text AS "content?", c.first_of_subscription AS "first_of_subscription!",
-                  sv.content::text AS "subscription?",
-                  CASE WHEN c.first_of_subscription THEN coalesce(p.settings, '{}')::text END AS "settings?"
-           FROM numbered c
-           LEFT JOIN fhir_outbox.resource r
-                  ON r.project_id = c.resource_project_id AND r.resource_type = c.resource_type
-                 AND r.id = c.resource_id
-           -- A delete's tombstone directly follows the last live version: that is the one read.
-           LEFT JOIN fhir_outbox.resource_version v
-                  ON v.project_id = c.resource_project_id AND v.resource_type = c.resource_type
-                 AND v.id = c.resource_id
-                 AND v.version_id = CASE WHEN c.interaction = 'delete' THEN c.version_id - 1
-                                         ELSE c.version_id END
-           LEFT JOIN fhir_outbox.resource sr
-                  ON c.first_of_subscription AND sr.project_id = c.project_id
-                 AND sr.resource_type = 'Subscription' AND sr.id = c.subscription_id AND NOT sr.deleted
-           LEFT JOIN fhir_outbox.resource_version sv
-                  ON sv.project_id = sr.project_id AND sv.resource_type = sr.resource_type
-                 AND sv.id = sr.id AND sv.version_id = sr.version_id
-           LEFT JOIN fhir_outbox.project p ON c.first_of_subscription AND p.id = c.project_id
-           ORDER BY c.id"#,
+        r#"SELECT id AS "id!", webhook_id AS "webhook_id!", project_id AS "project_id!",
+                  subscription_id AS "subscription_id!", resource_type AS "resource_type!",
+                  resource_id AS "resource_id!", version_id AS "version_id!",
+                  interaction AS "interaction!: Interaction", changed_at AS "changed_at!",
+                  request_id AS "request_id!", trace_id AS "trace_id!", attempts AS "attempts!",
+                  preamble_failures AS "preamble_failures!", claims AS "claims!",
+                  lease_token AS "lease_token!", endpoint AS "endpoint!", probe AS "probe!",
+                  replay AS "replay!", notification AS "notification?: Notification",
+                  event_number, current_version, deleted AS "deleted!", content,
+                  first_of_subscription AS "first_of_subscription!", subscription, settings
+           FROM fhir_outbox.claim_deliveries($1, $2, $3, $4, $5, $6)"#,
         limits.limit,
         limits.lease_seconds,
         i64::from(endpoint_base),
@@ -379,9 +203,8 @@ pub(super) async fn claim(
         limits.queues_per_claim,
         i64::from(endpoint_max),
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
-    tx.commit().await?;
     Ok(rows
         .into_iter()
         .map(|row| Claimed {

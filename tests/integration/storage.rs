@@ -259,31 +259,41 @@ async fn without_a_held_horizon_a_backlog_in_the_draining_lane_is_left_to_the_cl
     assert_eq!((moved, truncated), (0, true));
 }
 
-/// The text of the compile-time-checked statement that contains `marker`, from the committed
-/// offline query data (`.sqlx/`), so that the test runs exactly what the worker runs.
-fn worker_statement(marker: &str) -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".sqlx");
-    let found: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
-        .map(|text| {
-            serde_json::from_str::<serde_json::Value>(&text).unwrap()["query"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+/// The statement that `fhir_outbox.claim_deliveries` runs, with `$1`… in place of its parameters'
+/// names, and its settings as `SET LOCAL` commands: the test prepares exactly what the function
+/// runs, under the settings it runs with, and can show its plan (a function's plan cannot be shown).
+async fn claim_statement_and_settings(pool: &sqlx::PgPool) -> (String, String) {
+    let (source, names, config): (String, Vec<String>, Vec<String>) = sqlx::query_as(
+        "SELECT prosrc, proargnames, proconfig FROM pg_proc
+         WHERE oid = 'fhir_outbox.claim_deliveries'::regproc",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let start = source.find("RETURN QUERY ").unwrap() + "RETURN QUERY ".len();
+    let end = source.rfind(';').unwrap();
+    let mut statement = source[start..end].to_owned();
+    // The first six names are the parameters (the rest name the result's columns).
+    for (position, name) in names.iter().take(6).enumerate() {
+        let name = regex::Regex::new(&format!(r"\b{name}\b")).unwrap();
+        statement = name
+            .replace_all(&statement, regex::NoExpand(&format!("${}", position + 1)))
+            .into_owned();
+    }
+    let settings = config
+        .iter()
+        .map(|setting| {
+            let (name, value) = setting.split_once('=').unwrap();
+            format!("SET LOCAL {name} = {value};")
         })
-        .filter(|query| query.contains(marker))
         .collect();
-    assert_eq!(found.len(), 1, "exactly one statement contains {marker:?}");
-    found.into_iter().next().unwrap()
+    (statement, settings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     let db = TestDb::new().await;
-    // How the claim transaction begins (the lock and its local settings), and the claim itself.
-    let begin = fhir_outbox::delivery::CLAIM_BEGIN;
-    let claim = worker_statement("The round goes on after the cursor");
+    let (claim, settings) = claim_statement_and_settings(&db.pool).await;
     let mut conn = db.pool.acquire().await.unwrap();
     sqlx::raw_sql(
         "ANALYZE fhir_outbox.unfinished_delivery_lane0; ANALYZE fhir_outbox.unfinished_delivery_lane1",
@@ -294,7 +304,7 @@ async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     // The cached plan is made now, while both lanes are empty (as after a truncation)…
     sqlx::raw_sql(&format!(
         "PREPARE claim(int8, float8, int8, float8, int8, int8) AS {claim};
-         {begin}; EXPLAIN EXECUTE claim(400, 30, 32, 150, 800, 256); COMMIT;"
+         BEGIN; {settings} EXPLAIN EXECUTE claim(400, 30, 32, 150, 800, 256); COMMIT;"
     ))
     .execute(&mut *conn)
     .await
@@ -311,7 +321,10 @@ async fn the_claims_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     .execute(&mut *conn)
     .await
     .unwrap();
-    sqlx::raw_sql(begin).execute(&mut *conn).await.unwrap();
+    sqlx::raw_sql(&format!("BEGIN; {settings}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     let plan: Vec<String> =
         sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE claim(400, 30, 32, 150, 800, 256)")
             .fetch_all(&mut *conn)
