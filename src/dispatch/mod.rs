@@ -254,7 +254,11 @@ impl Dispatcher {
     async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, BatchFailure> {
         let started = Instant::now();
         let from = self.floor.lock().expect("floor lock").start(started);
-        let mut tx = self.pool.begin().await.map_err(BatchFailure::unclaimed)?;
+        let mut tx = self
+            .pool
+            .begin_with(queries::DISPATCH_BEGIN)
+            .await
+            .map_err(BatchFailure::unclaimed)?;
         let changes = queries::claim_changes(&mut tx, limit, from)
             .await
             .map_err(BatchFailure::unclaimed)?;
@@ -910,8 +914,8 @@ fn push_handshake(
         &change.resource_id,
         matched_at,
         None,
+        Some("handshake"),
     );
-    rows.notification.push(Some("handshake"));
 }
 
 fn push_delivery(
@@ -928,13 +932,32 @@ fn push_delivery(
         &subscription.id,
         matched_at,
         skipped,
-    );
-    rows.notification.push(
         subscription
             .topic_url()
             .is_some()
             .then_some("event-notification"),
     );
+}
+
+/// The namespace of [`webhook_id`]'s name-based UUIDs.
+const WEBHOOK_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2c4a_8d3b_5e70_9a21_c4f8_0b6d_3e15);
+
+/// A delivery's `webhook-id`, the same whenever its change is dispatched: a name-based UUID
+/// (version 5) of the change's outbox row, the subscription and what the delivery carries. A
+/// dispatch commits without waiting for its WAL to reach disk, so a crash of PostgreSQL can lose
+/// one whose delivery a worker already sent; the change is then dispatched again, and the request
+/// sent again must carry the same `webhook-id` for the receiver to recognise it.
+pub(crate) fn webhook_id(
+    outbox_seq: i64,
+    project_id: Uuid,
+    subscription_id: &str,
+    notification: Option<&str>,
+) -> Uuid {
+    let name = format!(
+        "{outbox_seq}/{project_id}/{subscription_id}/{}",
+        notification.unwrap_or("")
+    );
+    Uuid::new_v5(&WEBHOOK_ID_NAMESPACE, name.as_bytes())
 }
 
 fn push_row(
@@ -944,7 +967,15 @@ fn push_row(
     subscription_id: &str,
     matched_at: chrono::DateTime<Utc>,
     skipped: Option<String>,
+    notification: Option<&'static str>,
 ) {
+    rows.webhook_id.push(webhook_id(
+        change.seq,
+        project_id,
+        subscription_id,
+        notification,
+    ));
+    rows.notification.push(notification);
     rows.project_id.push(project_id);
     rows.subscription_id.push(subscription_id.to_owned());
     rows.outbox_seq.push(change.seq);

@@ -600,6 +600,42 @@ async fn a_batch_inserts_at_most_50_000_deliveries_and_the_rest_follow() {
     assert_eq!(deliveries(&db.pool).await.len(), 51_000);
 }
 
+/// A dispatch commits without waiting for its WAL to reach disk, so a crash of PostgreSQL can lose
+/// one whose deliveries a worker already sent. Dispatched again, each delivery must carry the
+/// `webhook-id` it was sent with, for receivers to recognise the copy.
+#[tokio::test]
+async fn a_change_dispatched_again_gets_the_same_webhook_ids() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    subscriptions_to_every_patient(&db.pool, &dispatcher(&db.pool), project, 3).await;
+    for _ in 0..2 {
+        create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
+    }
+    let webhook_ids = || async {
+        sqlx::query_as::<_, (i64, String, Uuid)>(
+            "SELECT outbox_seq, subscription_id, webhook_id FROM fhir_outbox.delivery
+             ORDER BY outbox_seq, subscription_id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    dispatch_all(&dispatcher(&db.pool)).await;
+    let first = webhook_ids().await;
+    let distinct: std::collections::HashSet<Uuid> = first.iter().map(|row| row.2).collect();
+    assert_eq!((first.len(), distinct.len()), (6, 6));
+    // What the lost dispatch leaves: its changes undispatched, none of its deliveries.
+    sqlx::raw_sql(
+        "DELETE FROM fhir_outbox.delivery;
+         UPDATE fhir_outbox.outbox SET dispatched_at = NULL WHERE resource_type = 'Patient'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dispatch_all(&dispatcher(&db.pool)).await.deliveries, 6);
+    assert_eq!(webhook_ids().await, first);
+}
+
 #[tokio::test]
 async fn large_resources_make_small_batches_and_every_change_is_dispatched() {
     let db = TestDb::new().await;
