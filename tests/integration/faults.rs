@@ -101,7 +101,10 @@ fn per_webhook_id(receiver: &Receiver) -> HashMap<String, usize> {
     seen
 }
 
-/// Every delivery's webhook-id reached the receiver at least once; returns the duplicates.
+/// Every delivery's webhook-id reached the receiver at least once, and every request received
+/// carries a stored delivery's webhook-id (a copy under another id, as a dispatch lost in a crash
+/// and made again with new ids would send, is one a receiver cannot recognise); returns the
+/// duplicates.
 async fn check_none_lost(pool: &PgPool, receiver: &Receiver) -> usize {
     let ids: Vec<String> = sqlx::query_scalar("SELECT webhook_id::text FROM fhir_outbox.delivery")
         .fetch_all(pool)
@@ -110,6 +113,9 @@ async fn check_none_lost(pool: &PgPool, receiver: &Receiver) -> usize {
     let seen = per_webhook_id(receiver);
     let lost: Vec<&String> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
     assert!(lost.is_empty(), "{} deliveries lost", lost.len());
+    let stored: std::collections::HashSet<&String> = ids.iter().collect();
+    let strangers = seen.keys().filter(|id| !stored.contains(id)).count();
+    assert_eq!(strangers, 0, "requests under a webhook-id no delivery has");
     seen.values().map(|n| n - 1).sum()
 }
 
