@@ -943,18 +943,22 @@ fn push_delivery(
 const WEBHOOK_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2c4a_8d3b_5e70_9a21_c4f8_0b6d_3e15);
 
 /// A delivery's `webhook-id`, the same whenever its change is dispatched: a name-based UUID
-/// (version 5) of the change's outbox row, the subscription and what the delivery carries. A
-/// dispatch commits without waiting for its WAL to reach disk, so a crash of PostgreSQL can lose
-/// one whose delivery a worker already sent; the change is then dispatched again, and the request
-/// sent again must carry the same `webhook-id` for the receiver to recognise it.
+/// (version 5) of the change (its outbox row and the time it was written), the subscription and
+/// what the delivery carries. A dispatch commits without waiting for its WAL to reach disk, so a
+/// crash of PostgreSQL can lose one whose delivery a worker already sent; the change is then
+/// dispatched again, and the request sent again must carry the same `webhook-id` for the receiver
+/// to recognise it. The write time keeps ids apart when outbox numbers are given again (a database
+/// restored to an earlier point): a new change must never look like a copy of an old one.
 pub(crate) fn webhook_id(
-    outbox_seq: i64,
+    change: &ClaimedChange,
     project_id: Uuid,
     subscription_id: &str,
     notification: Option<&str>,
 ) -> Uuid {
     let name = format!(
-        "{outbox_seq}/{project_id}/{subscription_id}/{}",
+        "{}/{}/{project_id}/{subscription_id}/{}",
+        change.seq,
+        change.changed_at.timestamp_micros(),
         notification.unwrap_or("")
     );
     Uuid::new_v5(&WEBHOOK_ID_NAMESPACE, name.as_bytes())
@@ -970,7 +974,7 @@ fn push_row(
     notification: Option<&'static str>,
 ) {
     rows.webhook_id.push(webhook_id(
-        change.seq,
+        change,
         project_id,
         subscription_id,
         notification,
