@@ -949,7 +949,7 @@ const WEBHOOK_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2c4a_8d3b_5e70_9a21_c4
 /// dispatched again, and the request sent again must carry the same `webhook-id` for the receiver
 /// to recognise it. The write time keeps ids apart when outbox numbers are given again (a database
 /// restored to an earlier point): a new change must never look like a copy of an old one.
-pub(crate) fn webhook_id(
+fn webhook_id(
     change: &ClaimedChange,
     project_id: Uuid,
     subscription_id: &str,
