@@ -592,7 +592,7 @@ pub struct DeliveryQuery {
     pub since: Option<DateTime<Utc>>,
     /// Only changes made before.
     pub until: Option<DateTime<Utc>>,
-    /// Only deliveries older than this one (the cursor of the next page).
+    /// Only deliveries after this one in the list's order (the previous page's `next_cursor`).
     pub before: Option<i64>,
     /// At most this many (at least 1).
     pub limit: i64,
@@ -659,7 +659,13 @@ pub struct DeliveryPage {
     pub next_cursor: Option<i64>,
 }
 
-/// A page of a project's deliveries (or of every project's, for the command line), newest first.
+/// A page of a project's deliveries (or of every project's, for the command line), newest first:
+/// by id, or, for one project with a time window (`since`, `until`), by change time and then id
+/// (`deliveries_in_window.sql` says why). Either way `next_cursor` is the last row's id. Every
+/// project's list has no change-time index to follow, so it keeps the id order; the command line
+/// gives it `since` at most, whose newest rows come first in that order. A window page whose cursor
+/// names no delivery of the project (retention removed it) is refused with `NotFound`: the page
+/// would continue from that delivery's change time.
 pub async fn deliveries(
     pool: &PgPool,
     project: impl Into<Option<Uuid>>,
@@ -671,37 +677,62 @@ pub async fn deliveries(
         Some((resource_type, id)) => (Some(resource_type.as_str()), Some(id.as_str())),
         None => (None, None),
     };
-    let mut deliveries = sqlx::query_as!(
-        DeliveryItem,
-        r#"SELECT id AS "id!", webhook_id AS "webhook_id!", project_id AS "project_id!",
-                  subscription_id AS "subscription_id!",
-                  resource_type || '/' || resource_id AS "resource!",
-                  version_id AS "version_id!", interaction AS "interaction!",
-                  state AS "state!: DeliveryState", attempts AS "attempts!", last_status,
-                  changed_at AS "changed_at!", next_attempt_at AS "next_attempt_at!", finished_at,
-                  reason, notification AS "notification: Notification", event_number
-           FROM fhir_outbox.delivery
-           WHERE ($1::uuid IS NULL OR project_id = $1)
-             AND ($2::text IS NULL OR state = $2)
-             AND ($3::text IS NULL OR subscription_id = $3)
-             AND ($4::text IS NULL OR (resource_type = $4 AND resource_id = $5))
-             AND ($6::timestamptz IS NULL OR changed_at >= $6)
-             AND ($7::timestamptz IS NULL OR changed_at < $7)
-             AND ($8::bigint IS NULL OR id < $8)
-           ORDER BY id DESC
-           LIMIT $9"#,
-        project,
-        query.state.map(DeliveryState::as_str),
-        query.subscription,
-        resource_type,
-        resource_id,
-        query.since,
-        query.until,
-        query.before,
-        limit + 1
-    )
-    .fetch_all(pool)
-    .await?;
+    let state = query.state.map(DeliveryState::as_str);
+    let window = query.since.is_some() || query.until.is_some();
+    let mut deliveries = if let Some(project) = project.filter(|_| window) {
+        let cursor_changed_at = match query.before {
+            Some(id) => Some(cursor_changed_at(pool, project, id).await?),
+            None => None,
+        };
+        sqlx::query_file_as!(
+            DeliveryItem,
+            "src/operations/console/deliveries_in_window.sql",
+            project,
+            state,
+            query.subscription,
+            resource_type,
+            resource_id,
+            query.since,
+            query.until,
+            cursor_changed_at,
+            query.before,
+            limit + 1
+        )
+        .fetch_all(pool)
+        .await?
+    } else {
+        sqlx::query_as!(
+            DeliveryItem,
+            r#"SELECT id AS "id!", webhook_id AS "webhook_id!", project_id AS "project_id!",
+                      subscription_id AS "subscription_id!",
+                      resource_type || '/' || resource_id AS "resource!",
+                      version_id AS "version_id!", interaction AS "interaction!",
+                      state AS "state!: DeliveryState", attempts AS "attempts!", last_status,
+                      changed_at AS "changed_at!", next_attempt_at AS "next_attempt_at!", finished_at,
+                      reason, notification AS "notification: Notification", event_number
+               FROM fhir_outbox.delivery
+               WHERE ($1::uuid IS NULL OR project_id = $1)
+                 AND ($2::text IS NULL OR state = $2)
+                 AND ($3::text IS NULL OR subscription_id = $3)
+                 AND ($4::text IS NULL OR (resource_type = $4 AND resource_id = $5))
+                 AND ($6::timestamptz IS NULL OR changed_at >= $6)
+                 AND ($7::timestamptz IS NULL OR changed_at < $7)
+                 AND ($8::bigint IS NULL OR id < $8)
+               ORDER BY id DESC
+               LIMIT $9"#,
+            project,
+            state,
+            query.subscription,
+            resource_type,
+            resource_id,
+            query.since,
+            query.until,
+            query.before,
+            limit + 1
+        )
+        .fetch_all(pool)
+        .await?
+    };
     let next_cursor = if deliveries.len() as i64 > limit {
         deliveries.truncate(limit as usize);
         deliveries.last().map(|delivery| delivery.id)
@@ -711,6 +742,28 @@ pub async fn deliveries(
     Ok(DeliveryPage {
         deliveries,
         next_cursor,
+    })
+}
+
+/// The change time of the delivery a time-window page's cursor names.
+async fn cursor_changed_at(
+    pool: &PgPool,
+    project: Uuid,
+    id: i64,
+) -> Result<DateTime<Utc>, StoreError> {
+    sqlx::query_scalar!(
+        r#"SELECT changed_at AS "changed_at!" FROM fhir_outbox.delivery
+           WHERE id = $1 AND project_id = $2"#,
+        id,
+        project
+    )
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| {
+        StoreError::NotFound(format!(
+            "the page cursor {id} names no delivery of this list (retention may have removed it): \
+             start again from the first page"
+        ))
     })
 }
 
