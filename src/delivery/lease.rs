@@ -4,7 +4,7 @@
 use super::DeliveryState;
 use super::outcome::Completion;
 use super::queries;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -44,7 +44,8 @@ pub async fn lease_due(
 }
 
 /// Records leased deliveries as succeeded on their first attempt with HTTP `status`, with the
-/// recorder's own fenced completion statement (no attempt rows or AuditEvents). Returns the ids
+/// recorder's own fenced completion statement in a transaction begun as the recorder begins its own
+/// (no attempt rows or AuditEvents). Returns the ids
 /// written: a delivery whose lease was taken over is left alone.
 pub async fn complete_succeeded(
     conn: &mut PgConnection,
@@ -63,5 +64,8 @@ pub async fn complete_succeeded(
         .iter()
         .map(|delivery| (delivery.id, delivery.lease_token, &completion))
         .collect();
-    queries::complete(conn, &completions).await
+    let mut tx = conn.begin_with(queries::RECORD_BEGIN).await?;
+    let written = queries::complete(&mut tx, &completions).await?;
+    tx.commit().await?;
+    Ok(written)
 }

@@ -29,7 +29,7 @@ pub mod state;
 mod transport;
 mod worker;
 
-pub use queries::Notification;
+pub use queries::{Notification, RECORD_BEGIN};
 pub use state::{DeliveryState, FailureReason, Reason, SkipReason};
 pub use worker::{DeliveryWorker, LocalWake};
 

@@ -356,6 +356,15 @@ pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<
     .rows_affected())
 }
 
+/// How a recorder's transaction begins, in one round trip. Without sequential scans, the fenced
+/// completion (`complete.sql`) reads the hot table by id whatever the statistics say: a lane that
+/// was empty when the statement was planned (truncated, and not analyzed since) would otherwise be
+/// read whole at every completion once it fills (10–45 ms per batch with a backlog of 100,000,
+/// docs/performance.md run O). Nothing else in the transaction needs a sequential scan. Without
+/// JIT, as in the claim: the cost of the one sequential scan left (`delivery_lane`, one row and no
+/// index) then counts as disabled, which would have every completion compiled (about 0.5 s).
+pub const RECORD_BEGIN: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+
 /// Writes each completion if, and only if, this worker still holds that delivery's lease, in one
 /// statement: a finished delivery moves from the hot table to history (`finished_delivery`), one to
 /// be tried again stays, rescheduled. Returns the ids written; a delivery missing from it lost its
@@ -384,57 +393,8 @@ pub(super) async fn complete(
         .map(|(_, _, c)| c.reason.as_ref().map(ToString::to_string))
         .collect();
     let statuses: Vec<Option<i32>> = completions.iter().map(|(_, _, c)| c.last_status).collect();
-    sqlx::query_scalar!(
-        r#"WITH c AS (
-               SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::int4[],
-                                    $6::timestamptz[], $7::text[], $8::int4[])
-                   AS c(id, lease_token, state, attempts, preamble_failures, next_attempt_at, reason,
-                        last_status)),
-           -- A delivery that finished leaves the hot table for history: one delete, one insert
-           -- (no update, no dead index entries left behind in the claim's indexes).
-           finished AS (
-               -- `d.id = ANY ($1)` as well as the join: however the plan joins them, the hot
-               -- table is read by those ids (an index lookup or one scan), never once per row.
-               DELETE FROM fhir_outbox.unfinished_delivery d USING c
-               WHERE d.id = ANY ($1) AND d.id = c.id AND d.lease_token = c.lease_token
-                 AND d.state = 'in_flight'
-                 AND c.state <> 'pending'
-               RETURNING d.id, d.webhook_id, d.project_id, d.subscription_id, d.outbox_seq,
-                         d.resource_project_id, d.resource_type, d.resource_id, d.version_id,
-                         d.previous_version_id, d.interaction, d.changed_at, d.request_id,
-                         d.trace_id, d.matched_at, c.state, c.attempts,
-                         coalesce(c.next_attempt_at, d.next_attempt_at) AS next_attempt_at,
-                         c.reason, d.claims, c.preamble_failures,
-                         coalesce(c.last_status, d.last_status) AS last_status, d.replay,
-                         d.notification, d.event_number),
-           stored AS (
-               INSERT INTO fhir_outbox.finished_delivery
-                   (id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
-                    resource_type, resource_id, version_id, previous_version_id, interaction,
-                    changed_at, request_id, trace_id, matched_at, state, attempts, next_attempt_at,
-                    finished_at, reason, claims, preamble_failures, last_status, replay,
-                    notification, event_number)
-               SELECT id, webhook_id, project_id, subscription_id, outbox_seq, resource_project_id,
-                      resource_type, resource_id, version_id, previous_version_id, interaction,
-                      changed_at, request_id, trace_id, matched_at, state, attempts, next_attempt_at,
-                      now(), reason, claims, preamble_failures, last_status, replay, notification,
-                      event_number
-               FROM finished
-               RETURNING id),
-           rescheduled AS (
-               UPDATE fhir_outbox.unfinished_delivery d
-               SET state = 'pending', attempts = c.attempts, preamble_failures = c.preamble_failures,
-                   next_attempt_at = coalesce(c.next_attempt_at, d.next_attempt_at),
-                   reason = c.reason, last_status = coalesce(c.last_status, d.last_status),
-                   lease_token = NULL, lease_expires_at = NULL,
-                   lane = (SELECT current FROM fhir_outbox.delivery_lane)
-               FROM c
-               WHERE d.id = ANY ($1) AND d.id = c.id AND d.lease_token = c.lease_token
-                 AND d.state = 'in_flight' AND c.state = 'pending'
-               RETURNING d.id)
-           SELECT id AS "id!" FROM stored
-           UNION ALL
-           SELECT id AS "id!" FROM rescheduled"#,
+    sqlx::query_file_scalar!(
+        "src/delivery/complete.sql",
         &ids,
         &tokens,
         &states as &[&str],

@@ -315,7 +315,7 @@ impl Recorder {
         &self,
         records: &[Record],
     ) -> Result<(HashSet<i64>, Vec<CircuitTransition>), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(queries::RECORD_BEGIN).await?;
         let completions: Vec<_> = records
             .iter()
             .map(|record| {
