@@ -45,8 +45,8 @@ pub async fn lease_due(
 
 /// Records leased deliveries as succeeded on their first attempt with HTTP `status`, with the
 /// recorder's own fenced completion statement in a transaction begun as the recorder begins its own
-/// (no attempt rows or AuditEvents). Returns the ids
-/// written: a delivery whose lease was taken over is left alone.
+/// (no attempt rows or AuditEvents). Returns the ids written: a delivery whose lease was taken over
+/// is left alone.
 pub async fn complete_succeeded(
     conn: &mut PgConnection,
     leased: &[Leased],
