@@ -284,11 +284,16 @@ impl HorizonDb {
     }
 }
 
-/// Deliveries per second over rounds: `(held, control)` seconds each, `count` changes a cycle.
-fn rates(rounds: &[&Round], count: u64) -> (f64, f64) {
-    let changes = (rounds.len() as u64 * count) as f64;
-    let held: f64 = rounds.iter().map(|round| round.held).sum();
-    let control: f64 = rounds.iter().map(|round| round.control).sum();
+/// Deliveries per second over rounds, (held, control): changes over summed cycle durations, `count`
+/// changes a cycle.
+fn rates<'a>(rounds: impl IntoIterator<Item = &'a Round>, count: u64) -> (f64, f64) {
+    let (mut cycles, mut held, mut control) = (0u64, 0.0, 0.0);
+    for round in rounds {
+        cycles += 1;
+        held += round.held;
+        control += round.control;
+    }
+    let changes = (cycles * count) as f64;
     (changes / held, changes / control)
 }
 
@@ -324,8 +329,8 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
         let control = control_db.cycle(env, count).await?;
         let round = Round {
             began,
-            held: count as f64 / held.rate,
-            control: count as f64 / control.rate,
+            held: held.write_seconds + held.drain_seconds,
+            control: control.write_seconds + control.drain_seconds,
         };
         Ok((round, held))
     };
@@ -334,7 +339,7 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     for _ in 0..3 {
         before.push(round(&mut held_db, &mut control_db, -1.0).await?.0);
     }
-    let (held_before, control_before) = rates(&before.iter().collect::<Vec<_>>(), count);
+    let (held_before, control_before) = rates(&before, count);
     let (dead_before, bytes_before, switches_before) = hot_table(&held_db.pool).await?;
     eprintln!(
         "bench: horizon: {held_before:.0} deliveries/s (control {control_before:.0}); now holding a snapshot for {} s…",
@@ -381,8 +386,8 @@ pub async fn horizon(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<
     // long enough to count the slow cycles as well as the fast ones.
     let held_for = held.elapsed().as_secs_f64();
     let since = (held_for / 2.0).min(rounds[rounds.len() - 3].began);
-    let late: Vec<&Round> = rounds.iter().filter(|round| round.began >= since).collect();
-    let (held_late, control_late) = rates(&late, count);
+    let (held_late, control_late) =
+        rates(rounds.iter().filter(|round| round.began >= since), count);
     let (dead_after, bytes_after, switches_after) = hot_table(&held_db.pool).await?;
     let statements = match env.statements {
         true => super::scenarios::top_statements(&held_db.pool, "under the held horizon").await?,
