@@ -156,42 +156,42 @@ BEGIN
     -- the due time so that only `delivery_queue`, which holds pending rows alone, serves it,
     -- never an index that also holds the finished history)
     ahead AS (
-        (SELECT d.project_id, d.subscription_id, 1::int8 AS n FROM fhir_outbox.unfinished_delivery d
+        (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, 1::int8 AS n FROM fhir_outbox.unfinished_delivery d
          WHERE d.state = 'pending'
            AND (d.project_id, d.subscription_id)
                > (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
                   coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
-         ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
+         ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1)
         UNION ALL
-        SELECT x.project_id, x.subscription_id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
-            SELECT d.project_id, d.subscription_id FROM fhir_outbox.unfinished_delivery d
+        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
+            SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id FROM fhir_outbox.unfinished_delivery d
             WHERE d.state = 'pending'
               AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
-            ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
+            ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1) x
         WHERE q.n < queues_per_claim),
     -- …and starts again from the first, up to the cursor, while the window has room.
     behind AS (
-        (SELECT d.project_id, d.subscription_id, (SELECT count(*) FROM ahead) + 1 AS n
+        (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, (SELECT count(*) FROM ahead) + 1 AS n
          FROM fhir_outbox.unfinished_delivery d
          WHERE d.state = 'pending'
            AND (d.project_id, d.subscription_id)
                <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
                    coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
-         ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1)
+         ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1)
         UNION ALL
-        SELECT x.project_id, x.subscription_id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
-            SELECT d.project_id, d.subscription_id FROM fhir_outbox.unfinished_delivery d
+        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
+            SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id FROM fhir_outbox.unfinished_delivery d
             WHERE d.state = 'pending'
               AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
               AND (d.project_id, d.subscription_id)
                   <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
                       coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
-            ORDER BY d.project_id, d.subscription_id, d.next_attempt_at LIMIT 1) x
+            ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1) x
         WHERE q.n < queues_per_claim),
     visited AS (
-        SELECT project_id, subscription_id, n FROM ahead
+        SELECT project_id, subscription_id, next_attempt_at, id, n FROM ahead
         UNION ALL
-        SELECT project_id, subscription_id, n FROM behind WHERE n <= queues_per_claim),
+        SELECT project_id, subscription_id, next_attempt_at, id, n FROM behind WHERE n <= queues_per_claim),
     -- An upsert: the cursor is unlogged, and a crash of PostgreSQL empties it (the round
     -- then starts again from the first subscription, as the coalesces above read it).
     advanced AS (
@@ -200,7 +200,7 @@ BEGIN
         ON CONFLICT (only_row) DO UPDATE
         SET project_id = EXCLUDED.project_id, subscription_id = EXCLUDED.subscription_id
         RETURNING 1),
-    queues AS (SELECT project_id, subscription_id FROM visited),
+    queues AS (SELECT project_id, subscription_id, next_attempt_at AS first_at, id AS first_id FROM visited),
     busy AS (
         SELECT project_id, subscription_id, count(*) AS in_flight FROM fhir_outbox.unfinished_delivery
         WHERE state = 'in_flight' AND lease_expires_at >= now()
@@ -235,6 +235,7 @@ BEGIN
             FROM (SELECT d.id, d.next_attempt_at FROM fhir_outbox.unfinished_delivery d
                   WHERE d.project_id = q.project_id AND d.subscription_id = q.subscription_id
                     AND d.state = 'pending' AND d.next_attempt_at <= now()
+                    AND (d.next_attempt_at, d.id) >= (q.first_at, q.first_id)
                   ORDER BY d.next_attempt_at, d.id LIMIT per_queue.k) f) c),
     ranked AS (
         SELECT c.id, c.project_id, s.endpoint,
@@ -292,8 +293,19 @@ BEGIN
            c.notification, c.event_number,
            r.version_id AS current_version, coalesce(r.deleted, false) AS deleted,
            v.content::text AS content, c.first_of_subscription,
-           sv.content::text AS subscription,
-           CASE WHEN c.first_of_subscription THEN coalesce(p.settings, '{}')::text END AS settings
+           -- Read for the first delivery of each subscription alone (a CASE runs its subqueries
+           -- only when its condition holds; a join would probe the indexes for every delivery).
+           CASE WHEN c.first_of_subscription THEN
+               (SELECT sv.content::text
+                FROM fhir_outbox.resource sr
+                JOIN fhir_outbox.resource_version sv
+                  ON sv.project_id = sr.project_id AND sv.resource_type = sr.resource_type
+                 AND sv.id = sr.id AND sv.version_id = sr.version_id
+                WHERE sr.project_id = c.project_id AND sr.resource_type = 'Subscription'
+                  AND sr.id = c.subscription_id AND NOT sr.deleted) END AS subscription,
+           CASE WHEN c.first_of_subscription THEN
+               coalesce((SELECT p.settings FROM fhir_outbox.project p WHERE p.id = c.project_id),
+                        '{}')::text END AS settings
     FROM numbered c
     LEFT JOIN fhir_outbox.resource r
            ON r.project_id = c.resource_project_id AND r.resource_type = c.resource_type
@@ -304,13 +316,6 @@ BEGIN
           AND v.id = c.resource_id
           AND v.version_id = CASE WHEN c.interaction = 'delete' THEN c.version_id - 1
                                   ELSE c.version_id END
-    LEFT JOIN fhir_outbox.resource sr
-           ON c.first_of_subscription AND sr.project_id = c.project_id
-          AND sr.resource_type = 'Subscription' AND sr.id = c.subscription_id AND NOT sr.deleted
-    LEFT JOIN fhir_outbox.resource_version sv
-           ON sv.project_id = sr.project_id AND sv.resource_type = sr.resource_type
-          AND sv.id = sr.id AND sv.version_id = sr.version_id
-    LEFT JOIN fhir_outbox.project p ON c.first_of_subscription AND p.id = c.project_id
     ORDER BY c.id;
 END
 $$;

@@ -400,3 +400,78 @@ async fn the_completions_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     // Disabling sequential scans must not make the plan look costly enough to compile.
     assert!(!plan.contains("JIT"), "the completion is compiled:\n{plan}");
 }
+
+/// Ids of pending deliveries in claim order (due time, then id), the first `limit`, sorted by id.
+async fn next_due(conn: &mut sqlx::PgConnection, limit: i64) -> Vec<i64> {
+    let mut ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM fhir_outbox.unfinished_delivery WHERE state = 'pending'
+         ORDER BY next_attempt_at, id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .unwrap();
+    ids.sort_unstable();
+    ids
+}
+
+/// Claims up to `limit` deliveries (every endpoint limit lifted); their ids, sorted.
+async fn claim_ids(conn: &mut sqlx::PgConnection, limit: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT id FROM fhir_outbox.claim_deliveries($1, 30, 10000, 30, 32, 10000) ORDER BY id",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+/// A claim reads each queue's candidates from the first pending delivery its walk over the queues
+/// found (so that the index entries of deliveries claimed moments before, which a live snapshot
+/// keeps at the head of the queue, are passed once, not twice). That first delivery must be the
+/// least (due time, id) of both lanes: here due times are tied in pairs across the lanes (the
+/// smaller id in lane 1, which a merge of the lanes by due time alone may put second), and the
+/// first claim ends between the two deliveries of a pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_take_the_queue_in_order_across_lanes_past_deliveries_just_claimed() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO fhir_outbox.unfinished_delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+              resource_id, version_id, interaction, changed_at, request_id, trace_id, matched_at,
+              next_attempt_at, lane)
+         SELECT p, 'subscription', g, p, 'Patient', 'p' || g, 1, 'create', now(), 'r', 't', now(),
+                now() - interval '1 hour' + (g / 2) * interval '1 millisecond', ((g + 1) % 2)::int2
+         FROM (SELECT gen_random_uuid() AS p) project, generate_series(1, 1200) g;
+         ANALYZE fhir_outbox.unfinished_delivery_lane0;
+         ANALYZE fhir_outbox.unfinished_delivery_lane1;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+
+    // A snapshot older than the claims: what they claim stays in the queue's index.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM fhir_outbox.unfinished_delivery")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let mut claimed = 0;
+    for limit in [399, 400, 400, 1] {
+        let due = next_due(&mut conn, limit).await;
+        assert_eq!(
+            claim_ids(&mut conn, limit).await,
+            due,
+            "claim of {limit} after {claimed}"
+        );
+        claimed += due.len();
+    }
+    assert_eq!(claimed, 1200);
+    holder.rollback().await.unwrap();
+}
