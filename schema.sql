@@ -139,7 +139,7 @@ $_$;
 -- Name: claim_deliveries(bigint, double precision, bigint, double precision, bigint, bigint); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
-CREATE FUNCTION fhir_outbox.claim_deliveries(max_claimed bigint, lease_seconds double precision, endpoint_base bigint, probe_seconds double precision, queues_per_claim bigint, endpoint_max bigint) RETURNS TABLE(id bigint, webhook_id uuid, project_id uuid, subscription_id text, resource_type text, resource_id text, version_id bigint, interaction text, changed_at timestamp with time zone, request_id text, trace_id text, attempts integer, preamble_failures integer, claims integer, lease_token uuid, endpoint text, probe boolean, replay boolean, notification text, event_number bigint, current_version bigint, deleted boolean, content text, first_of_subscription boolean, subscription text, settings text)
+CREATE FUNCTION fhir_outbox.claim_deliveries(max_claimed bigint, lease_seconds double precision, endpoint_base bigint, probe_seconds double precision, queues_per_claim bigint, endpoint_max bigint) RETURNS TABLE(id bigint, webhook_id uuid, project_id uuid, subscription_id text, resource_type text, resource_id text, version_id bigint, interaction text, changed_at timestamp with time zone, request_id text, trace_id text, attempts integer, preamble_failures integer, claims integer, lease_token uuid, endpoint text, probe boolean, replay boolean, notification text, event_number bigint, current_version bigint, deleted boolean, content text, content_of bigint, first_of_subscription boolean, subscription text, settings text)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
     SET jit TO 'off'
@@ -284,7 +284,11 @@ BEGIN
     numbered AS (
         SELECT c.*, a.endpoint, a.probe,
                row_number() OVER (PARTITION BY c.project_id, c.subscription_id ORDER BY c.id) = 1
-                   AS first_of_subscription
+                   AS first_of_subscription,
+               -- The deliveries of one change share the content it sends.
+               first_value(c.id) OVER (PARTITION BY c.resource_project_id, c.resource_type,
+                                                    c.resource_id, c.version_id, c.interaction
+                                       ORDER BY c.id) AS content_of
         FROM claimed c JOIN allowed a USING (id))
     SELECT c.id, c.webhook_id, c.project_id, c.subscription_id, c.resource_type, c.resource_id, c.version_id,
            c.interaction, c.changed_at, c.request_id, c.trace_id,
@@ -292,7 +296,15 @@ BEGIN
            c.endpoint, c.probe, c.replay,
            c.notification, c.event_number,
            r.version_id AS current_version, coalesce(r.deleted, false) AS deleted,
-           v.content::text AS content, c.first_of_subscription,
+           -- A delete's tombstone directly follows the last live version: that is the one read.
+           -- Read by the first delivery of each change alone (see `content_of`).
+           CASE WHEN c.content_of = c.id THEN
+               (SELECT v.content::text FROM fhir_outbox.resource_version v
+                WHERE v.project_id = c.resource_project_id AND v.resource_type = c.resource_type
+                  AND v.id = c.resource_id
+                  AND v.version_id = CASE WHEN c.interaction = 'delete' THEN c.version_id - 1
+                                          ELSE c.version_id END) END AS content,
+           nullif(c.content_of, c.id) AS content_of, c.first_of_subscription,
            -- Read for the first delivery of each subscription alone (a CASE runs its subqueries
            -- only when its condition holds; a join would probe the indexes for every delivery).
            CASE WHEN c.first_of_subscription THEN
@@ -310,12 +322,6 @@ BEGIN
     LEFT JOIN fhir_outbox.resource r
            ON r.project_id = c.resource_project_id AND r.resource_type = c.resource_type
           AND r.id = c.resource_id
-    -- A delete's tombstone directly follows the last live version: that is the one read.
-    LEFT JOIN fhir_outbox.resource_version v
-           ON v.project_id = c.resource_project_id AND v.resource_type = c.resource_type
-          AND v.id = c.resource_id
-          AND v.version_id = CASE WHEN c.interaction = 'delete' THEN c.version_id - 1
-                                  ELSE c.version_id END
     ORDER BY c.id;
 END
 $$;

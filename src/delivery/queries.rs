@@ -5,6 +5,7 @@ use crate::audit::StoredAuditEvent;
 use crate::capture::Interaction;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 /// A delivery claimed by this worker, with its lease.
@@ -131,6 +132,9 @@ struct ClaimRow {
     current_version: Option<i64>,
     deleted: bool,
     content: Option<String>,
+    /// For a delivery of a change that an earlier delivery of the claim also sends: that
+    /// delivery's id, which carries the content for both.
+    content_of: Option<i64>,
     first_of_subscription: bool,
     subscription: Option<String>,
     settings: Option<String>,
@@ -175,7 +179,8 @@ pub(super) struct ClaimLimits {
 /// function `fhir_outbox.claim_deliveries` (its migration says why each of its settings), so that
 /// the lock, the claim and its commit are one round trip; it runs alone in its (implicit)
 /// transaction, because it turns `synchronous_commit` off for it. The same statement reads
-/// what the preamble needs (each subscription once, each resource). The JSON travels as text and is
+/// what the preamble needs (each subscription once, each change's content once: the deliveries of
+/// one change to several subscriptions share it). The JSON travels as text and is
 /// decoded where it is used: one that cannot be decoded stops its own deliveries (see
 /// `SubscriptionNow::undecodable`, and the preamble for resources), never the claim.
 pub(super) async fn claim(
@@ -193,7 +198,7 @@ pub(super) async fn claim(
                   preamble_failures AS "preamble_failures!", claims AS "claims!",
                   lease_token AS "lease_token!", endpoint AS "endpoint!", probe AS "probe!",
                   replay AS "replay!", notification AS "notification?: Notification",
-                  event_number, current_version, deleted AS "deleted!", content,
+                  event_number, current_version, deleted AS "deleted!", content, content_of,
                   first_of_subscription AS "first_of_subscription!", subscription, settings
            FROM fhir_outbox.claim_deliveries($1, $2, $3, $4, $5, $6)"#,
         limits.limit,
@@ -205,8 +210,22 @@ pub(super) async fn claim(
     )
     .fetch_all(&mut *conn)
     .await?;
+    // A change's content travels once per claim, with its first delivery (the rows come in id
+    // order, so that one comes before those that share it).
+    let sharing: HashSet<i64> = rows.iter().filter_map(|row| row.content_of).collect();
+    let mut shared: HashMap<i64, Option<String>> = HashMap::with_capacity(sharing.len());
     Ok(rows
         .into_iter()
+        .map(|mut row| {
+            match row.content_of {
+                Some(first) => row.content = shared.get(&first).cloned().flatten(),
+                None if sharing.contains(&row.id) => {
+                    shared.insert(row.id, row.content.clone());
+                }
+                None => {}
+            }
+            row
+        })
         .map(|row| Claimed {
             subscription: row
                 .first_of_subscription

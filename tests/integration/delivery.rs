@@ -902,3 +902,91 @@ async fn sigterm_finishes_requests_in_flight_or_releases_them() {
             .all(|s| s.0 == "succeeded")
     );
 }
+
+/// A change matched by several subscriptions is read once by the claim that takes its deliveries
+/// (the first carries the content for the others), and each receiver gets it whole. Another
+/// project's resource with the same type, id and version (written by hand here: ids are UUIDs the
+/// store makes) is a change of its own: its delivery never carries the first project's content.
+#[tokio::test]
+async fn the_deliveries_of_one_change_share_its_content_within_their_project() {
+    let db = TestDb::new().await;
+    let (a, b) = (db.project().await, db.project().await);
+    let receiver = Receiver::start(vec![]).await;
+    let p = pipeline(&db.pool, fast_config());
+    for n in 0..3 {
+        create(
+            &db.pool,
+            a,
+            &hook(&format!("{}/a{n}", receiver.url), "Patient"),
+            None,
+        )
+        .await;
+    }
+    create(
+        &db.pool,
+        b,
+        &hook(&format!("{}/b", receiver.url), "Patient"),
+        None,
+    )
+    .await;
+    p.settle_dispatch().await;
+
+    let in_a = create(
+        &db.pool,
+        a,
+        &json!({ "resourceType": "Patient", "gender": "female" }),
+        None,
+    )
+    .await;
+    let id = in_a["id"].as_str().unwrap();
+    let in_b = json!({ "resourceType": "Patient", "id": id, "gender": "male" });
+    sqlx::query(
+        "INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id,
+                                           deleted, last_updated)
+         VALUES ($1, 'Patient', $2, 1, 1, false, now());
+         ",
+    )
+    .bind(b)
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "SELECT fhir_outbox.write_version($1, 'Patient', $2, 1, NULL, 'create', $3, now(), NULL, 'r',
+                                          gen_random_uuid()::text)",
+    )
+    .bind(b)
+    .bind(id)
+    .bind(&in_b)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    p.settle(&db.pool).await;
+
+    let received = receiver.received();
+    let mut paths: Vec<&str> = received.iter().map(|r| r.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(paths, ["/hook/a0", "/hook/a1", "/hook/a2", "/hook/b"]);
+    for request in &received {
+        let expected = if request.path == "/hook/b" {
+            &in_b
+        } else {
+            &in_a
+        };
+        assert_eq!(
+            &request.json(),
+            expected,
+            "the body sent to {}",
+            request.path
+        );
+    }
+    // The three deliveries of A's change were claimed together.
+    let claims: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT d.claims) FROM fhir_outbox.delivery d WHERE d.project_id = $1",
+    )
+    .bind(a)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(claims, 1);
+}
