@@ -5,7 +5,7 @@ use crate::audit::StoredAuditEvent;
 use crate::capture::Interaction;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 /// A delivery claimed by this worker, with its lease.
@@ -212,17 +212,20 @@ pub(super) async fn claim(
     .await?;
     // A change's content travels once per claim, with its first delivery (the rows come in id
     // order, so that one comes before those that share it).
-    let sharing: HashSet<i64> = rows.iter().filter_map(|row| row.content_of).collect();
-    let mut shared: HashMap<i64, Option<String>> = HashMap::with_capacity(sharing.len());
+    let mut shared: HashMap<i64, Option<String>> = rows
+        .iter()
+        .filter_map(|row| row.content_of.map(|first| (first, None)))
+        .collect();
     Ok(rows
         .into_iter()
         .map(|mut row| {
             match row.content_of {
                 Some(first) => row.content = shared.get(&first).cloned().flatten(),
-                None if sharing.contains(&row.id) => {
-                    shared.insert(row.id, row.content.clone());
+                None => {
+                    if let Some(slot) = shared.get_mut(&row.id) {
+                        slot.clone_from(&row.content);
+                    }
                 }
-                None => {}
             }
             row
         })

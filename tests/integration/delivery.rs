@@ -980,7 +980,7 @@ async fn the_deliveries_of_one_change_share_its_content_within_their_project() {
             request.path
         );
     }
-    // The three deliveries of A's change were claimed together.
+    // Each of A's deliveries went out on its first claim.
     let claims: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT d.claims) FROM fhir_outbox.delivery d WHERE d.project_id = $1",
     )

@@ -11,6 +11,18 @@ use std::time::Duration;
 /// (moved, truncated, switched, horizon held)
 type Pass = (i64, bool, bool, bool);
 
+/// A `REPEATABLE READ` transaction with its snapshot taken: nothing that dies while it lives can be
+/// vacuumed (roll it back to let go).
+async fn hold_snapshot(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1").execute(&mut *holder).await.unwrap();
+    holder
+}
+
 /// One rotation pass with thresholds low enough for a test: the draining lane's deliveries are
 /// moved when at most 5 are left, or when the horizon is held (by the same snapshot over two
 /// passes).
@@ -97,15 +109,7 @@ async fn lanes_drain_and_are_truncated_while_a_snapshot_holds_the_horizon() {
     let patient = json!({ "resourceType": "Patient" });
 
     // A report that never ends: nothing dead from now on can be vacuumed.
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    sqlx::query("SELECT count(*) FROM fhir_outbox.project")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_snapshot(&db.pool).await;
 
     // Some deliveries wait in lane 0 when the lanes switch.
     deliveries_waiting_in_lane_0(&db.pool, project, &receiver, &p).await;
@@ -452,15 +456,7 @@ async fn claims_take_the_queue_in_order_across_lanes_past_deliveries_just_claime
     .unwrap();
 
     // A snapshot older than the claims: what they claim stays in the queue's index.
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    sqlx::query("SELECT count(*) FROM fhir_outbox.unfinished_delivery")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_snapshot(&db.pool).await;
 
     let mut claimed = 0;
     for limit in [399, 400, 400, 1] {
