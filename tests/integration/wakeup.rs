@@ -154,6 +154,72 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
     }
 }
 
+/// The commit-time check acts once per transaction (a transaction-local marker, since constraint
+/// triggers fire once per row). A first write rolled back to a savepoint takes its queued call with
+/// it, and the next write's call still wakes the waiting dispatcher; a batch notifies once.
+#[tokio::test]
+async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut listener = PgListener::connect(&db.url).await.unwrap();
+    listener.listen("fhir_outbox_change").await.unwrap();
+    let mut writer = PgConnection::connect(&db.url).await.unwrap();
+    let writer_pid = backend_pid(&mut writer).await as u32;
+
+    register(&db.pool, Uuid::new_v4(), 0).await;
+    let mut tx = writer.begin().await.unwrap();
+    let mut savepoint = tx.begin().await.unwrap();
+    capture::create(
+        &mut *savepoint,
+        project,
+        &patient(),
+        &WriteContext::default(),
+    )
+    .await
+    .unwrap();
+    savepoint.rollback().await.unwrap();
+    capture::create(&mut *tx, project, &patient(), &WriteContext::default())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let notification = tokio::time::timeout(PROMPTLY, listener.recv())
+        .await
+        .expect("the write after the rolled-back savepoint notified")
+        .unwrap();
+    assert_eq!(notification.process_id(), writer_pid);
+    assert_eq!(
+        waiting(&db.pool).await,
+        0,
+        "the notifying write took the row"
+    );
+
+    // A batch of 50 in one statement: one notification, and it took the one waiting row.
+    register(&db.pool, Uuid::new_v4(), 0).await;
+    let batch: Vec<Value> = (0..50).map(|_| patient()).collect();
+    let written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.create_resources($1, $2)")
+            .bind(project)
+            .bind(&batch)
+            .fetch_one(&mut writer)
+            .await
+            .unwrap();
+    assert_eq!(written, 50);
+    let notification = tokio::time::timeout(PROMPTLY, listener.recv())
+        .await
+        .expect("the batch notified")
+        .unwrap();
+    assert_eq!(notification.process_id(), writer_pid);
+    assert_eq!(waiting(&db.pool).await, 0, "the batch took the row");
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox, 51,
+        "one outbox row per committed write, none for the rolled-back one"
+    );
+}
+
 #[tokio::test]
 async fn writers_commit_at_every_isolation_level_whatever_became_of_the_waiting_row() {
     let db = TestDb::new().await;
