@@ -96,6 +96,16 @@ async fn backend_pid(conn: &mut PgConnection) -> i32 {
         .unwrap()
 }
 
+/// The backend that sent the next notification on `listener`. Notifications arrive in commit
+/// order, so the next one tells which write notified.
+async fn next_notifier(listener: &mut PgListener) -> u32 {
+    tokio::time::timeout(PROMPTLY, listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap()
+        .process_id()
+}
+
 /// Registers a waiting dispatch loop by hand (as `Dispatcher` does), listening on `backend_pid`.
 async fn register(pool: &PgPool, listener: Uuid, backend_pid: i32) {
     sqlx::query(
@@ -117,14 +127,6 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
     let mut quiet = PgConnection::connect(&db.url).await.unwrap();
     let mut woken = PgConnection::connect(&db.url).await.unwrap();
     let woken_pid = backend_pid(&mut woken).await as u32;
-    // Notifications arrive in commit order, so the next one tells which write notified.
-    let mut next_notifier = async || {
-        tokio::time::timeout(PROMPTLY, listener.recv())
-            .await
-            .expect("a notification")
-            .unwrap()
-            .process_id()
-    };
 
     for round in 0..2 {
         // Nobody waits (in the second round: the waiting row was taken by the first wake-up).
@@ -142,7 +144,7 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
         }
         tx.commit().await.unwrap();
         assert_eq!(
-            next_notifier().await,
+            next_notifier(&mut listener).await,
             woken_pid,
             "round {round}: only the write made while a dispatcher waited notified"
         );
@@ -156,7 +158,7 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
 
 /// The commit-time check acts once per transaction (a transaction-local marker, since constraint
 /// triggers fire once per row). A first write rolled back to a savepoint takes its queued call with
-/// it, and the next write's call still wakes the waiting dispatcher; a batch notifies once.
+/// it, and the next write's call still wakes the waiting dispatcher; a batch wakes it too.
 #[tokio::test]
 async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher() {
     let db = TestDb::new().await;
@@ -182,18 +184,18 @@ async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher(
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let notification = tokio::time::timeout(PROMPTLY, listener.recv())
-        .await
-        .expect("the write after the rolled-back savepoint notified")
-        .unwrap();
-    assert_eq!(notification.process_id(), writer_pid);
+    assert_eq!(
+        next_notifier(&mut listener).await,
+        writer_pid,
+        "the write after the rolled-back savepoint notified"
+    );
     assert_eq!(
         waiting(&db.pool).await,
         0,
         "the notifying write took the row"
     );
 
-    // A batch of 50 in one statement: one notification, and it took the one waiting row.
+    // A batch of 50 in one statement (50 queued calls, one that acts) takes the waiting row.
     register(&db.pool, Uuid::new_v4(), 0).await;
     let batch: Vec<Value> = (0..50).map(|_| patient()).collect();
     let written: i64 =
@@ -204,11 +206,11 @@ async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher(
             .await
             .unwrap();
     assert_eq!(written, 50);
-    let notification = tokio::time::timeout(PROMPTLY, listener.recv())
-        .await
-        .expect("the batch notified")
-        .unwrap();
-    assert_eq!(notification.process_id(), writer_pid);
+    assert_eq!(
+        next_notifier(&mut listener).await,
+        writer_pid,
+        "the batch notified"
+    );
     assert_eq!(waiting(&db.pool).await, 0, "the batch took the row");
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox")
         .fetch_one(&db.pool)
