@@ -106,6 +106,17 @@ async fn next_notifier(listener: &mut PgListener) -> u32 {
         .process_id()
 }
 
+/// Asserts that the next notification came from `writer` and that the write took every waiting
+/// row: `what` names the write.
+async fn assert_woken_by(listener: &mut PgListener, pool: &PgPool, writer: u32, what: &str) {
+    assert_eq!(
+        next_notifier(listener).await,
+        writer,
+        "{what} notified, and no write before it"
+    );
+    assert_eq!(waiting(pool).await, 0, "{what} took the waiting row");
+}
+
 /// Registers a waiting dispatch loop by hand (as `Dispatcher` does), listening on `backend_pid`.
 async fn register(pool: &PgPool, listener: Uuid, backend_pid: i32) {
     sqlx::query(
@@ -143,16 +154,8 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
                 .unwrap();
         }
         tx.commit().await.unwrap();
-        assert_eq!(
-            next_notifier(&mut listener).await,
-            woken_pid,
-            "round {round}: only the write made while a dispatcher waited notified"
-        );
-        assert_eq!(
-            waiting(&db.pool).await,
-            0,
-            "the notifying write took the row"
-        );
+        let what = format!("round {round}: the write made while a dispatcher waited");
+        assert_woken_by(&mut listener, &db.pool, woken_pid, &what).await;
     }
 }
 
@@ -184,16 +187,8 @@ async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher(
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(
-        next_notifier(&mut listener).await,
-        writer_pid,
-        "the write after the rolled-back savepoint notified"
-    );
-    assert_eq!(
-        waiting(&db.pool).await,
-        0,
-        "the notifying write took the row"
-    );
+    let what = "the write after the rolled-back savepoint";
+    assert_woken_by(&mut listener, &db.pool, writer_pid, what).await;
 
     // A batch of 50 in one statement (50 queued calls, one that acts) takes the waiting row.
     register(&db.pool, Uuid::new_v4(), 0).await;
@@ -206,12 +201,7 @@ async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher(
             .await
             .unwrap();
     assert_eq!(written, 50);
-    assert_eq!(
-        next_notifier(&mut listener).await,
-        writer_pid,
-        "the batch notified"
-    );
-    assert_eq!(waiting(&db.pool).await, 0, "the batch took the row");
+    assert_woken_by(&mut listener, &db.pool, writer_pid, "the batch").await;
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.outbox")
         .fetch_one(&db.pool)
         .await
