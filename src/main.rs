@@ -423,7 +423,9 @@ impl RetentionArgs {
 #[derive(Debug, clap::Args)]
 struct DeliveryArgs {
     /// Requests in flight at once in this process. High by default: a slow receiver holds a slot
-    /// for up to the request timeout, and a slot costs a task and a connection, not a thread.
+    /// for up to the request timeout, and a slot costs a task and a connection, not a thread. A
+    /// freed slot goes to the endpoint with work waiting that holds the fewest: one endpoint uses
+    /// them all only while no other has work waiting.
     #[arg(long, env = "FHIR_OUTBOX_DELIVERY_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     delivery_concurrency: u16,
     /// Deliveries in progress at once to one endpoint (a project's scheme, host and port), from
@@ -435,7 +437,7 @@ struct DeliveryArgs {
     /// The most an endpoint's allowance grows to while all its answers come fast (within a
     /// quarter of --slow-request-ms): it doubles with each recorded batch. At or below
     /// --endpoint-concurrency the allowance is fixed.
-    #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    #[arg(long, env = "FHIR_OUTBOX_ENDPOINT_CONCURRENCY_MAX", default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     endpoint_concurrency_max: u16,
     /// Milliseconds a request may hold its slot: one still unanswered after this moves to one of
     /// as many places kept for slow requests (while one is free), so that hanging or slow

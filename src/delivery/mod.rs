@@ -25,6 +25,7 @@ mod preamble;
 mod queries;
 mod recorder;
 pub mod signature;
+mod slots;
 pub mod state;
 mod transport;
 mod worker;
@@ -40,7 +41,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
     /// Requests in flight at once in this process (each is a task and, for HTTP, a connection:
-    /// cheap, since the I/O is asynchronous). Claimed deliveries wait for a slot 1 s at most.
+    /// cheap, since the I/O is asynchronous). Claimed deliveries wait for a slot 1 s at most; a
+    /// freed slot goes to the waiting endpoint that holds the fewest (`slots::SlotQueue`).
     pub concurrency: usize,
     /// Deliveries in progress at once to one endpoint (a project's scheme, host and port), from
     /// claim until their outcome is recorded, across every worker: the claim counts the live leases
@@ -50,7 +52,8 @@ pub struct DeliveryConfig {
     /// How long a request may hold its slot: one still unanswered after this moves to one of
     /// `concurrency` places kept for slow requests (while one is free), and its slot goes to
     /// other work. Endpoints that hang or answer slowly then hold those places, not the slots
-    /// everyone else's deliveries need (the per-endpoint allowance still caps each of them).
+    /// everyone else's deliveries need (the per-endpoint allowance still caps each of them), and
+    /// a freed slot goes first to endpoints holding fewer.
     pub slow_request_after: Duration,
     /// The endpoints' circuit breaker.
     pub circuit: policy::CircuitBreaker,

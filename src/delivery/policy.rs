@@ -222,11 +222,15 @@ pub fn endpoint_signal(status: Option<u16>) -> EndpointSignal {
 /// claim until recorded, across every worker. It starts at `base`; after each recorded batch in
 /// which every attempt to the endpoint got a fast answer (see [`is_fast_answer`]) it doubles, up to
 /// `max`; any other attempt (slow, `429`, a server error, no answer) puts it back to `base`. A
-/// fixed allowance would let the pipeline's own cycle (claim, queue, recorder: about 25 ms under
+/// fixed allowance would let the pipeline's own cycle (claim, queue, recorder: 25–50 ms under
 /// load), not the receiver, cap a fast receiver's rate; a large fixed one would let every hanging
 /// endpoint hold that many requests. An endpoint grows only while it answers fast, so one that
 /// hangs or slows holds `base` requests once its first slow answer is recorded, and `max` at most
-/// before that.
+/// before that. The allowance counts deliveries across every worker; how one process shares its
+/// request slots among endpoints is `slots::SlotQueue`'s (fewest held first), so `max` may exceed
+/// a worker's slots: 1,024 by default, about what a claim batch waiting, the slots and a
+/// recorder batch hold at once, where 256 capped one fast receiver at 256 ÷ that cycle
+/// (docs/performance.md, run R).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointAllowance {
     /// Where an endpoint starts, and where it falls back to.
@@ -237,7 +241,10 @@ pub struct EndpointAllowance {
 
 impl Default for EndpointAllowance {
     fn default() -> Self {
-        EndpointAllowance { base: 32, max: 256 }
+        EndpointAllowance {
+            base: 32,
+            max: 1024,
+        }
     }
 }
 

@@ -9,13 +9,14 @@ use super::policy::{self, Rules};
 use super::preamble::{self, Prepared, Target};
 use super::queries::{self, ClaimLimits, ClaimedDelivery};
 use super::recorder::{self, AuditInput, BotRun, Executed, Recorder};
+use super::slots::{EndpointKey, SlotQueue};
 use super::transport::{Happened, Transport};
 use super::{DeliveryConfig, DeliveryError, outbound};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -287,10 +288,13 @@ impl DeliveryWorker {
         let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
         // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap
-        // the requests of the previous batch; what it claims waits here for a slot, and counts
-        // against its endpoint's allowance meanwhile.
-        let (to_start, mut claimed) = mpsc::channel::<Job>(claim_size);
+        // the requests of the previous batch. What it claims waits in `waiting` for a slot (and
+        // counts against its endpoint's allowance meanwhile); `room` holds a permit per waiting
+        // delivery, so that no more than a claim batch waits.
+        let room = Arc::new(Semaphore::new(claim_size));
+        let (to_start, mut claimed) = mpsc::unbounded_channel::<(Job, OwnedSemaphorePermit)>();
         let claimer = tokio::spawn(self.clone().claim_continuously(
+            room.clone(),
             to_start,
             woken,
             shutdown.clone(),
@@ -298,58 +302,81 @@ impl DeliveryWorker {
         let concurrency = self.config.concurrency.max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
         // As many places where requests slower than `slow_request_after` wait out their answer (or
-        // timeout), so that a few hanging endpoints (each up to its allowance) cannot hold most of
-        // the slots.
+        // timeout), so that a few hanging endpoints cannot hold most of the slots.
         let slow_places = Arc::new(Semaphore::new(concurrency));
         let slow_request_after = self.config.slow_request_after;
+        let mut waiting: SlotQueue<(Job, OwnedSemaphorePermit)> = SlotQueue::default();
+        // The endpoints whose requests gave up their slots (finished, or moved to a slow place).
+        let (slot_freed, mut freed) = mpsc::unbounded_channel::<EndpointKey>();
         let mut tasks = tokio::task::JoinSet::new();
-        'jobs: loop {
-            let job = tokio::select! {
-                job = claimed.recv() => job,
-                _ = shutdown.cancelled() => None,
-            };
-            let Some(job) = job else { break };
-            let deadline = tokio::time::Instant::from_std(job.claimed_at + MAX_SLOT_WAIT);
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                _ = tokio::time::sleep_until(deadline) => {
-                    // Every slot is held by requests slower than this wait: this job and those
-                    // queued after it go back to the table for any worker with room.
-                    let mut stale = vec![job.delivery.lease_token];
-                    while let Ok(queued) = claimed.try_recv() {
-                        stale.push(queued.delivery.lease_token);
-                    }
-                    self.give_back(stale).await;
-                    continue 'jobs;
-                }
-                // The job is dropped; its lease is released below.
-                _ = shutdown.cancelled() => break,
-            };
-            while tasks.try_join_next().is_some() {}
-            let worker = self.clone();
-            let executed = executed.clone();
-            let slow_places = slow_places.clone();
-            tasks.spawn(async move {
-                let mut held = slot;
-                let execution = worker.execute(job);
-                tokio::pin!(execution);
-                let done = match tokio::time::timeout(slow_request_after, &mut execution).await {
-                    Ok(done) => done,
-                    Err(_) => {
-                        // Replacing the permit frees the slot; with no place free, it stays.
-                        let _counted = slow_places.try_acquire_owned().ok().map(|place| {
-                            held = place;
-                            crate::metrics::SlowRequest::start()
-                        });
-                        execution.await
-                    }
+        loop {
+            while !waiting.is_empty() {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    break;
                 };
-                // The slot (or place) is held until the recorder accepts it (backpressure).
-                let _ = executed.send(done).await;
-                drop(held);
-            });
+                let (endpoint, (job, _room)) = waiting.start_next().expect("a waiting delivery");
+                while tasks.try_join_next().is_some() {}
+                let worker = self.clone();
+                let executed = executed.clone();
+                let slow_places = slow_places.clone();
+                let slot_freed = slot_freed.clone();
+                tasks.spawn(async move {
+                    let mut held = slot;
+                    let mut endpoint = Some(endpoint);
+                    let execution = worker.execute(job);
+                    tokio::pin!(execution);
+                    let done = match tokio::time::timeout(slow_request_after, &mut execution).await
+                    {
+                        Ok(done) => done,
+                        Err(_) => {
+                            // Replacing the permit frees the slot; with no place free, it stays.
+                            let _counted = slow_places.try_acquire_owned().ok().map(|place| {
+                                held = place;
+                                let _ = slot_freed.send(endpoint.take().expect("held"));
+                                crate::metrics::SlowRequest::start()
+                            });
+                            execution.await
+                        }
+                    };
+                    // The slot (or place) is held until the recorder accepts it (backpressure).
+                    let _ = executed.send(done).await;
+                    drop(held);
+                    if let Some(endpoint) = endpoint {
+                        let _ = slot_freed.send(endpoint);
+                    }
+                });
+            }
+            let give_back_at = waiting
+                .oldest()
+                .map(|since| tokio::time::Instant::from_std(since + MAX_SLOT_WAIT));
+            tokio::select! {
+                job = claimed.recv() => match job {
+                    Some((job, room)) => {
+                        let endpoint = (job.delivery.project_id, job.delivery.endpoint.clone());
+                        waiting.push(endpoint, job.claimed_at, (job, room));
+                    }
+                    None => break,
+                },
+                Some(endpoint) = freed.recv() => waiting.release(&endpoint),
+                _ = tokio::time::sleep_until(give_back_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if give_back_at.is_some() => {
+                    // No slot came free for these within the wait: every slot is held by slower
+                    // requests (or by endpoints holding fewer). They go back to the table for any
+                    // worker with room.
+                    let stale = Instant::now()
+                        .checked_sub(MAX_SLOT_WAIT)
+                        .map(|cutoff| waiting.take_waiting_since(cutoff))
+                        .unwrap_or_default();
+                    let tokens = stale.into_iter().map(|(job, _)| job.delivery.lease_token);
+                    self.give_back(tokens.collect()).await;
+                }
+                _ = shutdown.cancelled() => break,
+            }
         }
+        // The waiting deliveries are dropped; their leases are released below.
+        drop(waiting);
         // Unblocks a claimer waiting for room, so that it sees the shutdown.
+        room.close();
         drop(claimed);
         let _ = claimer.await;
         let finished = tokio::time::timeout(self.config.shutdown_grace, async {
@@ -416,7 +443,8 @@ impl DeliveryWorker {
     /// (the batch may have scheduled a retry), sparing the database a claim per recorded batch.
     async fn claim_continuously(
         self: Arc<Self>,
-        to_start: mpsc::Sender<Job>,
+        room: Arc<Semaphore>,
+        to_start: mpsc::UnboundedSender<(Job, OwnedSemaphorePermit)>,
         mut woken: watch::Receiver<u64>,
         shutdown: CancellationToken,
     ) {
@@ -429,7 +457,7 @@ impl DeliveryWorker {
             if claim_next {
                 woken.borrow_and_update();
                 match self
-                    .claim_round(&to_start, half, &mut failures, &shutdown)
+                    .claim_round(&room, &to_start, half, &mut failures, &shutdown)
                     .await
                 {
                     ClaimRound::Full | ClaimRound::Failed => continue,
@@ -452,24 +480,27 @@ impl DeliveryWorker {
     /// claims what fits and queues it; after a failed claim, waits out the database backoff.
     async fn claim_round(
         &self,
-        to_start: &mpsc::Sender<Job>,
+        room: &Arc<Semaphore>,
+        to_start: &mpsc::UnboundedSender<(Job, OwnedSemaphorePermit)>,
         half: usize,
         failures: &mut u32,
         shutdown: &CancellationToken,
     ) -> ClaimRound {
-        let room = tokio::select! {
-            room = room_for_claim(to_start, half) => match room {
-                Some(room) => room,
+        let mut places = tokio::select! {
+            places = room_for_claim(room, half) => match places {
+                Some(places) => places,
                 None => return ClaimRound::Stopped,
             },
             _ = shutdown.cancelled() => return ClaimRound::Stopped,
         };
-        match self.claim(room).await {
+        let wanted = places.num_permits();
+        match self.claim(wanted).await {
             Ok(jobs) => {
                 *failures = 0;
-                let drained = jobs.len() < room;
+                let drained = jobs.len() < wanted;
                 for job in jobs {
-                    if to_start.send(job).await.is_err() {
+                    let place = places.split(1).expect("a place per claimed delivery");
+                    if to_start.send((job, place)).is_err() {
                         return ClaimRound::Stopped;
                     }
                 }
@@ -663,13 +694,18 @@ fn log_attempt(attempt: &queries::AttemptRecord, happened: &Happened) {
     }
 }
 
-/// Waits until at least `half` items fit in `queue`, then returns how many fit; `None` once the
-/// receiving side is gone.
-async fn room_for_claim<T>(queue: &mpsc::Sender<T>, half: usize) -> Option<usize> {
-    // The reservation only waits for room: it is let go before the room is read, or the claim
-    // would ask only for what fits beyond the half it holds (often nothing: a claim per few rows).
-    drop(queue.reserve_many(half).await.ok()?);
-    Some(queue.capacity())
+/// Waits until at least `half` places are free in `room`, then takes every free place (a claim asks
+/// for all the room, not only the half it waited for: that would often be a claim per few rows);
+/// `None` once the room is closed.
+async fn room_for_claim(room: &Arc<Semaphore>, half: usize) -> Option<OwnedSemaphorePermit> {
+    let mut places = room.clone().acquire_many_owned(half as u32).await.ok()?;
+    if let Ok(rest) = room
+        .clone()
+        .try_acquire_many_owned(room.available_permits() as u32)
+    {
+        places.merge(rest);
+    }
+    Some(places)
 }
 
 #[cfg(test)]
@@ -677,29 +713,31 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_claim_asks_for_all_the_room_in_the_queue_not_what_is_left_beyond_half() {
-        let (queue, mut taken) = mpsc::channel::<u32>(8);
-        assert_eq!(room_for_claim(&queue, 4).await, Some(8));
-        for n in 0..3 {
-            queue.send(n).await.unwrap();
-        }
-        assert_eq!(room_for_claim(&queue, 4).await, Some(5));
-        for n in 3..8 {
-            queue.send(n).await.unwrap();
-        }
-        // Full: it waits until half a batch is taken.
-        let waiting = tokio::spawn({
-            let queue = queue.clone();
-            async move { room_for_claim(&queue, 4).await }
+    async fn a_claim_asks_for_all_the_room_not_only_the_half_it_waited_for() {
+        let room = Arc::new(Semaphore::new(8));
+        let all = room_for_claim(&room, 4).await.unwrap();
+        assert_eq!(all.num_permits(), 8);
+        drop(all);
+        let waiting_three = room.clone().acquire_many_owned(3).await.unwrap();
+        assert_eq!(room_for_claim(&room, 4).await.unwrap().num_permits(), 5);
+        let mut waiting_all = room.clone().acquire_many_owned(5).await.unwrap();
+        waiting_all.merge(waiting_three);
+        // Full: it waits until half a batch has started.
+        let claimer = tokio::spawn({
+            let room = room.clone();
+            async move {
+                room_for_claim(&room, 4)
+                    .await
+                    .map(|places| places.num_permits())
+            }
         });
-        for _ in 0..3 {
-            taken.recv().await.unwrap();
-        }
+        let started = waiting_all.split(3).unwrap();
+        drop(started);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!waiting.is_finished(), "3 free of 8: not yet half a batch");
-        taken.recv().await.unwrap();
-        assert_eq!(waiting.await.unwrap(), Some(4));
-        drop(taken);
-        assert_eq!(room_for_claim(&queue, 4).await, None);
+        assert!(!claimer.is_finished(), "3 free of 8: not yet half a batch");
+        drop(waiting_all.split(1).unwrap());
+        assert_eq!(claimer.await.unwrap(), Some(4));
+        room.close();
+        assert!(room_for_claim(&room, 4).await.is_none());
     }
 }

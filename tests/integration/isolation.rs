@@ -382,6 +382,53 @@ async fn a_project_with_a_big_backlog_does_not_starve_a_small_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_endpoints_claimed_batch_does_not_stand_in_front_of_another_endpoint() {
+    let db = TestDb::new().await;
+    let (busy, quiet) = (db.project().await, db.project().await);
+    let busy_receiver = Receiver::start_with_latency(vec![], Duration::from_millis(20)).await;
+    let quiet_receiver = Receiver::start(vec![]).await;
+    subscribe(&db.pool, busy, &busy_receiver.url).await;
+    subscribe(&db.pool, quiet, &quiet_receiver.url).await;
+    patients(&db.pool, busy, 60).await;
+    dispatch_everything(&db.pool).await;
+    // One request slot and a claim batch of 20: the first claim is all the busy endpoint's, and
+    // 19 of them wait for the slot. The allowance does not bind.
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 1,
+            claim_batch: 20,
+            endpoint_allowance: EndpointAllowance::fixed(100),
+            ..fast_config()
+        },
+    );
+    wait_for("the busy endpoint's first request", 30, async || {
+        !busy_receiver.received().is_empty()
+    })
+    .await;
+    patients(&db.pool, quiet, 1).await;
+    wait_for("the quiet endpoint's delivery", 30, async || {
+        quiet_receiver.received().len() == 1
+    })
+    .await;
+    running.stop().await;
+    // It is claimed with the next claim (once half the first batch has started) and takes the
+    // next free slot: in order of claim it would wait behind the rest of the first batch (20 of
+    // the busy endpoint's requests in all before it, or more).
+    let quiet_at = quiet_receiver.received()[0].at;
+    let busy_before = busy_receiver
+        .received()
+        .iter()
+        .filter(|request| request.at < quiet_at)
+        .count();
+    eprintln!("busy endpoint's requests before the quiet endpoint's: {busy_before}");
+    assert!(
+        busy_before <= 14,
+        "{busy_before} of the busy endpoint's requests went before the quiet endpoint's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_see_an_open_circuit_and_reset_it() {
     let db = TestDb::new().await;
     let project = db.project().await;
