@@ -70,6 +70,8 @@ pub const HEARTBEAT_CHECK_FAILURES: &str = "fhir_outbox_heartbeat_check_failures
 /// Gauge: requests of this process unanswered after `slow_request_after`, waiting in the places
 /// kept for slow requests instead of request slots.
 pub const SLOW_REQUESTS: &str = "fhir_outbox_slow_requests";
+/// Claimed deliveries given back to the table, unattempted, after waiting 1 s for a request slot.
+pub const GIVEN_BACK: &str = "fhir_outbox_deliveries_given_back_total";
 
 /// Describes every metric (HELP lines).
 pub fn describe() {
@@ -147,6 +149,15 @@ pub fn describe() {
         SLOW_REQUESTS,
         "Requests unanswered after the slow-request time, moved out of their request slots."
     );
+    describe_counter!(
+        GIVEN_BACK,
+        "Claimed deliveries given back to the table unattempted: no request slot within 1 s."
+    );
+}
+
+/// Claimed deliveries went back to the table without a slot.
+pub fn given_back(deliveries: usize) {
+    metrics::counter!(GIVEN_BACK).increment(deliveries as u64);
 }
 
 /// Counts a request in [`SLOW_REQUESTS`] while it lives (an aborted request is uncounted too).

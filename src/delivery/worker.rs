@@ -408,6 +408,7 @@ impl DeliveryWorker {
                 held.remove(token);
             }
         }
+        crate::metrics::given_back(tokens.len());
         let released = self.release(&tokens).await;
         tracing::info!(
             released,

@@ -178,8 +178,27 @@ async fn queued_heartbeats_are_counted_in_the_metrics() {
         .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
         .spawn()
         .unwrap();
+    let text = scrape_until(port, |text| {
+        metric(text, "fhir_outbox_heartbeats_queued_total", None) >= 2.0
+    })
+    .await;
+    crate::common::sigterm(&worker);
+    assert!(worker.wait().unwrap().success());
+    assert!(
+        metric(&text, "fhir_outbox_heartbeats_queued_total", None) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "fhir_outbox_heartbeat_check_failures_total", None),
+        0.0
+    );
+    // One heartbeat is queued only when the one before it has finished.
+    assert!(!receiver.received().is_empty(), "the heartbeats were sent");
+}
+
+/// Scrapes `/metrics` on `port` every 100 ms until `done` holds (15 s at most); the last scrape.
+async fn scrape_until(port: u16, done: impl Fn(&str) -> bool) -> String {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut queued = 0.0;
     let mut text = String::new();
     for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -191,18 +210,48 @@ async fn queued_heartbeats_are_counted_in_the_metrics() {
             continue;
         };
         text = response.text().await.unwrap();
-        queued = metric(&text, "fhir_outbox_heartbeats_queued_total", None);
-        if queued >= 2.0 {
+        if done(&text) {
             break;
         }
     }
+    text
+}
+
+/// A delivery that found no request slot within 1 s went back to the table: operators see it in
+/// `fhir_outbox_deliveries_given_back_total` (every slot held by slower requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_given_back_without_a_slot_are_counted() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![Reply::Stall(Duration::from_secs(3600)); 10]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    for _ in 0..3 {
+        let patient = json!({ "resourceType": "Patient" });
+        create(&db.pool, project, &patient, None).await;
+    }
+    let port = free_port();
+    // One slot, held by the first request for good (never moved out as slow).
+    let mut worker = crate::common::binary()
+        .args(["run", "--database-url", &db.url, "--allow-unsafe-outbound"])
+        .args([
+            "--delivery-concurrency",
+            "1",
+            "--slow-request-ms",
+            "3600000",
+        ])
+        .args(["--shutdown-grace-seconds", "0"])
+        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    let text = scrape_until(port, |text| {
+        metric(text, "fhir_outbox_deliveries_given_back_total", None) >= 2.0
+    })
+    .await;
     crate::common::sigterm(&worker);
     assert!(worker.wait().unwrap().success());
-    assert!(queued >= 2.0, "{text}");
-    assert_eq!(
-        metric(&text, "fhir_outbox_heartbeat_check_failures_total", None),
-        0.0
+    assert!(
+        metric(&text, "fhir_outbox_deliveries_given_back_total", None) >= 2.0,
+        "{text}"
     );
-    // One heartbeat is queued only when the one before it has finished.
-    assert!(!receiver.received().is_empty(), "the heartbeats were sent");
+    assert_eq!(receiver.received().len(), 1, "only the first was sent");
 }
