@@ -1,6 +1,7 @@
 //! The worker loop: claims deliveries with leases (and what their preamble needs, each
 //! subscription compiled once per batch) a batch ahead, runs each (preamble → transport → outcome)
-//! in a request slot, at most `concurrency` at once, gives back what waited too long for a slot,
+//! in a request slot, at most `concurrency` at once (a freed slot to the endpoint holding the
+//! fewest: [`super::slots`]), gives back what waited too long for a slot,
 //! and hands the outcomes to the recorder task through a bounded queue; renews the leases. On
 //! shutdown it records what finished and releases the rest.
 
@@ -257,7 +258,8 @@ impl DeliveryWorker {
     }
 
     /// Runs until `shutdown`: claims due deliveries in batches whenever fewer than half a batch
-    /// wait, starts them as request slots free up, gives back to the table any that waited
+    /// wait, starts them as request slots free up (each slot to the waiting endpoint that holds
+    /// the fewest), gives back to the table any that waited
     /// [`MAX_SLOT_WAIT`] for a slot (every slot is held by slow requests: another worker may have
     /// room), records outcomes in batches (a recorder task), wakes on LISTEN
     /// `fhir_outbox_delivery`, a recorded batch, the next scheduled delivery or the poll interval,
