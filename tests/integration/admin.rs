@@ -14,6 +14,23 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `fhir-outbox run` on `database_url` with `args`, its admin endpoint on a free port.
+fn run_with_admin(database_url: &str, args: &[&str]) -> (std::process::Child, u16) {
+    let port = free_port();
+    let worker = crate::common::binary()
+        .args([
+            "run",
+            "--database-url",
+            database_url,
+            "--allow-unsafe-outbound",
+        ])
+        .args(args)
+        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    (worker, port)
+}
+
 /// The value of an unlabelled metric, or of one with `label`, in Prometheus text.
 fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
     text.lines()
@@ -29,21 +46,8 @@ async fn metrics_move_and_readiness_reports_the_schema() {
     let project = db.project().await;
     let receiver = Receiver::start(vec![Reply::Status(500, None)]).await;
     create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
-    let port = free_port();
-    let mut worker = crate::common::binary()
-        .args([
-            "run",
-            "--database-url",
-            &db.url,
-            "--allow-unsafe-outbound",
-            "--retry-base-ms",
-            "50",
-            "--retry-cap-ms",
-            "100",
-        ])
-        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
-        .spawn()
-        .unwrap();
+    let (mut worker, port) =
+        run_with_admin(&db.url, &["--retry-base-ms", "50", "--retry-cap-ms", "100"]);
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let get = |path: &str| {
@@ -172,12 +176,7 @@ async fn queued_heartbeats_are_counted_in_the_metrics() {
         "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1
     }]);
     create(&db.pool, project, &subscription, None).await;
-    let port = free_port();
-    let mut worker = crate::common::binary()
-        .args(["run", "--database-url", &db.url, "--allow-unsafe-outbound"])
-        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
-        .spawn()
-        .unwrap();
+    let (mut worker, port) = run_with_admin(&db.url, &[]);
     let text = scrape_until(port, |text| {
         metric(text, "fhir_outbox_heartbeats_queued_total", None) >= 2.0
     })
@@ -229,20 +228,18 @@ async fn deliveries_given_back_without_a_slot_are_counted() {
         let patient = json!({ "resourceType": "Patient" });
         create(&db.pool, project, &patient, None).await;
     }
-    let port = free_port();
     // One slot, held by the first request for good (never moved out as slow).
-    let mut worker = crate::common::binary()
-        .args(["run", "--database-url", &db.url, "--allow-unsafe-outbound"])
-        .args([
+    let (mut worker, port) = run_with_admin(
+        &db.url,
+        &[
             "--delivery-concurrency",
             "1",
             "--slow-request-ms",
             "3600000",
-        ])
-        .args(["--shutdown-grace-seconds", "0"])
-        .env("FHIR_OUTBOX_ADMIN_ADDR", format!("127.0.0.1:{port}"))
-        .spawn()
-        .unwrap();
+            "--shutdown-grace-seconds",
+            "0",
+        ],
+    );
     let text = scrape_until(port, |text| {
         metric(text, "fhir_outbox_deliveries_given_back_total", None) >= 2.0
     })

@@ -342,6 +342,15 @@ async fn an_open_circuit_sends_nothing_before_its_probe_and_spends_no_attempts()
     assert_eq!((attempts, failed), (14, 0));
 }
 
+/// How many requests `receiver` got before `at`.
+fn received_before(receiver: &Receiver, at: DateTime<Utc>) -> usize {
+    receiver
+        .received()
+        .iter()
+        .filter(|request| request.at < at)
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_project_with_a_big_backlog_does_not_starve_a_small_one() {
     let db = TestDb::new().await;
@@ -369,11 +378,7 @@ async fn a_project_with_a_big_backlog_does_not_starve_a_small_one() {
     running.stop().await;
     // Projects take turns: the small project's ten went out among the first of the big one's.
     let last_small = small_receiver.received().last().unwrap().at;
-    let big_before = big_receiver
-        .received()
-        .iter()
-        .filter(|request| request.at < last_small)
-        .count();
+    let big_before = received_before(&big_receiver, last_small);
     eprintln!("big project's deliveries before the small project's last: {big_before}");
     assert!(
         big_before <= 30,
@@ -415,12 +420,7 @@ async fn a_busy_endpoints_claimed_batch_does_not_stand_in_front_of_another_endpo
     // It is claimed with the next claim (once half the first batch has started) and takes the
     // next free slot: in order of claim it would wait behind the rest of the first batch (20 of
     // the busy endpoint's requests in all before it, or more).
-    let quiet_at = quiet_receiver.received()[0].at;
-    let busy_before = busy_receiver
-        .received()
-        .iter()
-        .filter(|request| request.at < quiet_at)
-        .count();
+    let busy_before = received_before(&busy_receiver, quiet_receiver.received()[0].at);
     eprintln!("busy endpoint's requests before the quiet endpoint's: {busy_before}");
     assert!(
         busy_before <= 14,
