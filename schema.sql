@@ -2232,6 +2232,12 @@ CREATE INDEX delivery_attempt_by_delivery ON ONLY fhir_outbox.delivery_attempt U
 CREATE INDEX delivery_attempt_by_subscription ON ONLY fhir_outbox.delivery_attempt USING btree (project_id, subscription_id, started_at) INCLUDE (succeeded, duration_ms);
 
 --
+-- Name: delivery_attempt_failures; Type: INDEX; Schema: fhir_outbox; Owner: -
+--
+
+CREATE INDEX delivery_attempt_failures ON ONLY fhir_outbox.delivery_attempt USING btree (started_at) INCLUDE (project_id, subscription_id) WHERE (NOT succeeded);
+
+--
 -- Name: delivery_attempt_recent; Type: INDEX; Schema: fhir_outbox; Owner: -
 --
 

@@ -16,7 +16,8 @@ pub const FIGURES_SAMPLE: i64 = 5_000;
 /// The most attempts per subscription or endpoint the figures of a list are computed from: a list
 /// computes one set per row, so it reads fewer.
 pub const LIST_FIGURES_SAMPLE: i64 = 1_000;
-/// The most attempts of the last hour the overview's chart counts (the latest).
+/// The most attempts of the last hour the overview's chart counts (the latest); also the most failed
+/// attempts its failing subscriptions are counted from, and attempts per subscription shown.
 pub const CHART_SAMPLE: i64 = 200_000;
 /// The most subscriptions a project's list shows.
 pub const SUBSCRIPTIONS_PAGE: i64 = 200;
@@ -215,23 +216,28 @@ pub async fn overview(pool: &PgPool, scope: Scope) -> Result<Overview, StoreErro
     .fetch_all(pool)
     .await?;
     let counted: i64 = minutes.iter().map(|m| m.succeeded + m.failed).sum();
-    // Counted from the index (`delivery_attempt_recent` and the heap for the subscription), then
-    // the latest failure's words read for the 20 subscriptions shown only: reading them for every
-    // failed attempt joined the whole attempt table (550 ms at 1,000,000 attempts).
+    // Counted from the failed attempts only (`delivery_attempt_failures`, an index of them with
+    // their subscription), then each shown subscription's attempts from its own index and its
+    // latest failure's words: counting every attempt of the hour fetched each one's row for its
+    // subscription (30-37 ms of the overview at 41,000 attempts an hour).
     let failing = sqlx::query_as!(
         Failing,
         r#"SELECT f.project_id AS "project_id!", f.subscription_id AS "subscription_id!",
-                  f.failed AS "failed_last_hour!", f.attempts AS "attempts_last_hour!", e.last_error
-           FROM (SELECT project_id, subscription_id,
-                        count(*) FILTER (WHERE NOT succeeded) AS failed, count(*) AS attempts
-                 FROM (SELECT project_id, subscription_id, succeeded
+                  f.failed AS "failed_last_hour!", n.attempts AS "attempts_last_hour!", e.last_error
+           FROM (SELECT project_id, subscription_id, count(*) AS failed
+                 FROM (SELECT project_id, subscription_id
                        FROM fhir_outbox.delivery_attempt
-                       WHERE started_at >= now() - interval '1 hour'
+                       WHERE started_at >= now() - interval '1 hour' AND NOT succeeded
                          AND ($1::uuid IS NULL OR project_id = $1)
                        ORDER BY started_at DESC LIMIT $2) a
                  GROUP BY 1, 2
-                 HAVING count(*) FILTER (WHERE NOT succeeded) > 0
                  ORDER BY 3 DESC, 1, 2 LIMIT 20) f
+           CROSS JOIN LATERAL (
+               SELECT count(*) AS attempts
+               FROM (SELECT FROM fhir_outbox.delivery_attempt x
+                     WHERE x.project_id = f.project_id AND x.subscription_id = f.subscription_id
+                       AND x.started_at >= now() - interval '1 hour'
+                     LIMIT $2) y) n
            LEFT JOIN LATERAL (
                SELECT coalesce(x.error, 'HTTP ' || x.status) AS last_error
                FROM fhir_outbox.delivery_attempt x
