@@ -69,7 +69,23 @@ pub fn destinations(subscription: &Value) -> Destinations {
 /// A human display for a resource, as Medplum's `getDisplayString` gives for the common cases: a
 /// HumanName (`given family`), a `name` string, or `code.text`.
 pub fn display(resource: &Value) -> Option<String> {
-    match resource.get("name") {
+    display_of_members(resource.get("name"), resource.get("code"))
+}
+
+/// [`display`] of a resource given as compact JSON text, decoding its `name` and `code` alone (the
+/// worker sends the text as it is stored and never decodes the rest).
+pub fn display_of_json(resource: &crate::fhir::CompactJson) -> Option<String> {
+    let member = |key| {
+        resource
+            .member(key)
+            .and_then(|text| serde_json::from_slice::<Value>(text).ok())
+    };
+    display_of_members(member("name").as_ref(), member("code").as_ref())
+}
+
+/// [`display`] from a resource's `name` and `code`.
+fn display_of_members(name: Option<&Value>, code: Option<&Value>) -> Option<String> {
+    match name {
         Some(Value::String(name)) => return Some(name.clone()),
         Some(Value::Array(names)) => {
             if let Some(name) = names.first() {
@@ -93,24 +109,7 @@ pub fn display(resource: &Value) -> Option<String> {
         }
         _ => {}
     }
-    resource
-        .pointer("/code/text")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-}
-
-/// [`display`] of a resource given as JSON text, reading its `name` and `code` alone (the worker
-/// sends the text as it is stored and never decodes the rest).
-pub fn display_of_json(text: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        #[serde(default)]
-        name: Value,
-        #[serde(default)]
-        code: Value,
-    }
-    let Named { name, code } = serde_json::from_str(text).ok()?;
-    display(&json!({ "name": name, "code": code }))
+    code?.get("text").and_then(Value::as_str).map(str::to_owned)
 }
 
 /// A Reference to a resource, with its display unless redacted.
@@ -722,16 +721,11 @@ mod tests {
             json!({ "resourceType": "Observation", "status": "final" }),
             json!({ "resourceType": "Basic", "name": 3, "code": "x" }),
         ] {
-            assert_eq!(
-                display_of_json(&resource.to_string()),
-                display(&resource),
-                "{resource}"
-            );
+            let stored = crate::fhir::compact_stored(&resource.to_string()).unwrap();
+            assert_eq!(display_of_json(&stored), display(&resource), "{resource}");
         }
-        assert_eq!(
-            display_of_json(r#"{"name": "Acme", "code": {"text": "c"}}"#).as_deref(),
-            Some("Acme")
-        );
+        let stored = crate::fhir::compact_stored(r#"{"name": "Acme", "code": {"text": "c"}}"#);
+        assert_eq!(display_of_json(&stored.unwrap()).as_deref(), Some("Acme"));
     }
 
     #[test]

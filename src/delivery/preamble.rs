@@ -251,15 +251,14 @@ pub(super) async fn prepare(
     // What is sent (and signed): the version, made compact without decoding it; for a delete
     // `{}`. A bot receives the version decoded (for a delete Medplum's `{"deletedResource": …}`).
     let (body, bot, resource_display) = match bot {
-        None => {
-            let body = match version.as_deref().map(crate::fhir::compact_stored) {
-                None => b"{}".to_vec(),
-                Some(Ok(body)) => body,
-                Some(Err(error)) => return Ok(undecodable_resource(delivery, error)),
-            };
-            let display = version.as_deref().and_then(audit::display_of_json);
-            (body, None, display)
-        }
+        None => match version.as_deref().map(crate::fhir::compact_stored) {
+            None => (b"{}".to_vec(), None, None),
+            Some(Ok(compact)) => {
+                let display = audit::display_of_json(&compact);
+                (compact.bytes, None, display)
+            }
+            Some(Err(error)) => return Ok(undecodable_resource(delivery, error)),
+        },
         Some(bot) => {
             let version = match version.as_deref().map(crate::fhir::decode_stored) {
                 None => None,

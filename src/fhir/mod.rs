@@ -5,6 +5,7 @@
 pub use fhir_match::fhir::elements;
 
 use serde_json::Value;
+use std::ops::Range;
 
 /// The deepest nesting of arrays and objects a stored resource may have, the resource object itself
 /// being level 1. The store's `checked_content` refuses deeper resources with the same number
@@ -31,44 +32,119 @@ pub fn nesting_depth(value: &Value) -> usize {
     deepest
 }
 
-/// Levels of nested arrays and objects in JSON text, counted as [`nesting_depth`] counts them in
-/// the decoded value, without decoding it (the text is assumed to be JSON).
-fn text_nesting_depth(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for byte in text.bytes() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-        } else {
-            match byte {
-                b'"' => in_string = true,
-                b'{' | b'[' => {
-                    depth += 1;
-                    deepest = deepest.max(depth);
-                }
-                b'}' | b']' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-        }
-    }
-    deepest
+/// JSON read from the store (a resource's content), made compact (no whitespace between tokens),
+/// with where each of its top-level members is: what a rest-hook sends, and what its AuditEvent
+/// names the resource by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactJson {
+    /// The compact text.
+    pub bytes: Vec<u8>,
+    /// Byte ranges in `bytes` of each top-level member's key (between its quotes) and value.
+    members: Vec<(Range<usize>, Range<usize>)>,
 }
 
-/// JSON read from the store (a resource's content), made compact (no whitespace between tokens)
-/// without decoding it into a tree: what a rest-hook sends. Refuses what [`decode_stored`] refuses.
-pub fn compact_stored(text: &str) -> Result<Vec<u8>, String> {
-    let mut compact = Vec::with_capacity(text.len());
-    let mut reader = serde_json::Deserializer::from_str(text);
-    serde_transcode::transcode(&mut reader, &mut serde_json::Serializer::new(&mut compact))
-        .and_then(|()| reader.end())
-        .map_err(|error| error.to_string())?;
-    check_depth(text_nesting_depth(text))?;
-    Ok(compact)
+impl CompactJson {
+    /// The text of the top-level member `key`'s value, if the JSON is an object that has it.
+    pub fn member(&self, key: &str) -> Option<&[u8]> {
+        self.members
+            .iter()
+            .find(|(name, _)| &self.bytes[name.clone()] == key.as_bytes())
+            .map(|(_, value)| &self.bytes[value.clone()])
+    }
+}
+
+/// Makes JSON text from the store compact in one pass over its bytes, without decoding it: the
+/// text is PostgreSQL's output of a `jsonb` value, so it is valid JSON whose tokens are separated
+/// by spaces; strings, numbers and literals are copied as they are (a decimal keeps its written
+/// precision, which FHIR says is significant, and a number beyond 64 bits its digits). Decoding
+/// and encoding it again cost about as much as the rest of a delivery's work in the worker
+/// (docs/performance.md, run S). Refuses text that ends inside a string or a bracket, or goes on
+/// after its value, and what [`decode_stored`] refuses for depth (rows written before the limit).
+pub fn compact_stored(text: &str) -> Result<CompactJson, String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut members = Vec::new();
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut closed) = (false, false);
+    // Inside the top-level object: where the member being read starts, and its key once read.
+    let mut top_object = false;
+    let mut key_start: Option<usize> = None;
+    let mut key: Option<Range<usize>> = None;
+    let mut value_start: Option<usize> = None;
+    let text = text.as_bytes();
+    let mut at = 0;
+    while at < text.len() {
+        if in_string {
+            // A string's bytes are copied in runs up to its next quote or backslash.
+            let run = memchr::memchr2(b'"', b'\\', &text[at..]).map_or(text.len(), |end| at + end);
+            bytes.extend_from_slice(&text[at..run]);
+            at = run;
+            let Some(&byte) = text.get(at) else { break };
+            bytes.push(byte);
+            at += 1;
+            if byte == b'\\' {
+                // The escaped byte, whatever it is (`\"`, `\\`, `\u`…), is part of the string.
+                bytes.extend(text.get(at));
+                at += 1;
+            } else {
+                in_string = false;
+                if let Some(start) = key_start.take() {
+                    key = Some(start..bytes.len() - 1);
+                }
+            }
+            continue;
+        }
+        let byte = text[at];
+        at += 1;
+        if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        }
+        if closed {
+            return Err(format!(
+                "characters after the JSON value: `{}`",
+                byte as char
+            ));
+        }
+        let at_top_member = top_object && depth == 1;
+        match byte {
+            b'"' => {
+                in_string = true;
+                if at_top_member && key.is_none() && value_start.is_none() {
+                    key_start = Some(bytes.len() + 1);
+                }
+            }
+            b'{' | b'[' => {
+                if depth == 0 {
+                    top_object = byte == b'{';
+                }
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => {
+                if at_top_member {
+                    if let (Some(name), Some(start)) = (key.take(), value_start.take()) {
+                        members.push((name, start..bytes.len()));
+                    }
+                }
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| format!("`{}` closes nothing", byte as char))?;
+                closed = depth == 0;
+            }
+            b':' if at_top_member => value_start = Some(bytes.len() + 1),
+            b',' if at_top_member => {
+                if let (Some(name), Some(start)) = (key.take(), value_start.take()) {
+                    members.push((name, start..bytes.len()));
+                }
+            }
+            _ => {}
+        }
+        bytes.push(byte);
+    }
+    if in_string || depth > 0 {
+        return Err("the JSON text ends inside a string, object or array".into());
+    }
+    check_depth(deepest)?;
+    Ok(CompactJson { bytes, members })
 }
 
 fn check_depth(depth: usize) -> Result<(), String> {
@@ -127,38 +203,84 @@ mod tests {
         assert!(error.contains("recursion limit exceeded"), "{error}");
     }
 
+    /// What decoding and encoding again gives: the compact text, numbers as serde_json writes them.
+    fn transcoded(text: &str) -> Vec<u8> {
+        let mut compact = Vec::new();
+        let mut reader = serde_json::Deserializer::from_str(text);
+        serde_transcode::transcode(&mut reader, &mut serde_json::Serializer::new(&mut compact))
+            .unwrap();
+        compact
+    }
+
     #[test]
-    fn text_depth_counts_as_the_decoded_value_does() {
-        for text in [
+    fn compacting_gives_what_decoding_and_encoding_again_gives() {
+        let mut texts: Vec<String> = [
             "1",
             "{}",
             r#"{ "a": [[], { "b": {} }] }"#,
-            r#"{"s": "[{\"[", "t": ["\\", {"u": "}]}"}]}"#,
-            &nested(127),
-        ] {
-            let value: Value = serde_json::from_str(text).unwrap();
-            assert_eq!(text_nesting_depth(text), nesting_depth(&value), "{text}");
+            "{\"s\": \"[{\\\"[\",\n\t\"t\": [\"\\\\\", {\"u\": \"}] é\"}], \"e\": \"\"}",
+            &nested(MAX_NESTING_DEPTH),
+        ]
+        .map(str::to_owned)
+        .into();
+        // Real resources, as PostgreSQL writes `jsonb` (`", "` and `": "`) and pretty-printed.
+        let examples = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crates/fhir-match/tests/data/fhirpath"
+        );
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|extension| extension != "json") {
+                continue;
+            }
+            let value: Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let compact = value.to_string();
+            texts.push(compact.replace("\",\"", "\", \"").replace("\":", "\": "));
+            texts.push(serde_json::to_string_pretty(&value).unwrap());
+        }
+        assert!(texts.len() > 10);
+        for text in &texts {
+            let compact = compact_stored(text).unwrap();
+            assert_eq!(
+                String::from_utf8(compact.bytes).unwrap(),
+                String::from_utf8(transcoded(text)).unwrap()
+            );
         }
     }
 
     #[test]
+    fn compacting_finds_the_top_level_members() {
+        let compact =
+            compact_stored(r#"{"name": {"name": "inner"}, "code": [1, "a,b"], "n": "x", "z": {}}"#)
+                .unwrap();
+        let member = |key| compact.member(key).map(|v| std::str::from_utf8(v).unwrap());
+        assert_eq!(member("name"), Some(r#"{"name":"inner"}"#));
+        assert_eq!(member("code"), Some(r#"[1,"a,b"]"#));
+        assert_eq!(member("n"), Some(r#""x""#));
+        assert_eq!(member("z"), Some("{}"));
+        assert_eq!(member("inner"), None);
+        let list = compact_stored(r#"["name", 1]"#).unwrap();
+        assert_eq!(list.member("name"), None);
+    }
+
+    #[test]
     fn compacting_keeps_the_value_and_refuses_what_decoding_refuses() {
-        let stored = r#"{"id": "p1", "name": [{"given": ["A \"B\"", "C"]}], "n": 1.50, "big": 12345678901234567890}"#;
+        let stored = r#"{"id": "p1", "name": [{"given": ["A \"B\"", "C"]}], "n": 1.50, "big": 123456789012345678901234567890}"#;
         let compact = compact_stored(stored).unwrap();
-        let text = std::str::from_utf8(&compact).unwrap();
-        assert!(!text.contains(": ") && !text.contains(", "), "{text}");
+        let text = std::str::from_utf8(&compact.bytes).unwrap();
+        // Numbers as written: FHIR decimals keep their precision, big numbers their digits.
         assert_eq!(
-            serde_json::from_str::<Value>(text).unwrap(),
-            decode_stored(stored).unwrap()
+            text,
+            r#"{"id":"p1","name":[{"given":["A \"B\"","C"]}],"n":1.50,"big":123456789012345678901234567890}"#
         );
         assert!(compact_stored(&nested(MAX_NESTING_DEPTH)).is_ok());
         assert_eq!(
             compact_stored(&nested(MAX_NESTING_DEPTH + 1)).unwrap_err(),
             "nested 101 levels deep, over the limit of 100"
         );
-        assert!(
-            compact_stored(r#"{"a": 1} x"#).is_err(),
-            "trailing characters"
-        );
+        for broken in [r#"{"a": 1} x"#, r#"{"a": "1}"#, r#"{"a": [1}"#, "]"] {
+            assert!(compact_stored(broken).is_err(), "{broken}");
+        }
     }
 }

@@ -242,6 +242,36 @@ async fn a_201_is_success_and_the_request_is_exactly_as_specified() {
 }
 
 #[tokio::test]
+async fn numbers_are_sent_as_another_app_stored_them() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Observation"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    // Through the SQL interface, where `jsonb` keeps a decimal's scale and every digit.
+    sqlx::query(
+        r#"SELECT fhir_outbox.create_resource($1, '{"resourceType": "Observation", "status": "final",
+             "code": {"text": "Glucose"}, "valueQuantity": {"value": 6.30, "unit": "mmol/L"},
+             "extension": [{"url": "https://example.org/n", "valueInteger64": 123456789012345678901234}]}')"#,
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    p.settle(&db.pool).await;
+    let received = receiver.received();
+    assert_eq!(received.len(), 1);
+    let body = String::from_utf8(received[0].body.to_vec()).unwrap();
+    // FHIR: a decimal's precision is significant (6.30 is not 6.3).
+    assert!(body.contains(r#""value":6.30"#), "{body}");
+    assert!(body.contains(r#":123456789012345678901234}"#), "{body}");
+    assert!(
+        !body.contains(": ") && !body.contains(", "),
+        "compact: {body}"
+    );
+}
+
+#[tokio::test]
 async fn interactions_and_a_signed_delete() {
     let db = TestDb::new().await;
     let project = db.project().await;
