@@ -27,6 +27,16 @@ use uuid::Uuid;
 /// work must not sit leased behind them.
 const MAX_SLOT_WAIT: Duration = Duration::from_secs(1);
 
+/// What a request tells the worker's [`SlotQueue`] about its endpoint.
+enum SlotEvent {
+    /// It left its slot: it finished, or it moved to a slow place.
+    Released,
+    /// It went past `slow_request_after`.
+    Slowed,
+    /// It had gone past `slow_request_after`, and now it finished.
+    Recovered,
+}
+
 /// Subscription versions whose bad extensions were reported, remembered up to this many.
 const WARNED_LIMIT: usize = 10_000;
 
@@ -307,44 +317,56 @@ impl DeliveryWorker {
         // timeout), so that a few hanging endpoints cannot hold most of the slots.
         let slow_places = Arc::new(Semaphore::new(concurrency));
         let slow_request_after = self.config.slow_request_after;
-        let mut waiting: SlotQueue<(Job, OwnedSemaphorePermit)> = SlotQueue::default();
-        // The endpoints whose requests gave up their slots (finished, or moved to a slow place).
-        let (slot_freed, mut freed) = mpsc::unbounded_channel::<EndpointKey>();
+        // An endpoint with a slow request holds the allowance's base at most (what the claim gives
+        // it once its first slow answer is recorded), and a quarter of the slots.
+        let slow_share = (self.config.endpoint_allowance.base as usize).min(concurrency / 4);
+        let mut waiting: SlotQueue<(Job, OwnedSemaphorePermit)> = SlotQueue::new(slow_share);
+        // What happens to the requests in the slots, per endpoint.
+        let (slot_events, mut events) = mpsc::unbounded_channel::<(EndpointKey, SlotEvent)>();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             while !waiting.is_empty() {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     break;
                 };
-                let (endpoint, (job, _room)) = waiting.start_next().expect("a waiting delivery");
+                // Nothing, when all that waits is of endpoints at their slow share.
+                let Some((endpoint, (job, _room))) = waiting.start_next() else {
+                    break;
+                };
                 while tasks.try_join_next().is_some() {}
                 let worker = self.clone();
                 let executed = executed.clone();
                 let slow_places = slow_places.clone();
-                let slot_freed = slot_freed.clone();
+                let slot_events = slot_events.clone();
                 tasks.spawn(async move {
                     let mut held = slot;
-                    let mut endpoint = Some(endpoint);
+                    let mut in_slot = true;
                     let execution = worker.execute(job);
                     tokio::pin!(execution);
-                    let done = match tokio::time::timeout(slow_request_after, &mut execution).await
-                    {
-                        Ok(done) => done,
-                        Err(_) => {
-                            // Replacing the permit frees the slot; with no place free, it stays.
-                            let _counted = slow_places.try_acquire_owned().ok().map(|place| {
-                                held = place;
-                                let _ = slot_freed.send(endpoint.take().expect("held"));
-                                crate::metrics::SlowRequest::start()
-                            });
-                            execution.await
-                        }
-                    };
+                    let (done, slow) =
+                        match tokio::time::timeout(slow_request_after, &mut execution).await {
+                            Ok(done) => (done, false),
+                            Err(_) => {
+                                let _ = slot_events.send((endpoint.clone(), SlotEvent::Slowed));
+                                // Replacing the permit frees the slot; with no place free, it stays.
+                                let _counted = slow_places.try_acquire_owned().ok().map(|place| {
+                                    held = place;
+                                    in_slot = false;
+                                    let _ =
+                                        slot_events.send((endpoint.clone(), SlotEvent::Released));
+                                    crate::metrics::SlowRequest::start()
+                                });
+                                (execution.await, true)
+                            }
+                        };
                     // The slot (or place) is held until the recorder accepts it (backpressure).
                     let _ = executed.send(done).await;
                     drop(held);
-                    if let Some(endpoint) = endpoint {
-                        let _ = slot_freed.send(endpoint);
+                    if in_slot {
+                        let _ = slot_events.send((endpoint.clone(), SlotEvent::Released));
+                    }
+                    if slow {
+                        let _ = slot_events.send((endpoint, SlotEvent::Recovered));
                     }
                 });
             }
@@ -359,7 +381,11 @@ impl DeliveryWorker {
                     }
                     None => break,
                 },
-                Some(endpoint) = freed.recv() => waiting.release(&endpoint),
+                Some((endpoint, event)) = events.recv() => match event {
+                    SlotEvent::Released => waiting.release(&endpoint),
+                    SlotEvent::Slowed => waiting.slowed(&endpoint),
+                    SlotEvent::Recovered => waiting.recovered(&endpoint),
+                },
                 _ = tokio::time::sleep_until(give_back_at.unwrap_or_else(tokio::time::Instant::now)),
                     if give_back_at.is_some() => {
                     // No slot came free for these within the wait: every slot is held by slower

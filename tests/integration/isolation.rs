@@ -186,6 +186,54 @@ async fn hanging_requests_leave_their_slots_to_other_endpoints() {
     running.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_at_a_large_allowance_leaves_slots_to_the_others() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let hanging = Receiver::start(vec![Reply::Stall(Duration::from_secs(3600)); 200]).await;
+    let healthy = Receiver::start(vec![]).await;
+    subscribe(&db.pool, project, &hanging.url).await;
+    // Eight slots, eight slow places, and an allowance (as one grown while the endpoint answered
+    // fast) larger than both: the hanging endpoint's first eight requests move to the slow places,
+    // and without a limit its next eight would take the freed slots and hang there, past the
+    // places, for the (hour-long) request timeout.
+    let running = Running::start(
+        &db.pool,
+        DeliveryConfig {
+            concurrency: 8,
+            endpoint_allowance: EndpointAllowance::fixed(64),
+            slow_request_after: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_millis(100),
+            ..fast_config()
+        },
+    );
+    patients(&db.pool, project, 40).await;
+    wait_for(
+        "eight requests in the places and more in slots",
+        30,
+        async || hanging.received().len() >= 10,
+    )
+    .await;
+    // Long enough for the requests in slots to go slow too, and for more to start if they could.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let healthy_id = subscribe(&db.pool, project, &healthy.url).await;
+    patients(&db.pool, project, 20).await;
+    wait_for("the healthy endpoint's 20 deliveries", 30, async || {
+        count(
+            &db.pool,
+            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
+            &healthy_id,
+        )
+        .await
+            == 20
+    })
+    .await;
+    // Its slow share, the allowance's base or a quarter of the slots (the smaller), in slots.
+    assert_eq!(hanging.received().len(), 8 + 2);
+    running.stop().await;
+}
+
 /// An endpoint's grown allowance as `endpoint_health` shows it (`None`: the base).
 async fn allowance(pool: &PgPool, project: Uuid, url: &str) -> Option<i32> {
     sqlx::query_scalar(
