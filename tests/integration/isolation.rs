@@ -79,6 +79,24 @@ async fn count(pool: &PgPool, sql: &str, subscription: &str) -> i64 {
         .unwrap()
 }
 
+/// How many deliveries of `subscription` succeeded.
+async fn succeeded(pool: &PgPool, subscription: &str) -> i64 {
+    count(pool, "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'", subscription).await
+}
+
+/// A worker with `concurrency` slots, `allowance` per endpoint, requests slow after 300 ms, and a
+/// request timeout (an hour) that no test waits for.
+fn hanging_config(concurrency: usize, allowance: EndpointAllowance) -> DeliveryConfig {
+    DeliveryConfig {
+        concurrency,
+        endpoint_allowance: allowance,
+        slow_request_after: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(3600),
+        shutdown_grace: Duration::from_millis(100),
+        ..fast_config()
+    }
+}
+
 async fn subscribe(pool: &PgPool, project: Uuid, url: &str) -> String {
     create(pool, project, &hook(url, "Patient"), None).await["id"]
         .as_str()
@@ -115,13 +133,7 @@ async fn a_hanging_endpoint_never_delays_a_healthy_one() {
     );
     patients(&db.pool, project, 50).await;
     wait_for("the healthy endpoint's 50 deliveries", 60, async || {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
-            &healthy_id,
-        )
-        .await
-            == 50
+        succeeded(&db.pool, &healthy_id).await == 50
     })
     .await;
     // Meanwhile the hanging endpoint holds exactly its allowance, in flight; the rest of its
@@ -153,17 +165,7 @@ async fn hanging_requests_leave_their_slots_to_other_endpoints() {
     subscribe(&db.pool, project, &hanging.url).await;
     // Four slots, and the hanging endpoint may take all four: only leaving the slots once they
     // count as slow lets anything else through before the (hour-long) request timeout.
-    let running = Running::start(
-        &db.pool,
-        DeliveryConfig {
-            concurrency: 4,
-            endpoint_allowance: EndpointAllowance::fixed(4),
-            slow_request_after: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_millis(100),
-            ..fast_config()
-        },
-    );
+    let running = Running::start(&db.pool, hanging_config(4, EndpointAllowance::fixed(4)));
     patients(&db.pool, project, 4).await;
     wait_for("the hanging endpoint's four requests", 30, async || {
         hanging.received().len() == 4
@@ -172,13 +174,7 @@ async fn hanging_requests_leave_their_slots_to_other_endpoints() {
     let healthy_id = subscribe(&db.pool, project, &healthy.url).await;
     patients(&db.pool, project, 20).await;
     wait_for("the healthy endpoint's 20 deliveries", 30, async || {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
-            &healthy_id,
-        )
-        .await
-            == 20
+        succeeded(&db.pool, &healthy_id).await == 20
     })
     .await;
     // The places for slow requests do not raise the hanging endpoint's allowance.
@@ -197,17 +193,7 @@ async fn an_endpoint_that_hangs_at_a_large_allowance_leaves_slots_to_the_others(
     // fast) larger than both: the hanging endpoint's first eight requests move to the slow places,
     // and without a limit its next eight would take the freed slots and hang there, past the
     // places, for the (hour-long) request timeout.
-    let running = Running::start(
-        &db.pool,
-        DeliveryConfig {
-            concurrency: 8,
-            endpoint_allowance: EndpointAllowance::fixed(64),
-            slow_request_after: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_millis(100),
-            ..fast_config()
-        },
-    );
+    let running = Running::start(&db.pool, hanging_config(8, EndpointAllowance::fixed(64)));
     patients(&db.pool, project, 40).await;
     wait_for(
         "eight requests in the places and more in slots",
@@ -220,13 +206,7 @@ async fn an_endpoint_that_hangs_at_a_large_allowance_leaves_slots_to_the_others(
     let healthy_id = subscribe(&db.pool, project, &healthy.url).await;
     patients(&db.pool, project, 20).await;
     wait_for("the healthy endpoint's 20 deliveries", 30, async || {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
-            &healthy_id,
-        )
-        .await
-            == 20
+        succeeded(&db.pool, &healthy_id).await == 20
     })
     .await;
     // Its slow share, the allowance's base or a quarter of the slots (the smaller), in slots.
@@ -266,10 +246,9 @@ async fn a_fast_endpoint_earns_a_larger_allowance_and_loses_it_at_its_first_slow
             ..fast_config()
         },
     );
-    let succeeded = "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'";
     patients(&db.pool, project, 60).await;
     wait_for("the 60 prompt deliveries", 60, async || {
-        count(&db.pool, succeeded, &subscription).await == 60
+        succeeded(&db.pool, &subscription).await == 60
     })
     .await;
     // Each recorded batch of prompt answers doubled it, up to the max.
@@ -294,13 +273,13 @@ async fn a_fast_endpoint_earns_a_larger_allowance_and_loses_it_at_its_first_slow
     })
     .await;
     for _ in 0..1200 {
-        if count(&db.pool, succeeded, &subscription).await == 84 {
+        if succeeded(&db.pool, &subscription).await == 84 {
             break;
         }
         assert!(count(&db.pool, in_flight, &subscription).await <= 2);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(count(&db.pool, succeeded, &subscription).await, 84);
+    assert_eq!(succeeded(&db.pool, &subscription).await, 84);
     assert_eq!(allowance(&db.pool, project, &receiver.url).await, None);
     running.stop().await;
 }
@@ -346,13 +325,7 @@ async fn an_open_circuit_sends_nothing_before_its_probe_and_spends_no_attempts()
         if seen.last() != Some(&now) {
             seen.push(now);
         }
-        count(
-            &db.pool,
-            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
-            &subscription,
-        )
-        .await
-            == 10
+        succeeded(&db.pool, &subscription).await == 10
     })
     .await;
     running.stop().await;
@@ -565,13 +538,7 @@ async fn operators_see_an_open_circuit_and_reset_it() {
     assert!(ok, "{text}");
     assert!(text.contains("Circuit closed"), "{text}");
     wait_for("the waiting deliveries", 60, async || {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM fhir_outbox.delivery WHERE subscription_id = $1 AND state = 'succeeded'",
-            &subscription,
-        )
-        .await
-            == 3
+        succeeded(&db.pool, &subscription).await == 3
     })
     .await;
 
