@@ -57,9 +57,10 @@ impl CompactJson {
 /// text is PostgreSQL's output of a `jsonb` value, so it is valid JSON whose tokens are separated
 /// by spaces; strings, numbers and literals are copied as they are (a decimal keeps its written
 /// precision, which FHIR says is significant, and a number beyond 64 bits its digits). Decoding
-/// and encoding it again cost about as much as the rest of a delivery's work in the worker
-/// (docs/performance.md, run S). Refuses text that ends inside a string or a bracket, or goes on
-/// after its value, and what [`decode_stored`] refuses for depth (rows written before the limit).
+/// it, encoding it again and decoding it once more for the display took about a tenth of the
+/// worker's CPU (docs/performance.md, run S). Brackets are counted, not matched: the text is
+/// trusted to be JSON. Refuses text that ends inside a string or a bracket, or goes on after its
+/// value, and what [`decode_stored`] refuses for depth (rows written before the limit).
 pub fn compact_stored(text: &str) -> Result<CompactJson, String> {
     let mut bytes = Vec::with_capacity(text.len());
     let mut members = Vec::new();
