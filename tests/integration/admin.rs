@@ -176,17 +176,8 @@ async fn queued_heartbeats_are_counted_in_the_metrics() {
         "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1
     }]);
     create(&db.pool, project, &subscription, None).await;
-    let (mut worker, port) = run_with_admin(&db.url, &[]);
-    let text = scrape_until(port, |text| {
-        metric(text, "fhir_outbox_heartbeats_queued_total", None) >= 2.0
-    })
-    .await;
-    crate::common::sigterm(&worker);
-    assert!(worker.wait().unwrap().success());
-    assert!(
-        metric(&text, "fhir_outbox_heartbeats_queued_total", None) >= 2.0,
-        "{text}"
-    );
+    let (worker, port) = run_with_admin(&db.url, &[]);
+    let text = stop_once_counted(worker, port, "fhir_outbox_heartbeats_queued_total", 2.0).await;
     assert_eq!(
         metric(&text, "fhir_outbox_heartbeat_check_failures_total", None),
         0.0
@@ -195,8 +186,14 @@ async fn queued_heartbeats_are_counted_in_the_metrics() {
     assert!(!receiver.received().is_empty(), "the heartbeats were sent");
 }
 
-/// Scrapes `/metrics` on `port` every 100 ms until `done` holds (15 s at most); the last scrape.
-async fn scrape_until(port: u16, done: impl Fn(&str) -> bool) -> String {
+/// Scrapes `/metrics` on `port` every 100 ms until counter `name` reaches `at_least` (15 s at
+/// most), stops `worker` (SIGTERM: a clean exit), asserts the counter got there; the last scrape.
+async fn stop_once_counted(
+    mut worker: std::process::Child,
+    port: u16,
+    name: &str,
+    at_least: f64,
+) -> String {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut text = String::new();
     for _ in 0..150 {
@@ -209,10 +206,13 @@ async fn scrape_until(port: u16, done: impl Fn(&str) -> bool) -> String {
             continue;
         };
         text = response.text().await.unwrap();
-        if done(&text) {
+        if metric(&text, name, None) >= at_least {
             break;
         }
     }
+    crate::common::sigterm(&worker);
+    assert!(worker.wait().unwrap().success());
+    assert!(metric(&text, name, None) >= at_least, "{name}: {text}");
     text
 }
 
@@ -229,7 +229,7 @@ async fn deliveries_given_back_without_a_slot_are_counted() {
         create(&db.pool, project, &patient, None).await;
     }
     // One slot, held by the first request for good (never moved out as slow).
-    let (mut worker, port) = run_with_admin(
+    let (worker, port) = run_with_admin(
         &db.url,
         &[
             "--delivery-concurrency",
@@ -240,15 +240,6 @@ async fn deliveries_given_back_without_a_slot_are_counted() {
             "0",
         ],
     );
-    let text = scrape_until(port, |text| {
-        metric(text, "fhir_outbox_deliveries_given_back_total", None) >= 2.0
-    })
-    .await;
-    crate::common::sigterm(&worker);
-    assert!(worker.wait().unwrap().success());
-    assert!(
-        metric(&text, "fhir_outbox_deliveries_given_back_total", None) >= 2.0,
-        "{text}"
-    );
+    stop_once_counted(worker, port, "fhir_outbox_deliveries_given_back_total", 2.0).await;
     assert_eq!(receiver.received().len(), 1, "only the first was sent");
 }
