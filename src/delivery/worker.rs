@@ -316,7 +316,6 @@ impl DeliveryWorker {
         // As many places where requests slower than `slow_request_after` wait out their answer (or
         // timeout), so that a few hanging endpoints cannot hold most of the slots.
         let slow_places = Arc::new(Semaphore::new(concurrency));
-        let slow_request_after = self.config.slow_request_after;
         // An endpoint with a slow request holds the allowance's base at most (what the claim gives
         // it once its first slow answer is recorded), and a quarter of the slots.
         let slow_share = (self.config.endpoint_allowance.base as usize).min(concurrency / 4);
@@ -334,41 +333,14 @@ impl DeliveryWorker {
                     break;
                 };
                 while tasks.try_join_next().is_some() {}
-                let worker = self.clone();
-                let executed = executed.clone();
-                let slow_places = slow_places.clone();
-                let slot_events = slot_events.clone();
-                tasks.spawn(async move {
-                    let mut held = slot;
-                    let mut in_slot = true;
-                    let execution = worker.execute(job);
-                    tokio::pin!(execution);
-                    let (done, slow) =
-                        match tokio::time::timeout(slow_request_after, &mut execution).await {
-                            Ok(done) => (done, false),
-                            Err(_) => {
-                                let _ = slot_events.send((endpoint.clone(), SlotEvent::Slowed));
-                                // Replacing the permit frees the slot; with no place free, it stays.
-                                let _counted = slow_places.try_acquire_owned().ok().map(|place| {
-                                    held = place;
-                                    in_slot = false;
-                                    let _ =
-                                        slot_events.send((endpoint.clone(), SlotEvent::Released));
-                                    crate::metrics::SlowRequest::start()
-                                });
-                                (execution.await, true)
-                            }
-                        };
-                    // The slot (or place) is held until the recorder accepts it (backpressure).
-                    let _ = executed.send(done).await;
-                    drop(held);
-                    if in_slot {
-                        let _ = slot_events.send((endpoint.clone(), SlotEvent::Released));
-                    }
-                    if slow {
-                        let _ = slot_events.send((endpoint, SlotEvent::Recovered));
-                    }
-                });
+                tasks.spawn(self.clone().run_in_slot(
+                    job,
+                    endpoint,
+                    slot,
+                    slow_places.clone(),
+                    executed.clone(),
+                    slot_events.clone(),
+                ));
             }
             let give_back_at = waiting
                 .oldest()
@@ -426,6 +398,47 @@ impl DeliveryWorker {
         renewer.abort();
         rotator.abort();
         listener.abort();
+    }
+
+    /// Runs one delivery in the request slot `slot` of `endpoint`, tells the slot queue when the
+    /// request leaves its slot, goes slow and finishes slow, and hands the outcome to the recorder.
+    async fn run_in_slot(
+        self: Arc<Self>,
+        job: Job,
+        endpoint: EndpointKey,
+        slot: OwnedSemaphorePermit,
+        slow_places: Arc<Semaphore>,
+        executed: mpsc::Sender<Executed>,
+        slot_events: mpsc::UnboundedSender<(EndpointKey, SlotEvent)>,
+    ) {
+        let mut held = slot;
+        let mut in_slot = true;
+        let execution = self.execute(job);
+        tokio::pin!(execution);
+        let (done, slow) =
+            match tokio::time::timeout(self.config.slow_request_after, &mut execution).await {
+                Ok(done) => (done, false),
+                Err(_) => {
+                    let _ = slot_events.send((endpoint.clone(), SlotEvent::Slowed));
+                    // Replacing the permit frees the slot; with no place free, it stays.
+                    let _counted = slow_places.try_acquire_owned().ok().map(|place| {
+                        held = place;
+                        in_slot = false;
+                        let _ = slot_events.send((endpoint.clone(), SlotEvent::Released));
+                        crate::metrics::SlowRequest::start()
+                    });
+                    (execution.await, true)
+                }
+            };
+        // The slot (or place) is held until the recorder accepts it (backpressure).
+        let _ = executed.send(done).await;
+        drop(held);
+        if in_slot {
+            let _ = slot_events.send((endpoint.clone(), SlotEvent::Released));
+        }
+        if slow {
+            let _ = slot_events.send((endpoint, SlotEvent::Recovered));
+        }
     }
 
     /// Gives claimed deliveries back to the table, due at once, unattempted (their leases end).
