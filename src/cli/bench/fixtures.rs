@@ -38,6 +38,16 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, BenchErr
         .await?)
 }
 
+/// Checkpoints the cluster has made since it started (timed and requested; PostgreSQL up to 16
+/// keeps the counts in `pg_stat_bgwriter`).
+pub async fn checkpoints(pool: &PgPool) -> Result<i64, BenchError> {
+    Ok(
+        sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 /// Everything the scenarios share.
 pub struct Env {
     cluster: TempCluster,

@@ -74,8 +74,8 @@ enum Variant {
 }
 
 impl Variant {
-    /// Interleaved in this order (the declaration order: `variant as usize` indexes it), twice, so
-    /// that a change of background load hits every one alike.
+    /// Interleaved in this order (the declaration order: `variant as usize` indexes it), then in
+    /// the reverse order, so that a change of background load hits every one alike.
     const ALL: [Variant; 4] = [
         Variant::Without,
         Variant::With,
@@ -361,9 +361,20 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
     let mut rounds = Vec::new();
     let mut captured_writes = 0;
     for round in 0..2u64 {
-        for variant in Variant::ALL {
-            // Each variant starts with an empty outbox and an idle dispatcher.
+        // The second round runs the variants in reverse order, so that a slow drift of the
+        // machine's speed weighs on every variant alike instead of on the later ones.
+        let order: Vec<Variant> = match round % 2 {
+            0 => Variant::ALL.to_vec(),
+            _ => Variant::ALL.iter().rev().copied().collect(),
+        };
+        for variant in order {
+            // Each variant starts with an empty outbox, an idle dispatcher and a checkpoint just
+            // done: otherwise the checkpoint that the WAL of the earlier slices brings on falls
+            // in whichever variant runs at that moment (its full-page writes slow every writer),
+            // always the same ones in a fixed order.
             until_dispatcher_idle(&pool, &mut worker, Duration::from_secs(60)).await?;
+            sqlx::query("CHECKPOINT").execute(&pool).await?;
+            let checkpoints_before = fixtures::checkpoints(&pool).await?;
             // Only for the real functions: counting adds a listening backend (as a second
             // dispatcher process would), which notifying commits signal.
             let counter = if variant == Variant::With {
@@ -387,6 +398,7 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
             )
             .await?;
             let (pg1, own1, worker1) = (env.postgres_cpu(), env.own_cpu(), worker.cpu(env.ticks));
+            let checkpoints = fixtures::checkpoints(&pool).await? - checkpoints_before;
             let backlog = undispatched(&pool).await?;
             let statements = match env.statements {
                 true => {
@@ -412,7 +424,8 @@ async fn capture_cost(env: &Env, sizes: &Sizes, results: &mut Results) -> Result
                 json!({"round": round, "variant": variant.label(), "transactions": count,
                                "seconds": secs, "per_s": count as f64 / secs,
                                "notifying_transactions": notifying,
-                               "undispatched_at_end": backlog, "statements": statements}),
+                               "undispatched_at_end": backlog, "checkpoints": checkpoints,
+                               "statements": statements}),
             );
         }
     }

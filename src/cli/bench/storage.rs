@@ -142,10 +142,7 @@ async fn dead_versions(pool: &PgPool) -> Result<Value, BenchError> {
     )
     .fetch_all(pool)
     .await?;
-    let checkpoints: i64 =
-        sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
-            .fetch_one(pool)
-            .await?;
+    let checkpoints = fixtures::checkpoints(pool).await?;
     let tables: serde_json::Map<String, Value> = tables
         .into_iter()
         .map(|(table, dead)| (table, dead.into()))
