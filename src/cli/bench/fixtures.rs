@@ -205,6 +205,11 @@ impl Env {
         system::cpu_seconds(std::process::id(), self.ticks)
     }
 
+    /// The machine's speed now ([`system::speed`]), PostgreSQL's included.
+    pub async fn speed(&self) -> Result<system::Speed, BenchError> {
+        Ok(system::speed(Some(&self.admin)).await?)
+    }
+
     /// Stops the cluster and removes it.
     pub async fn stop(self) {
         self.admin.close().await;

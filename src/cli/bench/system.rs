@@ -45,6 +45,69 @@ impl Machine {
     }
 }
 
+/// How fast this machine runs two fixed pieces of work right now: the VM's speed moves by half or
+/// more between hours (docs/performance.md), and a figure can only be compared with another run's
+/// next to the speed each was measured at. Each is the best of three tries, so that a passing
+/// blip does not count, while a slow hour does.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Speed {
+    /// SHA-256 over 32 MiB in this process, one thread: MiB/s.
+    pub sha256_mib_per_s: f64,
+    /// `SELECT sum(i) FROM generate_series(1, 5000000)` in one PostgreSQL backend: millions of
+    /// rows per second (none when no database runs).
+    pub postgres_mrows_per_s: Option<f64>,
+}
+
+impl Speed {
+    /// "SHA-256 512 MiB/s, PostgreSQL 21.3 M rows/s".
+    pub fn describe(&self) -> String {
+        let postgres = self.postgres_mrows_per_s.map_or_else(String::new, |rate| {
+            format!(", PostgreSQL {rate:.1} M rows/s")
+        });
+        format!("SHA-256 {:.0} MiB/s{postgres}", self.sha256_mib_per_s)
+    }
+
+    /// [`Speed::describe`], or "not measured".
+    pub fn describe_measured(speed: Option<&Speed>) -> String {
+        speed.map_or_else(|| "not measured".into(), Speed::describe)
+    }
+}
+
+/// Measures [`Speed`] (about a second; `admin`: a connection to the bench's cluster, if any).
+pub async fn speed(admin: Option<&sqlx::PgPool>) -> Result<Speed, sqlx::Error> {
+    use sha2::Digest;
+    let block = vec![0x5au8; 1 << 20];
+    let sha256 = (0..3)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            let mut hasher = sha2::Sha256::new();
+            for _ in 0..32 {
+                hasher.update(&block);
+            }
+            std::hint::black_box(hasher.finalize());
+            32.0 / started.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max);
+    let postgres = match admin {
+        Some(pool) => {
+            let mut best: f64 = 0.0;
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                sqlx::query("SELECT sum(i) FROM generate_series(1, 5000000) AS i")
+                    .execute(pool)
+                    .await?;
+                best = best.max(5.0 / started.elapsed().as_secs_f64());
+            }
+            Some(best)
+        }
+        None => None,
+    };
+    Ok(Speed {
+        sha256_mib_per_s: sha256,
+        postgres_mrows_per_s: postgres,
+    })
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
