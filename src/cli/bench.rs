@@ -525,7 +525,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     let speed = async |env: &Option<fixtures::Env>, errors: &mut Vec<String>| {
         let measured = match env {
             Some(env) => env.speed().await,
-            None => system::speed(None).await.map_err(BenchError::from),
+            None => system::speed(None).await,
         };
         measured
             .map_err(|error| errors.push(format!("machine speed: {error}")))
