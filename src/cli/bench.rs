@@ -25,7 +25,7 @@ use serde::Serialize;
 use std::fmt::Write as _;
 use std::str::FromStr;
 
-pub use system::{Machine, Speed};
+pub use system::Machine;
 
 /// Why a bench could not run.
 #[derive(Debug, thiserror::Error)]
@@ -391,11 +391,6 @@ pub struct Report {
     pub load_before: [f64; 3],
     /// Load average after the run.
     pub load_after: [f64; 3],
-    /// The machine's speed before the first scenario and after the last (none if it could not
-    /// be measured: the error is in `errors`).
-    pub speed_before: Option<Speed>,
-    /// See `speed_before`.
-    pub speed_after: Option<Speed>,
     /// Seconds the whole run took.
     pub duration_s: f64,
     /// The figures.
@@ -445,12 +440,6 @@ impl Report {
             self.load_after[1],
             self.load_after[2],
             self.duration_s,
-        );
-        let _ = writeln!(
-            out,
-            "machine speed (best of three; compare runs at like speeds): before {}, after {}",
-            Speed::describe_measured(self.speed_before.as_ref()),
-            Speed::describe_measured(self.speed_after.as_ref()),
         );
         let _ = writeln!(out, "{table}");
         if !self.cpu.is_empty() {
@@ -520,19 +509,9 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         env.as_ref()
             .map_or_else(|| "not started".into(), |env| env.postgres_version.clone()),
     );
+    let mut results = scenarios::Results::default();
     // A scenario that fails is reported and the others still run: a long run keeps what it measured.
     let mut errors = Vec::new();
-    let speed = async |env: &Option<fixtures::Env>, errors: &mut Vec<String>| {
-        let measured = match env {
-            Some(env) => env.speed().await,
-            None => system::speed(None).await,
-        };
-        measured
-            .map_err(|error| errors.push(format!("machine speed: {error}")))
-            .ok()
-    };
-    let speed_before = speed(&env, &mut errors).await;
-    let mut results = scenarios::Results::default();
     for scenario in Scenario::ALL {
         if selected(scenario) {
             eprintln!("bench: {scenario:?}…");
@@ -547,7 +526,6 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
             }
         }
     }
-    let speed_after = speed(&env, &mut errors).await;
     if let Some(env) = env {
         env.stop().await;
     }
@@ -558,8 +536,6 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         machine,
         load_before,
         load_after: system::load_average(),
-        speed_before,
-        speed_after,
         duration_s: started.elapsed().as_secs_f64(),
         figures: results.figures,
         cpu: results.cpu,

@@ -205,11 +205,6 @@ impl Env {
         system::cpu_seconds(std::process::id(), self.ticks)
     }
 
-    /// The machine's speed now ([`system::speed`]), PostgreSQL's included.
-    pub async fn speed(&self) -> Result<system::Speed, BenchError> {
-        system::speed(Some(&self.admin)).await
-    }
-
     /// Stops the cluster and removes it.
     pub async fn stop(self) {
         self.admin.close().await;
