@@ -65,7 +65,7 @@ pub async fn complete_succeeded(
         .map(|delivery| (delivery.id, delivery.lease_token, &completion))
         .collect();
     let mut tx = conn.begin_with(queries::RECORD_BEGIN).await?;
-    let written = queries::complete(&mut tx, &completions).await?;
+    let written = queries::complete(&mut tx, &completions, &[], &[]).await?;
     tx.commit().await?;
     Ok(written)
 }

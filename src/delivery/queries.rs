@@ -389,11 +389,15 @@ pub const RECORD_BEGIN: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL
 
 /// Writes each completion if, and only if, this worker still holds that delivery's lease, in one
 /// statement: a finished delivery moves from the hot table to history (`finished_delivery`), one to
-/// be tried again stays, rescheduled. Returns the ids written; a delivery missing from it lost its
-/// lease (another worker took it over), so nothing else about it may be recorded.
+/// be tried again stays, rescheduled; the attempt rows and stored AuditEvents of the deliveries
+/// written go with them, and a successful attempt forgets its subscription's final failures
+/// (`auto_disable`). Returns the ids written; a delivery missing from it lost its lease (another
+/// worker took it over), so nothing about it was written.
 pub(super) async fn complete(
     conn: &mut PgConnection,
     completions: &[(i64, Uuid, &Completion)],
+    attempts: &[(i64, &AttemptRecord, Option<&str>)],
+    events: &[(i64, &StoredAuditEvent)],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let ids: Vec<i64> = completions.iter().map(|(id, _, _)| *id).collect();
     let tokens: Vec<Uuid> = completions.iter().map(|(_, token, _)| *token).collect();
@@ -401,7 +405,7 @@ pub(super) async fn complete(
         .iter()
         .map(|(_, _, c)| c.state.as_str())
         .collect();
-    let attempts: Vec<i32> = completions.iter().map(|(_, _, c)| c.attempts).collect();
+    let attempt_counts: Vec<i32> = completions.iter().map(|(_, _, c)| c.attempts).collect();
     let preamble_failures: Vec<i32> = completions
         .iter()
         .map(|(_, _, c)| c.preamble_failures)
@@ -415,16 +419,51 @@ pub(super) async fn complete(
         .map(|(_, _, c)| c.reason.as_ref().map(ToString::to_string))
         .collect();
     let statuses: Vec<Option<i32>> = completions.iter().map(|(_, _, c)| c.last_status).collect();
+    let attempted: Vec<i64> = attempts.iter().map(|(id, _, _)| *id).collect();
+    let numbers: Vec<i32> = attempts.iter().map(|(_, a, _)| a.attempt).collect();
+    let started: Vec<DateTime<Utc>> = attempts.iter().map(|(_, a, _)| a.started_at).collect();
+    let durations: Vec<i32> = attempts.iter().map(|(_, a, _)| a.duration_ms).collect();
+    let succeeded: Vec<bool> = attempts.iter().map(|(_, a, _)| a.succeeded).collect();
+    let answers: Vec<Option<i32>> = attempts.iter().map(|(_, a, _)| a.status).collect();
+    let errors: Vec<Option<&str>> = attempts
+        .iter()
+        .map(|(_, a, _)| a.error.as_deref())
+        .collect();
+    let bodies: Vec<Option<&str>> = attempts
+        .iter()
+        .map(|(_, a, _)| a.response_body.as_deref())
+        .collect();
+    let event_ids: Vec<Option<&str>> = attempts.iter().map(|(_, _, event)| *event).collect();
+    let audited: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+    let stored_ids: Vec<&str> = events.iter().map(|(_, event)| event.id.as_str()).collect();
+    let recorded: Vec<DateTime<Utc>> = events.iter().map(|(_, event)| event.recorded_at).collect();
+    let contents: Vec<&str> = events
+        .iter()
+        .map(|(_, event)| event.content.as_str())
+        .collect();
     sqlx::query_file_scalar!(
         "src/delivery/complete.sql",
         &ids,
         &tokens,
         &states as &[&str],
-        &attempts,
+        &attempt_counts,
         &preamble_failures,
         &next_attempts as &[Option<DateTime<Utc>>],
         &reasons as &[Option<String>],
         &statuses as &[Option<i32>],
+        &attempted,
+        &numbers,
+        &started,
+        &durations,
+        &succeeded,
+        &answers as &[Option<i32>],
+        &errors as &[Option<&str>],
+        &bodies as &[Option<&str>],
+        &audited,
+        &stored_ids as &[&str],
+        &recorded,
+        &contents as &[&str],
+        &event_ids as &[Option<&str>],
     )
     .fetch_all(conn)
     .await
@@ -440,82 +479,6 @@ pub(super) struct AttemptRecord {
     pub status: Option<i32>,
     pub error: Option<String>,
     pub response_body: Option<String>,
-}
-
-/// Appends to the attempt log, with the id of each attempt's stored AuditEvent (if any).
-pub(super) async fn insert_attempts(
-    conn: &mut PgConnection,
-    attempts: &[(&ClaimedDelivery, &AttemptRecord, Option<&str>)],
-) -> Result<(), sqlx::Error> {
-    let delivery_ids: Vec<i64> = attempts.iter().map(|(d, _, _)| d.id).collect();
-    let projects: Vec<Uuid> = attempts.iter().map(|(d, _, _)| d.project_id).collect();
-    let subscriptions: Vec<&str> = attempts
-        .iter()
-        .map(|(d, _, _)| d.subscription_id.as_str())
-        .collect();
-    let numbers: Vec<i32> = attempts.iter().map(|(_, a, _)| a.attempt).collect();
-    let started: Vec<DateTime<Utc>> = attempts.iter().map(|(_, a, _)| a.started_at).collect();
-    let durations: Vec<i32> = attempts.iter().map(|(_, a, _)| a.duration_ms).collect();
-    let succeeded: Vec<bool> = attempts.iter().map(|(_, a, _)| a.succeeded).collect();
-    let statuses: Vec<Option<i32>> = attempts.iter().map(|(_, a, _)| a.status).collect();
-    let errors: Vec<Option<&str>> = attempts
-        .iter()
-        .map(|(_, a, _)| a.error.as_deref())
-        .collect();
-    let bodies: Vec<Option<&str>> = attempts
-        .iter()
-        .map(|(_, a, _)| a.response_body.as_deref())
-        .collect();
-    let events: Vec<Option<&str>> = attempts.iter().map(|(_, _, event)| *event).collect();
-    sqlx::query!(
-        "INSERT INTO fhir_outbox.delivery_attempt
-             (delivery_id, project_id, subscription_id, attempt, started_at, duration_ms, succeeded,
-              status, error, response_body, audit_event_id)
-         SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::timestamptz[],
-                              $6::int4[], $7::bool[], $8::int4[], $9::text[], $10::text[], $11::text[])",
-        &delivery_ids,
-        &projects,
-        &subscriptions as &[&str],
-        &numbers,
-        &started,
-        &durations,
-        &succeeded,
-        &statuses as &[Option<i32>],
-        &errors as &[Option<&str>],
-        &bodies as &[Option<&str>],
-        &events as &[Option<&str>],
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Stores AuditEvents in their stored form (`audit::StoredAuditEvent`), each in its project: one
-/// row each, no outbox row, as `fhir_outbox.create_audit_events` stores them.
-pub(super) async fn insert_audit_events(
-    conn: &mut PgConnection,
-    events: &[(Uuid, &StoredAuditEvent)],
-) -> Result<(), sqlx::Error> {
-    let projects: Vec<Uuid> = events.iter().map(|(project, _)| *project).collect();
-    let ids: Vec<&str> = events.iter().map(|(_, event)| event.id.as_str()).collect();
-    let recorded: Vec<DateTime<Utc>> = events.iter().map(|(_, event)| event.recorded_at).collect();
-    let contents: Vec<&str> = events
-        .iter()
-        .map(|(_, event)| event.content.as_str())
-        .collect();
-    sqlx::query!(
-        "INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
-         SELECT project_id, id, recorded_at, content::jsonb
-         FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[])
-              AS e (project_id, id, recorded_at, content)",
-        &projects,
-        &ids as &[&str],
-        &recorded,
-        &contents as &[&str],
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// What a recorded batch says of one endpoint's health.
@@ -566,87 +529,19 @@ pub(super) async fn record_endpoint_results(
     let last_failures: Vec<Option<&str>> =
         results.iter().map(|r| r.last_failure.as_deref()).collect();
     let fast: Vec<bool> = results.iter().map(|r| r.fast).collect();
-    sqlx::query!(
-        "INSERT INTO fhir_outbox.endpoint_circuit (project_id, endpoint)
-         SELECT project_id, endpoint FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[])
-                AS r(project_id, endpoint, failures, fast)
-         WHERE failures > 0 OR (fast AND $5::int4 > $6::int4)
-         ORDER BY project_id, endpoint
-         ON CONFLICT DO NOTHING",
-        &projects,
-        &endpoints as &[&str],
-        &failures,
-        &fast,
-        max,
-        base,
-    )
-    .execute(&mut *conn)
-    .await?;
     sqlx::query_as!(
         CircuitTransition,
-        r#"WITH r AS (
-               SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[],
-                                    $8::bool[])
-                   AS r(project_id, endpoint, healthy, failures, last_failure, fast)),
-           old AS (
-               SELECT ec.project_id, ec.endpoint, ec.state, ec.consecutive_failures, ec.openings
-               FROM fhir_outbox.endpoint_circuit ec JOIN r USING (project_id, endpoint)
-               WHERE r.failures > 0 OR ec.state <> 'closed' OR ec.consecutive_failures > 0
-                  OR (r.fast AND coalesce(ec.allowance, $9::int4) < $10::int4)
-                  OR (NOT r.fast AND ec.allowance IS NOT NULL)
-               -- Locked in one order by every recorder, so that two never deadlock.
-               ORDER BY ec.project_id, ec.endpoint
-               FOR UPDATE OF ec),
-           counted AS (
-               SELECT o.*, r.healthy, r.failures, r.last_failure, r.fast,
-                      CASE WHEN r.healthy THEN r.failures
-                           ELSE o.consecutive_failures + r.failures END AS consecutive
-               FROM old o JOIN r USING (project_id, endpoint)),
-           decided AS (
-               SELECT c.*, CASE
-                   WHEN c.state <> 'open' AND c.failures > 0
-                        AND (c.consecutive >= $6 OR c.state = 'half_open') THEN 'open'
-                   WHEN c.healthy AND c.consecutive < $6 THEN 'closed'
-                   ELSE c.state END AS new_state
-               FROM counted c),
-           updated AS (
-               UPDATE fhir_outbox.endpoint_circuit ec
-               SET state = d.new_state,
-                   consecutive_failures = d.consecutive,
-                   openings = CASE WHEN d.new_state = 'closed' THEN 0
-                                   WHEN d.new_state = 'open' AND d.state <> 'open' THEN ec.openings + 1
-                                   ELSE ec.openings END,
-                   opened_at = CASE WHEN d.new_state = 'closed' THEN NULL
-                                    WHEN d.state = 'closed' AND d.new_state = 'open' THEN now()
-                                    ELSE ec.opened_at END,
-                   next_probe_at = CASE
-                       WHEN d.new_state = 'closed' THEN NULL
-                       WHEN d.new_state = 'open' AND d.state <> 'open'
-                           THEN now() + make_interval(secs => ($7::float8[])[
-                                    least(ec.openings + 1, cardinality($7::float8[]))])
-                       ELSE ec.next_probe_at END,
-                   last_failure = coalesce(d.last_failure, ec.last_failure),
-                   last_failure_at = CASE WHEN d.failures > 0 THEN now() ELSE ec.last_failure_at END,
-                   -- Doubles from what is stored, or back to the base (NULL).
-                   allowance = CASE WHEN d.fast
-                       THEN nullif(least(greatest(coalesce(ec.allowance, $9), $9) * 2, $10), $9) END,
-                   updated_at = now()
-               FROM decided d
-               WHERE ec.project_id = d.project_id AND ec.endpoint = d.endpoint
-               RETURNING ec.project_id, ec.endpoint, d.state AS from_state, ec.state AS to_state,
-                         ec.consecutive_failures, ec.next_probe_at)
-           SELECT project_id AS "project_id!", endpoint AS "endpoint!", from_state AS "from!",
-                  to_state AS "to!", consecutive_failures AS "consecutive_failures!",
-                  next_probe_at
-           FROM updated WHERE from_state <> to_state"#,
+        r#"SELECT project_id AS "project_id!", endpoint AS "endpoint!", from_state AS "from!",
+                  to_state AS "to!", consecutive_failures AS "consecutive_failures!", next_probe_at
+           FROM fhir_outbox.record_endpoint_results($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"#,
         &projects,
         &endpoints as &[&str],
         &healthy,
         &failures,
         &last_failures as &[Option<&str>],
+        &fast,
         threshold,
         cool_downs,
-        &fast,
         base,
         max,
     )

@@ -1,8 +1,8 @@
 //! The recorder: writes decided completions in batches, and decides nothing. One transaction per
 //! batch: the fenced completions (`queries::complete`: a finished delivery moves to history, one to
-//! retry is rescheduled), then, for those whose lease still held, the stored AuditEvents
-//! (`queries::insert_audit_events`), the attempt rows and the auto-disable bookkeeping; a batch
-//! that fails is written again one delivery at a time. Then metrics and logged AuditEvents.
+//! retry is rescheduled) with, for those whose lease still held, the stored AuditEvents and the
+//! attempt rows, in one statement; then the auto-disable bookkeeping and the endpoints' circuits. A
+//! batch that fails is written again one delivery at a time. Then metrics and logged AuditEvents.
 
 use super::auto_disable::{self, Trigger};
 use super::outcome::{Decision, FinalFailure};
@@ -73,6 +73,16 @@ struct Events {
     auto_disable: Vec<Trigger>,
 }
 
+/// What recording a batch did.
+#[derive(Default)]
+pub(super) struct Recorded {
+    /// The lease tokens of every execution given (recorded or not: this process is done with them).
+    pub leases: Vec<Uuid>,
+    /// Whether the batch may have changed when something is next due: it rescheduled a delivery,
+    /// or a circuit changed state (an opening schedules its probe).
+    pub schedule_changed: bool,
+}
+
 /// Writes completions.
 pub(super) struct Recorder {
     pub pool: PgPool,
@@ -93,11 +103,10 @@ pub(super) struct Recorder {
 impl Recorder {
     /// Records executions: one transaction for the batch; if it fails, one per execution, so a row
     /// that cannot be written does not hold back the others. An execution that cannot be recorded
-    /// at all is retried when its lease expires. Then metrics and logged AuditEvents. Returns the
-    /// lease tokens of every execution given (recorded or not: this process is done with them).
-    pub(super) async fn record(&self, executed: Vec<Executed>) -> Vec<Uuid> {
+    /// at all is retried when its lease expires. Then metrics and logged AuditEvents.
+    pub(super) async fn record(&self, executed: Vec<Executed>) -> Recorded {
         if executed.is_empty() {
-            return Vec::new();
+            return Recorded::default();
         }
         let now = Utc::now();
         let records: Vec<Record> = executed
@@ -152,6 +161,10 @@ impl Recorder {
         for transition in &transitions {
             log_transition(transition);
         }
+        let schedule_changed = !transitions.is_empty()
+            || records
+                .iter()
+                .any(|record| record.decision.completion.state == DeliveryState::Pending);
         let mut leases = Vec::with_capacity(records.len());
         for record in records {
             let Record {
@@ -194,7 +207,10 @@ impl Recorder {
                 log_given_up(&delivery, &decision);
             }
         }
-        leases
+        Recorded {
+            leases,
+            schedule_changed,
+        }
     }
 
     /// What recording an execution writes: its decision and, for an attempt, its AuditEvents.
@@ -307,10 +323,10 @@ impl Recorder {
         }
     }
 
-    /// Writes records in one transaction: the fenced completions, then, for those whose lease still
-    /// held, the stored AuditEvents, the attempt rows, the auto-disable bookkeeping and the
-    /// endpoints' circuits. Returns the ids of the deliveries written (the others lost their lease
-    /// and nothing of them was written) and the circuits that changed state.
+    /// Writes records in one transaction: the fenced completions with, for those whose lease still
+    /// held, the stored AuditEvents and the attempt rows (one statement), then the auto-disable
+    /// bookkeeping and the endpoints' circuits. Returns the ids of the deliveries written (the
+    /// others lost their lease and nothing of them was written) and the circuits that changed state.
     async fn write(
         &self,
         records: &[Record],
@@ -327,55 +343,37 @@ impl Recorder {
                 )
             })
             .collect();
-        let written: HashSet<i64> = queries::complete(&mut tx, &completions)
+        // Every attempt and stored AuditEvent of the batch goes with it: the statement keeps those
+        // of the deliveries whose lease still held, and drops the others.
+        let attempts: Vec<(i64, &AttemptRecord, Option<&str>)> = records
+            .iter()
+            .filter_map(|record| {
+                let attempt = record.decision.attempt.as_ref()?;
+                let event_id = record.events.stored.as_ref().map(|event| event.id.as_str());
+                Some((record.delivery.id, attempt, event_id))
+            })
+            .collect();
+        let events: Vec<(i64, &StoredAuditEvent)> = records
+            .iter()
+            .filter(|record| record.decision.attempt.is_some())
+            .filter_map(|record| Some((record.delivery.id, record.events.stored.as_ref()?)))
+            .collect();
+        let written: HashSet<i64> = queries::complete(&mut tx, &completions, &attempts, &events)
             .await?
             .into_iter()
             .collect();
-        let mut attempts: Vec<(&ClaimedDelivery, &AttemptRecord, &Events)> = Vec::new();
         for record in records {
-            let delivery = &record.delivery;
-            if !written.contains(&delivery.id) {
+            if !written.contains(&record.delivery.id) {
                 record.span.in_scope(|| {
                     tracing::warn!(
                         "lease lost before completion (another worker took the delivery over); outcome discarded"
                     )
                 });
-            } else if let Some(attempt) = &record.decision.attempt {
-                attempts.push((delivery, attempt, &record.events));
             }
         }
-        let events: Vec<(Uuid, &StoredAuditEvent)> = attempts
-            .iter()
-            .filter_map(|(delivery, _, events)| {
-                Some((delivery.project_id, events.stored.as_ref()?))
-            })
-            .collect();
-        if !events.is_empty() {
-            queries::insert_audit_events(&mut tx, &events).await?;
-        }
-        let rows: Vec<(&ClaimedDelivery, &AttemptRecord, Option<&str>)> = attempts
-            .iter()
-            .map(|(delivery, attempt, events)| {
-                let event_id = events.stored.as_ref().map(|event| event.id.as_str());
-                (*delivery, *attempt, event_id)
-            })
-            .collect();
-        if !rows.is_empty() {
-            queries::insert_attempts(&mut tx, &rows).await?;
-        }
-        // Auto-disable bookkeeping, after the attempts' own records so that a disable is what the
-        // log shows last: a success clears the count, a final failure adds to it (and may disable
-        // the subscription), a `410 Gone` disables it at once.
-        let mut succeeded: Vec<(Uuid, &str)> = attempts
-            .iter()
-            .filter(|(_, attempt, _)| attempt.succeeded)
-            .map(|(delivery, _, _)| (delivery.project_id, delivery.subscription_id.as_str()))
-            .collect();
-        succeeded.sort_unstable();
-        succeeded.dedup();
-        if !succeeded.is_empty() {
-            auto_disable::clear(&mut tx, &succeeded).await?;
-        }
+        // Auto-disable bookkeeping after the attempts' own records (a success cleared the count in
+        // the statement above), so that a disable is what the log shows last: a final failure adds
+        // to the count (and may disable the subscription), a `410 Gone` disables it at once.
         for record in records {
             if record.decision.final_failure != FinalFailure::No
                 && written.contains(&record.delivery.id)

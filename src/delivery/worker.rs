@@ -15,6 +15,7 @@ use super::transport::{Happened, Transport};
 use super::{DeliveryConfig, DeliveryError, outbound};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -54,6 +55,9 @@ pub struct DeliveryWorker {
     /// Signalled when the recorder wrote a batch: a retry may be due before the claimer's next look,
     /// and the deliveries written no longer count against their endpoints' allowance.
     recorded: Notify,
+    /// Set with `recorded` when the batch rescheduled a delivery or changed a circuit: only then
+    /// may something be due sooner than the claimer's last look found.
+    schedule_changed: AtomicBool,
     /// Signalled by a dispatcher of this process when it committed deliveries (see
     /// [`DeliveryWorker::local_wake`]).
     dispatched: LocalWake,
@@ -142,6 +146,7 @@ impl DeliveryWorker {
             leases: Mutex::new(HashSet::new()),
             warned: Mutex::new(HashSet::new()),
             recorded: Notify::new(),
+            schedule_changed: AtomicBool::new(false),
             dispatched: LocalWake::new(),
         })
     }
@@ -481,8 +486,9 @@ impl DeliveryWorker {
     /// are saturated or their circuits open), sleeps until the earliest scheduled delivery or
     /// probe is due (so a retry goes out on time, not on the next poll), a notification, a
     /// recorded batch, or the poll interval at most. A recorded batch frees endpoints' allowances,
-    /// which matters only while deliveries are due already; otherwise the claimer only looks again
-    /// (the batch may have scheduled a retry), sparing the database a claim per recorded batch.
+    /// which matters only while deliveries are due already; otherwise the claimer looks again only
+    /// if the batch scheduled something (a retry, a circuit's probe), sparing the database a claim
+    /// and a look per recorded batch.
     async fn claim_continuously(
         self: Arc<Self>,
         room: Arc<Semaphore>,
@@ -507,13 +513,26 @@ impl DeliveryWorker {
                     ClaimRound::Stopped => return,
                 }
             }
+            self.schedule_changed.store(false, Ordering::Release);
             let (sleep, due_now) = self.until_due(&mut looked).await;
-            claim_next = tokio::select! {
-                _ = woken.changed() => true,
-                _ = self.dispatched.notify.notified() => true,
-                _ = self.recorded.notified() => due_now,
-                _ = tokio::time::sleep(sleep) => true,
-                _ = shutdown.cancelled() => return,
+            let wake_at = tokio::time::Instant::now() + sleep;
+            claim_next = loop {
+                tokio::select! {
+                    _ = woken.changed() => break true,
+                    _ = self.dispatched.notify.notified() => break true,
+                    _ = self.recorded.notified() => {
+                        if due_now {
+                            break true;
+                        }
+                        // Only a batch that scheduled something can make the next due time
+                        // sooner; the others leave the look as it was (one round trip each saved).
+                        if self.schedule_changed.swap(false, Ordering::AcqRel) {
+                            break false;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(wake_at) => break true,
+                    _ = shutdown.cancelled() => return,
+                }
             };
         }
     }
@@ -698,12 +717,15 @@ impl DeliveryWorker {
 
     /// Records a batch, then lets go of its leases and wakes the claimer.
     async fn record(&self, executed: Vec<Executed>) {
-        let done = self.recorder.record(executed).await;
+        let recorded = self.recorder.record(executed).await;
         {
             let mut held = self.leases.lock().expect("lease lock");
-            for token in done {
+            for token in recorded.leases {
                 held.remove(&token);
             }
+        }
+        if recorded.schedule_changed {
+            self.schedule_changed.store(true, Ordering::Release);
         }
         self.recorded.notify_one();
     }

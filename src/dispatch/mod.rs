@@ -259,9 +259,14 @@ impl Dispatcher {
             .begin_with(queries::DISPATCH_BEGIN)
             .await
             .map_err(BatchFailure::unclaimed)?;
-        let changes = queries::claim_changes(&mut tx, limit, from)
-            .await
-            .map_err(BatchFailure::unclaimed)?;
+        let (changes, epochs) = queries::claim_changes(
+            &mut tx,
+            limit,
+            from,
+            self.config.server_scoped_subscriptions,
+        )
+        .await
+        .map_err(BatchFailure::unclaimed)?;
         let took = started.elapsed();
         let lowest = changes.first().map(|change| change.seq);
         let report = if changes.is_empty() {
@@ -269,7 +274,7 @@ impl Dispatcher {
             BatchReport::default()
         } else {
             let claimed = changes.iter().map(|change| change.seq).collect();
-            self.dispatch_claimed(tx, changes)
+            self.dispatch_claimed(tx, changes, epochs)
                 .await
                 .map_err(|error| BatchFailure { error, claimed })?
         };
@@ -284,8 +289,9 @@ impl Dispatcher {
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         mut changes: Vec<ClaimedChange>,
+        epochs: Vec<queries::ProjectEpoch>,
     ) -> Result<BatchReport, DispatchError> {
-        let candidates = self.candidates(&mut tx, &changes).await?;
+        let candidates = self.candidates(&mut tx, &changes, &epochs).await?;
         // The changes left out stay locked, undispatched, until this transaction ends.
         changes.truncate(candidates.within_delivery_budget(&changes));
         // Evaluation is CPU work on user input (bounded by its budget, but still up to that budget
@@ -341,18 +347,17 @@ impl Dispatcher {
         }
     }
 
-    /// The subscriptions for the projects of `changes`, recompiling those whose epoch moved.
+    /// The subscriptions for the projects of `changes`, recompiling those whose epoch (read with
+    /// the changes, [`queries::claim_changes`]) moved.
     async fn candidates(
         &self,
         conn: &mut PgConnection,
         changes: &[ClaimedChange],
+        epochs: &[queries::ProjectEpoch],
     ) -> Result<Candidates, sqlx::Error> {
         let mut projects: Vec<Uuid> = changes.iter().map(|change| change.project_id).collect();
         projects.sort_unstable();
         projects.dedup();
-        let epochs =
-            queries::project_epochs(conn, &projects, self.config.server_scoped_subscriptions)
-                .await?;
         let stale: Vec<Uuid> = {
             let cache = self.cache.lock().expect("cache lock");
             epochs
@@ -365,7 +370,7 @@ impl Dispatcher {
                 .collect()
         };
         if !stale.is_empty() {
-            let loaded = self.load(conn, &stale, &epochs).await?;
+            let loaded = self.load(conn, &stale, epochs).await?;
             let mut cache = self.cache.lock().expect("cache lock");
             for (project, cached) in loaded {
                 cache.insert(project, cached);
@@ -376,7 +381,7 @@ impl Dispatcher {
             by_project: HashMap::new(),
             server_scope: Vec::new(),
         };
-        for epoch in &epochs {
+        for epoch in epochs {
             let Some(cached) = cache.get(&epoch.id) else {
                 continue;
             };
@@ -522,8 +527,8 @@ impl Dispatcher {
     /// of `fhir_outbox.dispatcher_waiting` (migration 7; the notifying writer takes the row), because
     /// a notification serialises commits and a busy dispatcher does not need one. So once the outbox
     /// looks drained, the loop registers (`listener`, on the backend that LISTENs for it), looks once
-    /// more (for changes that committed before its row was visible to their writers' checks), and
-    /// only then waits; woken by the poll interval, it withdraws its row before it drains (woken by
+    /// more (for changes that committed before its row was visible to their writers' checks; a
+    /// claim only if that look finds any), and only then waits; woken by the poll interval, it withdraws its row before it drains (woken by
     /// a notification, the writer has taken it). A writer that checked just before the row was
     /// visible and committed just after the second look is found at the next wake-up or poll: late,
     /// never lost.
@@ -571,8 +576,8 @@ impl Dispatcher {
                     }
                     if !registered {
                         registered = self.register(listener, &listening_on).await;
-                        if registered {
-                            continue; // the second look
+                        if registered && self.undispatched_after_registering().await {
+                            continue; // the second look found work: claim it
                         }
                     }
                 }
@@ -625,6 +630,15 @@ impl Dispatcher {
         }
         // Unconditionally: a row we believed taken may still be there (see above).
         self.unregister(listener).await;
+    }
+
+    /// The second look, once registered: whether changes committed before the registration was
+    /// visible to their writers wait undispatched (true when the look fails: the claim looks then).
+    async fn undispatched_after_registering(&self) -> bool {
+        let from = self.floor.lock().expect("floor lock").start(Instant::now());
+        queries::undispatched_from(&self.pool, from)
+            .await
+            .unwrap_or(true)
     }
 
     /// Registers the loop `listener` as waiting for a wake-up; false if it cannot be woken (no

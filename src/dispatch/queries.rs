@@ -44,6 +44,10 @@ struct ClaimRow {
     current: Option<String>,
     previous: Option<String>,
     resend_subscription_id: Option<String>,
+    project_epoch: Option<i64>,
+    project_server_scope: Option<bool>,
+    server_scope_ids: Option<Vec<Uuid>>,
+    server_scope_epochs: Option<Vec<i64>>,
 }
 
 /// The most a dispatch batch reads of the versions it evaluates, as stored (`pg_column_size`: a
@@ -67,11 +71,15 @@ pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = o
 /// the rows beyond it stay undispatched, for the next batch.
 /// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
 /// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
+/// With them come the subscription epochs of their projects, and of every server-scope project
+/// when `with_server_scope`: read in the same statement, so that a dispatch costs no round trip
+/// of its own for them.
 pub(crate) async fn claim_changes(
     conn: &mut PgConnection,
     limit: i64,
     from_seq: i64,
-) -> Result<Vec<ClaimedChange>, sqlx::Error> {
+    with_server_scope: bool,
+) -> Result<(Vec<ClaimedChange>, Vec<ProjectEpoch>), sqlx::Error> {
     let rows = sqlx::query_as!(
         ClaimRow,
         r#"WITH claimed AS (
@@ -99,17 +107,45 @@ pub(crate) async fn claim_changes(
                   r.previous_version_id, r.interaction AS "interaction!: Interaction",
                   r.changed_at AS "changed_at!", r.request_id AS "request_id!", r.trace_id AS "trace_id!",
                   r.current::text AS "current?", r.previous::text AS "previous?",
-                  r.resend_subscription_id
+                  r.resend_subscription_id,
+                  p.subscription_epoch AS "project_epoch?", p.server_scope AS "project_server_scope?",
+                  s.ids AS "server_scope_ids?", s.epochs AS "server_scope_epochs?"
            FROM read r
+           LEFT JOIN fhir_outbox.project p ON p.id = r.project_id
+           CROSS JOIN (SELECT array_agg(id ORDER BY id) AS ids,
+                              array_agg(subscription_epoch ORDER BY id) AS epochs
+                       FROM fhir_outbox.project WHERE server_scope AND $4) s
            WHERE r.n = 1 OR r.read_through <= $3
            ORDER BY r.seq"#,
         limit,
         from_seq,
-        BATCH_CONTENT_BUDGET_BYTES
+        BATCH_CONTENT_BUDGET_BYTES,
+        with_server_scope
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(decode_change).collect())
+    let mut epochs: Vec<ProjectEpoch> = Vec::new();
+    if let Some(first) = rows.first() {
+        let ids = first.server_scope_ids.iter().flatten();
+        let server_scope = ids.zip(first.server_scope_epochs.iter().flatten());
+        epochs.extend(server_scope.map(|(id, epoch)| ProjectEpoch {
+            id: *id,
+            subscription_epoch: *epoch,
+            server_scope: true,
+        }));
+    }
+    for row in &rows {
+        if let (Some(epoch), Some(server_scope)) = (row.project_epoch, row.project_server_scope) {
+            epochs.push(ProjectEpoch {
+                id: row.project_id,
+                subscription_epoch: epoch,
+                server_scope,
+            });
+        }
+    }
+    epochs.sort_unstable_by_key(|epoch| epoch.id);
+    epochs.dedup_by_key(|epoch| epoch.id);
+    Ok((rows.into_iter().map(decode_change).collect(), epochs))
 }
 
 fn decode_change(row: ClaimRow) -> ClaimedChange {
@@ -146,27 +182,11 @@ fn decode_change(row: ClaimRow) -> ClaimedChange {
 }
 
 /// A project's subscription epoch (bumped by every Subscription write).
+#[derive(Debug)]
 pub(crate) struct ProjectEpoch {
     pub id: Uuid,
     pub subscription_epoch: i64,
     pub server_scope: bool,
-}
-
-/// The epochs of these projects, and of every server-scope project when `with_server_scope`.
-pub(crate) async fn project_epochs(
-    conn: &mut PgConnection,
-    projects: &[Uuid],
-    with_server_scope: bool,
-) -> Result<Vec<ProjectEpoch>, sqlx::Error> {
-    sqlx::query_as!(
-        ProjectEpoch,
-        "SELECT id, subscription_epoch, server_scope FROM fhir_outbox.project
-         WHERE id = ANY($1) OR (server_scope AND $2)",
-        projects,
-        with_server_scope
-    )
-    .fetch_all(conn)
-    .await
 }
 
 /// An active Subscription, as loaded for matching.
@@ -408,6 +428,23 @@ pub(crate) async fn queue_heartbeats(pool: &sqlx::PgPool) -> Result<i32, sqlx::E
     sqlx::query_scalar!(r#"SELECT fhir_outbox.queue_heartbeats() AS "queued!""#)
         .fetch_one(pool)
         .await
+}
+
+/// Whether any outbox row from `from_seq` on is undispatched (`from_seq` as in [`claim_changes`]):
+/// the look a dispatch loop takes after registering for wake-ups, one round trip where an empty
+/// claim costs three (its transaction's begin and commit). Rows another dispatcher has locked count:
+/// the claim that follows then finds nothing, and the loop waits.
+pub(crate) async fn undispatched_from(
+    pool: &sqlx::PgPool,
+    from_seq: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM fhir_outbox.outbox
+                          WHERE dispatched_at IS NULL AND seq >= $1) AS "exists!""#,
+        from_seq
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// Asks writers to wake this dispatch loop (`listener`), whose LISTEN connection is backend

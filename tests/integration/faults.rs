@@ -215,6 +215,64 @@ async fn a_taken_over_lease_is_a_first_attempt_even_for_a_superseded_version() {
     assert_eq!(versions, ["1", "2", "3"]);
 }
 
+/// A worker whose lease was taken over while its request was in flight (it stalled past its lease,
+/// and another worker claimed the delivery) records nothing of that attempt: not the completion, not
+/// the attempt row, not the AuditEvent. The delivery is the new lease holder's; what it sends is the
+/// attempt on record. (The recorder writes the completion, the attempt rows and the AuditEvents in
+/// one statement, fenced by the lease token.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_after_a_takeover_records_no_attempt_and_no_audit_event() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![Reply::Stall(Duration::from_millis(1500))]).await;
+    create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    write_patients(&db.pool, project, 1).await;
+    let p = pipeline(&db.pool, fast_config());
+    p.settle_dispatch().await;
+    let worker = p.worker.clone();
+    let delivering = tokio::spawn(async move { worker.deliver_once().await.unwrap() });
+    let started = Instant::now();
+    while receiver.received().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Another worker takes the delivery over, as the claim writes a takeover.
+    let taken = sqlx::query(
+        "UPDATE fhir_outbox.delivery SET lease_token = gen_random_uuid(), claims = claims + 1
+         WHERE state = 'in_flight'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(taken, 1);
+    assert_eq!(delivering.await.unwrap(), 1, "the stalled request was made");
+
+    let state: (String, i32) = sqlx::query_as("SELECT state, attempts FROM fhir_outbox.delivery")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        state,
+        ("in_flight".to_owned(), 0),
+        "the new holder's delivery is untouched"
+    );
+    let attempts = count(
+        &db.pool,
+        "SELECT count(*) FROM fhir_outbox.delivery_attempt",
+    )
+    .await;
+    let events = count(&db.pool, "SELECT count(*) FROM fhir_outbox.audit_event").await;
+    assert_eq!(
+        (attempts, events),
+        (0, 0),
+        "nothing of the discarded outcome is stored"
+    );
+}
+
 /// The field case behind the test above: two workers killed at random while a slow receiver holds
 /// requests in flight, every change an update of one of a few Patients (so nearly every version is
 /// superseded when it is sent). Nothing may be lost or skipped.

@@ -355,7 +355,10 @@ async fn explain_completion(conn: &mut sqlx::PgConnection) -> String {
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN EXECUTE complete('{1}', ARRAY[gen_random_uuid()], '{succeeded}',
                                    '{1}', '{0}', ARRAY[NULL::timestamptz],
-                                   ARRAY[NULL::text], '{200}')",
+                                   ARRAY[NULL::text], '{200}', '{1}', '{1}', ARRAY[now()],
+                                   '{5}', '{true}', '{200}', ARRAY[NULL::text],
+                                   ARRAY[NULL::text], '{1}', '{e}', ARRAY[now()], ARRAY['{}'],
+                                   '{e}')",
     )
     .fetch_all(&mut *conn)
     .await
@@ -373,7 +376,9 @@ async fn the_completions_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     let mut conn = db.pool.acquire().await.unwrap();
     sqlx::raw_sql(&format!(
         "ANALYZE fhir_outbox.unfinished_delivery_lane0; ANALYZE fhir_outbox.unfinished_delivery_lane1;
-         PREPARE complete(int8[], uuid[], text[], int4[], int4[], timestamptz[], text[], int4[])
+         PREPARE complete(int8[], uuid[], text[], int4[], int4[], timestamptz[], text[], int4[],
+                          int8[], int4[], timestamptz[], int4[], bool[], int4[], text[], text[],
+                          int8[], text[], timestamptz[], text[], text[])
              AS {}",
         include_str!("../../src/delivery/complete.sql")
     ))
