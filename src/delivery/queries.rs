@@ -513,7 +513,8 @@ pub(super) struct CircuitTransition {
 /// `cool_downs[openings]` seconds (the last one once they run out) before its probe. Applies
 /// the rules of `policy::EndpointAllowance` (`allowance` is its base and max) from the allowance
 /// stored, so that a recorder cannot undo another's fall back with what its claim saw. Returns the
-/// transitions. Endpoints with nothing to change are not written.
+/// transitions. Endpoints with nothing to change are not written. One round trip: the rules are
+/// `fhir_outbox.record_endpoint_results` (migration 20261213000001).
 pub(super) async fn record_endpoint_results(
     conn: &mut PgConnection,
     results: &[EndpointResult],

@@ -109,7 +109,9 @@ pub(crate) async fn claim_changes(
                   r.current::text AS "current?", r.previous::text AS "previous?",
                   r.resend_subscription_id,
                   p.subscription_epoch AS "project_epoch?", p.server_scope AS "project_server_scope?",
-                  s.ids AS "server_scope_ids?", s.epochs AS "server_scope_epochs?"
+                  -- The batch's server-scope projects, once: on its first row.
+                  CASE WHEN r.n = 1 THEN s.ids END AS "server_scope_ids?",
+                  CASE WHEN r.n = 1 THEN s.epochs END AS "server_scope_epochs?"
            FROM read r
            LEFT JOIN fhir_outbox.project p ON p.id = r.project_id
            CROSS JOIN (SELECT array_agg(id ORDER BY id) AS ids,
