@@ -64,11 +64,53 @@ $_$;
 
 CREATE FUNCTION fhir_outbox.checked_content(p_project uuid, p_resource jsonb) RETURNS jsonb
     LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_content jsonb := fhir_outbox.checked_shape(p_resource);
+    v_type    text := p_resource ->> 'resourceType';
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM fhir_outbox.resource_type WHERE name = v_type) THEN
+        RAISE EXCEPTION 'unknown resourceType "%"', left(v_type, 100) USING ERRCODE = 'OB002';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM fhir_outbox.project WHERE id = p_project) THEN
+        RAISE EXCEPTION 'unknown project %', coalesce(p_project::text, 'NULL') USING ERRCODE = 'OB005';
+    END IF;
+    RETURN v_content;
+END
+$$;
+
+--
+-- Name: checked_context(text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.checked_context(p_request_id text, p_trace_id text, OUT request_id text, OUT trace_id text) RETURNS record
+    LANGUAGE plpgsql
+    AS $_$
+BEGIN
+    request_id := coalesce(p_request_id, gen_random_uuid()::text);
+    IF request_id = '' OR length(request_id) > 200 THEN
+        RAISE EXCEPTION 'request id must be 1 to 200 characters' USING ERRCODE = 'OB010';
+    END IF;
+    trace_id := coalesce(p_trace_id, gen_random_uuid()::text);
+    IF trace_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       AND trace_id !~* '^([0-9a-f]{2}-)?[0-9a-f]{32}-[0-9a-f]{16}(-[0-9a-f]{1,2})?$' THEN
+        RAISE EXCEPTION 'trace id "%" is neither a UUID nor a W3C traceparent', left(trace_id, 100)
+            USING ERRCODE = 'OB010';
+    END IF;
+END
+$_$;
+
+--
+-- Name: checked_shape(jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.checked_shape(p_resource jsonb) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
     v_text  text;
+    v_bytes bytea;
     v_limit bigint := coalesce(nullif(current_setting('fhir_outbox.max_resource_bytes', true), '')::bigint, 4194304);
-    v_type  text;
 BEGIN
     IF p_resource IS NULL OR jsonb_typeof(p_resource) <> 'object' THEN
         RAISE EXCEPTION 'resource must be a JSON object, got %', coalesce(jsonb_typeof(p_resource), 'nothing')
@@ -90,19 +132,16 @@ BEGIN
     IF jsonb_typeof(p_resource -> 'resourceType') IS DISTINCT FROM 'string' THEN
         RAISE EXCEPTION 'resource has no resourceType string' USING ERRCODE = 'OB001';
     END IF;
-    v_type := p_resource ->> 'resourceType';
-    IF NOT EXISTS (SELECT 1 FROM fhir_outbox.resource_type WHERE name = v_type) THEN
-        RAISE EXCEPTION 'unknown resourceType "%"', left(v_type, 100) USING ERRCODE = 'OB002';
-    END IF;
     IF p_resource ? 'meta' AND jsonb_typeof(p_resource -> 'meta') <> 'object' THEN
         RAISE EXCEPTION 'meta must be a JSON object, got %', jsonb_typeof(p_resource -> 'meta')
             USING ERRCODE = 'OB001';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM fhir_outbox.project WHERE id = p_project) THEN
-        RAISE EXCEPTION 'unknown project %', coalesce(p_project::text, 'NULL') USING ERRCODE = 'OB005';
-    END IF;
     -- The full recursive pass is only needed when something could be empty; jsonb_strip_nulls is cheap.
-    IF v_text ~ '""|\{\}|\[\]' THEN
+    -- As bytes: `position` in a bytea is a plain byte search, several times cheaper than `LIKE`
+    -- or a regular expression on text (the three are ASCII, so bytes or characters are the same).
+    v_bytes := convert_to(v_text, 'UTF8');
+    IF position('\x2222'::bytea IN v_bytes) > 0 OR position('\x7b7d'::bytea IN v_bytes) > 0
+       OR position('\x5b5d'::bytea IN v_bytes) > 0 THEN
         -- The recursive pass can exhaust the stack on absurdly deep input: name the problem.
         BEGIN
             RETURN fhir_outbox.strip_empty(jsonb_strip_nulls(p_resource));
@@ -111,27 +150,6 @@ BEGIN
         END;
     END IF;
     RETURN jsonb_strip_nulls(p_resource);
-END
-$_$;
-
---
--- Name: checked_context(text, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
---
-
-CREATE FUNCTION fhir_outbox.checked_context(p_request_id text, p_trace_id text, OUT request_id text, OUT trace_id text) RETURNS record
-    LANGUAGE plpgsql
-    AS $_$
-BEGIN
-    request_id := coalesce(p_request_id, gen_random_uuid()::text);
-    IF request_id = '' OR length(request_id) > 200 THEN
-        RAISE EXCEPTION 'request id must be 1 to 200 characters' USING ERRCODE = 'OB010';
-    END IF;
-    trace_id := coalesce(p_trace_id, gen_random_uuid()::text);
-    IF trace_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-       AND trace_id !~* '^([0-9a-f]{2}-)?[0-9a-f]{32}-[0-9a-f]{16}(-[0-9a-f]{1,2})?$' THEN
-        RAISE EXCEPTION 'trace id "%" is neither a UUID nor a W3C traceparent', left(trace_id, 100)
-            USING ERRCODE = 'OB010';
-    END IF;
 END
 $_$;
 
@@ -433,7 +451,17 @@ BEGIN
         RAISE EXCEPTION 'at most 10000 resources per call, got %', v_count USING ERRCODE = 'OB001';
     END IF;
     BEGIN
-        SELECT array_agg(fhir_outbox.checked_content(p_project, u.doc) ORDER BY u.n) INTO v_checked
+        -- The lookups of `checked_content`, once for the batch (an empty batch looks up nothing,
+        -- as before). Their messages are never seen: any refusal is named by the fallback below.
+        IF v_count > 0 AND NOT EXISTS (SELECT 1 FROM fhir_outbox.project WHERE id = p_project) THEN
+            RAISE EXCEPTION 'unknown project' USING ERRCODE = 'OB005';
+        END IF;
+        IF EXISTS (SELECT 1 FROM unnest(p_resources) AS u(doc)
+                   WHERE NOT EXISTS (SELECT 1 FROM fhir_outbox.resource_type t
+                                     WHERE t.name = u.doc ->> 'resourceType')) THEN
+            RAISE EXCEPTION 'unknown resourceType' USING ERRCODE = 'OB002';
+        END IF;
+        SELECT array_agg(fhir_outbox.checked_shape(u.doc) ORDER BY u.n) INTO v_checked
         FROM unnest(p_resources) WITH ORDINALITY AS u(doc, n);
     EXCEPTION WHEN OTHERS THEN
         -- Which one: checked again one at a time (only when the batch failed), then named.
@@ -1038,7 +1066,7 @@ $$;
 --
 
 CREATE FUNCTION fhir_outbox.stamped(p_content jsonb, p_project uuid, p_id text, p_version bigint, p_at timestamp with time zone, p_author text) RETURNS jsonb
-    LANGUAGE sql IMMUTABLE
+    LANGUAGE sql STABLE
     AS $$
     SELECT p_content || jsonb_build_object('id', p_id, 'meta',
         (coalesce(p_content -> 'meta', '{}'::jsonb) - '{versionId,lastUpdated,project,author}'::text[])

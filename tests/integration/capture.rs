@@ -701,9 +701,62 @@ async fn one_bad_resource_fails_its_batch_by_position_and_writes_nothing() {
     assert!(error.to_string().contains("at most 10000"), "{error}");
     assert_eq!(version_count(&db.pool, project).await, 0);
     assert_eq!(outbox_count(&db.pool, project).await, 0);
-    // An empty batch writes nothing and is no error.
+    // The project is looked up once for the batch, and its refusal is named like the others.
+    let nowhere = Uuid::new_v4();
+    let error = capture::create_many(&db.pool, nowhere, &batch[..2], &WriteContext::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, StoreError::UnknownProject(message)
+            if message.starts_with(&format!("resource 1 of 2: unknown project {nowhere}"))),
+        "{error:?}"
+    );
+    assert_eq!(version_count(&db.pool, project).await, 0);
+    assert_eq!(outbox_count(&db.pool, project).await, 0);
+    // An empty batch writes nothing and is no error, whatever the project.
     let none = capture::create_many(&db.pool, project, &[], &WriteContext::default())
         .await
         .unwrap();
     assert!(none.is_empty());
+    let none = capture::create_many(&db.pool, nowhere, &[], &WriteContext::default())
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_stores_each_resource_as_a_single_write_would() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    // Empty values and nulls (removed), braces and quotes inside strings (kept), and a resource
+    // with nothing to remove.
+    let batch = vec![
+        json!({ "resourceType": "Patient", "gender": "", "name": [{ "family": "A", "given": [] }],
+                "active": null, "contact": {} }),
+        json!({ "resourceType": "Patient", "name": [{ "text": "{} [] \"\"" }] }),
+        json!({ "resourceType": "Patient", "active": true }),
+    ];
+    let written = capture::create_many(&db.pool, project, &batch, &WriteContext::default())
+        .await
+        .unwrap();
+    for (given, written) in batch.iter().zip(&written) {
+        let single = capture::create(&db.pool, project, given, &WriteContext::default())
+            .await
+            .unwrap();
+        let without_stamps = |resource: &Value| {
+            let mut resource = resource.clone();
+            resource.as_object_mut().unwrap().remove("id");
+            resource.as_object_mut().unwrap().remove("meta");
+            resource
+        };
+        assert_eq!(
+            without_stamps(&written.resource),
+            without_stamps(&single.resource)
+        );
+    }
+    assert_eq!(written[0].resource["name"], json!([{ "family": "A" }]));
+    assert!(written[0].resource.get("gender").is_none());
+    assert!(written[0].resource.get("contact").is_none());
+    assert!(written[0].resource.get("active").is_none());
+    assert_eq!(written[1].resource["name"][0]["text"], "{} [] \"\"");
 }
