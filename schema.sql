@@ -1086,7 +1086,7 @@ CREATE FUNCTION fhir_outbox.stored_audit_event(p_project uuid, p_id text) RETURN
     LANGUAGE sql STABLE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-    SELECT a.content FROM fhir_outbox.audit_event a
+    SELECT a.content::jsonb FROM fhir_outbox.audit_event a
     WHERE a.project_id = p_project AND a.id = p_id
       AND (fhir_outbox.uuid_v7_time(p_id) IS NULL
            OR a.recorded_at BETWEEN fhir_outbox.uuid_v7_time(p_id)
@@ -1460,7 +1460,7 @@ CREATE TABLE fhir_outbox.audit_event (
     project_id uuid NOT NULL,
     id text NOT NULL,
     recorded_at timestamp with time zone NOT NULL,
-    content jsonb NOT NULL
+    content json NOT NULL
 )
 PARTITION BY RANGE (recorded_at);
 

@@ -63,7 +63,7 @@ written AS (
 -- each, no outbox row, as `fhir_outbox.create_audit_events` stores them.
 audited AS (
     INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
-    SELECT w.project_id, e.id, e.recorded_at, e.content::jsonb
+    SELECT w.project_id, e.id, e.recorded_at, e.content::json
     FROM unnest($17::int8[], $18::text[], $19::timestamptz[], $20::text[])
          AS e(delivery_id, id, recorded_at, content)
     JOIN written w ON w.id = e.delivery_id),

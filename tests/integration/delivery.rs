@@ -119,7 +119,7 @@ pub async fn audit_events(pool: &PgPool, subscription: &Value) -> Vec<(String, S
     let reference = format!("Subscription/{}", subscription["id"].as_str().unwrap());
     let events: Vec<Value> = sqlx::query_scalar(
         "SELECT content FROM (
-             SELECT content, recorded_at AS at FROM fhir_outbox.audit_event
+             SELECT content::jsonb, recorded_at AS at FROM fhir_outbox.audit_event
              UNION ALL
              SELECT content, last_updated FROM fhir_outbox.resource_version
              WHERE resource_type = 'AuditEvent') e
