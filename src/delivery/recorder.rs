@@ -5,6 +5,7 @@
 //! batch that fails is written again one delivery at a time. Then metrics and logged AuditEvents.
 
 use super::auto_disable::{self, Trigger};
+use super::delivery_span;
 use super::outcome::{Decision, FinalFailure};
 use super::policy::{self, CircuitBreaker, EndpointAllowance, EndpointSignal};
 use super::preamble::Target;
@@ -32,8 +33,6 @@ pub(super) struct Executed {
     pub audit: Option<AuditInput>,
     /// When its execution started (for the metrics).
     pub clock: Instant,
-    /// Its log span, so that what the recorder logs about it carries the delivery's fields.
-    pub span: tracing::Span,
 }
 
 /// What the AuditEvents of an attempt need besides its record.
@@ -57,7 +56,6 @@ pub(super) struct BotRun {
 struct Record {
     delivery: ClaimedDelivery,
     clock: Instant,
-    span: tracing::Span,
     decision: Decision,
     /// The attempt's AuditEvents (with `decision.attempt`).
     events: Events,
@@ -114,7 +112,7 @@ impl Recorder {
             .map(|executed| self.record_of(executed, now))
             .collect();
         let unrecorded = |record: &Record, error: &StoreError| {
-            record.span.in_scope(|| {
+            delivery_span(&record.delivery).in_scope(|| {
                 tracing::warn!(%error, "cannot record the delivery outcome; it will be retried when its lease expires")
             })
         };
@@ -170,7 +168,6 @@ impl Recorder {
             let Record {
                 delivery,
                 clock,
-                span,
                 decision,
                 events,
             } = record;
@@ -178,7 +175,6 @@ impl Recorder {
             if !written.contains(&delivery.id) {
                 continue;
             }
-            let _entered = span.enter();
             let state = decision.completion.state;
             if let Some(attempt) = &decision.attempt {
                 crate::metrics::attempt(
@@ -188,7 +184,8 @@ impl Recorder {
                 if self.log_audit_events
                     && let Some(event) = &events.logged
                 {
-                    audit::application::log_audit_event(event, true);
+                    delivery_span(&delivery)
+                        .in_scope(|| audit::application::log_audit_event(event, true));
                 }
             }
             let succeeded = state == DeliveryState::Succeeded;
@@ -204,7 +201,7 @@ impl Recorder {
                 crate::metrics::finished(state);
             }
             if state == DeliveryState::Failed {
-                log_given_up(&delivery, &decision);
+                delivery_span(&delivery).in_scope(|| log_given_up(&delivery, &decision));
             }
         }
         Recorded {
@@ -221,7 +218,6 @@ impl Recorder {
             decision,
             audit,
             clock,
-            span,
         } = executed;
         let events = match (&decision.attempt, audit) {
             (Some(attempt), Some(audit)) => self.audit_events(&delivery, attempt, audit, now),
@@ -230,7 +226,6 @@ impl Recorder {
         Record {
             delivery,
             clock,
-            span,
             decision,
             events,
         }
@@ -364,7 +359,7 @@ impl Recorder {
             .collect();
         for record in records {
             if !written.contains(&record.delivery.id) {
-                record.span.in_scope(|| {
+                delivery_span(&record.delivery).in_scope(|| {
                     tracing::warn!(
                         "lease lost before completion (another worker took the delivery over); outcome discarded"
                     )
@@ -379,7 +374,7 @@ impl Recorder {
                 && written.contains(&record.delivery.id)
             {
                 track_final_failure(&mut tx, record)
-                    .instrument(record.span.clone())
+                    .instrument(delivery_span(&record.delivery))
                     .await?;
             }
         }

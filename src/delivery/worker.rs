@@ -12,7 +12,7 @@ use super::queries::{self, ClaimLimits, ClaimedDelivery};
 use super::recorder::{self, AuditInput, BotRun, Executed, Recorder};
 use super::slots::{EndpointKey, SlotQueue};
 use super::transport::{Happened, Transport};
-use super::{DeliveryConfig, DeliveryError, outbound};
+use super::{DeliveryConfig, DeliveryError, delivery_span, outbound};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -637,26 +637,18 @@ impl DeliveryWorker {
     /// ends up in the decision.
     async fn execute(&self, job: Job) -> Executed {
         let delivery = job.delivery;
-        // Every log line about this delivery carries these (never the body, headers or endpoint).
-        let span = tracing::info_span!(
-            "delivery",
-            delivery = delivery.id,
-            subscription = %delivery.subscription_id,
-            resource = %format_args!("{}/{}", delivery.resource_type, delivery.resource_id),
-            version = delivery.version_id,
-            attempt = delivery.attempts + 1,
-            request_id = %delivery.request_id,
-            trace_id = %delivery.trace_id,
-        );
         let clock = Instant::now();
         let (execution, request) = match job.prepared {
             Ok(Prepared::Stop(stop)) => (Execution::Stopped(stop), None),
             Ok(Prepared::Send(mut request)) => {
-                let performed = self
-                    .transport
-                    .perform(&delivery, &mut request)
-                    .instrument(span.clone())
-                    .await;
+                // A bot's handler may log: its lines carry the delivery's fields. A request logs
+                // nothing of ours until its outcome.
+                let bot = request.bot.is_some();
+                let perform = self.transport.perform(&delivery, &mut request);
+                let performed = match bot {
+                    true => perform.instrument(delivery_span(&delivery)).await,
+                    false => perform.await,
+                };
                 (Execution::Performed(performed), Some(request))
             }
             Err(error) => (Execution::PreambleFailed(error), None),
@@ -675,7 +667,7 @@ impl DeliveryWorker {
         let audit = match (execution, request) {
             (Execution::Performed(performed), Some(request)) => {
                 if let Some(attempt) = &decision.attempt {
-                    span.in_scope(|| log_attempt(attempt, &performed.happened));
+                    log_attempt(&delivery, attempt, &performed.happened);
                 }
                 let bot = match performed.happened {
                     Happened::Bot { bot, input, result } => Some(BotRun {
@@ -698,7 +690,6 @@ impl DeliveryWorker {
             decision,
             audit,
             clock,
-            span,
         }
     }
 
@@ -733,7 +724,15 @@ impl DeliveryWorker {
 
 /// Every attempt is in `delivery_attempt`; the log shows failures by default and successes at debug
 /// level (thousands a second would drown everything else).
-fn log_attempt(attempt: &queries::AttemptRecord, happened: &Happened) {
+fn log_attempt(delivery: &ClaimedDelivery, attempt: &queries::AttemptRecord, happened: &Happened) {
+    // Successes are logged at debug level: no span for a line that is not written.
+    if attempt.succeeded
+        && !matches!(happened, Happened::Bot { .. })
+        && !tracing::enabled!(tracing::Level::DEBUG)
+    {
+        return;
+    }
+    let _entered = delivery_span(delivery).entered();
     let duration_ms = attempt.duration_ms;
     match happened {
         Happened::Bot { .. } => tracing::info!(
