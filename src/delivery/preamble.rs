@@ -5,6 +5,7 @@
 use super::DeliveryConfig;
 use super::auto_disable::{self, Trigger};
 use super::headers;
+use super::outbound;
 use super::policy::Rules;
 use super::queries::{ClaimedDelivery, Notification, ResourceNow, SubscriptionNow};
 use super::signature;
@@ -34,6 +35,9 @@ pub(super) struct Target {
     pub status: String,
     /// `channel.endpoint`.
     pub endpoint: Option<String>,
+    /// The endpoint as a URL checked for outbound safety (without DNS), or why it is refused;
+    /// checked once per batch, not per request. `None` for a `Bot/` endpoint or none.
+    pub url: Option<Result<reqwest::Url, String>>,
     /// The `channel.header` entries, or why they are invalid.
     pub custom_headers: Result<Vec<(HeaderName, HeaderValue)>, String>,
     /// The signing secret.
@@ -74,6 +78,12 @@ impl Target {
             channel: subscription::channel_type(content).to_owned(),
             status: subscription::status(content).to_owned(),
             endpoint: subscription::endpoint(content).map(str::to_owned),
+            url: subscription::endpoint(content)
+                .filter(|endpoint| !endpoint.starts_with("Bot/"))
+                .map(|endpoint| {
+                    outbound::check_url(endpoint, config.allow_unsafe_outbound)
+                        .map_err(|refused| refused.to_string())
+                }),
             custom_headers: headers::custom_headers(content).map_err(|error| error.to_string()),
             secret: signature::secret(content).map(str::to_owned),
             rules,

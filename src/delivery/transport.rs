@@ -2,7 +2,6 @@
 //! Returns what happened, and decides nothing: whether that is a success, and what follows, is
 //! [`super::outcome`]'s.
 
-use super::outbound;
 use super::preamble::Request;
 use super::queries::ClaimedDelivery;
 use crate::bots::{BotInput, BotRegistry};
@@ -14,8 +13,6 @@ use std::time::{Duration, Instant};
 pub(super) struct Transport {
     /// The HTTP client (public-only DNS unless unsafe outbound is allowed).
     pub client: reqwest::Client,
-    /// Allow `http` and non-public endpoints.
-    pub allow_unsafe_outbound: bool,
     /// Time allowed for a bot run (the client has its own).
     pub request_timeout: Duration,
     /// Bytes of the response body kept.
@@ -77,11 +74,12 @@ impl Transport {
         let headers = request.headers(delivery, started_at.timestamp());
         let happened = match &request.bot {
             Some((bot, input)) => self.run_bot(delivery, request, bot, input, &headers).await,
-            None => match outbound::check_url(&request.endpoint, self.allow_unsafe_outbound) {
-                Err(refused) => Happened::Error(refused.to_string()),
-                Ok(url) => match self
+            None => match &request.target.url {
+                None => Happened::Error(format!("{} is not a URL", request.endpoint)),
+                Some(Err(refused)) => Happened::Error(refused.clone()),
+                Some(Ok(url)) => match self
                     .post(
-                        url,
+                        url.clone(),
                         headers,
                         std::mem::take(&mut request.body),
                         request.timeout,

@@ -127,7 +127,6 @@ impl DeliveryWorker {
         Ok(DeliveryWorker {
             transport: Transport {
                 client,
-                allow_unsafe_outbound: config.allow_unsafe_outbound,
                 request_timeout: config.request_timeout,
                 response_body_limit: config.response_body_limit,
                 bots: crate::bots::BotRegistry::new(),
