@@ -763,6 +763,11 @@ fn evaluate_batch(
     let mut dispatch_errors = Vec::with_capacity(changes.len());
     for change in changes {
         seqs.push(change.seq);
+        // Read without its contents: nothing to match (a subscription loaded since came after it).
+        if change.unwatched {
+            dispatch_errors.push(None);
+            continue;
+        }
         let (current, previous) = match evaluated_contents(change) {
             Ok(contents) => contents,
             Err(message) => {

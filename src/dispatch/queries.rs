@@ -27,6 +27,10 @@ pub(crate) struct ClaimedChange {
     pub resend_subscription_id: Option<String>,
     /// Why a content could not be decoded: the change cannot be dispatched.
     pub undecodable: Option<String>,
+    /// No subscription can match it: its project (and, with server-scope subscriptions, every
+    /// server-scope project) had no Subscription in the claim's snapshot, so its contents were
+    /// not read. A subscription committed after that snapshot came after the change.
+    pub unwatched: bool,
 }
 
 /// A claimed row as read: the contents as text, decoded per row by [`claim_changes`].
@@ -44,6 +48,7 @@ struct ClaimRow {
     current: Option<String>,
     previous: Option<String>,
     resend_subscription_id: Option<String>,
+    unwatched: bool,
     project_epoch: Option<i64>,
     project_server_scope: Option<bool>,
     server_scope_ids: Option<Vec<Uuid>>,
@@ -71,6 +76,9 @@ pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = o
 /// the rows beyond it stay undispatched, for the next batch.
 /// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
 /// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
+/// They are read only for changes a subscription could match (`ClaimedChange::unwatched`): in a
+/// project without Subscriptions, most writes, reading, converting and decoding two versions per
+/// change was most of what capture cost (docs/performance.md, run W).
 /// With them come the subscription epochs of their projects, and of every server-scope project
 /// when `with_server_scope`: read in the same statement, so that a dispatch costs no round trip
 /// of its own for them.
@@ -90,24 +98,48 @@ pub(crate) async fn claim_changes(
                ORDER BY seq
                LIMIT $1
                FOR UPDATE SKIP LOCKED),
+           -- Projects with a Subscription (of any status, not deleted), once per project of the
+           -- batch; with server-scope subscriptions, a server-scope project's count for all.
+           watched AS (
+               SELECT b.project_id FROM (SELECT DISTINCT project_id FROM claimed) b
+               WHERE EXISTS (SELECT 1 FROM fhir_outbox.resource s
+                             WHERE s.project_id = b.project_id AND s.resource_type = 'Subscription'
+                               AND NOT s.deleted)
+                  OR ($4 AND EXISTS (SELECT 1 FROM fhir_outbox.project sp
+                                     JOIN fhir_outbox.resource s
+                                       ON s.project_id = sp.id AND s.resource_type = 'Subscription'
+                                      AND NOT s.deleted
+                                     WHERE sp.server_scope))),
+           flagged AS (
+               SELECT c.*, (c.resend_subscription_id IS NULL
+                            AND NOT EXISTS (SELECT 1 FROM watched w WHERE w.project_id = c.project_id))
+                           AS unwatched
+               FROM claimed c),
+           -- The contents of what a subscription could match, and of nothing else (a CASE runs
+           -- its subqueries only when its condition holds).
+           contents AS (
+               SELECT f.*,
+                      CASE WHEN NOT f.unwatched THEN
+                          (SELECT cur.content FROM fhir_outbox.resource_version cur
+                           WHERE cur.project_id = f.project_id AND cur.resource_type = f.resource_type
+                             AND cur.id = f.resource_id AND cur.version_id = f.version_id) END AS current,
+                      CASE WHEN NOT f.unwatched THEN
+                          (SELECT prev.content FROM fhir_outbox.resource_version prev
+                           WHERE prev.project_id = f.project_id AND prev.resource_type = f.resource_type
+                             AND prev.id = f.resource_id AND prev.version_id = f.previous_version_id) END
+                          AS previous
+               FROM flagged f),
            read AS (
-               SELECT c.*, cur.content AS current, prev.content AS previous,
-                      row_number() OVER (ORDER BY c.seq) AS n,
-                      sum(coalesce(pg_column_size(cur.content), 0)
-                          + coalesce(pg_column_size(prev.content), 0)) OVER (ORDER BY c.seq) AS read_through
-               FROM claimed c
-               LEFT JOIN fhir_outbox.resource_version cur
-                      ON cur.project_id = c.project_id AND cur.resource_type = c.resource_type
-                     AND cur.id = c.resource_id AND cur.version_id = c.version_id
-               LEFT JOIN fhir_outbox.resource_version prev
-                      ON prev.project_id = c.project_id AND prev.resource_type = c.resource_type
-                     AND prev.id = c.resource_id AND prev.version_id = c.previous_version_id)
+               SELECT c.*, row_number() OVER (ORDER BY c.seq) AS n,
+                      sum(coalesce(pg_column_size(c.current), 0)
+                          + coalesce(pg_column_size(c.previous), 0)) OVER (ORDER BY c.seq) AS read_through
+               FROM contents c)
            SELECT r.seq AS "seq!", r.project_id AS "project_id!", r.resource_type AS "resource_type!",
                   r.resource_id AS "resource_id!", r.version_id AS "version_id!",
                   r.previous_version_id, r.interaction AS "interaction!: Interaction",
                   r.changed_at AS "changed_at!", r.request_id AS "request_id!", r.trace_id AS "trace_id!",
                   r.current::text AS "current?", r.previous::text AS "previous?",
-                  r.resend_subscription_id,
+                  r.resend_subscription_id, r.unwatched AS "unwatched!",
                   p.subscription_epoch AS "project_epoch?", p.server_scope AS "project_server_scope?",
                   -- The batch's server-scope projects, once: on its first row.
                   CASE WHEN r.n = 1 THEN s.ids END AS "server_scope_ids?",
@@ -180,6 +212,7 @@ fn decode_change(row: ClaimRow) -> ClaimedChange {
         previous,
         resend_subscription_id: row.resend_subscription_id,
         undecodable,
+        unwatched: row.unwatched,
     }
 }
 

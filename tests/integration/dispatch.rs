@@ -711,6 +711,83 @@ async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
     assert!(error.unwrap().contains("missing"));
 }
 
+/// In a project without a Subscription nothing can match, so the dispatcher reads no contents
+/// (a version that is missing is not even noticed); a Subscription of any status, in the project
+/// or (when configured) in a server-scope project, makes its changes read and matched again.
+#[tokio::test]
+async fn changes_no_subscription_can_match_are_dispatched_without_their_contents() {
+    let db = TestDb::new().await;
+    let quiet = db.project().await;
+    let d = dispatcher(&db.pool);
+    let ghost = |project: Uuid, id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
+                                                 interaction, changed_at, request_id, trace_id)
+                 VALUES ($1, 'Patient', $2, 1, 'create', now(), 'r', 't')",
+            )
+            .bind(project)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let dispatch_error = |id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT dispatch_error FROM fhir_outbox.outbox WHERE resource_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    ghost(quiet, "unread").await;
+    create(&db.pool, quiet, &json!({ "resourceType": "Patient" })).await;
+    let report = dispatch_all(&d).await;
+    assert_eq!(
+        (report.changes, report.deliveries, report.undispatchable),
+        (2, 0, 0)
+    );
+    assert_eq!(dispatch_error("unread").await, None);
+
+    // A Subscription that is off still makes the project's changes read.
+    let mut off = rest_hook("Patient");
+    off["status"] = json!("off");
+    create(&db.pool, quiet, &off).await;
+    settle(&db.pool, &d).await;
+    ghost(quiet, "read").await;
+    let report = dispatch_all(&d).await;
+    assert_eq!((report.changes, report.undispatchable), (1, 1));
+    assert!(dispatch_error("read").await.unwrap().contains("missing"));
+
+    // A server-scope project's Subscription makes every project's changes read, when server-scope
+    // subscriptions are on.
+    let other = db.project().await;
+    let server = db.project().await;
+    sqlx::query("UPDATE fhir_outbox.project SET server_scope = true WHERE id = $1")
+        .bind(server)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    create(&db.pool, server, &rest_hook("Patient")).await;
+    let scoped = Dispatcher::new(
+        db.pool.clone(),
+        DispatchConfig {
+            server_scoped_subscriptions: true,
+            ..DispatchConfig::default()
+        },
+    );
+    settle(&db.pool, &scoped).await;
+    create(&db.pool, other, &json!({ "resourceType": "Patient" })).await;
+    let report = dispatch_all(&scoped).await;
+    assert_eq!((report.changes, report.deliveries), (1, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_wakes_the_dispatcher_without_polling() {
     let db = TestDb::new().await;
