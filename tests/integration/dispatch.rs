@@ -69,6 +69,28 @@ fn dispatcher(pool: &PgPool) -> Dispatcher {
     Dispatcher::new(pool.clone(), DispatchConfig::default())
 }
 
+/// A dispatcher with server-scope subscriptions on.
+fn with_server_scope(pool: &PgPool) -> Dispatcher {
+    Dispatcher::new(
+        pool.clone(),
+        DispatchConfig {
+            server_scoped_subscriptions: true,
+            ..DispatchConfig::default()
+        },
+    )
+}
+
+/// A new project whose subscriptions are server-scope.
+async fn server_scope_project(db: &TestDb) -> Uuid {
+    let server = db.project().await;
+    sqlx::query("UPDATE fhir_outbox.project SET server_scope = true WHERE id = $1")
+        .bind(server)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    server
+}
+
 /// (subscription id, resource id, version, interaction) of every delivery, in insertion order.
 async fn deliveries(pool: &PgPool) -> Vec<(String, String, i64, String)> {
     sqlx::query_as(
@@ -498,12 +520,7 @@ async fn projects_are_isolated_and_server_scope_is_opt_in() {
     let db = TestDb::new().await;
     let a = db.project().await;
     let b = db.project().await;
-    let server = db.project().await;
-    sqlx::query("UPDATE fhir_outbox.project SET server_scope = true WHERE id = $1")
-        .bind(server)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let server = server_scope_project(&db).await;
     let in_a = create(&db.pool, a, &rest_hook("Patient")).await;
     let global = create(&db.pool, server, &rest_hook("Patient")).await;
     let d = dispatcher(&db.pool);
@@ -516,13 +533,7 @@ async fn projects_are_isolated_and_server_scope_is_opt_in() {
         "A's and server subscriptions see nothing of B by default"
     );
 
-    let with_server = Dispatcher::new(
-        db.pool.clone(),
-        DispatchConfig {
-            server_scoped_subscriptions: true,
-            ..DispatchConfig::default()
-        },
-    );
+    let with_server = with_server_scope(&db.pool);
     create(&db.pool, b, &json!({ "resourceType": "Patient" })).await;
     create(&db.pool, a, &json!({ "resourceType": "Patient" })).await;
     dispatch_all(&with_server).await;
@@ -768,20 +779,9 @@ async fn changes_no_subscription_can_match_are_dispatched_without_their_contents
     // A server-scope project's Subscription makes every project's changes read, when server-scope
     // subscriptions are on.
     let other = db.project().await;
-    let server = db.project().await;
-    sqlx::query("UPDATE fhir_outbox.project SET server_scope = true WHERE id = $1")
-        .bind(server)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let server = server_scope_project(&db).await;
     create(&db.pool, server, &rest_hook("Patient")).await;
-    let scoped = Dispatcher::new(
-        db.pool.clone(),
-        DispatchConfig {
-            server_scoped_subscriptions: true,
-            ..DispatchConfig::default()
-        },
-    );
+    let scoped = with_server_scope(&db.pool);
     settle(&db.pool, &scoped).await;
     create(&db.pool, other, &json!({ "resourceType": "Patient" })).await;
     let report = dispatch_all(&scoped).await;
