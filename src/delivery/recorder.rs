@@ -348,9 +348,9 @@ impl Recorder {
                 Some((record.delivery.id, attempt, event_id))
             })
             .collect();
+        // Only an attempt has AuditEvents (`record_of`).
         let events: Vec<(i64, &StoredAuditEvent)> = records
             .iter()
-            .filter(|record| record.decision.attempt.is_some())
             .filter_map(|record| Some((record.delivery.id, record.events.stored.as_ref()?)))
             .collect();
         let written: HashSet<i64> = queries::complete(&mut tx, &completions, &attempts, &events)

@@ -77,8 +77,8 @@ pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = o
 /// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
 /// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
 /// They are read only for changes a subscription could match (`ClaimedChange::unwatched`): in a
-/// project without Subscriptions, most writes, reading, converting and decoding two versions per
-/// change was most of what capture cost (docs/performance.md, run W).
+/// project without Subscriptions, reading, converting and decoding two versions per change was
+/// half of the dispatcher's CPU for nothing (docs/performance.md, run W).
 /// With them come the subscription epochs of their projects, and of every server-scope project
 /// when `with_server_scope`: read in the same statement, so that a dispatch costs no round trip
 /// of its own for them.
