@@ -1178,6 +1178,7 @@ async fn run(
     admin: Option<std::net::SocketAddr>,
     console: Option<std::net::SocketAddr>,
 ) -> Result<()> {
+    let shutdown = shutdown_signal();
     // The pipeline checks the schema itself when it starts; the console's requests get connections
     // of their own, so that a busy page never takes the pipeline's.
     let console_connections = if console.is_some() { 4 } else { 0 };
@@ -1219,7 +1220,7 @@ async fn run(
         ),
         None => tracing::info!("running: dispatch and delivery"),
     }
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: no new claims; finishing requests in flight");
     running.shutdown().await;
     pool.close().await;
@@ -1234,6 +1235,7 @@ async fn start_cluster() -> Result<TempCluster> {
 }
 
 async fn dev_db(url_file: Option<std::path::PathBuf>) -> Result<()> {
+    let shutdown = shutdown_signal();
     let mut cluster = start_cluster().await?;
     let url = cluster.url("postgres");
     let pool = db::connect(&url, 1).await?;
@@ -1244,7 +1246,7 @@ async fn dev_db(url_file: Option<std::path::PathBuf>) -> Result<()> {
         std::fs::write(&path, format!("{url}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    shutdown_signal().await;
+    shutdown.await;
     tokio::task::spawn_blocking(move || cluster.stop()).await?;
     Ok(())
 }
@@ -1280,13 +1282,19 @@ async fn bench(
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first awaited: a command calls it before it announces that it is ready, so that a signal
+/// sent as soon as the announcement is read ends it cleanly instead of killing it with the default
+/// action.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
     }
 }
 

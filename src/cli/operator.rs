@@ -415,6 +415,7 @@ pub async fn serve_console(
     address: std::net::SocketAddr,
     fhir_base_url: String,
 ) -> Result<()> {
+    let signal = crate::shutdown_signal();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (bound, server) = console::serve(pool.clone(), address, fhir_base_url, shutdown.clone())
         .await
@@ -422,7 +423,7 @@ pub async fn serve_console(
             || "choose another address with --console-addr (`127.0.0.1:0` takes any free port)",
         )?;
     println!("Console on http://{bound}/ (API under /api/v1). Ctrl-C stops it.");
-    crate::shutdown_signal().await;
+    signal.await;
     shutdown.cancel();
     server.await.ok();
     pool.close().await;

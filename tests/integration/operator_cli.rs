@@ -337,3 +337,46 @@ async fn console_serves_the_api_alone_and_run_serves_it_beside_the_pipeline() {
         assert!(child.wait().unwrap().success(), "{args:?} stops on SIGTERM");
     }
 }
+
+/// A supervisor (or a test) may stop a process the moment it announces itself. The signal handlers
+/// must be in place by then: before they were installed ahead of the announcement, about one stop in
+/// fifteen killed `run` with SIGTERM's default action instead of shutting it down.
+#[tokio::test]
+async fn run_and_console_stop_cleanly_on_a_signal_sent_as_soon_as_they_announce_themselves() {
+    use std::io::{BufRead, BufReader};
+    let db = TestDb::new().await;
+    for args in [
+        ["run", "--console-addr", "127.0.0.1:0"],
+        ["console", "--console-addr", "127.0.0.1:0"],
+    ] {
+        for attempt in 0..25 {
+            let mut child = binary()
+                .args(args)
+                .args(["--admin-addr", "off"].iter().filter(|_| args[0] == "run"))
+                .env("DATABASE_URL", &db.url)
+                .env("FHIR_OUTBOX_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // `console` announces itself on standard output, `run` in its log.
+            let stream: Box<dyn std::io::Read + Send> = if args[0] == "console" {
+                Box::new(child.stdout.take().unwrap())
+            } else {
+                Box::new(child.stderr.take().unwrap())
+            };
+            let mut lines = BufReader::new(stream).lines();
+            loop {
+                let line = lines.next().expect("the console's address is printed");
+                if line.unwrap().contains("onsole on http://") {
+                    break;
+                }
+            }
+            crate::common::sigterm(&child);
+            std::thread::spawn(move || lines.for_each(drop));
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{args:?}, stop {attempt}: {status}");
+        }
+    }
+}
