@@ -1332,6 +1332,9 @@ DECLARE
 BEGIN
     IF current_setting('fhir_outbox.wakeup_checked', true) IS DISTINCT FROM 'on' THEN
         PERFORM set_config('fhir_outbox.wakeup_checked', 'on', true);
+        IF NOT EXISTS (SELECT FROM fhir_outbox.dispatcher_waiting) THEN
+            RETURN NULL;
+        END IF;
         IF coalesce(current_query(), '') ~* '\mprepare\s+transaction\M' THEN
             RETURN NULL;
         END IF;
@@ -1360,8 +1363,12 @@ $$;
 CREATE FUNCTION fhir_outbox.without_server_meta(r jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
-    SELECT CASE WHEN m = '{}'::jsonb THEN r - 'meta' ELSE jsonb_set(r, '{meta}', m) END
-    FROM (SELECT coalesce(r -> 'meta', '{}'::jsonb) - '{versionId,lastUpdated,project,author}'::text[] AS m) x
+    SELECT CASE WHEN coalesce(r -> 'meta', '{}'::jsonb)
+                     - '{versionId,lastUpdated,project,author}'::text[] = '{}'::jsonb
+                THEN r - 'meta'
+                ELSE jsonb_set(r, '{meta}', coalesce(r -> 'meta', '{}'::jsonb)
+                                            - '{versionId,lastUpdated,project,author}'::text[])
+           END
 $$;
 
 --
