@@ -1325,10 +1325,11 @@ async fn demo(database_url: Option<String>, mut options: cli::demo::DemoOptions)
     // summary is printed. A second one stops at once.
     let shutdown = CancellationToken::new();
     let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
+    let first_signal = shutdown_signal();
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            shutdown_signal().await;
+            first_signal.await;
             shutdown.cancel();
             shutdown_signal().await;
             let _ = force_tx.send(());
