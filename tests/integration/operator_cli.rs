@@ -274,9 +274,45 @@ async fn an_operator_sees_a_failing_subscription_reads_a_delivery_and_replays_ca
     assert!(!success && stderr.contains("not a time"), "{stderr}");
 }
 
+/// Starts the binary with `args` against `url` and waits until it announces its console (`console`
+/// on standard output, `run` in its log); returns the process and the console's address. The
+/// stream is read on to its end meanwhile, so that the process never writes to a closed pipe.
+fn spawn_until_console_announced(url: &str, args: &[&str]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = binary()
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("FHIR_OUTBOX_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stream: Box<dyn std::io::Read + Send> = if args[0] == "console" {
+        Box::new(child.stdout.take().unwrap())
+    } else {
+        Box::new(child.stderr.take().unwrap())
+    };
+    let mut lines = BufReader::new(stream).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("the console's address is printed")
+            .unwrap();
+        if let Some(rest) = line
+            .split("http://")
+            .nth(1)
+            .filter(|_| line.contains("onsole"))
+        {
+            break rest.split('/').next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, address)
+}
+
 #[tokio::test]
 async fn console_serves_the_api_alone_and_run_serves_it_beside_the_pipeline() {
-    use std::io::{BufRead, BufReader};
     let db = TestDb::new().await;
     let (_, secret) = fhir_outbox::operations::console::tokens::create(
         &db.pool,
@@ -287,41 +323,11 @@ async fn console_serves_the_api_alone_and_run_serves_it_beside_the_pipeline() {
     .await
     .unwrap();
     let http = reqwest::Client::new();
-    // `console` prints its address on standard output; `run` logs it.
-    for (args, from_stdout) in [
-        (vec!["console", "--console-addr", "127.0.0.1:0"], true),
-        (vec!["run", "--console-addr", "127.0.0.1:0"], false),
+    for args in [
+        ["console", "--console-addr", "127.0.0.1:0"],
+        ["run", "--console-addr", "127.0.0.1:0"],
     ] {
-        let mut child = binary()
-            .args(&args)
-            .env("DATABASE_URL", &db.url)
-            .env("FHIR_OUTBOX_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let address = {
-            let stream: Box<dyn std::io::Read + Send> = if from_stdout {
-                Box::new(child.stdout.take().unwrap())
-            } else {
-                Box::new(child.stderr.take().unwrap())
-            };
-            let mut lines = BufReader::new(stream).lines();
-            let address = loop {
-                let line = lines.next().expect("the address is printed").unwrap();
-                if let Some(rest) = line
-                    .split("http://")
-                    .nth(1)
-                    .filter(|_| line.contains("onsole"))
-                {
-                    break rest.split('/').next().unwrap().to_owned();
-                }
-            };
-            // Keep reading, so that the process never writes to a closed pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            address
-        };
+        let (mut child, address) = spawn_until_console_announced(&db.url, &args);
         let base = format!("http://{address}/api/v1");
         let who = http
             .get(format!("{base}/whoami"))
@@ -338,43 +344,25 @@ async fn console_serves_the_api_alone_and_run_serves_it_beside_the_pipeline() {
     }
 }
 
-/// A supervisor (or a test) may stop a process the moment it announces itself. The signal handlers
-/// must be in place by then: before they were installed ahead of the announcement, about one stop in
-/// fifteen killed `run` with SIGTERM's default action instead of shutting it down.
+/// A supervisor (or a test) may stop a process the moment it announces itself, so the signal
+/// handlers must be in place by then. Until they were installed before the announcement, about one
+/// stop in fifteen killed `run` with SIGTERM's default action instead of shutting it down.
 #[tokio::test]
 async fn run_and_console_stop_cleanly_on_a_signal_sent_as_soon_as_they_announce_themselves() {
-    use std::io::{BufRead, BufReader};
     let db = TestDb::new().await;
     for args in [
-        ["run", "--console-addr", "127.0.0.1:0"],
-        ["console", "--console-addr", "127.0.0.1:0"],
+        &[
+            "run",
+            "--console-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "off",
+        ][..],
+        &["console", "--console-addr", "127.0.0.1:0"][..],
     ] {
         for attempt in 0..25 {
-            let mut child = binary()
-                .args(args)
-                .args(["--admin-addr", "off"].iter().filter(|_| args[0] == "run"))
-                .env("DATABASE_URL", &db.url)
-                .env("FHIR_OUTBOX_LOG", "info")
-                .env("NO_COLOR", "1")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            // `console` announces itself on standard output, `run` in its log.
-            let stream: Box<dyn std::io::Read + Send> = if args[0] == "console" {
-                Box::new(child.stdout.take().unwrap())
-            } else {
-                Box::new(child.stderr.take().unwrap())
-            };
-            let mut lines = BufReader::new(stream).lines();
-            loop {
-                let line = lines.next().expect("the console's address is printed");
-                if line.unwrap().contains("onsole on http://") {
-                    break;
-                }
-            }
+            let (mut child, _) = spawn_until_console_announced(&db.url, args);
             crate::common::sigterm(&child);
-            std::thread::spawn(move || lines.for_each(drop));
             let status = child.wait().unwrap();
             assert!(status.success(), "{args:?}, stop {attempt}: {status}");
         }
