@@ -100,7 +100,9 @@ pub(crate) async fn claim_changes(
                FOR UPDATE SKIP LOCKED),
            -- Projects with a Subscription (of any status, not deleted), once per project of the
            -- batch; with server-scope subscriptions, a server-scope project's count for all.
-           watched AS (
+           -- Materialised: inlined, it was evaluated again for every claimed row in each place
+           -- that reads `unwatched`, a cost that grew with the square of the batch.
+           watched AS MATERIALIZED (
                SELECT b.project_id FROM (SELECT DISTINCT project_id FROM claimed) b
                WHERE EXISTS (SELECT 1 FROM fhir_outbox.resource s
                              WHERE s.project_id = b.project_id AND s.resource_type = 'Subscription'
