@@ -73,12 +73,13 @@ impl Target {
         };
         let redact =
             audit::application::redaction_enabled(config.redact_audit_events, &now.settings);
+        let endpoint = subscription::endpoint(content);
         let target = Target {
             undecodable: now.undecodable.clone(),
             channel: subscription::channel_type(content).to_owned(),
             status: subscription::status(content).to_owned(),
-            endpoint: subscription::endpoint(content).map(str::to_owned),
-            url: subscription::endpoint(content)
+            endpoint: endpoint.map(str::to_owned),
+            url: endpoint
                 .filter(|endpoint| !endpoint.starts_with("Bot/"))
                 .map(|endpoint| {
                     outbound::check_url(endpoint, config.allow_unsafe_outbound)

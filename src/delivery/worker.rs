@@ -644,9 +644,10 @@ impl DeliveryWorker {
                 // nothing of ours until its outcome.
                 let bot = request.bot.is_some();
                 let perform = self.transport.perform(&delivery, &mut request);
-                let performed = match bot {
-                    true => perform.instrument(delivery_span(&delivery)).await,
-                    false => perform.await,
+                let performed = if bot {
+                    perform.instrument(delivery_span(&delivery)).await
+                } else {
+                    perform.await
                 };
                 (Execution::Performed(performed), Some(request))
             }

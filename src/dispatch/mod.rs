@@ -529,9 +529,9 @@ impl Dispatcher {
     /// looks drained, the loop registers (`listener`, on the backend that LISTENs for it), looks once
     /// more (for changes that committed before its row was visible to their writers' checks; a
     /// claim only if that look finds any), and only then waits; woken by the poll interval, it
-    /// withdraws its row before it drains (woken by a notification, the writer has taken it). A writer that checked just before the row was
-    /// visible and committed just after the second look is found at the next wake-up or poll: late,
-    /// never lost.
+    /// withdraws its row before it drains (woken by a notification, the writer has taken it). A
+    /// writer that checked just before the row was visible and committed just after the second look
+    /// is found at the next wake-up or poll: late, never lost.
     async fn work(
         self: Arc<Self>,
         mut woken: watch::Receiver<u64>,
