@@ -9,6 +9,47 @@
 CREATE SCHEMA fhir_outbox;
 
 --
+-- Name: analyze_stale_tables(interval); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.analyze_stale_tables(p_min_age interval) RETURNS TABLE(table_name text, pages_before bigint, pages bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    v_block_size bigint := current_setting('block_size')::bigint;
+    v_table      record;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('fhir_outbox.planner_statistics')) THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('lock_timeout', '50ms', true);
+    FOR v_table IN
+        SELECT t.relname, t.relpages, t.pages
+        FROM (SELECT c.oid, c.relname, greatest(c.relpages, 0)::bigint AS relpages,
+                     pg_relation_size(c.oid) / v_block_size AS pages
+              FROM pg_class c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'fhir_outbox' AND c.relkind = 'r') t
+        LEFT JOIN pg_stat_user_tables s ON s.relid = t.oid
+        WHERE t.pages >= 32 AND t.pages > 2 * t.relpages
+          AND coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity') < now() - p_min_age
+        ORDER BY t.pages DESC
+    LOOP
+        BEGIN
+            EXECUTE format('ANALYZE fhir_outbox.%I', v_table.relname);
+        EXCEPTION WHEN lock_not_available THEN
+            CONTINUE;
+        END;
+        table_name := v_table.relname;
+        pages_before := v_table.relpages;
+        pages := v_table.pages;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+--
 -- Name: check_project_settings(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 

@@ -72,6 +72,10 @@ pub const HEARTBEAT_CHECK_FAILURES: &str = "fhir_outbox_heartbeat_check_failures
 pub const SLOW_REQUESTS: &str = "fhir_outbox_slow_requests";
 /// Claimed deliveries given back to the table, unattempted, after waiting 1 s for a request slot.
 pub const GIVEN_BACK: &str = "fhir_outbox_deliveries_given_back_total";
+/// Tables analysed by a worker because their planner statistics were stale (`operations::statistics`).
+pub const TABLES_ANALYZED: &str = "fhir_outbox_tables_analyzed_total";
+/// Failed calls of the statistics check (see the log's warnings).
+pub const STATISTICS_CHECK_FAILURES: &str = "fhir_outbox_statistics_check_failures_total";
 
 /// Describes every metric (HELP lines).
 pub fn describe() {
@@ -153,6 +157,22 @@ pub fn describe() {
         GIVEN_BACK,
         "Claimed deliveries given back to the table unattempted: no request slot within 1 s."
     );
+    describe_counter!(
+        TABLES_ANALYZED,
+        "Tables a worker analysed because their planner statistics were stale."
+    );
+    describe_counter!(
+        STATISTICS_CHECK_FAILURES,
+        "Failed calls of the planner statistics check (see the log's warnings)."
+    );
+}
+
+/// A statistics check analysed `analyzed` tables (`None`: the check failed).
+pub fn statistics_check(analyzed: Option<usize>) {
+    match analyzed {
+        Some(tables) => metrics::counter!(TABLES_ANALYZED).increment(tables as u64),
+        None => metrics::counter!(STATISTICS_CHECK_FAILURES).increment(1),
+    }
 }
 
 /// Claimed deliveries went back to the table without a slot.

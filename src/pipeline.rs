@@ -22,6 +22,7 @@ use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::operations::admin::{self, AdminError};
 use crate::operations::console::{self, ConsoleError};
 use crate::operations::retention::{self, Retention};
+use crate::operations::statistics;
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -182,6 +183,13 @@ impl PipelineBuilder {
         }
         if let Some(worker) = worker {
             tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+        }
+        // The plans of the dispatcher's and the worker's statements follow their tables' sizes.
+        if writes_history {
+            tasks.push(tokio::spawn(statistics::keep_current(
+                self.pool.clone(),
+                shutdown.clone(),
+            )));
         }
         // Every process that writes deliveries keeps the history's days ahead ready; with
         // retention it prunes too.

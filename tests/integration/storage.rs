@@ -476,3 +476,85 @@ async fn claims_take_the_queue_in_order_across_lanes_past_deliveries_just_claime
     assert_eq!(claimed, 1200);
     holder.rollback().await.unwrap();
 }
+
+/// The plan a connection has cached for a prepared statement (`EXPLAIN EXECUTE`).
+async fn cached_plan(conn: &mut sqlx::PgConnection) -> String {
+    let lines: Vec<String> = sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE mark('{1}')")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    lines.join("\n")
+}
+
+/// Writes `count` Patients in batches of 1,000.
+async fn write_patients(conn: &mut sqlx::PgConnection, project: uuid::Uuid, count: usize) {
+    for start in (0..count).step_by(1000) {
+        let batch: Vec<serde_json::Value> = (start..count.min(start + 1000))
+            .map(|n| json!({"resourceType": "Patient", "id": format!("p{n}")}))
+            .collect();
+        sqlx::query("SELECT count(*) FROM fhir_outbox.create_resources($1, $2)")
+            .bind(project)
+            .bind(&batch)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A statement prepared while the outbox was nearly empty keeps a plan that reads the whole
+/// outbox for every batch of keys (the dispatcher's mark did, run Y in docs/performance.md), until
+/// the outbox's statistics change. The statistics check analyses the outbox once it has more than
+/// doubled since its statistics were taken, whether or not autovacuum has, and the cached plan
+/// follows; a second check finds nothing stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_planner_statistics_are_refreshed_and_cached_plans_follow() {
+    let db = TestDb::new().await;
+    // As when autovacuum's workers are busy elsewhere.
+    sqlx::query("ALTER TABLE fhir_outbox.outbox SET (autovacuum_enabled = false)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let project = db.project().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    write_patients(&mut conn, project, 10).await;
+    sqlx::raw_sql(
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE mark(int8[]) AS
+             UPDATE fhir_outbox.outbox o SET dispatched_at = now()
+             FROM unnest($1) AS m(seq) WHERE o.seq = m.seq",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    assert!(
+        cached_plan(&mut conn).await.contains("Seq Scan on outbox"),
+        "planned on 10 rows: {}",
+        cached_plan(&mut conn).await
+    );
+
+    write_patients(&mut conn, project, 20_000).await;
+    let plan = cached_plan(&mut conn).await;
+    assert!(plan.contains("Seq Scan on outbox"), "still cached: {plan}");
+
+    let analyzed = fhir_outbox::operations::statistics::analyze_stale(&db.pool)
+        .await
+        .unwrap();
+    let outbox = analyzed
+        .iter()
+        .find(|table| table.table == "outbox")
+        .unwrap_or_else(|| panic!("outbox not analysed: {analyzed:?}"));
+    assert!(outbox.pages > 2 * outbox.pages_before.max(16), "{outbox:?}");
+
+    let plan = cached_plan(&mut conn).await;
+    assert!(
+        plan.contains("Index Scan using outbox_pkey on outbox"),
+        "replanned: {plan}"
+    );
+    let again = fhir_outbox::operations::statistics::analyze_stale(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        !again.iter().any(|table| table.table == "outbox"),
+        "{again:?}"
+    );
+}
