@@ -30,7 +30,10 @@ BEGIN
                      pg_relation_size(c.oid) / v_block_size AS pages
               FROM pg_class c
               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'fhir_outbox' AND c.relkind = 'r') t
+              WHERE n.nspname = 'fhir_outbox' AND c.relkind = 'r'
+                AND NOT EXISTS (SELECT FROM pg_inherits i JOIN pg_class h ON h.oid = i.inhparent
+                                WHERE i.inhrelid = c.oid
+                                  AND h.relname IN ('finished_delivery', 'delivery_attempt', 'audit_event'))) t
         LEFT JOIN pg_stat_user_tables s ON s.relid = t.oid
         WHERE t.pages >= 32 AND t.pages > 2 * t.relpages
           AND coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity') < now() - p_min_age

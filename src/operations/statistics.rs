@@ -6,7 +6,8 @@
 //! capture scenario. So every worker process checks every [`CHECK_EVERY`] and analyses the tables
 //! of the schema that have more than doubled in size since their statistics were taken
 //! (`fhir_outbox.analyze_stale_tables`, one process at a time), which replaces the plans made on
-//! the smaller table.
+//! the smaller table. The history's days are left to autovacuum: the pipeline only appends to
+//! them.
 
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};

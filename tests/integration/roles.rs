@@ -95,6 +95,10 @@ async fn writer_and_worker_roles_have_exactly_what_they_need() {
     pipeline(&worker_pool, fast_config())
         .settle(&worker_pool)
         .await;
+    // Its statistics check analyses as the schema's owner.
+    fhir_outbox::operations::statistics::analyze_stale(&worker_pool)
+        .await
+        .unwrap();
     // A running dispatcher registers for wake-ups, removes stale requests, and withdraws its own.
     sqlx::query(
         "INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, 0)",
