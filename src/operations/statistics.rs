@@ -9,7 +9,6 @@
 //! the smaller table. The history's days are left to autovacuum: the pipeline only appends to
 //! them.
 
-use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 const MIN_AGE_SECONDS: f64 = 10.0;
 
 /// A table analysed by a check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Analyzed {
     /// The table, in the `fhir_outbox` schema.
     pub table: String,
