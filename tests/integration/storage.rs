@@ -505,7 +505,8 @@ async fn write_patients(conn: &mut sqlx::PgConnection, project: uuid::Uuid, coun
 /// outbox for every batch of keys (the dispatcher's mark did, run Y in docs/performance.md), until
 /// the outbox's statistics change. The statistics check analyses the outbox once it has more than
 /// doubled since its statistics were taken, whether or not autovacuum has, and the cached plan
-/// follows; a second check finds nothing stale.
+/// follows; a second check finds nothing stale. A day of history, grown as much, is left to
+/// autovacuum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_planner_statistics_are_refreshed_and_cached_plans_follow() {
     let db = TestDb::new().await;
@@ -533,6 +534,22 @@ async fn stale_planner_statistics_are_refreshed_and_cached_plans_follow() {
     );
 
     write_patients(&mut conn, project, 20_000).await;
+    // A day of history, which the check leaves to autovacuum: the pipeline only appends to it.
+    fhir_outbox::operations::retention::ensure_partitions(&db.pool)
+        .await
+        .unwrap();
+    let history_day: String = sqlx::query_scalar(
+        "WITH written AS (
+             INSERT INTO fhir_outbox.audit_event (project_id, id, recorded_at, content)
+             SELECT $1, 'a' || g, now(), json_build_object('pad', repeat('x', 300))
+             FROM generate_series(1, 3000) g
+             RETURNING tableoid)
+         SELECT DISTINCT tableoid::regclass::text FROM written",
+    )
+    .bind(project)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     let plan = cached_plan(&mut conn).await;
     assert!(plan.contains("Seq Scan on outbox"), "still cached: {plan}");
 
@@ -544,6 +561,18 @@ async fn stale_planner_statistics_are_refreshed_and_cached_plans_follow() {
         .find(|table| table.table == "outbox")
         .unwrap_or_else(|| panic!("outbox not analysed: {analyzed:?}"));
     assert!(outbox.pages > 2 * outbox.pages_before.max(16), "{outbox:?}");
+    let day_pages: i64 = sqlx::query_scalar("SELECT pg_relation_size($1::regclass) / 8192")
+        .bind(&history_day)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(day_pages >= 64, "{history_day}: {day_pages} pages");
+    assert!(
+        !analyzed
+            .iter()
+            .any(|table| history_day.ends_with(&table.table)),
+        "{history_day} analysed: {analyzed:?}"
+    );
 
     let plan = cached_plan(&mut conn).await;
     assert!(
