@@ -19,7 +19,7 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 const MIN_AGE_SECONDS: f64 = 10.0;
 
 /// A table analysed by a check.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Analyzed {
     /// The table, in the `fhir_outbox` schema.
     pub table: String,

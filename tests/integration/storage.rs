@@ -527,10 +527,10 @@ async fn stale_planner_statistics_are_refreshed_and_cached_plans_follow() {
     .execute(&mut *conn)
     .await
     .unwrap();
+    let plan = cached_plan(&mut conn).await;
     assert!(
-        cached_plan(&mut conn).await.contains("Seq Scan on outbox"),
-        "planned on 10 rows: {}",
-        cached_plan(&mut conn).await
+        plan.contains("Seq Scan on outbox"),
+        "planned on 10 rows: {plan}"
     );
 
     write_patients(&mut conn, project, 20_000).await;
