@@ -324,7 +324,7 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<cli::bench::Scenario>,
         /// Load pg_stat_statements and report the statements that took the most database time in
-        /// each end-to-end run (a diagnosis: it costs a little throughput).
+        /// each end-to-end, capture and dispatch run (a diagnosis: it costs a little throughput).
         #[arg(long)]
         statements: bool,
     },

@@ -278,7 +278,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// The scenarios to run (all when empty).
     pub only: Vec<Scenario>,
-    /// Load pg_stat_statements and report the top statements of each end-to-end run.
+    /// Load pg_stat_statements and report the top statements of each end-to-end, capture and
+    /// dispatch run.
     pub statements: bool,
 }
 

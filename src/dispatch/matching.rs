@@ -190,6 +190,27 @@ impl CompiledSubscription {
         }
     }
 
+    /// Whether evaluating a change of `resource_type` against this version may read the
+    /// resource's contents: the dispatcher reads a change's versions only when some candidate
+    /// does, and evaluates the others on no content at all ([`ChangeView::without_contents`]).
+    /// Everything [`evaluate`] checks before the criteria's filters (status, activation time,
+    /// interactions, the criteria's type) reads the change's columns, not its contents.
+    pub fn reads_content(&self, resource_type: &str) -> bool {
+        if self.topic.is_some() {
+            return true;
+        }
+        match &self.criteria {
+            Ok(criteria) => {
+                criteria.resource_type() == resource_type
+                    && (criteria.reads_resource()
+                        || !self.accounts.is_empty()
+                        || self.fhirpath.is_some())
+            }
+            // Rejected before anything is read.
+            Err(_) => false,
+        }
+    }
+
     /// The topic's canonical URL, for a subscription to a topic.
     pub fn topic_url(&self) -> Option<&str> {
         let binding = self.topic.as_ref()?;
@@ -371,6 +392,24 @@ pub struct ChangeView<'a> {
     pub previous: Option<&'a Value>,
     /// When the change was written.
     pub changed_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> ChangeView<'a> {
+    /// A change whose contents were not read, to evaluate against subscriptions that do not read
+    /// them ([`CompiledSubscription::reads_content`]): an empty object stands for them.
+    pub fn without_contents(
+        resource_type: &'a str,
+        interaction: Interaction,
+        changed_at: Option<DateTime<Utc>>,
+    ) -> ChangeView<'a> {
+        ChangeView {
+            resource_type,
+            interaction,
+            current: &EMPTY_OBJECT,
+            previous: None,
+            changed_at,
+        }
+    }
 }
 
 /// Why a subscription did not match a change.
@@ -614,7 +653,11 @@ fn evaluate_filters(
             });
         }
     }
-    let search = if explain {
+    // A criteria of a type alone has nothing more to check (the type was checked above), and
+    // its change's contents may not have been read.
+    let search = if !criteria.reads_resource() {
+        Ok((true, None))
+    } else if explain {
         criteria
             .explain(change.current)
             .map(|report| (report.matched, Some(report)))
@@ -708,5 +751,70 @@ fn describe(items: &[fhirpath::Item<'_>]) -> String {
         [] => "an empty collection".to_owned(),
         [item] => format!("`{}`", item.to_json()),
         _ => format!("{} items", items.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compiled(criteria: &str, extensions: Value, meta: Value) -> CompiledSubscription {
+        let resource = json!({
+            "resourceType": "Subscription", "status": "active", "reason": "test",
+            "criteria": criteria, "extension": extensions, "meta": meta,
+            "channel": { "type": "rest-hook", "endpoint": "https://example.org/hook" }
+        });
+        CompiledSubscription::compile(Uuid::nil(), 1, &resource, None, false, false)
+    }
+
+    fn patient_change(current: &Value) -> Verdict {
+        let subscription = compiled("Patient", json!([]), json!({}));
+        let view = ChangeView {
+            resource_type: "Patient",
+            interaction: Interaction::Create,
+            current,
+            previous: None,
+            changed_at: None,
+        };
+        evaluate(&subscription, &view, false)
+    }
+
+    #[test]
+    fn only_a_criteria_of_the_changes_type_alone_reads_no_content() {
+        let none = || json!([]);
+        assert!(!compiled("Patient", none(), json!({})).reads_content("Patient"));
+        // Another type is rejected by the type, before anything is read.
+        assert!(!compiled("Observation?code=x", none(), json!({})).reads_content("Patient"));
+        assert!(!compiled("", none(), json!({})).reads_content("Patient"));
+        assert!(compiled("Patient?active=true", none(), json!({})).reads_content("Patient"));
+        // An unsupported construct is a filter that never matches: still read, as before.
+        assert!(compiled("Patient?_has:x", none(), json!({})).reads_content("Patient"));
+        let fhirpath = json!([{ "url": extension::FHIRPATH_CRITERIA, "valueString": "true" }]);
+        assert!(compiled("Patient", fhirpath, json!({})).reads_content("Patient"));
+        let account = json!({ "account": { "reference": "Organization/1" } });
+        assert!(compiled("Patient", none(), account).reads_content("Patient"));
+        let interactions =
+            json!([{ "url": extension::SUPPORTED_INTERACTION, "valueCode": "create" }]);
+        assert!(!compiled("Patient", interactions, json!({})).reads_content("Patient"));
+    }
+
+    #[test]
+    fn a_criteria_of_a_type_alone_matches_a_change_evaluated_without_contents() {
+        let subscription = compiled("Patient", json!([]), json!({}));
+        let view = ChangeView::without_contents("Patient", Interaction::Update, None);
+        assert!(matches!(
+            evaluate(&subscription, &view, false),
+            Verdict::Matched
+        ));
+        let view = ChangeView::without_contents("Observation", Interaction::Update, None);
+        assert!(matches!(
+            evaluate(&subscription, &view, false),
+            Verdict::Rejected(Rejection::ResourceType { .. })
+        ));
+        // With contents, the same verdict as before.
+        assert!(matches!(
+            patient_change(&json!({ "resourceType": "Patient" })),
+            Verdict::Matched
+        ));
     }
 }

@@ -195,6 +195,15 @@ impl Candidates {
         own.chain(server)
     }
 
+    /// Whether `change`'s versions must be read: a Subscription's always (its handshake and
+    /// channel are read from it), any other's when a candidate evaluates it on them.
+    fn read_contents_of(&self, change: &ClaimedChange) -> bool {
+        change.resource_type == "Subscription"
+            || self
+                .for_project(change.project_id)
+                .any(|subscription| subscription.reads_content(&change.resource_type))
+    }
+
     /// How many of `changes`, in order, fit in [`MAX_DELIVERIES_PER_BATCH`] when each counts the
     /// subscriptions it could match (the first always fits).
     fn within_delivery_budget(&self, changes: &[ClaimedChange]) -> usize {
@@ -294,6 +303,13 @@ impl Dispatcher {
         let candidates = self.candidates(&mut tx, &changes, &epochs).await?;
         // The changes left out stay locked, undispatched, until this transaction ends.
         changes.truncate(candidates.within_delivery_budget(&changes));
+        let wanted: Vec<usize> = (0..changes.len())
+            .filter(|&i| candidates.read_contents_of(&changes[i]))
+            .collect();
+        if !wanted.is_empty() {
+            let kept = queries::read_contents(&mut tx, &mut changes, &wanted).await?;
+            changes.truncate(kept);
+        }
         // Evaluation is CPU work on user input (bounded by its budget, but still up to that budget
         // per suspended subscription): off the async threads, so that delivery, lease renewal and
         // the other dispatch loops of this process keep running meanwhile.
@@ -763,39 +779,44 @@ fn evaluate_batch(
     let mut dispatch_errors = Vec::with_capacity(changes.len());
     for change in changes {
         seqs.push(change.seq);
-        // Read without its contents: nothing to match (a subscription loaded since came after it).
-        if change.unwatched {
-            dispatch_errors.push(None);
-            continue;
-        }
-        let (current, previous) = match evaluated_contents(change) {
-            Ok(contents) => contents,
-            Err(message) => {
-                tracing::error!(seq = change.seq, resource_type = %change.resource_type,
-                    resource_id = %change.resource_id, version = change.version_id,
-                    "cannot dispatch change: {message}");
-                report.undispatchable += 1;
-                dispatch_errors.push(Some(message));
+        // Not read: no candidate reads its contents (`Candidates::read_contents_of`).
+        let view = if !change.contents_read {
+            ChangeView::without_contents(
+                &change.resource_type,
+                change.interaction,
+                Some(change.changed_at),
+            )
+        } else {
+            let (current, previous) = match evaluated_contents(change) {
+                Ok(contents) => contents,
+                Err(message) => {
+                    tracing::error!(seq = change.seq, resource_type = %change.resource_type,
+                        resource_id = %change.resource_id, version = change.version_id,
+                        "cannot dispatch change: {message}");
+                    report.undispatchable += 1;
+                    dispatch_errors.push(Some(message));
+                    continue;
+                }
+            };
+            if needs_handshake(change, current) {
+                push_handshake(&mut deliveries, change, matched_at);
+            }
+            // Websocket Subscriptions are transient client state; their writes never trigger (§1.3).
+            if change.resource_type == "Subscription"
+                && subscription::channel_type(current) == "websocket"
+            {
+                dispatch_errors.push(None);
                 continue;
+            }
+            ChangeView {
+                resource_type: &change.resource_type,
+                interaction: change.interaction,
+                current,
+                previous,
+                changed_at: Some(change.changed_at),
             }
         };
         dispatch_errors.push(None);
-        if needs_handshake(change, current) {
-            push_handshake(&mut deliveries, change, matched_at);
-        }
-        // Websocket Subscriptions are transient client state; their writes never trigger (§1.3).
-        if change.resource_type == "Subscription"
-            && subscription::channel_type(current) == "websocket"
-        {
-            continue;
-        }
-        let view = ChangeView {
-            resource_type: &change.resource_type,
-            interaction: change.interaction,
-            current,
-            previous,
-            changed_at: Some(change.changed_at),
-        };
         for subscription in candidates.for_project(change.project_id) {
             // A resend can be for one subscription only (Medplum's $resend `subscription`).
             if let Some(only) = &change.resend_subscription_id {

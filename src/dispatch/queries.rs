@@ -6,7 +6,8 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-/// An outbox row claimed for dispatch, with the contents it is evaluated on.
+/// An outbox row claimed for dispatch, with the contents it is evaluated on once read
+/// ([`read_contents`]).
 #[derive(Debug)]
 pub(crate) struct ClaimedChange {
     pub seq: i64,
@@ -19,7 +20,10 @@ pub(crate) struct ClaimedChange {
     pub changed_at: DateTime<Utc>,
     pub request_id: String,
     pub trace_id: String,
-    /// The version's content (`None` for a deletion, or when it cannot be decoded).
+    /// Whether its versions were read: only when some candidate subscription reads them
+    /// (`CompiledSubscription::reads_content`) or the change is a Subscription's.
+    pub contents_read: bool,
+    /// The version's content (`None` for a deletion, when it cannot be decoded, or not read).
     pub current: Option<Value>,
     /// The previous version's content.
     pub previous: Option<Value>,
@@ -27,13 +31,9 @@ pub(crate) struct ClaimedChange {
     pub resend_subscription_id: Option<String>,
     /// Why a content could not be decoded: the change cannot be dispatched.
     pub undecodable: Option<String>,
-    /// No subscription can match it: its project (and, with server-scope subscriptions, every
-    /// server-scope project) had no Subscription in the claim's snapshot, so its contents were
-    /// not read. A subscription committed after that snapshot came after the change.
-    pub unwatched: bool,
 }
 
-/// A claimed row as read: the contents as text, decoded per row by [`claim_changes`].
+/// A claimed row as read.
 struct ClaimRow {
     seq: i64,
     project_id: Uuid,
@@ -45,10 +45,7 @@ struct ClaimRow {
     changed_at: DateTime<Utc>,
     request_id: String,
     trace_id: String,
-    current: Option<String>,
-    previous: Option<String>,
     resend_subscription_id: Option<String>,
-    unwatched: bool,
     project_epoch: Option<i64>,
     project_server_scope: Option<bool>,
     server_scope_ids: Option<Vec<Uuid>>,
@@ -72,13 +69,10 @@ pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = o
 
 /// Locks up to `limit` of the oldest undispatched outbox rows from `from_seq` on that no other
 /// dispatcher holds (`from_seq` 0 scans them all; see `dispatch::ScanFloor`), and returns them in
-/// order while the versions they read fit in [`BATCH_CONTENT_BUDGET_BYTES`] (the first always):
-/// the rows beyond it stay undispatched, for the next batch.
-/// The contents travel as text and are decoded here, row by row: a content that cannot be decoded
-/// (a legacy row nested deeper than serde_json reads) marks its own change, never the batch.
-/// They are read only for changes a subscription could match (`ClaimedChange::unwatched`): in a
-/// project without Subscriptions, reading, converting and decoding two versions per change was
-/// half of the dispatcher's CPU for nothing (docs/performance.md, run W).
+/// order, without their contents: the dispatcher reads those ([`read_contents`]) only for the
+/// changes that a candidate subscription evaluates on them. Reading, converting, sending and
+/// decoding two versions of every change was most of a dispatch's cost, and a criteria of a type
+/// alone (`Patient`) reads none of it (docs/performance.md, run AA).
 /// With them come the subscription epochs of their projects, and of every server-scope project
 /// when `with_server_scope`: read in the same statement, so that a dispatch costs no round trip
 /// of its own for them.
@@ -97,65 +91,24 @@ pub(crate) async fn claim_changes(
                WHERE dispatched_at IS NULL AND seq >= $2
                ORDER BY seq
                LIMIT $1
-               FOR UPDATE SKIP LOCKED),
-           -- Projects with a Subscription (of any status, not deleted), once per project of the
-           -- batch; with server-scope subscriptions, a server-scope project's count for all.
-           -- Materialised: inlined, it was evaluated again for every claimed row in each place
-           -- that reads `unwatched`, a cost that grew with the square of the batch.
-           watched AS MATERIALIZED (
-               SELECT b.project_id FROM (SELECT DISTINCT project_id FROM claimed) b
-               WHERE EXISTS (SELECT 1 FROM fhir_outbox.resource s
-                             WHERE s.project_id = b.project_id AND s.resource_type = 'Subscription'
-                               AND NOT s.deleted)
-                  OR ($4 AND EXISTS (SELECT 1 FROM fhir_outbox.project sp
-                                     JOIN fhir_outbox.resource s
-                                       ON s.project_id = sp.id AND s.resource_type = 'Subscription'
-                                      AND NOT s.deleted
-                                     WHERE sp.server_scope))),
-           flagged AS (
-               SELECT c.*, (c.resend_subscription_id IS NULL
-                            AND NOT EXISTS (SELECT 1 FROM watched w WHERE w.project_id = c.project_id))
-                           AS unwatched
-               FROM claimed c),
-           -- The contents of what a subscription could match, and of nothing else (a CASE runs
-           -- its subqueries only when its condition holds).
-           contents AS (
-               SELECT f.*,
-                      CASE WHEN NOT f.unwatched THEN
-                          (SELECT cur.content FROM fhir_outbox.resource_version cur
-                           WHERE cur.project_id = f.project_id AND cur.resource_type = f.resource_type
-                             AND cur.id = f.resource_id AND cur.version_id = f.version_id) END AS current,
-                      CASE WHEN NOT f.unwatched THEN
-                          (SELECT prev.content FROM fhir_outbox.resource_version prev
-                           WHERE prev.project_id = f.project_id AND prev.resource_type = f.resource_type
-                             AND prev.id = f.resource_id AND prev.version_id = f.previous_version_id) END
-                          AS previous
-               FROM flagged f),
-           read AS (
-               SELECT c.*, row_number() OVER (ORDER BY c.seq) AS n,
-                      sum(coalesce(pg_column_size(c.current), 0)
-                          + coalesce(pg_column_size(c.previous), 0)) OVER (ORDER BY c.seq) AS read_through
-               FROM contents c)
-           SELECT r.seq AS "seq!", r.project_id AS "project_id!", r.resource_type AS "resource_type!",
-                  r.resource_id AS "resource_id!", r.version_id AS "version_id!",
-                  r.previous_version_id, r.interaction AS "interaction!: Interaction",
-                  r.changed_at AS "changed_at!", r.request_id AS "request_id!", r.trace_id AS "trace_id!",
-                  r.current::text AS "current?", r.previous::text AS "previous?",
-                  r.resend_subscription_id, r.unwatched AS "unwatched!",
+               FOR UPDATE SKIP LOCKED)
+           SELECT c.seq AS "seq!", c.project_id AS "project_id!", c.resource_type AS "resource_type!",
+                  c.resource_id AS "resource_id!", c.version_id AS "version_id!",
+                  c.previous_version_id, c.interaction AS "interaction!: Interaction",
+                  c.changed_at AS "changed_at!", c.request_id AS "request_id!", c.trace_id AS "trace_id!",
+                  c.resend_subscription_id,
                   p.subscription_epoch AS "project_epoch?", p.server_scope AS "project_server_scope?",
                   -- The batch's server-scope projects, once: on its first row.
-                  CASE WHEN r.n = 1 THEN s.ids END AS "server_scope_ids?",
-                  CASE WHEN r.n = 1 THEN s.epochs END AS "server_scope_epochs?"
-           FROM read r
-           LEFT JOIN fhir_outbox.project p ON p.id = r.project_id
+                  CASE WHEN c.seq = min(c.seq) OVER () THEN s.ids END AS "server_scope_ids?",
+                  CASE WHEN c.seq = min(c.seq) OVER () THEN s.epochs END AS "server_scope_epochs?"
+           FROM claimed c
+           LEFT JOIN fhir_outbox.project p ON p.id = c.project_id
            CROSS JOIN (SELECT array_agg(id ORDER BY id) AS ids,
                               array_agg(subscription_epoch ORDER BY id) AS epochs
-                       FROM fhir_outbox.project WHERE server_scope AND $4) s
-           WHERE r.n = 1 OR r.read_through <= $3
-           ORDER BY r.seq"#,
+                       FROM fhir_outbox.project WHERE server_scope AND $3) s
+           ORDER BY c.seq"#,
         limit,
         from_seq,
-        BATCH_CONTENT_BUDGET_BYTES,
         with_server_scope
     )
     .fetch_all(conn)
@@ -181,41 +134,99 @@ pub(crate) async fn claim_changes(
     }
     epochs.sort_unstable_by_key(|epoch| epoch.id);
     epochs.dedup_by_key(|epoch| epoch.id);
-    Ok((rows.into_iter().map(decode_change).collect(), epochs))
+    let changes = rows
+        .into_iter()
+        .map(|row| ClaimedChange {
+            seq: row.seq,
+            project_id: row.project_id,
+            resource_type: row.resource_type,
+            resource_id: row.resource_id,
+            version_id: row.version_id,
+            previous_version_id: row.previous_version_id,
+            interaction: row.interaction,
+            changed_at: row.changed_at,
+            request_id: row.request_id,
+            trace_id: row.trace_id,
+            contents_read: false,
+            current: None,
+            previous: None,
+            resend_subscription_id: row.resend_subscription_id,
+            undecodable: None,
+        })
+        .collect();
+    Ok((changes, epochs))
 }
 
-fn decode_change(row: ClaimRow) -> ClaimedChange {
-    let mut undecodable = None;
-    let mut decode = |text: Option<String>, version: Option<i64>| {
-        let text = text?;
-        crate::fhir::decode_stored(&text)
-            .map_err(|error| {
-                undecodable.get_or_insert(format!(
-                    "cannot decode resource: version {}: {error}",
-                    version.unwrap_or_default()
-                ));
-            })
-            .ok()
-    };
-    let current = decode(row.current, Some(row.version_id));
-    let previous = decode(row.previous, row.previous_version_id);
-    ClaimedChange {
-        seq: row.seq,
-        project_id: row.project_id,
-        resource_type: row.resource_type,
-        resource_id: row.resource_id,
-        version_id: row.version_id,
-        previous_version_id: row.previous_version_id,
-        interaction: row.interaction,
-        changed_at: row.changed_at,
-        request_id: row.request_id,
-        trace_id: row.trace_id,
-        current,
-        previous,
-        resend_subscription_id: row.resend_subscription_id,
-        undecodable,
-        unwatched: row.unwatched,
+/// Reads the versions of `changes[i]` for each `i` of `wanted` (in increasing order) while they
+/// fit in [`BATCH_CONTENT_BUDGET_BYTES`] (the first always), decoding each change's on its own: a
+/// content that cannot be decoded (a legacy row nested deeper than serde_json reads) marks its own
+/// change, never the batch. Returns how many of `changes`, in order, the batch keeps: all of them,
+/// or up to the first whose versions did not fit (those stay undispatched, for the next batch).
+pub(crate) async fn read_contents(
+    conn: &mut PgConnection,
+    changes: &mut [ClaimedChange],
+    wanted: &[usize],
+) -> Result<usize, sqlx::Error> {
+    let (mut projects, mut types, mut ids, mut versions, mut previous_versions) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &i in wanted {
+        let change = &changes[i];
+        projects.push(change.project_id);
+        types.push(change.resource_type.as_str());
+        ids.push(change.resource_id.as_str());
+        versions.push(change.version_id);
+        previous_versions.push(change.previous_version_id);
     }
+    let rows = sqlx::query!(
+        r#"WITH k AS (
+               SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])
+                   WITH ORDINALITY AS k(project_id, resource_type, id, version_id,
+                                        previous_version_id, n)),
+           read AS (
+               SELECT k.n, cur.content AS current, prev.content AS previous,
+                      sum(coalesce(pg_column_size(cur.content), 0)
+                          + coalesce(pg_column_size(prev.content), 0)) OVER (ORDER BY k.n)
+                          AS read_through
+               FROM k
+               LEFT JOIN fhir_outbox.resource_version cur
+                 ON cur.project_id = k.project_id AND cur.resource_type = k.resource_type
+                AND cur.id = k.id AND cur.version_id = k.version_id
+               LEFT JOIN fhir_outbox.resource_version prev
+                 ON prev.project_id = k.project_id AND prev.resource_type = k.resource_type
+                AND prev.id = k.id AND prev.version_id = k.previous_version_id)
+           SELECT n AS "n!", current::text AS "current?", previous::text AS "previous?"
+           FROM read WHERE n = 1 OR read_through <= $6
+           ORDER BY n"#,
+        &projects,
+        &types as &[&str],
+        &ids as &[&str],
+        &versions,
+        &previous_versions as &[Option<i64>],
+        BATCH_CONTENT_BUDGET_BYTES
+    )
+    .fetch_all(conn)
+    .await?;
+    let read = rows.len();
+    for (row, &i) in rows.into_iter().zip(wanted) {
+        let change = &mut changes[i];
+        let mut undecodable = None;
+        let mut decode = |text: Option<String>, version: Option<i64>| {
+            let text = text?;
+            crate::fhir::decode_stored(&text)
+                .map_err(|error| {
+                    undecodable.get_or_insert(format!(
+                        "cannot decode resource: version {}: {error}",
+                        version.unwrap_or_default()
+                    ));
+                })
+                .ok()
+        };
+        change.current = decode(row.current, Some(change.version_id));
+        change.previous = decode(row.previous, change.previous_version_id);
+        change.undecodable = undecodable;
+        change.contents_read = true;
+    }
+    Ok(wanted.get(read).copied().unwrap_or(changes.len()))
 }
 
 /// A project's subscription epoch (bumped by every Subscription write).

@@ -652,7 +652,8 @@ async fn large_resources_make_small_batches_and_every_change_is_dispatched() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let d = dispatcher(&db.pool);
-    create(&db.pool, project, &rest_hook("Patient")).await;
+    // A criteria that reads the resource: the versions of its changes are read.
+    create(&db.pool, project, &rest_hook("Patient?_id:missing=false")).await;
     settle(&db.pool, &d).await;
     // Seven Patients of about 3 MB each (hex, which compression hardly shrinks): 21 MB as stored,
     // more than a batch reads (16 MiB), in fewer changes than a batch claims (500).
@@ -696,7 +697,8 @@ async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
     let db = TestDb::new().await;
     let project = db.project().await;
     let d = dispatcher(&db.pool);
-    create(&db.pool, project, &rest_hook("Patient")).await;
+    // A criteria that reads the resource: the versions of its changes are read.
+    create(&db.pool, project, &rest_hook("Patient?_id:missing=false")).await;
     settle(&db.pool, &d).await;
     sqlx::query(
         "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
@@ -726,7 +728,7 @@ async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
 /// (a version that is missing is not even noticed); a Subscription of any status, in the project
 /// or (when configured) in a server-scope project, makes its changes read and matched again.
 #[tokio::test]
-async fn changes_no_subscription_can_match_are_dispatched_without_their_contents() {
+async fn changes_are_read_only_for_subscriptions_that_evaluate_their_contents() {
     let db = TestDb::new().await;
     let quiet = db.project().await;
     let d = dispatcher(&db.pool);
@@ -766,10 +768,21 @@ async fn changes_no_subscription_can_match_are_dispatched_without_their_contents
     );
     assert_eq!(dispatch_error("unread").await, None);
 
-    // A Subscription that is off still makes the project's changes read.
-    let mut off = rest_hook("Patient");
-    off["status"] = json!("off");
-    create(&db.pool, quiet, &off).await;
+    // A criteria of the type alone reads nothing of the resource: its change is matched, and
+    // dispatched, without reading the version (a missing one fails its delivery, in the worker).
+    create(&db.pool, quiet, &rest_hook("Patient")).await;
+    settle(&db.pool, &d).await;
+    ghost(quiet, "matched unread").await;
+    let report = dispatch_all(&d).await;
+    assert_eq!(
+        (report.changes, report.deliveries, report.undispatchable),
+        (1, 1, 0)
+    );
+    assert_eq!(dispatch_error("matched unread").await, None);
+
+    // A Subscription whose criteria reads the resource makes the project's changes of its type
+    // read (and a missing version sets the change aside, for every subscription).
+    create(&db.pool, quiet, &rest_hook("Patient?active=true")).await;
     settle(&db.pool, &d).await;
     ghost(quiet, "read").await;
     let report = dispatch_all(&d).await;

@@ -201,8 +201,10 @@ async fn a_legacy_deep_row_is_set_aside_alone_and_every_other_change_is_delivere
     let (a, b) = (db.project().await, db.project().await);
     let receiver_a = Receiver::start(vec![]).await;
     let receiver_b = Receiver::start(vec![]).await;
-    create(&db.pool, a, &hook(&receiver_a.url, "Patient"), None).await;
-    create(&db.pool, b, &hook(&receiver_b.url, "Patient"), None).await;
+    // Criteria that read the resource: the dispatcher reads the versions of their changes.
+    let every_patient = "Patient?_id:missing=false";
+    create(&db.pool, a, &hook(&receiver_a.url, every_patient), None).await;
+    create(&db.pool, b, &hook(&receiver_b.url, every_patient), None).await;
     // A second subscription in A whose own content became unreadable: it alone is out of play.
     let broken = create(&db.pool, a, &hook(&receiver_a.url, "Patient"), None).await;
     let broken_id = broken["id"].as_str().unwrap();

@@ -545,9 +545,18 @@ async fn dispatch(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(),
             fixtures::project_with_subscriptions(&pool, &env.receiver.url, subscriptions).await?;
         let prefill = fixtures::prefill(&pool, project, sizes.dispatch_rows, 4).await?;
         sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+        if env.statements {
+            sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(&pool)
+                .await?;
+        }
         let (pg0, own0) = (env.postgres_cpu(), env.own_cpu());
         let (changes, deliveries, time) = fixtures::dispatch_all(&pool).await?;
         let (pg1, own1) = (env.postgres_cpu(), env.own_cpu());
+        let statements = match env.statements {
+            true => json!(top_statements(&pool, &format!("dispatch, {subscriptions} subs")).await?),
+            false => Value::Null,
+        };
         pool.close().await;
         env.drop_db(&name).await?;
         let expected = sizes.dispatch_rows * subscriptions as u64;
@@ -584,7 +593,8 @@ async fn dispatch(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(),
             bench_s: 0.0,
         });
         details.push(json!({"subscriptions": subscriptions, "changes": changes,
-            "deliveries": deliveries, "seconds": secs, "prefill_seconds": prefill.as_secs_f64()}));
+            "deliveries": deliveries, "seconds": secs, "prefill_seconds": prefill.as_secs_f64(),
+            "statements": statements}));
     }
     results.details.insert("dispatch".into(), json!(details));
     Ok(())

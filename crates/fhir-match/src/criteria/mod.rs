@@ -303,6 +303,13 @@ impl Criteria {
         &self.filters
     }
 
+    /// Whether matching reads anything of the resource beyond its type: a criteria of a type alone
+    /// (`Patient`) matches every resource of that type. (Unsupported constructs are filters too,
+    /// so a criteria that can never match reads the resource as well.)
+    pub fn reads_resource(&self) -> bool {
+        !self.filters.is_empty()
+    }
+
     /// Constructs that can never match (so the criteria never matches any resource).
     pub fn unsupported(&self) -> impl Iterator<Item = &Unsupported> {
         self.unsupported.iter()
