@@ -246,8 +246,13 @@ pub fn patient(n: u64) -> Value {
 /// An active rest-hook Subscription on every Patient change, signed with [`SECRET`], AuditEvents to
 /// the default destination (stored resources).
 pub fn subscription(endpoint: &str) -> Value {
+    subscription_with_criteria(endpoint, "Patient")
+}
+
+/// [`subscription`] with another criteria.
+pub fn subscription_with_criteria(endpoint: &str, criteria: &str) -> Value {
     json!({
-        "resourceType": "Subscription", "status": "active", "reason": "bench", "criteria": "Patient",
+        "resourceType": "Subscription", "status": "active", "reason": "bench", "criteria": criteria,
         "channel": {"type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json"},
         "extension": [{"url": SECRET_URL, "valueString": SECRET}]
     })
@@ -259,12 +264,22 @@ pub async fn project_with_subscriptions(
     endpoint: &str,
     subscriptions: usize,
 ) -> Result<Uuid, BenchError> {
+    project_with_criteria(pool, endpoint, subscriptions, "Patient").await
+}
+
+/// [`project_with_subscriptions`] with another criteria.
+pub async fn project_with_criteria(
+    pool: &PgPool,
+    endpoint: &str,
+    subscriptions: usize,
+    criteria: &str,
+) -> Result<Uuid, BenchError> {
     let project = fhir_outbox::project::create_project(pool, "bench").await?;
     for _ in 0..subscriptions {
         capture::create(
             pool,
             project,
-            &subscription(endpoint),
+            &subscription_with_criteria(endpoint, criteria),
             &WriteContext::default(),
         )
         .await?;
