@@ -789,8 +789,8 @@ async fn changes_are_read_only_for_subscriptions_that_evaluate_their_contents() 
     assert_eq!((report.changes, report.undispatchable), (1, 1));
     assert!(dispatch_error("read").await.unwrap().contains("missing"));
 
-    // A server-scope project's Subscription makes every project's changes read, when server-scope
-    // subscriptions are on.
+    // A server-scope project's Subscription is a candidate for every project's changes, when
+    // server-scope subscriptions are on.
     let other = db.project().await;
     let server = server_scope_project(&db).await;
     create(&db.pool, server, &rest_hook("Patient")).await;
