@@ -237,7 +237,10 @@ pub(super) async fn prepare(
         }
     } else {
         // A replay sends what was sent before, whatever became of the resource since.
-        if !delivery.replay && (resource.current_version.is_none() || resource.deleted) {
+        if !delivery.replay && resource.current_version.is_none() {
+            return stop(Stop::Skipped(SkipReason::ResourceNotStored));
+        }
+        if !delivery.replay && resource.deleted {
             return stop(Stop::Skipped(SkipReason::ResourceDeleted));
         }
         // Only a retry of a recorded, failed attempt may give up on a superseded version (as

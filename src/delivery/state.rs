@@ -104,6 +104,10 @@ pub enum SkipReason {
     Status(String),
     /// The resource was deleted after the change.
     ResourceDeleted,
+    /// The resource has no row in `fhir_outbox.resource` at all: its rows were written or removed
+    /// outside the SQL functions (a change whose versions the dispatcher did not read, because no
+    /// candidate evaluates them, is found here).
+    ResourceNotStored,
     /// A retry of a recorded, failed attempt of a version that is no longer current.
     Superseded {
         /// The version of the delivery.
@@ -122,6 +126,9 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::Status(status) => write!(f, "the subscription's status is now `{status}`"),
             SkipReason::ResourceDeleted => f.write_str("the resource was deleted"),
+            SkipReason::ResourceNotStored => f.write_str(
+                "the resource is not stored (no row in fhir_outbox.resource: written or removed outside the SQL functions)",
+            ),
             SkipReason::Superseded { version, current } => write!(
                 f,
                 "version {version} is no longer current (now {current}); the newer version has its own delivery"

@@ -661,6 +661,39 @@ async fn subscription_or_resource_gone_before_delivery_stops_silently() {
     assert!(audit_events(&db.pool, &deleted).await.is_empty());
 }
 
+/// A change whose resource has no row at all (written into the outbox by hand) matched by a criteria
+/// of its type alone: the dispatcher does not read its versions, and the worker skips its delivery
+/// with a reason that says what is wrong, never "deleted".
+#[tokio::test]
+async fn a_change_whose_resource_is_not_stored_is_skipped_with_that_reason() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let subscription = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let p = pipeline(&db.pool, fast_config());
+    p.settle(&db.pool).await;
+    sqlx::query(
+        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
+                                         changed_at, request_id, trace_id)
+         VALUES ($1, 'Patient', 'ghost', 1, 'create', clock_timestamp(), 'r',
+                 '4bf92f35-77b3-4da6-a3ce-929d0e0e4736')",
+    )
+    .bind(project)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    p.settle(&db.pool).await;
+    assert_eq!(
+        states(&db.pool, &subscription).await,
+        [(
+            "skipped".into(),
+            0,
+            Some(SkipReason::ResourceNotStored.to_string())
+        )]
+    );
+    assert!(receiver.received().is_empty());
+}
+
 #[tokio::test]
 async fn a_stale_version_is_not_retried() {
     let db = TestDb::new().await;
