@@ -7,7 +7,7 @@
 
 use super::outcome::{self, Execution};
 use super::policy::{self, Rules};
-use super::preamble::{self, Prepared, Target};
+use super::preamble::{self, Prepared, Stop, Target};
 use super::queries::{self, ClaimLimits, ClaimedDelivery};
 use super::recorder::{self, AuditInput, BotRun, Executed, Recorder};
 use super::slots::{EndpointKey, SlotQueue};
@@ -638,7 +638,10 @@ impl DeliveryWorker {
         let delivery = job.delivery;
         let clock = Instant::now();
         let (execution, request) = match job.prepared {
-            Ok(Prepared::Stop(stop)) => (Execution::Stopped(stop), None),
+            Ok(Prepared::Stop(stop)) => {
+                log_stop(&delivery, &stop);
+                (Execution::Stopped(stop), None)
+            }
             Ok(Prepared::Send(mut request)) => {
                 // A bot's handler may log: its lines carry the delivery's fields. A request logs
                 // nothing of ours until its outcome.
@@ -719,6 +722,20 @@ impl DeliveryWorker {
             self.schedule_changed.store(true, Ordering::Release);
         }
         self.recorded.notify_one();
+    }
+}
+
+/// A delivery the preamble stopped before any request: its row gets the reason; so does the log,
+/// at the level of a failed attempt (a subscription that cannot be delivered as it stands is also
+/// warned about once per version, `warn_once`).
+fn log_stop(delivery: &ClaimedDelivery, stop: &Stop) {
+    let _entered = delivery_span(delivery).entered();
+    match stop {
+        Stop::Skipped(reason) => tracing::info!(%reason, "delivery skipped, nothing sent"),
+        Stop::Refused(reason) => tracing::info!(%reason, "delivery failed, nothing sent"),
+        Stop::Done => {
+            tracing::debug!("delivery finished: the subscription has no endpoint any more")
+        }
     }
 }
 
