@@ -101,3 +101,61 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
         }
     }
 }
+
+/// A delivery the preamble stops (here: its resource has no row at all) is logged with its reason
+/// and its ids, as its row records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_stopped_before_any_request_is_logged_with_its_reason() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let receiver = Receiver::start(vec![]).await;
+    let sub = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
+    let trace = "4bf92f35-77b3-4da6-a3ce-929d0e0e4736";
+    sqlx::query(
+        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
+                                         changed_at, request_id, trace_id)
+         VALUES ($1, 'Patient', 'ghost', 1, 'create', clock_timestamp(), 'r', $2)",
+    )
+    .bind(project)
+    .bind(trace)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let worker = crate::common::binary()
+        .args([
+            "run",
+            "--database-url",
+            &db.url,
+            "--allow-unsafe-outbound",
+            "--log-format",
+            "json",
+        ])
+        // The default filter: the line is written without asking for more.
+        .env_remove("FHIR_OUTBOX_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        let rows = states(&db.pool, &sub).await;
+        if rows.first().is_some_and(|row| row.0 == "skipped") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = crate::common::stop_and_read_logs(worker);
+    let rows = states(&db.pool, &sub).await;
+    assert_eq!(rows[0].0, "skipped", "{rows:?}");
+    let reason = rows[0].2.clone().unwrap();
+    let stops: Vec<Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["fields"]["message"] == "delivery skipped, nothing sent")
+        .collect();
+    assert_eq!(stops.len(), 1, "{logs}");
+    assert_eq!(stops[0]["fields"]["reason"], reason.as_str(), "{logs}");
+    assert_eq!(stops[0]["span"]["subscription"], sub["id"]);
+    assert_eq!(stops[0]["span"]["resource"], "Patient/ghost");
+    assert_eq!(stops[0]["span"]["trace_id"], trace);
+    assert!(receiver.received().is_empty());
+}
