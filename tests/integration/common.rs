@@ -178,3 +178,22 @@ pub fn sigterm(child: &std::process::Child) {
         .expect("run kill");
     assert!(status.success(), "kill -TERM");
 }
+
+/// The trace id of [`ghost_change`]'s outbox rows.
+pub const GHOST_TRACE: &str = "4bf92f35-77b3-4da6-a3ce-929d0e0e4736";
+
+/// Writes an outbox row for `Patient/<id>` version 1 by hand, with no resource or version behind
+/// it: a change written outside the SQL functions.
+pub async fn ghost_change(pool: &PgPool, project: Uuid, id: &str) {
+    sqlx::query(
+        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
+                                         changed_at, request_id, trace_id)
+         VALUES ($1, 'Patient', $2, 1, 'create', clock_timestamp(), 'r', $3)",
+    )
+    .bind(project)
+    .bind(id)
+    .bind(GHOST_TRACE)
+    .execute(pool)
+    .await
+    .unwrap();
+}

@@ -672,16 +672,7 @@ async fn a_change_whose_resource_is_not_stored_is_skipped_with_that_reason() {
     let subscription = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
     let p = pipeline(&db.pool, fast_config());
     p.settle(&db.pool).await;
-    sqlx::query(
-        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
-                                         changed_at, request_id, trace_id)
-         VALUES ($1, 'Patient', 'ghost', 1, 'create', clock_timestamp(), 'r',
-                 '4bf92f35-77b3-4da6-a3ce-929d0e0e4736')",
-    )
-    .bind(project)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    crate::common::ghost_change(&db.pool, project, "ghost").await;
     p.settle(&db.pool).await;
     assert_eq!(
         states(&db.pool, &subscription).await,

@@ -700,15 +700,7 @@ async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
     // A criteria that reads the resource: the versions of its changes are read.
     create(&db.pool, project, &rest_hook("Patient?_id:missing=false")).await;
     settle(&db.pool, &d).await;
-    sqlx::query(
-        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
-                                         changed_at, request_id, trace_id)
-         VALUES ($1, 'Patient', 'ghost', 1, 'create', now(), 'r', '4bf92f35-77b3-4da6-a3ce-929d0e0e4736')",
-    )
-    .bind(project)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    crate::common::ghost_change(&db.pool, project, "ghost").await;
     create(&db.pool, project, &json!({ "resourceType": "Patient" })).await;
     let report = dispatch_all(&d).await;
     assert_eq!(
@@ -732,21 +724,8 @@ async fn changes_are_read_only_for_subscriptions_that_evaluate_their_contents() 
     let db = TestDb::new().await;
     let quiet = db.project().await;
     let d = dispatcher(&db.pool);
-    let ghost = |project: Uuid, id: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query(
-                "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id,
-                                                 interaction, changed_at, request_id, trace_id)
-                 VALUES ($1, 'Patient', $2, 1, 'create', now(), 'r', 't')",
-            )
-            .bind(project)
-            .bind(id)
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
-    };
+    let ghost =
+        |project: Uuid, id: &'static str| crate::common::ghost_change(&db.pool, project, id);
     let dispatch_error = |id: &'static str| {
         let pool = db.pool.clone();
         async move {

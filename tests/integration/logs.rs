@@ -110,17 +110,7 @@ async fn a_delivery_stopped_before_any_request_is_logged_with_its_reason() {
     let project = db.project().await;
     let receiver = Receiver::start(vec![]).await;
     let sub = create(&db.pool, project, &hook(&receiver.url, "Patient"), None).await;
-    let trace = "4bf92f35-77b3-4da6-a3ce-929d0e0e4736";
-    sqlx::query(
-        "INSERT INTO fhir_outbox.outbox (project_id, resource_type, resource_id, version_id, interaction,
-                                         changed_at, request_id, trace_id)
-         VALUES ($1, 'Patient', 'ghost', 1, 'create', clock_timestamp(), 'r', $2)",
-    )
-    .bind(project)
-    .bind(trace)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    crate::common::ghost_change(&db.pool, project, "ghost").await;
 
     let worker = crate::common::binary()
         .args([
@@ -156,6 +146,6 @@ async fn a_delivery_stopped_before_any_request_is_logged_with_its_reason() {
     assert_eq!(stops[0]["fields"]["reason"], reason.as_str(), "{logs}");
     assert_eq!(stops[0]["span"]["subscription"], sub["id"]);
     assert_eq!(stops[0]["span"]["resource"], "Patient/ghost");
-    assert_eq!(stops[0]["span"]["trace_id"], trace);
+    assert_eq!(stops[0]["span"]["trace_id"], crate::common::GHOST_TRACE);
     assert!(receiver.received().is_empty());
 }
