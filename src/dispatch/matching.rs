@@ -69,6 +69,18 @@ pub struct TopicBinding {
 }
 
 impl TopicBinding {
+    /// Whether evaluating a change of `resource_type` looks at its contents
+    /// ([`evaluate_topic`]): a usable binding whose topic's triggers for that type test the
+    /// states, or whose subscription filters that type. An unusable one is rejected first.
+    fn reads_content(&self, resource_type: &str) -> bool {
+        match (&self.subscription, &self.topic) {
+            (Ok(subscription), Some(topic)) if self.refused.is_empty() => {
+                topic.reads_content(resource_type) || subscription.has_filters_for(resource_type)
+            }
+            _ => false,
+        }
+    }
+
     fn read(resource: &Value) -> TopicBinding {
         let (subscription, unsupported) = match BackportSubscription::parse(resource) {
             Ok((subscription, problems)) => (Ok(subscription), problems),
@@ -196,8 +208,8 @@ impl CompiledSubscription {
     /// Everything [`evaluate`] checks before the criteria's filters (status, activation time,
     /// interactions, the criteria's type) reads the change's columns, not its contents.
     pub fn reads_content(&self, resource_type: &str) -> bool {
-        if self.topic.is_some() {
-            return true;
+        if let Some(binding) = &self.topic {
+            return binding.reads_content(resource_type);
         }
         match &self.criteria {
             Ok(criteria) => {
@@ -796,6 +808,86 @@ mod tests {
         let interactions =
             json!([{ "url": extension::SUPPORTED_INTERACTION, "valueCode": "create" }]);
         assert!(!compiled("Patient", interactions, json!({})).reads_content("Patient"));
+    }
+
+    /// A subscription to a topic that triggers on Patient creates (interactions alone) and on
+    /// Observations with `status=final`, filtered by `filters` (`backport-filter-criteria`), bound
+    /// to that topic when `bound`.
+    fn topic_subscription(filters: &[&str], bound: bool) -> CompiledSubscription {
+        const XVER: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.";
+        const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+        const URL: &str = "http://example.org/topic";
+        let topic = json!({
+            "resourceType": "Basic",
+            "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
+            "extension": [
+                {"url": format!("{XVER}url"), "valueUri": URL},
+                {"url": format!("{XVER}resourceTrigger"), "extension": [
+                    {"url": "resource", "valueUri": "Patient"},
+                    {"url": "supportedInteraction", "valueCode": "create"}
+                ]},
+                {"url": format!("{XVER}resourceTrigger"), "extension": [
+                    {"url": "resource", "valueUri": "Observation"},
+                    {"url": "queryCriteria", "extension": [{"url": "current", "valueString": "status=final"}]}
+                ]},
+                {"url": format!("{XVER}canFilterBy"), "extension": [
+                    {"url": "resource", "valueUri": "Patient"},
+                    {"url": "filterParameter", "valueString": "gender"}
+                ]}
+            ]
+        });
+        let filters: Vec<Value> = filters
+            .iter()
+            .map(|filter| json!({"url": format!("{BACKPORT}backport-filter-criteria"), "valueString": filter}))
+            .collect();
+        let resource = json!({
+            "resourceType": "Subscription", "status": "active", "reason": "test",
+            "meta": {"profile": [format!("{BACKPORT}backport-subscription")]},
+            "criteria": URL, "_criteria": {"extension": filters},
+            "channel": {"type": "rest-hook", "endpoint": "https://example.org/hook",
+                        "_payload": {"extension": [
+                            {"url": format!("{BACKPORT}backport-payload-content"), "valueCode": "id-only"}
+                        ]}}
+        });
+        let mut subscription =
+            CompiledSubscription::compile(Uuid::nil(), 1, &resource, None, false, false);
+        let topic = Topic::parse(&topic).map(|(topic, unsupported)| (Arc::new(topic), unsupported));
+        let topics: Topics = if bound {
+            [(URL.to_owned(), topic)].into_iter().collect()
+        } else {
+            Topics::new()
+        };
+        subscription.bind_topic(&topics);
+        subscription
+    }
+
+    #[test]
+    fn a_topic_reads_contents_only_for_triggers_or_filters_that_test_them() {
+        let unfiltered = topic_subscription(&[], true);
+        assert!(!unfiltered.reads_content("Patient"), "a trigger of interactions alone");
+        assert!(unfiltered.reads_content("Observation"), "a trigger with query criteria");
+        assert!(!unfiltered.reads_content("Encounter"), "no trigger for the type");
+        let filtered = topic_subscription(&["Patient?gender=male"], true);
+        assert!(filtered.reads_content("Patient"), "the subscription filters Patients");
+        // A topic the project does not define, or a refused filter: nothing matches, nothing is read.
+        assert!(!topic_subscription(&[], false).reads_content("Observation"));
+        let refused = topic_subscription(&["Patient?name=x"], true);
+        assert!(!refused.reads_content("Patient"));
+    }
+
+    #[test]
+    fn a_topic_trigger_of_interactions_alone_matches_a_change_evaluated_without_contents() {
+        let subscription = topic_subscription(&[], true);
+        let create = ChangeView::without_contents("Patient", Interaction::Create, None);
+        assert!(matches!(
+            evaluate(&subscription, &create, false),
+            Verdict::Matched
+        ));
+        let update = ChangeView::without_contents("Patient", Interaction::Update, None);
+        assert!(matches!(
+            evaluate(&subscription, &update, false),
+            Verdict::Rejected(Rejection::TopicNotTriggered(_))
+        ));
     }
 
     #[test]

@@ -355,6 +355,13 @@ impl BackportSubscription {
         refused
     }
 
+    /// Whether the subscription filters changes of `resource_type` (and so reads their contents).
+    pub fn has_filters_for(&self, resource_type: &str) -> bool {
+        self.filters
+            .iter()
+            .any(|criteria| criteria.resource_type() == resource_type)
+    }
+
     /// Whether a resource passes the filters: every filter about `resource_type` must match it
     /// (filters about other types say nothing about it); no filter passes. For a delete, pass the
     /// last live version.

@@ -374,6 +374,16 @@ impl Topic {
             .map(|trigger| trigger.resource_type.as_str())
     }
 
+    /// Whether deciding if a change of `resource_type` triggers the topic looks at the change's
+    /// contents: some trigger for that type has query criteria or FHIRPath criteria. A trigger of
+    /// interactions alone is decided on the change's type and interaction.
+    pub fn reads_content(&self, resource_type: &str) -> bool {
+        self.triggers
+            .iter()
+            .filter(|trigger| trigger.resource_type == resource_type)
+            .any(|trigger| trigger.query.is_some() || trigger.fhirpath.is_some())
+    }
+
     /// Whether a change triggers the topic: true when any trigger for `resource_type` fires (see
     /// [`ResourceTrigger::fires`]). `current` is the state after the change (`None` for a
     /// delete), `previous` the state before it (`None` for a create, and for an update that

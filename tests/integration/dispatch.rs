@@ -780,6 +780,68 @@ async fn changes_are_read_only_for_subscriptions_that_evaluate_their_contents() 
     assert_eq!((report.changes, report.deliveries), (1, 1));
 }
 
+/// The same for subscriptions to a topic: a trigger of interactions alone reads nothing of the
+/// resource; a subscription's filters on the type do.
+#[tokio::test]
+async fn topic_changes_are_read_only_when_a_trigger_or_filter_tests_their_contents() {
+    const URL: &str = "http://example.org/fhir/SubscriptionTopic/patient-created";
+    const XVER: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.";
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let d = dispatcher(&db.pool);
+    let topic = json!({
+        "resourceType": "Basic",
+        "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
+        "modifierExtension": [{"url": format!("{XVER}status"), "valueCode": "active"}],
+        "extension": [
+            {"url": format!("{XVER}url"), "valueUri": URL},
+            {"url": format!("{XVER}resourceTrigger"), "extension": [
+                {"url": "resource", "valueUri": "Patient"},
+                {"url": "supportedInteraction", "valueCode": "create"}
+            ]},
+            {"url": format!("{XVER}canFilterBy"), "extension": [
+                {"url": "resource", "valueUri": "Patient"},
+                {"url": "filterParameter", "valueString": "gender"}
+            ]}
+        ]
+    });
+    let subscription = |filters: &[&str]| {
+        let mut subscription =
+            crate::topics::topic_subscription("https://example.org/hook", "active", "id-only", filters);
+        subscription["criteria"] = json!(URL);
+        subscription
+    };
+    let dispatch_error = |id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT dispatch_error FROM fhir_outbox.outbox WHERE resource_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    create(&db.pool, project, &topic).await;
+    create(&db.pool, project, &subscription(&[])).await;
+    settle(&db.pool, &d).await;
+    crate::common::ghost_change(&db.pool, project, "unread").await;
+    let report = dispatch_all(&d).await;
+    assert_eq!(
+        (report.changes, report.deliveries, report.undispatchable),
+        (1, 1, 0)
+    );
+    assert_eq!(dispatch_error("unread").await, None);
+
+    create(&db.pool, project, &subscription(&["Patient?gender=male"])).await;
+    settle(&db.pool, &d).await;
+    crate::common::ghost_change(&db.pool, project, "read").await;
+    let report = dispatch_all(&d).await;
+    assert_eq!((report.changes, report.undispatchable), (1, 1));
+    assert!(dispatch_error("read").await.unwrap().contains("missing"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_wakes_the_dispatcher_without_polling() {
     let db = TestDb::new().await;
