@@ -814,7 +814,8 @@ mod tests {
     /// Observations with `status=final`, filtered by `filters` (`backport-filter-criteria`), bound
     /// to that topic when `bound`.
     fn topic_subscription(filters: &[&str], bound: bool) -> CompiledSubscription {
-        const XVER: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.";
+        const XVER: &str =
+            "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.";
         const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
         const URL: &str = "http://example.org/topic";
         let topic = json!({
@@ -864,11 +865,23 @@ mod tests {
     #[test]
     fn a_topic_reads_contents_only_for_triggers_or_filters_that_test_them() {
         let unfiltered = topic_subscription(&[], true);
-        assert!(!unfiltered.reads_content("Patient"), "a trigger of interactions alone");
-        assert!(unfiltered.reads_content("Observation"), "a trigger with query criteria");
-        assert!(!unfiltered.reads_content("Encounter"), "no trigger for the type");
+        assert!(
+            !unfiltered.reads_content("Patient"),
+            "a trigger of interactions alone"
+        );
+        assert!(
+            unfiltered.reads_content("Observation"),
+            "a trigger with query criteria"
+        );
+        assert!(
+            !unfiltered.reads_content("Encounter"),
+            "no trigger for the type"
+        );
         let filtered = topic_subscription(&["Patient?gender=male"], true);
-        assert!(filtered.reads_content("Patient"), "the subscription filters Patients");
+        assert!(
+            filtered.reads_content("Patient"),
+            "the subscription filters Patients"
+        );
         // A topic the project does not define, or a refused filter: nothing matches, nothing is read.
         assert!(!topic_subscription(&[], false).reads_content("Observation"));
         let refused = topic_subscription(&["Patient?name=x"], true);

@@ -806,8 +806,12 @@ async fn topic_changes_are_read_only_when_a_trigger_or_filter_tests_their_conten
         ]
     });
     let subscription = |filters: &[&str]| {
-        let mut subscription =
-            crate::topics::topic_subscription("https://example.org/hook", "active", "id-only", filters);
+        let mut subscription = crate::topics::topic_subscription(
+            "https://example.org/hook",
+            "active",
+            "id-only",
+            filters,
+        );
         subscription["criteria"] = json!(URL);
         subscription
     };
