@@ -2,7 +2,6 @@
 
 use super::fixtures::{self, Env, WorkerProcess, patient};
 use super::{BenchError, CpuProfile, Figure, Scenario, Sizes, Target};
-use fhir_outbox::capture::{self, WriteContext};
 use fhir_outbox::delivery::{DeliveryConfig, lease};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
@@ -652,8 +651,9 @@ pub(super) async fn delivered_by(
 /// The statements of this database that took the most execution time since the last reset
 /// (pg_stat_statements, `--statements`), printed to standard error and returned for the report.
 pub(super) async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value>, BenchError> {
-    let rows: Vec<(String, i64, f64, f64, i64)> = sqlx::query_as(
-        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, total_plan_time, rows
+    let rows: Vec<(String, i64, f64, f64, i64, f64)> = sqlx::query_as(
+        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, total_plan_time, rows,
+                max_exec_time
          FROM pg_stat_statements
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
          ORDER BY total_exec_time + total_plan_time DESC LIMIT 30",
@@ -661,13 +661,16 @@ pub(super) async fn top_statements(pool: &PgPool, run: &str) -> Result<Vec<Value
     .fetch_all(pool)
     .await?;
     eprintln!("bench: top statements by execution time, {run}:");
-    eprintln!("bench:  exec ms  plan ms     calls        rows  statement");
+    eprintln!("bench:  exec ms  plan ms   max ms     calls        rows  statement");
     Ok(rows
         .into_iter()
-        .map(|(query, calls, total_ms, plan_ms, rows)| {
+        .map(|(query, calls, total_ms, plan_ms, rows, max_ms)| {
             let shown: String = query.chars().take(100).collect();
-            eprintln!("bench: {total_ms:>8.0} {plan_ms:>8.0} {calls:>9} {rows:>11}  {shown}");
-            json!({ "query": query, "calls": calls, "total_ms": total_ms, "plan_ms": plan_ms, "rows": rows })
+            eprintln!(
+                "bench: {total_ms:>8.0} {plan_ms:>8.0} {max_ms:>8.1} {calls:>9} {rows:>11}  {shown}"
+            );
+            json!({ "query": query, "calls": calls, "total_ms": total_ms, "plan_ms": plan_ms,
+                    "rows": rows, "max_ms": max_ms })
         })
         .collect())
 }
@@ -878,23 +881,99 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// One of the slowest writes of the latency run, with where its time went: stages between the
+/// server's timestamps (one clock), and the total from the bench's clock.
+#[derive(Debug, serde::Serialize)]
+struct SlowWrite {
+    /// Seconds after the run started that the write's COMMIT returned.
+    at_s: f64,
+    /// Commit-to-arrival, as the latency figures measure it.
+    total_ms: f64,
+    write_to_dispatch_start_ms: f64,
+    dispatch_start_to_match_ms: f64,
+    match_to_request_ms: f64,
+}
+
+/// The slowest `percent` % of the writes by commit-to-arrival (at least one when any arrived),
+/// slowest first, each with its stages from `per_write` (resource id, then the three stages in ms).
+fn slowest_writes(
+    commits: &HashMap<String, Instant>,
+    recorded: &[(Instant, Vec<u8>)],
+    per_write: &[(String, f64, f64, f64)],
+    started: Instant,
+    percent: f64,
+) -> Vec<SlowWrite> {
+    let stages: HashMap<&str, (f64, f64, f64)> = per_write
+        .iter()
+        .map(|(id, a, b, c)| (id.as_str(), (*a, *b, *c)))
+        .collect();
+    let mut writes: Vec<SlowWrite> = recorded
+        .iter()
+        .filter_map(|(arrived, body)| {
+            let resource = serde_json::from_slice::<Value>(body).ok()?;
+            let id = resource["id"].as_str()?;
+            let committed = commits.get(id)?;
+            let (a, b, c) = stages.get(id).copied()?;
+            Some(SlowWrite {
+                at_s: committed.saturating_duration_since(started).as_secs_f64(),
+                total_ms: arrived.saturating_duration_since(*committed).as_secs_f64() * 1000.0,
+                write_to_dispatch_start_ms: a,
+                dispatch_start_to_match_ms: b,
+                match_to_request_ms: c,
+            })
+        })
+        .collect();
+    writes.sort_by(|x, y| y.total_ms.total_cmp(&x.total_ms));
+    let keep = ((writes.len() as f64 * percent / 100.0).ceil() as usize).min(writes.len());
+    writes.truncate(keep);
+    writes
+}
+
+/// Waits until the receiver has `count` requests; fails if the worker exits or `deadline` passes.
+async fn wait_delivered(
+    env: &Env,
+    worker: &mut WorkerProcess,
+    count: u64,
+    deadline: Instant,
+) -> Result<(), BenchError> {
+    while env.receiver.count() < count {
+        worker.check_alive()?;
+        if Instant::now() > deadline {
+            return Err(other(format!(
+                "{} of {count} deliveries arrived before the deadline",
+                env.receiver.count()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let name = "bench_latency";
     let url = env.create_db(name).await?;
     let pool = fixtures::connect(&url, 24).await?;
     let project = fixtures::project_with_subscriptions(&pool, &env.receiver.url, 1).await?;
+    // A database in use, not a new one: ten times the measured writes already written,
+    // dispatched, delivered, vacuumed and analysed (as autovacuum keeps it). In a new database the worker's statistics check
+    // (`operations::statistics`) analyses the tables as they first grow, and every connection
+    // then plans its statements again: a one-time stall of tens of milliseconds on two cores,
+    // which a run in use only sees at the rarer statistics changes.
+    let history = 10 * sizes.latency_rate * sizes.latency_seconds;
+    fixtures::prefill(&pool, project, history, 4).await?;
+    fixtures::dispatch_all(&pool).await?;
     env.receiver.reset();
     let mut worker = WorkerProcess::start(env, &url, 10).await?;
-    // Warm up: one write delivered end to end, so connections are open and caches filled.
-    capture::create(&pool, project, &patient(0), &WriteContext::default()).await?;
-    let warm_deadline = Instant::now() + Duration::from_secs(30);
-    while env.receiver.count() < 1 {
-        worker.check_alive()?;
-        if Instant::now() > warm_deadline {
-            return Err(other("the warm-up write was not delivered within 30 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_delivered(env, &mut worker, history, deadline).await?;
+    sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+    // Then a second of writes at the measured rate, so that the writers' connections are open
+    // and have planned the write functions (each new connection plans them once: on two cores,
+    // a burst of that at the start delayed every process by tens of milliseconds), and every
+    // connection has planned its statements since the statistics changed.
+    let warm_up = sizes.latency_rate;
+    fixtures::steady_writes(&pool, project, sizes.latency_rate, 1, 1_000_000).await?;
+    wait_delivered(env, &mut worker, history + warm_up, deadline).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.receiver.reset();
     env.receiver.set_recording(true);
@@ -943,10 +1022,23 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     .bind(wall)
     .fetch_one(&pool)
     .await?;
+    let per_write: Vec<(String, f64, f64, f64)> = sqlx::query_as(
+        "SELECT d.resource_id,
+                extract(epoch FROM o.dispatched_at - d.changed_at)::float8 * 1000,
+                extract(epoch FROM d.matched_at - o.dispatched_at)::float8 * 1000,
+                extract(epoch FROM a.started_at - d.matched_at)::float8 * 1000
+         FROM fhir_outbox.delivery d JOIN fhir_outbox.delivery_attempt a ON a.delivery_id = d.id
+         JOIN fhir_outbox.outbox o ON o.seq = d.outbox_seq
+         WHERE d.changed_at >= now() - make_interval(secs => $1)",
+    )
+    .bind(wall)
+    .fetch_all(&pool)
+    .await?;
     pool.close().await;
     env.drop_db(name).await?;
     let recorded = env.receiver.take_recorded();
     let (latencies, before_commit_returned) = commit_to_arrival_ms(&commits, &recorded);
+    let tail = slowest_writes(&commits, &recorded, &per_write, started, 1.0);
     let s = Scenario::Latency;
     let rate = sizes.latency_rate;
     let note = (latencies.len() as u64 != total).then(|| {
@@ -1025,6 +1117,42 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
         "diagnosis: dispatch match to request start, p99",
         stages[3],
     ));
+    let mean =
+        |part: fn(&SlowWrite) -> f64| tail.iter().map(part).sum::<f64>() / tail.len().max(1) as f64;
+    let slowest = format!("the slowest 1 % ({} writes)", tail.len());
+    figures.push(stage(
+        "latency.slowest.write_to_dispatch_start_ms",
+        &format!("diagnosis: {slowest}, mean: write to the dispatcher's transaction start"),
+        Some(mean(|w| w.write_to_dispatch_start_ms)),
+    ));
+    figures.push(stage(
+        "latency.slowest.dispatch_start_to_match_ms",
+        &format!("diagnosis: {slowest}, mean: the dispatcher's transaction start to match"),
+        Some(mean(|w| w.dispatch_start_to_match_ms)),
+    ));
+    figures.push(stage(
+        "latency.slowest.match_to_request_ms",
+        &format!("diagnosis: {slowest}, mean: match to request start"),
+        Some(mean(|w| w.match_to_request_ms)),
+    ));
+    figures.push(stage(
+        "latency.slowest.rest_ms",
+        &format!(
+            "diagnosis: {slowest}, mean: the rest (the request's way to the receiver, less the writer's commit)"
+        ),
+        Some(mean(|w| w.total_ms - w.write_to_dispatch_start_ms - w.dispatch_start_to_match_ms - w.match_to_request_ms)),
+    ));
+    let windows: std::collections::BTreeSet<u64> =
+        tail.iter().map(|w| (w.at_s * 10.0) as u64).collect();
+    figures.push(Figure::new(
+        s,
+        "latency.slowest.windows",
+        format!(
+            "diagnosis: {slowest}: the distinct 100 ms windows of the run they were written in"
+        ),
+        windows.len() as f64,
+        "windows",
+    ));
     results.figures.extend(figures);
     results.cpu.push(CpuProfile {
         run: format!(
@@ -1040,7 +1168,8 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
         "latency".into(),
         json!({"writes": total, "delivered": recorded.len(), "matched": latencies.len(),
                "arrived_before_commit_returned": before_commit_returned,
-               "max_ms": latencies.last(), "worker_peak_rss_mib": rss, "statements": statements}),
+               "max_ms": latencies.last(), "worker_peak_rss_mib": rss, "statements": statements,
+               "slowest": tail}),
     );
     Ok(())
 }
