@@ -719,6 +719,15 @@ async fn a_row_whose_version_is_missing_is_set_aside_and_others_proceed() {
 /// In a project without a Subscription nothing can match, so the dispatcher reads no contents
 /// (a version that is missing is not even noticed); a Subscription of any status, in the project
 /// or (when configured) in a server-scope project, makes its changes read and matched again.
+/// The `dispatch_error` of the outbox row of the resource `id` (one row expected).
+async fn dispatch_error_of(pool: &PgPool, id: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT dispatch_error FROM fhir_outbox.outbox WHERE resource_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn changes_are_read_only_for_subscriptions_that_evaluate_their_contents() {
     let db = TestDb::new().await;
@@ -726,18 +735,7 @@ async fn changes_are_read_only_for_subscriptions_that_evaluate_their_contents() 
     let d = dispatcher(&db.pool);
     let ghost =
         |project: Uuid, id: &'static str| crate::common::ghost_change(&db.pool, project, id);
-    let dispatch_error = |id: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, Option<String>>(
-                "SELECT dispatch_error FROM fhir_outbox.outbox WHERE resource_id = $1",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
+    let dispatch_error = |id: &'static str| dispatch_error_of(&db.pool, id);
     ghost(quiet, "unread").await;
     create(&db.pool, quiet, &json!({ "resourceType": "Patient" })).await;
     let report = dispatch_all(&d).await;
@@ -815,18 +813,7 @@ async fn topic_changes_are_read_only_when_a_trigger_or_filter_tests_their_conten
         subscription["criteria"] = json!(URL);
         subscription
     };
-    let dispatch_error = |id: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, Option<String>>(
-                "SELECT dispatch_error FROM fhir_outbox.outbox WHERE resource_id = $1",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
+    let dispatch_error = |id: &'static str| dispatch_error_of(&db.pool, id);
     create(&db.pool, project, &topic).await;
     create(&db.pool, project, &subscription(&[])).await;
     settle(&db.pool, &d).await;
