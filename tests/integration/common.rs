@@ -170,6 +170,14 @@ pub fn stop_and_read_logs(mut child: std::process::Child) -> String {
     logs
 }
 
+/// The lines of a JSON log (`--log-format json`) whose message passes `message`.
+pub fn json_log_lines(logs: &str, message: impl Fn(&str) -> bool) -> Vec<serde_json::Value> {
+    logs.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["fields"]["message"].as_str().is_some_and(&message))
+        .collect()
+}
+
 /// Asks a running binary to shut down gracefully (SIGTERM).
 pub fn sigterm(child: &std::process::Child) {
     let status = std::process::Command::new("kill")

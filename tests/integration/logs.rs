@@ -3,7 +3,7 @@
 use crate::common::TestDb;
 use crate::delivery::{create, hook, states, with_extensions};
 use crate::receiver::{Receiver, Reply};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -86,11 +86,7 @@ async fn delivery_logs_carry_ids_and_never_secrets_or_bodies() {
             "`{secret}` leaked into the logs:\n{logs}"
         );
     }
-    let attempts: Vec<Value> = logs
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| line["fields"]["message"] == "rest-hook attempt")
-        .collect();
+    let attempts = crate::common::json_log_lines(&logs, |m| m == "rest-hook attempt");
     assert_eq!(attempts.len(), 2, "{logs}");
     for line in &attempts {
         let span = &line["span"];
@@ -137,11 +133,7 @@ async fn a_delivery_stopped_before_any_request_is_logged_with_its_reason() {
     let rows = states(&db.pool, &sub).await;
     assert_eq!(rows[0].0, "skipped", "{rows:?}");
     let reason = rows[0].2.clone().unwrap();
-    let stops: Vec<Value> = logs
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| line["fields"]["message"] == "delivery skipped, nothing sent")
-        .collect();
+    let stops = crate::common::json_log_lines(&logs, |m| m == "delivery skipped, nothing sent");
     assert_eq!(stops.len(), 1, "{logs}");
     assert_eq!(stops[0]["fields"]["reason"], reason.as_str(), "{logs}");
     assert_eq!(stops[0]["span"]["subscription"], sub["id"]);

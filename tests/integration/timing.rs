@@ -5,7 +5,7 @@ use crate::common::TestDb;
 use crate::delivery::{create, hook, states};
 use crate::receiver::{Receiver, Reply};
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -140,15 +140,8 @@ async fn retries_go_out_when_due_and_a_final_failure_is_logged_once() {
     }
 
     // The final failure: one warn line with what an operator needs, and never the endpoint.
-    let given_up: Vec<Value> = logs
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| {
-            line["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("delivery failed for good"))
-        })
-        .collect();
+    let given_up =
+        crate::common::json_log_lines(&logs, |m| m.starts_with("delivery failed for good"));
     assert_eq!(given_up.len(), 1, "{logs}");
     let line = &given_up[0];
     assert_eq!(line["level"], "WARN", "{line}");

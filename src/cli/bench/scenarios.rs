@@ -929,26 +929,6 @@ fn slowest_writes(
     writes
 }
 
-/// Waits until the receiver has `count` requests; fails if the worker exits or `deadline` passes.
-async fn wait_delivered(
-    env: &Env,
-    worker: &mut WorkerProcess,
-    count: u64,
-    deadline: Instant,
-) -> Result<(), BenchError> {
-    while env.receiver.count() < count {
-        worker.check_alive()?;
-        if Instant::now() > deadline {
-            return Err(other(format!(
-                "{} of {count} deliveries arrived before the deadline",
-                env.receiver.count()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
 async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), BenchError> {
     let name = "bench_latency";
     let url = env.create_db(name).await?;
@@ -965,7 +945,9 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     env.receiver.reset();
     let mut worker = WorkerProcess::start(env, &url, 10).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    wait_delivered(env, &mut worker, history, deadline).await?;
+    if !delivered_by(env, &mut worker, &pool, history, deadline).await? {
+        return Err(other("the history was not delivered within 60 s"));
+    }
     sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
     // Then a second of writes at the measured rate, so that the writers' connections are open
     // and have planned the write functions (each new connection plans them once: on two cores,
@@ -973,7 +955,9 @@ async fn latency(env: &Env, sizes: &Sizes, results: &mut Results) -> Result<(), 
     // connection has planned its statements since the statistics changed.
     let warm_up = sizes.latency_rate;
     fixtures::steady_writes(&pool, project, sizes.latency_rate, 1, 1_000_000).await?;
-    wait_delivered(env, &mut worker, history + warm_up, deadline).await?;
+    if !delivered_by(env, &mut worker, &pool, history + warm_up, deadline).await? {
+        return Err(other("the warm-up writes were not delivered within 60 s"));
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.receiver.reset();
     env.receiver.set_recording(true);
