@@ -65,7 +65,20 @@ pub(crate) const BATCH_CONTENT_BUDGET_BYTES: i64 = 16 * 1024 * 1024;
 /// are undispatched again and dispatched again, with the same `webhook-id`s
 /// (`dispatch::webhook_id`), and a completion, which commits durably, flushes the dispatch of its
 /// delivery before it.
-pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+///
+/// Its statements keep their generic plans. Left to choose, PostgreSQL planned
+/// [`record_dispatch`] again at every call, since a plan made for the call's array lengths always
+/// looks cheaper than one for unknown lengths: 0.68 ms of planning per batch, more than the
+/// statement's execution, in every change's latency at low rates (docs/performance.md, run AD).
+/// Each of them reads or writes rows by key, so one plan suits a batch of any size, provided it
+/// uses the keys: a plan kept from a nearly empty outbox would otherwise mark each batch's changes
+/// by reading the whole outbox until its next analysis (run Y), so sequential scans are off, and
+/// JIT with them, as in the recorder's transaction (`delivery::RECORD_BEGIN`): a sequential scan
+/// that is the only way (a table without a usable index) counts as disabled, and its cost would
+/// have every such statement compiled.
+pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
+     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
+     SET LOCAL jit = off";
 
 /// Locks up to `limit` of the oldest undispatched outbox rows from `from_seq` on that no other
 /// dispatcher holds (`from_seq` 0 scans them all; see `dispatch::ScanFloor`), and returns them in

@@ -333,6 +333,37 @@ async fn criteria_type_accounts_and_fhirpath_with_previous_decide() {
     assert_eq!(versions(delivered_to(&db.pool, &status_changed).await), [2]);
 }
 
+/// The statement that writes a batch's deliveries keeps one generic plan: left to choose, PostgreSQL
+/// planned it again at every call (its array parameters make a plan for the call's lengths look
+/// cheaper), which cost more than executing it (docs/performance.md, run AD).
+#[tokio::test]
+async fn a_dispatch_batch_writes_with_a_plan_made_once() {
+    // One connection, so that its prepared statements are the dispatcher's.
+    let db = TestDb::with_pool_size(1).await;
+    let project = db.project().await;
+    create(&db.pool, project, &rest_hook("Patient")).await;
+    let d = dispatcher(&db.pool);
+    settle(&db.pool, &d).await;
+    let batches = 8;
+    for _ in 0..batches {
+        create(&db.pool, project, &json!({"resourceType": "Patient"})).await;
+        assert_eq!(dispatch_all(&d).await.deliveries, 1);
+    }
+    let (generic, custom): (i64, i64) = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+         WHERE statement LIKE '%INSERT INTO fhir_outbox.unfinished_delivery%'
+           AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(custom, 0, "planned again at some calls");
+    assert!(
+        generic >= batches,
+        "{generic} executions of the generic plan"
+    );
+}
+
 #[tokio::test]
 async fn a_failing_subscription_is_recorded_and_never_blocks_the_others() {
     let db = TestDb::new().await;
