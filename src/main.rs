@@ -1,5 +1,24 @@
 //! The `fhir-outbox` command line.
 
+/// `println!` for this binary: std's, except that a standard output closed by its reader
+/// (`fhir-outbox deliveries list | head`) ends the process quietly, as Unix tools end, instead of
+/// a panic with a backtrace. Defined before `mod cli` so that every module of the binary uses it.
+macro_rules! println {
+    () => {
+        $crate::print_to_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::print_to_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for this binary, as [`println!`] above.
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::print_to_stdout(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 
 use anyhow::{Context, Result};
@@ -647,6 +666,18 @@ fn parse_address(option: &str, text: &str) -> Result<Option<std::net::SocketAddr
         address => Ok(Some(address.parse().with_context(|| {
             format!("{option} `{address}` is not an address like 127.0.0.1:8080 (or `off`)")
         })?)),
+    }
+}
+
+/// Writes to standard output; when its reader has gone (a broken pipe), exits with success: the
+/// reader asked for no more. Any other failure panics, as std's `print!` does.
+fn print_to_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(error) = std::io::stdout().lock().write_fmt(text) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        panic!("failed printing to stdout: {error}");
     }
 }
 

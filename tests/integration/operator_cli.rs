@@ -29,6 +29,29 @@ pub fn ok(url: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// `fhir-outbox project list | head -1`: once the reader has gone, the next line printed ends the
+/// command quietly, with success, instead of a panic and its backtrace on standard error.
+#[tokio::test]
+async fn a_listing_whose_reader_has_gone_ends_quietly() {
+    let db = TestDb::new().await;
+    db.project().await;
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let output = binary()
+        .args(["project", "list"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_BACKTRACE", "1")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fhir-outbox")
+        .wait_with_output()
+        .expect("wait for fhir-outbox");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(stderr.is_empty(), "printed to standard error: {stderr}");
+}
+
 #[tokio::test]
 async fn tokens_are_created_once_listed_without_secrets_and_revoked() {
     let db = TestDb::new().await;
