@@ -477,6 +477,73 @@ async fn claims_take_the_queue_in_order_across_lanes_past_deliveries_just_claime
     holder.rollback().await.unwrap();
 }
 
+/// A claim looks up the endpoint of each subscription it serves by that subscription's key. Its
+/// generic plan once read every stored Subscription through the whole of `resource_pkey` at every
+/// claim when resource ids follow the table's order, as ids a client chooses in sequence do
+/// (migration 20261217000001): the blocks of `resource_pkey` a claim reads must not grow with the
+/// resources stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_the_subscriptions_it_serves_by_key_not_every_subscription() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    // Ids chosen by the client, in order (an update that creates).
+    sqlx::query(
+        "SELECT count(*) FROM generate_series(1, 8000) g,
+             LATERAL fhir_outbox.update_resource($1, 'Patient', 'p' || lpad(g::text, 5, '0'),
+                 jsonb_build_object('resourceType', 'Patient', 'id', 'p' || lpad(g::text, 5, '0')))",
+    )
+    .bind(project)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let subscription: String = sqlx::query_scalar(
+        r#"SELECT resource ->> 'id' FROM fhir_outbox.create_resource($1,
+               '{"resourceType": "Subscription", "status": "active", "reason": "r",
+                 "criteria": "Patient", "channel": {"type": "rest-hook",
+                 "endpoint": "https://example.org/hook", "payload": "application/fhir+json"}}')"#,
+    )
+    .bind(project)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO fhir_outbox.unfinished_delivery
+             (project_id, subscription_id, outbox_seq, resource_project_id, resource_type,
+              resource_id, version_id, interaction, changed_at, request_id, trace_id, matched_at)
+         VALUES ($1, $2, 1, $1, 'Patient', 'p1', 1, 'create', now(), 'r', 't', now())",
+    )
+    .bind(project)
+    .bind(&subscription)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql("ANALYZE").execute(&mut *conn).await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let claimed: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM fhir_outbox.claim_deliveries(10, 30, 10000, 30, 32, 10000)",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let (index_blocks, index_size): (i64, i64) = sqlx::query_as(
+        "SELECT pg_stat_get_xact_blocks_fetched('fhir_outbox.resource_pkey'::regclass),
+                pg_relation_size('fhir_outbox.resource_pkey') / current_setting('block_size')::int8",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    // A lookup descends two or three levels; the subscription's endpoint, its content for the
+    // worker and the resource's current version are three.
+    assert!(
+        index_blocks <= 12,
+        "a claim of one delivery read {index_blocks} blocks of resource_pkey ({index_size} in all)"
+    );
+}
+
 /// The plan a connection has cached for a prepared statement (`EXPLAIN EXECUTE`).
 async fn cached_plan(conn: &mut sqlx::PgConnection) -> String {
     let lines: Vec<String> = sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE mark('{1}')")
