@@ -2613,7 +2613,11 @@ CREATE TRIGGER finished_delivery_handshake AFTER INSERT ON fhir_outbox.finished_
 -- Name: outbox outbox_wake_waiting_dispatchers; Type: TRIGGER; Schema: fhir_outbox; Owner: -
 --
 
-CREATE CONSTRAINT TRIGGER outbox_wake_waiting_dispatchers AFTER INSERT ON fhir_outbox.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fhir_outbox.wake_waiting_dispatchers();
+CREATE CONSTRAINT TRIGGER outbox_wake_waiting_dispatchers AFTER INSERT ON fhir_outbox.outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (
+        CASE
+            WHEN (current_setting('fhir_outbox.wakeup_queued'::text, true) IS DISTINCT FROM 'on'::text) THEN (set_config('fhir_outbox.wakeup_queued'::text, 'on'::text, true) = 'on'::text)
+            ELSE false
+        END) EXECUTE FUNCTION fhir_outbox.wake_waiting_dispatchers();
 
 --
 -- Name: project project_settings_checked; Type: TRIGGER; Schema: fhir_outbox; Owner: -

@@ -159,9 +159,10 @@ async fn a_write_notifies_only_when_it_takes_a_waiting_row() {
     }
 }
 
-/// The commit-time check acts once per transaction (a transaction-local marker, since constraint
-/// triggers fire once per row). A first write rolled back to a savepoint takes its queued call with
-/// it, and the next write's call still wakes the waiting dispatcher; a batch wakes it too.
+/// The commit-time check is queued once per transaction (the trigger's WHEN marks the transaction
+/// at its first outbox row, since constraint triggers are row triggers). A first write rolled back
+/// to a savepoint takes its queued call and the mark with it, and the next write's call still wakes
+/// the waiting dispatcher; a batch wakes it too.
 #[tokio::test]
 async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher() {
     let db = TestDb::new().await;
@@ -190,7 +191,7 @@ async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher(
     let what = "the write after the rolled-back savepoint";
     assert_woken_by(&mut listener, &db.pool, writer_pid, what).await;
 
-    // A batch of 50 in one statement (50 queued calls, one that acts) takes the waiting row.
+    // A batch of 50 in one statement (one queued call) takes the waiting row.
     register(&db.pool, Uuid::new_v4(), 0).await;
     let batch: Vec<Value> = (0..50).map(|_| patient()).collect();
     let written: i64 =
@@ -209,6 +210,50 @@ async fn a_write_after_a_rolled_back_savepoint_still_wakes_a_waiting_dispatcher(
     assert_eq!(
         outbox, 51,
         "one outbox row per committed write, none for the rolled-back one"
+    );
+}
+
+/// A transaction that writes many outbox rows runs the commit-time check once, not once per row
+/// (it used to run it per row and return at once from all but the first: a tenth of a bulk write).
+/// `SET CONSTRAINTS … IMMEDIATE` runs the queued calls at the end of each statement, so the
+/// transaction's own function statistics count them before it commits.
+#[tokio::test]
+async fn a_transaction_queues_one_commit_time_check_whatever_it_writes() {
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let mut writer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = writer.begin().await.unwrap();
+    for setting in [
+        "SET LOCAL track_functions = 'pl'",
+        "SET CONSTRAINTS fhir_outbox.outbox_wake_waiting_dispatchers IMMEDIATE",
+    ] {
+        sqlx::query(setting).execute(&mut *tx).await.unwrap();
+    }
+    let batch: Vec<Value> = (0..200).map(|_| patient()).collect();
+    for _ in 0..2 {
+        let written: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.create_resources($1, $2)")
+                .bind(project)
+                .bind(&batch)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        assert_eq!(written, 200);
+    }
+    capture::create(&mut *tx, project, &patient(), &WriteContext::default())
+        .await
+        .unwrap();
+    let calls: Option<i64> = sqlx::query_scalar(
+        "SELECT pg_stat_get_xact_function_calls('fhir_outbox.wake_waiting_dispatchers'::regproc)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        calls,
+        Some(1),
+        "401 outbox rows in three statements, one commit-time check"
     );
 }
 
