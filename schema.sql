@@ -216,40 +216,93 @@ BEGIN
     -- The round goes on after the cursor… (its values are init-plan parameters, so that
     -- both bounds of each step are index conditions, never filters; the order includes
     -- the due time so that only `delivery_queue`, which holds pending rows alone, serves it,
-    -- never an index that also holds the finished history)
-    ahead AS (
-        (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, 1::int8 AS n FROM fhir_outbox.unfinished_delivery d
-         WHERE d.state = 'pending'
+    -- never an index that also holds the finished history). Each lane is walked on its own
+    -- and the two walks merged: one walk over both lanes started every step in each lane, so
+    -- a lane whose next pending entry lay far ahead, past the dead entries of groups that
+    -- only the other lane still serves, was read that far again at every step.
+    ahead0 AS (
+        (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, 1::int8 AS n
+         FROM fhir_outbox.unfinished_delivery d
+         WHERE d.lane = 0 AND d.state = 'pending'
            AND (d.project_id, d.subscription_id)
                > (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
                   coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
          ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1)
         UNION ALL
-        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM ahead q CROSS JOIN LATERAL (
+        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM ahead0 q CROSS JOIN LATERAL (
             SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id FROM fhir_outbox.unfinished_delivery d
-            WHERE d.state = 'pending'
+            WHERE d.lane = 0 AND d.state = 'pending'
               AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
             ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1) x
         WHERE q.n < queues_per_claim),
+    ahead1 AS (
+        (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, 1::int8 AS n
+         FROM fhir_outbox.unfinished_delivery d
+         WHERE d.lane = 1 AND d.state = 'pending'
+           AND (d.project_id, d.subscription_id)
+               > (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
+                  coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
+         ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1)
+        UNION ALL
+        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM ahead1 q CROSS JOIN LATERAL (
+            SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id FROM fhir_outbox.unfinished_delivery d
+            WHERE d.lane = 1 AND d.state = 'pending'
+              AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
+            ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1) x
+        WHERE q.n < queues_per_claim),
+    ahead AS (
+        SELECT g.project_id, g.subscription_id, g.next_attempt_at, g.id,
+               row_number() OVER (ORDER BY g.project_id, g.subscription_id) AS n
+        FROM (SELECT DISTINCT ON (w.project_id, w.subscription_id)
+                     w.project_id, w.subscription_id, w.next_attempt_at, w.id
+              FROM (SELECT * FROM ahead0 UNION ALL SELECT * FROM ahead1) w
+              ORDER BY w.project_id, w.subscription_id, w.next_attempt_at, w.id) g
+        ORDER BY g.project_id, g.subscription_id LIMIT queues_per_claim),
     -- …and starts again from the first, up to the cursor, while the window has room.
-    behind AS (
+    behind0 AS (
         (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, (SELECT count(*) FROM ahead) + 1 AS n
          FROM fhir_outbox.unfinished_delivery d
-         WHERE d.state = 'pending'
+         WHERE d.lane = 0 AND d.state = 'pending'
            AND (d.project_id, d.subscription_id)
                <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
                    coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
          ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1)
         UNION ALL
-        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM behind q CROSS JOIN LATERAL (
+        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM behind0 q CROSS JOIN LATERAL (
             SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id FROM fhir_outbox.unfinished_delivery d
-            WHERE d.state = 'pending'
+            WHERE d.lane = 0 AND d.state = 'pending'
               AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
               AND (d.project_id, d.subscription_id)
                   <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
                       coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
             ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1) x
         WHERE q.n < queues_per_claim),
+    behind1 AS (
+        (SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id, (SELECT count(*) FROM ahead) + 1 AS n
+         FROM fhir_outbox.unfinished_delivery d
+         WHERE d.lane = 1 AND d.state = 'pending'
+           AND (d.project_id, d.subscription_id)
+               <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
+                   coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
+         ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1)
+        UNION ALL
+        SELECT x.project_id, x.subscription_id, x.next_attempt_at, x.id, q.n + 1 FROM behind1 q CROSS JOIN LATERAL (
+            SELECT d.project_id, d.subscription_id, d.next_attempt_at, d.id FROM fhir_outbox.unfinished_delivery d
+            WHERE d.lane = 1 AND d.state = 'pending'
+              AND (d.project_id, d.subscription_id) > (q.project_id, q.subscription_id)
+              AND (d.project_id, d.subscription_id)
+                  <= (coalesce((SELECT project_id FROM fhir_outbox.claim_cursor), '00000000-0000-0000-0000-000000000000'),
+                      coalesce((SELECT subscription_id FROM fhir_outbox.claim_cursor), ''))
+            ORDER BY d.project_id, d.subscription_id, d.next_attempt_at, d.id LIMIT 1) x
+        WHERE q.n < queues_per_claim),
+    behind AS (
+        SELECT g.project_id, g.subscription_id, g.next_attempt_at, g.id,
+               (SELECT count(*) FROM ahead) + row_number() OVER (ORDER BY g.project_id, g.subscription_id) AS n
+        FROM (SELECT DISTINCT ON (w.project_id, w.subscription_id)
+                     w.project_id, w.subscription_id, w.next_attempt_at, w.id
+              FROM (SELECT * FROM behind0 UNION ALL SELECT * FROM behind1) w
+              ORDER BY w.project_id, w.subscription_id, w.next_attempt_at, w.id) g
+        ORDER BY g.project_id, g.subscription_id LIMIT queues_per_claim),
     visited AS (
         SELECT project_id, subscription_id, next_attempt_at, id, n FROM ahead
         UNION ALL
