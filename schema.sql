@@ -518,8 +518,8 @@ DECLARE
     v_content jsonb := fhir_outbox.checked_content(p_project, p_resource);
     v_ctx     record := fhir_outbox.checked_context(p_request_id, p_trace_id);
     v_type    text := v_content ->> 'resourceType';
-    v_id      text := gen_random_uuid()::text;
     v_at      timestamptz := clock_timestamp();
+    v_id      text := fhir_outbox.uuid_v7(v_at)::text;
 BEGIN
     resource := fhir_outbox.stamped(v_content, p_project, v_id, 1, v_at, p_author);
     INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id, deleted, last_updated)
@@ -580,7 +580,7 @@ BEGIN
     END;
     RETURN QUERY
     WITH checked AS MATERIALIZED (
-        SELECT u.n::integer AS n, u.doc ->> 'resourceType' AS type, gen_random_uuid()::text AS id,
+        SELECT u.n::integer AS n, u.doc ->> 'resourceType' AS type, fhir_outbox.uuid_v7(v_at)::text AS id,
                u.doc AS doc
         FROM unnest(v_checked) WITH ORDINALITY AS u(doc, n)),
     stamped AS MATERIALIZED (

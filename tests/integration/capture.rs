@@ -141,6 +141,40 @@ async fn the_store_sets_meta_and_ignores_the_callers() {
     assert_eq!(&read, stored);
 }
 
+/// The milliseconds since the epoch that a UUIDv7 begins with.
+fn uuid_v7_millis(id: &str) -> i64 {
+    let uuid = Uuid::parse_str(id).unwrap_or_else(|_| panic!("{id} is not a UUID"));
+    assert_eq!(uuid.get_version_num(), 7, "{id} is not a UUIDv7");
+    let bytes = uuid.as_bytes();
+    bytes[..6].iter().fold(0, |ms, byte| ms << 8 | i64::from(*byte))
+}
+
+#[tokio::test]
+async fn created_resources_get_time_ordered_ids_of_their_creation() {
+    // Ids that begin with their creation time keep new keys at the right edge of the primary
+    // keys (migrations/20261218000003_time_ordered_resource_ids.sql).
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let context = WriteContext::default();
+    let patient = json!({ "resourceType": "Patient", "active": true });
+    let one = capture::create(&db.pool, project, &patient, &context)
+        .await
+        .unwrap();
+    let many = capture::create_many(&db.pool, project, &[patient.clone(), patient], &context)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for written in std::iter::once(&one).chain(&many) {
+        let id = written.resource["id"].as_str().unwrap();
+        let updated = written.resource["meta"]["lastUpdated"].as_str().unwrap();
+        let updated = chrono::DateTime::parse_from_rfc3339(updated).unwrap();
+        assert_eq!(uuid_v7_millis(id), updated.timestamp_millis(), "{id}");
+        ids.push(id.to_owned());
+    }
+    assert_ne!(ids[1], ids[2], "each resource of a batch has its own id");
+    assert!(uuid_v7_millis(&ids[0]) <= uuid_v7_millis(&ids[1]));
+}
+
 #[tokio::test]
 async fn an_update_with_the_same_content_writes_and_captures_nothing() {
     let db = TestDb::new().await;
