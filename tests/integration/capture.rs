@@ -146,7 +146,9 @@ fn uuid_v7_millis(id: &str) -> i64 {
     let uuid = Uuid::parse_str(id).unwrap_or_else(|_| panic!("{id} is not a UUID"));
     assert_eq!(uuid.get_version_num(), 7, "{id} is not a UUIDv7");
     let bytes = uuid.as_bytes();
-    bytes[..6].iter().fold(0, |ms, byte| ms << 8 | i64::from(*byte))
+    bytes[..6]
+        .iter()
+        .fold(0, |ms, byte| ms << 8 | i64::from(*byte))
 }
 
 #[tokio::test]
