@@ -521,6 +521,7 @@ async fn a_claim_reads_the_subscriptions_it_serves_by_key_not_every_subscription
     sqlx::raw_sql("ANALYZE").execute(&mut *conn).await.unwrap();
 
     let mut tx = db.pool.begin().await.unwrap();
+    let (before, _) = blocks_fetched(&mut tx, "fhir_outbox.resource_pkey").await;
     let claimed: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM fhir_outbox.claim_deliveries(10, 30, 10000, 30, 32, 10000)",
     )
@@ -528,13 +529,8 @@ async fn a_claim_reads_the_subscriptions_it_serves_by_key_not_every_subscription
     .await
     .unwrap();
     assert_eq!(claimed.len(), 1);
-    let (index_blocks, index_size): (i64, i64) = sqlx::query_as(
-        "SELECT pg_stat_get_xact_blocks_fetched('fhir_outbox.resource_pkey'::regclass),
-                pg_relation_size('fhir_outbox.resource_pkey') / current_setting('block_size')::int8",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
+    let (after, index_size) = blocks_fetched(&mut tx, "fhir_outbox.resource_pkey").await;
+    let index_blocks = after - before;
     tx.rollback().await.unwrap();
     // A lookup descends two or three levels; the subscription's endpoint, its content for the
     // worker and the resource's current version are three.
@@ -595,8 +591,8 @@ async fn a_claim_passes_the_dead_entries_of_a_draining_lane_once() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    let queue_index: i64 = sqlx::query_scalar(
-        "SELECT i.inhrelid::int8 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
+    let queue_index: String = sqlx::query_scalar(
+        "SELECT i.inhrelid::regclass::text FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
          WHERE i.inhparent = 'fhir_outbox.delivery_queue'::regclass
            AND x.indrelid = 'fhir_outbox.unfinished_delivery_lane0'::regclass",
     )
@@ -610,14 +606,7 @@ async fn a_claim_passes_the_dead_entries_of_a_draining_lane_once() {
     let mut measured = (0_i64, 0_i64);
     for _ in 0..2 {
         let mut tx = db.pool.begin().await.unwrap();
-        // The counter also holds what this connection read before and has not yet reported.
-        let fetched = "SELECT pg_stat_get_xact_blocks_fetched($1::oid)::int8,
-                              pg_relation_size($1::oid::regclass) / current_setting('block_size')::int8";
-        let (before, _): (i64, i64) = sqlx::query_as(fetched)
-            .bind(queue_index)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let (before, _) = blocks_fetched(&mut tx, &queue_index).await;
         let claimed: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM fhir_outbox.claim_deliveries(100, 30, 10000, 30, 100, 10000)",
         )
@@ -625,11 +614,7 @@ async fn a_claim_passes_the_dead_entries_of_a_draining_lane_once() {
         .await
         .unwrap();
         assert_eq!(claimed.len(), 100, "a full claim");
-        let (after, index_size): (i64, i64) = sqlx::query_as(fetched)
-            .bind(queue_index)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let (after, index_size) = blocks_fetched(&mut tx, &queue_index).await;
         measured = (after - before, index_size);
         tx.rollback().await.unwrap();
     }
@@ -640,6 +625,19 @@ async fn a_claim_passes_the_dead_entries_of_a_draining_lane_once() {
         blocks <= index_size + 200,
         "a claim read {blocks} blocks of the draining lane's queue index ({index_size} in all)"
     );
+}
+
+/// The blocks of `index` fetched so far in this transaction, and the index's size in blocks. The
+/// count also holds what the connection read before and has not yet reported: take differences.
+async fn blocks_fetched(conn: &mut sqlx::PgConnection, index: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT pg_stat_get_xact_blocks_fetched($1::regclass),
+                pg_relation_size($1::regclass) / current_setting('block_size')::int8",
+    )
+    .bind(index)
+    .fetch_one(conn)
+    .await
+    .unwrap()
 }
 
 /// The plan a connection has cached for a prepared statement (`EXPLAIN EXECUTE`).
