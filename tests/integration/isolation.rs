@@ -440,11 +440,13 @@ async fn a_busy_endpoints_claimed_batch_does_not_stand_in_front_of_another_endpo
     running.stop().await;
     // It is claimed with the next claim (once half the first batch has started) and takes the
     // next free slot: in order of claim it would wait behind the rest of the first batch (20 of
-    // the busy endpoint's requests in all before it, or more).
+    // the busy endpoint's requests in all before it, or more). Alone 10–14 go before it; on a
+    // loaded machine (CI's parallel tests) the dispatch of its change can miss that claim by a
+    // few requests (15 seen), still short of the 20 that order of claim would give.
     let busy_before = received_before(&busy_receiver, quiet_receiver.received()[0].at);
     eprintln!("busy endpoint's requests before the quiet endpoint's: {busy_before}");
     assert!(
-        busy_before <= 14,
+        busy_before <= 17,
         "{busy_before} of the busy endpoint's requests went before the quiet endpoint's"
     );
 }
