@@ -67,8 +67,8 @@ enum Variant {
     /// (the commit-time trigger still runs; its notification, if any, folds into that one).
     NotifyEveryWrite,
     /// Diagnosis, the floor of capture: the outbox row, with the commit-time trigger's
-    /// once-per-transaction marker set beforehand, so that its check never runs and no write ever
-    /// notifies.
+    /// once-per-transaction marker set beforehand, so that its check is never queued and no write
+    /// ever notifies.
     NeverNotify,
 }
 
@@ -122,17 +122,18 @@ impl Variant {
     END IF;"
             )),
             Variant::NeverNotify => Some(format!(
-                "{outbox_insert}
-        PERFORM set_config('{WAKEUP_CHECKED}', 'on', true);
+                "PERFORM set_config('{WAKEUP_QUEUED}', 'on', true);
+    {outbox_insert}
     END IF;"
             )),
         }
     }
 }
 
-/// The transaction-local setting with which `fhir_outbox.wake_waiting_dispatchers` (migration 7)
-/// remembers that it has decided for this transaction.
-const WAKEUP_CHECKED: &str = "fhir_outbox.wakeup_checked";
+/// The transaction-local setting with which the trigger `outbox_wake_waiting_dispatchers`
+/// (migration 20261218000001) remembers that it has queued this transaction's commit-time check:
+/// set before the first outbox row, no check is ever queued.
+const WAKEUP_QUEUED: &str = "fhir_outbox.wakeup_queued";
 
 /// The bench copy of `write_version` for `variant`. What differs from the installed one (migration
 /// 7) is only what follows the version insert and the Subscription epoch bump: see
@@ -163,13 +164,14 @@ $$"#
 async fn install_variants(pool: &PgPool) -> Result<(), BenchError> {
     // The quiet variant relies on the trigger's marker: make sure it is still the one in use.
     let trigger: String = sqlx::query_scalar(
-        "SELECT pg_get_functiondef('fhir_outbox.wake_waiting_dispatchers'::regproc)",
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger \
+         WHERE tgname = 'outbox_wake_waiting_dispatchers' AND tgrelid = 'fhir_outbox.outbox'::regclass",
     )
     .fetch_one(pool)
     .await?;
-    if !trigger.contains(WAKEUP_CHECKED) {
+    if !trigger.contains(WAKEUP_QUEUED) {
         return Err(other(format!(
-            "fhir_outbox.wake_waiting_dispatchers no longer uses {WAKEUP_CHECKED}: update the bench"
+            "the trigger outbox_wake_waiting_dispatchers no longer uses {WAKEUP_QUEUED}: update the bench"
         )));
     }
     for variant in Variant::ALL {
