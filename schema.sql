@@ -1432,8 +1432,8 @@ DECLARE
     v_taken bigint;
 BEGIN
     -- Almost always no dispatcher waits (one only waits when it has drained the outbox): a plain
-    -- look first, which sees what the DELETE's scan would see.
-    IF NOT EXISTS (SELECT FROM fhir_outbox.dispatcher_waiting) THEN
+    -- look first, which sees what the UPDATE's scan would see.
+    IF NOT EXISTS (SELECT FROM fhir_outbox.dispatcher_waiting WHERE waiting) THEN
         RETURN NULL;
     END IF;
     IF coalesce(current_query(), '') ~* '\mprepare\s+transaction\M' THEN
@@ -1441,13 +1441,14 @@ BEGIN
     END IF;
     IF current_setting('transaction_isolation') IN ('read committed', 'read uncommitted') THEN
         WITH taken AS (
-            SELECT listener FROM fhir_outbox.dispatcher_waiting FOR UPDATE SKIP LOCKED)
-        DELETE FROM fhir_outbox.dispatcher_waiting w USING taken WHERE w.listener = taken.listener;
+            SELECT listener FROM fhir_outbox.dispatcher_waiting WHERE waiting FOR UPDATE SKIP LOCKED)
+        UPDATE fhir_outbox.dispatcher_waiting w SET waiting = false
+        FROM taken WHERE w.listener = taken.listener;
         GET DIAGNOSTICS v_taken = ROW_COUNT;
     ELSE
-        -- Locking a row that was deleted after this transaction's snapshot would fail the
+        -- Locking a row that was changed after this transaction's snapshot would fail the
         -- writer's COMMIT with a serialisation error: only look.
-        SELECT count(*) INTO v_taken FROM fhir_outbox.dispatcher_waiting;
+        SELECT count(*) INTO v_taken FROM fhir_outbox.dispatcher_waiting WHERE waiting;
     END IF;
     IF v_taken > 0 THEN
         PERFORM pg_notify('fhir_outbox_change', '');
@@ -1842,8 +1843,10 @@ CREATE TABLE fhir_outbox.delivery_lane (
 CREATE UNLOGGED TABLE fhir_outbox.dispatcher_waiting (
     listener uuid NOT NULL,
     backend_pid integer NOT NULL,
-    since timestamp with time zone DEFAULT now() NOT NULL
-);
+    since timestamp with time zone DEFAULT now() NOT NULL,
+    waiting boolean DEFAULT true NOT NULL
+)
+WITH (fillfactor='10');
 
 --
 -- Name: endpoint_circuit; Type: TABLE; Schema: fhir_outbox; Owner: -

@@ -764,13 +764,14 @@ async fn execute(cli: Cli) -> Result<()> {
             let pool = connect_migrated(&require_url(cli.database_url)?, 2).await?;
             let pruned = retention::prune(&pool, retention.retention()).await?;
             println!(
-                "Pruned {} deliveries, {} attempts, {} outbox rows, {} AuditEvents, {} event counters of deleted subscriptions, {} issues of earlier subscription versions.",
+                "Pruned {} deliveries, {} attempts, {} outbox rows, {} AuditEvents, {} event counters of deleted subscriptions, {} issues of earlier subscription versions; {} history partitions dropped (their rows as PostgreSQL's statistics of each partition count them).",
                 pruned.deliveries,
                 pruned.attempts,
                 pruned.outbox_rows,
                 pruned.audit_events,
                 pruned.event_counters,
-                pruned.issues
+                pruned.issues,
+                pruned.partitions
             );
             Ok(())
         }

@@ -540,7 +540,8 @@ impl Dispatcher {
     }
 
     /// One dispatch loop. Writers notify `fhir_outbox_change` at commit only when they find a row
-    /// of `fhir_outbox.dispatcher_waiting` (migration 7; the notifying writer takes the row), because
+    /// of `fhir_outbox.dispatcher_waiting` that is `waiting` (migration 7; the notifying writer
+    /// takes the request, clearing the flag; the row stays while the loop runs), because
     /// a notification serialises commits and a busy dispatcher does not need one. So once the outbox
     /// looks drained, the loop registers (`listener`, on the backend that LISTENs for it), looks once
     /// more (for changes that committed before its row was visible to their writers' checks; a
@@ -645,7 +646,9 @@ impl Dispatcher {
             registered = false;
         }
         // Unconditionally: a row we believed taken may still be there (see above).
-        self.unregister(listener).await;
+        if let Err(error) = queries::forget_waiting(&self.pool, listener).await {
+            tracing::warn!(%error, "cannot remove the wake-up row of a stopping dispatch loop");
+        }
     }
 
     /// The second look, once registered: whether changes committed before the registration was

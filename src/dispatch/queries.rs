@@ -509,9 +509,9 @@ pub(crate) async fn undispatched_from(
 }
 
 /// Asks writers to wake this dispatch loop (`listener`), whose LISTEN connection is backend
-/// `backend_pid`: the next commit that carries outbox rows takes the row and notifies
-/// `fhir_outbox_change` (migration 7). The table is unlogged, so this commit does not wait for a
-/// WAL flush.
+/// `backend_pid`: the next commit that carries outbox rows clears the row's `waiting` and notifies
+/// `fhir_outbox_change` (migrations 7 and 20261219000001). The table is unlogged, so this commit
+/// does not wait for a WAL flush.
 pub(crate) async fn register_waiting(
     executor: impl PgExecutor<'_>,
     listener: Uuid,
@@ -519,7 +519,8 @@ pub(crate) async fn register_waiting(
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "INSERT INTO fhir_outbox.dispatcher_waiting (listener, backend_pid) VALUES ($1, $2)
-         ON CONFLICT (listener) DO UPDATE SET backend_pid = EXCLUDED.backend_pid, since = now()",
+         ON CONFLICT (listener)
+         DO UPDATE SET backend_pid = EXCLUDED.backend_pid, since = now(), waiting = true",
         listener,
         backend_pid
     )
@@ -528,8 +529,23 @@ pub(crate) async fn register_waiting(
     Ok(())
 }
 
-/// Withdraws the wake-up request of this dispatch loop (if no writer has taken it).
+/// Withdraws the wake-up request of this dispatch loop (if no writer has taken it). The row
+/// stays, so that the table does not grow a dead row per wake-up (every write's commit reads it).
 pub(crate) async fn unregister_waiting(
+    executor: impl PgExecutor<'_>,
+    listener: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE fhir_outbox.dispatcher_waiting SET waiting = false WHERE listener = $1 AND waiting",
+        listener
+    )
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Removes this dispatch loop's row when the loop stops.
+pub(crate) async fn forget_waiting(
     executor: impl PgExecutor<'_>,
     listener: Uuid,
 ) -> Result<(), sqlx::Error> {

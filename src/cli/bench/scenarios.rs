@@ -322,7 +322,7 @@ async fn until_dispatcher_idle(
     loop {
         worker.check_alive()?;
         let waiting: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting")
+            sqlx::query_scalar("SELECT count(*) FROM fhir_outbox.dispatcher_waiting WHERE waiting")
                 .fetch_one(pool)
                 .await?;
         if waiting > 0 && undispatched(pool).await? == 0 {
