@@ -591,6 +591,13 @@ impl Dispatcher {
                     if report.changes as i64 == limit {
                         continue;
                     }
+                    if report.changes > 0 {
+                        // Rows are still coming in: claim again rather than ask for a wake-up.
+                        // Registering, looking again and withdrawing after every short batch made
+                        // writers pay for a dispatcher that was never asleep (docs/performance.md,
+                        // run AI); an empty claim is the sign that the outbox is drained.
+                        continue;
+                    }
                     if !registered {
                         registered = self.register(listener, &listening_on).await;
                         if registered && self.undispatched_after_registering().await {
