@@ -556,10 +556,10 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) {
         let listener = Uuid::new_v4();
-        // Whether our waiting row exists, as far as we know. A row left behind (a failed
+        // Whether our row is `waiting`, as far as we know. A request left set (a failed
         // withdrawal, or one we believed taken) costs one needless notification at most: the next
-        // writer takes it, our next registration overwrites it (an upsert), shutdown withdraws it,
-        // and the row of a process that died is removed by the next dispatcher that starts.
+        // writer takes it, our next registration overwrites it (an upsert), shutdown removes the
+        // row, and the row of a process that died is removed by the next dispatcher that starts.
         let mut registered = false;
         let mut failures = 0u32;
         // The rows of a failed batch are retried one at a time: a row that then fails alone, with
@@ -652,7 +652,7 @@ impl Dispatcher {
             }
             registered = false;
         }
-        // Unconditionally: a row we believed taken may still be there (see above).
+        // The loop's row stays while it runs (taken requests only clear its flag): remove it.
         if let Err(error) = queries::forget_waiting(&self.pool, listener).await {
             tracing::warn!(%error, "cannot remove the wake-up row of a stopping dispatch loop");
         }
