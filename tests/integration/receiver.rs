@@ -38,6 +38,9 @@ pub enum Reply {
     Drop,
     /// Hold the request open this long, then answer 200.
     Stall(Duration),
+    /// Hold the request open until the test calls `notify_one` on this, then answer 200 (a
+    /// receiver the test releases when it has set up what it measures).
+    Hold(Arc<tokio::sync::Notify>),
     /// Answer 200 with a body of this many bytes.
     Huge(usize),
     /// Answer 302 with this `Location`.
@@ -175,6 +178,10 @@ async fn serve(
         }
         Reply::Stall(duration) => {
             tokio::time::sleep(duration).await;
+            (200, None)
+        }
+        Reply::Hold(release) => {
+            release.notified().await;
             (200, None)
         }
         Reply::Status(status, retry_after) => (status, retry_after),
