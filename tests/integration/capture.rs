@@ -764,13 +764,17 @@ async fn one_bad_resource_fails_its_batch_by_position_and_writes_nothing() {
 async fn a_batch_stores_each_resource_as_a_single_write_would() {
     let db = TestDb::new().await;
     let project = db.project().await;
-    // Empty values and nulls (removed), braces and quotes inside strings (kept), and a resource
-    // with nothing to remove.
+    // Empty values and nulls (removed), braces and quotes inside strings (kept), a resource
+    // with nothing to remove, nested nulls without empty values (removed: the null check is a
+    // search of the text), and the word inside a string (kept).
     let batch = vec![
         json!({ "resourceType": "Patient", "gender": "", "name": [{ "family": "A", "given": [] }],
                 "active": null, "contact": {} }),
         json!({ "resourceType": "Patient", "name": [{ "text": "{} [] \"\"" }] }),
         json!({ "resourceType": "Patient", "active": true }),
+        json!({ "resourceType": "Patient", "name": [{ "family": "B", "text": null }],
+                "active": null }),
+        json!({ "resourceType": "Patient", "name": [{ "text": "null" }] }),
     ];
     let written = capture::create_many(&db.pool, project, &batch, &WriteContext::default())
         .await
@@ -795,4 +799,7 @@ async fn a_batch_stores_each_resource_as_a_single_write_would() {
     assert!(written[0].resource.get("contact").is_none());
     assert!(written[0].resource.get("active").is_none());
     assert_eq!(written[1].resource["name"][0]["text"], "{} [] \"\"");
+    assert_eq!(written[3].resource["name"], json!([{ "family": "B" }]));
+    assert!(written[3].resource.get("active").is_none());
+    assert_eq!(written[4].resource["name"], json!([{ "text": "null" }]));
 }
