@@ -131,15 +131,21 @@ CREATE FUNCTION fhir_outbox.checked_context(p_request_id text, p_trace_id text, 
     LANGUAGE plpgsql
     AS $_$
 BEGIN
-    request_id := coalesce(p_request_id, gen_random_uuid()::text);
-    IF request_id = '' OR length(request_id) > 200 THEN
+    IF p_request_id IS NULL THEN
+        request_id := gen_random_uuid()::text;
+    ELSIF p_request_id = '' OR length(p_request_id) > 200 THEN
         RAISE EXCEPTION 'request id must be 1 to 200 characters' USING ERRCODE = 'OB010';
+    ELSE
+        request_id := p_request_id;
     END IF;
-    trace_id := coalesce(p_trace_id, gen_random_uuid()::text);
-    IF trace_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-       AND trace_id !~* '^([0-9a-f]{2}-)?[0-9a-f]{32}-[0-9a-f]{16}(-[0-9a-f]{1,2})?$' THEN
-        RAISE EXCEPTION 'trace id "%" is neither a UUID nor a W3C traceparent', left(trace_id, 100)
+    IF p_trace_id IS NULL THEN
+        trace_id := gen_random_uuid()::text;
+    ELSIF p_trace_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+          AND p_trace_id !~* '^([0-9a-f]{2}-)?[0-9a-f]{32}-[0-9a-f]{16}(-[0-9a-f]{1,2})?$' THEN
+        RAISE EXCEPTION 'trace id "%" is neither a UUID nor a W3C traceparent', left(p_trace_id, 100)
             USING ERRCODE = 'OB010';
+    ELSE
+        trace_id := p_trace_id;
     END IF;
 END
 $_$;

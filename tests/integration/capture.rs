@@ -93,6 +93,24 @@ async fn each_committed_change_is_captured_once_with_its_versions() {
         assert_eq!(change.trace_id, context.trace_id.clone().unwrap());
     }
     assert!(changes[0].changed_at <= changes[1].changed_at);
+
+    // Without ids, each write gets its own random UUIDs.
+    for _ in 0..2 {
+        capture::create(&db.pool, project, &patient("C"), &WriteContext::default())
+            .await
+            .unwrap();
+    }
+    let generated = &capture::changes_since(&db.pool, project, changes[2].seq, 10)
+        .await
+        .unwrap();
+    assert_eq!(generated.len(), 2);
+    for change in generated {
+        assert!(Uuid::parse_str(&change.request_id).is_ok(), "{change:?}");
+        assert!(Uuid::parse_str(&change.trace_id).is_ok(), "{change:?}");
+        assert_ne!(change.request_id, change.trace_id);
+    }
+    assert_ne!(generated[0].request_id, generated[1].request_id);
+    assert_ne!(generated[0].trace_id, generated[1].trace_id);
 }
 
 #[tokio::test]
@@ -555,6 +573,19 @@ async fn bad_input_is_refused_with_a_named_problem_and_writes_nothing() {
         matches!(&error, StoreError::InvalidContext(m) if m.contains("not-a-trace")),
         "{error}"
     );
+    for bad_request in [String::new(), "r".repeat(201)] {
+        let context = WriteContext {
+            request_id: Some(bad_request),
+            ..Default::default()
+        };
+        let error = capture::create(&db.pool, project, &patient("A"), &context)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, StoreError::InvalidContext(m) if m.contains("request id must be 1 to 200 characters")),
+            "{error}"
+        );
+    }
     let error = capture::delete(&db.pool, project, "Patient", "nobody", &ctx)
         .await
         .unwrap_err();
