@@ -582,20 +582,16 @@ impl Dispatcher {
                         0 => 0,
                         changes => single_rows_left.saturating_sub(changes),
                     };
-                    if registered && report.changes > 0 {
-                        // The second look found work: drain without asking for wake-ups.
-                        self.unregister(listener).await;
-                        registered = false;
-                        continue;
-                    }
-                    if report.changes as i64 == limit {
-                        continue;
-                    }
                     if report.changes > 0 {
-                        // Rows are still coming in: claim again rather than ask for a wake-up.
-                        // Registering, looking again and withdrawing after every short batch made
-                        // writers pay for a dispatcher that was never asleep (docs/performance.md,
-                        // run AI); an empty claim is the sign that the outbox is drained.
+                        // Rows are still coming in (full batch or not): claim again rather than
+                        // ask for a wake-up. Registering, looking again and withdrawing after
+                        // every short batch made writers pay for a dispatcher that was never
+                        // asleep (docs/performance.md, run AI); an empty claim is the sign that
+                        // the outbox is drained. A second look that found work withdraws first.
+                        if registered {
+                            self.unregister(listener).await;
+                            registered = false;
+                        }
                         continue;
                     }
                     if !registered {
