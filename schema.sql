@@ -532,6 +532,7 @@ DECLARE
     v_id      text := fhir_outbox.uuid_v7(v_at)::text;
 BEGIN
     resource := fhir_outbox.stamped(v_content, p_project, v_id, 1, v_at, p_author);
+    PERFORM fhir_outbox.held_project(p_project);
     INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id, deleted, last_updated)
     VALUES (p_project, v_type, v_id, 1, 1, false, v_at);
     PERFORM fhir_outbox.write_version(p_project, v_type, v_id, 1, NULL, 'create', resource, v_at,
@@ -588,6 +589,9 @@ BEGIN
         END LOOP;
         RAISE;
     END;
+    IF v_count > 0 THEN
+        PERFORM fhir_outbox.held_project(p_project);
+    END IF;
     RETURN QUERY
     WITH checked AS MATERIALIZED (
         SELECT u.n::integer AS n, u.doc ->> 'resourceType' AS type, fhir_outbox.uuid_v7(v_at)::text AS id,
@@ -856,6 +860,21 @@ CREATE FUNCTION fhir_outbox.heartbeat_period(p_subscription jsonb) RETURNS inter
 $$;
 
 --
+-- Name: held_project(uuid); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.held_project(p_project uuid) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM FROM fhir_outbox.project WHERE id = p_project FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown project %', coalesce(p_project::text, 'NULL') USING ERRCODE = 'OB005';
+    END IF;
+END
+$$;
+
+--
 -- Name: is_subscription_topic(jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
@@ -863,6 +882,37 @@ CREATE FUNCTION fhir_outbox.is_subscription_topic(p_content jsonb) RETURNS boole
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
     SELECT coalesce(p_content @> '{"code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]}}', false)
+$$;
+
+--
+-- Name: project_kept_while_it_has_resources(); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.project_kept_while_it_has_resources() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        IF EXISTS (SELECT FROM fhir_outbox.resource) THEN
+            RAISE EXCEPTION 'cannot truncate fhir_outbox.project: resources still belong to projects'
+                USING ERRCODE = '23503';
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.id = OLD.id THEN
+        RETURN NEW;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'project % can be deleted or given another id only in a READ COMMITTED transaction (this one is %)',
+            OLD.id, upper(current_setting('transaction_isolation'))
+            USING ERRCODE = '25001';
+    END IF;
+    IF EXISTS (SELECT FROM fhir_outbox.resource WHERE project_id = OLD.id) THEN
+        RAISE EXCEPTION 'project % still has resources', OLD.id USING ERRCODE = '23503';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
 $$;
 
 --
@@ -1324,6 +1374,7 @@ BEGIN
             RAISE EXCEPTION 'version conflict on %/%: If-Match % but the resource does not exist',
                 p_resource_type, p_id, p_if_match USING ERRCODE = 'OB007', DETAIL = '';
         END IF;
+        PERFORM fhir_outbox.held_project(p_project);
         v_at := clock_timestamp();
         INSERT INTO fhir_outbox.resource (project_id, resource_type, id, version_id, live_version_id, deleted, last_updated)
         VALUES (p_project, p_resource_type, p_id, 1, 1, false, v_at)
@@ -2685,6 +2736,18 @@ CREATE CONSTRAINT TRIGGER outbox_wake_waiting_dispatchers AFTER INSERT ON fhir_o
         END) EXECUTE FUNCTION fhir_outbox.wake_waiting_dispatchers();
 
 --
+-- Name: project project_kept_while_it_has_resources; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER project_kept_while_it_has_resources BEFORE DELETE OR UPDATE OF id ON fhir_outbox.project FOR EACH ROW EXECUTE FUNCTION fhir_outbox.project_kept_while_it_has_resources();
+
+--
+-- Name: project project_kept_while_resources_exist; Type: TRIGGER; Schema: fhir_outbox; Owner: -
+--
+
+CREATE TRIGGER project_kept_while_resources_exist BEFORE TRUNCATE ON fhir_outbox.project FOR EACH STATEMENT EXECUTE FUNCTION fhir_outbox.project_kept_while_it_has_resources();
+
+--
 -- Name: project project_settings_checked; Type: TRIGGER; Schema: fhir_outbox; Owner: -
 --
 
@@ -2714,13 +2777,6 @@ CREATE TRIGGER resource_version_topic_written AFTER INSERT ON fhir_outbox.resour
 
 ALTER TABLE ONLY fhir_outbox.console_token
     ADD CONSTRAINT console_token_project_id_fkey FOREIGN KEY (project_id) REFERENCES fhir_outbox.project(id);
-
---
--- Name: resource resource_project_id_fkey; Type: FK CONSTRAINT; Schema: fhir_outbox; Owner: -
---
-
-ALTER TABLE ONLY fhir_outbox.resource
-    ADD CONSTRAINT resource_project_id_fkey FOREIGN KEY (project_id) REFERENCES fhir_outbox.project(id);
 
 --
 -- PostgreSQL database dump complete

@@ -199,3 +199,164 @@ async fn fifty_writers_times_two_hundred_writes_capture_every_committed_version(
         );
     }
 }
+
+/// Waits until the backend `pid` waits for a lock (a row lock held by another transaction).
+async fn wait_until_blocked(pool: &sqlx::PgPool, pid: i32) {
+    for _ in 0..500 {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+        )
+        .bind(pid)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("backend {pid} never waited for a lock");
+}
+
+/// The guarantee the foreign key from `resource` to `project` gave, now kept by a lock per writing
+/// transaction and a trigger on `project`: no resource ever belongs to a missing project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_cannot_be_removed_while_it_has_resources_even_by_a_racing_transaction() {
+    let db = TestDb::with_pool_size(6).await;
+    let ctx = WriteContext::default();
+    let error_of = |result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>| {
+        result.unwrap_err().to_string()
+    };
+
+    // Settled: refused with the reason, in every way a row of `project` can go.
+    let used = db.project().await;
+    capture::create(&db.pool, used, &json!({ "resourceType": "Patient" }), &ctx)
+        .await
+        .unwrap();
+    let delete = "DELETE FROM fhir_outbox.project WHERE id = $1";
+    let error = error_of(sqlx::query(delete).bind(used).execute(&db.pool).await);
+    assert!(
+        error.contains(&format!("project {used} still has resources")),
+        "{error}"
+    );
+    let error = error_of(
+        sqlx::query("UPDATE fhir_outbox.project SET id = gen_random_uuid() WHERE id = $1")
+            .bind(used)
+            .execute(&db.pool)
+            .await,
+    );
+    assert!(error.contains("still has resources"), "{error}");
+    let error = error_of(
+        sqlx::query("TRUNCATE fhir_outbox.project CASCADE")
+            .execute(&db.pool)
+            .await,
+    );
+    assert!(
+        error.contains("resources still belong to projects"),
+        "{error}"
+    );
+    let mut repeatable = db.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *repeatable)
+        .await
+        .unwrap();
+    let empty = db.project().await;
+    let error = error_of(
+        sqlx::query(delete)
+            .bind(empty)
+            .execute(&mut *repeatable)
+            .await,
+    );
+    assert!(
+        error.contains("only in a READ COMMITTED transaction (this one is REPEATABLE READ)"),
+        "{error}"
+    );
+    drop(repeatable);
+    // A project without resources can go (as with the key).
+    sqlx::query(delete)
+        .bind(empty)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // A delete racing an uncommitted create waits for it, then sees its resource.
+    for write in ["create", "create_many", "update"] {
+        let project = db.project().await;
+        let mut writer = db.pool.begin().await.unwrap();
+        let patient = json!({ "resourceType": "Patient", "id": "p1" });
+        match write {
+            "create" => capture::create(&mut *writer, project, &patient, &ctx)
+                .await
+                .map(drop),
+            "create_many" => capture::create_many(&mut *writer, project, &[patient], &ctx)
+                .await
+                .map(drop),
+            _ => capture::update(&mut *writer, project, "Patient", "p1", &patient, None, &ctx)
+                .await
+                .map(drop),
+        }
+        .unwrap();
+        let mut deleter = db.pool.acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *deleter)
+            .await
+            .unwrap();
+        let deleting = tokio::spawn(async move {
+            sqlx::query(delete)
+                .bind(project)
+                .execute(&mut *deleter)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        wait_until_blocked(&db.pool, pid).await;
+        writer.commit().await.unwrap();
+        let error = deleting.await.unwrap().unwrap_err();
+        assert!(error.contains("still has resources"), "{write}: {error}");
+    }
+
+    // A write racing an uncommitted delete waits for it, then finds no project.
+    for write in ["create", "create_many", "update"] {
+        let project = db.project().await;
+        let mut deleter = db.pool.begin().await.unwrap();
+        sqlx::query(delete)
+            .bind(project)
+            .execute(&mut *deleter)
+            .await
+            .unwrap();
+        let mut writer = db.pool.acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *writer)
+            .await
+            .unwrap();
+        let writing = tokio::spawn(async move {
+            let ctx = WriteContext::default();
+            let patient = json!({ "resourceType": "Patient", "id": "p1" });
+            match write {
+                "create" => capture::create(&mut *writer, project, &patient, &ctx)
+                    .await
+                    .map(drop),
+                "create_many" => capture::create_many(&mut *writer, project, &[patient], &ctx)
+                    .await
+                    .map(drop),
+                _ => capture::update(&mut *writer, project, "Patient", "p1", &patient, None, &ctx)
+                    .await
+                    .map(drop),
+            }
+        });
+        wait_until_blocked(&db.pool, pid).await;
+        deleter.commit().await.unwrap();
+        let error = writing.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&error, StoreError::UnknownProject(message) if message.contains(&project.to_string())),
+            "{write}: {error:?}"
+        );
+    }
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_outbox.resource r
+         WHERE NOT EXISTS (SELECT FROM fhir_outbox.project p WHERE p.id = r.project_id)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0);
+}
