@@ -553,11 +553,13 @@ CREATE FUNCTION fhir_outbox.create_resources(p_project uuid, p_resources jsonb[]
 DECLARE
     v_ctx     record := fhir_outbox.checked_context(p_request_id, p_trace_id);
     v_at      timestamptz := clock_timestamp();
+    v_meta    jsonb := fhir_outbox.server_meta(p_project, 1, v_at, p_author);
     v_count   integer := coalesce(cardinality(p_resources), 0);
     v_checked jsonb[];
     v_state   text;
     v_message text;
     v_detail  text;
+    v_known   boolean;
 BEGIN
     IF v_count > 10000 THEN
         RAISE EXCEPTION 'at most 10000 resources per call, got %', v_count USING ERRCODE = 'OB001';
@@ -568,13 +570,13 @@ BEGIN
         IF v_count > 0 AND NOT EXISTS (SELECT 1 FROM fhir_outbox.project WHERE id = p_project) THEN
             RAISE EXCEPTION 'unknown project' USING ERRCODE = 'OB005';
         END IF;
-        IF EXISTS (SELECT 1 FROM unnest(p_resources) AS u(doc)
-                   WHERE NOT EXISTS (SELECT 1 FROM fhir_outbox.resource_type t
-                                     WHERE t.name = u.doc ->> 'resourceType')) THEN
+        SELECT array_agg(fhir_outbox.checked_shape(u.doc) ORDER BY u.n),
+               bool_and(EXISTS (SELECT 1 FROM fhir_outbox.resource_type t WHERE t.name = u.doc ->> 'resourceType'))
+        INTO v_checked, v_known
+        FROM unnest(p_resources) WITH ORDINALITY AS u(doc, n);
+        IF NOT v_known THEN
             RAISE EXCEPTION 'unknown resourceType' USING ERRCODE = 'OB002';
         END IF;
-        SELECT array_agg(fhir_outbox.checked_shape(u.doc) ORDER BY u.n) INTO v_checked
-        FROM unnest(p_resources) WITH ORDINALITY AS u(doc, n);
     EXCEPTION WHEN OTHERS THEN
         -- Which one: checked again one at a time (only when the batch failed), then named.
         FOR i IN 1 .. v_count LOOP
@@ -593,13 +595,11 @@ BEGIN
         PERFORM fhir_outbox.held_project(p_project);
     END IF;
     RETURN QUERY
-    WITH checked AS MATERIALIZED (
-        SELECT u.n::integer AS n, u.doc ->> 'resourceType' AS type, fhir_outbox.uuid_v7(v_at)::text AS id,
-               u.doc AS doc
-        FROM unnest(v_checked) WITH ORDINALITY AS u(doc, n)),
-    stamped AS MATERIALIZED (
-        SELECT c.n, c.type, c.id, fhir_outbox.stamped(c.doc, p_project, c.id, 1, v_at, p_author) AS doc
-        FROM checked c),
+    WITH stamped AS MATERIALIZED (
+        SELECT c.n, c.type, c.id, fhir_outbox.stamped_with(c.doc, c.id, v_meta) AS doc
+        FROM (SELECT u.n::integer AS n, u.doc ->> 'resourceType' AS type,
+                     fhir_outbox.uuid_v7(v_at)::text AS id, u.doc
+              FROM unnest(v_checked) WITH ORDINALITY AS u(doc, n)) c),
     resources AS (
         INSERT INTO fhir_outbox.resource
             (project_id, resource_type, id, version_id, live_version_id, deleted, last_updated)
@@ -614,11 +614,12 @@ BEGIN
             (project_id, resource_type, resource_id, version_id, previous_version_id, interaction,
              changed_at, request_id, trace_id)
         SELECT p_project, s.type, s.id, 1, NULL, 'create', v_at, v_ctx.request_id, v_ctx.trace_id
-        FROM stamped s WHERE s.type <> 'AuditEvent' ORDER BY s.n)
+        FROM stamped s WHERE s.type <> 'AuditEvent' ORDER BY s.n),
+    -- Dispatchers reload a project's subscriptions when its epoch moves (as in write_version).
+    epoch AS (
+        UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1
+        WHERE id = p_project AND EXISTS (SELECT 1 FROM stamped s WHERE s.type = 'Subscription'))
     SELECT s.n, 'created'::text, s.doc, 1::bigint FROM stamped s ORDER BY s.n;
-    IF EXISTS (SELECT 1 FROM unnest(v_checked) AS u(doc) WHERE u.doc ->> 'resourceType' = 'Subscription') THEN
-        UPDATE fhir_outbox.project SET subscription_epoch = subscription_epoch + 1 WHERE id = p_project;
-    END IF;
 END
 $$;
 
@@ -1223,20 +1224,41 @@ END
 $$;
 
 --
+-- Name: server_meta(uuid, bigint, timestamp with time zone, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.server_meta(p_project uuid, p_version bigint, p_at timestamp with time zone, p_author text) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT jsonb_build_object(
+            'versionId', p_version::text,
+            'lastUpdated', to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+            'project', p_project::text)
+        || CASE WHEN p_author IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('author', jsonb_build_object('reference', p_author)) END
+$$;
+
+--
 -- Name: stamped(jsonb, uuid, text, bigint, timestamp with time zone, text); Type: FUNCTION; Schema: fhir_outbox; Owner: -
 --
 
 CREATE FUNCTION fhir_outbox.stamped(p_content jsonb, p_project uuid, p_id text, p_version bigint, p_at timestamp with time zone, p_author text) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
+    SELECT fhir_outbox.stamped_with(p_content, p_id,
+                                    fhir_outbox.server_meta(p_project, p_version, p_at, p_author))
+$$;
+
+--
+-- Name: stamped_with(jsonb, text, jsonb); Type: FUNCTION; Schema: fhir_outbox; Owner: -
+--
+
+CREATE FUNCTION fhir_outbox.stamped_with(p_content jsonb, p_id text, p_meta jsonb) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
     SELECT p_content || jsonb_build_object('id', p_id, 'meta',
         (coalesce(p_content -> 'meta', '{}'::jsonb) - '{versionId,lastUpdated,project,author}'::text[])
-        || jsonb_build_object(
-            'versionId', p_version::text,
-            'lastUpdated', to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-            'project', p_project::text)
-        || CASE WHEN p_author IS NULL THEN '{}'::jsonb
-                ELSE jsonb_build_object('author', jsonb_build_object('reference', p_author)) END)
+        || p_meta)
 $$;
 
 --

@@ -729,6 +729,17 @@ async fn a_batch_is_written_and_captured_in_one_statement_like_single_creates() 
             .await
             .unwrap();
     assert!(epoch > 0);
+    // A batch without one does not: cached subscriptions stay valid.
+    capture::create_many(&db.pool, project, &batch[..3], &WriteContext::default())
+        .await
+        .unwrap();
+    let after: i64 =
+        sqlx::query_scalar("SELECT subscription_epoch FROM fhir_outbox.project WHERE id = $1")
+            .bind(project)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(after, epoch);
 
     // In the caller's transaction: rolled back, nothing stays.
     let mut tx = db.pool.begin().await.unwrap();
@@ -736,7 +747,7 @@ async fn a_batch_is_written_and_captured_in_one_statement_like_single_creates() 
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    assert_eq!(outbox_count(&db.pool, project).await, 301);
+    assert_eq!(outbox_count(&db.pool, project).await, 304);
 }
 
 #[tokio::test]
