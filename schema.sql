@@ -907,7 +907,7 @@ BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'project % can be deleted or given another id only in a READ COMMITTED transaction (this one is %)',
             OLD.id, upper(current_setting('transaction_isolation'))
-            USING ERRCODE = '25001';
+            USING ERRCODE = '0A000';
     END IF;
     IF EXISTS (SELECT FROM fhir_outbox.resource WHERE project_id = OLD.id) THEN
         RAISE EXCEPTION 'project % still has resources', OLD.id USING ERRCODE = '23503';
