@@ -396,6 +396,9 @@ struct DispatchArgs {
     /// Milliseconds between looks for work when no notification arrives.
     #[arg(long, env = "FHIR_OUTBOX_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     poll_interval_ms: u64,
+    /// Milliseconds a dispatch loop waits after a batch that took every waiting change and found more than one, so that the next carries more (0: claim again at once).
+    #[arg(long, env = "FHIR_OUTBOX_DISPATCH_LINGER_MS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    dispatch_linger_ms: u64,
     /// Evaluate the subscriptions of server-scope projects for changes in every project.
     #[arg(long, env = "FHIR_OUTBOX_SERVER_SCOPED_SUBSCRIPTIONS")]
     server_scoped_subscriptions: bool,
@@ -408,6 +411,7 @@ impl DispatchArgs {
             batch_size: self.dispatch_batch_size,
             workers: usize::from(self.dispatch_workers),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
+            linger: Duration::from_millis(self.dispatch_linger_ms),
             server_scoped_subscriptions: self.server_scoped_subscriptions,
         }
     }

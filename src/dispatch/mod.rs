@@ -37,6 +37,10 @@ pub struct DispatchConfig {
     pub workers: usize,
     /// How often to look for work when no notification arrives (covers lost notifications).
     pub poll_interval: Duration,
+    /// How long a loop waits before claiming again after a batch that took every undispatched
+    /// change and found more than one (changes arrive faster than it claims them, not fast
+    /// enough to fill a batch), so that the next batch carries more of them. Zero claims at once.
+    pub linger: Duration,
     /// Evaluate the subscriptions of server-scope projects for changes in every project.
     pub server_scoped_subscriptions: bool,
     /// Let endpoints use `http` and non-public addresses (tests, the demo; never in production).
@@ -49,6 +53,7 @@ impl Default for DispatchConfig {
             batch_size: 500,
             workers: 1,
             poll_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(3),
             server_scoped_subscriptions: false,
             allow_unsafe_outbound: false,
         }
@@ -83,6 +88,14 @@ impl BatchFailure {
 
 /// Times a row must fail on its own, with an error about its data, before it is set aside.
 const ALONE_FAILURES_BEFORE_SET_ASIDE: u32 = 3;
+
+/// A batch as its loop sees it.
+struct Batch {
+    report: BatchReport,
+    /// Outbox rows the claim returned: more than `report.changes` when a bound on the batch's
+    /// contents or deliveries left some for the next batch.
+    claimed: usize,
+}
 
 /// What one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -256,11 +269,12 @@ impl Dispatcher {
     pub async fn dispatch_once(&self) -> Result<BatchReport, DispatchError> {
         self.dispatch_batch(self.config.batch_size)
             .await
+            .map(|batch| batch.report)
             .map_err(|failure| failure.error)
     }
 
     /// Claims and dispatches one batch.
-    async fn dispatch_batch(&self, limit: i64) -> Result<BatchReport, BatchFailure> {
+    async fn dispatch_batch(&self, limit: i64) -> Result<Batch, BatchFailure> {
         let started = Instant::now();
         let from = self.floor.lock().expect("floor lock").start(started);
         let mut tx = self
@@ -278,6 +292,7 @@ impl Dispatcher {
         .map_err(BatchFailure::unclaimed)?;
         let took = started.elapsed();
         let lowest = changes.first().map(|change| change.seq);
+        let claimed = changes.len();
         let report = if changes.is_empty() {
             tx.commit().await.map_err(BatchFailure::unclaimed)?;
             BatchReport::default()
@@ -291,7 +306,7 @@ impl Dispatcher {
             .lock()
             .expect("floor lock")
             .committed(from, took, lowest, Instant::now());
-        Ok(report)
+        Ok(Batch { report, claimed })
     }
 
     async fn dispatch_claimed(
@@ -575,7 +590,7 @@ impl Dispatcher {
                 self.config.batch_size
             };
             match self.dispatch_batch(limit).await {
-                Ok(report) => {
+                Ok(Batch { report, claimed }) => {
                     failures = 0;
                     failing_alone = None;
                     single_rows_left = match report.changes {
@@ -591,6 +606,22 @@ impl Dispatcher {
                         if registered {
                             self.unregister(listener).await;
                             registered = false;
+                        }
+                        // The claim took every undispatched change, found more than one and
+                        // dispatched them all: they come faster than the loop claims them but
+                        // too slowly to fill a batch. Claiming at once would spend each batch's
+                        // fixed work (the claim, the subscriptions, the inserts, the mark) on a
+                        // handful of changes, CPU that the writers need; a short wait lets the
+                        // next batch carry more (docs/performance.md, run AM). One change means
+                        // the loop keeps up, so a lone change is never held back; a batch that a
+                        // bound cut short left changes waiting, which go at once.
+                        let took_all =
+                            claimed > 1 && (claimed as i64) < limit && report.changes == claimed;
+                        if took_all && !self.config.linger.is_zero() {
+                            tokio::select! {
+                                _ = tokio::time::sleep(self.config.linger) => {}
+                                _ = shutdown.cancelled() => break,
+                            }
                         }
                         continue;
                     }

@@ -32,14 +32,18 @@ struct Running {
 
 impl Running {
     fn start(pool: &PgPool, workers: usize, poll_interval: Duration) -> Running {
-        let dispatcher = Arc::new(Dispatcher::new(
-            pool.clone(),
+        Running::start_with(
+            pool,
             DispatchConfig {
                 workers,
                 poll_interval,
                 ..DispatchConfig::default()
             },
-        ));
+        )
+    }
+
+    fn start_with(pool: &PgPool, config: DispatchConfig) -> Running {
+        let dispatcher = Arc::new(Dispatcher::new(pool.clone(), config));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(dispatcher.run(shutdown.clone()));
         Running { shutdown, task }
@@ -630,4 +634,50 @@ async fn a_listener_ignores_its_own_notifications_and_wakes_on_the_others() {
     }
     shutdown.cancel();
     listening.await.unwrap();
+}
+
+/// A loop that took every waiting change and found more than one waits its linger before it
+/// claims again (changes are coming faster than it claims them: the next batch carries more);
+/// after a lone change it does not wait, so a change written alone is never held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_lingers_after_a_batch_of_several_and_never_after_a_lone_change() {
+    const LINGER: Duration = Duration::from_secs(3);
+    let db = TestDb::new().await;
+    let project = db.project().await;
+    let running = Running::start_with(
+        &db.pool,
+        DispatchConfig {
+            poll_interval: Duration::from_secs(60),
+            linger: LINGER,
+            ..DispatchConfig::default()
+        },
+    );
+    until_idle(&db.pool, 1).await;
+
+    capture::create(&db.pool, project, &patient(), &WriteContext::default())
+        .await
+        .unwrap();
+    assert!(eventually(PROMPTLY, || async { undispatched(&db.pool).await == 0 }).await);
+    // Claimed again at once, found nothing and waits for the next write: no linger.
+    assert!(
+        eventually(LINGER / 2, || async { waiting(&db.pool).await == 1 }).await,
+        "after a batch of one change the loop waits for a wake-up at once"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let three = [patient(), patient(), patient()];
+    capture::create_many(&db.pool, project, &three, &WriteContext::default())
+        .await
+        .unwrap();
+    assert!(eventually(PROMPTLY, || async { undispatched(&db.pool).await == 0 }).await);
+    // The loop lingers: it neither waits for a wake-up nor claims what comes meanwhile.
+    capture::create(&db.pool, project, &patient(), &WriteContext::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(LINGER / 3).await;
+    assert_eq!(undispatched(&db.pool).await, 1, "claimed during the linger");
+    assert_eq!(waiting(&db.pool).await, 0);
+    // Then it claims it without any wake-up (the write saw no waiting loop, so it notified none).
+    assert!(eventually(PROMPTLY, || async { undispatched(&db.pool).await == 0 }).await);
+    running.stop().await;
 }
