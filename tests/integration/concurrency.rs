@@ -200,6 +200,28 @@ async fn fifty_writers_times_two_hundred_writes_capture_every_committed_version(
     }
 }
 
+/// Creates Patient `p1` in `project` through `write`: `create`, `create_many` or `update` (update
+/// as create), the three ways a `resource` row is inserted.
+async fn write_patient(
+    conn: &mut sqlx::PgConnection,
+    write: &str,
+    project: uuid::Uuid,
+) -> Result<(), StoreError> {
+    let ctx = WriteContext::default();
+    let patient = json!({ "resourceType": "Patient", "id": "p1" });
+    match write {
+        "create" => capture::create(conn, project, &patient, &ctx)
+            .await
+            .map(drop),
+        "create_many" => capture::create_many(conn, project, &[patient], &ctx)
+            .await
+            .map(drop),
+        _ => capture::update(conn, project, "Patient", "p1", &patient, None, &ctx)
+            .await
+            .map(drop),
+    }
+}
+
 /// Waits until the backend `pid` waits for a lock (a row lock held by another transaction).
 async fn wait_until_blocked(pool: &sqlx::PgPool, pid: i32) {
     for _ in 0..500 {
@@ -283,19 +305,7 @@ async fn a_project_cannot_be_removed_while_it_has_resources_even_by_a_racing_tra
     for write in ["create", "create_many", "update"] {
         let project = db.project().await;
         let mut writer = db.pool.begin().await.unwrap();
-        let patient = json!({ "resourceType": "Patient", "id": "p1" });
-        match write {
-            "create" => capture::create(&mut *writer, project, &patient, &ctx)
-                .await
-                .map(drop),
-            "create_many" => capture::create_many(&mut *writer, project, &[patient], &ctx)
-                .await
-                .map(drop),
-            _ => capture::update(&mut *writer, project, "Patient", "p1", &patient, None, &ctx)
-                .await
-                .map(drop),
-        }
-        .unwrap();
+        write_patient(&mut writer, write, project).await.unwrap();
         let mut deleter = db.pool.acquire().await.unwrap();
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut *deleter)
@@ -328,21 +338,7 @@ async fn a_project_cannot_be_removed_while_it_has_resources_even_by_a_racing_tra
             .fetch_one(&mut *writer)
             .await
             .unwrap();
-        let writing = tokio::spawn(async move {
-            let ctx = WriteContext::default();
-            let patient = json!({ "resourceType": "Patient", "id": "p1" });
-            match write {
-                "create" => capture::create(&mut *writer, project, &patient, &ctx)
-                    .await
-                    .map(drop),
-                "create_many" => capture::create_many(&mut *writer, project, &[patient], &ctx)
-                    .await
-                    .map(drop),
-                _ => capture::update(&mut *writer, project, "Patient", "p1", &patient, None, &ctx)
-                    .await
-                    .map(drop),
-            }
-        });
+        let writing = tokio::spawn(async move { write_patient(&mut writer, write, project).await });
         wait_until_blocked(&db.pool, pid).await;
         deleter.commit().await.unwrap();
         let error = writing.await.unwrap().unwrap_err();
