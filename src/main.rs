@@ -339,7 +339,9 @@ enum Command {
         /// ones), slow (receivers answering after 100 ms),
         /// console (the console's reads on a database of 1,000,000 attempts), retention (a day of
         /// history dropped), horizon (throughput while a snapshot holds the xmin horizon), scaling
-        /// (1, 2 and 4 worker processes), topics (subscriptions to a topic against criteria ones).
+        /// (1, 2 and 4 worker processes), topics (subscriptions to a topic against criteria ones),
+        /// floor (the cheapest schema storing what a delivery must, and a bare POST: how fast any
+        /// design could go here).
         #[arg(long, value_delimiter = ',')]
         only: Vec<cli::bench::Scenario>,
         /// Load pg_stat_statements and report the statements that took the most database time in

@@ -13,6 +13,7 @@ mod bulk;
 mod console;
 mod fhirpath;
 mod fixtures;
+mod floor;
 mod isolation;
 mod receiver;
 mod scaling;
@@ -90,11 +91,15 @@ pub enum Scenario {
     /// Subscriptions to topics: dispatch with event numbering against criteria subscriptions,
     /// notification bundles end to end, and the heartbeat check beside many subscriptions.
     Topics,
+    /// The floor under end-to-end delivery here: the cheapest schema storing what a delivery
+    /// must, and a bare POST, with nothing of fhir-outbox in between (what the peer target asks
+    /// for against what any design could do).
+    Floor,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::Capture,
         Scenario::Bulk,
         Scenario::Dispatch,
@@ -109,6 +114,7 @@ impl Scenario {
         Scenario::Horizon,
         Scenario::Scaling,
         Scenario::Topics,
+        Scenario::Floor,
     ];
 
     /// Whether it needs the throwaway PostgreSQL.
@@ -136,8 +142,9 @@ impl FromStr for Scenario {
             "horizon" | "xmin" => Ok(Scenario::Horizon),
             "scaling" => Ok(Scenario::Scaling),
             "topics" => Ok(Scenario::Topics),
+            "floor" => Ok(Scenario::Floor),
             other => Err(format!(
-                "unknown scenario `{other}` (capture, bulk, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling, topics)"
+                "unknown scenario `{other}` (capture, bulk, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling, topics, floor)"
             )),
         }
     }
@@ -199,6 +206,8 @@ pub struct Sizes {
     /// Live subscriptions beside which the topics scenario times the heartbeat check (1 % of
     /// them with a heartbeat period).
     pub heartbeat_subscriptions: usize,
+    /// Seconds of each round of the floor scenario.
+    pub floor_seconds: u64,
 }
 
 impl Sizes {
@@ -234,6 +243,7 @@ impl Sizes {
             horizon_cycle: 20_000,
             scaling_backlog: 20_000,
             heartbeat_subscriptions: 100_000,
+            floor_seconds: 8,
         }
     }
 
@@ -265,6 +275,7 @@ impl Sizes {
             horizon_cycle: 5_000,
             scaling_backlog: 2_000,
             heartbeat_subscriptions: 10_000,
+            floor_seconds: 2,
         }
     }
 }

@@ -41,6 +41,7 @@ pub async fn run(
         Scenario::Horizon => super::storage::horizon(env, sizes, results).await,
         Scenario::Scaling => super::scaling::run(env, sizes, results).await,
         Scenario::Topics => super::topics::run(env, sizes, results).await,
+        Scenario::Floor => super::floor::run(env, sizes, results).await,
     }
 }
 
