@@ -119,13 +119,18 @@ impl Claim {
     }
 }
 
-/// One batch through the three steps; the number of deliveries it finished.
-async fn cycle(conn: &mut PgConnection, claim: Claim) -> Result<u64, BenchError> {
+/// One batch through the three steps: the outbox rows it dispatched and the deliveries it
+/// finished (not always its own: the loops claim each other's).
+async fn cycle(conn: &mut PgConnection, claim: Claim) -> Result<(u64, u64), BenchError> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *tx)
         .await?;
-    sqlx::query(DISPATCH).bind(BATCH).execute(&mut *tx).await?;
+    let dispatched = sqlx::query(DISPATCH)
+        .bind(BATCH)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     tx.commit().await?;
 
     let mut tx = conn.begin().await?;
@@ -156,7 +161,7 @@ async fn cycle(conn: &mut PgConnection, claim: Claim) -> Result<u64, BenchError>
         .await?
         .rows_affected();
     tx.commit().await?;
-    Ok(done)
+    Ok((dispatched, done))
 }
 
 /// What one round of the bookkeeping floor measured.
@@ -209,9 +214,9 @@ async fn bookkeeping(
             let finished = finished.clone();
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    let done = cycle(&mut conn, claim).await?;
+                    let (dispatched, done) = cycle(&mut conn, claim).await?;
                     finished.fetch_add(done, Ordering::Relaxed);
-                    if done == 0 {
+                    if dispatched == 0 && done == 0 {
                         // The backlog ran out before the time did: the rate so far stands.
                         break;
                     }
