@@ -119,13 +119,22 @@ impl Claim {
     }
 }
 
-/// One batch through the three steps: the outbox rows it dispatched and the deliveries it
-/// finished (not always its own: the loops claim each other's).
-async fn cycle(conn: &mut PgConnection, claim: Claim) -> Result<(u64, u64), BenchError> {
+/// A transaction whose commit does not wait for its WAL to reach the disk, as fhir-outbox commits
+/// its dispatches and claims (a crash loses a few, and they are done again).
+async fn begin_asynchronous(
+    conn: &mut PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, BenchError> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *tx)
         .await?;
+    Ok(tx)
+}
+
+/// One batch through the three steps: the outbox rows it dispatched and the deliveries it
+/// finished (not always its own: the loops claim each other's).
+async fn cycle(conn: &mut PgConnection, claim: Claim) -> Result<(u64, u64), BenchError> {
+    let mut tx = begin_asynchronous(conn).await?;
     let dispatched = sqlx::query(DISPATCH)
         .bind(BATCH)
         .execute(&mut *tx)
@@ -133,25 +142,23 @@ async fn cycle(conn: &mut PgConnection, claim: Claim) -> Result<(u64, u64), Benc
         .rows_affected();
     tx.commit().await?;
 
-    let mut tx = conn.begin().await?;
-    let claimed: Vec<(i64, String)> = match claim {
+    let (mut tx, claimed): (_, Vec<(i64, String)>) = match claim {
         Claim::Leased => {
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
+            let mut tx = begin_asynchronous(conn).await?;
             let rows = sqlx::query_as(CLAIM_LEASED)
                 .bind(BATCH)
                 .fetch_all(&mut *tx)
                 .await?;
             tx.commit().await?;
-            tx = conn.begin().await?;
-            rows
+            (conn.begin().await?, rows)
         }
         Claim::Locked => {
-            sqlx::query_as(CLAIM_LOCKED)
+            let mut tx = conn.begin().await?;
+            let rows = sqlx::query_as(CLAIM_LOCKED)
                 .bind(BATCH)
                 .fetch_all(&mut *tx)
-                .await?
+                .await?;
+            (tx, rows)
         }
     };
     let ids: Vec<i64> = claimed.iter().map(|(id, _)| *id).collect();
