@@ -200,8 +200,8 @@ pub struct TransmitAttempt<'a> {
 /// The `transmit` AuditEvent of one rest-hook attempt, as JSON text: `meta.account(s)` are copied
 /// from the subscription; `meta.project` is the store's (see [`StoredAuditEvent::transmit`]).
 /// Typed rather than a `serde_json::Value`: the worker makes one per attempt, and building and
-/// dropping that tree cost it about a sixth of its CPU (docs/performance.md). It has no null or
-/// empty element, as stored AuditEvents have none.
+/// dropping that tree cost it about a sixth of its CPU (docs/performance-history.md). It has no
+/// null or empty element, as stored AuditEvents have none.
 pub fn transmit_event(attempt: &TransmitAttempt<'_>) -> String {
     TransmitEvent::new(attempt, None).to_json()
 }

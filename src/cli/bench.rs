@@ -228,8 +228,8 @@ impl Sizes {
             claim_rows: 20_000,
             // Not the 10,000 (1M deliveries): measured on the 2-core VM, 10,000 did not
             // drain in 600 s (about 390 healthy deliveries/s once the claim is JIT-compiled, which
-            // its plan cost crosses above about 400,000 pending rows; docs/performance.md). 2,000
-            // stays below that and drains in a few minutes per run.
+            // its plan cost crosses above about 400,000 pending rows; docs/performance-history.md).
+            // 2,000 stays below that and drains in a few minutes per run.
             noisy_changes: 2_000,
             noisy_rate: 10,
             noisy_seconds: 20,

@@ -132,7 +132,7 @@ pub enum DeliveryError {
 /// The span of the log lines about one delivery: its ids (never the body, headers or endpoint).
 /// Made where a line is written, not for every delivery: the log's subscriber formats a span's
 /// fields when the span is made, a twentieth of the worker's CPU when it was one per delivery
-/// (docs/performance.md, run W).
+/// (docs/performance-history.md, run W).
 fn delivery_span(delivery: &queries::ClaimedDelivery) -> tracing::Span {
     tracing::info_span!(
         "delivery",

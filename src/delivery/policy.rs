@@ -230,7 +230,7 @@ pub fn endpoint_signal(status: Option<u16>) -> EndpointSignal {
 /// request slots among endpoints is `slots::SlotQueue`'s (fewest held first), so `max` may exceed
 /// a worker's slots: 1,024 by default, about what a claim batch waiting, the slots and a
 /// recorder batch hold at once, where 256 capped one fast receiver at 256 ÷ that cycle
-/// (docs/performance.md, run R).
+/// (docs/performance-history.md, run R).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointAllowance {
     /// Where an endpoint starts, and where it falls back to.

@@ -382,9 +382,9 @@ pub(super) async fn release(conn: &mut PgConnection, tokens: &[Uuid]) -> Result<
 /// completion (`complete.sql`) reads the hot table by id whatever the statistics say: a lane that
 /// was empty when the statement was planned (truncated, and not analyzed since) would otherwise be
 /// read whole at every completion once it fills (10–45 ms per batch with a backlog of 100,000,
-/// docs/performance.md run O). Nothing else in the transaction needs a sequential scan. Without
-/// JIT, as in the claim: the cost of the one sequential scan left (`delivery_lane`, one row and no
-/// index) then counts as disabled, which would have every completion compiled (about 0.5 s).
+/// docs/performance-history.md run O). Nothing else in the transaction needs a sequential scan.
+/// Without JIT, as in the claim: the cost of the one sequential scan left (`delivery_lane`, one row
+/// and no index) then counts as disabled, which would have every completion compiled (about 0.5 s).
 pub const RECORD_BEGIN: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
 /// Writes each completion if, and only if, this worker still holds that delivery's lease, in one

@@ -299,8 +299,8 @@ impl DeliveryWorker {
         // requests in flight and the batch being written, the duplicate bound README states). A
         // claim batch of it: the recorder writes what arrived while it wrote the previous batch,
         // and a fuller batch costs less per delivery (its statements and its commit are shared),
-        // so a queue much smaller than a claim made recording the bottleneck (docs/performance.md,
-        // run L).
+        // so a queue much smaller than a claim made recording the bottleneck
+        // (docs/performance-history.md, run L).
         let (executed, to_record) = mpsc::channel::<Executed>(claim_size);
         let recorder = tokio::spawn(self.clone().record_continuously(to_record));
         // Claiming runs ahead of the requests in its own task, so that a claim's round trips overlap

@@ -601,8 +601,9 @@ impl Dispatcher {
                         // Rows are still coming in (full batch or not): claim again rather than
                         // ask for a wake-up. Registering, looking again and withdrawing after
                         // every short batch made writers pay for a dispatcher that was never
-                        // asleep (docs/performance.md, run AI); an empty claim is the sign that
-                        // the outbox is drained. A second look that found work withdraws first.
+                        // asleep (docs/performance-history.md, run AI); an empty claim is the
+                        // sign that the outbox is drained. A second look that found work
+                        // withdraws first.
                         if registered {
                             self.unregister(listener).await;
                             registered = false;
@@ -612,9 +613,9 @@ impl Dispatcher {
                         // too slowly to fill a batch. Claiming at once would spend each batch's
                         // fixed work (the claim, the subscriptions, the inserts, the mark) on a
                         // handful of changes, CPU that the writers need; a short wait lets the
-                        // next batch carry more (docs/performance.md, run AM). One change means
-                        // the loop keeps up, so a lone change is never held back; a batch that a
-                        // bound cut short left changes waiting, which go at once.
+                        // next batch carry more (docs/performance-history.md, run AM). One change
+                        // means the loop keeps up, so a lone change is never held back; a batch
+                        // that a bound cut short left changes waiting, which go at once.
                         let took_all =
                             claimed > 1 && (claimed as i64) < limit && report.changes == claimed;
                         if took_all && !self.config.linger.is_zero() {

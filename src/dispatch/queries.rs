@@ -60,22 +60,22 @@ struct ClaimRow {
 pub(crate) const BATCH_CONTENT_BUDGET_BYTES: i64 = 16 * 1024 * 1024;
 
 /// How a dispatch transaction begins, in one round trip: it commits without waiting for its WAL to
-/// reach disk (about 1 ms of every change's latency on this machine, docs/performance.md run N).
-/// Losing a dispatch in a crash of PostgreSQL loses nothing that cannot be made again: its changes
-/// are undispatched again and dispatched again, with the same `webhook-id`s
+/// reach disk (about 1 ms of every change's latency on this machine, docs/performance-history.md
+/// run N). Losing a dispatch in a crash of PostgreSQL loses nothing that cannot be made again: its
+/// changes are undispatched again and dispatched again, with the same `webhook-id`s
 /// (`dispatch::webhook_id`), and a completion, which commits durably, flushes the dispatch of its
 /// delivery before it.
 ///
 /// Its statements keep their generic plans. Left to choose, PostgreSQL planned
 /// [`record_dispatch`] again at every call, since a plan made for the call's array lengths always
 /// looks cheaper than one for unknown lengths: 0.68 ms of planning per batch, more than the
-/// statement's execution, in every change's latency at low rates (docs/performance.md, run AD).
-/// Each of them reads or writes rows by key, so one plan suits a batch of any size, provided it
-/// uses the keys: a plan kept from a nearly empty outbox would otherwise mark each batch's changes
-/// by reading the whole outbox until its next analysis (run Y), so sequential scans are off, and
-/// JIT with them, as in the recorder's transaction (`delivery::RECORD_BEGIN`): a sequential scan
-/// that is the only way (a table without a usable index) counts as disabled, and its cost would
-/// have every such statement compiled.
+/// statement's execution, in every change's latency at low rates (docs/performance-history.md, run
+/// AD). Each of them reads or writes rows by key, so one plan suits a batch of any size, provided
+/// it uses the keys: a plan kept from a nearly empty outbox would otherwise mark each batch's
+/// changes by reading the whole outbox until its next analysis (run Y), so sequential scans are
+/// off, and JIT with them, as in the recorder's transaction (`delivery::RECORD_BEGIN`): a
+/// sequential scan that is the only way (a table without a usable index) counts as disabled, and
+/// its cost would have every such statement compiled.
 pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
      SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
      SET LOCAL jit = off";
@@ -85,7 +85,7 @@ pub(crate) const DISPATCH_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = o
 /// order, without their contents: the dispatcher reads those ([`read_contents`]) only for the
 /// changes that a candidate subscription evaluates on them. Reading, converting, sending and
 /// decoding two versions of every change was most of a dispatch's cost, and a criteria of a type
-/// alone (`Patient`) reads none of it (docs/performance.md, run AA).
+/// alone (`Patient`) reads none of it (docs/performance-history.md, run AA).
 /// With them come the subscription epochs of their projects, and of every server-scope project
 /// when `with_server_scope`: read in the same statement, so that a dispatch costs no round trip
 /// of its own for them.

@@ -58,8 +58,8 @@ impl CompactJson {
 /// by spaces; strings, numbers and literals are copied as they are (a decimal keeps its written
 /// precision, which FHIR says is significant, and a number beyond 64 bits its digits). Decoding
 /// it, encoding it again and decoding it once more for the display took about a tenth of the
-/// worker's CPU (docs/performance.md, run S). Brackets are counted, not matched: the text is
-/// trusted to be JSON. Refuses text that ends inside a string or a bracket, or goes on after its
+/// worker's CPU (docs/performance-history.md, run S). Brackets are counted, not matched: the text
+/// is trusted to be JSON. Refuses text that ends inside a string or a bracket, or goes on after its
 /// value, and what [`decode_stored`] refuses for depth (rows written before the limit).
 pub fn compact_stored(text: &str) -> Result<CompactJson, String> {
     let mut bytes = Vec::with_capacity(text.len());

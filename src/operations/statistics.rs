@@ -1,10 +1,10 @@
 //! Planner statistics that follow the pipeline's tables. The dispatcher and the delivery worker
 //! run prepared statements whose plans PostgreSQL keeps until a table's statistics change; a plan
 //! made while the outbox or the hot table was nearly empty reads the whole table for every batch
-//! once it has grown (docs/performance.md, run Y). Autovacuum refreshes statistics, but on its own
-//! schedule: its few workers can spend hours on one large table, and none ran in the bench's
-//! capture scenario. So every worker process checks every [`CHECK_EVERY`] and analyses the tables
-//! of the schema that have more than doubled in size since their statistics were taken
+//! once it has grown (docs/performance-history.md, run Y). Autovacuum refreshes statistics, but on
+//! its own schedule: its few workers can spend hours on one large table, and none ran in the
+//! bench's capture scenario. So every worker process checks every [`CHECK_EVERY`] and analyses the
+//! tables of the schema that have more than doubled in size since their statistics were taken
 //! (`fhir_outbox.analyze_stale_tables`, one process at a time), which replaces the plans made on
 //! the smaller table. The history's days are left to autovacuum: the pipeline only appends to
 //! them.

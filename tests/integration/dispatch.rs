@@ -350,8 +350,8 @@ async fn outbox_seq_scans(pool: &PgPool) -> i64 {
 
 /// The statement that writes a batch's deliveries keeps one generic plan: left to choose, PostgreSQL
 /// planned it again at every call (its array parameters make a plan for the call's lengths look
-/// cheaper), which cost more than executing it (docs/performance.md, run AD). The plan is made
-/// while the outbox is nearly empty, and still marks the changes by key, never by reading the
+/// cheaper), which cost more than executing it (docs/performance-history.md, run AD). The plan is
+/// made while the outbox is nearly empty, and still marks the changes by key, never by reading the
 /// whole outbox (run Y).
 #[tokio::test]
 async fn a_dispatch_batch_writes_with_a_plan_made_once() {

@@ -368,8 +368,8 @@ async fn explain_completion(conn: &mut sqlx::PgConnection) -> String {
 }
 
 /// A truncated lane looks empty to the planner until autovacuum analyzes it; a completion planned
-/// then must still read a lane that filled up since by id, not whole (docs/performance.md run O:
-/// 10–45 ms per completion batch with a backlog of 100,000 before `RECORD_BEGIN`).
+/// then must still read a lane that filled up since by id, not whole (docs/performance-history.md
+/// run O: 10–45 ms per completion batch with a backlog of 100,000 before `RECORD_BEGIN`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_completions_plan_made_on_empty_lanes_never_scans_a_filled_lane() {
     let db = TestDb::new().await;
@@ -545,7 +545,8 @@ async fn a_claim_reads_the_subscriptions_it_serves_by_key_not_every_subscription
 /// (here 40 of them, 500 each, as after a backlog), and beyond them the live deliveries of a few
 /// subscriptions whose endpoints are slow. Walked over both lanes at once, each step to the next
 /// subscription found in either lane began again in the draining lane from that subscription, and
-/// read the same dead entries once more (run AH in docs/performance.md: 47,000 pages a claim).
+/// read the same dead entries once more (run AH in docs/performance-history.md: 47,000 pages a
+/// claim).
 #[tokio::test]
 async fn a_claim_passes_the_dead_entries_of_a_draining_lane_once() {
     let db = TestDb::new().await;
@@ -665,11 +666,11 @@ async fn write_patients(conn: &mut sqlx::PgConnection, project: uuid::Uuid, coun
 }
 
 /// A statement prepared while the outbox was nearly empty keeps a plan that reads the whole
-/// outbox for every batch of keys (the dispatcher's mark did, run Y in docs/performance.md), until
-/// the outbox's statistics change. The statistics check analyses the outbox once it has more than
-/// doubled since its statistics were taken, whether or not autovacuum has, and the cached plan
-/// follows; a second check finds nothing stale. A day of history, grown as much, is left to
-/// autovacuum.
+/// outbox for every batch of keys (the dispatcher's mark did, run Y in
+/// docs/performance-history.md), until the outbox's statistics change. The statistics check
+/// analyses the outbox once it has more than doubled since its statistics were taken, whether or
+/// not autovacuum has, and the cached plan follows; a second check finds nothing stale. A day of
+/// history, grown as much, is left to autovacuum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_planner_statistics_are_refreshed_and_cached_plans_follow() {
     let db = TestDb::new().await;
