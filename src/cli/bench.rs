@@ -121,32 +121,47 @@ impl Scenario {
     fn needs_database(self) -> bool {
         self != Scenario::Fhirpath
     }
+
+    /// Its name for `--only`.
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Capture => "capture",
+            Scenario::Bulk => "bulk",
+            Scenario::Dispatch => "dispatch",
+            Scenario::E2e => "e2e",
+            Scenario::Latency => "latency",
+            Scenario::Claim => "claim",
+            Scenario::Noisy => "noisy",
+            Scenario::Slow => "slow",
+            Scenario::Console => "console",
+            Scenario::Fhirpath => "fhirpath",
+            Scenario::Retention => "retention",
+            Scenario::Horizon => "horizon",
+            Scenario::Scaling => "scaling",
+            Scenario::Topics => "topics",
+            Scenario::Floor => "floor",
+        }
+    }
 }
 
 impl FromStr for Scenario {
     type Err = String;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name.trim() {
-            "capture" => Ok(Scenario::Capture),
-            "bulk" => Ok(Scenario::Bulk),
-            "dispatch" => Ok(Scenario::Dispatch),
-            "e2e" | "end-to-end" | "rss" => Ok(Scenario::E2e),
-            "latency" => Ok(Scenario::Latency),
-            "claim" => Ok(Scenario::Claim),
-            "noisy" | "noisy-neighbour" | "noisy-neighbor" => Ok(Scenario::Noisy),
-            "slow" | "slow-receivers" => Ok(Scenario::Slow),
-            "console" => Ok(Scenario::Console),
-            "fhirpath" => Ok(Scenario::Fhirpath),
-            "retention" => Ok(Scenario::Retention),
-            "horizon" | "xmin" => Ok(Scenario::Horizon),
-            "scaling" => Ok(Scenario::Scaling),
-            "topics" => Ok(Scenario::Topics),
-            "floor" => Ok(Scenario::Floor),
-            other => Err(format!(
-                "unknown scenario `{other}` (capture, bulk, dispatch, e2e, latency, claim, noisy, slow, console, fhirpath, retention, horizon, scaling, topics, floor)"
-            )),
-        }
+        let name = match name.trim() {
+            "end-to-end" | "rss" => "e2e",
+            "noisy-neighbour" | "noisy-neighbor" => "noisy",
+            "slow-receivers" => "slow",
+            "xmin" => "horizon",
+            name => name,
+        };
+        Scenario::ALL
+            .into_iter()
+            .find(|scenario| scenario.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+                format!("unknown scenario `{name}` ({})", names.join(", "))
+            })
     }
 }
 
